@@ -1,0 +1,3 @@
+from versionstore.cli import main
+
+raise SystemExit(main())

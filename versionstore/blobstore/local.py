@@ -1,0 +1,116 @@
+"""Local-disk blob store: the embedded default.
+
+Blobs are hard-linked from the spool file when both live on one filesystem, so the bytes of
+an upload hit the disk once; otherwise they are copied to a temp file first.
+"""
+
+import asyncio
+import errno
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from versionstore.blobstore import BlobInfo, BlobNotFound
+
+CHUNK = 1 << 20
+
+
+class LocalBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.name = f"file://{self.root}"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise ValueError(f"key escapes the store: {key!r}")
+        return path
+
+    async def put_file(self, key: str, source: Path) -> bool:
+        return await asyncio.to_thread(self._put_file, self._path(key), source)
+
+    def _put_file(self, target: Path, source: Path) -> bool:
+        if target.exists():
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # link() is atomic and create-only: a racing writer of the same digest gets
+            # EEXIST instead of replacing bytes someone may be reading.
+            os.link(source, target)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            return self._copy_then_link(target, source)
+        # Write protection: the inode is shared with the spool file (and maybe the other
+        # store), all of which are immutable content by now.
+        os.chmod(target, 0o444)
+        _fsync_dir(target.parent)
+        return True
+
+    def _copy_then_link(self, target: Path, source: Path) -> bool:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())  # bytes durable before the name appears
+        os.chmod(tmp, 0o444)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)  # the new directory entry survives a crash
+        return True
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        try:
+            size = (await asyncio.to_thread(os.stat, self._path(key))).st_size
+        except FileNotFoundError:
+            return None
+        return BlobInfo(key, size)
+
+    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        try:
+            handle = await asyncio.to_thread(open, self._path(key), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+        try:
+            await asyncio.to_thread(handle.seek, start)
+            remaining = None if end is None else end - start
+            while remaining is None or remaining > 0:
+                size = CHUNK if remaining is None else min(CHUNK, remaining)
+                data = await asyncio.to_thread(handle.read, size)
+                if not data:
+                    break
+                if remaining is not None:
+                    remaining -= len(data)
+                yield data
+        finally:
+            handle.close()
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        await asyncio.to_thread(path.unlink, True)
+
+    async def list(self, prefix: str) -> AsyncIterator[str]:
+        paths = await asyncio.to_thread(lambda: sorted(self.root.rglob("*")))
+        for path in paths:
+            if path.is_file() and not path.name.startswith("."):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield key
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,122 @@
+"""Command line: `versionstore serve` and `versionstore cloud create|list|set`.
+
+The cloud commands write the metadata database directly; a running service reads environment
+settings on every request, so changes apply without a restart.
+"""
+
+import argparse
+import asyncio
+import logging
+import secrets
+import sys
+from pathlib import Path
+
+from versionstore import ids
+from versionstore.config import Config
+from versionstore.errors import ApiError
+from versionstore.metadata import MetadataStore
+from versionstore.models import Cloud
+
+DEFAULT_URL = "http://127.0.0.1:8765"
+
+
+def cloudinary_url(cloud: Cloud, base_url: str) -> str:
+    return f"cloudinary://{cloud.api_key}:{cloud.api_secret}@{cloud.name}?upload_prefix={base_url}"
+
+
+async def _with_meta(data_dir: Path, action):  # type: ignore[no-untyped-def]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    meta = await MetadataStore.open(Config(data_dir=data_dir).db_path)
+    try:
+        return await action(meta)
+    finally:
+        await meta.close()
+
+
+async def create_cloud(meta: MetadataStore, name: str, api_key: str | None, api_secret: str | None, auto_backup: bool = True) -> Cloud:
+    ids.check_cloud_name(name)
+    if await meta.get_cloud(name) is not None:
+        raise ApiError(f"product environment {name!r} already exists")
+    key = api_key or str(secrets.randbelow(9 * 10**14) + 10**14)
+    secret = api_secret or secrets.token_urlsafe(21)
+    return await meta.create_cloud(name, key, secret, auto_backup)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from versionstore.http.app import create_app
+
+    config = Config.from_env(args.data_dir, host=args.host, port=args.port)
+    base_url = f"http://{args.host}:{args.port}"
+    if args.demo:
+        async def ensure_demo(meta: MetadataStore) -> Cloud:
+            return await meta.get_cloud("demo") or await create_cloud(meta, "demo", None, None)
+
+        demo = asyncio.run(_with_meta(args.data_dir, ensure_demo))
+        print("Demo product environment ready. Point the Cloudinary SDKs at it with:", flush=True)
+        print(f"  export CLOUDINARY_URL='{cloudinary_url(demo, base_url)}'", flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    print(f"versionstore listening on {base_url} (data in {args.data_dir})", flush=True)
+    web.run_app(create_app(config), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+def _cloud(args: argparse.Namespace) -> int:
+    async def run(meta: MetadataStore) -> int:
+        if args.cloud_command == "create":
+            cloud = await create_cloud(meta, args.name, args.api_key, args.api_secret, args.auto_backup == "on")
+            print(cloudinary_url(cloud, args.url))
+        elif args.cloud_command == "list":
+            for cloud in await meta.list_clouds():
+                print(f"{cloud.name}\tapi_key={cloud.api_key}\tauto_backup={'on' if cloud.auto_backup else 'off'}")
+        elif args.cloud_command == "set":
+            if await meta.get_cloud(args.name) is None:
+                raise ApiError(f"no product environment named {args.name!r}")
+            if args.auto_backup is not None:
+                await meta.set_auto_backup(args.name, args.auto_backup == "on")
+            cloud = await meta.get_cloud(args.name)
+            assert cloud is not None
+            print(f"{cloud.name}\tauto_backup={'on' if cloud.auto_backup else 'off'}")
+        return 0
+
+    try:
+        return asyncio.run(_with_meta(args.data_dir, run))
+    except ApiError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="versionstore", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--data-dir", type=Path, required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--demo", action="store_true", help="create the 'demo' environment if missing and print its CLOUDINARY_URL")
+    serve.set_defaults(func=_serve)
+
+    cloud = sub.add_parser("cloud", help="manage product environments")
+    cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True)
+    create = cloud_sub.add_parser("create", help="create an environment (credentials generated when omitted)")
+    create.add_argument("name")
+    create.add_argument("--api-key")
+    create.add_argument("--api-secret")
+    create.add_argument("--auto-backup", choices=("on", "off"), default="on")
+    create.add_argument("--url", default=DEFAULT_URL, help="service URL for the printed CLOUDINARY_URL")
+    create.add_argument("--data-dir", type=Path, required=True)
+    listing = cloud_sub.add_parser("list", help="list environments")
+    listing.add_argument("--data-dir", type=Path, required=True)
+    setting = cloud_sub.add_parser("set", help="change an environment's settings")
+    setting.add_argument("name")
+    setting.add_argument("--auto-backup", choices=("on", "off"))
+    setting.add_argument("--data-dir", type=Path, required=True)
+    cloud.set_defaults(func=_cloud)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,33 @@
+"""Domain errors. Each carries the HTTP status the SDKs expect, so handlers never map them.
+
+Only statuses both official SDKs accept are used (200, 400, 401, 403, 404, 409, 420, 429, 500):
+see ../shared/spec/cloudinary-wire.md section 4.
+"""
+
+
+class ApiError(Exception):
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class Forbidden(ApiError):
+    status = 403
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class TooLarge(BadRequest):
+    """Cloudinary answers oversize files with 400, not 413 (Node rejects 413)."""

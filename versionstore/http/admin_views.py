@@ -1,0 +1,305 @@
+"""Admin API handlers (Basic auth) and the signed `download_backup`. Thin by design."""
+
+import time
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from versionstore import ids, queries, signing
+from versionstore.errors import BadRequest, NotFound, Unauthorized
+from versionstore.http import render
+from versionstore.http.app import META, SERVICE
+from versionstore.http.auth import check_basic, check_fresh
+from versionstore.http.inputs import admin_params, query_params
+from versionstore.media import content_type
+from versionstore.models import Asset, Cloud
+from versionstore.params import Params, as_bool, as_int, as_list, field_updates
+
+MAX_RESTORE_IDS = 100
+MAX_LIST_IDS = 100
+
+
+async def _params(request: web.Request, cloud: Cloud) -> Params:
+    check_basic(request, cloud)
+    return await admin_params(request)
+
+
+async def ping(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    check_basic(request, cloud)
+    return web.json_response({"status": "ok"})
+
+
+# --- single resources ----------------------------------------------------------------------
+
+
+async def _render_resource(request: web.Request, asset: Asset, params: Params) -> web.Response:
+    meta = request.app[META]
+    versions = await meta.versions(asset.pk or 0) if as_bool(params.get("versions"), False) else None
+    return web.json_response(render.resource(asset, await meta.backup_bytes(asset.pk or 0), versions))
+
+
+async def resource(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    params = await _params(request, cloud)
+    asset = await request.app[META].get_asset(cloud.name, match["rt"], match["type"], match["public_id"])
+    if asset is None:
+        raise NotFound(f"Resource not found - {match['public_id']}")
+    return await _render_resource(request, asset, params)
+
+
+async def resource_by_asset_id(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    params = await _params(request, cloud)
+    asset = await request.app[META].get_asset_by_id(cloud.name, match["asset_id"])
+    if asset is None:
+        raise NotFound(f"Resource not found - {match['asset_id']}")
+    return await _render_resource(request, asset, params)
+
+
+async def update(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    """`api.update`: tags/context/metadata only; never a new version."""
+    params = await _params(request, cloud)
+    asset = await request.app[META].get_asset(cloud.name, match["rt"], match["type"], match["public_id"])
+    if asset is None or not asset.live:
+        raise NotFound(f"Resource not found - {match['public_id']}")
+    updated = await request.app[SERVICE].update_fields(asset, **field_updates(params))
+    return web.json_response(render.resource(updated))
+
+
+# --- listings and search -------------------------------------------------------------------
+
+
+def _page(assets: list[Asset], limit: int, offset: int) -> dict[str, Any]:
+    body: dict[str, Any] = {"resources": [render.resource(a) for a in assets[:limit]]}
+    if len(assets) > limit:
+        body["next_cursor"] = queries.encode_cursor(offset + limit)
+    return body
+
+
+async def list_resources(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    """Live assets only: the SDK documents that listings never return deleted ones."""
+    params = await _params(request, cloud)
+    clauses = ["status = 'live'", "resource_type = ?"]
+    args: list[Any] = [match["rt"]]
+    if "type" in match:
+        clauses.append("type = ?")
+        args.append(match["type"])
+    public_ids = as_list(params.get("public_ids"))
+    if public_ids:
+        if len(public_ids) > MAX_LIST_IDS:
+            raise BadRequest(f"Too many public_ids (max {MAX_LIST_IDS})")
+        clauses.append(f"public_id IN ({', '.join('?' * len(public_ids))})")
+        args.extend(public_ids)
+    prefix = params.get("prefix")
+    if prefix:
+        clauses.append("substr(public_id, 1, ?) = ?")
+        args.extend([len(str(prefix)), str(prefix)])
+    limit = as_int(params.get("max_results"), "max_results", 10, 1, 500)
+    offset = queries.decode_cursor(params.get("next_cursor"))
+    direction = "DESC" if str(params.get("direction", "")).lower() in ("desc", "-1") else "ASC"
+    assets = await request.app[META].find_assets(
+        cloud.name, " AND ".join(clauses), args, f"public_id {direction}, pk", limit + 1, offset
+    )
+    return web.json_response(_page(assets, limit, offset))
+
+
+async def resources_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    params = await _params(request, cloud)
+    asset_ids = as_list(params.get("asset_ids"))
+    if not asset_ids:
+        raise BadRequest("Missing required parameter - asset_ids")
+    if len(asset_ids) > MAX_LIST_IDS:
+        raise BadRequest(f"Too many asset_ids (max {MAX_LIST_IDS})")
+    assets = await request.app[META].find_assets(
+        cloud.name, f"status = 'live' AND asset_id IN ({', '.join('?' * len(asset_ids))})", asset_ids, "pk", MAX_LIST_IDS
+    )
+    return web.json_response({"resources": [render.resource(a) for a in assets]})
+
+
+async def search(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    started = time.monotonic()
+    params = await _params(request, cloud)
+    query = queries.search_query(str(params.get("expression") or ""), params.get("sort_by"))
+    limit = as_int(params.get("max_results"), "max_results", 50, 1, 500)
+    offset = queries.decode_cursor(params.get("next_cursor"))
+    meta = request.app[META]
+    assets = await meta.find_assets(cloud.name, query.where, query.args, query.order, limit + 1, offset)
+    body = _page(assets, limit, offset)
+    body["total_count"] = await meta.count_assets(cloud.name, query.where, query.args)
+    body["time"] = int((time.monotonic() - started) * 1000)
+    return web.json_response(body)
+
+
+# --- deletion ------------------------------------------------------------------------------
+
+
+async def _delete_many(request: web.Request, assets: dict[str, Asset | None]) -> web.Response:
+    deleted: dict[str, str] = {}
+    for key, asset in assets.items():
+        if asset is None or not asset.live:
+            deleted[key] = "not_found"
+            continue
+        await request.app[SERVICE].delete_asset(asset)
+        deleted[key] = "deleted"
+    counts = {k: {"original": int(v == "deleted"), "derived": 0} for k, v in deleted.items()}
+    return web.json_response({"deleted": deleted, "deleted_counts": counts, "partial": False})
+
+
+async def delete_resources(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    params = await _params(request, cloud)
+    public_ids = as_list(params.get("public_ids"))
+    if not public_ids:
+        raise BadRequest("Missing required parameter - public_ids (prefix and all deletes are not supported)")
+    if len(public_ids) > 100:
+        raise BadRequest("Too many public_ids (max 100)")
+    meta = request.app[META]
+    assets = {pid: await meta.get_asset(cloud.name, match["rt"], match["type"], pid) for pid in public_ids}
+    return await _delete_many(request, assets)
+
+
+async def delete_resources_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    params = await _params(request, cloud)
+    asset_ids = as_list(params.get("asset_ids"))
+    if not asset_ids:
+        raise BadRequest("asset_ids parameter is required")
+    if len(asset_ids) > 100:
+        raise BadRequest("Too many asset_ids (max 100)")
+    meta = request.app[META]
+    assets = {aid: await meta.get_asset_by_id(cloud.name, aid) if ids.is_hex_id(aid) else None for aid in asset_ids}
+    return await _delete_many(request, assets)
+
+
+async def delete_backed_up_versions(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    """Irreversible. Partial failures are reported in a 200 body (Node rejects 207)."""
+    params = await _params(request, cloud)
+    version_ids = as_list(params.get("version_ids"))
+    if not version_ids:
+        raise BadRequest("Missing required parameter - version_ids")
+    outcome = await request.app[SERVICE].delete_versions(cloud.name, match["asset_id"], version_ids)
+    body: dict[str, Any] = {"asset_id": match["asset_id"], "deleted_version_ids": outcome.deleted}
+    if outcome.failures:
+        body["failures"] = outcome.failures
+    return web.json_response(body)
+
+
+# --- restore -------------------------------------------------------------------------------
+
+
+def _restore_pairs(params: Params, id_field: str) -> list[tuple[str, str | None]]:
+    wanted = as_list(params.get(id_field))
+    if not wanted:
+        raise BadRequest(f"{id_field} parameter is required")
+    if len(wanted) > MAX_RESTORE_IDS:
+        raise BadRequest(f"Too many {id_field} (max {MAX_RESTORE_IDS})")
+    versions = as_list(params.get("versions")) if params.get("versions") is not None else []
+    if versions and len(versions) != len(wanted):
+        raise BadRequest("versions count must match ids count")
+    return list(zip(wanted, versions or [None] * len(wanted)))
+
+
+async def _restore_many(request: web.Request, found: list[tuple[str, Asset | None, str | None]]) -> web.Response:
+    body: dict[str, Any] = {}
+    for key, asset, version_id in found:
+        if asset is None:
+            body[key] = {"error": "no_backup"}
+            continue
+        outcome = await request.app[SERVICE].restore(asset, version_id)
+        body[key] = {"error": outcome.error} if outcome.asset is None else render.restored(outcome.asset)
+    return web.json_response(body)
+
+
+async def restore(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    params = await _params(request, cloud)
+    meta = request.app[META]
+    found = [
+        (pid, await meta.get_asset(cloud.name, match["rt"], match["type"], pid), vid)
+        for pid, vid in _restore_pairs(params, "public_ids")
+    ]
+    return await _restore_many(request, found)
+
+
+async def restore_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    params = await _params(request, cloud)
+    meta = request.app[META]
+    found = []
+    for aid, vid in _restore_pairs(params, "asset_ids"):
+        found.append((aid, await meta.get_asset_by_id(cloud.name, aid) if ids.is_hex_id(aid) else None, vid))
+    return await _restore_many(request, found)
+
+
+# --- signed download -----------------------------------------------------------------------
+
+
+async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.StreamResponse:
+    """Signed query (valid for one hour); streams the revision with Range support."""
+    params = query_params(request)
+    for required in ("asset_id", "version_id"):
+        if not params.get(required):
+            raise BadRequest(f"Missing required parameter - {required}")
+    if str(params.get("api_key") or "") != cloud.api_key:
+        raise Unauthorized("Invalid api_key")
+    check_fresh(params.get("timestamp"))
+    signature = str(params.get("signature") or "")
+    ok, to_sign = signing.verify(params, cloud.api_secret, signature)
+    if not ok:
+        raise Unauthorized(f"Invalid Signature {signature}. String to sign - '{to_sign}'.")
+    asset_id, version_id = str(params["asset_id"]), str(params["version_id"])
+    if not (ids.is_hex_id(asset_id) and ids.is_hex_id(version_id)):
+        raise BadRequest("Illegal id")
+    service = request.app[SERVICE]
+    asset, version, key = await service.version_for_download(cloud.name, asset_id, version_id)
+    name = asset.public_id.rsplit("/", 1)[-1]
+    if version.format and not name.endswith(f".{version.format}"):
+        name = f"{name}.{version.format}"
+    headers = {
+        "Content-Type": content_type(version.format, asset.resource_type),
+        "Content-Disposition": f"attachment; filename=\"{_ascii(name)}\"; filename*=UTF-8''{quote(name)}",
+        "Cache-Control": "private, max-age=3600",
+        "ETag": f'"{version.digest[:32]}"',
+    }
+    path = service.backup.local_path(key)
+    if path is not None:
+        response = web.FileResponse(path, headers=headers)
+        return response
+    return await _stream(request, service.backup, key, version.bytes, headers)
+
+
+def _ascii(name: str) -> str:
+    return "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\' else "_" for ch in name)
+
+
+async def _stream(request: web.Request, store: Any, key: str, size: int, headers: dict[str, str]) -> web.StreamResponse:
+    try:
+        rng = request.http_range
+    except ValueError:
+        rng = slice(None, None)
+    start, stop = rng.start, rng.stop
+    if start is not None and start < 0:
+        start, stop = max(0, size + start), None
+    start = start or 0
+    stop = size if stop is None else min(stop, size)
+    partial = (rng.start is not None or rng.stop is not None) and start < stop
+    response = web.StreamResponse(status=206 if partial else 200, headers=headers)
+    response.headers["Accept-Ranges"] = "bytes"
+    if partial:
+        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    else:
+        start, stop = 0, size
+    response.content_length = stop - start
+    await response.prepare(request)
+    async for data in store.read(key, start, stop):
+        await response.write(data)
+    await response.write_eof()
+    return response
+
+
+# --- versionstore extension: environment settings -------------------------------------------
+
+
+async def settings(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    """GET reads, PUT/POST changes `auto_backup` (docs/api.md)."""
+    params = await _params(request, cloud)
+    meta = request.app[META]
+    if request.method != "GET" and "auto_backup" in params:
+        await meta.set_auto_backup(cloud.name, bool(as_bool(params["auto_backup"])))
+        cloud = await meta.get_cloud(cloud.name) or cloud
+    return web.json_response({"cloud_name": cloud.name, "auto_backup": cloud.auto_backup})

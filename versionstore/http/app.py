@@ -1,0 +1,86 @@
+"""App factory: typed app keys, cleanup contexts for every resource, the error middleware."""
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from versionstore.blobstore import open_store
+from versionstore.chunks import ChunkAssembler
+from versionstore.config import Config
+from versionstore.errors import ApiError
+from versionstore.metadata import MetadataStore
+from versionstore.service import VersionService
+
+log = logging.getLogger("versionstore")
+
+CONFIG = web.AppKey("config", Config)
+META = web.AppKey("meta", MetadataStore)
+SERVICE = web.AppKey("service", VersionService)
+CHUNKS = web.AppKey("chunks", ChunkAssembler)
+FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
+
+
+@web.middleware
+async def errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every failure leaves as `{"error": {"message": ...}}` with a status both SDKs accept."""
+    request_id = request.headers.get("X-Request-Id") or secrets.token_hex(8)
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc.status, exc.message)
+    except web.HTTPRequestEntityTooLarge as exc:
+        response = error_response(400, f"Request body too large: {exc.text}")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status = exc.status if exc.status in (400, 401, 403, 404) else 404 if exc.status == 405 else 400
+        response = error_response(status, exc.reason)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(500, "General error")
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.spool_dir.mkdir(exist_ok=True)
+    for stale in config.spool_dir.glob("*.part"):
+        stale.unlink(missing_ok=True)  # a crash mid-upload left it; nothing references it
+    meta = await MetadataStore.open(config.db_path)
+    app[META] = meta
+    app[SERVICE] = VersionService(
+        meta, open_store(config.primary_url), open_store(config.backup_url), config.spool_dir, config.max_upload_bytes
+    )
+    app[CHUNKS] = ChunkAssembler(meta, config.spool_dir, config.max_upload_bytes)
+    await app[CHUNKS].sweep()
+    app[FETCHER] = aiohttp.ClientSession(auto_decompress=False)
+    yield
+    await app[FETCHER].close()
+    await meta.close()
+
+
+def create_app(config: Config) -> web.Application:
+    from versionstore.http.routes import dispatch
+
+    app = web.Application(middlewares=[errors_as_json], client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_resources)
+    app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
+    app.router.add_route("GET", "/healthz", _healthz)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})

@@ -1,0 +1,40 @@
+"""Reading parameters from a request in any of the encodings the SDKs use (spec section 2).
+
+Admin endpoints: query string plus a JSON, form-urlencoded or multipart body, on any method
+including DELETE. Bodies here are small; aiohttp's client_max_size bounds them.
+"""
+
+import json
+
+from aiohttp import web
+
+from versionstore.errors import BadRequest
+from versionstore.params import Params, merge_json, merge_pairs
+
+
+def query_params(request: web.Request) -> Params:
+    return merge_pairs(request.query.items())
+
+
+async def admin_params(request: web.Request) -> Params:
+    params = query_params(request)
+    if not request.body_exists:
+        return params
+    ctype = request.content_type
+    if ctype == "application/json":
+        raw = await request.read()
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise BadRequest("Malformed JSON body") from None
+            merge_json(body, params)
+    elif ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        try:
+            form = await request.post()
+        except ValueError as exc:
+            raise BadRequest(f"Malformed {ctype} body: {exc}") from None
+        merge_pairs(((k, v) for k, v in form.items() if isinstance(v, str)), params)
+    else:
+        await request.read()  # unknown body type: ignore it, parameters may be in the query
+    return params

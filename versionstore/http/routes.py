@@ -1,0 +1,75 @@
+"""The route table: read it to see the whole API.
+
+aiohttp's router matches the raw path segment by segment, but Node sends `resources%2Fsearch`
+and `docs%2Fsample`, so we match our own table against the fully percent-decoded path.
+First match wins (`.../restore` before `.../<public_id>`).
+"""
+
+import re
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from versionstore.errors import NotFound, Unauthorized
+from versionstore.http import admin_views as admin
+from versionstore.http import upload_views as upload
+from versionstore.http.app import META
+from versionstore.models import Cloud
+
+Handler = Callable[[web.Request, Cloud, dict[str, str]], Awaitable[web.StreamResponse]]
+
+RT = r"(?P<rt>image|video|raw|auto)"
+ADMIN_RT = r"(?P<rt>image|video|raw)"
+TYPE = r"(?P<type>[a-z_]+)"
+HEX = r"(?P<asset_id>[0-9a-f]{32})"
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", r"ping", admin.ping),
+    # Upload API (signed parameters or Basic auth)
+    ("POST", rf"{RT}/upload", upload.upload),
+    ("POST", rf"{RT}/destroy", upload.destroy),
+    ("POST", rf"{RT}/rename", upload.rename),
+    ("POST", rf"{RT}/explicit", upload.explicit),
+    ("POST", rf"{RT}/tags", upload.tags),
+    ("POST", rf"{RT}/context", upload.context),
+    ("POST", rf"{RT}/metadata", upload.metadata),
+    # Signed download of one backed-up version
+    ("GET", r"download_backup", admin.download_backup),
+    # Admin API (Basic auth)
+    ("GET|POST", r"resources/search", admin.search),
+    ("GET", r"resources/by_asset_ids", admin.resources_by_asset_ids),
+    ("POST", r"resources/restore", admin.restore_by_asset_ids),
+    ("DELETE", r"resources", admin.delete_resources_by_asset_ids),
+    ("DELETE", rf"resources/backup/{HEX}", admin.delete_backed_up_versions),
+    ("GET", rf"resources/{HEX}", admin.resource_by_asset_id),
+    ("GET", rf"resources/{ADMIN_RT}", admin.list_resources),
+    ("GET", rf"resources/{ADMIN_RT}/{TYPE}", admin.list_resources),
+    ("DELETE", rf"resources/{ADMIN_RT}/{TYPE}", admin.delete_resources),
+    ("POST", rf"resources/{ADMIN_RT}/{TYPE}/restore", admin.restore),
+    ("GET", rf"resources/{ADMIN_RT}/{TYPE}/(?P<public_id>.+)", admin.resource),
+    ("POST|PUT", rf"resources/{ADMIN_RT}/{TYPE}/(?P<public_id>.+)", admin.update),
+    # versionstore extensions (docs/api.md, versionstore/openapi.yaml)
+    ("GET|PUT|POST", r"versionstore/settings", admin.settings),
+]
+
+_COMPILED = [(set(methods.split("|")), re.compile(pattern + r"$", re.S), handler) for methods, pattern, handler in ROUTES]
+_PREFIX = re.compile(r"^/v1_1/(?P<cloud>[^/]+)/(?P<rest>.*)$", re.S)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    match = _PREFIX.match(request.path)  # request.path is fully percent-decoded
+    if match is None:
+        raise NotFound("Not found")
+    rest = match["rest"]
+    allowed_here = False
+    for methods, pattern, handler in _COMPILED:
+        found = pattern.match(rest)
+        if found is None:
+            continue
+        allowed_here = True
+        if request.method in methods:
+            cloud = await request.app[META].get_cloud(match["cloud"])
+            if cloud is None:
+                raise Unauthorized(f"Invalid cloud_name {match['cloud']}")
+            return await handler(request, cloud, {k: v for k, v in found.groupdict().items() if v is not None})
+    raise NotFound("Method not supported for this path" if allowed_here else f"Not found - {rest}")

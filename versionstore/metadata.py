@@ -1,0 +1,241 @@
+"""Metadata on SQLite (aiosqlite): one serialised writer connection, one reader connection.
+
+WAL lets readers run beside the writer; synchronous=FULL because an acknowledged upload must
+survive a power cut. The public methods are the whole contract a PostgreSQL store would need.
+"""
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import astuple, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from versionstore.models import Asset, Cloud, Version
+
+_ASSET_COLUMNS = [f.name for f in fields(Asset)]
+_VERSION_COLUMNS = [f.name for f in fields(Version)]
+
+
+def _migrations() -> list[str]:
+    text = resources.files("versionstore").joinpath("schema.sql").read_text()
+    return [block for block in re.split(r"^-- migration \d+\s*$", text, flags=re.M)[1:]]
+
+
+def _asset(row: Sequence[Any]) -> Asset:
+    values = dict(zip(_ASSET_COLUMNS, row))
+    values["tags"] = json.loads(values["tags"])
+    values["context"] = json.loads(values["context"])
+    values["metadata"] = json.loads(values["metadata"])
+    return Asset(**values)
+
+
+def _version(row: Sequence[Any]) -> Version:
+    values = dict(zip(_VERSION_COLUMNS, row))
+    values["backed_up"] = bool(values["backed_up"])
+    return Version(**values)
+
+
+def _asset_row(asset: Asset) -> dict[str, Any]:
+    values = dict(zip(_ASSET_COLUMNS, astuple(asset)))
+    values["tags"] = json.dumps(asset.tags)
+    values["context"] = json.dumps(asset.context)
+    values["metadata"] = json.dumps(asset.metadata)
+    return values
+
+
+_ASSET_SELECT = f"SELECT {', '.join(_ASSET_COLUMNS)} FROM assets"
+_VERSION_SELECT = f"SELECT {', '.join(_VERSION_COLUMNS)} FROM versions"
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(path, isolation_level=None)
+    await db.execute("PRAGMA busy_timeout = 10000")
+    await db.execute("PRAGMA foreign_keys = ON")
+    await db.execute("PRAGMA synchronous = FULL")
+    return db
+
+
+class MetadataStore:
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> "MetadataStore":
+        writer = await _connect(path)
+        await writer.execute("PRAGMA journal_mode = WAL")
+        (current,) = await (await writer.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
+        for number, block in enumerate(_migrations(), start=1):
+            if number > current:
+                await writer.executescript(f"BEGIN IMMEDIATE;\n{block}\nPRAGMA user_version = {number};\nCOMMIT;")
+        reader = await _connect(path)
+        return cls(writer, reader)
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One serialised write transaction; rolled back on any exception."""
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        async with self._reader.execute(sql, args) as cursor:
+            return await cursor.fetchone()
+
+    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        async with self._reader.execute(sql, args) as cursor:
+            return list(await cursor.fetchall())
+
+    # --- product environments -------------------------------------------------------------
+
+    async def create_cloud(self, name: str, api_key: str, api_secret: str, auto_backup: bool) -> Cloud:
+        cloud = Cloud(name, api_key, api_secret, auto_backup, time.time())
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO clouds (name, api_key, api_secret, auto_backup, created_at) VALUES (?, ?, ?, ?, ?)",
+                (name, api_key, api_secret, int(auto_backup), cloud.created_at),
+            )
+        return cloud
+
+    async def get_cloud(self, name: str) -> Cloud | None:
+        row = await self._one("SELECT name, api_key, api_secret, auto_backup, created_at FROM clouds WHERE name = ?", (name,))
+        return None if row is None else Cloud(row[0], row[1], row[2], bool(row[3]), row[4])
+
+    async def list_clouds(self) -> list[Cloud]:
+        rows = await self._all("SELECT name, api_key, api_secret, auto_backup, created_at FROM clouds ORDER BY name")
+        return [Cloud(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+
+    async def set_auto_backup(self, name: str, enabled: bool) -> None:
+        async with self.transaction() as db:
+            await db.execute("UPDATE clouds SET auto_backup = ? WHERE name = ?", (int(enabled), name))
+
+    # --- assets ---------------------------------------------------------------------------
+
+    async def get_asset(self, cloud: str, resource_type: str, type_: str, public_id: str) -> Asset | None:
+        row = await self._one(
+            f"{_ASSET_SELECT} WHERE cloud = ? AND resource_type = ? AND type = ? AND public_id = ?",
+            (cloud, resource_type, type_, public_id),
+        )
+        return None if row is None else _asset(row)
+
+    async def get_asset_by_id(self, cloud: str, asset_id: str) -> Asset | None:
+        row = await self._one(f"{_ASSET_SELECT} WHERE cloud = ? AND asset_id = ?", (cloud, asset_id))
+        return None if row is None else _asset(row)
+
+    async def find_assets(self, cloud: str, where: str, args: Sequence[Any], order: str, limit: int, offset: int = 0) -> list[Asset]:
+        """Filtered listing; `where`/`order` are built by trusted callers (never from raw input)."""
+        rows = await self._all(
+            f"{_ASSET_SELECT} WHERE cloud = ? AND ({where}) ORDER BY {order} LIMIT ? OFFSET ?",
+            (cloud, *args, limit, offset),
+        )
+        return [_asset(r) for r in rows]
+
+    async def count_assets(self, cloud: str, where: str, args: Sequence[Any]) -> int:
+        row = await self._one(f"SELECT COUNT(*) FROM assets WHERE cloud = ? AND ({where})", (cloud, *args))
+        return int(row[0])
+
+    async def versions(self, asset_pk: int) -> list[Version]:
+        rows = await self._all(f"{_VERSION_SELECT} WHERE asset_pk = ? ORDER BY version, pk", (asset_pk,))
+        return [_version(r) for r in rows]
+
+    async def backup_bytes(self, asset_pk: int) -> int:
+        row = await self._one(
+            "SELECT COALESCE(SUM(bytes), 0) FROM (SELECT DISTINCT digest, bytes FROM versions WHERE asset_pk = ? AND backed_up = 1)",
+            (asset_pk,),
+        )
+        return int(row[0])
+
+    # --- writes (each in one transaction) --------------------------------------------------
+
+    async def save_version(self, asset: Asset, version: Version) -> Asset:
+        """Insert or update the asset row and append its new version, atomically."""
+        values = _asset_row(asset)
+        async with self.transaction() as db:
+            if asset.pk is None:
+                del values["pk"]
+                cursor = await db.execute(
+                    f"INSERT INTO assets ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                    tuple(values.values()),
+                )
+                asset.pk = cursor.lastrowid
+            else:
+                pk = values.pop("pk")
+                await db.execute(
+                    f"UPDATE assets SET {', '.join(f'{k} = ?' for k in values)} WHERE pk = ?",
+                    (*values.values(), pk),
+                )
+            await db.execute(
+                f"INSERT INTO versions (cloud, asset_pk, {', '.join(_VERSION_COLUMNS)}) VALUES (?, ?, {', '.join('?' * len(_VERSION_COLUMNS))})",
+                (asset.cloud, asset.pk, *astuple(version)),
+            )
+        return asset
+
+    async def update_asset(self, asset: Asset) -> None:
+        values = _asset_row(asset)
+        pk = values.pop("pk")
+        async with self.transaction() as db:
+            await db.execute(f"UPDATE assets SET {', '.join(f'{k} = ?' for k in values)} WHERE pk = ?", (*values.values(), pk))
+
+    async def delete_asset(self, asset_pk: int) -> None:
+        """Forget an asset and its versions (only for assets with nothing backed up)."""
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM assets WHERE pk = ?", (asset_pk,))
+
+    async def delete_versions(self, asset_pk: int, version_ids: Sequence[str]) -> list[str]:
+        async with self.transaction() as db:
+            deleted = []
+            for version_id in version_ids:
+                cursor = await db.execute("DELETE FROM versions WHERE asset_pk = ? AND version_id = ?", (asset_pk, version_id))
+                if cursor.rowcount:
+                    deleted.append(version_id)
+            remaining = await (await db.execute("SELECT COUNT(*) FROM versions WHERE asset_pk = ?", (asset_pk,))).fetchone()
+            if remaining is not None and remaining[0] == 0:
+                await db.execute("DELETE FROM assets WHERE pk = ? AND status = 'deleted'", (asset_pk,))
+        return deleted
+
+    async def digest_referenced(self, cloud: str, digest: str, *, backup: bool) -> bool:
+        """Does any backed-up version (backup store) or live asset (primary store) use it?"""
+        if backup:
+            sql = "SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1 LIMIT 1"
+        else:
+            sql = "SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live' LIMIT 1"
+        return await self._one(sql, (cloud, digest)) is not None
+
+    # --- chunked upload sessions ------------------------------------------------------------
+
+    async def get_upload_session(self, cloud: str, upload_id: str) -> tuple[int | None, list[list[int]]] | None:
+        row = await self._one("SELECT total, ranges FROM upload_sessions WHERE cloud = ? AND upload_id = ?", (cloud, upload_id))
+        return None if row is None else (row[0], json.loads(row[1]))
+
+    async def save_upload_session(self, cloud: str, upload_id: str, total: int | None, ranges: list[list[int]]) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO upload_sessions (cloud, upload_id, total, ranges, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (cloud, upload_id) DO UPDATE SET total = excluded.total, ranges = excluded.ranges",
+                (cloud, upload_id, total, json.dumps(ranges), time.time()),
+            )
+
+    async def delete_upload_session(self, cloud: str, upload_id: str) -> None:
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM upload_sessions WHERE cloud = ? AND upload_id = ?", (cloud, upload_id))
+
+    async def stale_upload_sessions(self, older_than: float) -> list[tuple[str, str]]:
+        rows = await self._all("SELECT cloud, upload_id FROM upload_sessions WHERE created_at < ?", (older_than,))
+        return [(r[0], r[1]) for r in rows]

@@ -1,0 +1,112 @@
+"""Normalise request parameters from every encoding the SDKs use into one dict.
+
+Query strings, form bodies, multipart fields and JSON bodies all end up here (spec section 2):
+`k[]` and `k[0]` collect into lists, JSON nulls mean "absent", booleans arrive as 1/0/true/false.
+"""
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from versionstore.errors import BadRequest
+
+_ARRAY_KEY = re.compile(r"^(?P<name>.+?)\[(?P<index>\d*)\]$")
+
+Params = dict[str, Any]
+
+
+def merge_pairs(pairs: Iterable[tuple[str, str]], into: Params | None = None) -> Params:
+    """Fold (key, value) pairs into `into`, turning `k[]`/`k[N]` keys into lists."""
+    out: Params = {} if into is None else into
+    indexed: dict[str, list[tuple[int, str]]] = {}
+    for key, value in pairs:
+        match = _ARRAY_KEY.match(key)
+        if match is None:
+            out[key] = value
+        elif match["index"] == "":
+            existing = out.get(match["name"])
+            if not isinstance(existing, list):
+                existing = out[match["name"]] = []
+            existing.append(value)
+        else:
+            indexed.setdefault(match["name"], []).append((int(match["index"]), value))
+    for name, items in indexed.items():
+        out[name] = [value for _, value in sorted(items)]
+    return out
+
+
+def merge_json(body: object, into: Params) -> Params:
+    if not isinstance(body, Mapping):
+        raise BadRequest("Request body must be a JSON object")
+    for key, value in body.items():
+        if value is not None:
+            into[str(key)] = value
+    return into
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def as_bool(value: object, default: bool | None = None) -> bool | None:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise BadRequest(f"Invalid boolean value {value!r}")
+
+
+def as_list(value: object) -> list[str]:
+    """Lists stay lists; a comma-joined string is split (the SDKs send both)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value if v is not None and str(v) != ""]
+    text = str(value)
+    return [part for part in (p.strip() for p in text.split(",")) if part]
+
+
+def as_int(value: object, name: str, default: int, low: int, high: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise BadRequest(f"Invalid {name} - {value}") from None
+    if not low <= number <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}")
+    return number
+
+
+def parse_pipe_map(value: object) -> dict[str, str]:
+    """`k=v|k2=v2` (context/metadata on the wire) or a JSON object."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    out: dict[str, str] = {}
+    for item in re.split(r"(?<!\\)\|", str(value)):
+        if not item:
+            continue
+        key, _, val = item.partition("=")
+        out[key.replace("\\|", "|").replace("\\=", "=")] = val.replace("\\|", "|").replace("\\=", "=")
+    return out
+
+
+def field_updates(params: Params) -> dict[str, Any]:
+    """Tags, context and metadata changes present in a request (metadata-only updates)."""
+    updates: dict[str, Any] = {}
+    if "tags" in params:
+        updates["tags"] = as_list(params["tags"])
+    if "context" in params:
+        updates["context"] = parse_pipe_map(params["context"])
+    if "metadata" in params:
+        updates["metadata"] = parse_pipe_map(params["metadata"])
+    return updates

@@ -1,0 +1,307 @@
+"""The domain: uploads become versions, versions become revisions, and nothing is lost.
+
+Write order (docs/design.md): bytes are spooled and hashed, put create-only into the stores,
+and only then is the metadata committed in one transaction. Blob deletions happen after the
+metadata no longer references the digest, under a per-digest lock that uploads also take, so
+an upload can never commit a version whose blob a concurrent deletion is removing.
+This module does not know about HTTP.
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from versionstore import layout, media
+from versionstore.blobstore import BlobStore
+from versionstore.errors import BadRequest, NotFound
+from versionstore.ids import new_hex_id, new_public_id
+from versionstore.locks import KeyedLocks
+from versionstore.metadata import MetadataStore
+from versionstore.models import Asset, Cloud, Version
+from versionstore.spool import SpoolFile, Spooled
+
+
+@dataclass
+class UploadRequest:
+    cloud: Cloud
+    resource_type: str  # image | video | raw | auto
+    type: str = "upload"
+    public_id: str | None = None
+    overwrite: bool = True
+    backup: bool | None = None  # per-upload override of the environment's auto backup
+    filename: str | None = None
+    tags: list[str] | None = None
+    context: dict[str, str] | None = None
+    metadata: dict[str, str] | None = None
+
+
+@dataclass
+class UploadResult:
+    asset: Asset
+    version: Version
+    existing: bool = False
+    overwritten: bool = False
+
+
+@dataclass
+class RestoreOutcome:
+    asset: Asset | None = None
+    error: str | None = None  # "no_backup" | "failed"
+
+
+@dataclass
+class DeleteVersionsOutcome:
+    deleted: list[str] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+class VersionService:
+    def __init__(self, meta: MetadataStore, primary: BlobStore, backup: BlobStore, spool_dir: Path, max_bytes: int) -> None:
+        self.meta = meta
+        self.primary = primary
+        self.backup = backup
+        self.spool_dir = spool_dir
+        self.max_bytes = max_bytes
+        self._digests = KeyedLocks()
+        self._names = KeyedLocks()
+
+    def new_spool(self) -> SpoolFile:
+        return SpoolFile(self.spool_dir, self.max_bytes)
+
+    # --- uploads ---------------------------------------------------------------------------
+
+    async def upload(self, request: UploadRequest, spooled: Spooled) -> UploadResult:
+        """Turn spooled bytes into the asset's newest version. The spool file is consumed."""
+        try:
+            fmt, sniffed_type = media.sniff(spooled.head, request.filename)
+            resource_type = sniffed_type if request.resource_type == "auto" else request.resource_type
+            public_id = request.public_id or self._generated_public_id(resource_type, fmt)
+            key = (request.cloud.name, resource_type, request.type, public_id)
+            async with self._names.hold(key):
+                return await self._upload_locked(request, spooled, resource_type, public_id, fmt)
+        finally:
+            spooled.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _generated_public_id(resource_type: str, fmt: str | None) -> str:
+        public_id = new_public_id()
+        return f"{public_id}.{fmt}" if resource_type == "raw" and fmt else public_id
+
+    async def _upload_locked(
+        self, request: UploadRequest, spooled: Spooled, resource_type: str, public_id: str, fmt: str | None
+    ) -> UploadResult:
+        cloud = request.cloud
+        existing = await self.meta.get_asset(cloud.name, resource_type, request.type, public_id)
+        if existing is not None and existing.live and not request.overwrite:
+            versions = await self.meta.versions(existing.pk or 0)
+            return UploadResult(existing, versions[-1], existing=True)
+        backed_up = cloud.auto_backup if request.backup is None else request.backup
+        now = time.time()
+        version = Version(
+            version_id=new_hex_id(),
+            version=self._next_version_number(existing, now),
+            digest=spooled.digest,
+            bytes=spooled.size,
+            format=fmt,
+            backed_up=backed_up,
+            restored_from=None,
+            created_at=now,
+        )
+        width, height = media.dimensions(spooled.head, fmt)
+        if existing is None:
+            asset = Asset(
+                pk=None, cloud=cloud.name, asset_id=new_hex_id(), resource_type=resource_type, type=request.type,
+                public_id=public_id, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size,
+                width=width, height=height, version=version.version, version_id=version.version_id,
+                original_filename=_stem(request.filename), created_at=now, uploaded_at=now,
+            )
+        else:
+            asset = replace(
+                existing, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size, width=width,
+                height=height, version=version.version, version_id=version.version_id,
+                original_filename=_stem(request.filename) or existing.original_filename, uploaded_at=now, deleted_at=None,
+            )
+        if request.tags is not None:
+            asset.tags = request.tags
+        if request.context is not None:
+            asset.context = request.context
+        if request.metadata is not None:
+            asset.metadata = request.metadata
+        async with self._digests.hold((cloud.name, spooled.digest)):
+            # Blobs first, metadata second: a crash in between leaves only an orphan blob.
+            await self.primary.put_file(layout.original_key(cloud.name, spooled.digest), spooled.path)
+            if backed_up:
+                await self.backup.put_file(layout.revision_key(cloud.name, spooled.digest), spooled.path)
+            asset = await self.meta.save_version(asset, version)
+        if existing is not None and existing.digest != spooled.digest:
+            await self._release_primary(cloud.name, existing.digest)
+        return UploadResult(asset, version, overwritten=existing is not None and existing.live)
+
+    @staticmethod
+    def _next_version_number(existing: Asset | None, now: float) -> int:
+        """Unix seconds, strictly increasing per asset even for several uploads a second."""
+        return max(int(now), existing.version + 1) if existing else int(now)
+
+    # --- deletion ---------------------------------------------------------------------------
+
+    async def delete_asset(self, asset: Asset) -> None:
+        """Delete a live asset. With backed-up versions it stays as a reservation."""
+        async with self._names.hold((asset.cloud, asset.resource_type, asset.type, asset.public_id)):
+            await self._delete_asset_locked(asset)
+
+    async def _delete_asset_locked(self, asset: Asset) -> None:
+        current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
+        if current is None or not current.live:
+            return
+        versions = await self.meta.versions(current.pk or 0)
+        if any(v.backed_up for v in versions):
+            current.status = "deleted"
+            current.deleted_at = time.time()
+            await self.meta.update_asset(current)
+        else:
+            await self.meta.delete_asset(current.pk or 0)
+        await self._release_primary(current.cloud, current.digest)
+
+    async def delete_versions(self, cloud: str, asset_id: str, version_ids: Sequence[str]) -> DeleteVersionsOutcome:
+        """Irreversibly delete backed-up versions; bytes go once nothing references them."""
+        asset = await self.meta.get_asset_by_id(cloud, asset_id)
+        if asset is None:
+            raise NotFound(f"Resource not found - {asset_id}")
+        outcome = DeleteVersionsOutcome()
+        async with self._names.hold((cloud, asset.resource_type, asset.type, asset.public_id)):
+            by_id = {v.version_id: v for v in await self.meta.versions(asset.pk or 0)}
+            wanted: list[str] = []
+            for version_id in dict.fromkeys(version_ids):
+                version = by_id.get(version_id)
+                if version is None:
+                    outcome.failures.append({"version_id": version_id, "error": "Version not found"})
+                elif asset.live and version_id == asset.version_id:
+                    outcome.failures.append(
+                        {"version_id": version_id, "error": "Cannot delete the current version of a live asset"}
+                    )
+                else:
+                    wanted.append(version_id)
+            outcome.deleted = await self.meta.delete_versions(asset.pk or 0, wanted)
+        for digest in {by_id[v].digest for v in outcome.deleted if by_id[v].backed_up}:
+            await self._release_revision(cloud, digest)
+        return outcome
+
+    async def _release_revision(self, cloud: str, digest: str) -> None:
+        async with self._digests.hold((cloud, digest)):
+            if not await self.meta.digest_referenced(cloud, digest, backup=True):
+                await self.backup.delete(layout.revision_key(cloud, digest))
+
+    async def _release_primary(self, cloud: str, digest: str) -> None:
+        async with self._digests.hold((cloud, digest)):
+            if not await self.meta.digest_referenced(cloud, digest, backup=False):
+                await self.primary.delete(layout.original_key(cloud, digest))
+
+    # --- restore ----------------------------------------------------------------------------
+
+    async def restore(self, asset: Asset, version_id: str | None) -> RestoreOutcome:
+        """Append a version that points at a backed-up revision and make it current.
+
+        History stays append-only; the new version records what it was restored from.
+        """
+        async with self._names.hold((asset.cloud, asset.resource_type, asset.type, asset.public_id)):
+            asset = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id) or asset
+            versions = await self.meta.versions(asset.pk or 0)
+            backed = [v for v in versions if v.backed_up]
+            if version_id:
+                chosen = next((v for v in versions if v.version_id == version_id), None)
+                if chosen is None:
+                    return RestoreOutcome(error="failed")
+                if not chosen.backed_up:
+                    return RestoreOutcome(error="no_backup")
+            elif backed:
+                chosen = backed[-1]
+            else:
+                return RestoreOutcome(error="no_backup")
+            if asset.live and version_id is None:
+                return RestoreOutcome(asset=asset)  # nothing deleted, nothing named: a no-op
+            await self._copy_revision_to_primary(asset.cloud, chosen.digest)
+            now = time.time()
+            version = Version(
+                version_id=new_hex_id(), version=self._next_version_number(asset, now), digest=chosen.digest,
+                bytes=chosen.bytes, format=chosen.format, backed_up=True, restored_from=chosen.version_id,
+                created_at=now,
+            )
+            previous_digest = asset.digest if asset.live else None
+            restored = replace(
+                asset, status="live", digest=chosen.digest, format=chosen.format, bytes=chosen.bytes,
+                version=version.version, version_id=version.version_id, uploaded_at=now, deleted_at=None,
+            )
+            async with self._digests.hold((asset.cloud, chosen.digest)):
+                restored = await self.meta.save_version(restored, version)
+        if previous_digest and previous_digest != chosen.digest:
+            await self._release_primary(asset.cloud, previous_digest)
+        return RestoreOutcome(asset=restored)
+
+    async def _copy_revision_to_primary(self, cloud: str, digest: str) -> None:
+        """Stream the revision through a spool file, verifying its digest on the way."""
+        spool = self.new_spool()
+        try:
+            async for chunk in self.backup.read(layout.revision_key(cloud, digest)):
+                await spool.write(chunk)
+            spooled = await spool.finish()
+            if spooled.digest != digest:
+                raise BadRequest(f"Backup of {digest} failed verification")
+            await self.primary.put_file(layout.original_key(cloud, digest), spooled.path)
+        finally:
+            spool.discard()
+
+    # --- rename and metadata-only changes ---------------------------------------------------
+
+    async def rename(self, asset: Asset, to_type: str, to_public_id: str, overwrite: bool) -> Asset:
+        target_key = (asset.cloud, asset.resource_type, to_type, to_public_id)
+        if (asset.type, asset.public_id) == (to_type, to_public_id):
+            return asset
+        async with self._names.hold(target_key):
+            target = await self.meta.get_asset(*target_key)
+            if target is not None:
+                if not target.live:
+                    raise BadRequest(f"to_public_id ({to_public_id}) is reserved by a deleted asset's backup history")
+                if not overwrite:
+                    raise BadRequest(f"to_public_id ({to_public_id}) already exists")
+                versions = await self.meta.versions(target.pk or 0)
+                if any(v.backed_up for v in versions):
+                    raise BadRequest(
+                        f"to_public_id ({to_public_id}) has backed-up versions; delete it first to keep its history"
+                    )
+                await self._delete_asset_locked(target)
+            renamed = replace(asset, type=to_type, public_id=to_public_id)
+            await self.meta.update_asset(renamed)
+            return renamed
+
+    async def update_fields(
+        self, asset: Asset, tags: list[str] | None = None, context: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Asset:
+        """Tags, context and metadata: never a new version (spec section 13)."""
+        if tags is not None:
+            asset.tags = tags
+        if context is not None:
+            asset.context = context
+        if metadata is not None:
+            asset.metadata = metadata
+        await self.meta.update_asset(asset)
+        return asset
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def version_for_download(self, cloud: str, asset_id: str, version_id: str) -> tuple[Asset, Version, str]:
+        asset = await self.meta.get_asset_by_id(cloud, asset_id)
+        if asset is None:
+            raise NotFound(f"Resource not found - {asset_id}")
+        version = next((v for v in await self.meta.versions(asset.pk or 0) if v.version_id == version_id), None)
+        if version is None or not version.backed_up:
+            raise NotFound(f"Version not found - {version_id}")
+        return asset, version, layout.revision_key(cloud, version.digest)
+
+
+def _stem(filename: str | None) -> str | None:
+    if not filename:
+        return None
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[0] if "." in base else base
