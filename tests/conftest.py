@@ -1,5 +1,6 @@
 """Shared fixtures: a real app on a temporary data dir, driven over real HTTP sockets."""
 
+import base64
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from versionstore.http.app import META, create_app
 CLOUD = "demo"
 API_KEY = "key123"
 API_SECRET = "secret456"
-BASIC_HEADERS = {"Authorization": aiohttp.BasicAuth(API_KEY, API_SECRET).encode()}
+BASIC_HEADERS = {"Authorization": "Basic " + base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()}
 
 
 def sign(params: dict[str, Any], secret: str = API_SECRET, algorithm: str = "sha1") -> dict[str, Any]:

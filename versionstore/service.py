@@ -7,19 +7,26 @@ an upload can never commit a version whose blob a concurrent deletion is removin
 This module does not know about HTTP.
 """
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from versionstore import layout, media
-from versionstore.blobstore import BlobStore
+from versionstore.blobstore import BlobStore, BlobStoreError
 from versionstore.errors import BadRequest, NotFound
 from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks
 from versionstore.metadata import MetadataStore
 from versionstore.models import Asset, Cloud, Version
 from versionstore.spool import SpoolFile, Spooled
+
+log = logging.getLogger(__name__)
+
+
+class RevisionCorrupt(Exception):
+    """The bytes read back from backup storage do not hash to their name."""
 
 
 @dataclass
@@ -220,7 +227,6 @@ class VersionService:
                 return RestoreOutcome(error="no_backup")
             if asset.live and version_id is None:
                 return RestoreOutcome(asset=asset)  # nothing deleted, nothing named: a no-op
-            await self._copy_revision_to_primary(asset.cloud, chosen.digest)
             now = time.time()
             version = Version(
                 version_id=new_hex_id(), version=self._next_version_number(asset, now), digest=chosen.digest,
@@ -233,6 +239,13 @@ class VersionService:
                 version=version.version, version_id=version.version_id, uploaded_at=now, deleted_at=None,
             )
             async with self._digests.hold((asset.cloud, chosen.digest)):
+                # Inside the digest lock: a concurrent release of this digest's primary copy
+                # (another asset deleted) must not slip between the copy and the commit.
+                try:
+                    await self._copy_revision_to_primary(asset.cloud, chosen.digest)
+                except (BlobStoreError, RevisionCorrupt) as exc:
+                    log.error("restore of %s from %s failed: %r", asset.asset_id, chosen.version_id, exc)
+                    return RestoreOutcome(error="failed")
                 restored = await self.meta.save_version(restored, version)
         if previous_digest and previous_digest != chosen.digest:
             await self._release_primary(asset.cloud, previous_digest)
@@ -240,13 +253,15 @@ class VersionService:
 
     async def _copy_revision_to_primary(self, cloud: str, digest: str) -> None:
         """Stream the revision through a spool file, verifying its digest on the way."""
+        if await self.primary.stat(layout.original_key(cloud, digest)) is not None:
+            return
         spool = self.new_spool()
         try:
             async for chunk in self.backup.read(layout.revision_key(cloud, digest)):
                 await spool.write(chunk)
             spooled = await spool.finish()
             if spooled.digest != digest:
-                raise BadRequest(f"Backup of {digest} failed verification")
+                raise RevisionCorrupt(f"revision {digest} read back as {spooled.digest}")
             await self.primary.put_file(layout.original_key(cloud, digest), spooled.path)
         finally:
             spool.discard()

@@ -1,0 +1,78 @@
+"""One contract every blob store passes; each backend only says how to build one."""
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from versionstore.blobstore import BlobNotFound, open_store
+
+
+@pytest.fixture(params=["memory", "local"])
+def store(request, tmp_path):
+    return open_store("memory:") if request.param == "memory" else open_store(str(tmp_path / "store"))
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    path = tmp_path / "source.bin"
+    path.write_bytes(os.urandom(3 << 20) + b"tail")
+    return path
+
+
+async def read_all(store, key, start=0, end=None) -> bytes:
+    return b"".join([chunk async for chunk in store.read(key, start, end)])
+
+
+async def test_put_is_create_only_and_already_exists_is_success(store, source, tmp_path):
+    assert await store.put_file("c/blobs/aa/bb/x", source) is True
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"different")
+    assert await store.put_file("c/blobs/aa/bb/x", other) is False
+    assert await read_all(store, "c/blobs/aa/bb/x") == source.read_bytes()
+    assert source.exists()  # the caller owns the source file
+
+
+async def test_stat_and_ranged_reads(store, source):
+    await store.put_file("k", source)
+    data = source.read_bytes()
+    assert (await store.stat("k")).size == len(data)
+    assert await store.stat("missing") is None
+    assert await read_all(store, "k", 10, 20) == data[10:20]
+    assert await read_all(store, "k", len(data) - 4) == b"tail"
+
+
+async def test_missing_blob_raises_not_found_and_delete_is_idempotent(store):
+    with pytest.raises(BlobNotFound):
+        await read_all(store, "nothing")
+    await store.delete("nothing")
+
+
+async def test_list_by_prefix(store, source):
+    for key in ("a/blobs/1", "a/blobs/2", "b/blobs/1"):
+        await store.put_file(key, source)
+    assert [k async for k in store.list("a/")] == ["a/blobs/1", "a/blobs/2"]
+    await store.delete("a/blobs/1")
+    assert [k async for k in store.list("a/")] == ["a/blobs/2"]
+
+
+async def test_racing_writers_of_one_key_all_succeed_and_one_wins(store, source):
+    results = await asyncio.gather(*(store.put_file("race", source) for _ in range(8)))
+    assert results.count(True) == 1
+    assert await read_all(store, "race") == source.read_bytes()
+
+
+async def test_local_blobs_are_read_only_and_keys_cannot_escape(tmp_path, source):
+    store = open_store(f"file://{tmp_path / 'store'}")
+    await store.put_file("k", source)
+    mode = os.stat(store.local_path("k")).st_mode
+    assert not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    with pytest.raises(ValueError):
+        await store.put_file("../escape", source)
+
+
+def test_unknown_store_urls_are_refused():
+    with pytest.raises(ValueError):
+        open_store("ftp://nowhere")

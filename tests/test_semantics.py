@@ -1,0 +1,176 @@
+"""The decisions of docs/design.md ("Semantics we decided"), one test each, over HTTP."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CLOUD
+
+
+def blob_files(config, store: str) -> list[Path]:
+    return sorted(p for p in (config.data_dir / store).rglob("*") if p.is_file())
+
+
+async def versions(api, public_id: str, rt: str = "image") -> list[dict]:
+    body = await api.admin("GET", f"resources/{rt}/upload/{public_id}", params={"versions": "true"})
+    return body["versions"]
+
+
+async def test_restore_appends_a_version_that_points_at_the_old_bytes(api, client):
+    first = await api.upload(b"first", public_id="r/a")
+    await api.upload(b"second", public_id="r/a")
+    body = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["r/a"], "versions": [first["version_id"]]})
+    restored = body["r/a"]
+    assert restored["bytes"] == 5 and restored["asset_id"] == first["asset_id"]
+    history = await versions(api, "r/a")
+    assert [v["size"] for v in history] == [5, 6, 5]
+    assert history[-1]["restored_from"] == first["version_id"]
+    assert history[-1]["version_id"] == restored["version_id"] != first["version_id"]
+    assert [int(v["version"]) for v in history] == sorted({int(v["version"]) for v in history})
+
+
+async def test_restorable_means_bytes_are_in_backup_storage(api):
+    await api.upload(b"kept", public_id="r/b", backup="1")
+    await api.upload(b"not kept", public_id="r/b", backup="0")
+    assert [v["restorable"] for v in await versions(api, "r/b")] == [True, False]
+
+
+async def test_identical_bytes_append_a_version_but_store_one_blob(api, config):
+    await api.upload(b"same bytes", public_id="r/c")
+    await api.upload(b"same bytes", public_id="r/c")
+    await api.upload(b"same bytes", public_id="r/other")
+    assert len(await versions(api, "r/c")) == 2
+    assert len(blob_files(config, "backup")) == 1
+    assert len(blob_files(config, "primary")) == 1
+
+
+async def test_overwrite_false_returns_the_existing_asset(api):
+    first = await api.upload(b"one", public_id="r/d")
+    again = await api.upload(b"two", public_id="r/d", overwrite="0")
+    assert again["existing"] is True
+    assert again["version_id"] == first["version_id"] and again["bytes"] == 3
+    assert len(await versions(api, "r/d")) == 1
+
+
+async def test_deleting_an_asset_without_backup_frees_its_public_id(api, config):
+    first = await api.upload(b"one", public_id="r/e", backup="0")
+    await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["r/e"]})
+    await api.admin("GET", "resources/image/upload/r/e", expect=404)
+    assert blob_files(config, "primary") == []
+    second = await api.upload(b"two", public_id="r/e", backup="0")
+    assert second["asset_id"] != first["asset_id"]
+
+
+async def test_deleted_backed_up_asset_is_reserved_and_a_new_upload_continues_its_history(api, config):
+    first = await api.upload(b"one", public_id="r/f")
+    deleted = await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["r/f", "r/missing"]})
+    assert deleted["deleted"] == {"r/f": "deleted", "r/missing": "not_found"}
+    placeholder = await api.admin("GET", "resources/image/upload/r/f")
+    assert placeholder["placeholder"] is True and placeholder["bytes"] == 0 and placeholder["status"] == "deleted"
+    assert blob_files(config, "primary") == [] and len(blob_files(config, "backup")) == 1
+    listing = await api.admin("GET", "resources/image/upload")
+    assert listing["resources"] == []
+    found = await api.admin("POST", "resources/search", json={"expression": "status=deleted"})
+    assert [r["public_id"] for r in found["resources"]] == ["r/f"]
+    second = await api.upload(b"two!", public_id="r/f")
+    assert second["asset_id"] == first["asset_id"]
+    history = await versions(api, "r/f")
+    assert [v["version_id"] for v in history] == [first["version_id"], second["version_id"]]
+
+
+async def test_version_deletion_is_irreversible_and_frees_bytes_when_unreferenced(api, config):
+    a1 = await api.upload(b"shared", public_id="r/g")
+    await api.upload(b"newer", public_id="r/g")
+    b1 = await api.upload(b"shared", public_id="r/h")
+    await api.upload(b"newest", public_id="r/h")
+    assert len(blob_files(config, "backup")) == 3
+    body = await api.admin("DELETE", f"resources/backup/{a1['asset_id']}", json={"version_ids": [a1["version_id"]]})
+    assert body == {"asset_id": a1["asset_id"], "deleted_version_ids": [a1["version_id"]]}
+    assert len(blob_files(config, "backup")) == 3  # r/h still references "shared"
+    await api.admin("DELETE", f"resources/backup/{b1['asset_id']}", json={"version_ids": [b1["version_id"]]})
+    assert len(blob_files(config, "backup")) == 2
+    assert [v["size"] for v in await versions(api, "r/g")] == [5]
+    again = await api.admin("DELETE", f"resources/backup/{a1['asset_id']}", json={"version_ids": [a1["version_id"]]})
+    assert again["deleted_version_ids"] == [] and again["failures"][0]["version_id"] == a1["version_id"]
+
+
+async def test_the_current_version_of_a_live_asset_cannot_be_deleted(api):
+    current = await api.upload(b"live", public_id="r/i")
+    body = await api.admin("DELETE", f"resources/backup/{current['asset_id']}", json={"version_ids": [current["version_id"]]})
+    assert body["deleted_version_ids"] == []
+    assert "current version" in body["failures"][0]["error"]
+
+
+async def test_deleting_every_version_of_a_deleted_asset_frees_its_public_id(api):
+    first = await api.upload(b"one", public_id="r/j")
+    await api.admin("DELETE", "resources", json={"asset_ids": [first["asset_id"]]})
+    await api.admin("DELETE", f"resources/backup/{first['asset_id']}", json={"version_ids": [first["version_id"]]})
+    await api.admin("GET", "resources/image/upload/r/j", expect=404)
+
+
+async def test_rename_rules(api):
+    await api.upload(b"a", public_id="n/a")
+    await api.upload(b"b", public_id="n/b", backup="0")
+    await api.upload(b"c", public_id="n/reserved")
+    await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["n/reserved"]})
+    refused = await api.signed("image/rename", expect=400, from_public_id="n/a", to_public_id="n/b")
+    assert refused["error"]["message"] == "to_public_id (n/b) already exists"
+    await api.signed("image/rename", expect=400, from_public_id="n/a", to_public_id="n/reserved", overwrite="1")
+    renamed = await api.signed("image/rename", from_public_id="n/a", to_public_id="n/b", overwrite="1")
+    assert renamed["public_id"] == "n/b"
+    await api.admin("GET", "resources/image/upload/n/a", expect=404)
+    await api.signed("image/rename", expect=404, from_public_id="n/nothing", to_public_id="n/x")
+
+
+async def test_metadata_changes_never_create_a_version(api):
+    await api.upload(b"x", public_id="m/a")
+    await api.signed("image/explicit", public_id="m/a", type="upload", tags="z")
+    await api.signed("image/tags", tag="t2", public_ids=["m/a"], command="add")
+    await api.signed("image/context", context="alt=hi", public_ids=["m/a"], command="add")
+    await api.admin("POST", "resources/image/upload/m/a", json={"tags": "x,y", "metadata": "f=v"})
+    body = await api.admin("GET", "resources/image/upload/m/a", params={"versions": "true"})
+    assert len(body["versions"]) == 1
+    assert body["tags"] == ["x", "y"] and body["context"] == {"custom": {"alt": "hi"}} and body["metadata"] == {"f": "v"}
+
+
+@pytest.mark.parametrize("auto_backup, override, expected", [(True, None, True), (True, "0", False), (False, None, False), (False, "1", True)])
+async def test_backup_override_beats_the_environment_setting(api, auto_backup, override, expected):
+    await api.admin("PUT", "versionstore/settings", json={"auto_backup": auto_backup})
+    params = {"backup": override} if override is not None else {}
+    await api.upload(b"bytes", public_id="o/a", **params)
+    assert (await versions(api, "o/a"))[0]["restorable"] is expected
+
+
+async def test_settings_extension(api):
+    assert await api.admin("GET", "versionstore/settings") == {"cloud_name": CLOUD, "auto_backup": True}
+    assert (await api.admin("PUT", "versionstore/settings", data={"auto_backup": "false"}))["auto_backup"] is False
+
+
+async def test_restore_reports_per_item_errors(api):
+    kept = await api.upload(b"kept", public_id="s/a")
+    await api.upload(b"gone", public_id="s/b", backup="0")
+    await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["s/a", "s/b"]})
+    body = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["s/a", "s/b", "s/never"]})
+    assert body["s/a"]["bytes"] == 4 and body["s/a"]["placeholder"] is False
+    assert body["s/b"] == {"error": "no_backup"} and body["s/never"] == {"error": "no_backup"}
+    by_id = await api.admin("POST", "resources/restore", json={"asset_ids": [kept["asset_id"], "f" * 32]})
+    assert by_id[kept["asset_id"]]["asset_id"] == kept["asset_id"] and by_id["f" * 32] == {"error": "no_backup"}
+
+
+async def test_search_subset(api):
+    for name in ("p/a", "p/b", "p/c", "q/a"):
+        await api.upload(name.encode(), public_id=name)
+    await api.upload(b"raw", public_id="p/raw.txt", rt="raw")
+    body = await api.admin("POST", "resources/search", json={
+        "expression": "public_id=p/* AND resource_type=image", "sort_by": [{"public_id": "asc"}], "max_results": 2})
+    assert [r["public_id"] for r in body["resources"]] == ["p/a", "p/b"] and body["total_count"] == 3
+    page2 = await api.admin("POST", "resources/search", json={
+        "expression": "public_id=p/* AND resource_type=image", "sort_by": [{"public_id": "asc"}], "max_results": 2,
+        "next_cursor": body["next_cursor"]})
+    assert [r["public_id"] for r in page2["resources"]] == ["p/c"] and "next_cursor" not in page2
+    ranged = await api.admin("POST", "resources/search", json={"expression": "created_at>2000-01-01 AND created_at<2999-01-01"})
+    assert ranged["total_count"] == 5
+    none = await api.admin("POST", "resources/search", json={"expression": "created_at:[1990-01-01 TO 1999-01-01]"})
+    assert none["total_count"] == 0
+    await api.admin("POST", "resources/search", expect=400, json={"max_results": 501})
+    await api.admin("POST", "resources/search", expect=400, json={"expression": "foo=bar"})
