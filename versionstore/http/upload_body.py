@@ -17,7 +17,7 @@ from versionstore.spool import SpoolFile, Spooled
 
 FIELD_LIMIT = 64 * 1024
 READ_SIZE = 256 * 1024
-_SNIFF = 16
+_SNIFF = 8192  # aiohttp asserts read_chunk(size) >= boundary length + 2 on parts without Content-Length
 
 
 @dataclass
@@ -61,8 +61,13 @@ async def read_multipart(
     request: web.Request,
     new_spool: Callable[[], SpoolFile],
     on_file: Callable[[Params, BodyPartReader], Awaitable[None]] | None = None,
+    before_file: Callable[[Params], None] | None = None,
 ) -> UploadBody:
-    """Read every part; `on_file`, when given, consumes the file part itself."""
+    """Read every part; `on_file`, when given, consumes the file part itself.
+
+    `before_file` sees the fields that precede the file part (the SDKs send the file last),
+    so a bad signature is refused before a large body is spooled to disk.
+    """
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError) as exc:
@@ -84,6 +89,8 @@ async def read_multipart(
                 continue
             if body.spooled or body.file_url or body.handled_file:
                 raise BadRequest("More than one file part")
+            if before_file is not None:
+                before_file(body.params)
             if on_file is not None:
                 await on_file(body.params, part)
                 body.handled_file = True

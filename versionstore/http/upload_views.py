@@ -2,6 +2,7 @@
 
 import binascii
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import blake3
@@ -12,7 +13,7 @@ from versionstore.chunks import parse_content_range
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
 from versionstore.http.app import CHUNKS, CONFIG, FETCHER, META, SERVICE
-from versionstore.http.auth import check_upload_auth
+from versionstore.http.auth import basic_credentials, check_upload_auth
 from versionstore.http.fetch import fetch_to_spool
 from versionstore.http.inputs import admin_params
 from versionstore.http.upload_body import UploadBody, part_chunks, read_multipart
@@ -30,7 +31,7 @@ async def upload(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     if upload_id and content_range:
         return await _upload_chunk(request, cloud, match["rt"], upload_id, content_range)
     if request.content_type == "multipart/form-data":
-        body = await read_multipart(request, service.new_spool)
+        body = await read_multipart(request, service.new_spool, before_file=_early_auth(request, cloud))
     else:
         body = UploadBody(params=await admin_params(request))
     try:
@@ -40,6 +41,16 @@ async def upload(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     finally:
         if body.spooled is not None:
             body.spooled.path.unlink(missing_ok=True)
+
+
+def _early_auth(request: web.Request, cloud: Cloud) -> Callable[[Params], None]:
+    """Authenticate at the file part when the credentials came first (they do from the SDKs)."""
+
+    def check(params: Params) -> None:
+        if "signature" in params or basic_credentials(request) is not None:
+            check_upload_auth(request, params, cloud)
+
+    return check
 
 
 async def _file_bytes(request: web.Request, body: UploadBody) -> Spooled:
