@@ -174,3 +174,20 @@ async def test_search_subset(api):
     assert none["total_count"] == 0
     await api.admin("POST", "resources/search", expect=400, json={"max_results": 501})
     await api.admin("POST", "resources/search", expect=400, json={"expression": "foo=bar"})
+
+
+async def test_orphan_blobs_from_a_crash_are_collected(api, client, config):
+    """A blob written before a crash, whose metadata never committed, is removed."""
+    from versionstore import layout
+    from versionstore.http.app import SERVICE
+
+    kept = await api.upload(b"referenced", public_id="g/a")
+    service = client.app[SERVICE]
+    orphan = config.data_dir / "orphan.bin"
+    orphan.write_bytes(b"never committed")
+    await service.backup.put_file(layout.revision_key("demo", "ab" * 32), orphan)
+    await service.primary.put_file(layout.original_key("demo", "ab" * 32), orphan)
+    assert len(blob_files(config, "backup")) == 2
+    assert await service.collect_orphans("demo") == 2
+    assert len(blob_files(config, "backup")) == 1 and len(blob_files(config, "primary")) == 1
+    assert (await versions(api, "g/a"))[0]["version_id"] == kept["version_id"]

@@ -17,3 +17,15 @@ def revision_key(cloud: str, digest: str) -> str:
 
 def original_key(cloud: str, digest: str) -> str:
     return f"{cloud}/originals/{_fanout(digest)}"
+
+
+def revision_prefix(cloud: str) -> str:
+    return f"{cloud}/blobs/"
+
+
+def original_prefix(cloud: str) -> str:
+    return f"{cloud}/originals/"
+
+
+def digest_of(key: str) -> str:
+    return key.rsplit("/", 1)[-1]

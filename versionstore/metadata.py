@@ -95,13 +95,14 @@ class MetadataStore:
                 raise
             await self._writer.execute("COMMIT")
 
+    # One hop to the reader thread per query (execute + fetch + close together): every hop
+    # is a GIL hand-off, and under concurrent load those hand-offs dominate request latency.
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        async with self._reader.execute(sql, args) as cursor:
-            return await cursor.fetchone()
+        rows = await self._reader.execute_fetchall(sql, args)
+        return next(iter(rows), None)
 
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        async with self._reader.execute(sql, args) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self._reader.execute_fetchall(sql, args))
 
     # --- product environments -------------------------------------------------------------
 

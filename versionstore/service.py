@@ -204,6 +204,23 @@ class VersionService:
             if not await self.meta.digest_referenced(cloud, digest, backup=False):
                 await self.primary.delete(layout.original_key(cloud, digest))
 
+    async def collect_orphans(self, cloud: str) -> int:
+        """Delete blobs that no metadata references: leftovers of a crash between the blob
+        write and the metadata commit. Safe beside live traffic: each check holds the digest
+        lock that an upload holds from its blob write to its commit."""
+        removed = 0
+        for store, prefix, backup in (
+            (self.backup, layout.revision_prefix(cloud), True),
+            (self.primary, layout.original_prefix(cloud), False),
+        ):
+            async for key in store.list(prefix):
+                digest = layout.digest_of(key)
+                async with self._digests.hold((cloud, digest)):
+                    if not await self.meta.digest_referenced(cloud, digest, backup=backup):
+                        await store.delete(key)
+                        removed += 1
+        return removed
+
     # --- restore ----------------------------------------------------------------------------
 
     async def restore(self, asset: Asset, version_id: str | None) -> RestoreOutcome:

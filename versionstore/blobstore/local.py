@@ -97,7 +97,8 @@ class LocalBlobStore:
         await asyncio.to_thread(path.unlink, True)
 
     async def list(self, prefix: str) -> AsyncIterator[str]:
-        paths = await asyncio.to_thread(lambda: sorted(self.root.rglob("*")))
+        top = self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        paths = await asyncio.to_thread(lambda: sorted(top.rglob("*")) if top.is_dir() else [])
         for path in paths:
             if path.is_file() and not path.name.startswith("."):
                 key = path.relative_to(self.root).as_posix()

@@ -1,5 +1,6 @@
 """App factory: typed app keys, cleanup contexts for every resource, the error middleware."""
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -66,9 +67,22 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[CHUNKS] = ChunkAssembler(meta, config.spool_dir, config.max_upload_bytes)
     await app[CHUNKS].sweep()
     app[FETCHER] = aiohttp.ClientSession(auto_decompress=False)
+    collector = asyncio.create_task(_collect_orphans(app[SERVICE], meta))
     yield
+    collector.cancel()
     await app[FETCHER].close()
     await meta.close()
+
+
+async def _collect_orphans(service: VersionService, meta: MetadataStore) -> None:
+    """Once per start: remove blobs a crash left without metadata (see docs/design.md)."""
+    try:
+        for cloud in await meta.list_clouds():
+            removed = await service.collect_orphans(cloud.name)
+            if removed:
+                log.info("removed %d orphan blob(s) of %s", removed, cloud.name)
+    except Exception:
+        log.exception("orphan collection failed; it will run again at the next start")
 
 
 def create_app(config: Config) -> web.Application:
