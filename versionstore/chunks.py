@@ -23,6 +23,7 @@ from versionstore.spool import BLOCK, Spooled, hash_file
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(-1|\d+)$")
 SESSION_TTL = 24 * 3600
+ORPHAN_CHUNK_AGE = 3600
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,14 @@ class ChunkAssembler:
         return written
 
     async def sweep(self) -> None:
-        """Forget sessions idle for a day, with their partial files."""
-        for cloud, upload_id in await self.meta.stale_upload_sessions(time.time() - SESSION_TTL):
+        """Forget sessions idle for a day, with their partial files, and remove chunk files
+        that never got a session (a first chunk refused after its file was created)."""
+        cutoff = time.time() - SESSION_TTL
+        for cloud, upload_id in await self.meta.stale_upload_sessions(cutoff):
             self._path(cloud, upload_id).unlink(missing_ok=True)
             await self.meta.delete_upload_session(cloud, upload_id)
+        for path in self.directory.glob("*--*.chunks"):
+            cloud, _, upload_id = path.name[: -len(".chunks")].partition("--")
+            idle = path.stat().st_mtime < time.time() - ORPHAN_CHUNK_AGE
+            if idle and await self.meta.get_upload_session(cloud, upload_id) is None:
+                path.unlink(missing_ok=True)

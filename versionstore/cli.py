@@ -9,7 +9,9 @@ import asyncio
 import logging
 import secrets
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from versionstore import ids
 from versionstore.config import Config
@@ -24,7 +26,10 @@ def cloudinary_url(cloud: Cloud, base_url: str) -> str:
     return f"cloudinary://{cloud.api_key}:{cloud.api_secret}@{cloud.name}?upload_prefix={base_url}"
 
 
-async def _with_meta(data_dir: Path, action):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+async def _with_meta(data_dir: Path, action: Callable[[MetadataStore], Awaitable[T]]) -> T:
     data_dir.mkdir(parents=True, exist_ok=True)
     meta = await MetadataStore.open(Config(data_dir=data_dir).db_path)
     try:
@@ -75,9 +80,9 @@ def _cloud(args: argparse.Namespace) -> int:
                 raise ApiError(f"no product environment named {args.name!r}")
             if args.auto_backup is not None:
                 await meta.set_auto_backup(args.name, args.auto_backup == "on")
-            cloud = await meta.get_cloud(args.name)
-            assert cloud is not None
-            print(f"{cloud.name}\tauto_backup={'on' if cloud.auto_backup else 'off'}")
+            updated = await meta.get_cloud(args.name)
+            assert updated is not None
+            print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}")
         return 0
 
     try:

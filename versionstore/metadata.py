@@ -36,10 +36,15 @@ def _asset(row: Sequence[Any]) -> Asset:
     return Asset(**values)
 
 
+_BACKED_UP = _VERSION_COLUMNS.index("backed_up")
+
+
 def _version(row: Sequence[Any]) -> Version:
-    values = dict(zip(_VERSION_COLUMNS, row))
-    values["backed_up"] = bool(values["backed_up"])
-    return Version(**values)
+    # Positional (columns are selected in field order): this runs once per row of a
+    # `versions=true` listing, where building a dict per row was a third of the CPU time.
+    values = list(row)
+    values[_BACKED_UP] = bool(values[_BACKED_UP])
+    return Version(*values)
 
 
 def _asset_row(asset: Asset) -> dict[str, Any]:

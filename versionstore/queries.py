@@ -10,7 +10,7 @@ import base64
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from versionstore.errors import BadRequest
@@ -55,7 +55,7 @@ def _time(value: str) -> float:
     except ValueError:
         raise BadRequest(f"Invalid date in expression - {value}") from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 
 
@@ -115,9 +115,19 @@ def search_query(expression: str, sort_by: object) -> Query:
 
 def _order(sort_by: object) -> str:
     items: list[tuple[str, str]] = []
+    entries: list[object]
     if isinstance(sort_by, str):
-        sort_by = json.loads(sort_by) if sort_by.startswith("[") else [{sort_by: "desc"}]
-    for item in sort_by or []:
+        try:
+            entries = json.loads(sort_by) if sort_by.startswith("[") else [{sort_by: "desc"}]
+        except ValueError:
+            raise BadRequest(f"Invalid sort_by - {sort_by}") from None
+    elif isinstance(sort_by, list):
+        entries = sort_by
+    elif isinstance(sort_by, dict):
+        entries = [sort_by]
+    else:
+        entries = []
+    for item in entries:
         if isinstance(item, dict):
             items.extend((str(k), str(v)) for k, v in item.items())
         else:

@@ -20,7 +20,7 @@ from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks
 from versionstore.metadata import MetadataStore
 from versionstore.models import Asset, Cloud, Version
-from versionstore.spool import SpoolFile, Spooled
+from versionstore.spool import Spooled, SpoolFile
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,13 @@ async def ping(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web
 
 async def _render_resource(request: web.Request, asset: Asset, params: Params) -> web.Response:
     meta = request.app[META]
-    versions = await meta.versions(asset.pk or 0) if as_bool(params.get("versions"), False) else None
-    return web.json_response(render.resource(asset, await meta.backup_bytes(asset.pk or 0), versions))
+    if as_bool(params.get("versions"), False):
+        versions = await meta.versions(asset.pk or 0)
+        # Same sum as meta.backup_bytes() (distinct digest, bytes of backed-up versions),
+        # without a second query.
+        backup_bytes = sum(size for _, size in {(v.digest, v.bytes) for v in versions if v.backed_up})
+        return web.json_response(render.resource(asset, backup_bytes, versions))
+    return web.json_response(render.resource(asset, await meta.backup_bytes(asset.pk or 0)))
 
 
 async def resource(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -190,10 +195,10 @@ def _restore_pairs(params: Params, id_field: str) -> list[tuple[str, str | None]
         raise BadRequest(f"{id_field} parameter is required")
     if len(wanted) > MAX_RESTORE_IDS:
         raise BadRequest(f"Too many {id_field} (max {MAX_RESTORE_IDS})")
-    versions = as_list(params.get("versions")) if params.get("versions") is not None else []
+    versions: list[str | None] = list(as_list(params.get("versions")))
     if versions and len(versions) != len(wanted):
         raise BadRequest("versions count must match ids count")
-    return list(zip(wanted, versions or [None] * len(wanted)))
+    return list(zip(wanted, versions or [None] * len(wanted), strict=True))
 
 
 async def _restore_many(request: web.Request, found: list[tuple[str, Asset | None, str | None]]) -> web.Response:

@@ -7,6 +7,7 @@ including DELETE. Bodies here are small; aiohttp's client_max_size bounds them.
 import json
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from versionstore.errors import BadRequest
 from versionstore.params import Params, merge_json, merge_pairs
@@ -32,7 +33,7 @@ async def admin_params(request: web.Request) -> Params:
     elif ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
         try:
             form = await request.post()
-        except ValueError as exc:
+        except (ValueError, HttpProcessingError) as exc:  # e.g. InvalidHeader in a part
             raise BadRequest(f"Malformed {ctype} body: {exc}") from None
         merge_pairs(((k, v) for k, v in form.items() if isinstance(v, str)), params)
     else:

@@ -1,6 +1,6 @@
 """Cloudinary-shaped JSON for assets, versions and upload results (spec sections 5-7)."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from versionstore.models import Asset, Cloud, Version
@@ -8,7 +8,7 @@ from versionstore.signing import response_signature
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(int(ts), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _filename(asset: Asset) -> str:
@@ -62,7 +62,7 @@ def version(v: Version) -> dict[str, Any]:
         "version": str(v.version),
         "format": v.format,
         "size": v.bytes,
-        "time": datetime.fromtimestamp(v.created_at, timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.fromtimestamp(v.created_at, UTC).isoformat(timespec="seconds"),
         "restorable": v.backed_up,
     }
     if v.restored_from:

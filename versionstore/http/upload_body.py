@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from versionstore.errors import BadRequest
 from versionstore.params import Params, merge_pairs
-from versionstore.spool import SpoolFile, Spooled
+from versionstore.spool import Spooled, SpoolFile
 
 FIELD_LIMIT = 64 * 1024
 READ_SIZE = 256 * 1024
@@ -70,7 +71,7 @@ async def read_multipart(
     """
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise BadRequest(f"Malformed multipart body: {exc}") from None
     body = UploadBody(params={})
     spool: SpoolFile | None = None
@@ -78,7 +79,7 @@ async def read_multipart(
         while True:
             try:
                 part = await reader.next()
-            except ValueError as exc:
+            except (ValueError, HttpProcessingError) as exc:  # e.g. InvalidHeader in a part
                 raise BadRequest(f"Malformed multipart body: {exc}") from None
             if part is None:
                 break
