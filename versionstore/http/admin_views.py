@@ -16,13 +16,22 @@ from versionstore.media import content_type
 from versionstore.models import Asset, Cloud
 from versionstore.params import Params, as_bool, as_int, as_list, field_updates
 
-MAX_RESTORE_IDS = 100
-MAX_LIST_IDS = 100
+MAX_IDS = 100  # per request, for restore, delete and by-id listings
 
 
 async def _params(request: web.Request, cloud: Cloud) -> Params:
     check_basic(request, cloud)
     return await admin_params(request)
+
+
+def _ids(params: Params, field: str, missing: str, limit: int = MAX_IDS) -> list[str]:
+    """A required id list (public_ids, asset_ids) of at most `limit` entries."""
+    values = as_list(params.get(field))
+    if not values:
+        raise BadRequest(missing)
+    if len(values) > limit:
+        raise BadRequest(f"Too many {field} (max {limit})")
+    return values
 
 
 async def ping(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -90,8 +99,8 @@ async def list_resources(request: web.Request, cloud: Cloud, match: dict[str, st
         args.append(match["type"])
     public_ids = as_list(params.get("public_ids"))
     if public_ids:
-        if len(public_ids) > MAX_LIST_IDS:
-            raise BadRequest(f"Too many public_ids (max {MAX_LIST_IDS})")
+        if len(public_ids) > MAX_IDS:
+            raise BadRequest(f"Too many public_ids (max {MAX_IDS})")
         clauses.append(f"public_id IN ({', '.join('?' * len(public_ids))})")
         args.extend(public_ids)
     prefix = params.get("prefix")
@@ -109,13 +118,9 @@ async def list_resources(request: web.Request, cloud: Cloud, match: dict[str, st
 
 async def resources_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _params(request, cloud)
-    asset_ids = as_list(params.get("asset_ids"))
-    if not asset_ids:
-        raise BadRequest("Missing required parameter - asset_ids")
-    if len(asset_ids) > MAX_LIST_IDS:
-        raise BadRequest(f"Too many asset_ids (max {MAX_LIST_IDS})")
+    asset_ids = _ids(params, "asset_ids", "Missing required parameter - asset_ids")
     assets = await request.app[META].find_assets(
-        cloud.name, f"status = 'live' AND asset_id IN ({', '.join('?' * len(asset_ids))})", asset_ids, "pk", MAX_LIST_IDS
+        cloud.name, f"status = 'live' AND asset_id IN ({', '.join('?' * len(asset_ids))})", asset_ids, "pk", MAX_IDS
     )
     return web.json_response({"resources": [render.resource(a) for a in assets]})
 
@@ -151,11 +156,7 @@ async def _delete_many(request: web.Request, assets: dict[str, Asset | None]) ->
 
 async def delete_resources(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _params(request, cloud)
-    public_ids = as_list(params.get("public_ids"))
-    if not public_ids:
-        raise BadRequest("Missing required parameter - public_ids (prefix and all deletes are not supported)")
-    if len(public_ids) > 100:
-        raise BadRequest("Too many public_ids (max 100)")
+    public_ids = _ids(params, "public_ids", "Missing required parameter - public_ids (prefix and all deletes are not supported)")
     meta = request.app[META]
     assets = {pid: await meta.get_asset(cloud.name, match["rt"], match["type"], pid) for pid in public_ids}
     return await _delete_many(request, assets)
@@ -163,11 +164,7 @@ async def delete_resources(request: web.Request, cloud: Cloud, match: dict[str, 
 
 async def delete_resources_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _params(request, cloud)
-    asset_ids = as_list(params.get("asset_ids"))
-    if not asset_ids:
-        raise BadRequest("asset_ids parameter is required")
-    if len(asset_ids) > 100:
-        raise BadRequest("Too many asset_ids (max 100)")
+    asset_ids = _ids(params, "asset_ids", "asset_ids parameter is required")
     meta = request.app[META]
     assets = {aid: await meta.get_asset_by_id(cloud.name, aid) if ids.is_hex_id(aid) else None for aid in asset_ids}
     return await _delete_many(request, assets)
@@ -190,11 +187,7 @@ async def delete_backed_up_versions(request: web.Request, cloud: Cloud, match: d
 
 
 def _restore_pairs(params: Params, id_field: str) -> list[tuple[str, str | None]]:
-    wanted = as_list(params.get(id_field))
-    if not wanted:
-        raise BadRequest(f"{id_field} parameter is required")
-    if len(wanted) > MAX_RESTORE_IDS:
-        raise BadRequest(f"Too many {id_field} (max {MAX_RESTORE_IDS})")
+    wanted = _ids(params, id_field, f"{id_field} parameter is required")
     versions: list[str | None] = list(as_list(params.get("versions")))
     if versions and len(versions) != len(wanted):
         raise BadRequest("versions count must match ids count")
