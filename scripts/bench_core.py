@@ -1,0 +1,538 @@
+#!/usr/bin/env python3
+"""Core performance benchmark for versionstore, with baselines measured in the same run.
+
+Everything runs on this machine, side by side, and every figure is reported as a ratio
+against a baseline measured in the same run (medians of N runs):
+
+1. Upload with backup of a large file (1 GiB by default) through a streaming HTTP client
+   (`curl -F file=@... -u key:secret`), versus `cp` of the same file on the same disk
+   followed by `sync` of the copy (the service fsyncs, so the baseline does too).
+2. Peak RSS growth of the service process during that upload (psutil sampling).
+3. Read path under load (`wrk`, 64 connections): `GET resources/raw/upload/<id>?versions=true`
+   for assets with 10 and 1,000 versions, and a signed `download_backup` of a small revision,
+   versus a bare aiohttp JSON handler served by a separate process started by this script.
+
+The script creates a temporary data dir (and the test file, on the same disk), starts and
+stops every server itself on 127.0.0.1 with free ports, and removes everything on exit.
+
+    .venv/bin/python scripts/bench_core.py            # full: 1 GiB, 3 runs, 10 s wrk runs
+    .venv/bin/python scripts/bench_core.py --quick    # 128 MiB, 1 run, 3 s wrk runs
+
+Requires `wrk` (`apt-get update && apt-get install -y wrk`) and `curl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+CLOUD = "demo"
+API_KEY = "key123"
+API_SECRET = "secret456"
+BASIC = "Basic " + base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()
+MiB = 1 << 20
+
+TARGETS = {
+    "upload_ratio": 0.6,
+    "upload_ratio_stretch": 0.8,
+    "rss_growth_mib": 100,
+    "rps_ratio": 0.3,
+    "p99_ms": 20.0,
+    "p99_1000_ms": 100.0,
+}
+
+# The wrk Lua script: machine-readable summary (latency in microseconds).
+WRK_LUA = textwrap.dedent(
+    """
+    done = function(summary, latency, requests)
+      local e = summary.errors
+      io.write(string.format(
+        "WRKJSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"p50_us\\": %d, \\"p90_us\\": %d, " ..
+        "\\"p99_us\\": %d, \\"max_us\\": %d, \\"mean_us\\": %f, \\"err_connect\\": %d, \\"err_read\\": %d, " ..
+        "\\"err_write\\": %d, \\"err_status\\": %d, \\"err_timeout\\": %d}\\n",
+        summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
+        latency:percentile(99), latency.max, latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
+    end
+    """
+)
+
+# The baseline: a bare aiohttp JSON handler, same event loop policy and run_app settings as
+# `versionstore serve` (access log off).
+BARE_SERVER = textwrap.dedent(
+    """
+    import sys
+    from aiohttp import web
+
+    async def handler(request):
+        return web.json_response({"status": "ok", "public_id": "bench", "versions": []})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    """
+)
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    health: str = "/healthz"
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{self.health}", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not become healthy within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's RSS every `interval` seconds until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.baseline = self.process.memory_info().rss
+        self.peak = self.baseline
+        self.samples = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                rss = self.process.memory_info().rss
+            except psutil.Error:
+                break
+            self.peak = max(self.peak, rss)
+            self.samples += 1
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    cp_seconds: list[float] = field(default_factory=list)
+    upload_seconds: list[float] = field(default_factory=list)
+    upload_server_cpu: list[float] = field(default_factory=list)
+    rss_growth: list[int] = field(default_factory=list)
+    rss_baseline: list[int] = field(default_factory=list)
+    wrk: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.root = Path(tempfile.mkdtemp(prefix="versionstore-bench-", dir=args.tmp_dir))
+        self.data_dir = self.root / "data"
+        self.work = self.root / "work"
+        self.work.mkdir()
+        self.big = self.work / "big.bin"
+        self.python = sys.executable
+        self.results = Results()
+        self.servers: list[Server] = []
+        self.service: Server | None = None
+        self.bare: Server | None = None
+        self.lua = self.work / "report.lua"
+        self.lua.write_text(WRK_LUA)
+
+    # -- lifecycle --
+
+    def cleanup(self) -> None:
+        for server in self.servers:
+            try:
+                server.stop()
+            except Exception as exc:  # keep cleaning up
+                log(f"warning: stopping {server.name}: {exc}")
+        if self.args.keep:
+            log(f"kept {self.root}")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def start_servers(self) -> None:
+        subprocess.run(
+            [self.python, "-m", "versionstore", "cloud", "create", CLOUD, "--api-key", API_KEY, "--api-secret",
+             API_SECRET, "--data-dir", str(self.data_dir)],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+        port = free_port()
+        self.service = Server(
+            "versionstore", [self.python, "-m", "versionstore", "serve", "--data-dir", str(self.data_dir),
+                             "--host", "127.0.0.1", "--port", str(port)],
+            port, self.root / "service.log",
+        )
+        self.servers.append(self.service)
+        self.service.start()
+        bare_port = free_port()
+        bare_script = self.work / "bare_server.py"
+        bare_script.write_text(BARE_SERVER)
+        self.bare = Server("bare-aiohttp", [self.python, str(bare_script), str(bare_port)], bare_port,
+                           self.root / "bare.log", health="/ping")
+        self.servers.append(self.bare)
+        self.bare.start()
+
+    @property
+    def base(self) -> str:
+        assert self.service is not None
+        return f"http://127.0.0.1:{self.service.port}/v1_1/{CLOUD}"
+
+    # -- 1 & 2: large upload vs cp --
+
+    def make_big_file(self) -> None:
+        size = self.args.size_mib * MiB
+        log(f"generating {self.args.size_mib} MiB of random bytes in {self.big} ...")
+        block = 8 * MiB
+        with open(self.big, "wb") as handle:
+            written = 0
+            while written < size:
+                n = min(block, size - written)
+                handle.write(os.urandom(n))
+                written += n
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _perturb(self) -> None:
+        """New leading bytes: every upload gets a new digest, so every run does the full
+        work (spool, fsync, link into both stores) instead of finding the blob already stored."""
+        with open(self.big, "r+b") as handle:
+            handle.write(os.urandom(32))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def run_cp(self, index: int) -> float:
+        target = self.work / f"copy-{index}.bin"
+        os.sync()  # start from a clean slate: no dirty pages from earlier runs
+        started = time.perf_counter()
+        subprocess.run(["cp", str(self.big), str(target)], check=True)
+        subprocess.run(["sync", str(target)], check=True)  # fsync(2) of the copy, like the service
+        elapsed = time.perf_counter() - started
+        target.unlink()
+        return elapsed
+
+    def run_upload(self, index: int) -> tuple[float, int, int, float]:
+        assert self.service is not None
+        self._perturb()
+        os.sync()
+        proc = psutil.Process(self.service.pid)
+        cpu_before = sum(proc.cpu_times()[:2])
+        sampler = RssSampler(self.service.pid)
+        sampler.start()
+        started = time.perf_counter()
+        out = subprocess.run(
+            ["curl", "-sS", "--max-time", str(self.args.upload_timeout), "-u", f"{API_KEY}:{API_SECRET}",
+             "-F", f"file=@{self.big};type=application/octet-stream", "-F", f"public_id=bench/big-{index}",
+             "-F", "backup=true", "-o", "-", "-w", "\n%{http_code}", f"{self.base}/raw/upload"],
+            capture_output=True, check=False,
+        )
+        elapsed = time.perf_counter() - started
+        sampler.stop()
+        cpu = sum(proc.cpu_times()[:2]) - cpu_before
+        body, _, status = out.stdout.decode(errors="replace").rpartition("\n")
+        if out.returncode != 0 or status != "200":
+            raise RuntimeError(f"upload failed: curl rc={out.returncode} status={status} {body[:500]} {out.stderr!r}")
+        result = json.loads(body)
+        if result.get("bytes") != self.args.size_mib * MiB or not result.get("backup"):
+            raise RuntimeError(f"unexpected upload result: {body[:500]}")
+        return elapsed, sampler.growth, sampler.baseline, cpu
+
+    def bench_upload(self) -> None:
+        size_mb = self.args.size_mib * MiB / 1e6
+        for i in range(self.args.runs):
+            cp = self.run_cp(i)
+            up, growth, baseline, cpu = self.run_upload(i)
+            self.results.cp_seconds.append(cp)
+            self.results.upload_seconds.append(up)
+            self.results.rss_growth.append(growth)
+            self.results.rss_baseline.append(baseline)
+            self.results.upload_server_cpu.append(cpu)
+            log(f"  run {i + 1}: cp+sync {cp:6.2f}s ({size_mb / cp:7.1f} MB/s) | upload {up:6.2f}s "
+                f"({size_mb / up:7.1f} MB/s, ratio {cp / up:.2f}x) | server CPU {cpu:5.2f}s | "
+                f"RSS +{growth / MiB:.1f} MiB (from {baseline / MiB:.1f} MiB)")
+
+    # -- 3: read path under wrk --
+
+    async def _make_versions(self, public_id: str, count: int) -> dict[str, Any]:
+        import aiohttp
+
+        headers = {"Authorization": BASIC}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            last: dict[str, Any] = {}
+            for n in range(count):
+                form = aiohttp.FormData()
+                form.add_field("public_id", public_id)
+                form.add_field("backup", "true")
+                form.add_field("file", f"{public_id} version {n} {os.urandom(8).hex()}\n".encode(),
+                               filename="v.txt", content_type="text/plain")
+                async with session.post(f"{self.base}/raw/upload", data=form) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"version upload failed: {resp.status} {await resp.text()}")
+                    last = await resp.json()
+            async with session.get(f"{self.base}/resources/raw/upload/{public_id}", params={"versions": "true"}) as resp:
+                body = await resp.json()
+                if len(body.get("versions", [])) != count:
+                    raise RuntimeError(f"{public_id}: expected {count} versions, got {len(body.get('versions', []))}")
+            return {"asset_id": last["asset_id"], "version_id": last["version_id"], "bytes": len(json.dumps(body))}
+
+    def download_url(self, asset_id: str, version_id: str) -> str:
+        # Signed for one hour: long enough for every wrk run of this script.
+        timestamp = str(int(time.time()))
+        to_sign = f"asset_id={asset_id}&timestamp={timestamp}&version_id={version_id}"
+        signature = hashlib.sha1((to_sign + API_SECRET).encode()).hexdigest()
+        return (f"{self.base}/download_backup?asset_id={asset_id}&version_id={version_id}"
+                f"&timestamp={timestamp}&signature={signature}&api_key={API_KEY}")
+
+    def wrk(self, url: str, headers: dict[str, str], duration: int) -> dict[str, Any]:
+        argv = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections), "-d", f"{duration}s",
+                "--timeout", "5s", "-s", str(self.lua)]
+        for key, value in headers.items():
+            argv += ["-H", f"{key}: {value}"]
+        argv.append(url)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+        if out.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed (rc={out.returncode}): {out.stdout}\n{out.stderr}")
+        data = json.loads(line[len("WRKJSON "):])
+        data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+        errors = sum(data[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
+        data["errors"] = errors
+        if data["err_status"]:
+            raise RuntimeError(f"wrk saw {data['err_status']} non-2xx responses for {url}: fix the benchmark")
+        return data
+
+    def bench_reads(self) -> dict[str, Any]:
+        assert self.bare is not None
+        info: dict[str, Any] = {}
+        started = time.perf_counter()
+        small = asyncio.run(self._make_versions("bench/v10", 10))
+        many = asyncio.run(self._make_versions("bench/v-many", self.args.many_versions))
+        info["setup_seconds"] = time.perf_counter() - started
+        info["v10_body_bytes"] = small["bytes"]
+        info["many_body_bytes"] = many["bytes"]
+        log(f"  made {10 + self.args.many_versions} small versions in {info['setup_seconds']:.1f}s; response bodies "
+            f"{small['bytes']} B (10 versions) and {many['bytes']} B ({self.args.many_versions} versions)")
+        auth = {"Authorization": BASIC}
+        cases = {
+            "bare": (f"http://127.0.0.1:{self.bare.port}/ping", {}),
+            "versions_10": (f"{self.base}/resources/raw/upload/bench/v10?versions=true", auth),
+            f"versions_{self.args.many_versions}": (
+                f"{self.base}/resources/raw/upload/bench/v-many?versions=true", auth),
+            "download_backup": (self.download_url(small["asset_id"], small["version_id"]), {}),
+        }
+        # Warm up each endpoint (connections, caches), then interleave the measured runs so
+        # that drift (thermal, page cache, noisy neighbours) hits every case alike.
+        for url, headers in cases.values():
+            self.wrk(url, headers, self.args.warmup)
+        for i in range(self.args.runs):
+            for name, (url, headers) in cases.items():
+                data = self.wrk(url, headers, self.args.duration)
+                self.results.wrk.setdefault(name, []).append(data)
+                log(f"  run {i + 1} {name:>16}: {data['rps']:8.0f} req/s  p50 {data['p50_us'] / 1000:7.2f} ms  "
+                    f"p99 {data['p99_us'] / 1000:7.2f} ms  errors {data['errors']}")
+        return info
+
+    # -- report --
+
+    def report(self, read_info: dict[str, Any]) -> bool:
+        r = self.results
+        a = self.args
+        size_mb = a.size_mib * MiB / 1e6
+        ok = True
+
+        def verdict(good: bool) -> str:
+            nonlocal ok
+            ok &= good
+            return "MET" if good else "MISSED"
+
+        log("")
+        log("=" * 78)
+        log(f"SUMMARY (medians of {a.runs} run(s); machine: {os.cpu_count()} CPUs, "
+            f"{psutil.virtual_memory().total / (1 << 30):.1f} GiB RAM)")
+        log("=" * 78)
+        cp = median(r.cp_seconds)
+        up = median(r.upload_seconds)
+        ratios = [c / u for c, u in zip(r.cp_seconds, r.upload_seconds, strict=True)]
+        ratio = median(ratios)
+        log(f"1. upload {a.size_mib} MiB with backup (curl -F, Basic auth) vs cp + sync, same disk")
+        log(f"   cp + sync : {cp:7.2f} s  {size_mb / cp:8.1f} MB/s")
+        log(f"   upload    : {up:7.2f} s  {size_mb / up:8.1f} MB/s   server CPU {median(r.upload_server_cpu):.2f} s")
+        stretch = " (stretch 0.8x " + ("met" if ratio >= TARGETS["upload_ratio_stretch"] else "not met") + ")"
+        log(f"   ratio     : {ratio:.2f}x of cp (median of per-run ratios)   target >= 0.6x: "
+            f"{verdict(ratio >= TARGETS['upload_ratio'])}{stretch}")
+        growth = median([g / MiB for g in r.rss_growth])
+        peak = max(g / MiB for g in r.rss_growth)
+        log(f"2. service RSS growth during the upload: median {growth:.1f} MiB, max {peak:.1f} MiB "
+            f"(baseline {median([b / MiB for b in r.rss_baseline]):.1f} MiB)   target < 100 MiB: "
+            f"{verdict(peak < TARGETS['rss_growth_mib'])}")
+        log(f"3. wrk -t{a.threads} -c{a.connections} -d{a.duration}s (wrk and the servers share "
+            f"{os.cpu_count()} CPUs)")
+        bare = median([d["rps"] for d in r.wrk["bare"]])
+        log(f"   {'case':<18}{'req/s':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}   targets")
+        for name, runs in r.wrk.items():
+            rps = median([d["rps"] for d in runs])
+            p50 = median([d["p50_us"] / 1000 for d in runs])
+            p99 = median([d["p99_us"] / 1000 for d in runs])
+            if name == "bare":
+                note = "(baseline)"
+            elif name.startswith("versions_") and name != "versions_10":
+                note = f"p99 < 100 ms: {verdict(p99 < TARGETS['p99_1000_ms'])}"
+            else:
+                note = (f">= 0.3x: {verdict(rps / bare >= TARGETS['rps_ratio'])}, "
+                        f"p99 < 20 ms: {verdict(p99 < TARGETS['p99_ms'])}")
+            log(f"   {name:<18}{rps:10.0f}{rps / bare:7.2f}x{p50:9.2f}{p99:9.2f}   {note}")
+        log(f"   (response bodies: {read_info['v10_body_bytes']} B for 10 versions, "
+            f"{read_info['many_body_bytes']} B for {a.many_versions})")
+        log("")
+        log("ALL TARGETS MET" if ok else "SOME TARGETS MISSED")
+        if a.json:
+            payload = {"args": vars(a), "results": r.__dict__, "read_info": read_info}
+            Path(a.json).write_text(json.dumps(payload, indent=2, default=str))
+            log(f"raw results written to {a.json}")
+        return ok
+
+    def run(self) -> bool:
+        log(f"temp dir {self.root} (data dir and test file on the same filesystem)")
+        self.start_servers()
+        self.make_big_file()
+        log(f"[1/2] upload vs cp, {self.args.runs} run(s) each, interleaved")
+        self.bench_upload()
+        self.big.unlink()
+        log("[3] read path under wrk")
+        info = self.bench_reads()
+        return self.report(info)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 run, short wrk runs (a smoke check)")
+    parser.add_argument("--runs", type=int, help="runs per measurement (default 3; --quick 1)")
+    parser.add_argument("--size-mib", type=int, help="upload size in MiB (default 1024; --quick 128)")
+    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 10; --quick 3)")
+    parser.add_argument("--warmup", type=int, help="seconds of wrk warm-up per endpoint (default 2; --quick 1)")
+    parser.add_argument("--many-versions", type=int, help="versions of the large-history asset (default 1000; --quick 200)")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    parser.add_argument("--upload-timeout", type=int, default=600, help="curl --max-time for one upload")
+    parser.add_argument("--tmp-dir", default=None, help="where the temp dir goes (default: $TMPDIR or /tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data) afterwards")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"runs": (3, 1), "size_mib": (1024, 128), "duration": (10, 3), "warmup": (2, 1),
+                "many_versions": (1000, 200)}
+    for name, (full, small) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [tool for tool in ("wrk", "curl", "cp", "sync") if shutil.which(tool) is None]
+    if missing:
+        print(f"error: missing tool(s): {', '.join(missing)}", file=sys.stderr)
+        if "wrk" in missing:
+            print("install wrk with:  apt-get update && apt-get install -y wrk   (or build it from "
+                  "https://github.com/wg/wrk)", file=sys.stderr)
+        return 2
+    bench = Bench(args)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        ok = bench.run()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        bench.cleanup()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
