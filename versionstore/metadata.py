@@ -1,12 +1,20 @@
-"""Metadata on SQLite (aiosqlite): one serialised writer connection, one reader connection.
+"""Metadata on SQLite: one serialised writer connection, and readers beside it (WAL).
 
-WAL lets readers run beside the writer; synchronous=FULL because an acknowledged upload must
-survive a power cut. The public methods are the whole contract a PostgreSQL store would need.
+- Writes go through aiosqlite's thread: with synchronous=FULL (an acknowledged upload must
+  survive a power cut) a commit waits for fsync, which must not stall the event loop.
+- Point reads (an environment, an asset, its versions) run on a plain sqlite3 connection in
+  the event-loop thread: they are indexed look-ups of tens of microseconds, and a hop to a
+  worker thread and back cost several times more than the query under load (measured in
+  docs/performance.md). WAL readers never wait for the writer.
+- Scans whose cost grows with the library (search, counts) keep a worker-thread connection.
+
+The public methods are the whole contract a PostgreSQL store would need.
 """
 
 import asyncio
 import json
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -29,7 +37,7 @@ def _migrations() -> list[str]:
 
 
 def _asset(row: Sequence[Any]) -> Asset:
-    values = dict(zip(_ASSET_COLUMNS, row))
+    values = dict(zip(_ASSET_COLUMNS, row, strict=True))
     values["tags"] = json.loads(values["tags"])
     values["context"] = json.loads(values["context"])
     values["metadata"] = json.loads(values["metadata"])
@@ -48,7 +56,7 @@ def _version(row: Sequence[Any]) -> Version:
 
 
 def _asset_row(asset: Asset) -> dict[str, Any]:
-    values = dict(zip(_ASSET_COLUMNS, astuple(asset)))
+    values = dict(zip(_ASSET_COLUMNS, astuple(asset), strict=True))
     values["tags"] = json.dumps(asset.tags)
     values["context"] = json.dumps(asset.context)
     values["metadata"] = json.dumps(asset.metadata)
@@ -57,6 +65,10 @@ def _asset_row(asset: Asset) -> dict[str, Any]:
 
 _ASSET_SELECT = f"SELECT {', '.join(_ASSET_COLUMNS)} FROM assets"
 _VERSION_SELECT = f"SELECT {', '.join(_VERSION_COLUMNS)} FROM versions"
+_VERSION_INSERT = (
+    f"INSERT INTO versions (cloud, asset_pk, {', '.join(_VERSION_COLUMNS)}) "
+    f"VALUES (?, ?, {', '.join('?' * len(_VERSION_COLUMNS))})"
+)
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -68,8 +80,9 @@ async def _connect(path: Path) -> aiosqlite.Connection:
 
 
 class MetadataStore:
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(self, writer: aiosqlite.Connection, scanner: aiosqlite.Connection, reader: sqlite3.Connection) -> None:
         self._writer = writer
+        self._scanner = scanner
         self._reader = reader
         self._write_lock = asyncio.Lock()
 
@@ -81,11 +94,14 @@ class MetadataStore:
         for number, block in enumerate(_migrations(), start=1):
             if number > current:
                 await writer.executescript(f"BEGIN IMMEDIATE;\n{block}\nPRAGMA user_version = {number};\nCOMMIT;")
-        reader = await _connect(path)
-        return cls(writer, reader)
+        scanner = await _connect(path)
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("PRAGMA busy_timeout = 10000")
+        return cls(writer, scanner, reader)
 
     async def close(self) -> None:
-        await self._reader.close()
+        self._reader.close()
+        await self._scanner.close()
         await self._writer.close()
 
     @asynccontextmanager
@@ -100,14 +116,14 @@ class MetadataStore:
                 raise
             await self._writer.execute("COMMIT")
 
-    # One hop to the reader thread per query (execute + fetch + close together): every hop
-    # is a GIL hand-off, and under concurrent load those hand-offs dominate request latency.
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        rows = await self._reader.execute_fetchall(sql, args)
-        return next(iter(rows), None)
+        return self._reader.execute(sql, args).fetchone()
 
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        return list(await self._reader.execute_fetchall(sql, args))
+        return self._reader.execute(sql, args).fetchall()
+
+    async def _scan(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return list(await self._scanner.execute_fetchall(sql, args))
 
     # --- product environments -------------------------------------------------------------
 
@@ -147,19 +163,38 @@ class MetadataStore:
 
     async def find_assets(self, cloud: str, where: str, args: Sequence[Any], order: str, limit: int, offset: int = 0) -> list[Asset]:
         """Filtered listing; `where`/`order` are built by trusted callers (never from raw input)."""
-        rows = await self._all(
+        rows = await self._scan(
             f"{_ASSET_SELECT} WHERE cloud = ? AND ({where}) ORDER BY {order} LIMIT ? OFFSET ?",
             (cloud, *args, limit, offset),
         )
         return [_asset(r) for r in rows]
 
     async def count_assets(self, cloud: str, where: str, args: Sequence[Any]) -> int:
-        row = await self._one(f"SELECT COUNT(*) FROM assets WHERE cloud = ? AND ({where})", (cloud, *args))
-        return int(row[0])
+        rows = await self._scan(f"SELECT COUNT(*) FROM assets WHERE cloud = ? AND ({where})", (cloud, *args))
+        return int(rows[0][0])
 
     async def versions(self, asset_pk: int) -> list[Version]:
         rows = await self._all(f"{_VERSION_SELECT} WHERE asset_pk = ? ORDER BY version, pk", (asset_pk,))
         return [_version(r) for r in rows]
+
+    async def versions_signature(self, asset_pk: int) -> tuple[int, int]:
+        """(count, highest row id) of an asset's versions. Version rows are never updated and
+        row ids only grow, so this pair changes whenever the set of versions does: a cheap
+        key for caching anything derived from the whole history."""
+        row = await self._one("SELECT COUNT(*), COALESCE(MAX(pk), 0) FROM versions WHERE asset_pk = ?", (asset_pk,))
+        return int(row[0]), int(row[1])
+
+    async def version_of(self, cloud: str, asset_id: str, version_id: str) -> tuple[Asset, Version] | None:
+        """One version and its asset, in one query (the download path)."""
+        row = await self._one(
+            f"SELECT {', '.join('a.' + c for c in _ASSET_COLUMNS)}, {', '.join('v.' + c for c in _VERSION_COLUMNS)} "
+            "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?",
+            (cloud, asset_id, version_id),
+        )
+        if row is None:
+            return None
+        split = len(_ASSET_COLUMNS)
+        return _asset(row[:split]), _version(row[split:])
 
     async def backup_bytes(self, asset_pk: int) -> int:
         row = await self._one(
@@ -187,10 +222,7 @@ class MetadataStore:
                     f"UPDATE assets SET {', '.join(f'{k} = ?' for k in values)} WHERE pk = ?",
                     (*values.values(), pk),
                 )
-            await db.execute(
-                f"INSERT INTO versions (cloud, asset_pk, {', '.join(_VERSION_COLUMNS)}) VALUES (?, ?, {', '.join('?' * len(_VERSION_COLUMNS))})",
-                (asset.cloud, asset.pk, *astuple(version)),
-            )
+            await db.execute(_VERSION_INSERT, (asset.cloud, asset.pk, *astuple(version)))
         return asset
 
     async def update_asset(self, asset: Asset) -> None:

@@ -323,12 +323,12 @@ class VersionService:
     # --- reads ------------------------------------------------------------------------------
 
     async def version_for_download(self, cloud: str, asset_id: str, version_id: str) -> tuple[Asset, Version, str]:
-        asset = await self.meta.get_asset_by_id(cloud, asset_id)
-        if asset is None:
-            raise NotFound(f"Resource not found - {asset_id}")
-        version = next((v for v in await self.meta.versions(asset.pk or 0) if v.version_id == version_id), None)
-        if version is None or not version.backed_up:
+        found = await self.meta.version_of(cloud, asset_id, version_id)
+        if found is None or not found[1].backed_up:
+            if found is None and await self.meta.get_asset_by_id(cloud, asset_id) is None:
+                raise NotFound(f"Resource not found - {asset_id}")
             raise NotFound(f"Version not found - {version_id}")
+        asset, version = found
         return asset, version, layout.revision_key(cloud, version.digest)
 
 

@@ -1,5 +1,6 @@
 """Admin API handlers (Basic auth) and the signed `download_backup`. Thin by design."""
 
+import json
 import time
 from typing import Any
 from urllib.parse import quote
@@ -9,8 +10,9 @@ from aiohttp import web
 from versionstore import ids, queries, signing
 from versionstore.errors import BadRequest, NotFound, Unauthorized
 from versionstore.http import render
-from versionstore.http.app import META, SERVICE
+from versionstore.http.app import META, SERVICE, VERSIONS_CACHE
 from versionstore.http.auth import check_basic, check_fresh
+from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
 from versionstore.media import content_type
 from versionstore.models import Asset, Cloud
@@ -44,13 +46,11 @@ async def ping(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web
 
 async def _render_resource(request: web.Request, asset: Asset, params: Params) -> web.Response:
     meta = request.app[META]
-    if as_bool(params.get("versions"), False):
-        versions = await meta.versions(asset.pk or 0)
-        # Same sum as meta.backup_bytes() (distinct digest, bytes of backed-up versions),
-        # without a second query.
-        backup_bytes = sum(size for _, size in {(v.digest, v.bytes) for v in versions if v.backed_up})
-        return web.json_response(render.resource(asset, backup_bytes, versions))
-    return web.json_response(render.resource(asset, await meta.backup_bytes(asset.pk or 0)))
+    if not as_bool(params.get("versions"), False):
+        return web.json_response(render.resource(asset, await meta.backup_bytes(asset.pk or 0)))
+    versions_json, backup_bytes = await request.app[VERSIONS_CACHE].get(meta, asset.pk or 0)
+    head = json.dumps(render.resource(asset, backup_bytes))
+    return web.Response(text=f'{head[:-1]}, "versions": {versions_json}}}', content_type="application/json")
 
 
 async def resource(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -254,40 +254,11 @@ async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, s
         "Cache-Control": "private, max-age=3600",
         "ETag": f'"{version.digest[:32]}"',
     }
-    path = service.backup.local_path(key)
-    if path is not None:
-        response = web.FileResponse(path, headers=headers)
-        return response
-    return await _stream(request, service.backup, key, version.bytes, headers)
+    return await blob_response(request, service.backup, key, version.bytes, headers)
 
 
 def _ascii(name: str) -> str:
     return "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\' else "_" for ch in name)
-
-
-async def _stream(request: web.Request, store: Any, key: str, size: int, headers: dict[str, str]) -> web.StreamResponse:
-    try:
-        rng = request.http_range
-    except ValueError:
-        rng = slice(None, None)
-    start, stop = rng.start, rng.stop
-    if start is not None and start < 0:
-        start, stop = max(0, size + start), None
-    start = start or 0
-    stop = size if stop is None else min(stop, size)
-    partial = (rng.start is not None or rng.stop is not None) and start < stop
-    response = web.StreamResponse(status=206 if partial else 200, headers=headers)
-    response.headers["Accept-Ranges"] = "bytes"
-    if partial:
-        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-    else:
-        start, stop = 0, size
-    response.content_length = stop - start
-    await response.prepare(request)
-    async for data in store.read(key, start, stop):
-        await response.write(data)
-    await response.write_eof()
-    return response
 
 
 # --- versionstore extension: environment settings -------------------------------------------

@@ -12,6 +12,7 @@ from versionstore.blobstore import open_store
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
 from versionstore.errors import ApiError
+from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.metadata import MetadataStore
 from versionstore.service import VersionService
 
@@ -22,6 +23,7 @@ META = web.AppKey("meta", MetadataStore)
 SERVICE = web.AppKey("service", VersionService)
 CHUNKS = web.AppKey("chunks", ChunkAssembler)
 FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
+VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -90,6 +92,7 @@ def create_app(config: Config) -> web.Application:
 
     app = web.Application(middlewares=[errors_as_json], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[VERSIONS_CACHE] = VersionsJsonCache()
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)

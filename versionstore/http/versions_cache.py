@@ -1,0 +1,46 @@
+"""Rendered `versions` arrays, reused while an asset's set of versions is unchanged.
+
+Versions are immutable rows, so the JSON of an asset's history only changes when a version
+is added or deleted, which `MetadataStore.versions_signature` detects with one indexed count.
+A 1,000-version history then costs one query and a string copy instead of 1,000 row
+conversions. The cache is bounded by the total size of what it holds.
+"""
+
+import json
+from collections import OrderedDict
+
+from versionstore.http import render
+from versionstore.metadata import MetadataStore
+
+
+class VersionsJsonCache:
+    def __init__(self, max_bytes: int = 32 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._size = 0
+        self._entries: OrderedDict[int, tuple[tuple[int, int], str, int]] = OrderedDict()
+
+    async def get(self, meta: MetadataStore, asset_pk: int) -> tuple[str, int]:
+        """(JSON array of the asset's versions, backup_bytes)."""
+        signature = await meta.versions_signature(asset_pk)
+        hit = self._entries.get(asset_pk)
+        if hit is not None and hit[0] == signature:
+            self._entries.move_to_end(asset_pk)
+            return hit[1], hit[2]
+        versions = await meta.versions(asset_pk)
+        text = json.dumps([render.version(v) for v in versions], separators=(",", ":"))
+        # backup_bytes: distinct revisions, as in MetadataStore.backup_bytes
+        backup_bytes = sum(size for _, size in {(v.digest, v.bytes) for v in versions if v.backed_up})
+        self._store(asset_pk, (signature, text, backup_bytes))
+        return text, backup_bytes
+
+    def _store(self, asset_pk: int, entry: tuple[tuple[int, int], str, int]) -> None:
+        old = self._entries.pop(asset_pk, None)
+        if old is not None:
+            self._size -= len(old[1])
+        if len(entry[1]) > self.max_bytes // 4:
+            return  # one huge history must not evict everything else
+        self._entries[asset_pk] = entry
+        self._size += len(entry[1])
+        while self._size > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._size -= len(evicted[1])
