@@ -65,6 +65,10 @@ def _asset_row(asset: Asset) -> dict[str, Any]:
 
 _ASSET_SELECT = f"SELECT {', '.join(_ASSET_COLUMNS)} FROM assets"
 _VERSION_SELECT = f"SELECT {', '.join(_VERSION_COLUMNS)} FROM versions"
+_VERSION_OF = (
+    f"SELECT a.public_id, a.resource_type, {', '.join('v.' + c for c in _VERSION_COLUMNS)} "
+    "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?"
+)
 _VERSION_INSERT = (
     f"INSERT INTO versions (cloud, asset_pk, {', '.join(_VERSION_COLUMNS)}) "
     f"VALUES (?, ?, {', '.join('?' * len(_VERSION_COLUMNS))})"
@@ -85,6 +89,8 @@ class MetadataStore:
         self._scanner = scanner
         self._reader = reader
         self._write_lock = asyncio.Lock()
+        self._clouds: dict[str, Cloud | None] = {}
+        self._clouds_version = -1
 
     @classmethod
     async def open(cls, path: Path) -> "MetadataStore":
@@ -137,8 +143,17 @@ class MetadataStore:
         return cloud
 
     async def get_cloud(self, name: str) -> Cloud | None:
-        row = await self._one("SELECT name, api_key, api_secret, auto_backup, created_at FROM clouds WHERE name = ?", (name,))
-        return None if row is None else Cloud(row[0], row[1], row[2], bool(row[3]), row[4])
+        """Read on every request (so CLI changes apply at once), cached until any commit:
+        `PRAGMA data_version` changes whenever another connection (our writer, the CLI)
+        commits, and costs less than the row look-up it saves."""
+        (data_version,) = self._reader.execute("PRAGMA data_version").fetchone()
+        if data_version != self._clouds_version:
+            self._clouds.clear()
+            self._clouds_version = data_version
+        if name not in self._clouds:
+            row = await self._one("SELECT name, api_key, api_secret, auto_backup, created_at FROM clouds WHERE name = ?", (name,))
+            self._clouds[name] = None if row is None else Cloud(row[0], row[1], row[2], bool(row[3]), row[4])
+        return self._clouds[name]
 
     async def list_clouds(self) -> list[Cloud]:
         rows = await self._all("SELECT name, api_key, api_secret, auto_backup, created_at FROM clouds ORDER BY name")
@@ -184,17 +199,10 @@ class MetadataStore:
         row = await self._one("SELECT COUNT(*), COALESCE(MAX(pk), 0) FROM versions WHERE asset_pk = ?", (asset_pk,))
         return int(row[0]), int(row[1])
 
-    async def version_of(self, cloud: str, asset_id: str, version_id: str) -> tuple[Asset, Version] | None:
-        """One version and its asset, in one query (the download path)."""
-        row = await self._one(
-            f"SELECT {', '.join('a.' + c for c in _ASSET_COLUMNS)}, {', '.join('v.' + c for c in _VERSION_COLUMNS)} "
-            "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?",
-            (cloud, asset_id, version_id),
-        )
-        if row is None:
-            return None
-        split = len(_ASSET_COLUMNS)
-        return _asset(row[:split]), _version(row[split:])
+    async def version_of(self, cloud: str, asset_id: str, version_id: str) -> tuple[str, str, Version] | None:
+        """(public_id, resource_type, version) in one query: the download path needs no more."""
+        row = await self._one(_VERSION_OF, (cloud, asset_id, version_id))
+        return None if row is None else (row[0], row[1], _version(row[2:]))
 
     async def backup_bytes(self, asset_pk: int) -> int:
         row = await self._one(

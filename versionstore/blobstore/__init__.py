@@ -55,7 +55,7 @@ class BlobStore(Protocol):
 
     def list(self, prefix: str) -> AsyncIterator[str]: ...
 
-    def local_path(self, key: str) -> Path | None:
+    def local_path(self, key: str) -> str | None:
         """A path the HTTP layer may sendfile from, when the backend is a local disk."""
         ...
 

@@ -21,15 +21,20 @@ class LocalBlobStore:
         self.root = root.resolve()
         self.name = f"file://{self.root}"
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_str = str(self.root)
+        self._root_prefix = self._root_str + os.sep
 
-    def _path(self, key: str) -> Path:
-        # Lexical normalisation ("..", absolute keys) rather than resolve(): the store never
-        # creates symlinks, and resolve() cost one lstat per path component on the event
-        # loop for every download (a quarter of the loop's time in download_backup).
-        path = Path(os.path.normpath(self.root / key))
-        if self.root not in path.parents:
+    def _safe(self, key: str) -> str:
+        # Lexical normalisation on strings: keys with ".." or an absolute path cannot leave
+        # the root. Not resolve(): the store never creates symlinks, and resolve() (or even
+        # pathlib parsing) on every download was a large share of the event loop's time.
+        path = os.path.normpath(os.path.join(self._root_str, key))
+        if not path.startswith(self._root_prefix):
             raise ValueError(f"key escapes the store: {key!r}")
         return path
+
+    def _path(self, key: str) -> Path:
+        return Path(self._safe(key))
 
     async def put_file(self, key: str, source: Path) -> bool:
         return await asyncio.to_thread(self._put_file, self._path(key), source)
@@ -108,8 +113,8 @@ class LocalBlobStore:
                 if key.startswith(prefix):
                     yield key
 
-    def local_path(self, key: str) -> Path | None:
-        return self._path(key)
+    def local_path(self, key: str) -> str | None:
+        return self._safe(key)
 
 
 def _fsync_dir(directory: Path) -> None:

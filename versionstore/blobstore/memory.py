@@ -37,5 +37,5 @@ class MemoryBlobStore:
             if key.startswith(prefix):
                 yield key
 
-    def local_path(self, key: str) -> Path | None:
+    def local_path(self, key: str) -> str | None:
         return None
