@@ -27,6 +27,6 @@ def test_every_setting_is_in_the_readme():
 
 def test_extension_paths_are_in_the_openapi_document():
     spec = (ROOT / "versionstore" / "openapi.yaml").read_text()
-    for _, pattern, handler in ROUTES:
+    for _, pattern, _handler in ROUTES:
         if pattern.startswith("versionstore/"):
             assert f"/v1_1/{{cloud_name}}/{pattern}:" in spec

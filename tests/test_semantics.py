@@ -133,7 +133,9 @@ async def test_metadata_changes_never_create_a_version(api):
     assert body["tags"] == ["x", "y"] and body["context"] == {"custom": {"alt": "hi"}} and body["metadata"] == {"f": "v"}
 
 
-@pytest.mark.parametrize("auto_backup, override, expected", [(True, None, True), (True, "0", False), (False, None, False), (False, "1", True)])
+@pytest.mark.parametrize(
+    "auto_backup, override, expected", [(True, None, True), (True, "0", False), (False, None, False), (False, "1", True)]
+)
 async def test_backup_override_beats_the_environment_setting(api, auto_backup, override, expected):
     await api.admin("PUT", "versionstore/settings", json={"auto_backup": auto_backup})
     params = {"backup": override} if override is not None else {}
