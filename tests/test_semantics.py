@@ -209,3 +209,14 @@ async def test_sweep_removes_chunk_files_without_a_session(client, config):
     await client.app[META].save_upload_session("demo", "inprogress", 100, [[0, 7]])
     await client.app[CHUNKS].sweep()
     assert not stray.exists() and live.exists()
+
+
+async def test_concurrent_uploads_to_one_public_id_all_become_versions(api):
+    import asyncio
+
+    results = await asyncio.gather(*(api.upload(f"bytes {i}".encode(), public_id="c/a") for i in range(12)))
+    assert len({r["asset_id"] for r in results}) == 1
+    history = await versions(api, "c/a")
+    assert len(history) == 12
+    numbers = [int(v["version"]) for v in history]
+    assert numbers == sorted(numbers) and len(set(numbers)) == 12
