@@ -2,7 +2,9 @@
 
 import asyncio
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,19 @@ async def test_local_blobs_are_read_only_and_keys_cannot_escape(tmp_path, source
 def test_unknown_store_urls_are_refused():
     with pytest.raises(ValueError):
         open_store("ftp://nowhere")
+
+
+async def test_local_store_on_another_filesystem_copies_then_links(tmp_path, source):
+    """The spool and the store on different filesystems: link(2) fails with EXDEV, so the
+    store copies to a temp file, fsyncs it and links that (still create-only)."""
+    shm = Path("/dev/shm")
+    assert shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev, "needs a tmpfs beside the disk"
+    root = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        store = open_store(str(root))
+        assert await store.put_file("k", source) is True
+        assert await store.put_file("k", source) is False
+        assert await read_all(store, "k") == source.read_bytes()
+        assert [p.name for p in root.iterdir()] == ["k"]  # no temp file left behind
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -63,7 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"  export CLOUDINARY_URL='{cloudinary_url(demo, base_url)}'", flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     print(f"versionstore listening on {base_url} (data in {args.data_dir})", flush=True)
-    web.run_app(create_app(config), host=args.host, port=args.port, print=None, access_log=None)
+    access_log = logging.getLogger("aiohttp.access") if args.access_log else None
+    web.run_app(create_app(config), host=args.host, port=args.port, print=None, access_log=access_log)
     return 0
 
 
@@ -101,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--demo", action="store_true", help="create the 'demo' environment if missing and print its CLOUDINARY_URL")
+    serve.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
     serve.set_defaults(func=_serve)
 
     cloud = sub.add_parser("cloud", help="manage product environments")
