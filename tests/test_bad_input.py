@@ -708,6 +708,9 @@ async def test_oversize_upload(small: tuple[TestClient, Config]) -> None:
         data_uri = "data:application/octet-stream;base64," + base64.b64encode(b"d" * 2000).decode()
         form = multipart({**sign_params({"public_id": "docs/uri"}), "file": data_uri}, file=None)
         await expect_error(await post_upload(client, form, mp_headers()), 400, prefix="File size too large")
+        # the same data URI in a form-urlencoded body (no multipart)
+        response = await client.post(f"/v1_1/{CLOUD}/image/upload", data={**sign_params({"public_id": "docs/uri"}), "file": data_uri})
+        await expect_error(response, 400, prefix="File size too large")
 
 
 async def test_oversize_chunked_upload(small: tuple[TestClient, Config]) -> None:

@@ -64,13 +64,17 @@ async def _file_bytes(request: web.Request, body: UploadBody) -> Spooled:
         meta, sep, payload = file_value.partition(",")
         if not sep or ";base64" not in meta:
             raise BadRequest("Invalid data URI: only base64 data URIs are supported")
+        try:
+            data = binascii.a2b_base64(payload)
+        except (binascii.Error, ValueError):
+            raise BadRequest("Invalid data URI: bad base64") from None
         spool = service.new_spool()
         try:
-            await spool.write(binascii.a2b_base64(payload))
-        except (binascii.Error, ValueError):
-            spool.discard()
-            raise BadRequest("Invalid data URI: bad base64") from None
-        body.spooled = await spool.finish()
+            await spool.write(data)
+            body.spooled = await spool.finish()
+        except BaseException:
+            spool.discard()  # e.g. too large: leave nothing in spool/
+            raise
     else:
         config = request.app[CONFIG]
         body.spooled = await fetch_to_spool(request.app[FETCHER], file_value, service.new_spool(), config.fetch_timeout)
