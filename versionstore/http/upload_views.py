@@ -89,6 +89,7 @@ async def _upload_chunk(request: web.Request, cloud: Cloud, rt: str, upload_id: 
 
     async def on_file(params: Params, part: BodyPartReader) -> None:
         check_upload_auth(request, params, cloud)  # before a byte touches the shared file
+        _public_id(params, part.filename)  # a hostile id is refused at the first chunk, not the last
         state["filename"] = part.filename
         state["result"] = await request.app[CHUNKS].write(cloud.name, upload_id, chunk, part_chunks(part))
 
