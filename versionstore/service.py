@@ -7,6 +7,7 @@ an upload can never commit a version whose blob a concurrent deletion is removin
 This module does not know about HTTP.
 """
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -208,12 +209,15 @@ class VersionService:
         """Delete blobs that no metadata references: leftovers of a crash between the blob
         write and the metadata commit. Safe beside live traffic: each check holds the digest
         lock that an upload holds from its blob write to its commit."""
-        removed = 0
+        removed = seen = 0
         for store, prefix, backup in (
             (self.backup, layout.revision_prefix(cloud), True),
             (self.primary, layout.original_prefix(cloud), False),
         ):
             async for key in store.list(prefix):
+                seen += 1
+                if seen % 256 == 0:
+                    await asyncio.sleep(0)  # point reads are synchronous: let requests through
                 digest = layout.digest_of(key)
                 async with self._digests.hold((cloud, digest)):
                     if not await self.meta.digest_referenced(cloud, digest, backup=backup):
