@@ -9,8 +9,6 @@ import secrets
 
 from versionstore.errors import BadRequest
 
-RESOURCE_TYPES = ("image", "video", "raw")
-UPLOAD_RESOURCE_TYPES = RESOURCE_TYPES + ("auto",)
 DELIVERY_TYPES = ("upload", "private", "authenticated")
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -47,12 +45,6 @@ def check_public_id(public_id: str, field: str = "public_id") -> str:
     if any(part in ("", ".", "..") for part in public_id.split("/")):
         raise BadRequest(f"Invalid {field} - {public_id!r}")
     return public_id
-
-
-def check_resource_type(value: str, allowed: tuple[str, ...] = RESOURCE_TYPES) -> str:
-    if value not in allowed:
-        raise BadRequest(f"Invalid resource type - {value}")
-    return value
 
 
 def check_delivery_type(value: str) -> str:

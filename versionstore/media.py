@@ -48,7 +48,7 @@ def dimensions(head: bytes, fmt: str | None) -> tuple[int | None, int | None]:
     return None, None
 
 
-def content_type(fmt: str | None, resource_type: str) -> str:
+def content_type(fmt: str | None) -> str:
     if fmt:
         guessed = mimetypes.guess_type(f"x.{fmt}")[0]
         if guessed:

@@ -66,7 +66,7 @@ def _asset_row(asset: Asset) -> dict[str, Any]:
 _ASSET_SELECT = f"SELECT {', '.join(_ASSET_COLUMNS)} FROM assets"
 _VERSION_SELECT = f"SELECT {', '.join(_VERSION_COLUMNS)} FROM versions"
 _VERSION_OF = (
-    f"SELECT a.public_id, a.resource_type, {', '.join('v.' + c for c in _VERSION_COLUMNS)} "
+    f"SELECT a.public_id, {', '.join('v.' + c for c in _VERSION_COLUMNS)} "
     "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?"
 )
 _VERSION_INSERT = (
@@ -199,10 +199,10 @@ class MetadataStore:
         row = await self._one("SELECT COUNT(*), COALESCE(MAX(pk), 0) FROM versions WHERE asset_pk = ?", (asset_pk,))
         return int(row[0]), int(row[1])
 
-    async def version_of(self, cloud: str, asset_id: str, version_id: str) -> tuple[str, str, Version] | None:
-        """(public_id, resource_type, version) in one query: the download path needs no more."""
+    async def version_of(self, cloud: str, asset_id: str, version_id: str) -> tuple[str, Version] | None:
+        """(public_id, version) in one query: the download path needs no more."""
         row = await self._one(_VERSION_OF, (cloud, asset_id, version_id))
-        return None if row is None else (row[0], row[1], _version(row[2:]))
+        return None if row is None else (row[0], _version(row[1:]))
 
     async def backup_bytes(self, asset_pk: int) -> int:
         row = await self._one(

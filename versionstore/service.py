@@ -326,15 +326,15 @@ class VersionService:
 
     # --- reads ------------------------------------------------------------------------------
 
-    async def version_for_download(self, cloud: str, asset_id: str, version_id: str) -> tuple[str, str, Version, str]:
-        """(public_id, resource_type, version, revision key) of a backed-up version."""
+    async def version_for_download(self, cloud: str, asset_id: str, version_id: str) -> tuple[str, Version, str]:
+        """(public_id, version, revision key) of a backed-up version."""
         found = await self.meta.version_of(cloud, asset_id, version_id)
-        if found is None or not found[2].backed_up:
+        if found is None or not found[1].backed_up:
             if found is None and await self.meta.get_asset_by_id(cloud, asset_id) is None:
                 raise NotFound(f"Resource not found - {asset_id}")
             raise NotFound(f"Version not found - {version_id}")
-        public_id, resource_type, version = found
-        return public_id, resource_type, version, layout.revision_key(cloud, version.digest)
+        public_id, version = found
+        return public_id, version, layout.revision_key(cloud, version.digest)
 
 
 def _stem(filename: str | None) -> str | None:

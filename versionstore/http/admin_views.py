@@ -244,12 +244,12 @@ async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, s
     if not (ids.is_hex_id(asset_id) and ids.is_hex_id(version_id)):
         raise BadRequest("Illegal id")
     service = request.app[SERVICE]
-    public_id, resource_type, version, key = await service.version_for_download(cloud.name, asset_id, version_id)
+    public_id, version, key = await service.version_for_download(cloud.name, asset_id, version_id)
     name = public_id.rsplit("/", 1)[-1]
     if version.format and not name.endswith(f".{version.format}"):
         name = f"{name}.{version.format}"
     headers = {
-        "Content-Type": content_type(version.format, resource_type),
+        "Content-Type": content_type(version.format),
         "Content-Disposition": f"attachment; filename=\"{_ascii(name)}\"; filename*=UTF-8''{quote(name)}",
         "Cache-Control": "private, max-age=3600",
         "ETag": f'"{version.digest[:32]}"',
