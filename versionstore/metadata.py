@@ -36,6 +36,13 @@ def _migrations() -> list[str]:
     return [block for block in re.split(r"^-- migration \d+\s*$", text, flags=re.M)[1:]]
 
 
+_CLOUD_SELECT = "SELECT name, api_key, api_secret, auto_backup, created_at FROM clouds"
+
+
+def _cloud(row: Sequence[Any]) -> Cloud:
+    return Cloud(row[0], row[1], row[2], bool(row[3]), row[4])
+
+
 def _asset(row: Sequence[Any]) -> Asset:
     values = dict(zip(_ASSET_COLUMNS, row, strict=True))
     values["tags"] = json.loads(values["tags"])
@@ -151,13 +158,12 @@ class MetadataStore:
             self._clouds.clear()
             self._clouds_version = data_version
         if name not in self._clouds:
-            row = await self._one("SELECT name, api_key, api_secret, auto_backup, created_at FROM clouds WHERE name = ?", (name,))
-            self._clouds[name] = None if row is None else Cloud(row[0], row[1], row[2], bool(row[3]), row[4])
+            row = await self._one(f"{_CLOUD_SELECT} WHERE name = ?", (name,))
+            self._clouds[name] = None if row is None else _cloud(row)
         return self._clouds[name]
 
     async def list_clouds(self) -> list[Cloud]:
-        rows = await self._all("SELECT name, api_key, api_secret, auto_backup, created_at FROM clouds ORDER BY name")
-        return [Cloud(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+        return [_cloud(row) for row in await self._all(f"{_CLOUD_SELECT} ORDER BY name")]
 
     async def set_auto_backup(self, name: str, enabled: bool) -> None:
         async with self.transaction() as db:

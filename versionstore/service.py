@@ -102,8 +102,9 @@ class VersionService:
         cloud = request.cloud
         existing = await self.meta.get_asset(cloud.name, resource_type, request.type, public_id)
         if existing is not None and existing.live and not request.overwrite:
-            versions = await self.meta.versions(existing.pk or 0)
-            return UploadResult(existing, versions[-1], existing=True)
+            found = await self.meta.version_of(cloud.name, existing.asset_id, existing.version_id)
+            assert found is not None  # the current version of a live asset is never deleted
+            return UploadResult(existing, found[1], existing=True)
         backed_up = cloud.auto_backup if request.backup is None else request.backup
         now = time.time()
         version = Version(

@@ -15,7 +15,7 @@ def _filename(asset: Asset) -> str:
     return asset.public_id.rsplit("/", 1)[-1]
 
 
-def resource(asset: Asset, backup_bytes: int | None = None, versions: list[Version] | None = None) -> dict[str, Any]:
+def resource(asset: Asset, backup_bytes: int | None = None) -> dict[str, Any]:
     """The Admin API resource object; deleted (reserved) assets answer as placeholders."""
     body: dict[str, Any] = {
         "asset_id": asset.asset_id,
@@ -49,8 +49,6 @@ def resource(asset: Asset, backup_bytes: int | None = None, versions: list[Versi
     if backup_bytes is not None:
         body["backup"] = backup_bytes > 0
         body["backup_bytes"] = backup_bytes
-    if versions is not None:
-        body["versions"] = [version(v) for v in versions]
     return body
 
 

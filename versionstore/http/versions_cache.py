@@ -28,8 +28,7 @@ class VersionsJsonCache:
             return hit[1], hit[2]
         versions = await meta.versions(asset_pk)
         text = json.dumps([render.version(v) for v in versions], separators=(",", ":"))
-        # backup_bytes: distinct revisions, as in MetadataStore.backup_bytes
-        backup_bytes = sum(size for _, size in {(v.digest, v.bytes) for v in versions if v.backed_up})
+        backup_bytes = await meta.backup_bytes(asset_pk)  # only on a miss: one definition of the sum
         self._store(asset_pk, (signature, text, backup_bytes))
         return text, backup_bytes
 
