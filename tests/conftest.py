@@ -86,3 +86,26 @@ class Api:
 @pytest.fixture
 def api(client: TestClient) -> Api:
     return Api(client)
+
+
+# --- real bucket servers (one per test session, started on first use) --------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory):
+    from tests.servers import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory):
+    from tests.servers import FakeGcsServer
+
+    server = FakeGcsServer(tmp_path_factory.mktemp("gcs"))
+    server.start()
+    yield server
+    server.stop()

@@ -1,20 +1,66 @@
-"""One contract every blob store passes; each backend only says how to build one."""
+"""One contract every blob store passes; each backend only says how to build one.
+
+S3 runs against a real moto_server and GCS against a real fake-gcs-server, both started by the
+test session (tests/servers.py); each test gets a fresh bucket and a store under a prefix.
+"""
 
 import asyncio
 import os
 import shutil
 import stat
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
 
 from versionstore.blobstore import BlobNotFound, open_store
 
+BACKENDS = ["memory", "local", "s3", "gcs"]
 
-@pytest.fixture(params=["memory", "local"])
-def store(request, tmp_path):
-    return open_store("memory:") if request.param == "memory" else open_store(str(tmp_path / "store"))
+
+def new_bucket_url(request: pytest.FixtureRequest, scheme: str, prefix: str = "vs") -> str:
+    """A fresh bucket on the session's server; the URL points the store at it explicitly."""
+    name = f"b-{uuid.uuid4().hex[:20]}"
+    if scheme == "s3":
+        server = request.getfixturevalue("moto_server")
+        make_s3_bucket(server.url, name)
+        return f"s3://{name}/{prefix}?endpoint_url={server.url}&region=us-east-1"
+    server = request.getfixturevalue("gcs_server")
+    make_gcs_bucket(server.url, name)
+    return f"gs://{name}/{prefix}?endpoint_url={server.url}&anonymous=true"
+
+
+def make_s3_bucket(endpoint: str, name: str, **kwargs) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    )
+    client.create_bucket(Bucket=name, **kwargs)
+
+
+def make_gcs_bucket(endpoint: str, name: str) -> None:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint})
+    client.create_bucket(name)
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request, tmp_path, monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
+        monkeypatch.setenv(name, value)
+    if request.param == "memory":
+        url = "memory:"
+    elif request.param == "local":
+        url = str(tmp_path / "store")
+    else:
+        url = new_bucket_url(request, request.param)
+    opened = open_store(url)
+    yield opened
+    await opened.close()
 
 
 @pytest.fixture

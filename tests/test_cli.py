@@ -26,11 +26,37 @@ def test_cloud_create_list_set(tmp_path, capsys):
     assert re.fullmatch(r"cloudinary://\d{15}:[\w-]+@gen\?upload_prefix=http://h:1\n", capsys.readouterr().out)
     assert main(["cloud", "list", "--data-dir", data]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "acme\tapi_key=k1\tauto_backup=on",
-        f"gen\tapi_key={_key(data, 'gen')}\tauto_backup=off",
+        "acme\tapi_key=k1\tauto_backup=on\tbackup_target=default",
+        f"gen\tapi_key={_key(data, 'gen')}\tauto_backup=off\tbackup_target=default",
     ]
     assert main(["cloud", "set", "acme", "--auto-backup", "off", "--data-dir", data]) == 0
-    assert capsys.readouterr().out.strip() == "acme\tauto_backup=off"
+    assert capsys.readouterr().out.strip() == "acme\tauto_backup=off\tbackup_target=default"
+
+
+def test_cloud_set_backup_bucket_checks_the_marker_then_queues_the_migration(tmp_path, capsys, moto_server, monkeypatch):
+    import json
+
+    from tests.test_buckets import Bucket
+
+    for name, value in moto_server.client_env().items():
+        monkeypatch.setenv(name, value)
+    data = str(tmp_path / "d")
+    assert main(["cloud", "create", "acme", "--data-dir", data]) == 0
+    bucket = Bucket("s3", moto_server.url)
+    url = f"s3://{bucket.name}/vs"
+    capsys.readouterr()
+    assert main(["cloud", "set", "acme", "--backup-bucket", url, "--data-dir", data]) == 2
+    assert f"s3://{bucket.name}/.wellknown/cloudinary/acme" in capsys.readouterr().err
+    bucket.mark("acme")
+    assert main(["cloud", "set", "acme", "--backup-bucket", url, "--data-dir", data]) == 0
+    out = capsys.readouterr().out
+    assert "backup migration" in out and f"default -> {url}" in out
+    assert main(["cloud", "status", "acme", "--data-dir", data]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["target"] == "default" and status["state"] == "healthy"  # switched by the server, when done
+    assert status["migration"]["status"] == "pending" and status["migration"]["params"]["to"] == url
+    assert main(["cloud", "set", "acme", "--backup-bucket", "default", "--data-dir", data]) == 0
+    assert "cancelled" in capsys.readouterr().out
 
 
 def _key(data_dir: str, name: str) -> str:

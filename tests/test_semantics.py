@@ -187,10 +187,12 @@ async def test_orphan_blobs_from_a_crash_are_collected(api, client, config):
     service = client.app[SERVICE]
     orphan = config.data_dir / "orphan.bin"
     orphan.write_bytes(b"never committed")
-    await service.backup.put_file(layout.revision_key("demo", "ab" * 32), orphan)
+    await service.targets.default.put_file(layout.revision_key("demo", "ab" * 32), orphan)
     await service.primary.put_file(layout.original_key("demo", "ab" * 32), orphan)
+    await service.primary.put_file(layout.pending_key("demo", "cd" * 32), orphan)  # no pending row
     assert len(blob_files(config, "backup")) == 2
-    assert await service.collect_orphans("demo") == 2
+    cloud = await service.meta.get_cloud("demo")
+    assert await service.collect_orphans(cloud) == 3
     assert len(blob_files(config, "backup")) == 1 and len(blob_files(config, "primary")) == 1
     assert (await versions(api, "g/a"))[0]["version_id"] == kept["version_id"]
 

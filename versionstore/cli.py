@@ -1,11 +1,14 @@
-"""Command line: `versionstore serve` and `versionstore cloud create|list|set`.
+"""Command line: `versionstore serve` and `versionstore cloud create|list|set|status`.
 
 The cloud commands write the metadata database directly; a running service reads environment
-settings on every request, so changes apply without a restart.
+settings on every request, so changes apply without a restart. Changing the backup bucket
+checks the bucket from this process (its marker, and write/read/delete access with this
+process's credentials) and queues the migration job that the server runs.
 """
 
 import argparse
 import asyncio
+import json
 import logging
 import secrets
 import sys
@@ -13,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from versionstore import ids
+from versionstore import ids, migration
 from versionstore.config import Config
 from versionstore.errors import ApiError
 from versionstore.metadata import MetadataStore
@@ -75,15 +78,28 @@ def _cloud(args: argparse.Namespace) -> int:
             print(cloudinary_url(cloud, args.url))
         elif args.cloud_command == "list":
             for cloud in await meta.list_clouds():
-                print(f"{cloud.name}\tapi_key={cloud.api_key}\tauto_backup={'on' if cloud.auto_backup else 'off'}")
+                print(
+                    f"{cloud.name}\tapi_key={cloud.api_key}\tauto_backup={'on' if cloud.auto_backup else 'off'}"
+                    f"\tbackup_target={migration.target_name(cloud.backup_target)}"
+                )
         elif args.cloud_command == "set":
-            if await meta.get_cloud(args.name) is None:
-                raise ApiError(f"no product environment named {args.name!r}")
+            cloud = await _existing(meta, args.name)
             if args.auto_backup is not None:
                 await meta.set_auto_backup(args.name, args.auto_backup == "on")
-            updated = await meta.get_cloud(args.name)
-            assert updated is not None
-            print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}")
+            if args.backup_bucket is not None:
+                job = await migration.change_target(meta, cloud, args.backup_bucket)
+                if job is not None and job.open:
+                    print(f"backup migration {job.id} queued: {migration.target_name(job.params['from'])} -> "
+                          f"{migration.target_name(job.params['to'])}; the running server copies the history, then switches")
+                elif job is not None:
+                    print(f"backup migration {job.id} cancelled")
+            updated = await _existing(meta, args.name)
+            print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}"
+                  f"\tbackup_target={migration.target_name(updated.backup_target)}")
+        elif args.cloud_command == "status":
+            from versionstore.http.backup_views import backup_status
+
+            print(json.dumps(await backup_status(meta, await _existing(meta, args.name)), indent=2))
         return 0
 
     try:
@@ -91,6 +107,13 @@ def _cloud(args: argparse.Namespace) -> int:
     except ApiError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+
+
+async def _existing(meta: MetadataStore, name: str) -> Cloud:
+    cloud = await meta.get_cloud(name)
+    if cloud is None:
+        raise ApiError(f"no product environment named {name!r}")
+    return cloud
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,7 +142,14 @@ def parser() -> argparse.ArgumentParser:
     setting = cloud_sub.add_parser("set", help="change an environment's settings")
     setting.add_argument("name")
     setting.add_argument("--auto-backup", choices=("on", "off"))
+    setting.add_argument(
+        "--backup-bucket", metavar="URL",
+        help="keep backups in s3://bucket[/prefix] or gs://bucket[/prefix] (needs the marker object), or 'default'",
+    )
     setting.add_argument("--data-dir", type=Path, required=True)
+    status = cloud_sub.add_parser("status", help="backup target, health, pending revisions and migration, as JSON")
+    status.add_argument("name")
+    status.add_argument("--data-dir", type=Path, required=True)
     cloud.set_defaults(func=_cloud)
     return top
 

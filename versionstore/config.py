@@ -12,6 +12,11 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: Path
@@ -25,15 +30,24 @@ class Config:
     fetch_timeout: float = 300.0
     primary_store: str | None = None
     backup_store: str | None = None
+    #: Seconds a customer bucket's marker check is trusted before it is made again.
+    marker_ttl: float = 60.0
+    #: Longest wait between two attempts to write a pending revision to its target.
+    pending_retry_max: float = 300.0
+    #: How often the drainer and the job runner look for work they were not woken for.
+    poll_interval: float = 1.0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
         values: dict[str, object] = {
             "max_upload_bytes": _env_int("VERSIONSTORE_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             "max_body_bytes": _env_int("VERSIONSTORE_MAX_BODY_BYTES", cls.max_body_bytes),
-            "fetch_timeout": float(os.environ.get("VERSIONSTORE_FETCH_TIMEOUT", cls.fetch_timeout)),
+            "fetch_timeout": _env_float("VERSIONSTORE_FETCH_TIMEOUT", cls.fetch_timeout),
             "primary_store": os.environ.get("VERSIONSTORE_PRIMARY_STORE"),
             "backup_store": os.environ.get("VERSIONSTORE_BACKUP_STORE"),
+            "marker_ttl": _env_float("VERSIONSTORE_MARKER_TTL", cls.marker_ttl),
+            "pending_retry_max": _env_float("VERSIONSTORE_PENDING_RETRY_MAX", cls.pending_retry_max),
+            "poll_interval": _env_float("VERSIONSTORE_POLL_INTERVAL", cls.poll_interval),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

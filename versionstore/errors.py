@@ -31,3 +31,10 @@ class NotFound(ApiError):
 
 class TooLarge(BadRequest):
     """Cloudinary answers oversize files with 400, not 413 (Node rejects 413)."""
+
+
+class Unavailable(ApiError):
+    """A backup target that cannot be used right now. Only `download_backup` (a URL opened by
+    browsers and scripts, never parsed by an SDK) answers 503; elsewhere it is a per-item error."""
+
+    status = 503

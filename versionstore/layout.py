@@ -2,6 +2,8 @@
 
     <cloud_name>/blobs/ab/cd/<blake3 hex>      backup store: write-once revisions
     <cloud_name>/originals/ab/cd/<blake3 hex>  primary store: current originals
+    <cloud_name>/pending/ab/cd/<blake3 hex>    primary store: revisions waiting for their backup target
+    .wellknown/cloudinary/<cloud_name>         customer bucket root: the marker that allows its use
 
 Blobs are namespaced per environment: no cross-tenant dedup (see docs/design.md).
 """
@@ -17,6 +19,24 @@ def revision_key(cloud: str, digest: str) -> str:
 
 def original_key(cloud: str, digest: str) -> str:
     return f"{cloud}/originals/{_fanout(digest)}"
+
+
+def pending_key(cloud: str, digest: str) -> str:
+    return f"{cloud}/pending/{_fanout(digest)}"
+
+
+def pending_prefix(cloud: str) -> str:
+    return f"{cloud}/pending/"
+
+
+def marker_key(cloud: str) -> str:
+    """At the bucket root, whatever prefix versionstore writes under."""
+    return f".wellknown/cloudinary/{cloud}"
+
+
+def probe_key(cloud: str, token: str) -> str:
+    """Where setting a bucket proves write, read and delete access (then removes it)."""
+    return f"{cloud}/probe/{token}"
 
 
 def revision_prefix(cloud: str) -> str:

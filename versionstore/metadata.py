@@ -25,7 +25,7 @@ from typing import Any
 
 import aiosqlite
 
-from versionstore.models import Asset, Cloud, Version
+from versionstore.models import Asset, BackupHealth, Cloud, Job, PendingRevision, Version
 
 _ASSET_COLUMNS = [f.name for f in fields(Asset)]
 _VERSION_COLUMNS = [f.name for f in fields(Version)]
@@ -36,11 +36,33 @@ def _migrations() -> list[str]:
     return [block for block in re.split(r"^-- migration \d+\s*$", text, flags=re.M)[1:]]
 
 
-_CLOUD_SELECT = "SELECT name, api_key, api_secret, auto_backup, created_at FROM clouds"
+_CLOUD_SELECT = "SELECT name, api_key, api_secret, auto_backup, created_at, backup_target FROM clouds"
 
 
 def _cloud(row: Sequence[Any]) -> Cloud:
-    return Cloud(row[0], row[1], row[2], bool(row[3]), row[4])
+    return Cloud(row[0], row[1], row[2], bool(row[3]), row[4], row[5])
+
+
+_JOB_COLUMNS = [f.name for f in fields(Job)]
+_JOB_JSON = ("params", "cursor", "progress")
+_JOB_SELECT = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
+
+
+def _job(row: Sequence[Any]) -> Job:
+    values = dict(zip(_JOB_COLUMNS, row, strict=True))
+    for name in _JOB_JSON:
+        values[name] = json.loads(values[name])
+    return Job(**values)
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    values = {name: getattr(job, name) for name in _JOB_COLUMNS}
+    for name in _JOB_JSON:
+        values[name] = json.dumps(values[name])
+    return values
+
+
+_PENDING_SELECT = "SELECT cloud, digest, bytes, queued_at, attempts, next_attempt_at, last_error FROM backup_pending"
 
 
 def _asset(row: Sequence[Any]) -> Asset:
@@ -98,6 +120,9 @@ class MetadataStore:
         self._write_lock = asyncio.Lock()
         self._clouds: dict[str, Cloud | None] = {}
         self._clouds_version = -1
+        #: Bumped whenever a revision enters or leaves the pending queue (this process is its
+        #: only writer): part of the key of anything cached that shows `restorable`.
+        self.pending_generation = 0
 
     @classmethod
     async def open(cls, path: Path) -> "MetadataStore":
@@ -219,10 +244,17 @@ class MetadataStore:
 
     # --- writes (each in one transaction) --------------------------------------------------
 
-    async def save_version(self, asset: Asset, version: Version) -> Asset:
-        """Insert or update the asset row and append its new version, atomically."""
+    async def save_version(self, asset: Asset, version: Version, *, pending: bool = False) -> Asset:
+        """Insert or update the asset row and append its new version, atomically; with
+        `pending`, queue its revision for the backup target in the same transaction."""
         values = _asset_row(asset)
         async with self.transaction() as db:
+            if pending:
+                await db.execute(
+                    "INSERT OR IGNORE INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
+                    (asset.cloud, version.digest, version.bytes, version.created_at, version.created_at),
+                )
+                self.pending_generation += 1
             if asset.pk is None:
                 del values["pk"]
                 cursor = await db.execute(
@@ -291,3 +323,104 @@ class MetadataStore:
     async def stale_upload_sessions(self, older_than: float) -> list[tuple[str, str]]:
         rows = await self._all("SELECT cloud, upload_id FROM upload_sessions WHERE created_at < ?", (older_than,))
         return [(r[0], r[1]) for r in rows]
+
+    # --- backup targets, the pending queue and health ----------------------------------------
+
+    async def pending_digests(self, cloud: str, digests: Sequence[str]) -> set[str]:
+        """Which of these digests still wait for the backup target (usually none: one probe)."""
+        if not digests or self._reader.execute("SELECT 1 FROM backup_pending LIMIT 1").fetchone() is None:
+            return set()
+        marks = ", ".join("?" * len(set(digests)))
+        rows = await self._all(f"SELECT digest FROM backup_pending WHERE cloud = ? AND digest IN ({marks})", (cloud, *set(digests)))
+        return {r[0] for r in rows}
+
+    async def due_pending(self, now: float, limit: int) -> list[PendingRevision]:
+        rows = await self._all(f"{_PENDING_SELECT} WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (now, limit))
+        return [PendingRevision(*r) for r in rows]
+
+    async def get_pending(self, cloud: str, digest: str) -> PendingRevision | None:
+        row = await self._one(f"{_PENDING_SELECT} WHERE cloud = ? AND digest = ?", (cloud, digest))
+        return None if row is None else PendingRevision(*row)
+
+    async def reschedule_pending(self, cloud: str, digest: str, next_attempt_at: float, error: str) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE backup_pending SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE cloud = ? AND digest = ?",
+                (next_attempt_at, error, cloud, digest),
+            )
+
+    async def retry_pending_now(self, cloud: str) -> None:
+        """The target just recovered: make every waiting revision due at once."""
+        async with self.transaction() as db:
+            await db.execute("UPDATE backup_pending SET next_attempt_at = 0 WHERE cloud = ?", (cloud,))
+
+    async def clear_pending(self, cloud: str, digest: str) -> None:
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM backup_pending WHERE cloud = ? AND digest = ?", (cloud, digest))
+            self.pending_generation += 1
+
+    async def pending_summary(self, cloud: str) -> tuple[int, int, float | None]:
+        """(count, bytes, oldest queued_at) of the environment's pending revisions."""
+        row = await self._one("SELECT COUNT(*), COALESCE(SUM(bytes), 0), MIN(queued_at) FROM backup_pending WHERE cloud = ?", (cloud,))
+        return int(row[0]), int(row[1]), row[2]
+
+    async def get_health(self, cloud: str) -> BackupHealth | None:
+        row = await self._one("SELECT cloud, state, last_error, last_error_at, updated_at FROM backup_health WHERE cloud = ?", (cloud,))
+        return None if row is None else BackupHealth(*row)
+
+    async def save_health(self, health: BackupHealth) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO backup_health (cloud, state, last_error, last_error_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                astuple(health),
+            )
+
+    async def revisions_after(self, cloud: str, after_pk: int, limit: int) -> list[tuple[int, str, int]]:
+        """(version pk, digest, bytes) of backed-up versions in commit order: a migration's
+        cursor is the last pk it copied, so versions committed during the copy come after it."""
+        rows = await self._scan(
+            "SELECT pk, digest, bytes FROM versions WHERE cloud = ? AND backed_up = 1 AND pk > ? ORDER BY pk LIMIT ?",
+            (cloud, after_pk, limit),
+        )
+        return [(int(r[0]), r[1], int(r[2])) for r in rows]
+
+    async def revision_totals(self, cloud: str) -> tuple[int, int]:
+        """(versions, bytes) backed up in the environment: a migration's denominator."""
+        rows = await self._scan("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM versions WHERE cloud = ? AND backed_up = 1", (cloud,))
+        return int(rows[0][0]), int(rows[0][1])
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    async def create_job(self, job: Job) -> Job:
+        values = _job_row(job)
+        async with self.transaction() as db:
+            await db.execute(f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+        return job
+
+    async def save_job(self, job: Job, *, backup_target: tuple[str, str | None] | None = None) -> None:
+        """Persist a job's state; `backup_target=(cloud, url)` switches the environment's
+        target in the same transaction (a migration's last step)."""
+        values = _job_row(job)
+        job_id = values.pop("id")
+        async with self.transaction() as db:
+            await db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?", (*values.values(), job_id))
+            if backup_target is not None:
+                await db.execute("UPDATE clouds SET backup_target = ? WHERE name = ?", (backup_target[1], backup_target[0]))
+
+    async def get_job(self, cloud: str, job_id: str) -> Job | None:
+        row = await self._one(f"{_JOB_SELECT} WHERE cloud = ? AND id = ?", (cloud, job_id))
+        return None if row is None else _job(row)
+
+    async def list_jobs(self, cloud: str, kind: str, limit: int, offset: int = 0) -> list[Job]:
+        rows = await self._all(
+            f"{_JOB_SELECT} WHERE cloud = ? AND kind = ? ORDER BY created_at DESC, id LIMIT ? OFFSET ?", (cloud, kind, limit, offset)
+        )
+        return [_job(r) for r in rows]
+
+    async def open_jobs(self, cloud: str | None = None, kind: str | None = None) -> list[Job]:
+        sql, args = f"{_JOB_SELECT} WHERE status IN ('pending', 'active')", []
+        if cloud is not None:
+            sql, args = sql + " AND cloud = ?", [cloud]
+        if kind is not None:
+            sql, args = sql + " AND kind = ?", [*args, kind]
+        return [_job(r) for r in await self._all(sql + " ORDER BY created_at", args)]

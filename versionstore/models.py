@@ -1,6 +1,7 @@
 """Plain records passed between the metadata store, the domain and the HTTP renderers."""
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -10,6 +11,9 @@ class Cloud:
     api_secret: str
     auto_backup: bool
     created_at: float
+    #: Where revisions go: None for the operator's default backup store, else a customer
+    #: bucket URL (s3://bucket/prefix, gs://bucket/prefix) that holds the marker object.
+    backup_target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,3 +55,47 @@ class Asset:
     @property
     def live(self) -> bool:
         return self.status == "live"
+
+
+@dataclass(frozen=True)
+class PendingRevision:
+    """A revision acknowledged to the client whose bytes are not in the backup target yet."""
+
+    cloud: str
+    digest: str
+    bytes: int
+    queued_at: float
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class BackupHealth:
+    cloud: str
+    state: str  # healthy | marker_missing | failing
+    last_error: str | None
+    last_error_at: float | None
+    updated_at: float
+
+
+@dataclass
+class Job:
+    """Long work that survives restarts: bucket migration, initial backup (docs/design.md)."""
+
+    id: str
+    cloud: str
+    kind: str
+    status: str  # pending | active | completed | failed
+    params: dict[str, Any] = field(default_factory=dict)
+    cursor: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    notification_url: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    completed_at: float | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.status in ("pending", "active")

@@ -60,3 +60,48 @@ CREATE TABLE upload_sessions (
     created_at REAL NOT NULL,
     PRIMARY KEY (cloud, upload_id)
 );
+
+-- migration 2
+-- Backup targets (docs/buckets.md): NULL is the operator's default backup store.
+ALTER TABLE clouds ADD COLUMN backup_target TEXT;
+
+-- Revisions acknowledged but not yet in the backup target (marker missing, bucket failing).
+-- Their bytes wait in the primary store under <cloud>/pending/; a drainer retries them.
+CREATE TABLE backup_pending (
+    cloud           TEXT NOT NULL,
+    digest          TEXT NOT NULL,
+    bytes           INTEGER NOT NULL,
+    queued_at       REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT,
+    PRIMARY KEY (cloud, digest)
+);
+CREATE INDEX backup_pending_due ON backup_pending (next_attempt_at);
+
+-- Last known state of each environment's backup target, for the API and the CLI.
+CREATE TABLE backup_health (
+    cloud         TEXT PRIMARY KEY,
+    state         TEXT NOT NULL CHECK (state IN ('healthy', 'marker_missing', 'failing')),
+    last_error    TEXT,
+    last_error_at REAL,
+    updated_at    REAL NOT NULL
+);
+
+-- Durable jobs (bucket migration, initial backup): resumed from `cursor` after a restart.
+CREATE TABLE jobs (
+    id               TEXT PRIMARY KEY,
+    cloud            TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    status           TEXT NOT NULL CHECK (status IN ('pending', 'active', 'completed', 'failed')),
+    params           TEXT NOT NULL DEFAULT '{}',
+    cursor           TEXT NOT NULL DEFAULT '{}',
+    progress         TEXT NOT NULL DEFAULT '{}',
+    error            TEXT,
+    notification_url TEXT,
+    created_at       REAL NOT NULL,
+    started_at       REAL,
+    completed_at     REAL
+);
+CREATE INDEX jobs_cloud_kind ON jobs (cloud, kind, created_at);
+CREATE INDEX jobs_open ON jobs (status) WHERE status IN ('pending', 'active');

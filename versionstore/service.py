@@ -9,6 +9,7 @@ This module does not know about HTTP.
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -16,12 +17,13 @@ from pathlib import Path
 
 from versionstore import layout, media
 from versionstore.blobstore import BlobStore, BlobStoreError
-from versionstore.errors import BadRequest, NotFound
+from versionstore.errors import BadRequest, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
-from versionstore.locks import KeyedLocks
+from versionstore.locks import KeyedLocks, KeyedSharedLocks
 from versionstore.metadata import MetadataStore
 from versionstore.models import Asset, Cloud, Version
-from versionstore.spool import Spooled, SpoolFile
+from versionstore.spool import Spooled, SpoolFile, hash_file
+from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class UploadResult:
 @dataclass
 class RestoreOutcome:
     asset: Asset | None = None
-    error: str | None = None  # "no_backup" | "failed"
+    error: str | None = None  # "no_backup" | "backup_pending" | "failed"
 
 
 @dataclass
@@ -65,14 +67,19 @@ class DeleteVersionsOutcome:
 
 
 class VersionService:
-    def __init__(self, meta: MetadataStore, primary: BlobStore, backup: BlobStore, spool_dir: Path, max_bytes: int) -> None:
+    def __init__(self, meta: MetadataStore, primary: BlobStore, targets: BackupTargets, spool_dir: Path, max_bytes: int) -> None:
         self.meta = meta
         self.primary = primary
-        self.backup = backup
+        self.targets = targets
         self.spool_dir = spool_dir
         self.max_bytes = max_bytes
-        self._digests = KeyedLocks()
+        #: (cloud, digest): held from a blob write to its metadata commit, and by deletions.
+        self.digest_locks = KeyedLocks()
         self._names = KeyedLocks()
+        #: cloud: revision writes share it; a bucket migration's switch holds it alone.
+        self.target_locks = KeyedSharedLocks()
+        #: Set when a revision is queued as pending, so the drainer need not wait for its tick.
+        self.pending_added = asyncio.Event()
 
     def new_spool(self) -> SpoolFile:
         return SpoolFile(self.spool_dir, self.max_bytes)
@@ -137,15 +144,42 @@ class VersionService:
             asset.context = request.context
         if request.metadata is not None:
             asset.metadata = request.metadata
-        async with self._digests.hold((cloud.name, spooled.digest)):
+        async with self.digest_locks.hold((cloud.name, spooled.digest)):
             # Blobs first, metadata second: a crash in between leaves only an orphan blob.
             await self.primary.put_file(layout.original_key(cloud.name, spooled.digest), spooled.path)
             if backed_up:
-                await self.backup.put_file(layout.revision_key(cloud.name, spooled.digest), spooled.path)
-            asset = await self.meta.save_version(asset, version)
+                async with self.target_locks.shared(cloud.name):
+                    pending = not await self._put_revision(cloud.name, spooled.digest, spooled.path)
+                    if pending:
+                        # Nothing is dropped: the bytes wait in the primary store until the
+                        # drainer writes them to the target (docs/buckets.md).
+                        await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
+                    asset = await self.meta.save_version(asset, version, pending=pending)
+                if pending:
+                    self.pending_added.set()
+            else:
+                asset = await self.meta.save_version(asset, version)
         if existing is not None and existing.digest != spooled.digest:
             await self._release_primary(cloud.name, existing.digest)
         return UploadResult(asset, version, overwritten=existing is not None and existing.live)
+
+    async def _put_revision(self, cloud_name: str, digest: str, path: Path) -> bool:
+        """Write a revision to the environment's current target; False when it must wait."""
+        cloud = await self.meta.get_cloud(cloud_name)  # fresh: a migration may have switched it
+        if cloud is None:
+            return False
+        store = await self.targets.for_upload(cloud)
+        if store is None:
+            return False
+        try:
+            await store.put_file(layout.revision_key(cloud.name, digest), path)
+        except BlobStoreError as exc:
+            await self.targets.record_failure(cloud.name, FAILING, f"{type(exc).__name__}: {exc}")
+            return False
+        if await self.targets.record_success(cloud.name):
+            await self.meta.retry_pending_now(cloud.name)
+            self.pending_added.set()
+        return True
 
     @staticmethod
     def _next_version_number(existing: Asset | None, now: float) -> int:
@@ -196,32 +230,68 @@ class VersionService:
             await self._release_revision(cloud, digest)
         return outcome
 
-    async def _release_revision(self, cloud: str, digest: str) -> None:
-        async with self._digests.hold((cloud, digest)):
-            if not await self.meta.digest_referenced(cloud, digest, backup=True):
-                await self.backup.delete(layout.revision_key(cloud, digest))
+    async def _release_revision(self, cloud_name: str, digest: str) -> None:
+        """Delete a revision nothing references any more: from the pending queue, the target,
+        and a migration's destination. A target that cannot be used now keeps an orphan,
+        which orphan collection removes later."""
+        async with self.digest_locks.hold((cloud_name, digest)):
+            if await self.meta.digest_referenced(cloud_name, digest, backup=True):
+                return
+            if await self.meta.get_pending(cloud_name, digest) is not None:
+                await self.meta.clear_pending(cloud_name, digest)
+                await self.primary.delete(layout.pending_key(cloud_name, digest))
+            cloud = await self.meta.get_cloud(cloud_name)
+            if cloud is None:
+                return
+            for target in await self.revision_targets(cloud):
+                try:
+                    store = await self.targets.target_store(cloud_name, target)
+                    await store.delete(layout.revision_key(cloud_name, digest))
+                except (TargetUnavailable, BlobStoreError) as exc:
+                    log.warning("revision %s of %s stays in %s until orphan collection: %s", digest, cloud_name, target, exc)
+
+    async def revision_targets(self, cloud: Cloud) -> list[str | None]:
+        """Where the environment's revisions may be: its target, and a migration's destination."""
+        targets = [cloud.backup_target]
+        for job in await self.meta.open_jobs(cloud.name, "backup_migration"):
+            if job.params.get("to") not in targets:
+                targets.append(job.params.get("to"))
+        return targets
 
     async def _release_primary(self, cloud: str, digest: str) -> None:
-        async with self._digests.hold((cloud, digest)):
+        async with self.digest_locks.hold((cloud, digest)):
             if not await self.meta.digest_referenced(cloud, digest, backup=False):
                 await self.primary.delete(layout.original_key(cloud, digest))
 
-    async def collect_orphans(self, cloud: str) -> int:
+    async def collect_orphans(self, cloud: Cloud) -> int:
         """Delete blobs that no metadata references: leftovers of a crash between the blob
         write and the metadata commit. Safe beside live traffic: each check holds the digest
-        lock that an upload holds from its blob write to its commit."""
+        lock that an upload holds from its blob write to its commit. A customer bucket is
+        only touched while its marker is there."""
         removed = seen = 0
-        for store, prefix, backup in (
-            (self.backup, layout.revision_prefix(cloud), True),
-            (self.primary, layout.original_prefix(cloud), False),
-        ):
+        try:
+            backup: BlobStore | None = await self.targets.usable(cloud)
+        except (TargetUnavailable, BlobStoreError):
+            backup = None
+        passes: list[tuple[BlobStore | None, str, str]] = [
+            (backup, layout.revision_prefix(cloud.name), "revision"),
+            (self.primary, layout.original_prefix(cloud.name), "original"),
+            (self.primary, layout.pending_prefix(cloud.name), "pending"),
+        ]
+        for store, prefix, role in passes:
+            if store is None:
+                continue
             async for key in store.list(prefix):
                 seen += 1
                 if seen % 256 == 0:
                     await asyncio.sleep(0)  # point reads are synchronous: let requests through
                 digest = layout.digest_of(key)
-                async with self._digests.hold((cloud, digest)):
-                    if not await self.meta.digest_referenced(cloud, digest, backup=backup):
+                async with self.digest_locks.hold((cloud.name, digest)):
+                    if role == "pending":
+                        referenced = await self.meta.get_pending(cloud.name, digest) is not None
+                    else:
+                        referenced = await self.meta.digest_referenced(cloud.name, digest, backup=role == "revision")
+                    if not referenced:
                         await store.delete(key)
                         removed += 1
         return removed
@@ -247,6 +317,8 @@ class VersionService:
                 chosen = backed[-1]
             else:
                 return RestoreOutcome(error="no_backup")
+            if await self.meta.pending_digests(asset.cloud, [chosen.digest]):
+                return RestoreOutcome(error="backup_pending")
             if asset.live and version_id is None:
                 return RestoreOutcome(asset=asset)  # nothing deleted, nothing named: a no-op
             now = time.time()
@@ -260,12 +332,12 @@ class VersionService:
                 asset, status="live", digest=chosen.digest, format=chosen.format, bytes=chosen.bytes,
                 version=version.version, version_id=version.version_id, uploaded_at=now, deleted_at=None,
             )
-            async with self._digests.hold((asset.cloud, chosen.digest)):
+            async with self.digest_locks.hold((asset.cloud, chosen.digest)):
                 # Inside the digest lock: a concurrent release of this digest's primary copy
                 # (another asset deleted) must not slip between the copy and the commit.
                 try:
                     await self._copy_revision_to_primary(asset.cloud, chosen.digest)
-                except (BlobStoreError, RevisionCorrupt) as exc:
+                except (BlobStoreError, RevisionCorrupt, TargetUnavailable) as exc:
                     log.error("restore of %s from %s failed: %r", asset.asset_id, chosen.version_id, exc)
                     return RestoreOutcome(error="failed")
                 restored = await self.meta.save_version(restored, version)
@@ -273,18 +345,37 @@ class VersionService:
             await self._release_primary(asset.cloud, previous_digest)
         return RestoreOutcome(asset=restored)
 
-    async def _copy_revision_to_primary(self, cloud: str, digest: str) -> None:
-        """Stream the revision through a spool file, verifying its digest on the way."""
-        if await self.primary.stat(layout.original_key(cloud, digest)) is not None:
+    async def _copy_revision_to_primary(self, cloud_name: str, digest: str) -> None:
+        if await self.primary.stat(layout.original_key(cloud_name, digest)) is not None:
             return
+        cloud = await self.meta.get_cloud(cloud_name)
+        assert cloud is not None
+        source = await self.targets.usable(cloud)
+        key = layout.revision_key(cloud_name, digest)
+        await self.copy_blob(source, key, self.primary, layout.original_key(cloud_name, digest), digest)
+
+    async def copy_blob(self, source: BlobStore, source_key: str, target: BlobStore, target_key: str, digest: str) -> bool:
+        """Copy a blob between stores, verifying that its bytes still hash to `digest`.
+
+        A local source is hashed in place and linked or uploaded from there; any other is
+        streamed through a spool file, hashed on the way. Returns put_file's answer.
+        """
+        path = source.local_path(source_key)
+        if path is not None:
+            if not await asyncio.to_thread(os.path.exists, path):
+                raise BlobStoreError(f"{source_key} is missing from {source.name}")
+            actual, _ = await hash_file(Path(path))
+            if actual != digest:
+                raise RevisionCorrupt(f"{source.name}/{source_key} hashes to {actual}")
+            return await target.put_file(target_key, Path(path))
         spool = self.new_spool()
         try:
-            async for chunk in self.backup.read(layout.revision_key(cloud, digest)):
+            async for chunk in source.read(source_key):
                 await spool.write(chunk)
             spooled = await spool.finish()
             if spooled.digest != digest:
-                raise RevisionCorrupt(f"revision {digest} read back as {spooled.digest}")
-            await self.primary.put_file(layout.original_key(cloud, digest), spooled.path)
+                raise RevisionCorrupt(f"{source.name}/{source_key} read back as {spooled.digest}")
+            return await target.put_file(target_key, spooled.path)
         finally:
             spool.discard()
 
@@ -327,15 +418,23 @@ class VersionService:
 
     # --- reads ------------------------------------------------------------------------------
 
-    async def version_for_download(self, cloud: str, asset_id: str, version_id: str) -> tuple[str, Version, str]:
-        """(public_id, version, revision key) of a backed-up version."""
-        found = await self.meta.version_of(cloud, asset_id, version_id)
+    async def version_for_download(self, cloud: Cloud, asset_id: str, version_id: str) -> tuple[str, Version, BlobStore, str]:
+        """(public_id, version, store, revision key) of a restorable version."""
+        found = await self.meta.version_of(cloud.name, asset_id, version_id)
         if found is None or not found[1].backed_up:
-            if found is None and await self.meta.get_asset_by_id(cloud, asset_id) is None:
+            if found is None and await self.meta.get_asset_by_id(cloud.name, asset_id) is None:
                 raise NotFound(f"Resource not found - {asset_id}")
             raise NotFound(f"Version not found - {version_id}")
         public_id, version = found
-        return public_id, version, layout.revision_key(cloud, version.digest)
+        if await self.meta.pending_digests(cloud.name, [version.digest]):
+            raise NotFound(f"Version {version_id} is not restorable yet: its backup is pending")
+        try:
+            store = await self.targets.usable(cloud, inline=True)
+        except TargetUnavailable as exc:
+            raise Unavailable(f"Backup target unavailable: {exc.message}") from None
+        except BlobStoreError as exc:
+            raise Unavailable(f"Backup target unavailable: {exc}") from None
+        return public_id, version, store, layout.revision_key(cloud.name, version.digest)
 
 
 def _stem(filename: str | None) -> str | None:

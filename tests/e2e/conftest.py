@@ -42,11 +42,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cli(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run `python -m versionstore ...` (the real CLI) against a data directory."""
+def cli(
+    *args: str, data_dir: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m versionstore ...` (the real CLI) against a data directory.
+
+    `env` adds variables to this process's environment (e.g. AWS_* to reach a bucket).
+    """
     result = subprocess.run(
         [sys.executable, "-m", "versionstore", *args, "--data-dir", str(data_dir)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env={**os.environ, **env} if env else None,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"CLI {args} failed ({result.returncode}): {result.stdout}\n{result.stderr}")

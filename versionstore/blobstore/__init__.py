@@ -5,9 +5,10 @@ revisions). Keys come from `versionstore.layout`; backends never invent key name
 """
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import parse_qsl, urlsplit
 
 
 class BlobStoreError(Exception):
@@ -59,16 +60,68 @@ class BlobStore(Protocol):
         """A path the HTTP layer may sendfile from, when the backend is a local disk."""
         ...
 
+    async def close(self) -> None:
+        """Release clients, connection pools and worker threads."""
+        ...
 
-def open_store(url: str) -> BlobStore:
-    """Pick a backend from one URL-like string: `/path`, `file:///path` or `memory:`."""
-    from versionstore.blobstore.local import LocalBlobStore
-    from versionstore.blobstore.memory import MemoryBlobStore
 
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed store location: `s3://bucket/prefix?region=eu-west-1&endpoint_url=...`.
+
+    `prefix` is "" or ends with "/"; `options` are the per-store overrides of the SDK's
+    environment variables (endpoint, region, profile, ...), documented in docs/operations.md.
+    """
+
+    scheme: str  # file | memory | s3 | gs
+    bucket: str  # the directory for file
+    prefix: str = ""
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def root(self) -> "StoreURL":
+        """The same bucket without the prefix: where `.wellknown/` markers live."""
+        return StoreURL(self.scheme, self.bucket, "", self.options)
+
+    def __str__(self) -> str:
+        query = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        base = f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/") if self.scheme in ("s3", "gs") else self.bucket
+        return f"{base}?{query}" if query else base
+
+
+def parse_store_url(url: str) -> StoreURL:
     if url.startswith("memory:"):
-        return MemoryBlobStore()
+        return StoreURL("memory", url[len("memory:") :])
     if url.startswith("file://"):
-        return LocalBlobStore(Path(url[len("file://") :]))
-    if url.startswith("/") or url.startswith("."):
-        return LocalBlobStore(Path(url))
-    raise ValueError(f"Unsupported blob store {url!r} (expected a path, file:// or memory:)")
+        return StoreURL("file", url[len("file://") :])
+    if url.startswith(("/", ".")):
+        return StoreURL("file", url)
+    parts = urlsplit(url)
+    if parts.scheme in ("s3", "gs"):
+        if not parts.netloc:
+            raise ValueError(f"Blob store {url!r} names no bucket")
+        prefix = parts.path.strip("/")
+        if any(segment in ("", ".", "..") for segment in prefix.split("/")) and prefix:
+            raise ValueError(f"Blob store {url!r} has an invalid prefix")
+        return StoreURL(parts.scheme, parts.netloc, prefix + "/" if prefix else "", dict(parse_qsl(parts.query)))
+    raise ValueError(f"Unsupported blob store {url!r} (expected a path, file://, s3://, gs:// or memory:)")
+
+
+def open_store(url: str | StoreURL) -> BlobStore:
+    """Pick a backend from one URL-like string: `/path`, `file:///path`, `s3://`, `gs://` or `memory:`."""
+    location = url if isinstance(url, StoreURL) else parse_store_url(url)
+    if location.scheme == "memory":
+        from versionstore.blobstore.memory import MemoryBlobStore
+
+        return MemoryBlobStore()
+    if location.scheme == "file":
+        from versionstore.blobstore.local import LocalBlobStore
+
+        return LocalBlobStore(Path(location.bucket))
+    if location.scheme == "s3":
+        from versionstore.blobstore.s3 import S3BlobStore
+
+        return S3BlobStore.from_url(location)
+    from versionstore.blobstore.gcs import GCSBlobStore
+
+    return GCSBlobStore.from_url(location)

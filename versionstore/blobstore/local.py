@@ -106,15 +106,21 @@ class LocalBlobStore:
 
     async def list(self, prefix: str) -> AsyncIterator[str]:
         top = self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
-        paths = await asyncio.to_thread(lambda: sorted(top.rglob("*")) if top.is_dir() else [])
-        for path in paths:
-            if path.is_file() and not path.name.startswith("."):
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    yield key
+        def keys() -> list[str]:
+            if not top.is_dir():
+                return []
+            found = (p.relative_to(self.root).as_posix() for p in top.rglob("*") if p.is_file() and not p.name.startswith("."))
+            # Sorted as strings, like S3 and GCS listings (the retry wrapper resumes by key).
+            return sorted(k for k in found if k.startswith(prefix))
+
+        for key in await asyncio.to_thread(keys):
+            yield key
 
     def local_path(self, key: str) -> str | None:
         return self._safe(key)
+
+    async def close(self) -> None:
+        pass
 
 
 def _fsync_dir(directory: Path) -> None:

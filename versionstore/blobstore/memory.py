@@ -39,3 +39,6 @@ class MemoryBlobStore:
 
     def local_path(self, key: str) -> str | None:
         return None
+
+    async def close(self) -> None:
+        pass

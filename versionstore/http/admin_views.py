@@ -48,7 +48,7 @@ async def _render_resource(request: web.Request, asset: Asset, params: Params) -
     meta = request.app[META]
     if not as_bool(params.get("versions"), False):
         return web.json_response(render.resource(asset, await meta.backup_bytes(asset.pk or 0)))
-    versions_json, backup_bytes = await request.app[VERSIONS_CACHE].get(meta, asset.pk or 0)
+    versions_json, backup_bytes = await request.app[VERSIONS_CACHE].get(meta, asset.cloud, asset.pk or 0)
     head = json.dumps(render.resource(asset, backup_bytes))
     return web.Response(text=f'{head[:-1]}, "versions": {versions_json}}}', content_type="application/json")
 
@@ -244,7 +244,7 @@ async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, s
     if not (ids.is_hex_id(asset_id) and ids.is_hex_id(version_id)):
         raise BadRequest("Illegal id")
     service = request.app[SERVICE]
-    public_id, version, key = await service.version_for_download(cloud.name, asset_id, version_id)
+    public_id, version, store, key = await service.version_for_download(cloud, asset_id, version_id)
     name = public_id.rsplit("/", 1)[-1]
     if version.format and not name.endswith(f".{version.format}"):
         name = f"{name}.{version.format}"
@@ -254,7 +254,7 @@ async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, s
         "Cache-Control": "private, max-age=3600",
         "ETag": f'"{version.digest[:32]}"',
     }
-    return await blob_response(request, service.backup, key, version.bytes, headers)
+    return await blob_response(request, store, key, version.bytes, headers)
 
 
 def _ascii(name: str) -> str:

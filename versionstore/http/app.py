@@ -9,13 +9,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from versionstore import migration
 from versionstore.blobstore import open_store
+from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
 from versionstore.errors import ApiError
 from versionstore.http.versions_cache import VersionsJsonCache
+from versionstore.jobs import JobRunner
 from versionstore.metadata import MetadataStore
+from versionstore.pending import PendingDrainer
 from versionstore.service import VersionService
+from versionstore.targets import BackupTargets
 
 log = logging.getLogger("versionstore")
 
@@ -25,6 +30,7 @@ SERVICE = web.AppKey("service", VersionService)
 CHUNKS = web.AppKey("chunks", ChunkAssembler)
 FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
 VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
+JOBS = web.AppKey("jobs", JobRunner)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -70,16 +76,30 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stale.unlink(missing_ok=True)  # a crash mid-upload left it; nothing references it
     meta = await MetadataStore.open(config.db_path)
     app[META] = meta
-    app[SERVICE] = VersionService(
-        meta, open_store(config.primary_url), open_store(config.backup_url), config.spool_dir, config.max_upload_bytes
-    )
+    primary = resilient(open_store(config.primary_url))
+    targets = BackupTargets(meta, resilient(open_store(config.backup_url)), marker_ttl=config.marker_ttl)
+    service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
     app[CHUNKS] = ChunkAssembler(meta, config.spool_dir, config.max_upload_bytes)
     await app[CHUNKS].sweep()
     app[FETCHER] = aiohttp.ClientSession(auto_decompress=False)
-    collector = asyncio.create_task(_collect_orphans(app[SERVICE], meta))
+    runner = app[JOBS] = JobRunner(
+        meta, {migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run},
+        poll_interval=config.poll_interval,
+    )
+    drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
+    background = [
+        asyncio.create_task(_collect_orphans(service, meta), name="orphan collection"),
+        asyncio.create_task(drainer.run(), name="pending drainer"),
+        asyncio.create_task(runner.run(), name="job runner"),
+    ]
     yield
-    collector.cancel()
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    await runner.close()
     await app[FETCHER].close()
+    await targets.close()
+    await primary.close()
     await meta.close()
 
 
@@ -87,7 +107,7 @@ async def _collect_orphans(service: VersionService, meta: MetadataStore) -> None
     """Once per start: remove blobs a crash left without metadata (see docs/design.md)."""
     try:
         for cloud in await meta.list_clouds():
-            removed = await service.collect_orphans(cloud.name)
+            removed = await service.collect_orphans(cloud)
             if removed:
                 log.info("removed %d orphan blob(s) of %s", removed, cloud.name)
     except Exception:

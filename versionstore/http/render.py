@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 from typing import Any
 
-from versionstore.models import Asset, Cloud, Version
+from versionstore.models import Asset, Cloud, Job, Version
 from versionstore.signing import response_signature
 
 
@@ -52,17 +52,19 @@ def resource(asset: Asset, backup_bytes: int | None = None) -> dict[str, Any]:
     return body
 
 
-def version(v: Version) -> dict[str, Any]:
+def version(v: Version, pending: bool = False) -> dict[str, Any]:
     """A `versions[]` item: `version` is a string on the wire; `restorable` means the bytes are
-    in backup storage (docs/design.md)."""
+    in backup storage (docs/design.md): not while the revision's backup is pending."""
     item: dict[str, Any] = {
         "version_id": v.version_id,
         "version": str(v.version),
         "format": v.format,
         "size": v.bytes,
         "time": datetime.fromtimestamp(v.created_at, UTC).isoformat(timespec="seconds"),
-        "restorable": v.backed_up,
+        "restorable": v.backed_up and not pending,
     }
+    if v.backed_up and pending:
+        item["backup_pending"] = True
     if v.restored_from:
         item["restored_from"] = v.restored_from
     return item
@@ -92,3 +94,18 @@ def restored(asset: Asset) -> dict[str, Any]:
     for key in ("status", "filename", "uploaded_at", "access_mode", "etag"):
         body.pop(key, None)
     return body
+
+
+def job(j: Job) -> dict[str, Any]:
+    """A durable job as the extension API shows it (docs/api.md)."""
+    return {
+        "id": j.id,
+        "kind": j.kind,
+        "status": j.status,
+        "params": j.params,
+        "progress": j.progress,
+        "error": j.error,
+        "created_at": iso(j.created_at),
+        "started_at": iso(j.started_at) if j.started_at else None,
+        "completed_at": iso(j.completed_at) if j.completed_at else None,
+    }

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from versionstore.errors import NotFound, Unauthorized
 from versionstore.http import admin_views as admin
+from versionstore.http import backup_views as backup
 from versionstore.http import upload_views as upload
 from versionstore.http.app import META
 from versionstore.models import Cloud
@@ -50,6 +51,8 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST|PUT", rf"resources/{ADMIN_RT}/{TYPE}/(?P<public_id>.+)", admin.update),
     # versionstore extensions (docs/api.md, versionstore/openapi.yaml)
     ("GET|PUT|POST", r"versionstore/settings", admin.settings),
+    ("GET|PUT|POST|DELETE", r"versionstore/backup", backup.backup),
+    ("GET", r"versionstore/jobs/(?P<job_id>[0-9a-f]{32})", backup.job),
 ]
 
 _COMPILED = [(set(methods.split("|")), re.compile(pattern + r"$", re.S), handler) for methods, pattern, handler in ROUTES]

@@ -1,7 +1,9 @@
 """Rendered `versions` arrays, reused while an asset's set of versions is unchanged.
 
 Versions are immutable rows, so the JSON of an asset's history only changes when a version
-is added or deleted, which `MetadataStore.versions_signature` detects with one indexed count.
+is added or deleted, which `MetadataStore.versions_signature` detects with one indexed count,
+or when a pending revision reaches its target (`restorable` flips), which bumps
+`MetadataStore.pending_generation`.
 A 1,000-version history then costs one query and a string copy instead of 1,000 row
 conversions. The cache is bounded by the total size of what it holds.
 """
@@ -17,22 +19,23 @@ class VersionsJsonCache:
     def __init__(self, max_bytes: int = 32 << 20) -> None:
         self.max_bytes = max_bytes
         self._size = 0
-        self._entries: OrderedDict[int, tuple[tuple[int, int], str, int]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[tuple[int, int, int], str, int]] = OrderedDict()
 
-    async def get(self, meta: MetadataStore, asset_pk: int) -> tuple[str, int]:
+    async def get(self, meta: MetadataStore, cloud: str, asset_pk: int) -> tuple[str, int]:
         """(JSON array of the asset's versions, backup_bytes)."""
-        signature = await meta.versions_signature(asset_pk)
+        signature = (*await meta.versions_signature(asset_pk), meta.pending_generation)
         hit = self._entries.get(asset_pk)
         if hit is not None and hit[0] == signature:
             self._entries.move_to_end(asset_pk)
             return hit[1], hit[2]
         versions = await meta.versions(asset_pk)
-        text = json.dumps([render.version(v) for v in versions], separators=(",", ":"))
+        pending = await meta.pending_digests(cloud, [v.digest for v in versions if v.backed_up])
+        text = json.dumps([render.version(v, v.digest in pending) for v in versions], separators=(",", ":"))
         backup_bytes = await meta.backup_bytes(asset_pk)  # only on a miss: one definition of the sum
         self._store(asset_pk, (signature, text, backup_bytes))
         return text, backup_bytes
 
-    def _store(self, asset_pk: int, entry: tuple[tuple[int, int], str, int]) -> None:
+    def _store(self, asset_pk: int, entry: tuple[tuple[int, int, int], str, int]) -> None:
         old = self._entries.pop(asset_pk, None)
         if old is not None:
             self._size -= len(old[1])

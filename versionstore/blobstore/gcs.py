@@ -1,0 +1,211 @@
+"""Google Cloud Storage blob store (google-cloud-storage).
+
+The library is synchronous, so every call runs in a bounded thread pool owned by the store and
+never on the event loop. Its built-in retries are off: one retry policy lives in the caller, and
+a second one underneath would multiply attempts and hide outages. Google errors never leave this
+module; they become BlobNotFound, TransientStoreError or PermanentStoreError.
+"""
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from google.api_core.exceptions import GoogleAPIError, NotFound, PreconditionFailed, ServerError, TooManyRequests
+from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import GoogleAuthError, TransportError
+from google.cloud import storage  # type: ignore[import-untyped]  # the package ships no py.typed
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse  # type: ignore[import-untyped]
+
+from versionstore.blobstore import BlobInfo, BlobNotFound, BlobStoreError, PermanentStoreError, StoreURL, TransientStoreError
+
+T = TypeVar("T")
+
+MIB = 1 << 20
+PIECE = 8 * MIB  # bytes per ranged GET: large enough for throughput, small enough to hold two in RAM
+TIMEOUT = (10, 60)  # (connect, read) seconds per HTTP request; the library's default is a flat 60
+OPTIONS = frozenset({"endpoint_url", "anonymous", "project", "credentials_file", "chunk_size", "resumable_threshold", "workers"})
+_TRANSIENT = (TooManyRequests, ServerError, TransportError, DataCorruption, OSError)  # OSError: requests' errors too
+_PERMANENT = (GoogleAPIError, GoogleAuthError, InvalidResponse)
+
+
+class GCSBlobStore:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        anonymous: bool = False,
+        project: str | None = None,
+        credentials_file: str | None = None,
+        chunk_size: int = 32 * MIB,
+        resumable_threshold: int = 32 * MIB,
+        workers: int = 8,
+    ) -> None:
+        if chunk_size <= 0 or chunk_size % (256 * 1024):
+            raise ValueError(f"GCS chunk_size must be a positive multiple of 256 KiB, not {chunk_size}")
+        if workers < 1 or resumable_threshold < 0:
+            raise ValueError("GCS workers must be >= 1 and resumable_threshold >= 0")
+        if anonymous and credentials_file:
+            raise ValueError("GCS options anonymous and credentials_file exclude each other")
+        self.name = f"gs://{bucket}/{prefix}".rstrip("/")
+        self._bucket_name, self._prefix = bucket, prefix
+        self._endpoint_url, self._anonymous, self._project, self._credentials_file = endpoint_url, anonymous, project, credentials_file
+        self._chunk_size, self._threshold = chunk_size, resumable_threshold
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gcs")
+        self._lock = threading.Lock()
+        self._client_obj: Any = None
+        self._bucket_obj: Any = None
+
+    @classmethod
+    def from_url(cls, location: StoreURL) -> "GCSBlobStore":
+        options = dict(location.options)
+        unknown = sorted(set(options) - OPTIONS)
+        if unknown:
+            raise ValueError(f"Unknown option(s) for {location.scheme}://{location.bucket}: {', '.join(unknown)}")
+        if options.get("anonymous", "false") not in ("true", "false"):
+            raise ValueError(f"GCS option anonymous must be true or false, not {options['anonymous']!r}")
+        sizes = {name: int(options[name]) for name in ("chunk_size", "resumable_threshold", "workers") if name in options}
+        return cls(
+            location.bucket, location.prefix, endpoint_url=options.get("endpoint_url"), anonymous=options.get("anonymous") == "true",
+            project=options.get("project"), credentials_file=options.get("credentials_file"), **sizes,
+        )
+
+    # --- running library calls in the pool ------------------------------------------------------
+
+    def _bucket(self) -> Any:
+        """The client is built on first use, in a pool thread: building it may read files or probe for credentials."""
+        with self._lock:
+            if self._bucket_obj is None:
+                try:
+                    self._client_obj = self._new_client()
+                except (GoogleAuthError, OSError, ValueError) as exc:  # bad configuration: retrying will not help
+                    raise PermanentStoreError(f"{self.name}: cannot create a GCS client: {exc}") from exc
+                self._bucket_obj = self._client_obj.bucket(self._bucket_name)
+            return self._bucket_obj
+
+    def _new_client(self) -> Any:
+        kwargs: dict[str, Any] = {}
+        if self._endpoint_url:
+            kwargs["client_options"] = {"api_endpoint": self._endpoint_url}
+        if self._project is not None or self._anonymous:
+            kwargs["project"] = self._project  # None with anonymous: no project, and no lookup of a default one
+        if self._anonymous:
+            kwargs["credentials"] = AnonymousCredentials()  # type: ignore[no-untyped-call]
+        if self._credentials_file:
+            return storage.Client.from_service_account_json(self._credentials_file, **kwargs)
+        return storage.Client(**kwargs)
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._result(self._submit(fn, *args))
+
+    async def _result(self, future: Awaitable[T]) -> T:
+        try:
+            return await future
+        except BlobStoreError:
+            raise
+        except _TRANSIENT as exc:
+            raise TransientStoreError(f"{self.name}: {exc}") from exc
+        except _PERMANENT as exc:  # 4xx other than the NotFound handled by each operation, auth failures
+            raise PermanentStoreError(f"{self.name}: {exc}") from exc
+
+    # --- the BlobStore contract ----------------------------------------------------------------
+
+    async def put_file(self, key: str, source: Path) -> bool:
+        return await self._run(self._put_file, self._prefix + key, source)
+
+    def _put_file(self, name: str, source: Path) -> bool:
+        # The existence check saves uploading bytes that are already there (the common case for
+        # content-addressed keys); if_generation_match=0 makes the write itself create-only.
+        if self._bucket().get_blob(name, timeout=TIMEOUT, retry=None) is not None:
+            return False
+        blob = self._bucket().blob(name)
+        with open(source, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            resumable = size >= self._threshold
+            if resumable:
+                blob.chunk_size = self._chunk_size
+            try:
+                # size=None makes the library stream a resumable upload chunk by chunk; with a size it
+                # sends files up to 8 MiB in one multipart request (larger ones in one resumable chunk).
+                blob.upload_from_file(handle, size=None if resumable else size, if_generation_match=0, timeout=TIMEOUT, retry=None)
+            except PreconditionFailed:
+                return False
+        return True
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        blob = await self._run(self._get_blob, self._prefix + key)
+        return None if blob is None else BlobInfo(key, int(blob.size or 0))
+
+    def _get_blob(self, name: str) -> Any:
+        return self._bucket().get_blob(name, timeout=TIMEOUT, retry=None)  # None when missing
+
+    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        # The metadata call gives the size (to plan the pieces) and the generation, which pins
+        # every piece to the same object.
+        blob = await self._run(self._get_blob, self._prefix + key)
+        if blob is None:
+            raise BlobNotFound(key)
+        size = int(blob.size or 0)
+        stop = size if end is None else min(end, size)
+        # One piece is always in flight while the previous one is consumed, so the network and
+        # the client's reading overlap instead of alternating.
+        pending = self._submit(self._download, blob, key, start, min(start + PIECE, stop)) if start < stop else None
+        try:
+            while pending is not None:
+                data = await self._result(pending)
+                start += PIECE
+                pending = self._submit(self._download, blob, key, start, min(start + PIECE, stop)) if start < stop else None
+                yield data
+        finally:
+            if pending is not None:
+                pending.cancel()  # an abandoned read: its piece is dropped (a running GET finishes in its thread)
+
+    def _download(self, blob: Any, key: str, start: int, stop: int) -> bytes:
+        try:
+            # raw_download: the stored bytes, never transcoded; no checksum: it covers whole objects, not ranges.
+            data = blob.download_as_bytes(start=start, end=stop - 1, raw_download=True, checksum=None, timeout=TIMEOUT, retry=None)
+        except NotFound:
+            raise BlobNotFound(key) from None  # deleted while being read
+        if len(data) != stop - start:
+            raise TransientStoreError(f"{self.name}: short read of {key!r}: {len(data)} of {stop - start} bytes at {start}")
+        return cast(bytes, data)
+
+    async def delete(self, key: str) -> None:
+        await self._run(self._delete, self._prefix + key)
+
+    def _delete(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._bucket().delete_blob(name, timeout=TIMEOUT, retry=None)
+
+    async def list(self, prefix: str) -> AsyncIterator[str]:
+        pages = await self._run(self._pages, self._prefix + prefix)
+        skip = len(self._prefix)
+        while (names := await self._run(_next_page, pages)) is not None:
+            for name in names:
+                yield name[skip:]
+
+    def _pages(self, prefix: str) -> Any:
+        return self._bucket().client.list_blobs(self._bucket_name, prefix=prefix, timeout=TIMEOUT, retry=None).pages
+
+    def local_path(self, key: str) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        if self._client_obj is not None:
+            await self._run(self._client_obj.close)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _next_page(pages: Any) -> list[str] | None:
+    """One listing request. None at the end: StopIteration cannot cross a future."""
+    page = next(pages, None)
+    return None if page is None else [blob.name for blob in page]

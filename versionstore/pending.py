@@ -1,0 +1,90 @@
+"""The pending-backup drainer: revisions acknowledged while their target could not take them.
+
+Each pending revision's bytes wait in the primary store (`<cloud>/pending/...`) with a row in
+`backup_pending`. The drainer writes them to the environment's current target with backoff
+and jitter per revision, then drops the row and the waiting copy, in that order: a crash in
+between leaves a waiting copy without a row, which orphan collection removes. A revision is
+never dropped while any version references it.
+"""
+
+import asyncio
+import logging
+import random
+import time
+
+from versionstore import layout
+from versionstore.blobstore import BlobStoreError
+from versionstore.locks import wait_for_event
+from versionstore.models import PendingRevision
+from versionstore.service import RevisionCorrupt, VersionService
+from versionstore.targets import FAILING, TargetUnavailable
+
+log = logging.getLogger(__name__)
+
+BATCH = 32
+CONCURRENCY = 4
+
+
+class PendingDrainer:
+    def __init__(self, service: VersionService, *, interval: float = 1.0, max_backoff: float = 300.0) -> None:
+        self.service = service
+        self.meta = service.meta
+        self.interval = interval
+        self.max_backoff = max_backoff
+
+    async def run(self) -> None:
+        while True:
+            try:
+                drained = await self.drain_once()
+            except Exception:
+                log.exception("pending drainer pass failed; retrying")
+                drained = 0
+            if drained < BATCH:
+                self.service.pending_added.clear()
+                # Sleep until the next tick, or at once when an upload queues something.
+                await wait_for_event(self.service.pending_added, self.interval)
+
+    async def drain_once(self) -> int:
+        """Try every due pending revision once; returns how many were due."""
+        due = await self.meta.due_pending(time.time(), BATCH)
+        limit = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(row: PendingRevision) -> None:
+            async with limit:
+                await self._drain(row)
+
+        await asyncio.gather(*(one(row) for row in due))
+        return len(due)
+
+    async def _drain(self, row: PendingRevision) -> None:
+        service = self.service
+        async with service.target_locks.shared(row.cloud), service.digest_locks.hold((row.cloud, row.digest)):
+            cloud = await self.meta.get_cloud(row.cloud)
+            if cloud is None or await self.meta.get_pending(row.cloud, row.digest) is None:
+                return  # released meanwhile
+            waiting = layout.pending_key(row.cloud, row.digest)
+            if not await self.meta.digest_referenced(row.cloud, row.digest, backup=True):
+                await self.meta.clear_pending(row.cloud, row.digest)
+                await service.primary.delete(waiting)
+                return
+            try:
+                store = await service.targets.usable(cloud)
+                await service.copy_blob(service.primary, waiting, store, layout.revision_key(row.cloud, row.digest), row.digest)
+            except TargetUnavailable as exc:
+                await self._retry_later(row, exc.message)
+                return
+            except (BlobStoreError, RevisionCorrupt) as exc:
+                message = f"{type(exc).__name__}: {exc}"
+                await service.targets.record_failure(row.cloud, FAILING, message)
+                await self._retry_later(row, message)
+                return
+            recovered = await service.targets.record_success(row.cloud)
+            await self.meta.clear_pending(row.cloud, row.digest)
+            await service.primary.delete(waiting)
+        log.info("pending revision %s of %s written to its backup target", row.digest, row.cloud)
+        if recovered:
+            await self.meta.retry_pending_now(row.cloud)
+
+    async def _retry_later(self, row: PendingRevision, error: str) -> None:
+        delay = min(self.max_backoff, 2.0 ** min(row.attempts, 16)) * random.uniform(0.5, 1.0)
+        await self.meta.reschedule_pending(row.cloud, row.digest, time.time() + delay, error)
