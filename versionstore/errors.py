@@ -29,6 +29,12 @@ class NotFound(ApiError):
     status = 404
 
 
+class Conflict(ApiError):
+    """One-at-a-time operations (an initial backup already running)."""
+
+    status = 409
+
+
 class TooLarge(BadRequest):
     """Cloudinary answers oversize files with 400, not 413 (Node rejects 413)."""
 

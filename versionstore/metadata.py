@@ -120,9 +120,10 @@ class MetadataStore:
         self._write_lock = asyncio.Lock()
         self._clouds: dict[str, Cloud | None] = {}
         self._clouds_version = -1
-        #: Bumped whenever a revision enters or leaves the pending queue (this process is its
-        #: only writer): part of the key of anything cached that shows `restorable`.
-        self.pending_generation = 0
+        #: Bumped whenever a revision enters or leaves the pending queue or a version becomes
+        #: a revision after the fact (initial backup); this process is the only writer of
+        #: both: part of the key of anything cached that shows `restorable`.
+        self.revisions_generation = 0
 
     @classmethod
     async def open(cls, path: Path) -> "MetadataStore":
@@ -254,7 +255,7 @@ class MetadataStore:
                     "INSERT OR IGNORE INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
                     (asset.cloud, version.digest, version.bytes, version.created_at, version.created_at),
                 )
-                self.pending_generation += 1
+                self.revisions_generation += 1
             if asset.pk is None:
                 del values["pk"]
                 cursor = await db.execute(
@@ -357,7 +358,7 @@ class MetadataStore:
     async def clear_pending(self, cloud: str, digest: str) -> None:
         async with self.transaction() as db:
             await db.execute("DELETE FROM backup_pending WHERE cloud = ? AND digest = ?", (cloud, digest))
-            self.pending_generation += 1
+            self.revisions_generation += 1
 
     async def pending_summary(self, cloud: str) -> tuple[int, int, float | None]:
         """(count, bytes, oldest queued_at) of the environment's pending revisions."""
@@ -384,6 +385,49 @@ class MetadataStore:
         )
         return [(int(r[0]), r[1], int(r[2])) for r in rows]
 
+    async def live_assets_after(self, cloud: str, after_pk: int, limit: int) -> list[tuple[Asset, int, bool, str | None]]:
+        """(asset, current version's row id, whether it is a revision, the job that made it one)
+        of live assets in row order: an initial backup's cursor is the last asset row it examined."""
+        rows = await self._scan(
+            f"SELECT {', '.join('a.' + c for c in _ASSET_COLUMNS)}, v.pk, v.backed_up, v.backup_job FROM assets a "
+            "JOIN versions v ON v.version_id = a.version_id "
+            "WHERE a.cloud = ? AND a.status = 'live' AND a.pk > ? ORDER BY a.pk LIMIT ?",
+            (cloud, after_pk, limit),
+        )
+        width = len(_ASSET_COLUMNS)
+        return [(_asset(r[:width]), int(r[width]), bool(r[width + 1]), r[width + 2]) for r in rows]
+
+    async def unbacked_totals(self, cloud: str) -> tuple[int, int]:
+        """(assets, bytes) of live assets whose current version is not a revision."""
+        rows = await self._scan(
+            "SELECT COUNT(*), COALESCE(SUM(v.bytes), 0) FROM assets a JOIN versions v ON v.version_id = a.version_id "
+            "WHERE a.cloud = ? AND a.status = 'live' AND v.backed_up = 0",
+            (cloud,),
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def mark_backed_up(self, cloud: str, version_pk: int, version: Version, *, pending: bool, job_id: str) -> bool:
+        """Make an existing version a revision (its bytes are in the target, or queued with
+        `pending`), recording the job that did it. False when it already was one."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE versions SET backed_up = 1, backup_job = ? WHERE pk = ? AND backed_up = 0", (job_id, version_pk)
+            )
+            if not cursor.rowcount:
+                return False
+            if pending:
+                await db.execute(
+                    "INSERT OR IGNORE INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
+                    (cloud, version.digest, version.bytes, time.time(), 0),
+                )
+            self.revisions_generation += 1
+        return True
+
+    async def job_backups(self, job_id: str) -> tuple[int, int]:
+        """(versions, bytes) a job made revisions: exact however often it was restarted."""
+        row = await self._one("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM versions WHERE backup_job = ?", (job_id,))
+        return int(row[0]), int(row[1])
+
     async def revision_totals(self, cloud: str) -> tuple[int, int]:
         """(versions, bytes) backed up in the environment: a migration's denominator."""
         rows = await self._scan("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM versions WHERE cloud = ? AND backed_up = 1", (cloud,))
@@ -391,10 +435,16 @@ class MetadataStore:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    async def create_job(self, job: Job) -> Job:
+    async def create_job(self, job: Job) -> Job | None:
+        """Insert a job; None when the environment already has an open job of that kind."""
         values = _job_row(job)
-        async with self.transaction() as db:
-            await db.execute(f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+        try:
+            async with self.transaction() as db:
+                await db.execute(
+                    f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})", tuple(values.values())
+                )
+        except sqlite3.IntegrityError:
+            return None
         return job
 
     async def save_job(self, job: Job, *, backup_target: tuple[str, str | None] | None = None) -> None:

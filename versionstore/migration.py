@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from versionstore import layout
-from versionstore.blobstore import BlobStore, BlobStoreError
+from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from versionstore.errors import BadRequest
 from versionstore.ids import new_hex_id
 from versionstore.metadata import MetadataStore
@@ -65,7 +65,9 @@ async def change_target(meta: MetadataStore, cloud: Cloud, url: str | None) -> J
         id=new_hex_id(), cloud=cloud.name, kind=KIND, status="pending",
         params={"from": cloud.backup_target, "to": wanted}, progress={"phase": "copy"}, created_at=time.time(),
     )
-    return await meta.create_job(job)
+    if await meta.create_job(job) is None:
+        raise BadRequest("Another backup migration was queued at the same time; try again")
+    return job
 
 
 class BackupMigration:
@@ -136,7 +138,7 @@ class BackupMigration:
         while True:
             try:
                 return await self._copy_one(job, digest)
-            except (RevisionCorrupt, MissingSource) as exc:
+            except (RevisionCorrupt, MissingSource, BlobNotFound) as exc:
                 failed = job.progress.setdefault("failed_digests", [])
                 if len(failed) < MAX_FAILED_LISTED:
                     failed.append({"digest": digest, "error": str(exc)})

@@ -105,3 +105,11 @@ CREATE TABLE jobs (
 );
 CREATE INDEX jobs_cloud_kind ON jobs (cloud, kind, created_at);
 CREATE INDEX jobs_open ON jobs (status) WHERE status IN ('pending', 'active');
+
+-- migration 3
+-- Initial backup (docs/api.md): which job made a version a revision after the fact, so the
+-- job's counts are exact across restarts (they are counted, never incremented in memory).
+ALTER TABLE versions ADD COLUMN backup_job TEXT;
+CREATE INDEX versions_backup_job ON versions (backup_job) WHERE backup_job IS NOT NULL;
+-- One open job of a kind per environment (one migration, one initial backup at a time).
+CREATE UNIQUE INDEX jobs_one_open ON jobs (cloud, kind) WHERE status IN ('pending', 'active');

@@ -9,14 +9,14 @@ This module does not know about HTTP.
 
 import asyncio
 import logging
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from versionstore import layout, media
-from versionstore.blobstore import BlobStore, BlobStoreError
+from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from versionstore.errors import BadRequest, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks, KeyedSharedLocks
@@ -185,6 +185,36 @@ class VersionService:
     def _next_version_number(existing: Asset | None, now: float) -> int:
         """Unix seconds, strictly increasing per asset even for several uploads a second."""
         return max(int(now), existing.version + 1) if existing else int(now)
+
+    async def back_up_current_version(self, asset: Asset, version_pk: int, job_id: str) -> str:
+        """Make a live asset's current version a revision after the fact (initial backup).
+
+        Returns "backed_up", "pending" (queued for its target, like an upload's), "already"
+        (someone else did it meanwhile) or "missing" (its original is not in the primary store).
+        """
+        async with self._names.hold((asset.cloud, asset.resource_type, asset.type, asset.public_id)):
+            current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
+            if current is None or not current.live or current.version_id != asset.version_id:
+                return "already"  # changed meanwhile: a new upload decided its own backup
+            found = await self.meta.version_of(asset.cloud, asset.asset_id, asset.version_id)
+            if found is None or found[1].backed_up:
+                return "already"
+            version = found[1]
+            key = layout.original_key(asset.cloud, version.digest)
+            async with (
+                self.digest_locks.hold((asset.cloud, version.digest)),
+                self.target_locks.shared(asset.cloud),
+                self.local_copy(self.primary, key, version.digest, verify=False) as source,
+            ):
+                if source is None:
+                    return "missing"
+                pending = not await self._put_revision(asset.cloud, version.digest, source)
+                if pending:
+                    await self.primary.put_file(layout.pending_key(asset.cloud, version.digest), source)
+                marked = await self.meta.mark_backed_up(asset.cloud, version_pk, version, pending=pending, job_id=job_id)
+        if pending:
+            self.pending_added.set()
+        return ("pending" if pending else "backed_up") if marked else "already"
 
     # --- deletion ---------------------------------------------------------------------------
 
@@ -356,26 +386,41 @@ class VersionService:
 
     async def copy_blob(self, source: BlobStore, source_key: str, target: BlobStore, target_key: str, digest: str) -> bool:
         """Copy a blob between stores, verifying that its bytes still hash to `digest`.
+        Returns put_file's answer; raises BlobNotFound when the source has no such blob."""
+        async with self.local_copy(source, source_key, digest, verify=True) as path:
+            if path is None:
+                raise BlobNotFound(f"{source.name}/{source_key}")
+            return await target.put_file(target_key, path)
 
-        A local source is hashed in place and linked or uploaded from there; any other is
-        streamed through a spool file, hashed on the way. Returns put_file's answer.
+    @asynccontextmanager
+    async def local_copy(self, store: BlobStore, key: str, digest: str, *, verify: bool) -> AsyncIterator[Path | None]:
+        """A local file with the blob's bytes (None when the blob is missing).
+
+        A local store's file is used in place (hashed first with `verify`); any other store is
+        streamed into a spool file, hashed on the way, and the copy removed afterwards.
         """
-        path = source.local_path(source_key)
-        if path is not None:
-            if not await asyncio.to_thread(os.path.exists, path):
-                raise BlobStoreError(f"{source_key} is missing from {source.name}")
-            actual, _ = await hash_file(Path(path))
-            if actual != digest:
-                raise RevisionCorrupt(f"{source.name}/{source_key} hashes to {actual}")
-            return await target.put_file(target_key, Path(path))
+        local = store.local_path(key)
+        if local is not None:
+            path = Path(local)
+            if not await asyncio.to_thread(path.exists):
+                yield None
+                return
+            if verify and (actual := (await hash_file(path))[0]) != digest:
+                raise RevisionCorrupt(f"{store.name}/{key} hashes to {actual}")
+            yield path
+            return
         spool = self.new_spool()
         try:
-            async for chunk in source.read(source_key):
-                await spool.write(chunk)
+            try:
+                async for chunk in store.read(key):
+                    await spool.write(chunk)
+            except BlobNotFound:
+                yield None
+                return
             spooled = await spool.finish()
             if spooled.digest != digest:
-                raise RevisionCorrupt(f"{source.name}/{source_key} read back as {spooled.digest}")
-            return await target.put_file(target_key, spooled.path)
+                raise RevisionCorrupt(f"{store.name}/{key} read back as {spooled.digest}")
+            yield spooled.path
         finally:
             spool.discard()
 

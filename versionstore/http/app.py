@@ -5,19 +5,24 @@ import itertools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from versionstore import migration
+from versionstore import initial_backup, migration
 from versionstore.blobstore import open_store
 from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
 from versionstore.errors import ApiError
+from versionstore.http import render
+from versionstore.http.notify import Notifier
 from versionstore.http.versions_cache import VersionsJsonCache
-from versionstore.jobs import JobRunner
+from versionstore.jobs import Handler, JobRunner
 from versionstore.metadata import MetadataStore
+from versionstore.models import Job
 from versionstore.pending import PendingDrainer
 from versionstore.service import VersionService
 from versionstore.targets import BackupTargets
@@ -82,10 +87,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[CHUNKS] = ChunkAssembler(meta, config.spool_dir, config.max_upload_bytes)
     await app[CHUNKS].sweep()
     app[FETCHER] = aiohttp.ClientSession(auto_decompress=False)
-    runner = app[JOBS] = JobRunner(
-        meta, {migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run},
-        poll_interval=config.poll_interval,
-    )
+    handlers: dict[str, Handler] = {
+        migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
+        initial_backup.KIND: initial_backup.InitialBackup(service).run,
+    }
+    runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
+    runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), base_delay=config.poll_interval))
     drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
     background = [
         asyncio.create_task(_collect_orphans(service, meta), name="orphan collection"),
@@ -101,6 +108,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await targets.close()
     await primary.close()
     await meta.close()
+
+
+async def _describe_job(meta: MetadataStore, job: Job) -> dict[str, Any]:
+    if job.kind == initial_backup.KIND:
+        return await initial_backup.describe(meta, job)
+    return render.job(job)
 
 
 async def _collect_orphans(service: VersionService, meta: MetadataStore) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 from versionstore.errors import NotFound, Unauthorized
 from versionstore.http import admin_views as admin
 from versionstore.http import backup_views as backup
+from versionstore.http import operations_views as operations
 from versionstore.http import upload_views as upload
 from versionstore.http.app import META
 from versionstore.models import Cloud
@@ -49,6 +50,9 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", rf"resources/{ADMIN_RT}/{TYPE}/restore", admin.restore),
     ("GET", rf"resources/{ADMIN_RT}/{TYPE}/(?P<public_id>.+)", admin.resource),
     ("POST|PUT", rf"resources/{ADMIN_RT}/{TYPE}/(?P<public_id>.+)", admin.update),
+    # Initial backup of existing assets (durable jobs)
+    ("POST|GET", r"operations/initial_backup", operations.initial_backups),
+    ("GET", r"operations/initial_backup/(?P<job_id>[^/]+)", operations.one),
     # versionstore extensions (docs/api.md, versionstore/openapi.yaml)
     ("GET|PUT|POST", r"versionstore/settings", admin.settings),
     ("GET|PUT|POST|DELETE", r"versionstore/backup", backup.backup),

@@ -3,7 +3,7 @@
 Versions are immutable rows, so the JSON of an asset's history only changes when a version
 is added or deleted, which `MetadataStore.versions_signature` detects with one indexed count,
 or when a pending revision reaches its target (`restorable` flips), which bumps
-`MetadataStore.pending_generation`.
+`MetadataStore.revisions_generation`.
 A 1,000-version history then costs one query and a string copy instead of 1,000 row
 conversions. The cache is bounded by the total size of what it holds.
 """
@@ -23,7 +23,7 @@ class VersionsJsonCache:
 
     async def get(self, meta: MetadataStore, cloud: str, asset_pk: int) -> tuple[str, int]:
         """(JSON array of the asset's versions, backup_bytes)."""
-        signature = (*await meta.versions_signature(asset_pk), meta.pending_generation)
+        signature = (*await meta.versions_signature(asset_pk), meta.revisions_generation)
         hit = self._entries.get(asset_pk)
         if hit is not None and hit[0] == signature:
             self._entries.move_to_end(asset_pk)
