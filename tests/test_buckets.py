@@ -277,3 +277,34 @@ async def test_a_migration_is_exclusive_and_can_be_cancelled(api: Api, bucket: B
     job = await api.admin("GET", f"versionstore/jobs/{stuck.id}")
     assert job["status"] == "failed" and "cancelled" in job["error"]
     await api.admin("GET", f"versionstore/jobs/{'0' * 32}", expect=404)
+
+
+async def test_default_store_in_an_object_lock_bucket(
+    tmp_path: Path, moto_server: Any, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+):
+    """The operator's default store on S3 with Object Lock (governance): revisions carry a
+    retention, and irreversible version deletion still removes every object version."""
+    import boto3
+
+    from tests.conftest import API_KEY, API_SECRET
+    from versionstore.http.app import create_app
+
+    for name, value in moto_server.client_env().items():
+        monkeypatch.setenv(name, value)
+    name = f"lock-{uuid.uuid4().hex[:12]}"
+    make_s3_bucket(moto_server.url, name, ObjectLockEnabledForBucket=True)
+    config = Config(data_dir=tmp_path / "data", backup_store=f"s3://{name}/vs?object_lock_days=1")
+    app = create_app(config)
+    api = Api(await aiohttp_client(app))
+    await app[META].create_cloud(CLOUD, API_KEY, API_SECRET, auto_backup=True)
+    first = await api.upload(b"locked revision one", public_id="lock/a")
+    await api.upload(b"locked revision two", public_id="lock/a")
+    s3 = boto3.client("s3", endpoint_url=moto_server.url, region_name="us-east-1")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=name, Prefix="vs/")["Contents"]]
+    assert len(keys) == 2
+    head = s3.head_object(Bucket=name, Key=keys[0])
+    assert head["ObjectLockMode"] == "GOVERNANCE" and head["ObjectLockRetainUntilDate"].timestamp() > time.time() + 3600
+    assert await download(api, first["asset_id"], first["version_id"]) == (200, b"locked revision one")
+    await api.admin("DELETE", f"resources/backup/{first['asset_id']}", data={"version_ids[]": first["version_id"]})
+    remaining = s3.list_object_versions(Bucket=name, Prefix="vs/")
+    assert len(remaining.get("Versions", [])) == 1 and not remaining.get("DeleteMarkers")
