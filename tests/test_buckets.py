@@ -2,7 +2,7 @@
 
 The marker, run-time marker loss and recovery, the pending queue, migrations in both
 directions and two environments sharing a bucket. Outages that stop a server live in
-tests/e2e/test_bucket_outages.py.
+tests/e2e/test_bucket_targets.py.
 """
 
 import asyncio

@@ -32,7 +32,7 @@ from versionstore.targets import TargetUnavailable, customer_bucket, verify_buck
 log = logging.getLogger(__name__)
 
 KIND = "backup_migration"
-BATCH = 256
+BATCH = 64  # revisions per saved cursor: progress shows early, a restart redoes little
 CONCURRENCY = 4
 MAX_FAILED_LISTED = 50
 
