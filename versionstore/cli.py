@@ -1,4 +1,7 @@
-"""Command line: `versionstore serve` and `versionstore cloud create|list|set|status`.
+"""Command line: `versionstore serve`, `cloud create|list|set|status` and `initial-backup`.
+
+`initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
+parses its own options.
 
 The cloud commands write the metadata database directly; a running service reads environment
 settings on every request, so changes apply without a restart. Changing the backup bucket
@@ -151,9 +154,18 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("name")
     status.add_argument("--data-dir", type=Path, required=True)
     cloud.set_defaults(func=_cloud)
+    sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
+        "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "
+        "(--source DIR, --manifest FILE); see `versionstore initial-backup --help`",
+    )
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["initial-backup"]:  # argparse.REMAINDER cannot pass `--option`s through a subparser
+        from versionstore.backup_client import main as initial_backup
+
+        return initial_backup(argv[1:], prog="versionstore initial-backup")
     args = parser().parse_args(argv)
     return int(args.func(args))

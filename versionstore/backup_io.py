@@ -1,0 +1,424 @@
+"""The I/O of `initial-backup` (versionstore/backup_client.py): where assets come from (a
+directory or a manifest), the server (Upload and Admin API with retries), and what a run
+remembers (the state file that lets the next run skip what this one backed up).
+
+Sources are generators, so a manifest of millions of lines is never held in memory; only the
+keys seen so far are (to refuse two entries that would overwrite each other). Public IDs follow
+Cloudinary's convention: image and video IDs have no extension, raw IDs keep theirs.
+"""
+
+import asyncio
+import csv
+import json
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import aiohttp
+import aiohttp.payload
+import blake3
+import yarl
+
+RESOURCE_TYPES = ("image", "video", "raw")
+IMAGE_EXTENSIONS = frozenset({"ai", "arw", "avif", "bmp", "cr2", "djvu", "dng", "eps", "gif", "heic", "heif", "ico", "jp2", "jpe",
+                              "jpeg", "jpg", "jxl", "nef", "pdf", "png", "psd", "svg", "tga", "tif", "tiff", "webp"})
+VIDEO_EXTENSIONS = frozenset({"3gp", "aac", "aiff", "avi", "flac", "flv", "m2ts", "m4a", "m4v", "mkv", "mov", "mp3", "mp4", "mpeg",
+                              "mpg", "mts", "ogg", "ogv", "opus", "ts", "wav", "webm", "wmv"})  # Cloudinary files audio as video
+#: Remote assets: the bytes live elsewhere, there is no original to back up (same list as the server's job).
+REMOTE_TYPES = frozenset({"fetch", "facebook", "twitter", "twitter_name", "gravatar", "youtube", "hulu", "vimeo", "animoto",
+                          "worldstarhiphop", "dailymotion", "list", "multi", "text", "sprite"})
+#: Outcomes after which the asset's current bytes are a revision (or acknowledged as one).
+BACKED_UP = frozenset({"uploaded", "already_backed_up"})
+STATE_FILE = ".initial-backup-state.jsonl"
+
+
+def extension(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[-1].lower() if "." in base.strip(".") else ""
+
+
+def resource_type_for(name: str) -> str:
+    ext = extension(name)
+    return "image" if ext in IMAGE_EXTENSIONS else "video" if ext in VIDEO_EXTENSIONS else "raw"
+
+
+def public_id_for(relative: str, resource_type: str) -> str:
+    """`a/b/logo.png` -> `a/b/logo` (image, video); `a/b/notes.txt` -> `a/b/notes.txt` (raw)."""
+    if resource_type != "raw" and extension(relative):
+        return relative.rsplit(".", 1)[0]
+    return relative
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One asset to back up; `error` is set when its manifest line is unusable."""
+
+    public_id: str
+    resource_type: str
+    type: str
+    source: str  # absolute path or URL, as reported and recorded
+    is_url: bool = False
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.resource_type}/{self.type}/{self.public_id}"
+
+
+def walk_directory(root: Path, folder: str = "", exclude: Iterable[Path] = ()) -> Iterator[Item]:
+    """Regular files under `root` in sorted order; dotfiles and dot-directories are skipped,
+    symlinked directories are not followed."""
+    root = Path(os.path.abspath(root))
+    excluded = {os.path.abspath(p) for p in exclude}
+    prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.startswith(".") or path in excluded or not os.path.isfile(path):
+                continue
+            relative = Path(path).relative_to(root).as_posix()
+            resource_type = resource_type_for(relative)
+            yield Item(prefix + public_id_for(relative, resource_type), resource_type, "upload", path)
+
+
+def read_manifest(manifest: Path) -> Iterator[Item]:
+    """JSON lines (one object per line) or, for a `.csv` file, rows under a header line.
+    Relative paths are relative to the manifest's directory; a `path` may also be a URL."""
+    base = manifest.parent.absolute()
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        if manifest.suffix.lower() == ".csv":
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "public_id" not in reader.fieldnames:
+                raise ValueError(f"{manifest}: the CSV header must name a public_id column")
+            for row in reader:
+                yield _manifest_item(row, base, f"{manifest.name}:{reader.line_num}")
+            return
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                record = {"error": f"not JSON ({exc})"}
+            yield _manifest_item(record if isinstance(record, dict) else {"error": "not a JSON object"}, base, f"{manifest.name}:{number}")
+
+
+def _manifest_item(record: dict[str, Any], base: Path, where: str) -> Item:
+    """An Item, with `error` set (and `source` naming the line when there is no path) if unusable."""
+
+    def field(name: str) -> str:
+        value = record.get(name)
+        return "" if value is None else str(value).strip()
+
+    public_id, path, url, type_ = field("public_id"), field("path"), field("url"), field("type") or "upload"
+    if path.startswith(("http://", "https://")) and not url:
+        path, url = "", path
+    source = url or (os.path.normpath(base / path) if path else where)
+    resource_type = field("resource_type") or resource_type_for(url.split("?", 1)[0] if url else path)
+    error = field("error") or None
+    if error is None and not public_id:
+        error = "public_id is missing"
+    elif error is None and not (url or path) and type_ not in REMOTE_TYPES:
+        error = "needs a path or an http(s) url"
+    elif error is None and resource_type not in RESOURCE_TYPES:
+        error = f"resource_type must be image, video or raw, not {resource_type!r}"
+    elif error is None and url and not url.startswith(("http://", "https://")):
+        error = f"url must be http(s): {url}"
+    return Item(public_id, resource_type, type_, source, is_url=bool(url), error=error)
+
+
+def refuse_duplicates(items: Iterable[Item]) -> Iterator[Item]:
+    """Two sources for one public_id would overwrite each other on every run: the later fails."""
+    seen: dict[str, str] = {}
+    for item in items:
+        first = seen.setdefault(item.key, item.source)
+        if first != item.source and item.error is None:
+            item = Item(item.public_id, item.resource_type, item.type, item.source, item.is_url,
+                        f"public_id {item.public_id!r} is also used for {first}")
+        yield item
+
+
+def hash_file(path: str) -> str:
+    """BLAKE3 hex digest, memory-mapped and multi-threaded (call it in a worker thread)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher.update_mmap(path)
+    return hasher.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Remembered:
+    size: int
+    mtime_ns: int
+    digest: str
+    outcome: str
+
+
+class StateFile:
+    """Append-only JSON lines, one per finished asset, fsynced before the asset counts as done.
+
+    Lines are group-committed: whoever takes the lock writes every line queued so far, so
+    concurrent workers share one fsync. A line torn by a kill is ignored when loading; the last
+    line for a (target, key, source) wins.
+    """
+
+    def __init__(self, path: Path, target: str) -> None:
+        self.path = path
+        self.target = target
+        self._queued: list[str] = []
+        self._lock = asyncio.Lock()
+
+    def load(self) -> dict[tuple[str, str], Remembered]:
+        known: dict[tuple[str, str], Remembered] = {}
+        if not self.path.exists():
+            return known
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    entry = json.loads(line)
+                    if entry.get("target") == self.target:
+                        known[(entry["key"], entry["source"])] = Remembered(
+                            int(entry["size"]), int(entry["mtime_ns"]), str(entry["digest"]), str(entry["outcome"])
+                        )
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue
+        return known
+
+    async def record(self, item: Item, **fields: Any) -> None:
+        entry = {"target": self.target, "key": item.key, "public_id": item.public_id, "resource_type": item.resource_type,
+                 "type": item.type, "source": item.source, **fields, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._queued.append(json.dumps(entry, ensure_ascii=False) + "\n")
+        async with self._lock:
+            if self._queued:
+                lines, self._queued = self._queued, []
+                await asyncio.to_thread(self._append, "".join(lines))
+
+    def _append(self, text: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as handle:
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    text = "\n" + text  # the previous run was killed mid-line
+            handle.write(text.encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+# --- the server ------------------------------------------------------------------------------
+
+T = TypeVar("T")
+CHUNK = 1 << 20
+BACKOFF_BASE, BACKOFF_MAX, RETRY_AFTER_MAX = 0.5, 30.0, 60.0
+URL_FORMAT = "cloudinary://api_key:api_secret@cloud_name?upload_prefix=http://host:port"
+
+
+@dataclass(frozen=True)
+class Target:
+    cloud: str
+    api_key: str
+    api_secret: str
+    prefix: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/v1_1/{self.cloud}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Target":
+        """CLOUDINARY_URL, or the separate CLOUDINARY_* variables the Python SDK also reads."""
+        url = env.get("CLOUDINARY_URL", "")
+        if url:
+            parts = urlsplit(url)
+            credentials, at, cloud = parts.netloc.rpartition("@")
+            key, _, secret = credentials.partition(":")
+            if parts.scheme != "cloudinary" or not (at and key and secret and cloud):
+                raise ValueError(f"CLOUDINARY_URL must look like {URL_FORMAT}")
+            prefix = parse_qs(parts.query).get("upload_prefix", [""])[0]
+            target = cls(cloud, unquote(key), unquote(secret), prefix)
+        elif env.get("CLOUDINARY_CLOUD_NAME"):
+            target = cls(env["CLOUDINARY_CLOUD_NAME"], env.get("CLOUDINARY_API_KEY", ""), env.get("CLOUDINARY_API_SECRET", ""),
+                         env.get("CLOUDINARY_UPLOAD_PREFIX", ""))
+        else:
+            raise ValueError(f"set CLOUDINARY_URL={URL_FORMAT}")
+        target = cls(target.cloud, target.api_key, target.api_secret, (target.prefix or "https://api.cloudinary.com").rstrip("/"))
+        if not target.prefix.startswith(("http://", "https://")) or not target.api_key or not target.api_secret:
+            raise ValueError(f"CLOUDINARY_URL needs an api_key, an api_secret and an http(s) upload_prefix: {URL_FORMAT}")
+        return target
+
+
+class RequestFailed(Exception):
+    """Permanent for this asset (or this call): retrying would get the same answer."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+    def job_id(self) -> str | None:
+        found = re.search(r"\(([0-9a-f]{32})\)", self.message)
+        return found[1] if found else None
+
+
+class Transient(Exception):
+    """5xx, 420 and 429: worth another try after a pause (at least Retry-After, when given)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+TRANSIENT = (Transient, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+
+class _FileChunks:
+    """A file as an async iterator of 1 MiB blocks, read in a worker thread.
+
+    A class rather than an async generator: a cancelled upload must be able to close it while
+    a read is in flight (`aclose()` on a running generator raises and would hide the cancel).
+    """
+
+    def __init__(self, path: str, sent: Callable[[int], None]) -> None:
+        self.handle = open(path, "rb")
+        self.sent = sent
+
+    def __aiter__(self) -> "_FileChunks":
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await asyncio.to_thread(self.handle.read, CHUNK)
+        if not chunk:
+            raise StopAsyncIteration
+        self.sent(len(chunk))
+        return chunk
+
+    def __enter__(self) -> "_FileChunks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()  # BufferedReader.close waits for an in-flight read
+
+
+def _segment(value: str) -> str:
+    """Percent-encode one path segment; `.` and `..` too, so no client or proxy resolves them."""
+    return quote(value, safe="").replace(".", "%2E") if value in (".", "..") else quote(value, safe="")
+
+
+def remote_outcome(resource: dict[str, Any] | None, digest: str) -> tuple[str | None, str | None]:
+    """('already_backed_up' | 'backup_pending' | None, version_id): are `digest`'s bytes the live
+    asset's current version, and is that version a revision (or acknowledged as one)?"""
+    if resource is None or resource.get("status", "active") != "active" or resource.get("etag") != digest[:32]:
+        return None, None
+    current = resource.get("version_id")
+    for version in resource.get("versions") or []:
+        if version.get("version_id") == current:
+            if version.get("restorable"):
+                return "already_backed_up", str(current)
+            if version.get("backup_pending"):
+                return "backup_pending", str(current)
+    return None, None
+
+
+class Api:
+    """Basic-auth calls to one environment; `retrying` wraps one call in backoff with jitter."""
+
+    def __init__(self, target: Target, session: aiohttp.ClientSession, retries: int, on_retry: Callable[[], None]) -> None:
+        self.target, self.session, self.retries, self.on_retry = target, session, retries, on_retry
+        self.auth = {"Authorization": aiohttp.BasicAuth(target.api_key, target.api_secret).encode()}
+
+    @staticmethod
+    def describe(exc: BaseException) -> str:
+        return str(exc) or type(exc).__name__
+
+    async def pause(self, attempt: int, exc: BaseException) -> None:
+        self.on_retry()
+        ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempt - 1))
+        hint = min(exc.retry_after or 0.0, RETRY_AFTER_MAX) if isinstance(exc, Transient) else 0.0
+        await asyncio.sleep(max(hint, ceiling / 2 + random.uniform(0, ceiling / 2)))
+
+    async def retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except TRANSIENT as exc:
+                attempt += 1
+                if attempt > self.retries:
+                    raise RequestFailed(f"{what}: gave up after {self.retries} retries: {self.describe(exc)}") from exc
+                await self.pause(attempt, exc)
+
+    async def call(self, method: str, segments: Iterable[str], **kwargs: Any) -> dict[str, Any]:
+        url = yarl.URL(self.target.base + "/" + "/".join(map(_segment, segments)), encoded=True)
+        async with self.session.request(method, url, headers=self.auth, **kwargs) as response:
+            try:
+                body = await response.json(content_type=None)
+            except ValueError:
+                body = None
+            if response.status == 200 and isinstance(body, dict) and "error" not in body:
+                return body
+            error = body.get("error") if isinstance(body, dict) else None
+            message = str(error.get("message")) if isinstance(error, dict) else f"HTTP {response.status} {response.reason}"
+            if response.status >= 500 or response.status in (420, 429):
+                retry_after = response.headers.get("Retry-After", "")
+                raise Transient(f"HTTP {response.status}: {message}", float(retry_after) if retry_after.isdigit() else None)
+            raise RequestFailed(message, response.status)
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.call("GET", ["ping"])
+
+    async def lookup(self, item: Item) -> dict[str, Any] | None:
+        try:
+            return await self.call("GET", ["resources", item.resource_type, item.type, *item.public_id.split("/")],
+                                   params={"versions": "true"})
+        except RequestFailed as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def upload(self, item: Item, path: str, filename: str, sent: Callable[[int], None]) -> dict[str, Any]:
+        """Multipart upload whose file part streams from disk in 1 MiB reads (never the whole file)."""
+        with _FileChunks(path, sent) as chunks, aiohttp.MultipartWriter("form-data") as writer:
+            for name, value in (("public_id", item.public_id), ("type", item.type), ("backup", "true"), ("overwrite", "true")):
+                writer.append(value).set_content_disposition("form-data", name=name)
+            part = writer.append_payload(aiohttp.payload.AsyncIterablePayload(chunks, content_type="application/octet-stream"))
+            part.set_content_disposition("form-data", name="file", filename=filename)
+            return await self.call("POST", [item.resource_type, "upload"], data=writer)
+
+    async def download(self, url: str, directory: str | None) -> tuple[str, int, str]:
+        """Stream a URL to a temp file, hashing as it goes: (path, size, digest). No Basic auth is sent."""
+        handle = tempfile.NamedTemporaryFile(prefix="initial-backup-", dir=directory, delete=False)
+        hasher, size, pending = blake3.blake3(), 0, bytearray()
+
+        def write(data: bytes) -> None:
+            hasher.update(data)
+            handle.write(data)
+
+        try:
+            async with self.session.get(url, headers={"Accept-Encoding": "identity"}) as response:
+                if response.status != 200:
+                    message = f"download failed: HTTP {response.status} {response.reason}"
+                    raise Transient(message) if response.status >= 500 or response.status == 429 else RequestFailed(message)
+                async for chunk in response.content.iter_chunked(CHUNK):
+                    size += len(chunk)
+                    pending += chunk
+                    if len(pending) >= CHUNK:
+                        await asyncio.to_thread(write, bytes(pending))
+                        pending.clear()
+            await asyncio.to_thread(write, bytes(pending))
+            await asyncio.to_thread(handle.close)
+            return handle.name, size, hasher.hexdigest()
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
+
+    async def open_job_id(self) -> str | None:
+        """The open initial-backup job, when a 409's message did not name it."""
+        listing = await self.retrying("list jobs", lambda: self.call("GET", ["operations", "initial_backup"], params={"max_results": "50"}))
+        return next((str(j["id"]) for j in listing.get("initial_backups") or [] if j.get("status") in ("pending", "active")), None)
