@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import blake3
 from tqdm import tqdm
 
 from versionstore.backup_io import (
@@ -230,15 +231,18 @@ class SourceRun:
             self._count("skipped_unchanged")
             return info.st_size
         # Unchanged but pending last time: the recorded digest is still right, only ask the server again.
-        digest = known.digest if unchanged and known is not None else await asyncio.to_thread(hash_file, item.source)
+        # Otherwise the file is hashed only if the server has the asset (to compare), or while it uploads.
+        digest = known.digest if unchanged and known is not None else None
         await self._sync(item, item.source, os.path.basename(item.source), info.st_size, info.st_mtime_ns, digest, advanced)
         return info.st_size
 
     async def _sync(
-        self, item: Item, path: str, filename: str, size: int, mtime_ns: int | None, digest: str, advanced: list[int]
+        self, item: Item, path: str, filename: str, size: int, mtime_ns: int | None, digest: str | None, advanced: list[int]
     ) -> None:
         """Look the asset up; upload unless its backed-up current version has these bytes.
 
+        `digest` None: not hashed yet. A file is hashed before uploading only when the server has
+        an asset to compare it with; a new one is hashed as it uploads (one read of the file).
         After a transient upload error the lookup runs again before the retry: the lost answer may
         belong to an upload that landed, and uploading it twice would add a duplicate version.
         """
@@ -247,7 +251,9 @@ class SourceRun:
         attempt = 0
         while True:
             resource = await self.api.retrying("lookup", lambda: self.api.lookup(item))
-            outcome, version_id = remote_outcome(resource, digest)
+            if digest is None and resource is not None:
+                digest = await asyncio.to_thread(hash_file, path)
+            outcome, version_id = (None, None) if digest is None else remote_outcome(resource, digest)
             if outcome is not None:
                 outcome = "uploaded" if attempt and outcome == "already_backed_up" else outcome
                 break
@@ -260,8 +266,9 @@ class SourceRun:
                 advanced[0] += n
                 bar.update(n)
 
+            hasher = blake3.blake3() if digest is None else None
             try:
-                result = await self.api.upload(item, path, filename, sent)
+                result = await self.api.upload(item, path, filename, sent, hasher)
             except TRANSIENT as exc:
                 bar.update(-advanced[0])
                 advanced[0] = 0
@@ -270,7 +277,8 @@ class SourceRun:
                     raise RequestFailed(f"upload: gave up after {self.api.retries} retries: {Api.describe(exc)}") from exc
                 await self.api.pause(attempt, exc)
                 continue
-            if result.get("etag") != digest[:32]:
+            digest = hasher.hexdigest() if hasher is not None else digest
+            if digest is None or result.get("etag") != digest[:32]:
                 raise RequestFailed("the file changed while it was being uploaded; run again")
             if not result.get("backup"):
                 raise RequestFailed("the server did not keep a backup of the upload")

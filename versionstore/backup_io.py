@@ -284,15 +284,22 @@ class _FileChunks:
     a read is in flight (`aclose()` on a running generator raises and would hide the cancel).
     """
 
-    def __init__(self, path: str, sent: Callable[[int], None]) -> None:
+    def __init__(self, path: str, sent: Callable[[int], None], hasher: "blake3.blake3 | None" = None) -> None:
         self.handle = open(path, "rb")
         self.sent = sent
+        self.hasher = hasher
 
     def __aiter__(self) -> "_FileChunks":
         return self
 
+    def _read(self) -> bytes:
+        chunk = self.handle.read(CHUNK)
+        if self.hasher is not None:
+            self.hasher.update(chunk)  # hashed as the bytes pass: no separate read of the file
+        return chunk
+
     async def __anext__(self) -> bytes:
-        chunk = await asyncio.to_thread(self.handle.read, CHUNK)
+        chunk = await asyncio.to_thread(self._read)
         if not chunk:
             raise StopAsyncIteration
         self.sent(len(chunk))
@@ -381,9 +388,12 @@ class Api:
                 return None
             raise
 
-    async def upload(self, item: Item, path: str, filename: str, sent: Callable[[int], None]) -> dict[str, Any]:
-        """Multipart upload whose file part streams from disk in 1 MiB reads (never the whole file)."""
-        with _FileChunks(path, sent) as chunks, aiohttp.MultipartWriter("form-data") as writer:
+    async def upload(
+        self, item: Item, path: str, filename: str, sent: Callable[[int], None], hasher: "blake3.blake3 | None" = None
+    ) -> dict[str, Any]:
+        """Multipart upload whose file part streams from disk in 1 MiB reads (never the whole file),
+        hashed on the way into `hasher` when one is given."""
+        with _FileChunks(path, sent, hasher) as chunks, aiohttp.MultipartWriter("form-data") as writer:
             for name, value in (("public_id", item.public_id), ("type", item.type), ("backup", "true"), ("overwrite", "true")):
                 writer.append(value).set_content_disposition("form-data", name=name)
             part = writer.append_payload(aiohttp.payload.AsyncIterablePayload(chunks, content_type="application/octet-stream"))
