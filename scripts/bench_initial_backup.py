@@ -1,0 +1,793 @@
+#!/usr/bin/env python3
+"""Initial-backup benchmark: our initial backup versus restic and `cp -r`, side by side in one run.
+
+The script generates a synthetic media library at run time (default 2,000 files of random
+bytes, about 10 GiB: 70 % images of 50 KiB-2 MiB, 25 % large images of 2-20 MiB, 5 % videos of
+20-100 MiB, sizes log-uniform in each band, fixed seed) and measures, in this order:
+
+1. `cp -r LIB COPY && sync`: a plain copy on the same disk, flushed (first run only).
+2. `restic backup LIB` to a local repository made by `restic init` in the temp dir (restic's
+   defaults; one run per phase on the same repository, like a user would).
+3. The server job: the library is first loaded into a versionstore environment with automatic
+   backup off (concurrent `curl -F ... -F backup=false` uploads: setup, reported, not timed);
+   then automatic backup is turned on (`versionstore cloud set demo --auto-backup on`, applied
+   to the running server) and `POST operations/initial_backup` is timed until
+   `GET operations/initial_backup/<id>` says `completed`.
+4. Script source mode: `versionstore initial-backup --source LIB` (the batch client) against a
+   second server with automatic backup on and an empty environment (fresh data dir).
+
+Then the re-runs: every tool again with nothing changed, then 5 % of the files (about 5 % of
+the bytes) get new random bytes (same sizes) and every tool runs again (restic and the script
+re-read LIB with the same repository / state file; for the server job the changed files are
+first uploaded with `backup=false`, as setup). `sync; echo 3 > /proc/sys/vm/drop_caches` runs before every timed
+run when it is writable (root), so each starts from a cold page cache; the report says when
+that was not possible.
+
+Throughput is always library bytes / wall time (MB = 10^6 bytes), also for the re-runs, so
+the re-run rows read as "how fast a whole library is checked". Ratios compare throughputs:
+"vs restic" is against restic's run of the same kind, "vs cp" against cp's (first) run.
+Each run is measured once (a full run moves tens of GiB). The "others" column is the share
+of the machine's CPU capacity used during the run by anything but the measured tool and
+server (other processes, kernel writeback, steal); on a shared VM, --quiet-wait waits before
+each timed run for the machine to go idle, and the summary warns about runs that were not.
+
+Read the ratios with what each tool does to the bytes:
+- the server job with local stores on one filesystem hard-links each current original from
+  the primary store into the backup store (docs/design.md: bytes are written once), so it
+  reads and writes no file contents: its time is metadata (one SQLite transaction with
+  `synchronous=FULL` per asset, a link, a chmod and a directory fsync);
+- script source mode reads and BLAKE3-hashes each file, looks the asset up, and uploads every
+  byte over HTTP: the server spools, BLAKE3-hashes and fsyncs each file, links it into the
+  primary and backup stores (a directory fsync each) and commits its metadata;
+- restic reads, chunks (content-defined), SHA-256-hashes, compresses (repository v2 default
+  `--compression auto`) and encrypts everything, and writes pack files, fsyncing each pack
+  file and its directory, not each source file;
+- `cp -r` copies the bytes and one `sync` flushes them at the end (no per-file fsync).
+
+    .venv/bin/python scripts/bench_initial_backup.py                 # full: 2,000 files, ~10 GiB
+    .venv/bin/python scripts/bench_initial_backup.py --scale 0.05    # 100 files, ~0.5 GiB
+    .venv/bin/python scripts/bench_initial_backup.py --files 300 --skip-restic --keep
+    .venv/bin/python scripts/bench_initial_backup.py --quiet-wait 300 --json out.json   # on a shared VM
+
+Requires curl; restic for its column (`apt-get update && apt-get install -y restic`; without
+it, or with --skip-restic, that column and its targets are skipped). Everything lives in one
+temp dir (library, copy, restic repository, both data dirs), on the disk of --tmp-dir, and is
+removed on exit unless --keep. Needs about 4.5x the library size free on that disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+import psutil
+
+CLOUD = "demo"
+API_KEY = "key123"
+API_SECRET = "secret456"
+BASIC = "Basic " + base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+RESTIC_PASSWORD = "bench-initial-backup"
+
+DEFAULT_FILES = 2000
+# (share of files, folder, extension, resource type, smallest, largest): sizes log-uniform in the band.
+MIX = (
+    (0.70, "photos", "jpg", "image", 50 * KiB, 2 * MiB),
+    (0.25, "large", "png", "image", 2 * MiB, 20 * MiB),
+    (0.05, "videos", "mp4", "video", 20 * MiB, 100 * MiB),
+)
+SUBFOLDERS = 16
+CHANGED_SHARE = 0.05
+NOISY = 0.15  # warn when other work used more than this share of the CPUs during a timed run
+QUIET = 0.10  # --quiet-wait: a machine this busy (share of the CPUs) counts as quiet
+
+TARGETS = {
+    "first_vs_restic": 2.0,  # first run >= 2x restic's throughput
+    "first_vs_cp_stretch": 0.9,  # stretch: >= 0.9x cp -r
+    "rerun_vs_restic": 1.0,  # unchanged and 5 %-changed runs no slower than restic's
+}
+
+#: Printed under the targets: what each tool does to the bytes, so the ratios are read honestly.
+READING = (
+    "Read the ratios with what each tool does to the bytes:",
+    "- server job: local stores on one filesystem, so it hard-links each current original from the primary store into the",
+    "  backup store (docs/design.md: bytes are written once). No byte is read or copied; per asset it costs a link, a chmod,",
+    "  a directory fsync and one SQLite commit (synchronous=FULL). With a backup target on another filesystem or in a bucket",
+    "  it would copy every byte.",
+    "- script --source: reads and BLAKE3-hashes each file, looks the asset up, uploads every byte over HTTP; the server spools,",
+    "  hashes and fsyncs each file, links it into the primary and backup stores (a directory fsync each) and commits.",
+    "- restic: reads, chunks, SHA-256-hashes, compresses (default: auto) and encrypts every byte; fsyncs each pack file and its",
+    "  directory, not each source file.",
+    "- cp -r: copies the bytes, no fsync per file; one sync(1) at the end is included in its time.",
+)
+
+TOOLS = ("cp", "restic", "job", "script")
+TOOL_NAMES = {"cp": "cp -r + sync", "restic": "restic backup", "job": "server job", "script": "script --source"}
+RUNS = ("first", "unchanged", "changed")
+RUN_NAMES = {"first": "first", "unchanged": "unchanged", "changed": "5% changed"}
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of all waited-for child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def drop_caches() -> str | None:
+    """Flush dirty pages and drop the page cache; None when done, else why not."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return None
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all processes, the kernel, and steal: time
+    the hypervisor gave to other guests)."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB" if n >= MiB else f"{n / KiB:.0f} KiB"
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    health: str = "/healthz"
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{self.health}", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not become healthy within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def cpu(self) -> float:
+        assert self.proc is not None
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
+
+@dataclass(frozen=True)
+class LibFile:
+    relative: str
+    size: int
+    resource_type: str
+
+    @property
+    def public_id(self) -> str:
+        # Cloudinary's convention (and the batch client's): image and video IDs have no extension.
+        return self.relative.rsplit(".", 1)[0]
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    tool_cpu: float | None = None  # the tool's own processes (cp + sync, restic, the client)
+    server_cpu: float | None = None  # the versionstore server, for the job and script columns
+    cold: bool = False
+    note: str = ""
+    others: float | None = None  # share of the machine's CPU capacity used by anything but the measured processes
+    load: float | None = None  # 1-minute load average when the run started
+
+
+@dataclass
+class Results:
+    library_bytes: int = 0
+    library_files: int = 0
+    changed_files: int = 0
+    changed_bytes: int = 0
+    setup: dict[str, float] = field(default_factory=dict)
+    runs: dict[str, dict[str, Measurement]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    cold_cache: str | None = None  # None when dropping caches works, else why not
+
+    def add(self, tool: str, run: str, m: Measurement) -> None:
+        self.runs.setdefault(tool, {})[run] = m
+
+
+@dataclass
+class Start:
+    """What a timed run starts from: cache state, the machine's busy CPU and its load."""
+
+    cold: bool
+    busy: float = field(default_factory=machine_busy)
+    load: float = field(default_factory=lambda: os.getloadavg()[0])
+    wall: float = field(default_factory=time.perf_counter)
+
+    def measurement(self, tool_cpu: float | None = None, server_cpu: float | None = None, note: str = "") -> Measurement:
+        elapsed = time.perf_counter() - self.wall
+        ours = (tool_cpu or 0.0) + (server_cpu or 0.0)
+        others = max(0.0, machine_busy() - self.busy - ours) / ((os.cpu_count() or 1) * elapsed)
+        return Measurement(elapsed, tool_cpu=tool_cpu, server_cpu=server_cpu, cold=self.cold, note=note, others=others,
+                           load=self.load)
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.root = Path(tempfile.mkdtemp(prefix="versionstore-bench-ib-", dir=args.tmp_dir))
+        self.lib = self.root / "library"
+        self.python = sys.executable
+        self.results = Results()
+        self.servers: list[Server] = []
+        self.files: list[LibFile] = []
+        self.versions: dict[str, str] = {"versionstore": "?", "restic": "?"}
+        self.changed: list[LibFile] = []
+        self.job_server: Server | None = None
+        self.job_data = self.root / "data-job"
+        self.script_server: Server | None = None
+        self.script_data = self.root / "data-script"
+        self.restic_repo = self.root / "restic-repo"
+        self.state_file = self.root / "initial-backup-state.jsonl"
+        self.restic_env = dict(os.environ, RESTIC_PASSWORD=RESTIC_PASSWORD, RESTIC_CACHE_DIR=str(self.root / "restic-cache"))
+
+    # -- lifecycle --
+
+    def cleanup(self) -> None:
+        for server in self.servers:
+            try:
+                server.stop()
+            except Exception as exc:  # keep cleaning up
+                log(f"warning: stopping {server.name}: {exc}")
+        if self.args.keep:
+            log(f"kept {self.root}")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def cli(self, *argv: str, data_dir: Path) -> str:
+        out = subprocess.run([self.python, "-m", "versionstore", *argv, "--data-dir", str(data_dir)],
+                             check=True, capture_output=True, text=True)
+        return out.stdout
+
+    def start_server(self, name: str, data_dir: Path, auto_backup: bool) -> Server:
+        self.cli("cloud", "create", CLOUD, "--api-key", API_KEY, "--api-secret", API_SECRET,
+                 "--auto-backup", "on" if auto_backup else "off", data_dir=data_dir)
+        port = free_port()
+        server = Server(name, [self.python, "-m", "versionstore", "serve", "--data-dir", str(data_dir),
+                               "--host", "127.0.0.1", "--port", str(port)], port, self.root / f"{name}.log")
+        self.servers.append(server)
+        server.start()
+        return server
+
+    @staticmethod
+    def base(server: Server) -> str:
+        return f"http://127.0.0.1:{server.port}/v1_1/{CLOUD}"
+
+    def wait_quiet(self) -> None:
+        """With --quiet-wait: wait (up to that long) for a 2 s window in which the machine is
+        mostly idle, so other work on a shared VM does not land on a measured run."""
+        if self.args.quiet_wait <= 0:
+            return
+        capacity = os.cpu_count() or 1
+        deadline = time.monotonic() + self.args.quiet_wait
+        started = time.monotonic()
+        while True:
+            busy0 = machine_busy()
+            time.sleep(2.0)
+            share = (machine_busy() - busy0) / (2.0 * capacity)
+            if share < QUIET or time.monotonic() >= deadline:
+                break
+        waited = time.monotonic() - started
+        if waited > 2.5 or share >= QUIET:
+            log(f"  (waited {waited:.0f}s for a quiet machine: {share:.0%} of the CPUs busy just before this run)")
+
+    def start(self) -> Start:
+        """Right before a timed run: a cold page cache when possible (always flushes dirty pages)."""
+        self.wait_quiet()
+        if self.args.warm:
+            os.sync()
+            return Start(cold=False)
+        why = drop_caches()
+        if why is not None and self.results.cold_cache is None:
+            self.results.cold_cache = why
+            log(f"  note: cannot drop the page cache ({why}); runs start with a warm cache")
+        return Start(cold=why is None)
+
+    # -- the library --
+
+    def plan_library(self) -> None:
+        rng = random.Random(self.args.seed)
+        n = self.args.files
+        counts = [round(n * share) for share, *_ in MIX[:-1]]
+        counts.append(max(0, n - sum(counts)))
+        files: list[LibFile] = []
+        for count, (_, folder, ext, rtype, low, high) in zip(counts, MIX, strict=True):
+            for i in range(count):
+                size = int(math.exp(rng.uniform(math.log(low), math.log(high))))
+                files.append(LibFile(f"{folder}/{i % SUBFOLDERS:02d}/{folder[:-1]}-{i:05d}.{ext}", size, rtype))
+        self.files = files
+        self.results.library_files = len(files)
+        self.results.library_bytes = sum(f.size for f in files)
+
+    def write_file(self, f: LibFile, generation: int) -> None:
+        """Random-looking, incompressible bytes (BLAKE3 XOF of seed, path and generation): fast
+        to make and unique per file and generation, so nothing dedups."""
+        path = self.lib / f.relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        xof = blake3.blake3(f"{self.args.seed}:{f.relative}:{generation}".encode())
+        block = 8 * MiB
+        with open(path, "wb") as handle:
+            for offset in range(0, f.size, block):
+                handle.write(xof.digest(length=min(block, f.size - offset), seek=offset))
+
+    def make_library(self) -> None:
+        r = self.results
+        log(f"generating the library: {r.library_files} files, {fmt_bytes(r.library_bytes)} in {self.lib} ...")
+        started = time.perf_counter()
+        for f in self.files:
+            self.write_file(f, 0)
+        os.sync()
+        r.setup["generate_library"] = time.perf_counter() - started
+        for share, folder, ext, _, low, high in MIX:
+            group = [f for f in self.files if f.relative.startswith(folder + "/")]
+            log(f"  {folder:<7} {len(group):5d} .{ext} files ({share:.0%}), {fmt_bytes(low)}-{fmt_bytes(high)}: "
+                f"{fmt_bytes(sum(f.size for f in group))}")
+        log(f"  took {r.setup['generate_library']:.1f}s")
+
+    def change_library(self) -> None:
+        # 5 % of the files; of a few hundred seeded random draws, the one whose bytes are closest
+        # to 5 % of the library's (one 100 MiB video more or less would skew a small run).
+        rng = random.Random(self.args.seed + 1)
+        k = max(1, round(len(self.files) * CHANGED_SHARE))
+        goal = self.results.library_bytes * CHANGED_SHARE
+        draws = (rng.sample(self.files, k) for _ in range(500))
+        self.changed = sorted(min(draws, key=lambda d: abs(sum(f.size for f in d) - goal)), key=lambda f: f.relative)
+        for f in self.changed:
+            self.write_file(f, 1)  # same size, new bytes, new mtime
+        os.sync()
+        self.results.changed_files = k
+        self.results.changed_bytes = sum(f.size for f in self.changed)
+        log(f"changed {k} files ({fmt_bytes(self.results.changed_bytes)}, "
+            f"{self.results.changed_bytes / self.results.library_bytes:.1%} of the bytes): new random bytes, same sizes")
+
+    # -- cp -r --
+
+    def run_cp(self) -> None:
+        target = self.root / "copy"
+        cpu0 = children_cpu()
+        start = self.start()
+        subprocess.run(["cp", "-r", str(self.lib), str(target)], check=True)
+        subprocess.run(["sync"], check=True)  # cp does not fsync; flush the copy like the service would
+        m = start.measurement(tool_cpu=children_cpu() - cpu0, note="one sync(1) at the end")
+        self.results.add("cp", "first", m)
+        self.report_run("cp", "first", m)
+        shutil.rmtree(target)
+        os.sync()
+
+    # -- restic --
+
+    def restic(self, *argv: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["restic", "-r", str(self.restic_repo), *argv], env=self.restic_env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def init_restic(self) -> None:
+        out = self.restic("init")
+        if out.returncode != 0:
+            raise RuntimeError(f"restic init failed: {out.stdout}\n{out.stderr}")
+
+    def run_restic(self, run: str) -> None:
+        cpu0 = children_cpu()
+        start = self.start()
+        extra = ["--compression", self.args.restic_compression] if self.args.restic_compression else []
+        out = self.restic(*extra, "backup", "--json", str(self.lib))
+        cpu = children_cpu() - cpu0
+        if out.returncode != 0:
+            raise RuntimeError(f"restic backup failed (rc={out.returncode}): {out.stderr[-2000:]}")
+        summary: dict[str, Any] = next((json.loads(line) for line in reversed(out.stdout.splitlines())
+                        if line.startswith("{") and '"summary"' in line), {})
+        note = (f"new {summary.get('files_new')}, changed {summary.get('files_changed')}, unmodified "
+                f"{summary.get('files_unmodified')}, added {fmt_bytes(summary.get('data_added', 0))}")
+        m = start.measurement(tool_cpu=cpu, note=note)
+        self.results.add("restic", run, m)
+        self.report_run("restic", run, m)
+
+    # -- the server job --
+
+    def upload(self, server: Server, f: LibFile) -> None:
+        out = subprocess.run(
+            ["curl", "-sS", "--max-time", "600", "-u", f"{API_KEY}:{API_SECRET}",
+             "-F", f"file=@{self.lib / f.relative};type=application/octet-stream", "-F", f"public_id={f.public_id}",
+             "-F", "backup=false", "-o", "-", "-w", "\n%{http_code}", f"{self.base(server)}/{f.resource_type}/upload"],
+            capture_output=True, check=False,
+        )
+        body, _, status = out.stdout.decode(errors="replace").rpartition("\n")
+        if out.returncode != 0 or status != "200":
+            raise RuntimeError(f"upload of {f.relative} failed: curl rc={out.returncode} status={status} {body[:300]} {out.stderr!r}")
+        result = json.loads(body)
+        if result.get("bytes") != f.size or result.get("backup"):
+            raise RuntimeError(f"unexpected upload result for {f.relative}: {body[:300]}")
+
+    def load(self, server: Server, files: list[LibFile], label: str) -> float:
+        """Concurrent curl uploads with backup=false: setup, not a measured run."""
+        size = sum(f.size for f in files)
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(self.args.load_concurrency) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(self.upload, server, f) for f in files]):
+                future.result()
+        elapsed = time.perf_counter() - started
+        self.results.setup[label] = elapsed
+        log(f"  setup: uploaded {len(files)} files ({fmt_bytes(size)}) with backup=false, {self.args.load_concurrency} "
+            f"concurrent curl uploads, in {elapsed:.1f}s ({size / 1e6 / elapsed:.0f} MB/s; not timed as a run)")
+        return elapsed
+
+    def api(self, server: Server, method: str, path: str, data: bytes | None = None) -> dict[str, Any]:
+        request = urllib.request.Request(f"{self.base(server)}/{path}", data=data, method=method,
+                                         headers={"Authorization": BASIC})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return dict(json.loads(resp.read()))
+
+    def start_job_server(self) -> None:
+        self.job_server = self.start_server("server-job", self.job_data, auto_backup=False)
+        log(f"  server for the job column: {self.job_data} (automatic backup off)")
+        self.load(self.job_server, self.files, "load_library")
+        self.cli("cloud", "set", CLOUD, "--auto-backup", "on", data_dir=self.job_data)  # applies to the running server
+        settings = self.api(self.job_server, "GET", "versionstore/settings")
+        if not settings.get("auto_backup"):
+            raise RuntimeError(f"automatic backup did not turn on: {settings}")
+
+    def run_job(self, run: str, expect_processed: int) -> None:
+        server = self.job_server
+        assert server is not None
+        cpu0 = server.cpu()
+        start = self.start()
+        job_id = self.api(server, "POST", "operations/initial_backup", data=b"")["id"]
+        while True:
+            body = self.api(server, "GET", f"operations/initial_backup/{job_id}")
+            if body["status"] in ("completed", "failed"):
+                break
+            time.sleep(self.args.poll)
+        cpu = server.cpu() - cpu0
+        if body["status"] != "completed" or body["processed_assets_count"] != expect_processed:
+            raise RuntimeError(f"initial backup job {job_id}: expected {expect_processed} processed, got {body}")
+        note = (f"processed {body['processed_assets_count']} ({fmt_bytes(body['bytes'])}), already backed up "
+                f"{body['already_backed_up_count']}; links, no byte copy")
+        m = start.measurement(server_cpu=cpu, note=note)
+        self.results.add("job", run, m)
+        self.report_run("job", run, m)
+
+    # -- script source mode --
+
+    def client_argv(self) -> list[str]:
+        argv = [self.python, "-m", "versionstore", "initial-backup", "--source", str(self.lib),
+                "--state-file", str(self.state_file), "--no-progress"]
+        if self.args.client_concurrency:
+            argv += ["--concurrency", str(self.args.client_concurrency)]
+        return argv
+
+    def client_available(self) -> str | None:
+        out = subprocess.run([self.python, "-m", "versionstore", "initial-backup", "--help"], capture_output=True,
+                             text=True, check=False)
+        if out.returncode != 0 or "--source" not in out.stdout:
+            return "`versionstore initial-backup --source` is not available in this checkout"
+        return None
+
+    def start_script_server(self) -> None:
+        self.script_server = self.start_server("server-script", self.script_data, auto_backup=True)
+        log(f"  server for the script column: {self.script_data} (automatic backup on, empty environment)")
+
+    def run_script(self, run: str) -> None:
+        server = self.script_server
+        assert server is not None
+        report = self.root / f"initial-backup-{run}.json"
+        env = dict(os.environ, CLOUDINARY_URL=f"cloudinary://{API_KEY}:{API_SECRET}@{CLOUD}"
+                                              f"?upload_prefix=http://127.0.0.1:{server.port}")
+        cpu0, scpu0 = children_cpu(), server.cpu()
+        start = self.start()
+        out = subprocess.run([*self.client_argv(), "--report-json", str(report)], env=env, capture_output=True,
+                             text=True, check=False)
+        cpu, scpu = children_cpu() - cpu0, server.cpu() - scpu0
+        (self.root / f"initial-backup-{run}.log").write_text(out.stdout + out.stderr)
+        if out.returncode != 0:
+            raise RuntimeError(f"initial-backup --source failed (rc={out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        m = start.measurement(tool_cpu=cpu, server_cpu=scpu, note=self.summarise_report(report))
+        self.results.add("script", run, m)
+        self.report_run("script", run, m)
+
+    @staticmethod
+    def summarise_report(path: Path) -> str:
+        """The client's own counts, whatever their names: the numeric top-level fields."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return "no report"
+        counts = data.get("counts", data) if isinstance(data, dict) else {}
+        if not isinstance(counts, dict):
+            return ""
+        parts = [f"{k} {v}" for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool) and v]
+        return ", ".join(parts[:6])
+
+    # -- report --
+
+    def report_run(self, tool: str, run: str, m: Measurement) -> None:
+        mbs = self.results.library_bytes / 1e6 / m.seconds
+        cpu = " ".join(f"{k} CPU {v:.1f}s" for k, v in (("tool", m.tool_cpu), ("server", m.server_cpu)) if v is not None)
+        log(f"  {TOOL_NAMES[tool]:<16} {RUN_NAMES[run]:<10} {m.seconds:8.2f}s {mbs:9.1f} MB/s  {cpu}  "
+            f"{'cold' if m.cold else 'warm'} cache, others {_pct(m.others)} of the CPUs, load {m.load:.1f}  {m.note}")
+
+    def ratio(self, tool: str, run: str, base_tool: str, base_run: str) -> float | None:
+        ours = self.results.runs.get(tool, {}).get(run)
+        base = self.results.runs.get(base_tool, {}).get(base_run)
+        if ours is None or base is None:
+            return None
+        return base.seconds / ours.seconds  # throughput ratio (same bytes)
+
+    def report(self) -> bool:
+        r = self.results
+        ok = True
+        unchecked = 0
+        log("")
+        log("=" * 110)
+        log(f"SUMMARY: {r.library_files} files, {fmt_bytes(r.library_bytes)} ({r.library_bytes / 1e6:.0f} MB); 5% run: "
+            f"{r.changed_files} files changed ({fmt_bytes(r.changed_bytes)}); {os.cpu_count()} CPUs, "
+            f"{psutil.virtual_memory().total / GiB:.1f} GiB RAM; page cache: "
+            + ("dropped before every timed run" if r.cold_cache is None and not self.args.warm
+               else f"warm ({r.cold_cache or '--warm'})"))
+        log(f"versionstore {self.versions['versionstore']}; {self.versions['restic']}")
+        log("=" * 110)
+        log(f"{'tool':<17}{'run':<12}{'seconds':>9}{'MB/s':>10}{'vs restic':>11}{'vs cp':>8}{'tool CPU':>10}"
+            f"{'server CPU':>12}{'others':>8}   notes")
+        for tool in TOOLS:
+            if tool in r.skipped:
+                log(f"{TOOL_NAMES[tool]:<17}{'-':<12}{'skipped: ' + r.skipped[tool]:>40}")
+                continue
+            for run in RUNS:
+                m = r.runs.get(tool, {}).get(run)
+                if m is None:
+                    continue
+                vs_restic = self.ratio(tool, run, "restic", run)
+                vs_cp = self.ratio(tool, run, "cp", "first")
+                log(f"{TOOL_NAMES[tool]:<17}{RUN_NAMES[run]:<12}{m.seconds:9.2f}{r.library_bytes / 1e6 / m.seconds:10.1f}"
+                    f"{_x(vs_restic):>11}{_x(vs_cp):>8}{_s(m.tool_cpu):>10}{_s(m.server_cpu):>12}{_pct(m.others):>8}   {m.note}")
+        log("(others: share of the machine's CPU capacity used during the run by anything but the measured tool and server: "
+            "other processes, kernel writeback, steal)")
+        # Sub-second runs are left out: CPU accounting ticks make their share too coarse to mean much.
+        busy = [(t, run, m.others) for t, runs in r.runs.items() for run, m in runs.items()
+                if (m.others or 0) > NOISY and m.seconds >= 1.0]
+        if busy:
+            log("WARNING: the machine was busy with other work during " + ", ".join(
+                f"{TOOL_NAMES[t]} {RUN_NAMES[run]} ({_pct(o)})" for t, run, o in busy) + "; those figures are pessimistic")
+        log("")
+        setup = ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in r.setup.items())
+        log(f"setup (not timed as runs): {setup}")
+        log("")
+        log("TARGETS")
+
+        def check(label: str, value: float | None, target: float, stretch: bool = False) -> None:
+            nonlocal ok, unchecked
+            if value is None:
+                log(f"  {label:<58} n/a")
+                unchecked += 0 if stretch else 1
+                return
+            good = value >= target
+            if not stretch:
+                ok &= good
+            log(f"  {label:<58} {value:6.2f}x  (>= {target}x)  {'PASS' if good else 'FAIL'}{' (stretch)' if stretch else ''}")
+
+        for tool in ("job", "script"):
+            if tool in r.skipped:
+                log(f"  {TOOL_NAMES[tool]}: skipped ({r.skipped[tool]})")
+                continue
+            name = TOOL_NAMES[tool]
+            check(f"{name}: first run vs restic", self.ratio(tool, "first", "restic", "first"), TARGETS["first_vs_restic"])
+            check(f"{name}: first run vs cp -r (stretch)", self.ratio(tool, "first", "cp", "first"),
+                  TARGETS["first_vs_cp_stretch"], stretch=True)
+            check(f"{name}: unchanged re-run vs restic's", self.ratio(tool, "unchanged", "restic", "unchanged"),
+                  TARGETS["rerun_vs_restic"])
+            check(f"{name}: 5%-changed run vs restic's", self.ratio(tool, "changed", "restic", "changed"),
+                  TARGETS["rerun_vs_restic"])
+        log("")
+        for line in READING:
+            log(line)
+        log("")
+        if not ok:
+            log("SOME TARGETS MISSED")
+        elif unchecked:
+            log(f"ALL CHECKED TARGETS MET ({unchecked} not checked: a column was skipped)")
+        else:
+            log("ALL TARGETS MET")
+        if self.args.json:
+            payload = {"args": vars(self.args), "library_bytes": r.library_bytes, "library_files": r.library_files,
+                       "changed_files": r.changed_files, "changed_bytes": r.changed_bytes, "setup": r.setup,
+                       "cold_cache": r.cold_cache, "skipped": r.skipped,
+                       "runs": {t: {k: vars(m) for k, m in runs.items()} for t, runs in r.runs.items()}}
+            Path(self.args.json).write_text(json.dumps(payload, indent=2, default=str))
+            log(f"raw results written to {self.args.json}")
+        return ok
+
+    # -- the order of things --
+
+    def tool_versions(self) -> dict[str, str]:
+        repo = Path(__file__).resolve().parent.parent
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=False)
+        restic = "restic not used"
+        if "restic" not in self.results.skipped and shutil.which("restic"):
+            restic = subprocess.run(["restic", "version"], capture_output=True, text=True, check=False).stdout.strip()
+        commit = head.stdout.strip() or "unknown"
+        return {"versionstore": f"at {commit}{' (with local changes)' if dirty.stdout.strip() else ''}", "restic": restic}
+
+    def check_space(self) -> None:
+        need = int(self.results.library_bytes * 4.5) + 2 * GiB
+        free = shutil.disk_usage(self.root).free
+        log(f"temp dir {self.root}: {fmt_bytes(free)} free on its filesystem (device {os.stat(self.root).st_dev:#x}; "
+            f"the repo is on {os.stat(Path(__file__).resolve().parent).st_dev:#x}); this run needs about {fmt_bytes(need)}")
+        if free < need:
+            raise SystemExit(f"error: not enough free space in {self.root} ({fmt_bytes(free)} < {fmt_bytes(need)}); "
+                             "use a smaller --scale or another --tmp-dir")
+
+    def run(self) -> bool:
+        a = self.args
+        r = self.results
+        self.plan_library()
+        self.check_space()
+        if a.skip_restic:
+            r.skipped["restic"] = "--skip-restic"
+        elif shutil.which("restic") is None:
+            r.skipped["restic"] = "restic not installed (apt-get update && apt-get install -y restic)"
+            log(f"note: {r.skipped['restic']}; that column is skipped")
+        if (why := self.client_available()) is not None:
+            r.skipped["script"] = why
+            log(f"note: {why}; that column is skipped")
+        self.versions = self.tool_versions()
+        self.make_library()
+
+        log("[1] first runs")
+        self.run_cp()
+        if "restic" not in r.skipped:
+            self.init_restic()
+            self.run_restic("first")
+        self.start_job_server()
+        self.run_job("first", expect_processed=len(self.files))
+        if "script" not in r.skipped:
+            self.start_script_server()
+            self.run_script("first")
+
+        log("[2] re-runs, nothing changed")
+        if "restic" not in r.skipped:
+            self.run_restic("unchanged")
+        self.run_job("unchanged", expect_processed=0)
+        if "script" not in r.skipped:
+            self.run_script("unchanged")
+
+        log(f"[3] re-runs, {CHANGED_SHARE:.0%} of the files changed")
+        self.change_library()
+        if "restic" not in r.skipped:
+            self.run_restic("changed")
+        if "script" not in r.skipped:
+            self.run_script("changed")
+        assert self.job_server is not None
+        self.load(self.job_server, self.changed, "upload_changed")
+        self.run_job("changed", expect_processed=len(self.changed))
+        return self.report()
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="fraction of the default library (2,000 files, ~10 GiB); 0.05 = 100 files, ~0.5 GiB")
+    parser.add_argument("--files", type=int, help="number of files (overrides --scale; sizes follow the same mix)")
+    parser.add_argument("--seed", type=int, default=20261125, help="seed of the sizes, the bytes and the changed files")
+    parser.add_argument("--skip-restic", action="store_true", help="skip the restic column")
+    parser.add_argument("--warm", action="store_true", help="do not drop the page cache before timed runs")
+    parser.add_argument("--load-concurrency", type=int, default=4,
+                        help="concurrent curl uploads that load the library into the job's server (setup)")
+    parser.add_argument("--client-concurrency", type=int, default=None,
+                        help="--concurrency of `versionstore initial-backup` (default: the client's own)")
+    parser.add_argument("--quiet-wait", type=float, default=0.0,
+                        help="before each timed run, wait up to this many seconds for the machine to be idle (shared VMs)")
+    parser.add_argument("--restic-compression", choices=("auto", "off", "max"),
+                        help="restic's --compression (default: restic's own, auto on new repositories)")
+    parser.add_argument("--poll", type=float, default=0.05, help="seconds between polls of the job's status")
+    parser.add_argument("--tmp-dir", default=None,
+                        help="where the temp dir goes (default: $TMPDIR or /tmp); keep it on the service's data disk")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (library, repos, data dirs, logs)")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    args = parser.parse_args(argv)
+    if args.files is None:
+        args.files = max(20, round(DEFAULT_FILES * args.scale))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [tool for tool in ("curl", "cp", "sync") if shutil.which(tool) is None]
+    if missing:
+        print(f"error: missing tool(s): {', '.join(missing)}", file=sys.stderr)
+        return 2
+    bench = Bench(args)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        ok = bench.run()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        bench.cleanup()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
