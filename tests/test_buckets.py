@@ -20,8 +20,10 @@ from versionstore.http.app import META
 
 
 @pytest.fixture
-def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
-    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto_server: Any, gcs_server: Any) -> Config:
+    """Endpoints and credentials come from the SDKs' environment, as in production: over the
+    Admin API a tenant may not choose endpoints (see test_operator_options_are_refused...)."""
+    for name, value in {**moto_server.client_env(), **gcs_server.client_env()}.items():
         monkeypatch.setenv(name, value)
     return Config(data_dir=tmp_path / "data", max_upload_bytes=64 << 20, marker_ttl=0.1, poll_interval=0.05, pending_retry_max=0.3)
 
@@ -47,8 +49,7 @@ class Bucket:
             self._gcs = client.bucket(self.name)
 
     def url(self, prefix: str = "vs") -> str:
-        option = "region=us-east-1" if self.scheme == "s3" else "anonymous=true"
-        return f"{self.scheme}://{self.name}/{prefix}?endpoint_url={self.endpoint}&{option}"
+        return f"{self.scheme}://{self.name}/{prefix}"
 
     def put(self, key: str, data: bytes = b"") -> None:
         if self.scheme == "s3":
@@ -121,6 +122,15 @@ async def test_a_bucket_without_its_marker_is_refused_naming_the_object(api: Api
     assert f"{bucket.scheme}://{bucket.name}/.wellknown/cloudinary/{CLOUD}" in message
     status = await api.admin("GET", "versionstore/backup")
     assert status["target"] == "default" and status["migration"] is None
+
+
+async def test_operator_options_are_refused_over_the_api(api: Api, bucket: Bucket):
+    bucket.mark()
+    for option in ("endpoint_url=http://169.254.169.254", "profile=other", "part_concurrency=1000"):
+        body = await set_bucket(api, f"{bucket.url()}?{option}", expect=400)
+        assert "only be set by the operator" in body["error"]["message"]
+    tenant_option = "multipart_threshold" if bucket.scheme == "s3" else "resumable_threshold"
+    assert (await set_bucket(api, f"{bucket.url()}?{tenant_option}=1048576"))["migration"]
 
 
 async def test_unusable_bucket_urls_are_refused(api: Api):

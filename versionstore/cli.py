@@ -90,7 +90,7 @@ def _cloud(args: argparse.Namespace) -> int:
             if args.auto_backup is not None:
                 await meta.set_auto_backup(args.name, args.auto_backup == "on")
             if args.backup_bucket is not None:
-                job = await migration.change_target(meta, cloud, args.backup_bucket)
+                job = await migration.change_target(meta, cloud, args.backup_bucket, operator=True)
                 if job is not None and job.open:
                     print(f"backup migration {job.id} queued: {migration.target_name(job.params['from'])} -> "
                           f"{migration.target_name(job.params['to'])}; the running server copies the history, then switches")

@@ -41,12 +41,12 @@ def target_name(target: str | None) -> str:
     return target or "default"
 
 
-async def change_target(meta: MetadataStore, cloud: Cloud, url: str | None) -> Job | None:
+async def change_target(meta: MetadataStore, cloud: Cloud, url: str | None, *, operator: bool = False) -> Job | None:
     """Verify a new target and queue the migration to it (None: nothing to change).
 
-    `url` None means the default store. Used by the API and the CLI alike.
+    `url` None means the default store. Used by the API and, with `operator`, the CLI.
     """
-    wanted = None if url in (None, "", "default") else str(customer_bucket(url))
+    wanted = None if url in (None, "", "default") else str(customer_bucket(url, operator=operator))
     for job in await meta.open_jobs(cloud.name, KIND):
         if wanted == cloud.backup_target and job.progress.get("phase", "copy") == "copy":
             job.status, job.completed_at = "failed", time.time()

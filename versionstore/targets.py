@@ -36,7 +36,16 @@ class TargetUnavailable(Exception):
         self.message = message
 
 
-def customer_bucket(url: str) -> StoreURL:
+#: Store options that choose where the service connects and with which identity: only the
+#: operator (the CLI) may set them. Over the Admin API a tenant could otherwise point the
+#: service's requests at any host it can reach (SSRF) or at credentials meant for others.
+#: Sizes and pool widths are the operator's too: they decide the service's memory and threads.
+OPERATOR_OPTIONS = frozenset({
+    "endpoint_url", "profile", "credentials_file", "anonymous", "project", "part_size", "part_concurrency", "chunk_size", "workers",
+})
+
+
+def customer_bucket(url: str, *, operator: bool = False) -> StoreURL:
     """Parse and check a customer bucket URL; a clear 400 otherwise."""
     try:
         location = parse_store_url(url)
@@ -44,6 +53,9 @@ def customer_bucket(url: str) -> StoreURL:
         raise BadRequest(str(exc)) from None
     if location.scheme not in ("s3", "gs"):
         raise BadRequest(f"A backup bucket must be s3://bucket[/prefix] or gs://bucket[/prefix], not {url!r}")
+    reserved = sorted(OPERATOR_OPTIONS & set(location.options))
+    if reserved and not operator:
+        raise BadRequest(f"Bucket option(s) {', '.join(reserved)} can only be set by the operator (versionstore cloud set)")
     return location
 
 
@@ -54,7 +66,7 @@ def marker_url(location: StoreURL, cloud: str) -> str:
 async def verify_bucket(url: str, cloud: str) -> str:
     """Check a customer bucket before it is assigned: the marker is there, and versionstore
     can write, read back and delete under its own prefix. Returns the canonical URL."""
-    location = customer_bucket(url)
+    location = customer_bucket(url, operator=True)  # the caller has checked who may set what
     try:
         root, store = open_store(location.root), open_store(location)
     except ValueError as exc:  # an unknown or malformed store option
