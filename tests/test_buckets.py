@@ -49,7 +49,13 @@ class Bucket:
             self._gcs = client.bucket(self.name)
 
     def url(self, prefix: str = "vs") -> str:
+        """As a tenant gives it: endpoints and credentials come from the service's environment."""
         return f"{self.scheme}://{self.name}/{prefix}"
+
+    def operator_url(self, prefix: str = "vs") -> str:
+        """With the endpoint in the URL: only the operator (the CLI) may set it."""
+        option = "region=us-east-1" if self.scheme == "s3" else "anonymous=true"
+        return f"{self.url(prefix)}?endpoint_url={self.endpoint}&{option}"
 
     def put(self, key: str, data: bytes = b"") -> None:
         if self.scheme == "s3":

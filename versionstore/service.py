@@ -10,7 +10,7 @@ This module does not know about HTTP.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +22,7 @@ from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks, KeyedSharedLocks
 from versionstore.metadata import MetadataStore
 from versionstore.models import Asset, Cloud, Version
-from versionstore.spool import Spooled, SpoolFile, hash_file
+from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable
 from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
 
 log = logging.getLogger(__name__)
@@ -146,33 +146,53 @@ class VersionService:
             asset.metadata = request.metadata
         async with self.digest_locks.hold((cloud.name, spooled.digest)):
             # Blobs first, metadata second: a crash in between leaves only an orphan blob.
-            await self.primary.put_file(layout.original_key(cloud.name, spooled.digest), spooled.path)
-            if backed_up:
-                async with self.target_locks.shared(cloud.name):
-                    pending = not await self._put_revision(cloud.name, spooled.digest, spooled.path)
+            # The spool file's fsync runs while a remote bucket receives the revision; local
+            # links wait for it (see spool.make_durable).
+            durable = asyncio.ensure_future(make_durable(spooled))
+            try:
+                if backed_up:
+                    async with self.target_locks.shared(cloud.name):
+                        _, stored = await asyncio.gather(
+                            self._put_original(cloud.name, spooled, durable),
+                            self._put_revision(cloud.name, spooled.digest, spooled.path, durable),
+                        )
+                        pending = not stored
+                        if pending:
+                            # Nothing is dropped: the bytes wait in the primary store until the
+                            # drainer writes them to the target (docs/buckets.md).
+                            await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
+                        await durable
+                        asset = await self.meta.save_version(asset, version, pending=pending)
                     if pending:
-                        # Nothing is dropped: the bytes wait in the primary store until the
-                        # drainer writes them to the target (docs/buckets.md).
-                        await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
-                    asset = await self.meta.save_version(asset, version, pending=pending)
-                if pending:
-                    self.pending_added.set()
-            else:
-                asset = await self.meta.save_version(asset, version)
+                        self.pending_added.set()
+                else:
+                    await self._put_original(cloud.name, spooled, durable)
+                    asset = await self.meta.save_version(asset, version)
+            finally:
+                if not durable.done():
+                    durable.cancel()
         if existing is not None and existing.digest != spooled.digest:
             await self._release_primary(cloud.name, existing.digest)
         return UploadResult(asset, version, overwritten=existing is not None and existing.live)
 
-    async def _put_revision(self, cloud_name: str, digest: str, path: Path) -> bool:
-        """Write a revision to the environment's current target; False when it must wait."""
+    async def _put_original(self, cloud_name: str, spooled: Spooled, durable: Awaitable[None]) -> None:
+        await durable
+        await self.primary.put_file(layout.original_key(cloud_name, spooled.digest), spooled.path)
+
+    async def _put_revision(self, cloud_name: str, digest: str, path: Path, durable: Awaitable[None] | None = None) -> bool:
+        """Write a revision to the environment's current target; False when it must wait.
+        A local target links the file, so it waits for `durable` first; a bucket need not."""
         cloud = await self.meta.get_cloud(cloud_name)  # fresh: a migration may have switched it
         if cloud is None:
             return False
         store = await self.targets.for_upload(cloud)
         if store is None:
             return False
+        key = layout.revision_key(cloud.name, digest)
+        if durable is not None and store.local_path(key) is not None:
+            await durable
         try:
-            await store.put_file(layout.revision_key(cloud.name, digest), path)
+            await store.put_file(key, path)
         except BlobStoreError as exc:
             await self.targets.record_failure(cloud.name, FAILING, f"{type(exc).__name__}: {exc}")
             return False

@@ -25,6 +25,24 @@ class Spooled:
     size: int
     digest: str
     head: bytes
+    #: False when `finish(sync=False)` left the fsync to the consumer (see make_durable).
+    synced: bool = True
+
+
+async def make_durable(spooled: Spooled) -> None:
+    """fsync a spool file finished without it. Must complete before the file is linked into a
+    local store (a name must never point at bytes a crash could lose) and before any metadata
+    names it; a copy to a remote bucket reads the page cache and need not wait for it."""
+    if not spooled.synced:
+
+        def sync() -> None:
+            fd = os.open(spooled.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await asyncio.to_thread(sync)
 
 
 class SpoolFile:
@@ -66,14 +84,15 @@ class SpoolFile:
             while view:
                 view = view[self._handle.write(view) :]
 
-    async def finish(self) -> Spooled:
+    async def finish(self, sync: bool = True) -> Spooled:
+        """Flush and close; with `sync` also fsync (else the consumer calls make_durable)."""
         await self._flush()
-        await asyncio.to_thread(self._sync_close)
-        return Spooled(self.path, self.size, self._hasher.hexdigest(), self.head)
+        await asyncio.to_thread(self._close, sync)
+        return Spooled(self.path, self.size, self._hasher.hexdigest(), self.head, synced=sync)
 
-    def _sync_close(self) -> None:
-        # Durable before any store links it and before any metadata names it.
-        os.fsync(self._handle.fileno())
+    def _close(self, sync: bool) -> None:
+        if sync:  # durable before any store links it and before any metadata names it
+            os.fsync(self._handle.fileno())
         self._handle.close()
 
     def discard(self) -> None:

@@ -148,7 +148,7 @@ def test_sdk_against_each_backup_target(kind: str, request: pytest.FixtureReques
         bucket, env = Bucket("s3", moto.url), {**env, **moto.client_env()}
     elif kind == "gcs":
         bucket = Bucket("gs", request.getfixturevalue("gcs_server").url)
-    url = "default" if bucket is None else bucket.url(PREFIX)
+    url = "default" if bucket is None else bucket.operator_url(PREFIX)
     if bucket is not None:
         bucket.mark()
 
@@ -237,7 +237,7 @@ def test_gcs_outage_uploads_queue_then_drain(tmp_path: Path) -> None:
         env = {**FAST, **AWS}
         with running_server(tmp_path / "vs", env) as server:
             configure_sdk(server.base_url)
-            url = bucket.url(PREFIX)
+            url = bucket.operator_url(PREFIX)
             wait_migrated(server, url, set_target(server, url, env))
 
             gcs.stop()
@@ -264,7 +264,7 @@ def test_s3_outage_with_state_loss_uploads_queue_then_drain(tmp_path: Path) -> N
         env = {**FAST, **moto.client_env()}
         with running_server(tmp_path / "vs", env) as server:
             configure_sdk(server.base_url)
-            url = bucket.url(PREFIX)
+            url = bucket.operator_url(PREFIX)
             wait_migrated(server, url, set_target(server, url, env))
 
             moto.stop()
@@ -304,7 +304,7 @@ def switch_with_kill(tmp: Path, moto: MotoServer, assets: int) -> dict[str, Any]
 
         bucket = Bucket("s3", moto.url)
         bucket.mark()
-        url = bucket.url(PREFIX)
+        url = bucket.operator_url(PREFIX)
         job_id = set_target(server, url, env)
         assert job_id is not None
 
@@ -411,7 +411,7 @@ def test_marker_removed_at_run_time_then_restored(tmp_path: Path, moto_server: M
     env = {**FAST, **moto_server.client_env()}
     with running_server(tmp_path, env) as server:
         configure_sdk(server.base_url)
-        url = bucket.url(PREFIX)
+        url = bucket.operator_url(PREFIX)
         wait_migrated(server, url, set_target(server, url, env))
         before = {f"marker/before/{i}": f"before {i} ".encode() + os.urandom(8) for i in range(2)}
         sent = {pid: (upload(data, pid), data) for pid, data in before.items()}

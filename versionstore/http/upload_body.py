@@ -111,7 +111,7 @@ async def read_multipart(
             else:
                 async for data in part_chunks(part, first):
                     await spool.write(data)
-            body.spooled = await spool.finish()
+            body.spooled = await spool.finish(sync=False)  # VersionService.upload overlaps the fsync
     except BaseException:
         if spool is not None:
             spool.discard()
