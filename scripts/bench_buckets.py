@@ -67,17 +67,12 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -87,8 +82,26 @@ from typing import Any
 import blake3
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits next to this script, whatever the cwd
+from benchlib import (
+    MiB,
+    RssSampler,
+    children_cpu,
+    curl_json,
+    download_backup_url,
+    free_port,
+    log,
+    machine_busy,
+    median,
+    process_cpu,
+    remove_temp_dir,
+    run_bench,
+    stop_servers,
+    wait_http_ready,
+    write_random_file,
+)
+
 API_SECRET = "secret456"
-MiB = 1 << 20
 TARGET_UPLOAD_RATIO = 0.9
 BUCKET = "vs-bench"
 PREFIX = "vs"  # versionstore writes under s3://BUCKET/vs/...; baselines under baseline/...
@@ -98,21 +111,7 @@ S3_STORE_PART, S3_STORE_CONCURRENCY = 16 * MiB, 4
 GCS_STORE_CHUNK = 32 * MiB
 
 
-# --- small helpers ----------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def median(values: list[float]) -> float:
-    return float(statistics.median(values)) if values else float("nan")
+# --- small helpers (log, free_port, median, CPU accounting, ...: benchlib.py) ------------------
 
 
 def parse_size(text: str) -> int:
@@ -202,18 +201,7 @@ class Server:
 
     def _wait_ready(self, timeout: float) -> bool:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as resp:
-                    if resp.status == 200:
-                        return True
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(0.05)
-        return False
+        return wait_http_ready(self.proc, self.url + self.ready_path, timeout, interval=0.05)
 
     def stop(self) -> None:
         """SIGTERM to the whole group, SIGKILL if it lingers."""
@@ -230,7 +218,7 @@ class Server:
         self.proc = None
 
 
-class Sampler(threading.Thread):
+class Sampler(RssSampler):
     """Samples a process's RSS and, optionally, the phases of an upload every `interval` seconds.
 
     Phases, seen from outside: the spool file grows while the body arrives, and the time it last
@@ -239,43 +227,25 @@ class Sampler(threading.Thread):
     process's read(2) byte count (psutil read_chars) climbs again as it reads the file's parts."""
 
     def __init__(self, pid: int, spool_dir: Path | None = None, interval: float = 0.02) -> None:
-        super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
+        super().__init__(pid, interval)
         self.spool_dir = spool_dir
-        self.interval = interval
-        self.baseline = self.process.memory_info().rss
-        self.peak = self.baseline
         self.spool_size = 0
         self.spool_grown_at: float | None = None
         self.reads: list[tuple[float, int]] = []  # (time, read_chars)
-        self._stop_event = threading.Event()
 
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-                if self.spool_dir is not None:
-                    self.reads.append((time.perf_counter(), self.process.io_counters().read_chars))
-            except psutil.Error:
-                break
-            if self.spool_dir is not None:
-                size = 0
-                with contextlib.suppress(OSError), os.scandir(self.spool_dir) as entries:
-                    for entry in entries:
-                        if entry.name.endswith(".part"):
-                            with contextlib.suppress(OSError):
-                                size = max(size, entry.stat().st_size)
-                if size > self.spool_size:
-                    self.spool_size, self.spool_grown_at = size, time.perf_counter()
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.baseline
+    def sample(self) -> None:
+        super().sample()  # the RSS peak
+        if self.spool_dir is None:
+            return
+        self.reads.append((time.perf_counter(), self.process.io_counters().read_chars))
+        size = 0
+        with contextlib.suppress(OSError), os.scandir(self.spool_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(".part"):
+                    with contextlib.suppress(OSError):
+                        size = max(size, entry.stat().st_size)
+        if size > self.spool_size:
+            self.spool_size, self.spool_grown_at = size, time.perf_counter()
 
     def transfer_started_at(self) -> float | None:
         """The last sample before read_chars rose by over 1 MiB after the spool stopped growing."""
@@ -297,23 +267,13 @@ class CpuMeter:
     def __init__(self, pids: dict[str, int], children: str | None = None) -> None:
         self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.children = children
-        self.before = {name: self._cpu(proc) for name, proc in self.processes.items()}
-        self.children_before = self._children_cpu()
-
-    @staticmethod
-    def _cpu(proc: psutil.Process) -> float:
-        times = proc.cpu_times()
-        return float(times.user + times.system)
-
-    @staticmethod
-    def _children_cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
+        self.before = {name: process_cpu(proc) for name, proc in self.processes.items()}
+        self.children_before = children_cpu()
 
     def read(self) -> dict[str, float]:
-        out = {name: self._cpu(proc) - self.before[name] for name, proc in self.processes.items()}
+        out = {name: process_cpu(proc) - self.before[name] for name, proc in self.processes.items()}
         if self.children:
-            out[self.children] = self._children_cpu() - self.children_before
+            out[self.children] = children_cpu() - self.children_before
         return out
 
 
@@ -324,24 +284,18 @@ class OthersMeter:
     def __init__(self, pids: list[int]) -> None:
         self.processes = [psutil.Process(pid) for pid in pids]
         self.started = time.perf_counter()
-        self.busy, self.ours = self._busy(), self._ours()
-
-    @staticmethod
-    def _busy() -> float:
-        times = psutil.cpu_times()
-        return float(sum(times) - times.idle - getattr(times, "iowait", 0.0) - getattr(times, "guest", 0.0)
-                     - getattr(times, "guest_nice", 0.0))
+        self.busy, self.ours = machine_busy(), self._ours()
 
     def _ours(self) -> float:
-        total = CpuMeter._children_cpu()
+        total = children_cpu()
         for proc in self.processes:
             with contextlib.suppress(psutil.Error):
-                total += CpuMeter._cpu(proc)
+                total += process_cpu(proc)
         return total
 
     def read(self) -> float:
         wall = (time.perf_counter() - self.started) * (os.cpu_count() or 1)
-        others = (self._busy() - self.busy) - (self._ours() - self.ours)
+        others = (machine_busy() - self.busy) - (self._ours() - self.ours)
         return max(0.0, others / wall) if wall > 0 else 0.0
 
 
@@ -630,17 +584,10 @@ class Bench:
     # -- lifecycle --
 
     def cleanup(self) -> None:
-        for server in [self.service, *self.servers]:
-            try:
-                server.stop()
-            except Exception as exc:  # keep cleaning up
-                log(f"warning: stopping {server.name}: {exc}")
+        stop_servers([self.service, *self.servers])
         for side in self.sides:
             side.close()
-        if self.args.keep:
-            log(f"kept {self.root}")
-        else:
-            shutil.rmtree(self.root, ignore_errors=True)
+        remove_temp_dir(self.root, self.args.keep)
 
     def cli(self, *argv: str) -> str:
         out = subprocess.run([self.python, "-m", "versionstore", *argv, "--data-dir", str(self.data_dir)],
@@ -696,14 +643,7 @@ class Bench:
 
     def make_file(self) -> None:
         log(f"generating {self.args.size / MiB:.0f} MiB of random bytes in {self.file} ...")
-        with open(self.file, "wb") as handle:
-            written = 0
-            while written < self.args.size:
-                n = min(8 * MiB, self.args.size - written)
-                handle.write(os.urandom(n))
-                written += n
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_random_file(self.file, self.args.size)
 
     def fresh_bytes(self) -> None:
         """New random bytes at the start, the middle and the end: a new digest (nothing dedups),
@@ -742,10 +682,7 @@ class Bench:
         warm = self.work / "warm.bin"
         warm.write_bytes(os.urandom(64 * MiB))
         out = subprocess.run(self.upload_argv(side, warm, "bench/warm-up"), capture_output=True, check=False)
-        body, _, status = out.stdout.decode(errors="replace").rpartition("\n")
-        if out.returncode != 0 or status != "200":
-            raise RuntimeError(f"warm-up upload failed: curl rc={out.returncode} status={status} {body[:500]} {out.stderr!r}")
-        result = json.loads(body)
+        result, _body = curl_json(out, "warm-up upload")
         self.our_download(side, result["asset_id"], result["version_id"], 64 * MiB)
         side.download(revision_key(side, blake3.blake3(warm.read_bytes()).hexdigest()))
         warm.unlink()
@@ -755,7 +692,7 @@ class Bench:
         public_id = f"bench/big-{run}"
         argv = self.upload_argv(side, self.file, public_id)
         proc = psutil.Process(self.service.pid)
-        cpu_before = sum(proc.cpu_times()[:2])
+        cpu_before = process_cpu(proc)
         sampler = Sampler(self.service.pid, self.data_dir / "spool")
         emulator = Sampler(side.server.pid)
         sampler.start()
@@ -765,11 +702,8 @@ class Bench:
         elapsed = time.perf_counter() - started
         sampler.stop()
         emulator.stop()
-        cpu = sum(proc.cpu_times()[:2]) - cpu_before
-        body, _, status = out.stdout.decode(errors="replace").rpartition("\n")
-        if out.returncode != 0 or status != "200":
-            raise RuntimeError(f"upload failed: curl rc={out.returncode} status={status} {body[:500]} {out.stderr!r}")
-        result: dict[str, Any] = json.loads(body)
+        cpu = process_cpu(proc) - cpu_before
+        result, body = curl_json(out)
         if result.get("bytes") != self.args.size or not result.get("backup"):
             raise RuntimeError(f"unexpected upload result: {body[:500]}")
         # The revision is in the bucket, complete, and the version is restorable (not pending).
@@ -789,11 +723,7 @@ class Bench:
                 "asset_id": result["asset_id"], "version_id": result["version_id"]}
 
     def our_download(self, side: Side, asset_id: str, version_id: str, expected: int | None = None) -> float:
-        timestamp = str(int(time.time()))
-        to_sign = f"asset_id={asset_id}&timestamp={timestamp}&version_id={version_id}"
-        signature = hashlib.sha1((to_sign + API_SECRET).encode()).hexdigest()
-        url = (f"{self.base(side)}/download_backup?asset_id={asset_id}&version_id={version_id}"
-               f"&timestamp={timestamp}&signature={signature}&api_key={self.api_key(side)}")
+        url = download_backup_url(self.base(side), asset_id, version_id, self.api_key(side), API_SECRET)
         meter = CpuMeter({"versionstore": self.service.pid, "emulator": side.server.pid}, children="curl")
         started = time.perf_counter()
         out = subprocess.run(["curl", "-sS", "--noproxy", "127.0.0.1", "--max-time", str(self.args.timeout), "-o", "/dev/null",
@@ -995,14 +925,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background, where SIGINT arrives ignored
-    try:
-        ok = bench.run()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        bench.cleanup()
-    return 0 if ok else 1
+    return run_bench(bench)
 
 
 if __name__ == "__main__":

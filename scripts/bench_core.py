@@ -26,32 +26,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits next to this script, whatever the cwd
+from benchlib import (
+    MiB,
+    RssSampler,
+    Server,
+    curl_json,
+    download_backup_url,
+    free_port,
+    interrupt_on_sigterm,
+    log,
+    median,
+    process_cpu,
+    remove_temp_dir,
+    run_bench,
+    stop_servers,
+    write_random_file,
+)
+
 CLOUD = "demo"
 API_KEY = "key123"
 API_SECRET = "secret456"
 BASIC = "Basic " + base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()
-MiB = 1 << 20
 
 TARGETS = {
     "upload_ratio": 0.6,
@@ -94,21 +104,7 @@ BARE_SERVER = textwrap.dedent(
 )
 
 
-# --- small helpers ----------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def median(values: list[float]) -> float:
-    return float(statistics.median(values)) if values else float("nan")
+# --- small helpers (log, free_port, median, Server, RssSampler, ...: benchlib.py) ---------------
 
 
 def fsync_path(path: Path) -> None:
@@ -117,78 +113,6 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@dataclass
-class Server:
-    name: str
-    argv: list[str]
-    port: int
-    log_path: Path
-    health: str = "/healthz"
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{self.health}", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not become healthy within {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-
-class RssSampler(threading.Thread):
-    """Samples a process's RSS every `interval` seconds until stopped."""
-
-    def __init__(self, pid: int, interval: float = 0.01) -> None:
-        super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
-        self.interval = interval
-        self.baseline = self.process.memory_info().rss
-        self.peak = self.baseline
-        self.samples = 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                rss = self.process.memory_info().rss
-            except psutil.Error:
-                break
-            self.peak = max(self.peak, rss)
-            self.samples += 1
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.baseline
 
 
 # --- the benchmark ----------------------------------------------------------------------------
@@ -223,15 +147,8 @@ class Bench:
     # -- lifecycle --
 
     def cleanup(self) -> None:
-        for server in self.servers:
-            try:
-                server.stop()
-            except Exception as exc:  # keep cleaning up
-                log(f"warning: stopping {server.name}: {exc}")
-        if self.args.keep:
-            log(f"kept {self.root}")
-        else:
-            shutil.rmtree(self.root, ignore_errors=True)
+        stop_servers(self.servers)
+        remove_temp_dir(self.root, self.args.keep)
 
     def start_servers(self) -> None:
         subprocess.run(
@@ -263,17 +180,8 @@ class Bench:
     # -- 1 & 2: large upload vs cp --
 
     def make_big_file(self) -> None:
-        size = self.args.size_mib * MiB
         log(f"generating {self.args.size_mib} MiB of random bytes in {self.big} ...")
-        block = 8 * MiB
-        with open(self.big, "wb") as handle:
-            written = 0
-            while written < size:
-                n = min(block, size - written)
-                handle.write(os.urandom(n))
-                written += n
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_random_file(self.big, self.args.size_mib * MiB)
 
     def _perturb(self) -> None:
         """New leading bytes: every upload gets a new digest, so every run does the full
@@ -298,7 +206,7 @@ class Bench:
         self._perturb()
         os.sync()
         proc = psutil.Process(self.service.pid)
-        cpu_before = sum(proc.cpu_times()[:2])
+        cpu_before = process_cpu(proc)
         sampler = RssSampler(self.service.pid)
         sampler.start()
         started = time.perf_counter()
@@ -310,11 +218,8 @@ class Bench:
         )
         elapsed = time.perf_counter() - started
         sampler.stop()
-        cpu = sum(proc.cpu_times()[:2]) - cpu_before
-        body, _, status = out.stdout.decode(errors="replace").rpartition("\n")
-        if out.returncode != 0 or status != "200":
-            raise RuntimeError(f"upload failed: curl rc={out.returncode} status={status} {body[:500]} {out.stderr!r}")
-        result = json.loads(body)
+        cpu = process_cpu(proc) - cpu_before
+        result, body = curl_json(out)
         if result.get("bytes") != self.args.size_mib * MiB or not result.get("backup"):
             raise RuntimeError(f"unexpected upload result: {body[:500]}")
         return elapsed, sampler.growth, sampler.baseline, cpu
@@ -359,11 +264,7 @@ class Bench:
 
     def download_url(self, asset_id: str, version_id: str) -> str:
         # Signed for one hour: long enough for every wrk run of this script.
-        timestamp = str(int(time.time()))
-        to_sign = f"asset_id={asset_id}&timestamp={timestamp}&version_id={version_id}"
-        signature = hashlib.sha1((to_sign + API_SECRET).encode()).hexdigest()
-        return (f"{self.base}/download_backup?asset_id={asset_id}&version_id={version_id}"
-                f"&timestamp={timestamp}&signature={signature}&api_key={API_KEY}")
+        return download_backup_url(self.base, asset_id, version_id, API_KEY, API_SECRET)
 
     def wrk(self, url: str, headers: dict[str, str], duration: int) -> dict[str, Any]:
         argv = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections), "-d", f"{duration}s",
@@ -519,19 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                   "https://github.com/wg/wrk)", file=sys.stderr)
         return 2
     bench = Bench(args)
-
-    def on_signal(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        ok = bench.run()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        bench.cleanup()
-    return 0 if ok else 1
+    interrupt_on_sigterm()
+    return run_bench(bench)
 
 
 if __name__ == "__main__":

@@ -64,15 +64,11 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,12 +77,26 @@ from typing import Any
 import blake3
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits next to this script, whatever the cwd
+from benchlib import (
+    MiB,
+    Server,
+    children_cpu,
+    curl_json,
+    free_port,
+    interrupt_on_sigterm,
+    log,
+    machine_busy,
+    remove_temp_dir,
+    run_bench,
+    stop_servers,
+)
+
 CLOUD = "demo"
 API_KEY = "key123"
 API_SECRET = "secret456"
 BASIC = "Basic " + base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()
 KiB = 1 << 10
-MiB = 1 << 20
 GiB = 1 << 30
 RESTIC_PASSWORD = "bench-initial-backup"
 
@@ -128,23 +138,7 @@ RUNS = ("first", "unchanged", "changed")
 RUN_NAMES = {"first": "first", "unchanged": "unchanged", "changed": "5% changed"}
 
 
-# --- small helpers ----------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def children_cpu() -> float:
-    """User + system CPU seconds of all waited-for child processes so far."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+# --- small helpers (log, free_port, Server, CPU accounting, ...: benchlib.py) -------------------
 
 
 def drop_caches() -> str | None:
@@ -158,56 +152,8 @@ def drop_caches() -> str | None:
     return None
 
 
-def machine_busy() -> float:
-    """CPU seconds the whole machine has been busy (all processes, the kernel, and steal: time
-    the hypervisor gave to other guests)."""
-    t = psutil.cpu_times()
-    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-
 def fmt_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB" if n >= MiB else f"{n / KiB:.0f} KiB"
-
-
-@dataclass
-class Server:
-    name: str
-    argv: list[str]
-    port: int
-    log_path: Path
-    health: str = "/healthz"
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{self.health}", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not become healthy within {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def cpu(self) -> float:
-        assert self.proc is not None
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return float(times.user + times.system)
 
 
 @dataclass(frozen=True)
@@ -290,15 +236,8 @@ class Bench:
     # -- lifecycle --
 
     def cleanup(self) -> None:
-        for server in self.servers:
-            try:
-                server.stop()
-            except Exception as exc:  # keep cleaning up
-                log(f"warning: stopping {server.name}: {exc}")
-        if self.args.keep:
-            log(f"kept {self.root}")
-        else:
-            shutil.rmtree(self.root, ignore_errors=True)
+        stop_servers(self.servers)
+        remove_temp_dir(self.root, self.args.keep)
 
     def cli(self, *argv: str, data_dir: Path) -> str:
         out = subprocess.run([self.python, "-m", "versionstore", *argv, "--data-dir", str(data_dir)],
@@ -310,7 +249,8 @@ class Bench:
                  "--auto-backup", "on" if auto_backup else "off", data_dir=data_dir)
         port = free_port()
         server = Server(name, [self.python, "-m", "versionstore", "serve", "--data-dir", str(data_dir),
-                               "--host", "127.0.0.1", "--port", str(port)], port, self.root / f"{name}.log")
+                               "--host", "127.0.0.1", "--port", str(port)], port, self.root / f"{name}.log",
+                        stop_timeout=30.0)
         self.servers.append(server)
         server.start()
         return server
@@ -456,10 +396,7 @@ class Bench:
              "-F", "backup=false", "-o", "-", "-w", "\n%{http_code}", f"{self.base(server)}/{f.resource_type}/upload"],
             capture_output=True, check=False,
         )
-        body, _, status = out.stdout.decode(errors="replace").rpartition("\n")
-        if out.returncode != 0 or status != "200":
-            raise RuntimeError(f"upload of {f.relative} failed: curl rc={out.returncode} status={status} {body[:300]} {out.stderr!r}")
-        result = json.loads(body)
+        result, body = curl_json(out, f"upload of {f.relative}", limit=300)
         if result.get("bytes") != f.size or result.get("backup"):
             raise RuntimeError(f"unexpected upload result for {f.relative}: {body[:300]}")
 
@@ -774,19 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: missing tool(s): {', '.join(missing)}", file=sys.stderr)
         return 2
     bench = Bench(args)
-
-    def on_signal(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        ok = bench.run()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        bench.cleanup()
-    return 0 if ok else 1
+    interrupt_on_sigterm()
+    return run_bench(bench)
 
 
 if __name__ == "__main__":

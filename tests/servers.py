@@ -29,6 +29,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_http_ready(
+    proc: subprocess.Popen[bytes], url: str, timeout: float = READY_TIMEOUT, interval: float = POLL_INTERVAL
+) -> bool:
+    """Poll `url` until it answers 200 (True), while `proc` lives: False once it has exited or
+    `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(interval)
+    return False
+
+
 class ManagedServer:
     """A server process on 127.0.0.1:port, stoppable and restartable on the same port."""
 
@@ -73,18 +92,7 @@ class ManagedServer:
 
     def _wait_ready(self) -> bool:
         assert self.proc is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as response:
-                    if response.status == 200:
-                        return True
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(POLL_INTERVAL)
-        return False
+        return wait_http_ready(self.proc, self.url + self.ready_path, READY_TIMEOUT)
 
     def log_tail(self, limit: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-limit:] if self.log_path.exists() else "<no log>"

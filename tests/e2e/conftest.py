@@ -12,9 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +19,8 @@ from pathlib import Path
 import aiohttp
 import cloudinary
 import pytest
+
+from tests.servers import wait_http_ready
 
 CLOUD = "demo"
 API_KEY = "key123"
@@ -108,18 +107,7 @@ class ServerProcess:
 
     def _wait_ready(self) -> bool:
         assert self.proc is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return True
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(POLL_INTERVAL)
-        return False
+        return wait_http_ready(self.proc, f"{self.base_url}/healthz", READY_TIMEOUT, POLL_INTERVAL)
 
     def _signal_group(self, sig: int) -> None:
         assert self.proc is not None

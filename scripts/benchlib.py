@@ -1,0 +1,254 @@
+"""Helpers shared by the benchmark scripts (scripts/bench_*.py).
+
+Scripts-level code only: nothing here imports the versionstore package, so the baselines the
+benchmarks measure never depend on the package's internals. The scripts import it with
+`from benchlib import ...`; each puts its own directory on sys.path first, so that works from
+any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+MiB = 1 << 20
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def write_random_file(path: Path, size: int, block: int = 8 * MiB) -> None:
+    """`size` random bytes (nothing dedups or compresses), written in blocks and fsynced."""
+    with open(path, "wb") as handle:
+        written = 0
+        while written < size:
+            n = min(block, size - written)
+            handle.write(os.urandom(n))
+            written += n
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+
+
+def process_cpu(proc: psutil.Process) -> float:
+    """User + system CPU seconds of one process so far."""
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of all waited-for child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all processes, the kernel, and steal: time
+    the hypervisor gave to other guests)."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+def wait_http_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, interval: float) -> bool:
+    """Poll `url` until it answers 200 (True), while `proc` lives: False once it has exited or
+    `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(interval)
+    return False
+
+
+def curl_json(out: subprocess.CompletedProcess[bytes], what: str = "upload", limit: int = 500) -> tuple[dict[str, Any], str]:
+    """The parsed JSON body, and the body, of a `curl ... -o - -w '\\n%{http_code}'` run;
+    RuntimeError (naming `what`, with `limit` characters of the body) unless it answered 200."""
+    body, _, status = out.stdout.decode(errors="replace").rpartition("\n")
+    if out.returncode != 0 or status != "200":
+        raise RuntimeError(f"{what} failed: curl rc={out.returncode} status={status} {body[:limit]} {out.stderr!r}")
+    result: dict[str, Any] = json.loads(body)
+    return result, body
+
+
+def download_backup_url(base: str, asset_id: str, version_id: str, api_key: str, api_secret: str) -> str:
+    """A signed `download_backup` URL of one revision (signed now)."""
+    timestamp = str(int(time.time()))
+    to_sign = f"asset_id={asset_id}&timestamp={timestamp}&version_id={version_id}"
+    signature = hashlib.sha1((to_sign + api_secret).encode()).hexdigest()
+    return (f"{base}/download_backup?asset_id={asset_id}&version_id={version_id}"
+            f"&timestamp={timestamp}&signature={signature}&api_key={api_key}")
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A child on a fixed port in its own session, output to a log file, healthy when `health`
+    answers 200; stopped with SIGINT, killed if it is still there after `stop_timeout` seconds."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    health: str = "/healthz"
+    stop_timeout: float = 10.0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        if wait_http_ready(self.proc, f"http://127.0.0.1:{self.port}{self.health}", timeout, interval=0.1):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited early; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+        raise RuntimeError(f"{self.name} did not become healthy within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        """User + system CPU seconds of the process so far."""
+        return process_cpu(psutil.Process(self.pid))
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's RSS every `interval` seconds until stopped (a subclass samples more
+    by extending `sample`)."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.baseline = self.process.memory_info().rss
+        self.peak = self.baseline
+        self.samples = 0
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.samples += 1
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.sample()
+            except psutil.Error:
+                break
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    @property
+    def growth(self) -> int:
+        return int(self.peak - self.baseline)
+
+
+# --- a benchmark's lifecycle ------------------------------------------------------------------
+
+
+class _Stoppable(Protocol):
+    name: str
+
+    def stop(self) -> None: ...
+
+
+class _Bench(Protocol):
+    def run(self) -> bool: ...
+
+    def cleanup(self) -> None: ...
+
+
+def stop_servers(servers: Iterable[_Stoppable]) -> None:
+    for server in servers:
+        try:
+            server.stop()
+        except Exception as exc:  # keep cleaning up
+            log(f"warning: stopping {server.name}: {exc}")
+
+
+def remove_temp_dir(root: Path, keep: bool) -> None:
+    if keep:
+        log(f"kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, so it ends a run like Ctrl-C (and `run_bench` cleans up)."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+def run_bench(bench: _Bench) -> int:
+    """Run a benchmark and always clean up: exit status 0 when its targets are met, 1 when not,
+    130 when interrupted."""
+    try:
+        ok = bench.run()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        bench.cleanup()
+    return 0 if ok else 1
