@@ -152,11 +152,15 @@ class VersionService:
             try:
                 if backed_up:
                     async with self.target_locks.shared(cloud.name):
-                        _, stored = await asyncio.gather(
-                            self._put_original(cloud.name, spooled, durable),
-                            self._put_revision(cloud.name, spooled.digest, spooled.path, durable),
-                        )
-                        pending = not stored
+                        try:
+                            # A task group, not gather: if one write fails the other is cancelled
+                            # instead of reading a spool file that is about to be removed.
+                            async with asyncio.TaskGroup() as group:
+                                group.create_task(self._put_original(cloud.name, spooled, durable))
+                                revision = group.create_task(self._put_revision(cloud.name, spooled.digest, spooled.path, durable))
+                        except ExceptionGroup as failed:
+                            raise failed.exceptions[0] from None
+                        pending = not revision.result()
                         if pending:
                             # Nothing is dropped: the bytes wait in the primary store until the
                             # drainer writes them to the target (docs/buckets.md).
