@@ -324,3 +324,23 @@ async def test_default_store_in_an_object_lock_bucket(
     await api.admin("DELETE", f"resources/backup/{first['asset_id']}", data={"version_ids[]": first["version_id"]})
     remaining = s3.list_object_versions(Bucket=name, Prefix="vs/")
     assert len(remaining.get("Versions", [])) == 1 and not remaining.get("DeleteMarkers")
+
+
+async def test_a_cancel_is_final_even_if_the_runner_saves_a_stale_copy_afterwards(client: Any):
+    """The runner holds the job in memory while it copies a batch; a cancel committed meanwhile
+    must survive the runner's next save, and a cancelled migration must never switch."""
+    from versionstore.models import Job
+
+    meta = client.app[META]
+    job = Job(id="c" * 32, cloud=CLOUD, kind="test_only", status="active", params={"from": None, "to": "s3://x/y"},
+              progress={"phase": "copy"}, created_at=time.time())
+    await meta.create_job(job)
+    stale = await meta.get_job(CLOUD, job.id)
+    cloud = await meta.get_cloud(CLOUD)
+    cancelled = await meta.get_job(CLOUD, job.id)  # what change_target loads and cancels
+    cancelled.status, cancelled.error = "failed", "cancelled"
+    assert await meta.save_job(cancelled)
+    stale.progress["revisions_done"] = 64
+    assert await meta.save_job(stale, backup_target=(CLOUD, "s3://x/y")) is False
+    assert (await meta.get_job(CLOUD, job.id)).status == "failed"
+    assert (await meta.get_cloud(CLOUD)).backup_target == cloud.backup_target is None

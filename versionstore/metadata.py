@@ -447,15 +447,25 @@ class MetadataStore:
             return None
         return job
 
-    async def save_job(self, job: Job, *, backup_target: tuple[str, str | None] | None = None) -> None:
+    async def save_job(self, job: Job, *, backup_target: tuple[str, str | None] | None = None) -> bool:
         """Persist a job's state; `backup_target=(cloud, url)` switches the environment's
-        target in the same transaction (a migration's last step)."""
+        target in the same transaction (a migration's last step).
+
+        Only an open job is written: once a job is completed, failed or cancelled (by another
+        request, while its runner was mid-batch) its row is final. False when it was not open,
+        and then nothing (not the switch either) is written."""
         values = _job_row(job)
         job_id = values.pop("id")
         async with self.transaction() as db:
-            await db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?", (*values.values(), job_id))
+            cursor = await db.execute(
+                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ? AND status IN ('pending', 'active')",
+                (*values.values(), job_id),
+            )
+            if not cursor.rowcount:
+                return False
             if backup_target is not None:
                 await db.execute("UPDATE clouds SET backup_target = ? WHERE name = ?", (backup_target[1], backup_target[0]))
+        return True
 
     async def get_job(self, cloud: str, job_id: str) -> Job | None:
         row = await self._one(f"{_JOB_SELECT} WHERE cloud = ? AND id = ?", (cloud, job_id))

@@ -109,7 +109,8 @@ class BackupMigration:
                     return False
                 job.progress["phase"] = "cleanup" if job.params.get("from") is None else "done"
                 job.progress["switched_at"] = time.time()
-                await self.meta.save_job(job, backup_target=(cloud, job.params.get("to")))
+                if not await self.meta.save_job(job, backup_target=(cloud, job.params.get("to"))):
+                    return False  # cancelled after the last check: nothing switched
             log.info("environment %s now keeps its backups in %s", cloud, target_name(job.params.get("to")))
             return True
 
