@@ -117,6 +117,9 @@ class BackupTargets:
         self._stores: dict[tuple[str, bool], BlobStore] = {}
         self._markers: dict[tuple[str, str], tuple[bool, float]] = {}
         self._failed_at: dict[str, float] = {}
+        #: Environments whose persisted health is `healthy`: this process is the only writer of
+        #: backup_health, so a successful upload needs no database read to know nothing changed.
+        self._healthy: set[str] = set()
 
     def store(self, target: str | None, *, inline: bool = False) -> BlobStore:
         """The (retrying) store of a target; `inline` retries briefly, for request paths."""
@@ -171,6 +174,7 @@ class BackupTargets:
 
     async def record_failure(self, cloud: str, state: str, error: str) -> None:
         self._failed_at[cloud] = time.monotonic()
+        self._healthy.discard(cloud)
         now = time.time()
         previous = await self.meta.get_health(cloud)
         if previous is None or previous.state != state or previous.last_error != error:
@@ -180,6 +184,9 @@ class BackupTargets:
     async def record_success(self, cloud: str) -> bool:
         """Mark the target healthy; True when it was not (the caller may drain the queue)."""
         self._failed_at.pop(cloud, None)
+        if cloud in self._healthy:
+            return False
+        self._healthy.add(cloud)
         previous = await self.meta.get_health(cloud)
         if previous is None or previous.state == HEALTHY:
             return False
