@@ -26,6 +26,9 @@ class Config:
     max_upload_bytes: int = 20 * GiB
     #: Largest non-upload request body (Admin JSON/form/multipart).
     max_body_bytes: int = 10 << 20
+    #: Bytes all not-yet-authenticated requests together may hold (fields in memory, a file part
+    #: sent before the signature on disk); one such request may hold at most max_body_bytes.
+    unauth_budget_bytes: int = 64 << 20
     #: Seconds allowed to fetch a remote `file` URL.
     fetch_timeout: float = 300.0
     primary_store: str | None = None
@@ -42,6 +45,7 @@ class Config:
         values: dict[str, object] = {
             "max_upload_bytes": _env_int("VERSIONSTORE_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             "max_body_bytes": _env_int("VERSIONSTORE_MAX_BODY_BYTES", cls.max_body_bytes),
+            "unauth_budget_bytes": _env_int("VERSIONSTORE_UNAUTH_BUDGET_BYTES", cls.unauth_budget_bytes),
             "fetch_timeout": _env_float("VERSIONSTORE_FETCH_TIMEOUT", cls.fetch_timeout),
             "primary_store": os.environ.get("VERSIONSTORE_PRIMARY_STORE"),
             "backup_store": os.environ.get("VERSIONSTORE_BACKUP_STORE"),

@@ -1,7 +1,9 @@
 """Normalise request parameters from every encoding the SDKs use into one dict.
 
 Query strings, form bodies, multipart fields and JSON bodies all end up here (spec section 2):
-`k[]` and `k[0]` collect into lists, JSON nulls mean "absent", booleans arrive as 1/0/true/false.
+`k[]` and `k[0]` collect into lists, booleans arrive as 1/0/true/false. A value the signature
+leaves out (null, "", [], [""]) means "absent": `drop_blank` runs once a request's parameters
+are complete, whatever the encoding, so signing and behaviour see the same parameters.
 """
 
 import re
@@ -9,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from versionstore.errors import BadRequest
+from versionstore.signing import is_blank
 
 _ARRAY_KEY = re.compile(r"^(?P<name>.+?)\[(?P<index>\d*)\]$")
 
@@ -33,6 +36,13 @@ def merge_pairs(pairs: Iterable[tuple[str, str]], into: Params | None = None) ->
     for name, items in indexed.items():
         out[name] = [value for _, value in sorted(items)]
     return out
+
+
+def drop_blank(params: Params) -> Params:
+    """Remove every value the signature does not cover (see signing.is_blank)."""
+    for key in [key for key, value in params.items() if is_blank(value)]:
+        del params[key]
+    return params
 
 
 def merge_json(body: object, into: Params) -> Params:

@@ -14,6 +14,12 @@ UNSIGNED_KEYS = frozenset({"signature", "api_key", "file", "resource_type", "clo
 OPTIONALLY_UNSIGNED = ("notification_url", "batch_id")
 
 
+def is_blank(value: object) -> bool:
+    """Left out of the string to sign (None, "", [], [""]), so it must also mean "absent" to
+    every handler: otherwise an unsigned empty value could change what a request does."""
+    return value is None or _flat(value) == ""
+
+
 def _flat(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(_flat(v) for v in value)
@@ -30,7 +36,7 @@ def string_to_sign(
     excluded = UNSIGNED_KEYS | frozenset(skip)
     pairs = []
     for key, value in params.items():
-        if key in excluded or value is None or value == "" or value == []:
+        if key in excluded or is_blank(value):
             continue
         text = f"{key}={_flat(value)}"
         if version >= 2:

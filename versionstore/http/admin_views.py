@@ -7,11 +7,11 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from versionstore import ids, queries, signing
-from versionstore.errors import BadRequest, NotFound, Unauthorized
+from versionstore import ids, queries
+from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
 from versionstore.http.app import META, SERVICE, VERSIONS_CACHE
-from versionstore.http.auth import check_basic, check_fresh
+from versionstore.http.auth import check_basic, check_signed
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
 from versionstore.media import content_type
@@ -233,13 +233,7 @@ async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, s
     for required in ("asset_id", "version_id"):
         if not params.get(required):
             raise BadRequest(f"Missing required parameter - {required}")
-    if str(params.get("api_key") or "") != cloud.api_key:
-        raise Unauthorized("Invalid api_key")
-    check_fresh(params.get("timestamp"))
-    signature = str(params.get("signature") or "")
-    ok, to_sign = signing.verify(params, cloud.api_secret, signature)
-    if not ok:
-        raise Unauthorized(f"Invalid Signature {signature}. String to sign - '{to_sign}'.")
+    check_signed(params, cloud, purpose="download_backup")  # the same check as every signed endpoint
     asset_id, version_id = str(params["asset_id"]), str(params["version_id"])
     if not (ids.is_hex_id(asset_id) and ids.is_hex_id(version_id)):
         raise BadRequest("Illegal id")

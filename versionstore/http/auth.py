@@ -13,8 +13,11 @@ from aiohttp import web
 
 from versionstore import signing
 from versionstore.errors import BadRequest, Unauthorized
+from versionstore.http.app import UNAUTH_BUDGET
+from versionstore.http.budget import Lease
 from versionstore.models import Cloud
 from versionstore.params import Params
+from versionstore.purposes import check_purpose
 
 MAX_AGE = 3600
 MAX_SKEW = 300
@@ -45,8 +48,10 @@ def check_basic(request: web.Request, cloud: Cloud) -> None:
         raise Unauthorized("api_secret mismatch")
 
 
-def check_signed(params: Params, cloud: Cloud, *, optional_skip: bool = False) -> None:
-    """Signed parameters: api_key, a fresh timestamp and a signature over the rest."""
+def check_signed(params: Params, cloud: Cloud, *, purpose: str, optional_skip: bool = False) -> None:
+    """Signed parameters: api_key, a fresh timestamp and a signature over the rest, carrying
+    nothing that belongs to another purpose (purposes.py). The one check for every signed
+    endpoint, download_backup included."""
     api_key = params.get("api_key")
     if not api_key:
         raise Unauthorized("Must supply api_key")
@@ -56,6 +61,7 @@ def check_signed(params: Params, cloud: Cloud, *, optional_skip: bool = False) -
     signature = str(params.get("signature") or "")
     if not signature:
         raise BadRequest("Missing required parameter - signature")
+    check_purpose(purpose, params)
     ok, to_sign = signing.verify(params, cloud.api_secret, signature, optional_skip=optional_skip)
     if not ok:
         raise Unauthorized(f"Invalid Signature {signature}. String to sign - '{to_sign}'.")
@@ -75,9 +81,21 @@ def check_fresh(timestamp: object) -> None:
         raise Unauthorized("Request timestamp expired")
 
 
-def check_upload_auth(request: web.Request, params: Params, cloud: Cloud, *, optional_skip: bool = False) -> None:
+def check_upload_auth(
+    request: web.Request, params: Params, cloud: Cloud, *, purpose: str = "upload", optional_skip: bool = False
+) -> None:
     """Upload API: Basic auth when the header is there, signed parameters otherwise."""
     if basic_credentials(request) is not None:
         check_basic(request, cloud)
     else:
-        check_signed(params, cloud, optional_skip=optional_skip)
+        check_signed(params, cloud, purpose=purpose, optional_skip=optional_skip)
+
+
+def pre_auth_lease(request: web.Request, cloud: Cloud) -> Lease:
+    """The request's share of the unauthenticated budget (budget.py), already settled when it
+    carries valid Basic credentials; the caller settles it once the signature is checked."""
+    lease = request.app[UNAUTH_BUDGET].lease()
+    if basic_credentials(request) is not None:
+        check_basic(request, cloud)
+        lease.settle()
+    return lease

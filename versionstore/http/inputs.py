@@ -1,41 +1,140 @@
 """Reading parameters from a request in any of the encodings the SDKs use (spec section 2).
 
 Admin endpoints: query string plus a JSON, form-urlencoded or multipart body, on any method
-including DELETE. Bodies here are small; aiohttp's client_max_size bounds them.
+including DELETE. Bodies are read as they arrive: at most `max_body_bytes` and `MAX_FIELDS`
+fields per body, and while the request is not yet authenticated every byte held is charged to
+its budget lease (see budget.py). Values the signature leaves out are dropped (params.drop_blank).
 """
 
 import json
+from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from versionstore.errors import BadRequest
-from versionstore.params import Params, merge_json, merge_pairs
+from versionstore.errors import BadRequest, TooLarge
+from versionstore.http.app import CONFIG
+from versionstore.http.budget import Lease
+from versionstore.params import Params, drop_blank, merge_json, merge_pairs
+
+#: Fields per body (multipart parts or form pairs): Cloudinary's id lists stop at 1000.
+MAX_FIELDS = 2000
+#: One multipart field (a remote URL, a context string); the file part is not a field.
+FIELD_LIMIT = 64 * 1024
+_READ = 64 * 1024
+
+
+class BodyAllowance:
+    """Counts one body's fields and bytes against the per-body caps and the request's lease."""
+
+    def __init__(self, limit: int, lease: Lease | None) -> None:
+        self.limit = limit
+        self.lease = lease
+        self.fields = 0
+        self.size = 0
+
+    def field(self) -> None:
+        self.fields += 1
+        if self.fields > MAX_FIELDS:
+            raise BadRequest(f"Too many fields in the request body (maximum is {MAX_FIELDS})")
+
+    def charge(self, size: int) -> None:
+        """Bytes the request keeps (in memory or spooled)."""
+        self.skip(size)
+        if self.lease is not None:
+            self.lease.take(size)
+
+    def skip(self, size: int) -> None:
+        """Bytes read and dropped: not held, but still bounded."""
+        self.size += size
+        if self.size > self.limit:
+            raise TooLarge(f"Request body too large. Maximum is {self.limit} bytes.")
+
+
+def decode(data: bytes | bytearray, charset: str, what: str) -> str:
+    try:
+        return data.decode(charset, errors="strict")
+    except LookupError:
+        raise BadRequest(f"Unknown charset {charset!r} in {what}") from None
+    except UnicodeDecodeError:
+        raise BadRequest(f"Invalid {charset} text in {what}") from None
+
+
+async def read_field(part: BodyPartReader, allowance: BodyAllowance, first: bytes = b"") -> str:
+    allowance.field()
+    data = bytearray(first)
+    while chunk := await part.read_chunk(8192):
+        allowance.charge(len(chunk))
+        data += chunk
+        if len(data) > FIELD_LIMIT:
+            raise BadRequest(f"Field {part.name!r} is larger than {FIELD_LIMIT} bytes")
+    return decode(data, part.get_charset(default="utf-8"), f"field {part.name!r}")
+
+
+async def multipart_reader(request: web.Request) -> MultipartReader:
+    try:
+        return await request.multipart()
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
+        raise BadRequest(f"Malformed multipart body: {exc}") from None
+
+
+async def next_part(reader: MultipartReader) -> BodyPartReader | None:
+    try:
+        part = await reader.next()
+    except (ValueError, HttpProcessingError) as exc:  # e.g. InvalidHeader in a part
+        raise BadRequest(f"Malformed multipart body: {exc}") from None
+    if part is not None and not isinstance(part, BodyPartReader):
+        raise BadRequest("Nested multipart bodies are not supported")
+    return part
 
 
 def query_params(request: web.Request) -> Params:
-    return merge_pairs(request.query.items())
+    return drop_blank(merge_pairs(request.query.items()))
 
 
-async def admin_params(request: web.Request) -> Params:
-    params = query_params(request)
+async def _read_all(request: web.Request, allowance: BodyAllowance) -> bytearray:
+    data = bytearray()
+    while chunk := await request.content.read(_READ):
+        allowance.charge(len(chunk))
+        data += chunk
+    return data
+
+
+async def _multipart_fields(request: web.Request, allowance: BodyAllowance, params: Params) -> None:
+    """Text parts become parameters; file parts are read and ignored (no endpoint here takes one)."""
+    reader = await multipart_reader(request)
+    while (part := await next_part(reader)) is not None:
+        if part.filename is None:
+            merge_pairs([(part.name or "", await read_field(part, allowance))], params)
+            continue
+        while chunk := await part.read_chunk(_READ):
+            allowance.skip(len(chunk))
+
+
+async def admin_params(request: web.Request, lease: Lease | None = None) -> Params:
+    params = merge_pairs(request.query.items())
     if not request.body_exists:
-        return params
+        return drop_blank(params)
+    allowance = BodyAllowance(request.app[CONFIG].max_body_bytes, lease)
     ctype = request.content_type
     if ctype == "application/json":
-        raw = await request.read()
+        raw = await _read_all(request, allowance)
         if raw.strip():
             try:
                 body = json.loads(raw)
             except ValueError:
                 raise BadRequest("Malformed JSON body") from None
             merge_json(body, params)
-    elif ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+    elif ctype == "application/x-www-form-urlencoded":
+        text = decode(await _read_all(request, allowance), request.charset or "utf-8", "the form body")
         try:
-            form = await request.post()
-        except (ValueError, HttpProcessingError) as exc:  # e.g. InvalidHeader in a part
-            raise BadRequest(f"Malformed {ctype} body: {exc}") from None
-        merge_pairs(((k, v) for k, v in form.items() if isinstance(v, str)), params)
-    else:
-        await request.read()  # unknown body type: ignore it, parameters may be in the query
-    return params
+            pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FIELDS)
+        except ValueError:
+            raise BadRequest(f"Too many fields in the request body (maximum is {MAX_FIELDS})") from None
+        merge_pairs(pairs, params)
+    elif ctype == "multipart/form-data":
+        await _multipart_fields(request, allowance, params)
+    else:  # unknown body type: ignore it, parameters may be in the query
+        while chunk := await request.content.read(_READ):
+            allowance.skip(len(chunk))
+    return drop_blank(params)

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from versionstore.errors import BadRequest
-from versionstore.params import Params, merge_pairs
+from versionstore.http.app import CONFIG, UNAUTH_BUDGET
+from versionstore.http.budget import Lease
+from versionstore.http.inputs import BodyAllowance, multipart_reader, next_part, read_field
+from versionstore.params import Params, drop_blank, merge_pairs
 from versionstore.spool import Spooled, SpoolFile
 
-FIELD_LIMIT = 64 * 1024
 READ_SIZE = 256 * 1024
 _SNIFF = 8192  # aiohttp asserts read_chunk(size) >= boundary length + 2 on parts without Content-Length
 
@@ -37,25 +38,26 @@ async def part_chunks(part: BodyPartReader, first: bytes = b"") -> AsyncIterator
         yield data
 
 
-async def _read_field(part: BodyPartReader) -> str:
-    data = bytearray()
-    while chunk := await part.read_chunk(8192):
-        data += chunk
-        if len(data) > FIELD_LIMIT:
-            raise BadRequest(f"Field {part.name!r} is larger than {FIELD_LIMIT} bytes")
-    return data.decode(part.get_charset(default="utf-8"), errors="strict")
+async def _charged(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
+    """A file part sent before the signature: its spooled bytes count against the budget."""
+    async for data in chunks:
+        lease.take(len(data))
+        yield data
 
 
 async def _spool_base64(chunks: AsyncIterator[bytes], spool: SpoolFile) -> None:
     pending = b""
-    async for data in chunks:
-        pending += b"".join(data.split())
-        usable = len(pending) - len(pending) % 4
-        if usable:
-            await spool.write(binascii.a2b_base64(pending[:usable], strict_mode=True))
-            pending = pending[usable:]
-    if pending:
-        await spool.write(binascii.a2b_base64(pending + b"=" * (-len(pending) % 4)))
+    try:
+        async for data in chunks:
+            pending += b"".join(data.split())
+            usable = len(pending) - len(pending) % 4
+            if usable:
+                await spool.write(binascii.a2b_base64(pending[:usable], strict_mode=True))
+                pending = pending[usable:]
+        if pending:
+            await spool.write(binascii.a2b_base64(pending + b"=" * (-len(pending) % 4), strict_mode=True))
+    except binascii.Error:
+        raise BadRequest("Invalid data URI: bad base64") from None
 
 
 async def read_multipart(
@@ -63,57 +65,61 @@ async def read_multipart(
     new_spool: Callable[[], SpoolFile],
     on_file: Callable[[Params, BodyPartReader], Awaitable[None]] | None = None,
     before_file: Callable[[Params], None] | None = None,
+    lease: Lease | None = None,
 ) -> UploadBody:
     """Read every part; `on_file`, when given, consumes the file part itself.
 
     `before_file` sees the fields that precede the file part (the SDKs send the file last),
-    so a bad signature is refused before a large body is spooled to disk.
+    so a bad signature is refused before a large body is spooled to disk; it settles `lease`
+    when it authenticates the request. Until then fields and spooled bytes are charged to it.
     """
-    try:
-        reader = await request.multipart()
-    except (ValueError, AssertionError, HttpProcessingError) as exc:
-        raise BadRequest(f"Malformed multipart body: {exc}") from None
+    own_lease = lease is None
+    lease = request.app[UNAUTH_BUDGET].lease() if lease is None else lease
+    allowance = BodyAllowance(request.app[CONFIG].max_body_bytes, lease)
+    reader = await multipart_reader(request)
     body = UploadBody(params={})
     spool: SpoolFile | None = None
     try:
-        while True:
-            try:
-                part = await reader.next()
-            except (ValueError, HttpProcessingError) as exc:  # e.g. InvalidHeader in a part
-                raise BadRequest(f"Malformed multipart body: {exc}") from None
-            if part is None:
-                break
-            if not isinstance(part, BodyPartReader):
-                raise BadRequest("Nested multipart bodies are not supported")
+        while (part := await next_part(reader)) is not None:
             if part.name != "file":
-                merge_pairs([(part.name or "", await _read_field(part))], body.params)
+                merge_pairs([(part.name or "", await read_field(part, allowance))], body.params)
                 continue
             if body.spooled or body.file_url or body.handled_file:
                 raise BadRequest("More than one file part")
             if before_file is not None:
-                before_file(body.params)
+                before_file(drop_blank(body.params))
             if on_file is not None:
                 await on_file(body.params, part)
                 body.handled_file = True
                 continue
             body.filename = part.filename
             first = await part.read_chunk(_SNIFF) if part.filename is None else b""
+            lease.take(len(first))
             if part.filename is None and first.lower().startswith((b"http://", b"https://")):
-                body.file_url = (first.decode() + await _read_field(part)).strip()
+                body.file_url = (await read_field(part, allowance, first)).strip()
                 continue
             spool = new_spool()
             if part.filename is None and first.startswith(b"data:"):
-                head = first + await part.read_chunk(1024)
-                meta, sep, rest = head.partition(b",")
+                more = await part.read_chunk(1024)
+                lease.take(len(more))
+                meta, sep, rest = (first + more).partition(b",")
                 if not sep or b";base64" not in meta:
                     raise BadRequest("Invalid data URI: only base64 data URIs are supported")
-                await _spool_base64(part_chunks(part, rest), spool)
+                chunks = part_chunks(part, rest)
+                await _spool_base64(_charged(chunks, lease) if lease.open else chunks, spool)
             else:
-                async for data in part_chunks(part, first):
+                chunks = part_chunks(part, first)
+                if lease.open:
+                    chunks = _charged(chunks, lease)
+                async for data in chunks:
                     await spool.write(data)
             body.spooled = await spool.finish(sync=False)  # VersionService.upload overlaps the fsync
     except BaseException:
         if spool is not None:
             spool.discard()
         raise
+    finally:
+        if own_lease:
+            lease.settle()
+    drop_blank(body.params)
     return body

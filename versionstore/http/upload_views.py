@@ -13,7 +13,8 @@ from versionstore.chunks import parse_content_range
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
 from versionstore.http.app import CHUNKS, CONFIG, FETCHER, META, SERVICE
-from versionstore.http.auth import basic_credentials, check_upload_auth
+from versionstore.http.auth import check_signed, check_upload_auth, pre_auth_lease
+from versionstore.http.budget import Lease
 from versionstore.http.fetch import fetch_to_spool
 from versionstore.http.inputs import admin_params
 from versionstore.http.upload_body import UploadBody, part_chunks, read_multipart
@@ -30,10 +31,14 @@ async def upload(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     content_range = request.headers.get("Content-Range")
     if upload_id and content_range:
         return await _upload_chunk(request, cloud, match["rt"], upload_id, content_range)
-    if request.content_type == "multipart/form-data":
-        body = await read_multipart(request, service.new_spool, before_file=_early_auth(request, cloud))
-    else:
-        body = UploadBody(params=await admin_params(request))
+    lease = pre_auth_lease(request, cloud)
+    try:
+        if request.content_type == "multipart/form-data":
+            body = await read_multipart(request, service.new_spool, before_file=_early_auth(cloud, lease), lease=lease)
+        else:
+            body = UploadBody(params=await admin_params(request, lease))
+    finally:
+        lease.settle()
     try:
         check_upload_auth(request, body.params, cloud)
         spooled = await _file_bytes(request, body)
@@ -43,12 +48,14 @@ async def upload(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
             body.spooled.path.unlink(missing_ok=True)
 
 
-def _early_auth(request: web.Request, cloud: Cloud) -> Callable[[Params], None]:
-    """Authenticate at the file part when the credentials came first (they do from the SDKs)."""
+def _early_auth(cloud: Cloud, lease: Lease) -> Callable[[Params], None]:
+    """Authenticate at the file part when the credentials came first (they do from the SDKs);
+    from then on the file streams without being charged to the unauthenticated budget."""
 
     def check(params: Params) -> None:
-        if "signature" in params or basic_credentials(request) is not None:
-            check_upload_auth(request, params, cloud)
+        if lease.open and "signature" in params:
+            check_signed(params, cloud, purpose="upload")
+            lease.settle()
 
     return check
 
@@ -151,9 +158,13 @@ async def _finish_upload(
     )
 
 
-async def _signed_params(request: web.Request, cloud: Cloud, optional_skip: bool = False) -> Params:
-    params = await admin_params(request)
-    check_upload_auth(request, params, cloud, optional_skip=optional_skip)
+async def _signed_params(request: web.Request, cloud: Cloud, purpose: str, optional_skip: bool = False) -> Params:
+    lease = pre_auth_lease(request, cloud)
+    try:
+        params = await admin_params(request, lease)
+    finally:
+        lease.settle()
+    check_upload_auth(request, params, cloud, purpose=purpose, optional_skip=optional_skip)
     return params
 
 
@@ -163,7 +174,7 @@ async def _live_asset(request: web.Request, cloud: Cloud, rt: str, type_: str, p
 
 
 async def destroy(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
-    params = await _signed_params(request, cloud)
+    params = await _signed_params(request, cloud, "destroy")
     public_id = ids.check_public_id(str(params.get("public_id") or ""))
     asset = await _live_asset(request, cloud, match["rt"], str(params.get("type") or "upload"), public_id)
     if asset is None:
@@ -173,7 +184,7 @@ async def destroy(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
 
 
 async def rename(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
-    params = await _signed_params(request, cloud)
+    params = await _signed_params(request, cloud, "rename")
     from_id = ids.check_public_id(str(params.get("from_public_id") or ""), "from_public_id")
     to_id = ids.check_public_id(str(params.get("to_public_id") or ""), "to_public_id")
     type_ = str(params.get("type") or "upload")
@@ -187,7 +198,7 @@ async def rename(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
 
 async def explicit(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     """Only tags, context and metadata are applied: explicit never creates a revision."""
-    params = await _signed_params(request, cloud)
+    params = await _signed_params(request, cloud, "explicit")
     public_id = ids.check_public_id(str(params.get("public_id") or ""))
     asset = await _live_asset(request, cloud, match["rt"], str(params.get("type") or "upload"), public_id)
     if asset is None:
@@ -211,7 +222,7 @@ async def _bulk_update(request: web.Request, cloud: Cloud, rt: str, params: Para
 
 
 async def tags(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
-    params = await _signed_params(request, cloud, optional_skip=True)
+    params = await _signed_params(request, cloud, "tags", optional_skip=True)
     command = str(params.get("command") or "add")
     new = as_list(params.get("tag"))
 
@@ -230,7 +241,7 @@ async def tags(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web
 
 
 async def context(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
-    params = await _signed_params(request, cloud, optional_skip=True)
+    params = await _signed_params(request, cloud, "context", optional_skip=True)
     command = str(params.get("command") or "add")
     new = parse_pipe_map(params.get("context"))
 
@@ -245,6 +256,6 @@ async def context(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
 
 
 async def metadata(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
-    params = await _signed_params(request, cloud, optional_skip=True)
+    params = await _signed_params(request, cloud, "metadata", optional_skip=True)
     new = parse_pipe_map(params.get("metadata"))
     return await _bulk_update(request, cloud, match["rt"], params, lambda asset: {"metadata": {**asset.metadata, **new}})
