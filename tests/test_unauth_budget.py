@@ -6,6 +6,7 @@ full before the 401.
 """
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import BASIC_HEADERS, CLOUD, sign
+from tests.conftest import BASIC_HEADERS, CLOUD
 from tests.test_upload_body_errors import BOUNDARY, field, multipart, signed_fields
 from versionstore.config import Config
 from versionstore.http.app import UNAUTH_BUDGET
@@ -48,13 +49,16 @@ def budget_used(client: TestClient) -> int:
 
 
 async def test_fields_without_credentials_are_refused_at_the_per_request_cap(client: TestClient) -> None:
-    status, body = await post(client, "image/upload", multipart(many_fields(8 * MiB)), MULTIPART)
+    status, body = await post(client, "image/upload", multipart(many_fields(2 * MiB)), MULTIPART)
     assert status == 400 and "too large" in body["error"]["message"], body
     assert budget_used(client) == 0
 
 
-async def test_a_file_before_the_signature_is_not_spooled_past_the_cap(client: TestClient, config: Config) -> None:
-    parts = [file_part(b"z" * (8 * MiB)), *signed_fields(public_id="docs/late")]
+@pytest.mark.parametrize("kind", ["file", "data-uri"])
+async def test_a_file_before_the_signature_is_not_spooled_past_the_cap(client: TestClient, config: Config, kind: str) -> None:
+    data = b"z" * (8 * MiB)
+    first = file_part(data) if kind == "file" else field("file", b"data:application/octet-stream;base64," + base64.b64encode(data))
+    parts = [first, *signed_fields(public_id="docs/late")]
     status, body = await post(client, "image/upload", multipart(parts), MULTIPART)
     assert status == 400 and "send them before the file" in body["error"]["message"], body
     assert list(config.spool_dir.iterdir()) == [] and budget_used(client) == 0
@@ -78,10 +82,10 @@ async def test_authenticated_uploads_are_not_limited_by_the_budget(client: TestC
 
 
 async def test_too_many_fields_are_refused(client: TestClient) -> None:
-    parts = [*signed_fields(public_id="docs/many"), *(field(f"x{i}", b"1") for i in range(3000)), file_part(b"a")]
+    parts = [*signed_fields(public_id="docs/many"), *(field(f"x{i}", b"1") for i in range(2100)), file_part(b"a")]
     status, body = await post(client, "image/upload", multipart(parts), MULTIPART)
     assert status == 400 and "Too many fields" in body["error"]["message"], body
-    status, body = await post(client, "image/destroy", "&".join(f"x{i}=1" for i in range(3000)),
+    status, body = await post(client, "image/destroy", "&".join(f"x{i}=1" for i in range(2100)),
                               {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 400 and "Too many fields" in body["error"]["message"], body
 

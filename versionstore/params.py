@@ -55,12 +55,12 @@ def merge_json(body: object, into: Params) -> Params:
 
 
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 
 
 def as_bool(value: object, default: bool | None = None) -> bool | None:
-    if value is None:
-        return default
+    if is_blank(value):
+        return default  # never "" -> False: an empty value is unsigned, so it is absent
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)):

@@ -86,8 +86,9 @@ async def read_multipart(
                 continue
             if body.spooled or body.file_url or body.handled_file:
                 raise BadRequest("More than one file part")
+            drop_blank(body.params)  # the hooks see what the signature covers
             if before_file is not None:
-                before_file(drop_blank(body.params))
+                before_file(body.params)
             if on_file is not None:
                 await on_file(body.params, part)
                 body.handled_file = True
