@@ -117,7 +117,6 @@ def _serve(args: argparse.Namespace) -> int:
     from versionstore.http.server import serve
 
     config = Config.from_env(store_dir(args.data_dir, create=True), host=args.host, port=args.port)
-    config.check()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     async def ready(meta: MetadataStore, base_url: str) -> None:

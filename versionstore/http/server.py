@@ -59,8 +59,12 @@ async def serve(
     ready: Callable[[MetadataStore, str], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT. `ready(meta, base_url)` runs once requests are accepted."""
-
+    config.check()
     sock = bind(config.host, config.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(
         create_app(config), access_log=logging.getLogger("aiohttp.access") if access_log else None,
         keepalive_timeout=75.0, shutdown_timeout=SHUTDOWN_TIMEOUT,
@@ -73,14 +77,14 @@ async def serve(
         await web.SockSite(runner, sock).start()
         host, port = sock.getsockname()[:2]
         base_url = f"http://{config.host if config.host not in ('0.0.0.0', '::', '') else host}:{port}"
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if ready is not None:
-            await ready(runner.app[META], base_url)
+        if ready is not None and not stop.is_set():
+            try:
+                await ready(runner.app[META], base_url)
+            except Exception as exc:
+                raise StartupError(f"cannot start: {one_line(exc)}") from None
         await stop.wait()
     finally:
         await runner.cleanup()
         sock.close()
-
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
