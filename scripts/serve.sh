@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Quick start: install into ./.venv (first run only) and serve the embedded default
-# (SQLite + local disk under ./data) with a demo product environment whose
-# CLOUDINARY_URL is printed. Extra arguments go to `versionstore serve`.
+# Quick start: install into ./.venv (first run, or when pyproject.toml changed) and serve this
+# checkout (SQLite + local disk under ./data, next to this script's repository) with a demo
+# product environment whose CLOUDINARY_URL is printed. Extra arguments go to
+# `versionstore serve` (e.g. --port 8766); VERSIONSTORE_DATA_DIR or --data-dir choose another
+# data directory (relative paths are taken from the current directory).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3.11}
-command -v "$PYTHON" >/dev/null || PYTHON=python3
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e .
-exec .venv/bin/versionstore serve --data-dir "${VERSIONSTORE_DATA_DIR:-./data}" --demo "$@"
+here=$(dirname "$0")/..
+root=$(cd "$here" && pwd)
+# shellcheck source=scripts/venv.sh
+source "$root/scripts/venv.sh"
+(cd "$root" && ensure_venv base)
+export VERSIONSTORE_DATA_DIR=${VERSIONSTORE_DATA_DIR:-$here/data}
+# This checkout's code, whatever the venv's editable install points at.
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+exec "$root/.venv/bin/python" -m versionstore serve --demo "$@"

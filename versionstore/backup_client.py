@@ -321,6 +321,8 @@ async def follow_server_job(args: argparse.Namespace, api: Api, report: Report) 
     except RequestFailed as exc:
         if exc.status != 409:
             print(f"error: cannot start the initial backup: {exc.message}", file=sys.stderr)
+            if exc.status == 400 and "isn't enabled" in exc.message:
+                print(_turn_backup_on(api.target), file=sys.stderr)
             return EXIT_USAGE if exc.status in (400, 401, 403, 404) else EXIT_FAILED
         job_id = exc.job_id() or await api.open_job_id() or ""
         if not job_id:
@@ -342,6 +344,13 @@ async def follow_server_job(args: argparse.Namespace, api: Api, report: Report) 
     finally:
         bars.close()
     return EXIT_OK if job.get("status") == "completed" and not job.get("failed_assets_count") else EXIT_FAILED
+
+
+def _turn_backup_on(target: Target) -> str:
+    """What to run when the environment's automatic backup is off (Cloudinary's 400 says only that)."""
+    return (f"turn automatic backup on first, on the server: `versionstore cloud set {target.cloud} --auto-backup on` "
+            f"(with its --data-dir), or over HTTP: PUT {target.base}/versionstore/settings with auto_backup=true "
+            "(Basic auth with the API key and secret)")
 
 
 def _show(bars: Bars, job: dict[str, Any]) -> None:
@@ -372,7 +381,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--retries", type=int, default=5, help="retries per request on transient errors (default 5)")
     parser.add_argument("--verify", action="store_true", help="ignore the state file's shortcuts: hash and check every file")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; upload nothing")
-    parser.add_argument("--folder", default="", help="prefix for public_ids derived in --source mode")
+    parser.add_argument("--folder", default="", help="prefix for public_ids derived in --source mode (default: none)")
     parser.add_argument("--tmp-dir", help="where URL entries are downloaded (default: the system temp dir)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="--server: seconds between job polls (default 1)")

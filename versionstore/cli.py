@@ -7,6 +7,12 @@ The cloud commands write the metadata database directly; a running service reads
 settings on every request, so changes apply without a restart. Changing the backup bucket
 checks the bucket from this process (its marker, and write/read/delete access with this
 process's credentials) and queues the migration job that the server runs.
+
+Subcommands are registered in `parser()` with `_command()`, which gives every one the same
+help formatter (each option's default is shown) and its `func(args) -> exit code`. Commands
+that work on an existing store wrap an `async (meta, args)` action with `_on_store()`; only
+`serve` and `cloud create` may create a data directory. Exit codes: 0 done, 1 the service could
+not start, 2 usage or configuration error (one line on stderr, no traceback), 130 interrupted.
 """
 
 import argparse
@@ -17,31 +23,41 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 from versionstore import ids, migration
-from versionstore.config import Config
+from versionstore.config import DATA_DIR_VARIABLE, Config, ConfigError, StartupError, data_dir_from
 from versionstore.errors import ApiError
 from versionstore.metadata import MetadataStore
 from versionstore.models import Cloud
 
 DEFAULT_URL = "http://127.0.0.1:8765"
+EXIT_START_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+Action = Callable[[MetadataStore, argparse.Namespace], Awaitable[None]]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows `(default: X)` after every option that has a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
 
 
 def cloudinary_url(cloud: Cloud, base_url: str) -> str:
     return f"cloudinary://{cloud.api_key}:{cloud.api_secret}@{cloud.name}?upload_prefix={base_url}"
 
 
-T = TypeVar("T")
-
-
-async def _with_meta(data_dir: Path, action: Callable[[MetadataStore], Awaitable[T]]) -> T:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    meta = await MetadataStore.open(Config(data_dir=data_dir).db_path)
-    try:
-        return await action(meta)
-    finally:
-        await meta.close()
+def backup_state(cloud: Cloud) -> str:
+    """One line a newcomer can act on: is every upload kept as a revision, and how to change it."""
+    if cloud.auto_backup:
+        return (f"{cloud.name}: automatic backup is on (every upload keeps a restorable revision; "
+                f"turn off: versionstore cloud set {cloud.name} --auto-backup off)")
+    return (f"{cloud.name}: automatic backup is off (only uploads with backup=true keep a revision; "
+            f"turn on: versionstore cloud set {cloud.name} --auto-backup on)")
 
 
 async def create_cloud(meta: MetadataStore, name: str, api_key: str | None, api_secret: str | None, auto_backup: bool = True) -> Cloud:
@@ -53,65 +69,6 @@ async def create_cloud(meta: MetadataStore, name: str, api_key: str | None, api_
     return await meta.create_cloud(name, key, secret, auto_backup)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from versionstore.http.app import create_app
-
-    config = Config.from_env(args.data_dir, host=args.host, port=args.port)
-    base_url = f"http://{args.host}:{args.port}"
-    if args.demo:
-        async def ensure_demo(meta: MetadataStore) -> Cloud:
-            return await meta.get_cloud("demo") or await create_cloud(meta, "demo", None, None)
-
-        demo = asyncio.run(_with_meta(args.data_dir, ensure_demo))
-        print("Demo product environment ready. Point the Cloudinary SDKs at it with:", flush=True)
-        print(f"  export CLOUDINARY_URL='{cloudinary_url(demo, base_url)}'", flush=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    print(f"versionstore listening on {base_url} (data in {args.data_dir})", flush=True)
-    access_log = logging.getLogger("aiohttp.access") if args.access_log else None
-    web.run_app(create_app(config), host=args.host, port=args.port, print=None, access_log=access_log)
-    return 0
-
-
-def _cloud(args: argparse.Namespace) -> int:
-    async def run(meta: MetadataStore) -> int:
-        if args.cloud_command == "create":
-            cloud = await create_cloud(meta, args.name, args.api_key, args.api_secret, args.auto_backup == "on")
-            print(cloudinary_url(cloud, args.url))
-        elif args.cloud_command == "list":
-            for cloud in await meta.list_clouds():
-                print(
-                    f"{cloud.name}\tapi_key={cloud.api_key}\tauto_backup={'on' if cloud.auto_backup else 'off'}"
-                    f"\tbackup_target={migration.target_name(cloud.backup_target)}"
-                )
-        elif args.cloud_command == "set":
-            cloud = await _existing(meta, args.name)
-            if args.auto_backup is not None:
-                await meta.set_auto_backup(args.name, args.auto_backup == "on")
-            if args.backup_bucket is not None:
-                job = await migration.change_target(meta, cloud, args.backup_bucket, operator=True)
-                if job is not None and job.open:
-                    print(f"backup migration {job.id} queued: {migration.target_name(job.params['from'])} -> "
-                          f"{migration.target_name(job.params['to'])}; the running server copies the history, then switches")
-                elif job is not None:
-                    print(f"backup migration {job.id} cancelled")
-            updated = await _existing(meta, args.name)
-            print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}"
-                  f"\tbackup_target={migration.target_name(updated.backup_target)}")
-        elif args.cloud_command == "status":
-            from versionstore.http.backup_views import backup_status
-
-            print(json.dumps(await backup_status(meta, await _existing(meta, args.name)), indent=2))
-        return 0
-
-    try:
-        return asyncio.run(_with_meta(args.data_dir, run))
-    except ApiError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-
-
 async def _existing(meta: MetadataStore, name: str) -> Cloud:
     cloud = await meta.get_cloud(name)
     if cloud is None:
@@ -119,41 +76,169 @@ async def _existing(meta: MetadataStore, name: str) -> Cloud:
     return cloud
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="versionstore", description=__doc__.splitlines()[0])
-    sub = top.add_subparsers(dest="command", required=True)
+def store_dir(flag: Path | None, *, create: bool) -> Path:
+    """The data directory (flag, else VERSIONSTORE_DATA_DIR), absolute; unless `create`, it
+    must already hold a store, so a mistyped path is reported instead of filled."""
+    data_dir = data_dir_from(flag)
+    if not create and not Config(data_dir=data_dir).db_path.is_file():
+        raise ConfigError(
+            f"no versionstore data in {data_dir} (check --data-dir or {DATA_DIR_VARIABLE}; "
+            "`versionstore serve` or `versionstore cloud create` makes a new one)"
+        )
+    return data_dir
 
-    serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--data-dir", type=Path, required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+
+def _on_store(action: Action, *, create: bool = False) -> Callable[[argparse.Namespace], int]:
+    """A command that opens the metadata of the data directory, runs `action`, and closes it."""
+
+    async def run(data_dir: Path, args: argparse.Namespace) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        meta = await MetadataStore.open(Config(data_dir=data_dir).db_path)
+        try:
+            await action(meta, args)
+        finally:
+            await meta.close()
+
+    def command(args: argparse.Namespace) -> int:
+        asyncio.run(run(store_dir(args.data_dir, create=create), args))
+        return 0
+
+    return command
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from versionstore.http.server import serve
+
+    config = Config.from_env(store_dir(args.data_dir, create=True), host=args.host, port=args.port)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    async def ready(meta: MetadataStore, base_url: str) -> None:
+        _say(f"versionstore listening on {base_url} (data in {config.data_dir})")
+        demo = (await meta.get_cloud("demo") or await create_cloud(meta, "demo", None, None)) if args.demo else None
+        clouds = await meta.list_clouds()
+        for cloud in clouds[:10]:
+            _say(backup_state(cloud))
+        if len(clouds) > 10:
+            _say(f"... and {len(clouds) - 10} more product environments (versionstore cloud list)")
+        if not clouds:
+            _say("no product environments yet: create one with `versionstore cloud create NAME`")
+        if demo is not None:
+            _say("Demo product environment ready. Point the Cloudinary SDKs at it with:")
+            _say(f"  export CLOUDINARY_URL='{cloudinary_url(demo, base_url)}'")
+
+    asyncio.run(serve(config, access_log=args.access_log, ready=ready))
+    return 0
+
+
+# --- cloud -------------------------------------------------------------------------------------
+
+
+async def _cloud_create(meta: MetadataStore, args: argparse.Namespace) -> None:
+    cloud = await create_cloud(meta, args.name, args.api_key, args.api_secret, args.auto_backup == "on")
+    print(cloudinary_url(cloud, args.url), flush=True)
+    print(backup_state(cloud), file=sys.stderr)  # stdout stays the URL alone, for scripts
+
+
+async def _cloud_list(meta: MetadataStore, args: argparse.Namespace) -> None:
+    for cloud in await meta.list_clouds():
+        print(
+            f"{cloud.name}\tapi_key={cloud.api_key}\tauto_backup={'on' if cloud.auto_backup else 'off'}"
+            f"\tbackup_target={migration.target_name(cloud.backup_target)}"
+        )
+
+
+async def _cloud_set(meta: MetadataStore, args: argparse.Namespace) -> None:
+    cloud = await _existing(meta, args.name)
+    if args.auto_backup is not None:
+        await meta.set_auto_backup(args.name, args.auto_backup == "on")
+    if args.backup_bucket is not None:
+        job = await migration.change_target(meta, cloud, args.backup_bucket, operator=True)
+        if job is not None and job.open:
+            print(f"backup migration {job.id} queued: {migration.target_name(job.params['from'])} -> "
+                  f"{migration.target_name(job.params['to'])}; the running server copies the history, then switches")
+        elif job is not None:
+            print(f"backup migration {job.id} cancelled")
+    updated = await _existing(meta, args.name)
+    print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}"
+          f"\tbackup_target={migration.target_name(updated.backup_target)}")
+
+
+async def _cloud_status(meta: MetadataStore, args: argparse.Namespace) -> None:
+    from versionstore.http.backup_views import backup_status
+
+    print(json.dumps(await backup_status(meta, await _existing(meta, args.name)), indent=2))
+
+
+# --- the parser --------------------------------------------------------------------------------
+
+
+def _command(
+    sub: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str, summary: str,
+    func: Callable[[argparse.Namespace], int] | None = None,
+) -> argparse.ArgumentParser:
+    command = sub.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+    if func is not None:
+        command.set_defaults(func=func)
+    return command
+
+
+def _data_dir_option(command: argparse.ArgumentParser, *, creates: bool) -> None:
+    what = "created if missing" if creates else "must already hold a store"
+    command.add_argument(
+        "--data-dir", type=Path, metavar="DIR",
+        help=f"data directory (SQLite metadata, spool, local stores), {what}; relative paths are taken from the "
+        f"current directory (default: ${DATA_DIR_VARIABLE})",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="versionstore", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = _command(sub, "serve", "run the HTTP service", _serve)
+    _data_dir_option(serve, creates=True)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
     serve.add_argument("--demo", action="store_true", help="create the 'demo' environment if missing and print its CLOUDINARY_URL")
     serve.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
-    serve.set_defaults(func=_serve)
 
-    cloud = sub.add_parser("cloud", help="manage product environments")
-    cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True)
-    create = cloud_sub.add_parser("create", help="create an environment (credentials generated when omitted)")
-    create.add_argument("name")
-    create.add_argument("--api-key")
-    create.add_argument("--api-secret")
-    create.add_argument("--auto-backup", choices=("on", "off"), default="on")
+    cloud = _command(sub, "cloud", "manage product environments")
+    cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
+    create = _command(cloud_sub, "create", "create an environment and print its CLOUDINARY_URL",
+                      _on_store(_cloud_create, create=True))
+    create.add_argument("name", help="environment name: the cloud_name in CLOUDINARY_URL")
+    create.add_argument("--api-key", metavar="KEY", help="API key (default: 15 random digits)")
+    create.add_argument("--api-secret", metavar="SECRET", help="API secret (default: a random token)")
+    create.add_argument(
+        "--auto-backup", choices=("on", "off"), default="on",
+        help="keep a restorable revision of every upload (an upload's own backup parameter wins)",
+    )
     create.add_argument("--url", default=DEFAULT_URL, help="service URL for the printed CLOUDINARY_URL")
-    create.add_argument("--data-dir", type=Path, required=True)
-    listing = cloud_sub.add_parser("list", help="list environments")
-    listing.add_argument("--data-dir", type=Path, required=True)
-    setting = cloud_sub.add_parser("set", help="change an environment's settings")
-    setting.add_argument("name")
-    setting.add_argument("--auto-backup", choices=("on", "off"))
+    _data_dir_option(create, creates=True)
+    listing = _command(cloud_sub, "list", "list environments: name, API key, automatic backup, backup target",
+                       _on_store(_cloud_list))
+    _data_dir_option(listing, creates=False)
+    setting = _command(cloud_sub, "set", "change an environment's settings", _on_store(_cloud_set))
+    setting.add_argument("name", help="environment name")
+    setting.add_argument("--auto-backup", choices=("on", "off"), help="turn automatic backup on or off (default: unchanged)")
     setting.add_argument(
         "--backup-bucket", metavar="URL",
-        help="keep backups in s3://bucket[/prefix] or gs://bucket[/prefix] (needs the marker object), or 'default'",
+        help="keep backups in s3://bucket[/prefix] or gs://bucket[/prefix] (needs the marker object), or 'default' "
+        "(default: unchanged)",
     )
-    setting.add_argument("--data-dir", type=Path, required=True)
-    status = cloud_sub.add_parser("status", help="backup target, health, pending revisions and migration, as JSON")
-    status.add_argument("name")
-    status.add_argument("--data-dir", type=Path, required=True)
-    cloud.set_defaults(func=_cloud)
+    _data_dir_option(setting, creates=False)
+    status = _command(cloud_sub, "status", "backup target, health, pending revisions and migration, as JSON",
+                      _on_store(_cloud_status))
+    status.add_argument("name", help="environment name")
+    _data_dir_option(status, creates=False)
+
     sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
         "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "
         "(--source DIR, --manifest FILE); see `versionstore initial-backup --help`",
@@ -168,4 +253,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return initial_backup(argv[1:], prog="versionstore initial-backup")
     args = parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (ApiError, ConfigError) as exc:
+        print(f"error: {exc.message if isinstance(exc, ApiError) else exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

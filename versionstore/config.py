@@ -1,20 +1,62 @@
-"""Service configuration: command-line flags override VERSIONSTORE_* environment variables."""
+"""Service configuration: command-line flags override VERSIONSTORE_* environment variables.
+
+Paths are made absolute here, once, against the working directory of the process that reads
+them: every later user (stores, the database, the spool) sees absolute paths only.
+"""
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 GiB = 1 << 30
+DATA_DIR_VARIABLE = "VERSIONSTORE_DATA_DIR"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; its message is one line meant for the operator."""
+
+
+class StartupError(Exception):
+    """The service could not start with these settings (busy port, unreadable store, ...); one line."""
+
+
+def data_dir_from(flag: Path | str | None) -> Path:
+    """The data directory: the `--data-dir` flag, else VERSIONSTORE_DATA_DIR, made absolute."""
+    value = flag if flag not in (None, "") else os.environ.get(DATA_DIR_VARIABLE)
+    if not value:
+        raise ConfigError(f"no data directory: pass --data-dir DIR or set {DATA_DIR_VARIABLE}")
+    return absolute(value)
+
+
+def absolute(path: Path | str) -> Path:
+    """`~` expanded, made absolute against the working directory, `..` folded."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def store_location(value: str) -> str:
+    """A store named by a bare path (`data/primary`, `~/x`, `/srv/x`) becomes an absolute path;
+    URLs (`file://`, `s3://`, `gs://`, `memory:`) pass unchanged."""
+    if "://" in value or value.startswith("memory:"):
+        return value
+    return str(absolute(value))
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
+    return int(_env_number(name, default, int))
 
 
 def _env_float(name: str, default: float) -> float:
+    return _env_number(name, default, float)
+
+
+def _env_number(name: str, default: float, kind: type[int] | type[float]) -> float:
     value = os.environ.get(name)
-    return float(value) if value else default
+    if not value:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
 @dataclass(frozen=True)
@@ -47,14 +89,31 @@ class Config:
             "max_body_bytes": _env_int("VERSIONSTORE_MAX_BODY_BYTES", cls.max_body_bytes),
             "unauth_budget_bytes": _env_int("VERSIONSTORE_UNAUTH_BUDGET_BYTES", cls.unauth_budget_bytes),
             "fetch_timeout": _env_float("VERSIONSTORE_FETCH_TIMEOUT", cls.fetch_timeout),
-            "primary_store": os.environ.get("VERSIONSTORE_PRIMARY_STORE"),
-            "backup_store": os.environ.get("VERSIONSTORE_BACKUP_STORE"),
+            "primary_store": os.environ.get("VERSIONSTORE_PRIMARY_STORE") or None,
+            "backup_store": os.environ.get("VERSIONSTORE_BACKUP_STORE") or None,
             "marker_ttl": _env_float("VERSIONSTORE_MARKER_TTL", cls.marker_ttl),
             "pending_retry_max": _env_float("VERSIONSTORE_PENDING_RETRY_MAX", cls.pending_retry_max),
             "poll_interval": _env_float("VERSIONSTORE_POLL_INTERVAL", cls.poll_interval),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", absolute(self.data_dir))
+        for name in ("primary_store", "backup_store"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, store_location(value))
+
+    def check(self) -> None:
+        """Refuse a store name no backend understands, before anything is opened."""
+        from versionstore.blobstore import parse_store_url
+
+        for role, url in (("primary store", self.primary_url), ("backup store", self.backup_url)):
+            try:
+                parse_store_url(url)
+            except ValueError as exc:
+                raise ConfigError(f"{role}: {exc}") from None
 
     @property
     def db_path(self) -> Path:

@@ -1,6 +1,7 @@
 """App factory: typed app keys, cleanup contexts for every resource, the error middleware."""
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -76,40 +77,47 @@ async def errors_as_json(
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Open everything the service uses; whatever was opened is released again, also when a
+    later step of the start-up fails (an open database thread keeps the process alive)."""
     config = app[CONFIG]
     config.data_dir.mkdir(parents=True, exist_ok=True)
     config.spool_dir.mkdir(exist_ok=True)
     for stale in config.spool_dir.glob("*.part"):
         stale.unlink(missing_ok=True)  # a crash mid-upload left it; nothing references it
-    meta = await MetadataStore.open(config.db_path)
-    app[META] = meta
-    primary = resilient(open_store(config.primary_url))
-    targets = BackupTargets(meta, resilient(open_store(config.backup_url)), marker_ttl=config.marker_ttl)
-    service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
-    app[CHUNKS] = ChunkAssembler(meta, config.spool_dir, config.max_upload_bytes)
-    await app[CHUNKS].sweep()
-    app[FETCHER] = aiohttp.ClientSession(auto_decompress=False)
-    handlers: dict[str, Handler] = {
-        migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
-        initial_backup.KIND: initial_backup.InitialBackup(service).run,
-    }
-    runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
-    runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), base_delay=config.poll_interval))
-    drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
-    background = [
-        asyncio.create_task(_collect_orphans(service, meta), name="orphan collection"),
-        asyncio.create_task(drainer.run(), name="pending drainer"),
-        asyncio.create_task(runner.run(), name="job runner"),
-    ]
-    yield
-    for task in background:
+    async with contextlib.AsyncExitStack() as opened:
+        meta = await MetadataStore.open(config.db_path)
+        opened.push_async_callback(meta.close)
+        app[META] = meta
+        primary = resilient(open_store(config.primary_url))
+        opened.push_async_callback(primary.close)
+        targets = BackupTargets(meta, resilient(open_store(config.backup_url)), marker_ttl=config.marker_ttl)
+        opened.push_async_callback(targets.close)
+        service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
+        app[CHUNKS] = ChunkAssembler(meta, config.spool_dir, config.max_upload_bytes)
+        await app[CHUNKS].sweep()
+        app[FETCHER] = aiohttp.ClientSession(auto_decompress=False)
+        opened.push_async_callback(app[FETCHER].close)
+        handlers: dict[str, Handler] = {
+            migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
+            initial_backup.KIND: initial_backup.InitialBackup(service).run,
+        }
+        runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
+        opened.push_async_callback(runner.close)
+        runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), base_delay=config.poll_interval))
+        drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
+        background = [
+            asyncio.create_task(_collect_orphans(service, meta), name="orphan collection"),
+            asyncio.create_task(drainer.run(), name="pending drainer"),
+            asyncio.create_task(runner.run(), name="job runner"),
+        ]
+        opened.push_async_callback(_stop, background)
+        yield
+
+
+async def _stop(tasks: list["asyncio.Task[None]"]) -> None:
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*background, return_exceptions=True)
-    await runner.close()
-    await app[FETCHER].close()
-    await targets.close()
-    await primary.close()
-    await meta.close()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _describe_job(meta: MetadataStore, job: Job) -> dict[str, Any]:
