@@ -119,9 +119,12 @@ class Ledger:
     server_errors: list[str] = field(default_factory=list)
 
     def attempt(self, data: bytes) -> str:
-        digest = b3(data)
         with self.lock:
-            self.sent_digests[digest] = len(data)
+            return self.attempt_unlocked(data)
+
+    def attempt_unlocked(self, data: bytes) -> str:
+        digest = b3(data)
+        self.sent_digests[digest] = len(data)
         return digest
 
     def ack(self, kind: str, sent: Sent | None = None) -> None:
@@ -173,8 +176,10 @@ def _transport_failure(text: str) -> bool:
 class Worker(threading.Thread):
     """One client: random operations on the shared pool until told to stop."""
 
-    def __init__(self, n: int, seed: int, ledger: Ledger, stop: threading.Event, chunked_every: int) -> None:
+    def __init__(self, n: int, seed: int, ledger: Ledger, stop: threading.Event, chunked_every: int,
+                 ids: list[str] | None = None) -> None:
         super().__init__(daemon=True, name=f"kh-worker-{n}")
+        self.ids = ids or SMALL_IDS
         self.n = n
         self.rng = random.Random(seed)
         self.ledger = ledger
@@ -226,21 +231,23 @@ class Worker(threading.Thread):
     def upload_small(self) -> None:
         data = os.urandom(self.rng.randint(1, 200_000))
         digest = self.ledger.attempt(data)
-        options = {"public_id": self.rng.choice(SMALL_IDS), "resource_type": RT, **self._backup_option()}
+        options = {"public_id": self.rng.choice(self.ids), "resource_type": RT, **self._backup_option()}
         if self.rng.random() < 0.1:
             options["overwrite"] = False
         result = call(self.ledger, "upload", lambda: cloudinary.uploader.upload(data, **options))
         if result is not None:
             self._record_upload("upload", result, digest, len(data), hashlib.md5(data).hexdigest())
 
-    def chunked(self) -> None:
-        """6-11 MiB in 5 MiB chunks; sometimes through the SDK's `upload_large`, sometimes
-        chunk by chunk with a retried chunk and a late duplicate after completion."""
+    def chunked(self, mode: str | None = None) -> None:
+        """6-11 MiB in 5 MiB chunks (`mode`, else at random): through the SDK's `upload_large`
+        ("sdk"); chunk by chunk with a retried chunk and a late duplicate after completion
+        ("retry"); or with a stalled second copy of chunk 0 ("stalled")."""
+        mode = mode or self.rng.choices(["sdk", "retry", "stalled"], [4, 3, 3])[0]
         data = os.urandom(self.rng.randint(6 * MiB, 11 * MiB))
         digest = self.ledger.attempt(data)
         options = {"public_id": self.rng.choice(BIG_IDS), "resource_type": RT, **self._backup_option()}
         md5 = hashlib.md5(data).hexdigest()
-        if self.rng.random() < 0.4:
+        if mode == "sdk":
             result = call(self.ledger, "upload_large", lambda: cloudinary.uploader.upload_large(
                 _Named(data, "big.bin"), chunk_size=CHUNK, **options))
             if result is not None:
@@ -248,16 +255,30 @@ class Worker(threading.Thread):
             return
         upload_id = cloudinary.utils.random_public_id()
         pieces = [(start, data[start:start + CHUNK]) for start in range(0, len(data), CHUNK)]
-        # The last chunk is never shorter than the rule allows for the others, so it may be the
-        # one that completes; a duplicate of an earlier chunk goes before it.
+        # A client retry of chunk 0 (same bytes, same X-Unique-Upload-Id), sent in turn; or a
+        # second copy of chunk 0 that stalls mid-body until the upload has completed, its
+        # second half differing (issue 8 item 3): that half must never reach published bytes.
+        stalled = StalledChunk(upload_id, pieces[0][1], len(data), options) if mode == "stalled" else None
         result = None
-        for i, (start, piece) in enumerate(pieces):
-            sends = 2 if i == 0 and self.rng.random() < 0.7 else 1
-            for _ in range(sends):
-                result = self._chunk(upload_id, start, piece, len(data), options)
+        try:
+            for i, (start, piece) in enumerate(pieces):
+                if i == len(pieces) - 1 and stalled is not None:
+                    stalled.begin()
+                sends = 2 if i == 0 and self.rng.random() < 0.7 else 1
+                for _ in range(sends):
+                    result = self._chunk(upload_id, start, piece, len(data), options)
+        finally:
+            if stalled is not None:
+                stalled.release()
         if result is not None and result.get("asset_id"):
             self._record_upload("chunked_retried", result, digest, len(data), md5)
-            if self.rng.random() < 0.5:  # a late duplicate of chunk 0 after completion
+            if stalled is not None:
+                with self.ledger.lock:
+                    self.ledger.attempt_unlocked(stalled.data)
+                    self.ledger.acked[f"stalled_chunk_{stalled.status}"] += 1
+                    if stalled.status >= 500:
+                        self.ledger.server_errors.append(f"stalled chunk of {upload_id}: {stalled.status}")
+            elif self.rng.random() < 0.5:  # a late duplicate of chunk 0 after completion
                 self._chunk(upload_id, 0, pieces[0][1], len(data), options, kind="late_chunk")
 
     def _chunk(self, upload_id: str, start: int, piece: bytes, total: int, options: dict[str, Any],
@@ -310,7 +331,7 @@ class Worker(threading.Thread):
         ))
 
     def tags(self) -> None:
-        public_id = self.rng.choice(SMALL_IDS)
+        public_id = self.rng.choice(self.ids)
         tag = f"t{self.rng.randint(0, 5)}"
         pick = self.rng.random()
         if pick < 0.4:
@@ -356,6 +377,73 @@ class Worker(threading.Thread):
         result = call(self.ledger, "rename", lambda: cloudinary.uploader.rename(source, dest, resource_type=RT, overwrite=overwrite))
         if result is not None:
             self.ledger.ack("rename")
+
+
+class StalledChunk(threading.Thread):
+    """A second copy of chunk 0 of an upload session, over raw HTTP: the fields and the first
+    half of the file part (chunk 0's own bytes) go out at `begin`, the second half (other
+    bytes) only at `release`, after the session's last chunk was answered. `status` is the
+    answer's status (0: none)."""
+
+    def __init__(self, upload_id: str, first_chunk: bytes, total: int, options: dict[str, Any]) -> None:
+        super().__init__(daemon=True, name=f"kh-stalled-{upload_id}")
+        self.upload_id = upload_id
+        self.total = total
+        half = len(first_chunk) // 2
+        self.data = first_chunk[:half] + os.urandom(len(first_chunk) - half)
+        self.options = options
+        self.status = 0
+        self._sent_half = threading.Event()
+        self._go = threading.Event()
+
+    def begin(self) -> None:
+        self.start()
+        self._sent_half.wait(10)
+        time.sleep(0.2)  # let the server open the chunk file and take the first half
+
+    def release(self) -> None:
+        self._go.set()
+        if self.is_alive():
+            self.join(30)
+
+    def run(self) -> None:
+        import http.client
+        import urllib.parse
+
+        params = {"public_id": self.options["public_id"], "timestamp": str(cloudinary.utils.now())}
+        if "backup" in self.options:
+            params["backup"] = "1" if self.options["backup"] else "0"
+        fields = cloudinary.utils.sign_request(params, {})
+        boundary = "khstalled" + self.upload_id
+        head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                        for k, v in fields.items())
+        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        half = len(self.data) // 2
+        url = urllib.parse.urlsplit(cloudinary.config().upload_prefix)
+        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=60)
+        try:
+            conn.putrequest("POST", f"/v1_1/{CLOUD}/{RT}/upload")
+            for key, value in {
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+                "Content-Length": str(len(head) + len(self.data) + len(tail)),
+                "Content-Range": f"bytes 0-{len(self.data) - 1}/{self.total}",
+                "X-Unique-Upload-Id": self.upload_id,
+            }.items():
+                conn.putheader(key, value)
+            conn.endheaders(head + self.data[:half])
+            self._sent_half.set()
+            self._go.wait(60)
+            conn.send(self.data[half:] + tail)
+            response = conn.getresponse()
+            response.read()
+            self.status = response.status
+        except (OSError, http.client.HTTPException):
+            self.status = 0
+        finally:
+            self._sent_half.set()
+            conn.close()
 
 
 class _Named:
