@@ -63,7 +63,8 @@ def restart_and_check(server: ServerProcess, ledger: Ledger) -> Report:
 
 def test_a_stalled_duplicate_chunk_never_reaches_published_bytes(idle_server: ServerProcess) -> None:
     """Fails on today's code (issue 8, item 3): the stalled copy's second half, sent after the
-    upload completed, is answered 200 and written into the published blob (I1 and I2)."""
+    upload completed, is answered 200 and written into the published blob (I1 and I2). A
+    duplicate chunk of a finished session is to be refused (a 4xx) without touching any file."""
     ledger = Ledger()
     worker = Worker(0, 1, ledger, threading.Event(), 0)
     for _ in range(2):
@@ -71,6 +72,8 @@ def test_a_stalled_duplicate_chunk_never_reaches_published_bytes(idle_server: Se
     assert ledger.acked["chunked_retried"] == 2
     report = restart_and_check(idle_server, ledger)
     assert report.violations == []
+    answers = {key: n for key, n in ledger.acked.items() if key.startswith("stalled_chunk_")}
+    assert all(400 <= int(key.rsplit("_", 1)[1]) < 500 for key in answers), answers
 
 
 def test_tag_updates_racing_uploads_never_roll_back(idle_server: ServerProcess) -> None:
