@@ -26,6 +26,11 @@ class Version:
     backed_up: bool
     restored_from: str | None
     created_at: float
+    #: Per-version attributes the asset shows while this version is current, so a restore
+    #: brings back its own (NULL dimensions on rows older than schema migration 4).
+    width: int | None = None
+    height: int | None = None
+    original_filename: str | None = None
 
 
 @dataclass
@@ -51,6 +56,11 @@ class Asset:
     created_at: float = 0.0
     uploaded_at: float = 0.0
     deleted_at: float | None = None
+    #: Bumped by every write of the row; each write is conditional on the value it read.
+    generation: int = 0
+    #: A history a rename with overwrite took the public_id from (docs/design.md): reachable
+    #: by asset_id only; `public_id` is the name it had.
+    detached: bool = False
 
     @property
     def live(self) -> bool:
