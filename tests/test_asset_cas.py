@@ -105,3 +105,51 @@ async def test_tag_updates_and_uploads_racing_over_http_keep_the_newest_version(
     asset = await current(client, "cas/stress")
     assert await primary_has(client, asset.digest)
     assert all(v["restorable"] for v in body["versions"])
+
+
+async def test_migration_4_records_per_version_attributes_of_existing_histories(tmp_path: Any):
+    """A database from before migration 4: the current version of each asset takes the asset's
+    attributes, older versions keep NULL dimensions and the asset's original_filename."""
+    import sqlite3
+
+    from versionstore.metadata import _migrations
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    for block in _migrations()[:3]:
+        db.executescript(block)
+    db.execute("PRAGMA user_version = 3")
+    db.execute("INSERT INTO clouds (name, api_key, api_secret, created_at) VALUES ('demo', 'k', 's', 0)")
+    db.execute(
+        "INSERT INTO assets (pk, cloud, asset_id, resource_type, type, public_id, status, digest, format, bytes, width, height, "
+        "version, version_id, original_filename, created_at, uploaded_at) "
+        "VALUES (1, 'demo', 'a1', 'image', 'upload', 'old/a', 'live', 'd2', 'png', 9, 50, 70, 2, 'v2', 'second', 0, 0)"
+    )
+    for pk, version_id, digest in ((1, "v1", "d1"), (2, "v2", "d2")):
+        db.execute(
+            "INSERT INTO versions (pk, cloud, asset_pk, version_id, version, digest, bytes, format, backed_up, created_at) "
+            "VALUES (?, 'demo', 1, ?, ?, ?, 9, 'png', 1, 0)",
+            (pk, version_id, pk, digest),
+        )
+    db.commit()
+    db.close()
+    meta = await MetadataStore.open(path)
+    try:
+        asset = await meta.get_asset(CLOUD, "image", "upload", "old/a")
+        assert asset is not None and asset.generation == 0 and not asset.detached
+        old, current = await meta.versions(1)
+        assert (current.width, current.height, current.original_filename) == (50, 70, "second")
+        assert (old.width, old.height, old.original_filename) == (None, None, "second")
+    finally:
+        await meta.close()
+
+
+async def test_restoring_a_version_without_recorded_dimensions_reads_them_from_its_bytes(api: Api, client: Any):
+    from tests.test_semantics import png
+
+    first = await api.upload(png(3, 2), public_id="cas/legacy", filename="one.png")
+    await api.upload(png(50, 70, b"two"), public_id="cas/legacy", filename="two.png")
+    async with client.app[META].transaction() as db:  # as migration 4 leaves an older version
+        await db.execute("UPDATE versions SET width = NULL, height = NULL WHERE version_id = ?", (first["version_id"],))
+    body = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["cas/legacy"], "versions": [first["version_id"]]})
+    assert (body["cas/legacy"]["width"], body["cas/legacy"]["height"]) == (3, 2)

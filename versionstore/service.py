@@ -524,10 +524,8 @@ class VersionService:
     async def _dimensions(self, cloud_name: str, version: Version) -> tuple[int | None, int | None]:
         """Width and height read from the head of a version's primary copy."""
         head = b""
-        async for chunk in self.primary.read(layout.original_key(cloud_name, version.digest)):
+        async for chunk in self.primary.read(layout.original_key(cloud_name, version.digest), 0, 64):
             head += chunk
-            if len(head) >= 64:
-                break
         return media.dimensions(head, version.format)
 
     async def _copy_revision_to_primary(self, cloud_name: str, digest: str) -> None:
