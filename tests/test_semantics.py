@@ -272,6 +272,11 @@ async def test_rename_overwrite_onto_a_backed_up_asset_detaches_its_history(api)
     assert await download_backup(api, t1["asset_id"], t1["version_id"]) == b"target one"
     listing = await api.admin("GET", "resources/image/upload")
     assert [r["asset_id"] for r in listing["resources"]] == [source["asset_id"]]
+    found = await api.admin("POST", "resources/search", json={"expression": "status=deleted"})
+    assert [(r["asset_id"], r["public_id"]) for r in found["resources"]] == [(t1["asset_id"], "n2/t")]
+    # Already deleted: deleting it by asset_id finds nothing live (its versions go with delete_backed_up_assets).
+    gone = await api.admin("DELETE", "resources", json={"asset_ids": [t1["asset_id"]]})
+    assert gone["deleted"] == {t1["asset_id"]: "not_found"}
 
     # While its public_id belongs to the renamed asset, the detached history cannot take it back.
     refused = await api.admin("POST", "resources/restore", json={"asset_ids": [t1["asset_id"]]})
