@@ -187,7 +187,7 @@ def test_backup_param_overrides_environment(auto_backup_restored: ServerProcess)
     assert off["backup"] is False
     assert [v["restorable"] for v in versions(public_id)] == [False, True, True, False]
     restored = cloudinary.api.restore([public_id], versions=[no["version_id"]])
-    assert restored[public_id] == {"error": "no_backup"}
+    assert (restored[public_id]["error"], restored[public_id]["reason"]) == ("no_backup", "not_backed_up")
 
 
 def test_cli_auto_backup_off_applies_without_restart(auto_backup_restored: ServerProcess) -> None:
@@ -201,7 +201,8 @@ def test_cli_auto_backup_off_applies_without_restart(auto_backup_restored: Serve
     assert download(result["asset_id"], result["version_id"])[0] == 404
     # No backed-up version: deleting it leaves nothing to restore.
     assert cloudinary.api.delete_resources([public_id])["deleted"] == {public_id: "deleted"}
-    assert cloudinary.api.restore([public_id]) == {public_id: {"error": "no_backup"}}
+    failed = cloudinary.api.restore([public_id])[public_id]
+    assert (failed["error"], failed["reason"]) == ("no_backup", "asset_not_found")
     with pytest.raises(cloudinary.exceptions.NotFound):
         cloudinary.api.resource(public_id)
 
