@@ -153,3 +153,28 @@ async def test_restoring_a_version_without_recorded_dimensions_reads_them_from_i
         await db.execute("UPDATE versions SET width = NULL, height = NULL WHERE version_id = ?", (first["version_id"],))
     body = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["cas/legacy"], "versions": [first["version_id"]]})
     assert (body["cas/legacy"]["width"], body["cas/legacy"]["height"]) == (3, 2)
+
+
+async def test_two_services_on_one_database_keep_the_newest_version_and_every_tag(
+    api: Api, client: Any, config: Any, aiohttp_client: Any
+):
+    """Two apps on one data directory stand in for two processes: neither sees the other's
+    locks, so only the database's compare-and-set keeps their writes apart."""
+    from versionstore.http.app import create_app
+
+    other = Api(await aiohttp_client(create_app(config)))
+    await api.upload(b"v0", public_id="cas/two", tags="base")
+    uploads: list[dict[str, Any]] = []
+
+    async def upload(i: int) -> None:
+        uploads.append(await api.upload(f"version {i}".encode() * (i + 1), public_id="cas/two"))
+
+    async def tag(i: int) -> None:
+        await other.signed("image/tags", tag=f"t{i}", public_ids=["cas/two"], command="add")
+
+    await asyncio.gather(*(f(i) for i in range(8) for f in (upload, tag)))
+    body = await other.admin("GET", "resources/image/upload/cas/two", params={"versions": "true"})
+    newest = max(uploads, key=lambda u: u["version"])
+    assert body["version_id"] == newest["version_id"] == body["versions"][-1]["version_id"]
+    assert set(body["tags"]) == {"base", *(f"t{i}" for i in range(8))}
+    assert await primary_has(client, (await current(client, "cas/two")).digest)
