@@ -67,6 +67,34 @@ class Asset:
         return self.status == "live"
 
 
+#: Cloudinary's per-item restore `error` for each of our reasons (spec section 7: a plain
+#: string the SDKs never raise on); `backup_pending` is ours.
+RESTORE_ERRORS = {
+    "asset_not_found": "no_backup",
+    "nothing_backed_up": "no_backup",
+    "not_backed_up": "no_backup",
+    "version_not_found": "failed",
+    "backup_pending": "backup_pending",
+    "revision_missing": "failed",
+    "revision_corrupt": "failed",
+    "backup_unavailable": "failed",
+    "public_id_taken": "failed",
+    "conflict": "failed",
+}
+
+
+@dataclass(frozen=True)
+class RestoreFailure:
+    """Why one item of a restore failed: a stable `reason` code and a sentence for people."""
+
+    reason: str
+    message: str
+
+    @property
+    def error(self) -> str:
+        return RESTORE_ERRORS[self.reason]
+
+
 @dataclass(frozen=True)
 class PendingRevision:
     """A revision acknowledged to the client whose bytes are not in the backup target yet."""

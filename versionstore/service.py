@@ -22,7 +22,7 @@ from versionstore.errors import BadRequest, Conflict, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks, KeyedSharedLocks
 from versionstore.metadata import AssetChanged, MetadataStore
-from versionstore.models import Asset, Cloud, Version
+from versionstore.models import Asset, Cloud, RestoreFailure, Version
 from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable
 from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
 
@@ -66,34 +66,6 @@ class UploadResult:
     version: Version
     existing: bool = False
     overwritten: bool = False
-
-
-#: Cloudinary's per-item restore `error` for each of our reasons (spec section 7: a plain
-#: string the SDKs never raise on); `backup_pending` is ours.
-RESTORE_ERRORS = {
-    "asset_not_found": "no_backup",
-    "nothing_backed_up": "no_backup",
-    "not_backed_up": "no_backup",
-    "version_not_found": "failed",
-    "backup_pending": "backup_pending",
-    "revision_missing": "failed",
-    "revision_corrupt": "failed",
-    "backup_unavailable": "failed",
-    "public_id_taken": "failed",
-    "conflict": "failed",
-}
-
-
-@dataclass(frozen=True)
-class RestoreFailure:
-    """Why one item of a restore failed: a stable `reason` code and a sentence for people."""
-
-    reason: str
-    message: str
-
-    @property
-    def error(self) -> str:
-        return RESTORE_ERRORS[self.reason]
 
 
 @dataclass

@@ -15,9 +15,8 @@ from versionstore.http.auth import check_basic, check_fresh
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
 from versionstore.media import content_type
-from versionstore.models import Asset, Cloud
+from versionstore.models import Asset, Cloud, RestoreFailure
 from versionstore.params import Params, as_bool, as_int, as_list, field_updates
-from versionstore.service import RestoreFailure
 
 MAX_IDS = 100  # per request, for restore, delete and by-id listings
 

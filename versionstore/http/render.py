@@ -3,8 +3,7 @@
 from datetime import UTC, datetime
 from typing import Any
 
-from versionstore.models import Asset, Cloud, Job, Version
-from versionstore.service import RestoreFailure
+from versionstore.models import Asset, Cloud, Job, RestoreFailure, Version
 from versionstore.signing import response_signature
 
 
