@@ -114,7 +114,7 @@ def _asset_row(asset: Asset) -> dict[str, Any]:
 
 def _name_taken(exc: sqlite3.IntegrityError) -> bool:
     """A write lost a race for (cloud, resource_type, type, public_id) to another writer."""
-    return "UNIQUE" in str(exc)
+    return "UNIQUE constraint failed: assets." in str(exc)
 
 
 _HAS_REVISION = "EXISTS (SELECT 1 FROM versions WHERE asset_pk = ? AND backed_up = 1)"
