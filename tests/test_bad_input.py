@@ -395,7 +395,13 @@ async def test_unknown_public_ids(client: TestClient, api: Api, untouched: Snaps
         body = await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["docs/nope", "docs/gone"]})
         assert body["deleted"] == {"docs/nope": "not_found", "docs/gone": "not_found"}
         body = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["docs/nope"]})
-        assert body == {"docs/nope": {"error": "no_backup"}}
+        assert codes(body) == {"docs/nope": ("no_backup", "asset_not_found")}
+
+
+def codes(restore_body: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """(error, reason) of each failed restore item; each also carries a message."""
+    assert all(item["message"] for item in restore_body.values())
+    return {key: (item["error"], item["reason"]) for key, item in restore_body.items()}
 
 
 async def test_unknown_asset_and_version_ids(client: TestClient, api: Api, seeded: dict[str, Any], untouched: Snapshot) -> None:
@@ -424,11 +430,11 @@ async def test_unknown_asset_and_version_ids(client: TestClient, api: Api, seede
             "failures": [{"version_id": unknown, "error": "Version not found"}],
         }
         body = await api.admin("POST", "resources/restore", json={"asset_ids": [unknown, "not-hex"]})
-        assert body == {unknown: {"error": "no_backup"}, "not-hex": {"error": "no_backup"}}
+        assert codes(body) == {unknown: ("no_backup", "asset_not_found"), "not-hex": ("no_backup", "asset_not_found")}
         body = await api.admin("POST", "resources/restore", json={"asset_ids": [asset_id], "versions": [unknown]})
-        assert body == {asset_id: {"error": "failed"}}
+        assert codes(body) == {asset_id: ("failed", "version_not_found")}
         body = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["docs/keep"], "versions": [unknown]})
-        assert body == {"docs/keep": {"error": "failed"}}
+        assert codes(body) == {"docs/keep": ("failed", "version_not_found")}
         body = await api.admin("DELETE", "resources", json={"asset_ids": [unknown]})
         assert body["deleted"] == {unknown: "not_found"}
         body = await api.admin("GET", "resources/by_asset_ids", params={"asset_ids[]": unknown})

@@ -115,7 +115,8 @@ async def test_rename_rules(api):
     await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["n/reserved"]})
     refused = await api.signed("image/rename", expect=400, from_public_id="n/a", to_public_id="n/b")
     assert refused["error"]["message"] == "to_public_id (n/b) already exists"
-    await api.signed("image/rename", expect=400, from_public_id="n/a", to_public_id="n/reserved", overwrite="1")
+    reserved = await api.signed("image/rename", expect=400, from_public_id="n/a", to_public_id="n/reserved")
+    assert "overwrite" in reserved["error"]["message"]
     renamed = await api.signed("image/rename", from_public_id="n/a", to_public_id="n/b", overwrite="1")
     assert renamed["public_id"] == "n/b"
     await api.admin("GET", "resources/image/upload/n/a", expect=404)
@@ -154,9 +155,10 @@ async def test_restore_reports_per_item_errors(api):
     await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["s/a", "s/b"]})
     body = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["s/a", "s/b", "s/never"]})
     assert body["s/a"]["bytes"] == 4 and body["s/a"]["placeholder"] is False
-    assert body["s/b"] == {"error": "no_backup"} and body["s/never"] == {"error": "no_backup"}
+    assert body["s/b"]["error"] == "no_backup" and body["s/never"]["error"] == "no_backup"
+    assert body["s/never"]["reason"] == "asset_not_found" and "s/never" in body["s/never"]["message"]
     by_id = await api.admin("POST", "resources/restore", json={"asset_ids": [kept["asset_id"], "f" * 32]})
-    assert by_id[kept["asset_id"]]["asset_id"] == kept["asset_id"] and by_id["f" * 32] == {"error": "no_backup"}
+    assert by_id[kept["asset_id"]]["asset_id"] == kept["asset_id"] and by_id["f" * 32]["error"] == "no_backup"
 
 
 async def test_search_subset(api):
@@ -222,3 +224,86 @@ async def test_concurrent_uploads_to_one_public_id_all_become_versions(api):
     assert len(history) == 12
     numbers = [int(v["version"]) for v in history]
     assert numbers == sorted(numbers) and len(set(numbers)) == 12
+
+
+def png(width: int, height: int, salt: bytes = b"") -> bytes:
+    """Enough of a PNG for its format and dimensions to be read from the header."""
+    import struct
+
+    return b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR" + struct.pack(">II", width, height) + b"\x08\x02\x00\x00\x00" + salt
+
+
+async def test_restore_takes_every_per_version_attribute_from_the_restored_version(api):
+    first = await api.upload(png(3, 2), public_id="r/attrs", filename="first.png")
+    second = await api.upload(png(50, 70, b"second"), public_id="r/attrs", filename="second.png")
+    assert (second["width"], second["height"], second["original_filename"]) == (50, 70, "second")
+    body = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["r/attrs"], "versions": [first["version_id"]]})
+    restored = body["r/attrs"]
+    expected = {"width": 3, "height": 2, "original_filename": "first", "format": "png", "bytes": first["bytes"]}
+    assert {k: restored[k] for k in expected} == expected
+    resource = await api.admin("GET", "resources/image/upload/r/attrs")
+    assert {k: resource[k] for k in expected} == expected and resource["etag"] == first["etag"]
+    again = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["r/attrs"], "versions": [second["version_id"]]})
+    assert (again["r/attrs"]["width"], again["r/attrs"]["original_filename"]) == (50, "second")
+
+
+async def download_backup(api, asset_id: str, version_id: str) -> bytes:
+    from tests.conftest import sign
+
+    response = await api.client.get(f"/v1_1/{CLOUD}/download_backup", params=sign({"asset_id": asset_id, "version_id": version_id}))
+    assert response.status == 200, await response.text()
+    return await response.read()
+
+
+async def test_rename_overwrite_onto_a_backed_up_asset_detaches_its_history(api):
+    """The public_id goes to the renamed asset; the overwritten one keeps its asset_id and every
+    version, reachable by asset_id (resource, restore, download) until its name is free again."""
+    source = await api.upload(b"source", public_id="n2/a")
+    t1 = await api.upload(b"target one", public_id="n2/t")
+    t2 = await api.upload(b"target two", public_id="n2/t")
+    renamed = await api.signed("image/rename", from_public_id="n2/a", to_public_id="n2/t", overwrite="1")
+    assert renamed["public_id"] == "n2/t" and renamed["asset_id"] == source["asset_id"]
+    now = await api.admin("GET", "resources/image/upload/n2/t", params={"versions": "true"})
+    assert now["asset_id"] == source["asset_id"] and [v["version_id"] for v in now["versions"]] == [source["version_id"]]
+    await api.admin("GET", "resources/image/upload/n2/a", expect=404)
+    detached = await api.admin("GET", f"resources/{t1['asset_id']}", params={"versions": "true"})
+    assert detached["public_id"] == "n2/t" and detached["placeholder"] is True and detached["status"] == "deleted"
+    assert [(v["version_id"], v["restorable"]) for v in detached["versions"]] == [(t1["version_id"], True), (t2["version_id"], True)]
+    assert await download_backup(api, t1["asset_id"], t1["version_id"]) == b"target one"
+    listing = await api.admin("GET", "resources/image/upload")
+    assert [r["asset_id"] for r in listing["resources"]] == [source["asset_id"]]
+    found = await api.admin("POST", "resources/search", json={"expression": "status=deleted"})
+    assert [(r["asset_id"], r["public_id"]) for r in found["resources"]] == [(t1["asset_id"], "n2/t")]
+    # Already deleted: deleting it by asset_id finds nothing live (its versions go with delete_backed_up_assets).
+    gone = await api.admin("DELETE", "resources", json={"asset_ids": [t1["asset_id"]]})
+    assert gone["deleted"] == {t1["asset_id"]: "not_found"}
+
+    # While its public_id belongs to the renamed asset, the detached history cannot take it back.
+    refused = await api.admin("POST", "resources/restore", json={"asset_ids": [t1["asset_id"]]})
+    assert refused[t1["asset_id"]]["reason"] == "public_id_taken" and source["asset_id"] in refused[t1["asset_id"]]["message"]
+    # Restore and delete by public_id act on the asset that owns the name now.
+    by_name = await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["n2/t"]})
+    assert by_name["n2/t"]["asset_id"] == source["asset_id"]
+    await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["n2/t"]})
+    assert (await api.admin("GET", "resources/image/upload/n2/t"))["asset_id"] == source["asset_id"]  # reserved by it
+    still = await api.admin("POST", "resources/restore", json={"asset_ids": [t1["asset_id"]]})
+    assert still[t1["asset_id"]]["reason"] == "public_id_taken"
+    # Once the name is free, the detached history comes back under it.
+    await api.admin("DELETE", f"resources/backup/{source['asset_id']}", json={"version_ids": [source["version_id"]]})
+    back = await api.admin("POST", "resources/restore", json={"asset_ids": [t1["asset_id"]]})
+    assert back[t1["asset_id"]]["public_id"] == "n2/t" and back[t1["asset_id"]]["bytes"] == len(b"target two")
+    history = await versions(api, "n2/t")
+    assert [v["version_id"] for v in history][:2] == [t1["version_id"], t2["version_id"]]
+    assert history[-1]["restored_from"] == t2["version_id"]
+
+
+async def test_rename_onto_a_reserved_id_needs_overwrite_and_detaches_the_reservation(api):
+    await api.upload(b"mover", public_id="n3/a")
+    kept = await api.upload(b"kept", public_id="n3/r")
+    await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["n3/r"]})
+    refused = await api.signed("image/rename", expect=400, from_public_id="n3/a", to_public_id="n3/r")
+    assert "reserved" in refused["error"]["message"] and "overwrite" in refused["error"]["message"]
+    await api.signed("image/rename", from_public_id="n3/a", to_public_id="n3/r", overwrite="true")
+    detached = await api.admin("GET", f"resources/{kept['asset_id']}", params={"versions": "true"})
+    assert detached["placeholder"] is True and detached["versions"][0]["restorable"] is True
+    assert await download_backup(api, kept["asset_id"], kept["version_id"]) == b"kept"

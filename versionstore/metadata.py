@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import astuple, fields
+from dataclasses import astuple, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ import aiosqlite
 
 from versionstore.models import Asset, BackupHealth, Cloud, Job, PendingRevision, Version
 
-_ASSET_COLUMNS = [f.name for f in fields(Asset)]
+#: Selected in this order; `detached_from` stands for the model's `detached` flag (see _asset).
+_ASSET_COLUMNS = [*(f.name for f in fields(Asset) if f.name != "detached"), "detached_from"]
 _VERSION_COLUMNS = [f.name for f in fields(Version)]
 
 
@@ -65,11 +66,26 @@ def _job_row(job: Job) -> dict[str, Any]:
 _PENDING_SELECT = "SELECT cloud, digest, bytes, queued_at, attempts, next_attempt_at, last_error FROM backup_pending"
 
 
+class AssetChanged(Exception):
+    """The asset row is not the one the caller read: another write (an upload, a rename, a
+    delete, in this process or another) committed in between. Nothing was written; re-read
+    and decide again."""
+
+
+def _detached_name(asset_id: str) -> str:
+    """What a detached history holds in the public_id column: unique (its asset_id) and no
+    name a client can choose (ids.check_public_id refuses control characters)."""
+    return f"\x1fdetached/{asset_id}"
+
+
 def _asset(row: Sequence[Any]) -> Asset:
     values = dict(zip(_ASSET_COLUMNS, row, strict=True))
     values["tags"] = json.loads(values["tags"])
     values["context"] = json.loads(values["context"])
     values["metadata"] = json.loads(values["metadata"])
+    detached_from = values.pop("detached_from")
+    if detached_from is not None:
+        values["public_id"], values["detached"] = detached_from, True
     return Asset(**values)
 
 
@@ -85,17 +101,29 @@ def _version(row: Sequence[Any]) -> Version:
 
 
 def _asset_row(asset: Asset) -> dict[str, Any]:
-    values = dict(zip(_ASSET_COLUMNS, astuple(asset), strict=True))
+    """Column values of a whole row, without its generation (writes set that themselves)."""
+    values = {f.name: getattr(asset, f.name) for f in fields(Asset) if f.name not in ("detached", "generation")}
     values["tags"] = json.dumps(asset.tags)
     values["context"] = json.dumps(asset.context)
     values["metadata"] = json.dumps(asset.metadata)
+    values["detached_from"] = asset.public_id if asset.detached else None
+    if asset.detached:
+        values["public_id"] = _detached_name(asset.asset_id)
     return values
+
+
+def _name_taken(exc: sqlite3.IntegrityError) -> bool:
+    """A write lost a race for (cloud, resource_type, type, public_id) to another writer."""
+    return "UNIQUE constraint failed: assets." in str(exc)
+
+
+_HAS_REVISION = "EXISTS (SELECT 1 FROM versions WHERE asset_pk = ? AND backed_up = 1)"
 
 
 _ASSET_SELECT = f"SELECT {', '.join(_ASSET_COLUMNS)} FROM assets"
 _VERSION_SELECT = f"SELECT {', '.join(_VERSION_COLUMNS)} FROM versions"
 _VERSION_OF = (
-    f"SELECT a.public_id, {', '.join('v.' + c for c in _VERSION_COLUMNS)} "
+    f"SELECT COALESCE(a.detached_from, a.public_id), {', '.join('v.' + c for c in _VERSION_COLUMNS)} "
     "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?"
 )
 _VERSION_INSERT = (
@@ -247,47 +275,127 @@ class MetadataStore:
 
     async def save_version(self, asset: Asset, version: Version, *, pending: bool = False) -> Asset:
         """Insert or update the asset row and append its new version, atomically; with
-        `pending`, queue its revision for the backup target in the same transaction."""
+        `pending`, queue its revision for the backup target in the same transaction.
+
+        An update is a compare-and-set on the generation the caller read; an insert must find
+        the name free. Otherwise AssetChanged, and nothing (version, queue entry) is written."""
         values = _asset_row(asset)
-        async with self.transaction() as db:
-            if pending:
-                await db.execute(
-                    "INSERT OR IGNORE INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
-                    (asset.cloud, version.digest, version.bytes, version.created_at, version.created_at),
-                )
-                self.revisions_generation += 1
-            if asset.pk is None:
-                del values["pk"]
-                cursor = await db.execute(
-                    f"INSERT INTO assets ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-                    tuple(values.values()),
-                )
-                asset.pk = cursor.lastrowid
-            else:
-                pk = values.pop("pk")
-                await db.execute(
-                    f"UPDATE assets SET {', '.join(f'{k} = ?' for k in values)} WHERE pk = ?",
-                    (*values.values(), pk),
-                )
-            await db.execute(_VERSION_INSERT, (asset.cloud, asset.pk, *astuple(version)))
+        try:
+            async with self.transaction() as db:
+                if pending:
+                    await db.execute(
+                        "INSERT OR IGNORE INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
+                        (asset.cloud, version.digest, version.bytes, version.created_at, version.created_at),
+                    )
+                if asset.pk is None:
+                    del values["pk"]
+                    cursor = await db.execute(
+                        f"INSERT INTO assets ({', '.join(values)}, generation) VALUES ({', '.join('?' * len(values))}, 0)",
+                        tuple(values.values()),
+                    )
+                    asset.pk, asset.generation = cursor.lastrowid, 0
+                else:
+                    pk = values.pop("pk")
+                    cursor = await db.execute(
+                        f"UPDATE assets SET {', '.join(f'{k} = ?' for k in values)}, generation = generation + 1 "
+                        "WHERE pk = ? AND generation = ?",
+                        (*values.values(), pk, asset.generation),
+                    )
+                    if not cursor.rowcount:
+                        raise AssetChanged(asset.asset_id)
+                    asset.generation += 1
+                await db.execute(_VERSION_INSERT, (asset.cloud, asset.pk, *astuple(version)))
+        except sqlite3.IntegrityError as exc:
+            if not _name_taken(exc):
+                raise
+            raise AssetChanged(asset.asset_id) from None
+        if pending:
+            self.revisions_generation += 1
         return asset
 
-    async def update_asset(self, asset: Asset) -> None:
-        values = _asset_row(asset)
-        pk = values.pop("pk")
+    async def update_fields(
+        self, asset: Asset, *, tags: list[str] | None = None, context: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Asset:
+        """Write only the given metadata-only columns of a live asset, if its row is still the
+        one read (AssetChanged otherwise). Version columns are never written from here."""
+        changes = {k: v for k, v in (("tags", tags), ("context", context), ("metadata", metadata)) if v is not None}
+        if not changes:
+            return asset
         async with self.transaction() as db:
-            await db.execute(f"UPDATE assets SET {', '.join(f'{k} = ?' for k in values)} WHERE pk = ?", (*values.values(), pk))
+            cursor = await db.execute(
+                f"UPDATE assets SET {', '.join(f'{k} = ?' for k in changes)}, generation = generation + 1 "
+                "WHERE pk = ? AND generation = ? AND status = 'live'",
+                (*(json.dumps(v) for v in changes.values()), asset.pk, asset.generation),
+            )
+            if not cursor.rowcount:
+                raise AssetChanged(asset.asset_id)
+        return replace(
+            asset, tags=asset.tags if tags is None else tags, context=asset.context if context is None else context,
+            metadata=asset.metadata if metadata is None else metadata, generation=asset.generation + 1,
+        )
 
-    async def delete_asset(self, asset_pk: int) -> None:
-        """Forget an asset and its versions (only for assets with nothing backed up)."""
+    async def rename_asset(
+        self, asset: Asset, to_type: str, to_public_id: str, *, replacing: Asset | None = None, now: float = 0.0
+    ) -> Asset:
+        """Move a live asset to a new name, atomically taking it from `replacing` (the asset
+        that holds it, as read): that one is forgotten if nothing of it is backed up, else
+        detached (docs/design.md). Every row is compared-and-set; AssetChanged otherwise."""
+        try:
+            async with self.transaction() as db:
+                if replacing is not None:
+                    await self._retire(db, replacing, now, detach=True)
+                cursor = await db.execute(
+                    "UPDATE assets SET type = ?, public_id = ?, generation = generation + 1 "
+                    "WHERE pk = ? AND generation = ? AND status = 'live'",
+                    (to_type, to_public_id, asset.pk, asset.generation),
+                )
+                if not cursor.rowcount:
+                    raise AssetChanged(asset.asset_id)
+        except sqlite3.IntegrityError as exc:
+            if not _name_taken(exc):
+                raise
+            raise AssetChanged(asset.asset_id) from None
+        return replace(asset, type=to_type, public_id=to_public_id, generation=asset.generation + 1)
+
+    async def delete_asset(self, asset: Asset, now: float) -> bool:
+        """Delete a live asset as read: it stays as a reservation while any version is backed
+        up (True), else its row and versions go (False). AssetChanged if the row moved on."""
         async with self.transaction() as db:
-            await db.execute("DELETE FROM assets WHERE pk = ?", (asset_pk,))
+            return await self._retire(db, asset, now, detach=False)
+
+    @staticmethod
+    async def _retire(db: aiosqlite.Connection, asset: Asset, now: float, *, detach: bool) -> bool:
+        """Inside a transaction: reserve (or, with `detach`, detach from its name) an asset that
+        has a backed-up version, or forget one that has none; which of the two is decided by
+        the rows as they are now, not by the caller's read. True when the row stays."""
+        name = ", public_id = ?, detached_from = ?" if detach else ""
+        names = (_detached_name(asset.asset_id), asset.public_id) if detach else ()
+        cursor = await db.execute(
+            f"UPDATE assets SET status = 'deleted', deleted_at = COALESCE(deleted_at, ?){name}, generation = generation + 1 "
+            f"WHERE pk = ? AND generation = ? AND {_HAS_REVISION}",
+            (now, *names, asset.pk, asset.generation, asset.pk),
+        )
+        if cursor.rowcount:
+            return True
+        cursor = await db.execute(
+            f"DELETE FROM assets WHERE pk = ? AND generation = ? AND NOT {_HAS_REVISION}", (asset.pk, asset.generation, asset.pk)
+        )
+        if not cursor.rowcount:
+            raise AssetChanged(asset.asset_id)
+        return False
 
     async def delete_versions(self, asset_pk: int, version_ids: Sequence[str]) -> list[str]:
+        """Delete versions of an asset, never the current version of a live one (checked in the
+        same statement, whatever the caller read). A deleted asset left without versions goes."""
         async with self.transaction() as db:
             deleted = []
             for version_id in version_ids:
-                cursor = await db.execute("DELETE FROM versions WHERE asset_pk = ? AND version_id = ?", (asset_pk, version_id))
+                cursor = await db.execute(
+                    "DELETE FROM versions WHERE asset_pk = ? AND version_id = ? "
+                    "AND NOT EXISTS (SELECT 1 FROM assets WHERE pk = ? AND status = 'live' AND version_id = ?)",
+                    (asset_pk, version_id, asset_pk, version_id),
+                )
                 if cursor.rowcount:
                     deleted.append(version_id)
             remaining = await (await db.execute("SELECT COUNT(*) FROM versions WHERE asset_pk = ?", (asset_pk,))).fetchone()

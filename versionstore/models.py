@@ -26,6 +26,11 @@ class Version:
     backed_up: bool
     restored_from: str | None
     created_at: float
+    #: Per-version attributes the asset shows while this version is current, so a restore
+    #: brings back its own (NULL dimensions on rows older than schema migration 4).
+    width: int | None = None
+    height: int | None = None
+    original_filename: str | None = None
 
 
 @dataclass
@@ -51,10 +56,43 @@ class Asset:
     created_at: float = 0.0
     uploaded_at: float = 0.0
     deleted_at: float | None = None
+    #: Bumped by every write of the row; each write is conditional on the value it read.
+    generation: int = 0
+    #: A history a rename with overwrite took the public_id from (docs/design.md): reachable
+    #: by asset_id only; `public_id` is the name it had.
+    detached: bool = False
 
     @property
     def live(self) -> bool:
         return self.status == "live"
+
+
+#: Cloudinary's per-item restore `error` for each of our reasons (spec section 7: a plain
+#: string the SDKs never raise on); `backup_pending` is ours.
+RESTORE_ERRORS = {
+    "asset_not_found": "no_backup",
+    "nothing_backed_up": "no_backup",
+    "not_backed_up": "no_backup",
+    "version_not_found": "failed",
+    "backup_pending": "backup_pending",
+    "revision_missing": "failed",
+    "revision_corrupt": "failed",
+    "backup_unavailable": "failed",
+    "public_id_taken": "failed",
+    "conflict": "failed",
+}
+
+
+@dataclass(frozen=True)
+class RestoreFailure:
+    """Why one item of a restore failed: a stable `reason` code and a sentence for people."""
+
+    reason: str
+    message: str
+
+    @property
+    def error(self) -> str:
+        return RESTORE_ERRORS[self.reason]
 
 
 @dataclass(frozen=True)

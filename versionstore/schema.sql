@@ -113,3 +113,24 @@ ALTER TABLE versions ADD COLUMN backup_job TEXT;
 CREATE INDEX versions_backup_job ON versions (backup_job) WHERE backup_job IS NOT NULL;
 -- One open job of a kind per environment (one migration, one initial backup at a time).
 CREATE UNIQUE INDEX jobs_one_open ON jobs (cloud, kind) WHERE status IN ('pending', 'active');
+
+-- migration 4
+-- Compare-and-set on asset rows (docs/design.md, "Write order"): every write of a row is
+-- conditional on the generation it read and bumps it, so a write based on a stale read
+-- (an upload committed meanwhile, in this process or another) changes nothing.
+ALTER TABLE assets ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+-- A history detached from its public_id by a rename with overwrite: the row keeps its
+-- asset_id and versions, its public_id column holds a name no client can choose (a control
+-- character and its asset_id), and the name it had is kept here.
+ALTER TABLE assets ADD COLUMN detached_from TEXT;
+-- Per-version attributes, so a restore brings back the restored version's own. Rows from
+-- before this migration: the current version of each asset takes the asset's values; older
+-- ones keep NULL dimensions (a restore reads them from the restored bytes) and the asset's
+-- original_filename (what a restore showed before).
+ALTER TABLE versions ADD COLUMN width INTEGER;
+ALTER TABLE versions ADD COLUMN height INTEGER;
+ALTER TABLE versions ADD COLUMN original_filename TEXT;
+UPDATE versions SET original_filename = (SELECT a.original_filename FROM assets a WHERE a.pk = versions.asset_pk);
+UPDATE versions SET
+    width = (SELECT a.width FROM assets a WHERE a.pk = versions.asset_pk AND a.version_id = versions.version_id),
+    height = (SELECT a.height FROM assets a WHERE a.pk = versions.asset_pk AND a.version_id = versions.version_id);

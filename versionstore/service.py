@@ -10,26 +10,40 @@ This module does not know about HTTP.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from versionstore import layout, media
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
-from versionstore.errors import BadRequest, NotFound, Unavailable
+from versionstore.errors import BadRequest, Conflict, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks, KeyedSharedLocks
-from versionstore.metadata import MetadataStore
-from versionstore.models import Asset, Cloud, Version
+from versionstore.metadata import AssetChanged, MetadataStore
+from versionstore.models import Asset, Cloud, RestoreFailure, Version
 from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable
 from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
 
 log = logging.getLogger(__name__)
 
+#: How often a write whose asset row changed under it re-reads and tries again. Within one
+#: process name locks make this rare (a tags update meeting an upload); it is what keeps
+#: several processes on one database correct.
+WRITE_ATTEMPTS = 10
+
 
 class RevisionCorrupt(Exception):
     """The bytes read back from backup storage do not hash to their name."""
+
+
+class _Superseded(Exception):
+    """An `overwrite=false` upload found its name taken by the time it came to commit."""
+
+    def __init__(self, asset: Asset) -> None:
+        super().__init__(asset.asset_id)
+        self.asset = asset
 
 
 @dataclass
@@ -57,7 +71,7 @@ class UploadResult:
 @dataclass
 class RestoreOutcome:
     asset: Asset | None = None
-    error: str | None = None  # "no_backup" | "backup_pending" | "failed"
+    error: RestoreFailure | None = None
 
 
 @dataclass
@@ -76,6 +90,10 @@ class VersionService:
         #: (cloud, digest): held from a blob write to its metadata commit, and by deletions.
         self.digest_locks = KeyedLocks()
         self._names = KeyedLocks()
+        #: (cloud, asset_id): held from reading an asset row to writing it, by every writer
+        #: of that row in this process, so they queue instead of failing each other's
+        #: compare-and-set. Held briefly: an upload takes it only to commit, not for its bytes.
+        self._field_updates = KeyedLocks()
         #: cloud: revision writes share it; a bucket migration's switch holds it alone.
         self.target_locks = KeyedSharedLocks()
         #: Set when a revision is queued as pending, so the drainer need not wait for its tick.
@@ -107,77 +125,106 @@ class VersionService:
         self, request: UploadRequest, spooled: Spooled, resource_type: str, public_id: str, fmt: str | None
     ) -> UploadResult:
         cloud = request.cloud
-        existing = await self.meta.get_asset(cloud.name, resource_type, request.type, public_id)
+        name = (cloud.name, resource_type, request.type, public_id)
+        existing = await self.meta.get_asset(*name)
         if existing is not None and existing.live and not request.overwrite:
-            found = await self.meta.version_of(cloud.name, existing.asset_id, existing.version_id)
-            assert found is not None  # the current version of a live asset is never deleted
-            return UploadResult(existing, found[1], existing=True)
+            return await self._existing(existing)
         backed_up = cloud.auto_backup if request.backup is None else request.backup
-        now = time.time()
-        version = Version(
-            version_id=new_hex_id(),
-            version=self._next_version_number(existing, now),
-            digest=spooled.digest,
-            bytes=spooled.size,
-            format=fmt,
-            backed_up=backed_up,
-            restored_from=None,
-            created_at=now,
-        )
         width, height = media.dimensions(spooled.head, fmt)
-        if existing is None:
-            asset = Asset(
-                pk=None, cloud=cloud.name, asset_id=new_hex_id(), resource_type=resource_type, type=request.type,
-                public_id=public_id, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size,
-                width=width, height=height, version=version.version, version_id=version.version_id,
-                original_filename=_stem(request.filename), created_at=now, uploaded_at=now,
+        filename = _stem(request.filename)
+
+        def new_version(existing: Asset | None) -> tuple[Asset, Version]:
+            """The asset row and version row this upload commits, given the row as read."""
+            now = time.time()
+            version = Version(
+                version_id=new_hex_id(), version=self._next_version_number(existing, now), digest=spooled.digest,
+                bytes=spooled.size, format=fmt, backed_up=backed_up, restored_from=None, created_at=now, width=width,
+                height=height, original_filename=filename or (existing.original_filename if existing else None),
             )
-        else:
-            asset = replace(
-                existing, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size, width=width,
-                height=height, version=version.version, version_id=version.version_id,
-                original_filename=_stem(request.filename) or existing.original_filename, uploaded_at=now, deleted_at=None,
-            )
-        if request.tags is not None:
-            asset.tags = request.tags
-        if request.context is not None:
-            asset.context = request.context
-        if request.metadata is not None:
-            asset.metadata = request.metadata
-        async with self.digest_locks.hold((cloud.name, spooled.digest)):
-            # Blobs first, metadata second: a crash in between leaves only an orphan blob.
-            # The spool file's fsync runs while a remote bucket receives the revision; local
-            # links wait for it (see spool.make_durable).
-            durable = asyncio.ensure_future(make_durable(spooled))
-            try:
-                if backed_up:
-                    async with self.target_locks.shared(cloud.name):
-                        try:
-                            # A task group, not gather: if one write fails the other is cancelled
-                            # instead of reading a spool file that is about to be removed.
-                            async with asyncio.TaskGroup() as group:
-                                group.create_task(self._put_original(cloud.name, spooled, durable))
-                                revision = group.create_task(self._put_revision(cloud.name, spooled.digest, spooled.path, durable))
-                        except ExceptionGroup as failed:
-                            raise failed.exceptions[0] from None
-                        pending = not revision.result()
+            if existing is None:
+                asset = Asset(
+                    pk=None, cloud=cloud.name, asset_id=new_hex_id(), resource_type=resource_type, type=request.type,
+                    public_id=public_id, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size,
+                    width=width, height=height, version=version.version, version_id=version.version_id,
+                    original_filename=version.original_filename, created_at=now, uploaded_at=now,
+                )
+            else:
+                asset = replace(
+                    existing, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size, width=width,
+                    height=height, version=version.version, version_id=version.version_id,
+                    original_filename=version.original_filename, uploaded_at=now, deleted_at=None,
+                )
+            if request.tags is not None:
+                asset.tags = request.tags
+            if request.context is not None:
+                asset.context = request.context
+            if request.metadata is not None:
+                asset.metadata = request.metadata
+            return asset, version
+
+        async def commit(pending: bool = False) -> tuple[Asset, Version, Asset | None]:
+            """Build the rows from a fresh read, taken while no tags update of this asset runs
+            here, and compare-and-set them; a row another process changed meanwhile is read
+            again. The blobs are already written."""
+            current = existing
+            for _attempt in range(WRITE_ATTEMPTS):
+                async with self._field_updates.hold((cloud.name, current.asset_id if current else name)):
+                    current = await self.meta.get_asset(*name)
+                    if current is not None and current.live and not request.overwrite:
+                        raise _Superseded(current)
+                    asset, version = new_version(current)
+                    try:
+                        return await self.meta.save_version(asset, version, pending=pending), version, current
+                    except AssetChanged:
+                        continue
+            raise Conflict(f"Resource {public_id} kept changing during the upload; retry")
+
+        try:
+            async with self.digest_locks.hold((cloud.name, spooled.digest)):
+                # Blobs first, metadata second: a crash in between leaves only an orphan blob.
+                # The spool file's fsync runs while a remote bucket receives the revision; local
+                # links wait for it (see spool.make_durable).
+                durable = asyncio.ensure_future(make_durable(spooled))
+                try:
+                    if backed_up:
+                        async with self.target_locks.shared(cloud.name):
+                            try:
+                                # A task group, not gather: if one write fails the other is cancelled
+                                # instead of reading a spool file that is about to be removed.
+                                async with asyncio.TaskGroup() as group:
+                                    group.create_task(self._put_original(cloud.name, spooled, durable))
+                                    revision = group.create_task(self._put_revision(cloud.name, spooled.digest, spooled.path, durable))
+                            except ExceptionGroup as failed:
+                                raise failed.exceptions[0] from None
+                            pending = not revision.result()
+                            if pending:
+                                # Nothing is dropped: the bytes wait in the primary store until the
+                                # drainer writes them to the target (docs/buckets.md).
+                                await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
+                            await durable
+                            asset, version, replaced = await commit(pending)
                         if pending:
-                            # Nothing is dropped: the bytes wait in the primary store until the
-                            # drainer writes them to the target (docs/buckets.md).
-                            await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
-                        await durable
-                        asset = await self.meta.save_version(asset, version, pending=pending)
-                    if pending:
-                        self.pending_added.set()
-                else:
-                    await self._put_original(cloud.name, spooled, durable)
-                    asset = await self.meta.save_version(asset, version)
-            finally:
-                if not durable.done():
-                    durable.cancel()
-        if existing is not None and existing.digest != spooled.digest:
-            await self._release_primary(cloud.name, existing.digest)
-        return UploadResult(asset, version, overwritten=existing is not None and existing.live)
+                            self.pending_added.set()
+                    else:
+                        await self._put_original(cloud.name, spooled, durable)
+                        asset, version, replaced = await commit()
+                finally:
+                    if not durable.done():
+                        durable.cancel()
+        except _Superseded as superseded:
+            # Another process created the asset while these bytes were written, and this upload
+            # must not overwrite it: its blobs reference nothing (orphan collection takes the rest).
+            await self._release_primary(cloud.name, spooled.digest)
+            return await self._existing(superseded.asset)
+        if replaced is not None and replaced.digest != spooled.digest:
+            await self._release_primary(cloud.name, replaced.digest)
+        return UploadResult(asset, version, overwritten=replaced is not None and replaced.live)
+
+    async def _existing(self, asset: Asset) -> UploadResult:
+        """`overwrite=false` onto a live asset: its current version, unchanged."""
+        found = await self.meta.version_of(asset.cloud, asset.asset_id, asset.version_id)
+        assert found is not None  # the current version of a live asset is never deleted
+        return UploadResult(asset, found[1], existing=True)
 
     async def _put_original(self, cloud_name: str, spooled: Spooled, durable: Awaitable[None]) -> None:
         await durable
@@ -248,17 +295,18 @@ class VersionService:
             await self._delete_asset_locked(asset)
 
     async def _delete_asset_locked(self, asset: Asset) -> None:
-        current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
-        if current is None or not current.live:
+        for _attempt in range(WRITE_ATTEMPTS):
+            async with self._field_updates.hold((asset.cloud, asset.asset_id)):
+                current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
+                if current is None or not current.live:
+                    return
+                try:
+                    await self.meta.delete_asset(current, time.time())
+                except AssetChanged:
+                    continue
+            await self._release_primary(current.cloud, current.digest)
             return
-        versions = await self.meta.versions(current.pk or 0)
-        if any(v.backed_up for v in versions):
-            current.status = "deleted"
-            current.deleted_at = time.time()
-            await self.meta.update_asset(current)
-        else:
-            await self.meta.delete_asset(current.pk or 0)
-        await self._release_primary(current.cloud, current.digest)
+        raise Conflict(f"Resource {asset.public_id} kept changing during the deletion; retry")
 
     async def delete_versions(self, cloud: str, asset_id: str, version_ids: Sequence[str]) -> DeleteVersionsOutcome:
         """Irreversibly delete backed-up versions; bytes go once nothing references them."""
@@ -267,6 +315,7 @@ class VersionService:
             raise NotFound(f"Resource not found - {asset_id}")
         outcome = DeleteVersionsOutcome()
         async with self._names.hold((cloud, asset.resource_type, asset.type, asset.public_id)):
+            asset = await self.meta.get_asset_by_id(cloud, asset_id) or asset
             by_id = {v.version_id: v for v in await self.meta.versions(asset.pk or 0)}
             wanted: list[str] = []
             for version_id in dict.fromkeys(version_ids):
@@ -279,7 +328,11 @@ class VersionService:
                     )
                 else:
                     wanted.append(version_id)
+            # The store refuses the current version of a live asset itself, whatever was read here.
             outcome.deleted = await self.meta.delete_versions(asset.pk or 0, wanted)
+            for version_id in wanted:
+                if version_id not in outcome.deleted:
+                    outcome.failures.append({"version_id": version_id, "error": "Version changed meanwhile; retry"})
         for digest in {by_id[v].digest for v in outcome.deleted if by_id[v].backed_up}:
             await self._release_revision(cloud, digest)
         return outcome
@@ -355,49 +408,97 @@ class VersionService:
     async def restore(self, asset: Asset, version_id: str | None) -> RestoreOutcome:
         """Append a version that points at a backed-up revision and make it current.
 
-        History stays append-only; the new version records what it was restored from.
+        History stays append-only; the new version records what it was restored from and
+        brings back the chosen version's own attributes. A failure says why (RestoreFailure).
         """
         async with self._names.hold((asset.cloud, asset.resource_type, asset.type, asset.public_id)):
-            asset = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id) or asset
-            versions = await self.meta.versions(asset.pk or 0)
-            backed = [v for v in versions if v.backed_up]
-            if version_id:
-                chosen = next((v for v in versions if v.version_id == version_id), None)
-                if chosen is None:
-                    return RestoreOutcome(error="failed")
-                if not chosen.backed_up:
-                    return RestoreOutcome(error="no_backup")
-            elif backed:
-                chosen = backed[-1]
-            else:
-                return RestoreOutcome(error="no_backup")
-            if await self.meta.pending_digests(asset.cloud, [chosen.digest]):
-                return RestoreOutcome(error="backup_pending")
-            if asset.live and version_id is None:
-                return RestoreOutcome(asset=asset)  # nothing deleted, nothing named: a no-op
-            now = time.time()
-            version = Version(
-                version_id=new_hex_id(), version=self._next_version_number(asset, now), digest=chosen.digest,
-                bytes=chosen.bytes, format=chosen.format, backed_up=True, restored_from=chosen.version_id,
-                created_at=now,
-            )
-            previous_digest = asset.digest if asset.live else None
+            for _attempt in range(WRITE_ATTEMPTS):
+                try:
+                    async with self._field_updates.hold((asset.cloud, asset.asset_id)):
+                        current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
+                        if current is None:
+                            return _failure("asset_not_found", f"Resource not found - {asset.public_id}")
+                        outcome, previous_digest = await self._restore_locked(current, version_id)
+                except AssetChanged:
+                    continue  # another process wrote the row meanwhile: read again, decide again
+                if previous_digest and outcome.asset is not None and previous_digest != outcome.asset.digest:
+                    await self._release_primary(asset.cloud, previous_digest)
+                return outcome
+        return _failure("conflict", f"Resource {asset.public_id} kept changing during the restore; retry")
+
+    async def _restore_locked(self, asset: Asset, version_id: str | None) -> tuple[RestoreOutcome, str | None]:
+        """One attempt, on the row as just read: (outcome, the superseded primary digest)."""
+        versions = await self.meta.versions(asset.pk or 0)
+        backed = [v for v in versions if v.backed_up]
+        if version_id:
+            chosen = next((v for v in versions if v.version_id == version_id), None)
+            if chosen is None:
+                return _failure(
+                    "version_not_found",
+                    f"Version {version_id} not found in the history of {asset.public_id}: "
+                    "it never existed there or was deleted",
+                ), None
+            if not chosen.backed_up:
+                return _failure("not_backed_up", f"Version {version_id} of {asset.public_id} was not backed up"), None
+        elif backed:
+            chosen = backed[-1]
+        else:
+            return _failure("nothing_backed_up", f"{asset.public_id} has no backed-up version"), None
+        if await self.meta.pending_digests(asset.cloud, [chosen.digest]):
+            return _failure(
+                "backup_pending", f"Version {chosen.version_id} is not restorable yet: its backup is pending"
+            ), None
+        if asset.live and version_id is None:
+            return RestoreOutcome(asset=asset), None  # nothing deleted, nothing named: a no-op
+        if asset.detached:
+            holder = await self.meta.get_asset(asset.cloud, asset.resource_type, asset.type, asset.public_id)
+            if holder is not None:
+                return _failure(
+                    "public_id_taken",
+                    f"{asset.public_id} now belongs to asset {holder.asset_id}; rename or delete it first "
+                    "(this history stays reachable by its asset_id)",
+                ), None
+        now = time.time()
+        version = replace(
+            chosen, version_id=new_hex_id(), version=self._next_version_number(asset, now), backed_up=True,
+            restored_from=chosen.version_id, created_at=now,
+        )
+        previous_digest = asset.digest if asset.live else None
+        async with self.digest_locks.hold((asset.cloud, chosen.digest)):
+            # Inside the digest lock: a concurrent release of this digest's primary copy
+            # (another asset deleted) must not slip between the copy and the commit.
+            try:
+                await self._copy_revision_to_primary(asset.cloud, chosen.digest)
+            except BlobNotFound as exc:
+                log.error("restore of %s from %s failed: %r", asset.asset_id, chosen.version_id, exc)
+                return _failure("revision_missing", f"Version {chosen.version_id}'s bytes are missing from backup storage"), None
+            except RevisionCorrupt as exc:
+                log.error("restore of %s from %s failed: %r", asset.asset_id, chosen.version_id, exc)
+                return _failure(
+                    "revision_corrupt", f"Version {chosen.version_id}'s bytes in backup storage are corrupt (digest mismatch)"
+                ), None
+            except (BlobStoreError, TargetUnavailable) as exc:
+                log.error("restore of %s from %s failed: %r", asset.asset_id, chosen.version_id, exc)
+                return _failure("backup_unavailable", f"Backup storage could not be read: {_reason(exc)}"), None
+            if version.width is None and version.height is None:
+                # A version recorded before schema migration 4: its dimensions come from its bytes.
+                width, height = await self._dimensions(asset.cloud, version)
+                version = replace(version, width=width, height=height)
+            # Every per-version attribute comes from the chosen version (docs/design.md).
             restored = replace(
-                asset, status="live", digest=chosen.digest, format=chosen.format, bytes=chosen.bytes,
+                asset, status="live", detached=False, digest=version.digest, format=version.format, bytes=version.bytes,
+                width=version.width, height=version.height, original_filename=version.original_filename,
                 version=version.version, version_id=version.version_id, uploaded_at=now, deleted_at=None,
             )
-            async with self.digest_locks.hold((asset.cloud, chosen.digest)):
-                # Inside the digest lock: a concurrent release of this digest's primary copy
-                # (another asset deleted) must not slip between the copy and the commit.
-                try:
-                    await self._copy_revision_to_primary(asset.cloud, chosen.digest)
-                except (BlobStoreError, RevisionCorrupt, TargetUnavailable) as exc:
-                    log.error("restore of %s from %s failed: %r", asset.asset_id, chosen.version_id, exc)
-                    return RestoreOutcome(error="failed")
-                restored = await self.meta.save_version(restored, version)
-        if previous_digest and previous_digest != chosen.digest:
-            await self._release_primary(asset.cloud, previous_digest)
-        return RestoreOutcome(asset=restored)
+            restored = await self.meta.save_version(restored, version)
+        return RestoreOutcome(asset=restored), previous_digest
+
+    async def _dimensions(self, cloud_name: str, version: Version) -> tuple[int | None, int | None]:
+        """Width and height read from the head of a version's primary copy."""
+        head = b""
+        async for chunk in self.primary.read(layout.original_key(cloud_name, version.digest), 0, 64):
+            head += chunk
+        return media.dimensions(head, version.format)
 
     async def _copy_revision_to_primary(self, cloud_name: str, digest: str) -> None:
         if await self.primary.stat(layout.original_key(cloud_name, digest)) is not None:
@@ -451,39 +552,59 @@ class VersionService:
     # --- rename and metadata-only changes ---------------------------------------------------
 
     async def rename(self, asset: Asset, to_type: str, to_public_id: str, overwrite: bool) -> Asset:
+        """Give a live asset a new name, keeping its asset_id and history. With `overwrite`,
+        an asset holding the name gives it up: forgotten if nothing of it is backed up, else
+        detached, its history reachable by asset_id (docs/design.md)."""
+        source_key = (asset.cloud, asset.resource_type, asset.type, asset.public_id)
         target_key = (asset.cloud, asset.resource_type, to_type, to_public_id)
-        if (asset.type, asset.public_id) == (to_type, to_public_id):
+        if source_key == target_key:
             return asset
-        async with self._names.hold(target_key):
-            target = await self.meta.get_asset(*target_key)
-            if target is not None:
-                if not target.live:
-                    raise BadRequest(f"to_public_id ({to_public_id}) is reserved by a deleted asset's backup history")
-                if not overwrite:
-                    raise BadRequest(f"to_public_id ({to_public_id}) already exists")
-                versions = await self.meta.versions(target.pk or 0)
-                if any(v.backed_up for v in versions):
-                    raise BadRequest(
-                        f"to_public_id ({to_public_id}) has backed-up versions; delete it first to keep its history"
-                    )
-                await self._delete_asset_locked(target)
-            renamed = replace(asset, type=to_type, public_id=to_public_id)
-            await self.meta.update_asset(renamed)
-            return renamed
+        first, second = sorted([source_key, target_key])
+        async with self._names.hold(first), self._names.hold(second):
+            for _attempt in range(WRITE_ATTEMPTS):
+                async with self._field_updates.hold((asset.cloud, asset.asset_id)):
+                    current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
+                    if current is None or not current.live or (current.type, current.public_id) != (asset.type, asset.public_id):
+                        raise NotFound(f"Resource not found - {asset.public_id}")
+                    target = await self.meta.get_asset(*target_key)
+                    if target is not None and not overwrite:
+                        if target.live:
+                            raise BadRequest(f"to_public_id ({to_public_id}) already exists")
+                        raise BadRequest(
+                            f"to_public_id ({to_public_id}) is reserved by a deleted asset's backup history; "
+                            "pass overwrite=true to take it (that history stays reachable by its asset_id)"
+                        )
+                    try:
+                        renamed = await self.meta.rename_asset(current, to_type, to_public_id, replacing=target, now=time.time())
+                    except AssetChanged:
+                        continue
+                if target is not None and target.live:
+                    await self._release_primary(target.cloud, target.digest)
+                return renamed
+        raise Conflict(f"Resource {asset.public_id} kept changing during the rename; retry")
 
     async def update_fields(
         self, asset: Asset, tags: list[str] | None = None, context: dict[str, str] | None = None,
-        metadata: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None, *, change: Callable[[Asset], dict[str, Any]] | None = None,
     ) -> Asset:
-        """Tags, context and metadata: never a new version (spec section 13)."""
-        if tags is not None:
-            asset.tags = tags
-        if context is not None:
-            asset.context = context
-        if metadata is not None:
-            asset.metadata = metadata
-        await self.meta.update_asset(asset)
-        return asset
+        """Tags, context and metadata: never a new version (spec section 13).
+
+        Only those columns are written, conditional on the row read; `change` computes them
+        from the current row (add a tag, merge context), so a concurrent write is re-read, not
+        lost. No name lock: a tags update does not wait for an upload's bytes."""
+        async with self._field_updates.hold((asset.cloud, asset.asset_id)):
+            for _attempt in range(WRITE_ATTEMPTS):
+                current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
+                if current is None or not current.live:
+                    raise NotFound(f"Resource not found - {asset.public_id}")
+                updates: dict[str, Any] = {"tags": tags, "context": context, "metadata": metadata}
+                if change is not None:
+                    updates.update(change(current))
+                try:
+                    return await self.meta.update_fields(current, **updates)
+                except AssetChanged:
+                    continue
+        raise Conflict(f"Resource {asset.public_id} kept changing; retry")
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -504,6 +625,14 @@ class VersionService:
         except BlobStoreError as exc:
             raise Unavailable(f"Backup target unavailable: {exc}") from None
         return public_id, version, store, layout.revision_key(cloud.name, version.digest)
+
+
+def _failure(reason: str, message: str) -> RestoreOutcome:
+    return RestoreOutcome(error=RestoreFailure(reason, message))
+
+
+def _reason(exc: Exception) -> str:
+    return str(getattr(exc, "message", None) or exc)
 
 
 def _stem(filename: str | None) -> str | None:

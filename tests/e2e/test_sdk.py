@@ -187,7 +187,7 @@ def test_backup_param_overrides_environment(auto_backup_restored: ServerProcess)
     assert off["backup"] is False
     assert [v["restorable"] for v in versions(public_id)] == [False, True, True, False]
     restored = cloudinary.api.restore([public_id], versions=[no["version_id"]])
-    assert restored[public_id] == {"error": "no_backup"}
+    assert (restored[public_id]["error"], restored[public_id]["reason"]) == ("no_backup", "not_backed_up")
 
 
 def test_cli_auto_backup_off_applies_without_restart(auto_backup_restored: ServerProcess) -> None:
@@ -201,7 +201,8 @@ def test_cli_auto_backup_off_applies_without_restart(auto_backup_restored: Serve
     assert download(result["asset_id"], result["version_id"])[0] == 404
     # No backed-up version: deleting it leaves nothing to restore.
     assert cloudinary.api.delete_resources([public_id])["deleted"] == {public_id: "deleted"}
-    assert cloudinary.api.restore([public_id]) == {public_id: {"error": "no_backup"}}
+    failed = cloudinary.api.restore([public_id])[public_id]
+    assert (failed["error"], failed["reason"]) == ("no_backup", "asset_not_found")
     with pytest.raises(cloudinary.exceptions.NotFound):
         cloudinary.api.resource(public_id)
 
@@ -438,8 +439,8 @@ def test_restore_deleted_and_versions(sdk: ServerProcess) -> None:
     cloudinary.api.delete_resources([unbacked])
     never = uid("restore")
     mixed = cloudinary.api.restore([public_id, unbacked, never])
-    assert mixed[unbacked] == {"error": "no_backup"}
-    assert mixed[never] == {"error": "no_backup"}
+    assert mixed[unbacked]["error"] == "no_backup" and mixed[unbacked]["reason"] == "asset_not_found"
+    assert mixed[never]["error"] == "no_backup" and never in mixed[never]["message"]
     assert mixed[public_id]["bytes"] == len(two)  # live: no-op
 
     with pytest.raises(cloudinary.exceptions.BadRequest):
@@ -461,7 +462,8 @@ def test_restore_by_asset_ids(sdk: ServerProcess) -> None:
     assert second["version_id"] in {v["version_id"] for v in versions(first["public_id"])}
 
     bogus = secrets.token_hex(16)
-    assert cloudinary.api.restore_by_asset_ids([bogus])[bogus] == {"error": "no_backup"}
+    failed = cloudinary.api.restore_by_asset_ids([bogus])[bogus]
+    assert (failed["error"], failed["reason"]) == ("no_backup", "asset_not_found") and bogus in failed["message"]
 
 
 def test_delete_backed_up_assets_is_irreversible(sdk: ServerProcess) -> None:
@@ -481,7 +483,7 @@ def test_delete_backed_up_assets_is_irreversible(sdk: ServerProcess) -> None:
     assert fetch(url_first)[0] == 404  # a URL signed before the deletion no longer works
     assert download(asset_id, second["version_id"])[2] == two
     restore = cloudinary.api.restore([public_id], versions=[first["version_id"]])
-    assert restore[public_id] == {"error": "failed"}
+    assert restore[public_id]["error"] == "failed" and restore[public_id]["reason"] == "version_not_found"
 
     # The current version of a live asset is refused (reported, not raised); unknown ids too.
     bogus = secrets.token_hex(16)
@@ -554,14 +556,26 @@ def test_rename(sdk: ServerProcess) -> None:
     assert moved["asset_id"] == up["asset_id"]
     assert cloudinary.api.resource(unbacked)["asset_id"] == up["asset_id"]
 
-    # Onto a reserved (deleted, backed-up) id: refused even with overwrite.
+    # Onto a live id with backed-up versions: allowed with overwrite; its history is detached
+    # from the name and stays reachable by its asset_id (docs/design.md).
+    backed = uid("rename")
+    kept = cloudinary.uploader.upload(png(salt=b"backed"), public_id=backed)
+    moved = cloudinary.uploader.rename(unbacked, backed, overwrite=True)
+    assert moved["asset_id"] == up["asset_id"]
+    assert cloudinary.api.resource(backed)["asset_id"] == up["asset_id"]
+    detached = cloudinary.api.resource_by_asset_id(kept["asset_id"], versions=True)
+    assert detached["placeholder"] is True and detached["versions"][0]["restorable"] is True
+    assert download(kept["asset_id"], kept["version_id"])[2] == png(salt=b"backed")
+
+    # Onto a reserved (deleted, backed-up) id: refused without overwrite, allowed with it.
     reserved = uid("rename")
     cloudinary.uploader.upload(png(salt=b"reserved"), public_id=reserved)
     cloudinary.uploader.destroy(reserved)
     with pytest.raises(cloudinary.exceptions.BadRequest):
-        cloudinary.uploader.rename(unbacked, reserved, overwrite=True)
+        cloudinary.uploader.rename(backed, reserved)
     assert cloudinary.api.resource(reserved)["placeholder"] is True
-    assert cloudinary.api.resource(unbacked)["asset_id"] == up["asset_id"]
+    assert cloudinary.uploader.rename(backed, reserved, overwrite=True)["asset_id"] == up["asset_id"]
+    assert cloudinary.api.resource(reserved)["asset_id"] == up["asset_id"]
 
     with pytest.raises(cloudinary.exceptions.NotFound):
         cloudinary.uploader.rename(uid("rename"), uid("rename"))

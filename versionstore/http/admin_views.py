@@ -15,7 +15,7 @@ from versionstore.http.auth import check_basic, check_signed
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
 from versionstore.media import content_type
-from versionstore.models import Asset, Cloud
+from versionstore.models import Asset, Cloud, RestoreFailure
 from versionstore.params import Params, as_bool, as_int, as_list, field_updates
 
 MAX_IDS = 100  # per request, for restore, delete and by-id listings
@@ -198,10 +198,13 @@ async def _restore_many(request: web.Request, found: list[tuple[str, Asset | Non
     body: dict[str, Any] = {}
     for key, asset, version_id in found:
         if asset is None:
-            body[key] = {"error": "no_backup"}
+            body[key] = render.restore_failure(RestoreFailure("asset_not_found", f"Resource not found - {key}"))
             continue
         outcome = await request.app[SERVICE].restore(asset, version_id)
-        body[key] = {"error": outcome.error} if outcome.asset is None else render.restored(outcome.asset)
+        if outcome.asset is not None:
+            body[key] = render.restored(outcome.asset)
+        elif outcome.error is not None:
+            body[key] = render.restore_failure(outcome.error)
     return web.json_response(body)
 
 

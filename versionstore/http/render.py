@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 from typing import Any
 
-from versionstore.models import Asset, Cloud, Job, Version
+from versionstore.models import Asset, Cloud, Job, RestoreFailure, Version
 from versionstore.signing import response_signature
 
 
@@ -94,6 +94,12 @@ def restored(asset: Asset) -> dict[str, Any]:
     for key in ("status", "filename", "uploaded_at", "access_mode", "etag"):
         body.pop(key, None)
     return body
+
+
+def restore_failure(failure: RestoreFailure) -> dict[str, str]:
+    """A failed restore item: Cloudinary's `error` code (a string, so the SDKs do not raise),
+    our stable `reason` and a `message` that says why (docs/api.md)."""
+    return {"error": failure.error, "reason": failure.reason, "message": failure.message}
 
 
 def job(j: Job) -> dict[str, Any]:

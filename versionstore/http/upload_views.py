@@ -216,7 +216,7 @@ async def _bulk_update(request: web.Request, cloud: Cloud, rt: str, params: Para
     for public_id in public_ids:
         asset = await _live_asset(request, cloud, rt, type_, public_id)
         if asset is not None:
-            await request.app[SERVICE].update_fields(asset, **change(asset))
+            await request.app[SERVICE].update_fields(asset, change=change)  # from the row as it is then
             done.append(public_id)
     return web.json_response({"public_ids": done})
 
