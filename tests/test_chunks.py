@@ -256,6 +256,27 @@ async def test_declared_bytes_of_open_sessions_are_capped(capped_client: TestCli
     await expect_error(response, 400, prefix="Too many bytes in chunked uploads in progress")
 
 
+async def test_abandoned_sessions_at_absurd_offsets_cannot_pile_up(aiohttp_client: Any, tmp_path: Path) -> None:
+    """The trial's shape: a last chunk of 64 KiB at offset 20 GiB - 64 KiB, again and again.
+    Each claims its declared 20 GiB, so the defaults (100 GiB) admit five; the parts hold only
+    the bytes received (no sparse files)."""
+    config = Config(data_dir=tmp_path / "data")
+    app = create_app(config)
+    client: TestClient = await aiohttp_client(app)
+    await app[META].create_cloud(CLOUD, "key123", "secret456", auto_backup=True)
+    # a chunk beyond the declared total of its upload is refused outright
+    upload_id = secrets.token_hex(8)
+    await ok(await send_chunk(client, upload_id, b"a" * MIN, 0, MIN + 10))
+    await expect_error(await send_chunk(client, upload_id, b"b" * MIN, 2 * MIN, None), 400, prefix="Chunk starts at")
+    await ok(await send_chunk(client, upload_id, b"b" * 10, MIN, MIN + 10))
+    total, tail = config.max_upload_bytes, 64 << 10
+    answers = [await send_chunk(client, secrets.token_hex(8), b"z" * tail, total - tail, total) for _ in range(6)]
+    assert [r.status for r in answers] == [200] * 5 + [400]
+    await expect_error(answers[-1], 400, prefix="Too many bytes in chunked uploads in progress")
+    parts = list((config.spool_dir / "chunks").iterdir())
+    assert len(parts) == 5 and all(p.stat().st_size == tail for p in parts)
+
+
 async def test_chunks_must_agree_with_their_session(client: TestClient) -> None:
     upload_id = secrets.token_hex(8)
     await ok(await send_chunk(client, upload_id, b"a" * MIN, 0, 3 * MIN, public_id="docs/agree"))
