@@ -108,13 +108,9 @@ async def _upload_chunk(request: web.Request, cloud: Cloud, rt: str, upload_id: 
             raise BadRequest("Missing required parameter - file")
         check_upload_auth(request, body.params, cloud)
         filename = _filename(body.params, filenames[0])
-        explicit = str(body.params.get("public_id") or "")
-        generated = {**body.params, "public_id": _chunked_public_id(cloud.name, upload_id, rt, filename)}
-        candidate = _public_id(body.params, filename) or _public_id(generated, None)
-        assert candidate is not None
+        candidate, named = _chunk_public_ids(body.params, filename, cloud.name, upload_id, rt)
         # Every parameter is checked at every chunk, so a bad one never joins the session.
         upload_request = _upload_request(cloud, rt, body.params, candidate, filename)
-        named = (explicit, candidate) if explicit else ()
         progress = await chunks.commit(cloud.name, upload_id, rt, chunk, received[0], candidate, named)
     finally:
         for path in received:
@@ -136,6 +132,17 @@ def _filename(params: Params, filename: str | None) -> str | None:
     """`filename_override` names the original (and, with use_filename, the public id)."""
     override = params.get("filename_override")
     return str(override) if override else filename
+
+
+def _chunk_public_ids(params: Params, filename: str | None, cloud: str, upload_id: str, rt: str) -> tuple[str, tuple[str, ...]]:
+    """(the public_id this chunk gives a new upload, the ids it names explicitly). Python sends
+    back the id the first chunk answered together with `folder` again, so both the value sent
+    and the folder-prefixed one name the upload's id."""
+    generated = {**params, "public_id": _chunked_public_id(cloud, upload_id, rt, filename)}
+    candidate = _public_id(params, filename) or _public_id(generated, None)
+    assert candidate is not None  # the generated stem is never empty
+    explicit = str(params.get("public_id") or "")
+    return candidate, (explicit, candidate) if explicit else ()
 
 
 def _chunked_public_id(cloud: str, upload_id: str, rt: str, filename: str | None) -> str:
