@@ -147,8 +147,9 @@ class ChunkAssembler:
         """The chunk's bytes in a new private file (fsynced); removed again on any failure."""
         path = self.directory / f"{secrets.token_hex(12)}.recv"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        written, pending_size = 0, 0
+        pending: list[bytes] = []
         try:
-            written, pending, pending_size = 0, list[bytes](), 0
             async for data in body:
                 written += len(data)
                 if written > chunk.size:
