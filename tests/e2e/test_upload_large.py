@@ -4,8 +4,11 @@ The SDK sends every chunk as a signed multipart POST with `X-Unique-Upload-Id` a
 `Content-Range`, and puts the public_id of each response into the next chunk's parameters.
 """
 
+import contextlib
 import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import cloudinary
@@ -89,3 +92,39 @@ def test_an_upload_large_session_survives_a_crash(fresh_server: ServerProcess, t
     assert final["public_id"] == public_id
     check_one_asset(final, data)
     assert not [p for p in (fresh_server.data_dir / "spool").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.4])
+def test_a_kill_while_the_last_chunk_is_handled_leaves_no_wrong_version(fresh_server: ServerProcess, delay: float) -> None:
+    """SIGKILL while the completing chunk is received, assembled or published: after the
+    restart the asset either does not exist or its version downloads exactly the bytes sent."""
+    configure_sdk(fresh_server.base_url)
+    data = os.urandom(PART + (24 << 20))
+    public_id = uid("kill")
+    headers = {"X-Unique-Upload-Id": "kill" + os.urandom(6).hex()}
+
+    def chunk(start: int, end: int) -> dict[str, object]:
+        part_headers = {**headers, "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}
+        return dict(cloudinary.uploader.upload_large_part(("big.bin", data[start:end]), http_headers=part_headers, public_id=public_id))
+
+    chunk(0, PART)
+    answered: list[dict[str, object]] = []
+
+    def send_last() -> None:
+        with contextlib.suppress(Exception):  # the kill cuts the connection
+            answered.append(chunk(PART, len(data)))
+
+    last = threading.Thread(target=send_last, daemon=True)
+    last.start()
+    time.sleep(delay)
+    fresh_server.restart(crash=True)
+    last.join(timeout=30)
+    try:
+        listed = versions(public_id, resource_type="raw")
+    except cloudinary.exceptions.NotFound:
+        listed = []
+    assert len(listed) >= len(answered)  # an acknowledged upload is never lost
+    for version in listed:
+        resource = cloudinary.api.resource(public_id, resource_type="raw")
+        status, _, body = download(str(resource["asset_id"]), str(version["version_id"]))
+        assert status == 200 and body == data
