@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import CLOUD
 from tests.test_bad_input import Snapshot, download_query, expect_error, sign_params
+from versionstore.chunks import ASSEMBLY_LEASE
 from versionstore.config import Config
 from versionstore.http.app import CHUNKS, META, create_app
 
@@ -346,6 +347,11 @@ async def test_leftovers_of_a_crash_are_swept(client: TestClient, config: Config
         os.utime(path, (time.time() - 7200, time.time() - 7200))
     meta = client.app[META]
     assert await meta.claim_upload_session(CLOUD, upload_id, "dead-process")
+    await client.app[CHUNKS].sweep(now=time.time() + ASSEMBLY_LEASE / 2)  # a live claim stays
+    session = await meta.get_upload_session(CLOUD, upload_id)
+    assert session is not None and session.state == "assembling"
+    assert await meta.renew_upload_claim(CLOUD, upload_id, "dead-process")
+    assert not await meta.renew_upload_claim(CLOUD, upload_id, "someone-else")  # only the owner renews
     await client.app[CHUNKS].sweep(now=time.time() + 2 * 3600)
     assert set(chunk_dir.iterdir()) == kept and not legacy.exists()
     final = await ok(await send_chunk(client, upload_id, data[MIN:], MIN, len(data)))

@@ -17,12 +17,14 @@ its own private file, and is refused at step 2 once the session is assembling or
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,8 +40,9 @@ _UPLOAD_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(-1|\d+)$")
 #: Cloudinary's rule (and the S3 multipart minimum): every chunk but the last is >= 5 MiB.
 MIN_PART = 5 << 20
-#: An assembly not finished within this long belongs to a process that died: reopen it.
-ASSEMBLY_LEASE = 3600.0
+#: The assembling request renews its claim every quarter of this; a claim not renewed for
+#: this long belongs to a process that died, and the sweep reopens the session.
+ASSEMBLY_LEASE = 120.0
 #: Files in spool/chunks/ that no session records are removed once this old.
 ORPHAN_AGE = 3600.0
 
@@ -235,6 +238,29 @@ class ChunkAssembler:
 
         return decide
 
+    @asynccontextmanager
+    async def claimed(self, progress: Progress) -> AsyncIterator[None]:
+        """Hold the claim while the assembly and its publication run: renew its lease, and
+        reopen the session if they fail (a retried chunk then finishes it)."""
+        assert progress.token is not None
+        session, token = progress.session, progress.token
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(ASSEMBLY_LEASE / 4)
+                await self.meta.renew_upload_claim(session.cloud, session.upload_id, token)
+
+        renewer = asyncio.create_task(renew(), name=f"claim {session.cloud}/{session.upload_id}")
+        try:
+            yield
+        except BaseException:
+            await self.meta.reopen_upload_session(session.cloud, session.upload_id, token)
+            raise
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
     async def assemble(self, progress: Progress) -> Spooled:
         """Copy the parts in order into a new spool file, hashing as it goes."""
         assert progress.parts is not None and progress.session.total is not None
@@ -267,11 +293,6 @@ class ChunkAssembler:
         session = progress.session
         for name in await self.meta.finish_upload_session(session.cloud, session.upload_id, progress.token):
             (self.directory / name).unlink(missing_ok=True)
-
-    async def release(self, progress: Progress) -> None:
-        """Assembly or publication failed: reopen the session; a retried chunk finishes it."""
-        assert progress.token is not None
-        await self.meta.reopen_upload_session(progress.session.cloud, progress.session.upload_id, progress.token)
 
     async def sweep(self, now: float | None = None) -> None:
         """Drop idle sessions with their parts, reopen assemblies of dead processes, and remove

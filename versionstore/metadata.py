@@ -409,6 +409,15 @@ class MetadataStore:
             await db.execute("DELETE FROM upload_parts WHERE cloud = ? AND upload_id = ?", (cloud, upload_id))
         return files
 
+    async def renew_upload_claim(self, cloud: str, upload_id: str, token: str) -> bool:
+        """The assembling request is alive: move its lease forward (see expire_upload_sessions)."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE upload_sessions SET updated_at = ? WHERE cloud = ? AND upload_id = ? AND state = 'assembling' AND claim = ?",
+                (time.time(), cloud, upload_id, token),
+            )
+            return cursor.rowcount == 1
+
     async def reopen_upload_session(self, cloud: str, upload_id: str, token: str) -> bool:
         """assembling -> open after a failed assembly, so a retried chunk can finish it."""
         async with self.transaction() as db:
@@ -421,7 +430,7 @@ class MetadataStore:
 
     async def expire_upload_sessions(self, idle_before: float, lease_before: float) -> list[str]:
         """Drop open and finished sessions idle since `idle_before`, reopen assemblies whose
-        owner has not finished since `lease_before` (a crashed process); returns the dropped
+        owner has not renewed its claim since `lease_before` (a crashed process); returns the dropped
         sessions' part files for the caller to remove."""
         stale = "SELECT cloud, upload_id FROM upload_sessions WHERE state IN ('open', 'finished') AND updated_at < ?"
         async with self.transaction() as db:

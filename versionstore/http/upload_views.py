@@ -118,12 +118,9 @@ async def _upload_chunk(request: web.Request, cloud: Cloud, rt: str, upload_id: 
     public_id = progress.session.public_id
     if progress.token is None:
         return web.json_response({"done": False, "bytes": progress.received, "public_id": public_id, "resource_type": rt, "kind": "upload"})
-    try:
+    async with chunks.claimed(progress):
         spooled = await chunks.assemble(progress)
         result = await request.app[SERVICE].upload(replace(upload_request, public_id=public_id), spooled)
-    except BaseException:
-        await chunks.release(progress)
-        raise
     await chunks.finish(progress)
     return _upload_response(cloud, result)
 
