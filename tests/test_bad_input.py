@@ -84,9 +84,8 @@ def _files(data_dir: Path, *subdirs: str) -> set[str]:
 class Snapshot:
     """Everything a bad request must not change."""
 
-    def __init__(self, client: TestClient, data_dir: Path, cloud: str = CLOUD, allow_chunk_files: bool = False) -> None:
+    def __init__(self, client: TestClient, data_dir: Path, cloud: str = CLOUD) -> None:
         self.client, self.data_dir, self.cloud = client, data_dir, cloud
-        self.allow_chunk_files = allow_chunk_files
 
     async def take(self) -> dict[str, Any]:
         meta = self.client.app[META]
@@ -95,8 +94,6 @@ class Snapshot:
             assets = await meta.find_assets(cloud.name, "1", [], "pk", 10_000)
             state[cloud.name] = [(asdict(a), [asdict(v) for v in await meta.versions(a.pk or 0)]) for a in assets]
         spool = _files(self.data_dir, "spool")
-        if self.allow_chunk_files:
-            spool = {name for name in spool if not name.endswith(".chunks")}
         return {"meta": state, "blobs": _files(self.data_dir, "primary", "backup"), "spool": spool}
 
     async def __aenter__(self) -> "Snapshot":
@@ -771,7 +768,7 @@ async def test_bad_chunks(client: TestClient, untouched: Snapshot) -> None:
         # a chunk with a bad signature never touches the shared chunk file
         fields = sign_params({"public_id": "docs/chunk"})
         fields["signature"] = "1" * 40
-        headers = {**mp_headers(), "X-Unique-Upload-Id": "u2", "Content-Range": "bytes 0-9/20"}
+        headers = {**mp_headers(), "X-Unique-Upload-Id": "u2", "Content-Range": "bytes 0-9/10"}
         await expect_error(
             await post_upload(client, multipart(fields, file=b"0123456789"), headers, rt="raw"), 401, prefix="Invalid Signature"
         )
@@ -788,34 +785,31 @@ async def test_bad_chunks(client: TestClient, untouched: Snapshot) -> None:
 
 
 async def test_chunk_with_wrong_length_is_refused(client: TestClient, config: Config, untouched: Snapshot) -> None:
-    """A chunk whose body disagrees with its Content-Range is a 400 and records nothing.
-
-    When it is the *first* chunk of an upload, the partial `<cloud>--<upload id>.chunks` file
-    it created stays in spool/ until the start-up sweep removes session-less chunk files
-    (tests/test_semantics.py); it does not corrupt a retry, checked below.
-    """
-    untouched.allow_chunk_files = True
+    """A chunk whose body disagrees with its Content-Range is a 400 and records nothing: its
+    bytes went to a private file that is removed, so a retry yields exactly the bytes sent."""
+    part = 5 << 20  # every chunk but the last is at least 5 MiB
+    total = part + 10
     upload_ids = [secrets.token_hex(6), secrets.token_hex(6)]
     async with untouched:
         for upload_id, data, message in [
-            (upload_ids[0], b"0123456789ABC", "Chunk is larger than its Content-Range"),
-            (upload_ids[1], b"01234", "Chunk has 5 bytes but its Content-Range says 10"),
+            (upload_ids[0], b"0" * (part + 3), "Chunk is larger than its Content-Range"),
+            (upload_ids[1], b"0" * (part - 5), f"Chunk has {part - 5} bytes but its Content-Range says {part}"),
         ]:
-            headers = {**mp_headers(), "X-Unique-Upload-Id": upload_id, "Content-Range": "bytes 0-9/20"}
+            headers = {**mp_headers(), "X-Unique-Upload-Id": upload_id, "Content-Range": f"bytes 0-{part - 1}/{total}"}
             body = multipart(sign_params({"public_id": "docs/chunk"}), file=data)
             await expect_error(await post_upload(client, body, headers, rt="raw"), 400, message)
         for upload_id in upload_ids:
             assert await client.app[META].get_upload_session(CLOUD, upload_id) is None
     # retrying the same upload ids with correct chunks works and yields exactly the bytes sent
     for upload_id in upload_ids:
-        data = secrets.token_bytes(20)
-        for start in (10, 0):  # out of order on purpose
-            headers = {**mp_headers(), "X-Unique-Upload-Id": upload_id, "Content-Range": f"bytes {start}-{start + 9}/20"}
-            body = multipart(sign_params({"public_id": f"docs/retry-{upload_id}"}), file=data[start : start + 10])
+        data = secrets.token_bytes(total)
+        for start, end in ((part, total), (0, part)):  # out of order on purpose
+            headers = {**mp_headers(), "X-Unique-Upload-Id": upload_id, "Content-Range": f"bytes {start}-{end - 1}/{total}"}
+            body = multipart(sign_params({"public_id": f"docs/retry-{upload_id}"}), file=data[start:end])
             response = await post_upload(client, body, headers, rt="raw")
             assert response.status == 200, await response.text()
         result = await response.json()
-        assert result["bytes"] == 20
+        assert result["bytes"] == total
         download = await client.get(f"/v1_1/{CLOUD}/download_backup?{download_query(result['asset_id'], result['version_id'])}")
         assert await download.read() == data
-    assert not list((config.data_dir / "spool").glob("*.part"))
+    assert not [p for p in (config.data_dir / "spool").rglob("*") if p.is_file()]

@@ -199,22 +199,6 @@ async def test_orphan_blobs_from_a_crash_are_collected(api, client, config):
     assert (await versions(api, "g/a"))[0]["version_id"] == kept["version_id"]
 
 
-async def test_sweep_removes_chunk_files_without_a_session(client, config):
-    import os
-    import time
-
-    from versionstore.http.app import CHUNKS, META
-
-    stray = config.spool_dir / "demo--abandoned.chunks"
-    live = config.spool_dir / "demo--inprogress.chunks"
-    for path in (stray, live):
-        path.write_bytes(b"partial")
-        os.utime(path, (time.time() - 7200, time.time() - 7200))
-    await client.app[META].save_upload_session("demo", "inprogress", 100, [[0, 7]])
-    await client.app[CHUNKS].sweep()
-    assert not stray.exists() and live.exists()
-
-
 async def test_concurrent_uploads_to_one_public_id_all_become_versions(api):
     import asyncio
 

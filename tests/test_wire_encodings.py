@@ -324,28 +324,33 @@ async def test_python_destroy_and_rename_with_1_0(client: TestClient) -> None:
 
 # --- upload_large ---------------------------------------------------------------------------
 
+PART = 5 << 20  # every chunk but the last is at least 5 MiB
+
 
 async def test_node_upload_large_unknown_total_until_last_chunk(client: TestClient) -> None:
-    data = secrets.token_bytes(25000)
+    """The captured shape (captures/upload_large_requests.txt) scaled to real chunk sizes: every
+    chunk but the last is at least 5 MiB."""
+    total = 2 * PART + 5000
+    data = secrets.token_bytes(total)
     upload_id = "6ymels1vkw"
-    ranges = [(0, 9999, "-1"), (10000, 19999, "-1"), (20000, 24999, "25000")]
+    ranges = [(0, PART - 1, "-1"), (PART, 2 * PART - 1, "-1"), (2 * PART, total - 1, str(total))]
     replies = []
-    for index, (start, end, total) in enumerate(ranges):
+    for index, (start, end, declared) in enumerate(ranges):
         boundary = secrets.token_hex(5)
         fields = signed_fields({"public_id": "docs/bignode"})
         payload = multipart([*fields, ("file", FilePart("big", data[start : end + 1]))], boundary)
-        extra = [("Content-Range", f"bytes {start}-{end}/{total}"), ("X-Unique-Upload-Id", upload_id)]
-        reply = await wire(client, "POST", f"/v1_1/{CLOUD}/raw/upload", node_upload_headers(boundary, extra), pieces(payload, 4096))
+        extra = [("Content-Range", f"bytes {start}-{end}/{declared}"), ("X-Unique-Upload-Id", upload_id)]
+        reply = await wire(client, "POST", f"/v1_1/{CLOUD}/raw/upload", node_upload_headers(boundary, extra), pieces(payload, 1 << 16))
         assert reply.status == 200, (index, reply.raw)
         replies.append(reply.body)
-    assert replies[0] == {"done": False, "bytes": 10000, "public_id": "docs/bignode", "resource_type": "raw", "kind": "upload"}
-    assert replies[1]["done"] is False and replies[1]["bytes"] == 20000 and replies[1]["public_id"] == "docs/bignode"
+    assert replies[0] == {"done": False, "bytes": PART, "public_id": "docs/bignode", "resource_type": "raw", "kind": "upload"}
+    assert replies[1]["done"] is False and replies[1]["bytes"] == 2 * PART and replies[1]["public_id"] == "docs/bignode"
     final = replies[2]
     assert "done" not in final or final["done"] is True
-    assert final["public_id"] == "docs/bignode" and final["bytes"] == 25000 and final["resource_type"] == "raw"
+    assert final["public_id"] == "docs/bignode" and final["bytes"] == total and final["resource_type"] == "raw"
     download = await wire(client, "GET", f"/v1_1/{CLOUD}/download_backup?{download_query(final['asset_id'], final['version_id'])}")
     assert download.status == 200 and download.raw == data
-    assert [v["size"] for v in await versions_of(client, "docs/bignode", "raw")] == [25000]
+    assert [v["size"] for v in await versions_of(client, "docs/bignode", "raw")] == [total]
 
 
 async def _python_chunk(client: TestClient, upload_id: str, data: bytes, start: int, total: int, public_id: str | None) -> dict[str, Any]:
@@ -365,16 +370,17 @@ async def _python_chunk(client: TestClient, upload_id: str, data: bytes, start: 
 async def test_python_upload_large_reuses_the_public_id_echoed_by_the_first_chunk(client: TestClient) -> None:
     """Python sends the real total on every chunk and takes later chunks' public_id from the
     previous response (uploader.upload_large)."""
-    data = secrets.token_bytes(25000)
+    total = 2 * PART + 5000
+    data = secrets.token_bytes(total)
     upload_id = "5ok6bprwu4m9l4r8"
-    first = await _python_chunk(client, upload_id, data[:10000], 0, 25000, None)
-    assert first["done"] is False and first["bytes"] == 10000
+    first = await _python_chunk(client, upload_id, data[:PART], 0, total, None)
+    assert first["done"] is False and first["bytes"] == PART
     public_id = first["public_id"]
     assert public_id
-    second = await _python_chunk(client, upload_id, data[10000:20000], 10000, 25000, public_id)
+    second = await _python_chunk(client, upload_id, data[PART : 2 * PART], PART, total, public_id)
     assert second["done"] is False and second["public_id"] == public_id
-    final = await _python_chunk(client, upload_id, data[20000:], 20000, 25000, second["public_id"])
-    assert final["public_id"] == public_id and final["bytes"] == 25000
+    final = await _python_chunk(client, upload_id, data[2 * PART :], 2 * PART, total, second["public_id"])
+    assert final["public_id"] == public_id and final["bytes"] == total
     download = await wire(client, "GET", f"/v1_1/{CLOUD}/download_backup?{download_query(final['asset_id'], final['version_id'])}")
     assert download.raw == data
 
@@ -382,23 +388,25 @@ async def test_python_upload_large_reuses_the_public_id_echoed_by_the_first_chun
 async def test_python_upload_large_later_chunks_without_public_id(client: TestClient) -> None:
     """If later chunks carry no public_id at all, the upload still lands on the id the first
     response echoed (assembled by X-Unique-Upload-Id)."""
-    data = secrets.token_bytes(3000)
+    total = 2 * PART + 1000
+    data = secrets.token_bytes(total)
     upload_id = "noid" + secrets.token_hex(6)
-    first = await _python_chunk(client, upload_id, data[:1000], 0, 3000, None)
-    second = await _python_chunk(client, upload_id, data[1000:2000], 1000, 3000, None)
-    final = await _python_chunk(client, upload_id, data[2000:], 2000, 3000, None)
+    first = await _python_chunk(client, upload_id, data[:PART], 0, total, None)
+    second = await _python_chunk(client, upload_id, data[PART : 2 * PART], PART, total, None)
+    final = await _python_chunk(client, upload_id, data[2 * PART :], 2 * PART, total, None)
     assert first["public_id"] == second["public_id"] == final["public_id"]
-    assert final["bytes"] == 3000
+    assert final["bytes"] == total
     download = await wire(client, "GET", f"/v1_1/{CLOUD}/download_backup?{download_query(final['asset_id'], final['version_id'])}")
     assert download.raw == data
 
 
 async def test_python_upload_large_with_given_public_id(client: TestClient) -> None:
-    data = secrets.token_bytes(25000)
+    total = 2 * PART + 5000
+    data = secrets.token_bytes(total)
     upload_id = secrets.token_hex(8)
-    for start in (0, 10000, 20000):
-        result = await _python_chunk(client, upload_id, data[start : start + 10000], start, 25000, "docs/big")
-    assert result["public_id"] == "docs/big" and result["bytes"] == 25000
+    for start in (0, PART, 2 * PART):
+        result = await _python_chunk(client, upload_id, data[start : start + PART], start, total, "docs/big")
+    assert result["public_id"] == "docs/big" and result["bytes"] == total
 
 
 # --- booleans -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+MiB = 1 << 20
 GiB = 1 << 30
 DATA_DIR_VARIABLE = "VERSIONSTORE_DATA_DIR"
 
@@ -81,6 +82,18 @@ class Config:
     pending_retry_max: float = 300.0
     #: How often the drainer and the job runner look for work they were not woken for.
     poll_interval: float = 1.0
+    #: Largest single chunk of an `upload_large` (its bytes may reach disk before the
+    #: signature is checked when the file part precedes it).
+    max_chunk_bytes: int = 512 * MiB
+    #: Chunked uploads in progress per product environment; a new one beyond it gets a 400.
+    chunk_sessions_max: int = 100
+    #: Bytes the chunked uploads in progress of one environment may claim (declared totals,
+    #: or the furthest chunk while the total is unknown).
+    chunk_sessions_max_bytes: int = 100 * GiB
+    #: Seconds a chunked upload may stay idle before it is dropped with its parts.
+    chunk_session_ttl: float = 24 * 3600.0
+    #: How often idle chunked uploads and leftover chunk files are swept.
+    chunk_sweep_interval: float = 300.0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -94,6 +107,11 @@ class Config:
             "marker_ttl": _env_float("VERSIONSTORE_MARKER_TTL", cls.marker_ttl),
             "pending_retry_max": _env_float("VERSIONSTORE_PENDING_RETRY_MAX", cls.pending_retry_max),
             "poll_interval": _env_float("VERSIONSTORE_POLL_INTERVAL", cls.poll_interval),
+            "max_chunk_bytes": _env_int("VERSIONSTORE_MAX_CHUNK_BYTES", cls.max_chunk_bytes),
+            "chunk_sessions_max": _env_int("VERSIONSTORE_CHUNK_SESSIONS_MAX", cls.chunk_sessions_max),
+            "chunk_sessions_max_bytes": _env_int("VERSIONSTORE_CHUNK_SESSIONS_MAX_BYTES", cls.chunk_sessions_max_bytes),
+            "chunk_session_ttl": _env_float("VERSIONSTORE_CHUNK_SESSION_TTL", cls.chunk_session_ttl),
+            "chunk_sweep_interval": _env_float("VERSIONSTORE_CHUNK_SWEEP_INTERVAL", cls.chunk_sweep_interval),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

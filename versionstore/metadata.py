@@ -16,7 +16,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import astuple, fields, replace
 from importlib import resources
@@ -25,7 +25,17 @@ from typing import Any
 
 import aiosqlite
 
-from versionstore.models import Asset, BackupHealth, Cloud, Job, PendingRevision, Version
+from versionstore.models import (
+    Asset,
+    BackupHealth,
+    Cloud,
+    Job,
+    PendingRevision,
+    SessionState,
+    UploadPart,
+    UploadSession,
+    Version,
+)
 
 #: Selected in this order; `detached_from` stands for the model's `detached` flag (see _asset).
 _ASSET_COLUMNS = [*(f.name for f in fields(Asset) if f.name != "detached"), "detached_from"]
@@ -38,6 +48,14 @@ def _migrations() -> list[str]:
 
 
 _CLOUD_SELECT = "SELECT name, api_key, api_secret, auto_backup, created_at, backup_target FROM clouds"
+
+
+_SESSION_COLUMNS = "cloud, upload_id, resource_type, public_id, total, claimed, state, created_at, updated_at"
+
+
+def _session(row: Sequence[Any]) -> UploadSession:
+    cloud, upload_id, resource_type, public_id, total, claimed, state, created_at, updated_at = row
+    return UploadSession(cloud, upload_id, resource_type, public_id, total, claimed, SessionState(state), created_at, updated_at)
 
 
 def _cloud(row: Sequence[Any]) -> Cloud:
@@ -412,26 +430,130 @@ class MetadataStore:
         return await self._one(sql, (cloud, digest)) is not None
 
     # --- chunked upload sessions ------------------------------------------------------------
+    # A session's state only moves open -> assembling -> finished (or back to open when an
+    # assembly fails or its lease ran out), always by an UPDATE conditional on the state it
+    # leaves, so several processes on one database agree on who may add or assemble.
 
-    async def get_upload_session(self, cloud: str, upload_id: str) -> tuple[int | None, list[list[int]]] | None:
-        row = await self._one("SELECT total, ranges FROM upload_sessions WHERE cloud = ? AND upload_id = ?", (cloud, upload_id))
-        return None if row is None else (row[0], json.loads(row[1]))
+    async def get_upload_session(self, cloud: str, upload_id: str) -> UploadSession | None:
+        row = await self._one(f"SELECT {_SESSION_COLUMNS} FROM upload_sessions WHERE cloud = ? AND upload_id = ?", (cloud, upload_id))
+        return None if row is None else _session(row)
 
-    async def save_upload_session(self, cloud: str, upload_id: str, total: int | None, ranges: list[list[int]]) -> None:
+    async def add_upload_part(
+        self,
+        cloud: str,
+        upload_id: str,
+        part: UploadPart,
+        decide: Callable[[UploadSession | None, int, int], UploadSession],
+    ) -> tuple[UploadSession, bool, list[UploadPart]]:
+        """Record a received part in its open session, in one transaction.
+
+        `decide(existing, other open sessions, their claimed bytes)` returns the session row to
+        write (or raises to refuse). Returns (the session, whether the part was new, all parts).
+        """
         async with self.transaction() as db:
-            await db.execute(
-                "INSERT INTO upload_sessions (cloud, upload_id, total, ranges, created_at) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (cloud, upload_id) DO UPDATE SET total = excluded.total, ranges = excluded.ranges",
-                (cloud, upload_id, total, json.dumps(ranges), time.time()),
+            cursor = await db.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM upload_sessions WHERE cloud = ? AND upload_id = ?", (cloud, upload_id)
             )
+            row = await cursor.fetchone()
+            cursor = await db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(claimed), 0) FROM upload_sessions "
+                "WHERE cloud = ? AND upload_id != ? AND state != 'finished'",
+                (cloud, upload_id),
+            )
+            others, claimed = await cursor.fetchone()  # type: ignore[misc]
+            session = decide(None if row is None else _session(row), others, claimed)
+            cursor = await db.execute(
+                "INSERT INTO upload_sessions (cloud, upload_id, resource_type, public_id, total, claimed, state, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?) "
+                "ON CONFLICT (cloud, upload_id) DO UPDATE SET total = excluded.total, claimed = excluded.claimed, "
+                "updated_at = excluded.updated_at WHERE upload_sessions.state = 'open'",
+                (cloud, upload_id, session.resource_type, session.public_id, session.total, session.claimed,
+                 session.created_at, session.updated_at),
+            )
+            if cursor.rowcount != 1:
+                raise RuntimeError(f"upload session {cloud}/{upload_id} is not open")  # decide() saw it open
+            cursor = await db.execute(
+                "INSERT INTO upload_parts (cloud, upload_id, first_byte, end_byte, file) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (cloud, upload_id, first_byte, end_byte) DO NOTHING",
+                (cloud, upload_id, part.first, part.end, part.file),
+            )
+            added = cursor.rowcount == 1
+            parts = await self._parts(db, cloud, upload_id)
+        return session, added, parts
 
-    async def delete_upload_session(self, cloud: str, upload_id: str) -> None:
+    @staticmethod
+    async def _parts(db: aiosqlite.Connection, cloud: str, upload_id: str) -> list[UploadPart]:
+        cursor = await db.execute(
+            "SELECT first_byte, end_byte, file FROM upload_parts WHERE cloud = ? AND upload_id = ? ORDER BY first_byte, end_byte",
+            (cloud, upload_id),
+        )
+        return [UploadPart(*row) for row in await cursor.fetchall()]
+
+    async def claim_upload_session(self, cloud: str, upload_id: str, token: str) -> list[UploadPart] | None:
+        """open -> assembling, owned by `token`; returns the parts (fixed from now on), or None
+        when the session was not open (another request is assembling it, or it is finished)."""
         async with self.transaction() as db:
-            await db.execute("DELETE FROM upload_sessions WHERE cloud = ? AND upload_id = ?", (cloud, upload_id))
+            cursor = await db.execute(
+                "UPDATE upload_sessions SET state = 'assembling', claim = ?, updated_at = ? "
+                "WHERE cloud = ? AND upload_id = ? AND state = 'open'",
+                (token, time.time(), cloud, upload_id),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return await self._parts(db, cloud, upload_id)
 
-    async def stale_upload_sessions(self, older_than: float) -> list[tuple[str, str]]:
-        rows = await self._all("SELECT cloud, upload_id FROM upload_sessions WHERE created_at < ?", (older_than,))
-        return [(r[0], r[1]) for r in rows]
+    async def finish_upload_session(self, cloud: str, upload_id: str, token: str) -> list[str]:
+        """assembling -> finished (kept to refuse late chunks until it expires); returns the part
+        files, no longer referenced, for the caller to remove."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE upload_sessions SET state = 'finished', claim = NULL, updated_at = ? "
+                "WHERE cloud = ? AND upload_id = ? AND state = 'assembling' AND claim = ?",
+                (time.time(), cloud, upload_id, token),
+            )
+            if cursor.rowcount != 1:
+                return []
+            files = [part.file for part in await self._parts(db, cloud, upload_id)]
+            await db.execute("DELETE FROM upload_parts WHERE cloud = ? AND upload_id = ?", (cloud, upload_id))
+        return files
+
+    async def renew_upload_claim(self, cloud: str, upload_id: str, token: str) -> bool:
+        """The assembling request is alive: move its lease forward (see expire_upload_sessions)."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE upload_sessions SET updated_at = ? WHERE cloud = ? AND upload_id = ? AND state = 'assembling' AND claim = ?",
+                (time.time(), cloud, upload_id, token),
+            )
+            return cursor.rowcount == 1
+
+    async def reopen_upload_session(self, cloud: str, upload_id: str, token: str) -> bool:
+        """assembling -> open after a failed assembly, so a retried chunk can finish it."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE upload_sessions SET state = 'open', claim = NULL, updated_at = ? "
+                "WHERE cloud = ? AND upload_id = ? AND state = 'assembling' AND claim = ?",
+                (time.time(), cloud, upload_id, token),
+            )
+            return cursor.rowcount == 1
+
+    async def expire_upload_sessions(self, idle_before: float, lease_before: float) -> list[str]:
+        """Drop open and finished sessions idle since `idle_before`, reopen assemblies whose
+        owner has not renewed its claim since `lease_before` (a crashed process); returns the dropped
+        sessions' part files for the caller to remove."""
+        stale = "SELECT cloud, upload_id FROM upload_sessions WHERE state IN ('open', 'finished') AND updated_at < ?"
+        async with self.transaction() as db:
+            cursor = await db.execute(f"SELECT file FROM upload_parts WHERE (cloud, upload_id) IN ({stale})", (idle_before,))
+            files = [row[0] for row in await cursor.fetchall()]
+            await db.execute(f"DELETE FROM upload_parts WHERE (cloud, upload_id) IN ({stale})", (idle_before,))
+            await db.execute(f"DELETE FROM upload_sessions WHERE (cloud, upload_id) IN ({stale})", (idle_before,))
+            await db.execute(
+                "UPDATE upload_sessions SET state = 'open', claim = NULL WHERE state = 'assembling' AND updated_at < ?",
+                (lease_before,),
+            )
+        return files
+
+    async def upload_part_files(self) -> set[str]:
+        return {row[0] for row in await self._all("SELECT file FROM upload_parts")}
 
     # --- backup targets, the pending queue and health ----------------------------------------
 

@@ -1,6 +1,7 @@
 """Plain records passed between the metadata store, the domain and the HTTP renderers."""
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 
@@ -137,3 +138,35 @@ class Job:
     @property
     def open(self) -> bool:
         return self.status in ("pending", "active")
+
+
+class SessionState(StrEnum):
+    """A chunked upload: open (accepts chunks), assembling (one request owns it), finished."""
+
+    OPEN = "open"
+    ASSEMBLING = "assembling"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class UploadSession:
+    """One `upload_large` (keyed by its X-Unique-Upload-Id), as the database holds it."""
+
+    cloud: str
+    upload_id: str
+    resource_type: str
+    public_id: str  # decided by the chunk that opened it, echoed by every chunk
+    total: int | None  # None until a chunk declares it (Node sends /-1 until the last)
+    claimed: int  # bytes counted against the environment's cap
+    state: SessionState
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class UploadPart:
+    """A received chunk: bytes [first, end) of the upload in read-only `spool/chunks/<file>`."""
+
+    first: int
+    end: int
+    file: str

@@ -134,3 +134,33 @@ UPDATE versions SET original_filename = (SELECT a.original_filename FROM assets 
 UPDATE versions SET
     width = (SELECT a.width FROM assets a WHERE a.pk = versions.asset_pk AND a.version_id = versions.version_id),
     height = (SELECT a.height FROM assets a WHERE a.pk = versions.asset_pk AND a.version_id = versions.version_id);
+-- migration 7
+-- Chunked uploads (docs/design.md): each chunk is its own read-only part file, recorded here
+-- once received and authenticated; the session's state is a condition every write checks, so
+-- no chunk joins an upload that is being assembled or is finished. Sessions of the old layout
+-- (one shared file written at offsets) cannot be continued: they are dropped, and the sweep
+-- removes their files.
+DROP TABLE upload_sessions;
+CREATE TABLE upload_sessions (
+    cloud         TEXT NOT NULL,
+    upload_id     TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    public_id     TEXT NOT NULL,
+    total         INTEGER,          -- declared size; NULL until a chunk declares it
+    claimed       INTEGER NOT NULL, -- bytes counted against the environment's cap
+    state         TEXT NOT NULL CHECK (state IN ('open', 'assembling', 'finished')),
+    claim         TEXT,             -- the assembling request's token
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (cloud, upload_id)
+);
+CREATE INDEX upload_sessions_state ON upload_sessions (cloud, state);
+CREATE TABLE upload_parts (
+    cloud      TEXT NOT NULL,
+    upload_id  TEXT NOT NULL,
+    first_byte INTEGER NOT NULL,
+    end_byte   INTEGER NOT NULL,        -- exclusive
+    file       TEXT NOT NULL UNIQUE,    -- name in spool/chunks/
+    PRIMARY KEY (cloud, upload_id, first_byte, end_byte),
+    FOREIGN KEY (cloud, upload_id) REFERENCES upload_sessions (cloud, upload_id) ON DELETE CASCADE
+);

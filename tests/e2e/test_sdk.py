@@ -261,7 +261,7 @@ def test_remote_url_upload(sdk: ServerProcess, file_server: Any) -> None:
 
 
 def test_upload_large_chunks(sdk: ServerProcess, tmp_path: Path) -> None:
-    size = 12 * 1000 * 1000 + 12345  # three chunks of 5 MB, the last one short
+    size = 12 * 1000 * 1000 + 12345  # three chunks of 5 MiB (the smallest allowed), the last one short
     path = tmp_path / "large.bin"
     digest = hashlib.sha256()
     with open(path, "wb") as handle:
@@ -272,7 +272,7 @@ def test_upload_large_chunks(sdk: ServerProcess, tmp_path: Path) -> None:
             handle.write(block)
             remaining -= len(block)
     public_id = uid() + ".bin"
-    result = cloudinary.uploader.upload_large(str(path), public_id=public_id, chunk_size=5 * 1000 * 1000)
+    result = cloudinary.uploader.upload_large(str(path), public_id=public_id, chunk_size=5 * 1024 * 1024)
     assert result["public_id"] == public_id
     assert result["resource_type"] == "raw"
     assert result["bytes"] == size
@@ -284,8 +284,8 @@ def test_upload_large_chunks(sdk: ServerProcess, tmp_path: Path) -> None:
     assert hashlib.sha256(body).hexdigest() == digest.hexdigest()
 
     # Without a public_id every chunk must land in one asset.
-    payload = os.urandom(3 * 1024 * 1024 + 7)
-    generated = cloudinary.uploader.upload_large(io.BytesIO(payload), chunk_size=1024 * 1024, filename="stream.bin")
+    payload = os.urandom(2 * 5 * 1024 * 1024 + 7)
+    generated = cloudinary.uploader.upload_large(io.BytesIO(payload), chunk_size=5 * 1024 * 1024, filename="stream.bin")
     assert generated["bytes"] == len(payload)
     assert generated["public_id"].endswith(".bin")
     assert len(versions(generated["public_id"], resource_type="raw")) == 1

@@ -93,8 +93,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         targets = BackupTargets(meta, resilient(open_store(config.backup_url)), marker_ttl=config.marker_ttl)
         opened.push_async_callback(targets.close)
         service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
-        app[CHUNKS] = ChunkAssembler(meta, config.spool_dir, config.max_upload_bytes)
-        await app[CHUNKS].sweep()
+        chunks = app[CHUNKS] = ChunkAssembler(meta, config, service.new_spool)
+        await chunks.sweep()
         app[FETCHER] = aiohttp.ClientSession(auto_decompress=False)
         opened.push_async_callback(app[FETCHER].close)
         handlers: dict[str, Handler] = {
@@ -109,6 +109,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(_collect_orphans(service, meta), name="orphan collection"),
             asyncio.create_task(drainer.run(), name="pending drainer"),
             asyncio.create_task(runner.run(), name="job runner"),
+            asyncio.create_task(chunks.run_sweeper(), name="chunk session sweeper"),
         ]
         opened.push_async_callback(_stop, background)
         yield

@@ -38,8 +38,9 @@ async def part_chunks(part: BodyPartReader, first: bytes = b"") -> AsyncIterator
         yield data
 
 
-async def _charged(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
-    """A file part sent before the signature: its spooled bytes count against the budget."""
+async def charged(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
+    """A file part sent before the signature: its bytes count against the budget (nothing once
+    the lease is settled)."""
     async for data in chunks:
         lease.take(len(data))
         yield data
@@ -107,11 +108,11 @@ async def read_multipart(
                 if not sep or b";base64" not in meta:
                     raise BadRequest("Invalid data URI: only base64 data URIs are supported")
                 chunks = part_chunks(part, rest)
-                await _spool_base64(_charged(chunks, lease) if lease.open else chunks, spool)
+                await _spool_base64(charged(chunks, lease) if lease.open else chunks, spool)
             else:
                 chunks = part_chunks(part, first)
                 if lease.open:
-                    chunks = _charged(chunks, lease)
+                    chunks = charged(chunks, lease)
                 async for data in chunks:
                     await spool.write(data)
             body.spooled = await spool.finish(sync=False)  # VersionService.upload overlaps the fsync

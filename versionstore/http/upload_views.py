@@ -3,6 +3,8 @@
 import binascii
 import secrets
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -17,11 +19,11 @@ from versionstore.http.auth import check_signed, check_upload_auth, pre_auth_lea
 from versionstore.http.budget import Lease
 from versionstore.http.fetch import fetch_to_spool
 from versionstore.http.inputs import admin_params
-from versionstore.http.upload_body import UploadBody, part_chunks, read_multipart
+from versionstore.http.upload_body import UploadBody, charged, part_chunks, read_multipart
 from versionstore.media import extension
 from versionstore.models import Asset, Cloud
 from versionstore.params import Params, as_bool, as_list, field_updates, parse_pipe_map
-from versionstore.service import UploadRequest
+from versionstore.service import UploadRequest, UploadResult
 from versionstore.spool import Spooled
 
 
@@ -90,32 +92,67 @@ async def _file_bytes(request: web.Request, body: UploadBody) -> Spooled:
 
 
 async def _upload_chunk(request: web.Request, cloud: Cloud, rt: str, upload_id: str, content_range: str) -> web.Response:
-    """One `upload_large` chunk; the last one completes the upload like a normal one."""
+    """One `upload_large` chunk; the one that completes the upload publishes it like a normal one.
+
+    The chunk's bytes go to a private file first; only once the whole body is read and every
+    field (wherever it sat, before or after the file part) is authenticated does the chunk
+    join its session."""
+    chunks = request.app[CHUNKS]
     chunk = parse_content_range(content_range)
-    state: dict[str, Any] = {}
-
-    async def on_file(params: Params, part: BodyPartReader) -> None:
-        check_upload_auth(request, params, cloud)  # before a byte touches the shared file
-        _public_id(params, part.filename)  # a hostile id is refused at the first chunk, not the last
-        state["filename"] = part.filename
-        state["result"] = await request.app[CHUNKS].write(cloud.name, upload_id, chunk, part_chunks(part))
-
+    chunks.check(upload_id, chunk)
     if request.content_type != "multipart/form-data":
         raise BadRequest("Chunked uploads must be multipart/form-data")
-    body = await read_multipart(request, request.app[SERVICE].new_spool, on_file)
-    if "result" not in state:
-        raise BadRequest("Missing required parameter - file")
-    spooled, received = state["result"]
-    if not body.params.get("public_id"):
-        body.params["public_id"] = _chunked_public_id(cloud.name, upload_id, rt, state["filename"])
-    if spooled is None:
-        return web.json_response(
-            {"done": False, "bytes": received, "public_id": body.params["public_id"], "resource_type": rt, "kind": "upload"}
-        )
+    received: list[Path] = []
+    filenames: list[str | None] = []
+
+    lease = pre_auth_lease(request, cloud)
+
+    async def on_file(params: Params, part: BodyPartReader) -> None:
+        filenames.append(part.filename)
+        received.append(await chunks.receive(chunk, charged(part_chunks(part), lease)))
+
     try:
-        return await _finish_upload(request, cloud, rt, body.params, spooled, state["filename"])
+        try:
+            new_spool = request.app[SERVICE].new_spool
+            body = await read_multipart(request, new_spool, on_file, before_file=_early_auth(cloud, lease), lease=lease)
+        finally:
+            lease.settle()
+        if not received:
+            raise BadRequest("Missing required parameter - file")
+        check_upload_auth(request, body.params, cloud)
+        filename = _filename(body.params, filenames[0])
+        candidate, named = _chunk_public_ids(body.params, filename, cloud.name, upload_id, rt)
+        # Every parameter is checked at every chunk, so a bad one never joins the session.
+        upload_request = _upload_request(cloud, rt, body.params, candidate, filename)
+        progress = await chunks.commit(cloud.name, upload_id, rt, chunk, received[0], candidate, named)
     finally:
-        spooled.path.unlink(missing_ok=True)
+        for path in received:
+            path.unlink(missing_ok=True)  # refused, or already published under its part name
+    public_id = progress.session.public_id
+    if progress.token is None:
+        return web.json_response({"done": False, "bytes": progress.received, "public_id": public_id, "resource_type": rt, "kind": "upload"})
+    async with chunks.claimed(progress):
+        spooled = await chunks.assemble(progress)
+        result = await request.app[SERVICE].upload(replace(upload_request, public_id=public_id), spooled)
+    await chunks.finish(progress)
+    return _upload_response(cloud, result)
+
+
+def _filename(params: Params, filename: str | None) -> str | None:
+    """`filename_override` names the original (and, with use_filename, the public id)."""
+    override = params.get("filename_override")
+    return str(override) if override else filename
+
+
+def _chunk_public_ids(params: Params, filename: str | None, cloud: str, upload_id: str, rt: str) -> tuple[str, tuple[str, ...]]:
+    """(the public_id this chunk gives a new upload, the ids it names explicitly). Python sends
+    back the id the first chunk answered together with `folder` again, so both the value sent
+    and the folder-prefixed one name the upload's id."""
+    generated = {**params, "public_id": _chunked_public_id(cloud, upload_id, rt, filename)}
+    candidate = _public_id(params, filename) or _public_id(generated, None)
+    assert candidate is not None  # the generated stem is never empty
+    explicit = str(params.get("public_id") or "")
+    return candidate, (explicit, candidate) if explicit else ()
 
 
 def _chunked_public_id(cloud: str, upload_id: str, rt: str, filename: str | None) -> str:
@@ -137,14 +174,12 @@ def _public_id(params: Params, filename: str | None) -> str | None:
     return ids.check_public_id(str(public_id)) if public_id else None
 
 
-async def _finish_upload(
-    request: web.Request, cloud: Cloud, rt: str, params: Params, spooled: Spooled, filename: str | None
-) -> web.Response:
-    upload_request = UploadRequest(
+def _upload_request(cloud: Cloud, rt: str, params: Params, public_id: str | None, filename: str | None) -> UploadRequest:
+    return UploadRequest(
         cloud=cloud,
         resource_type=rt,
         type=ids.check_delivery_type(str(params.get("type") or "upload")),
-        public_id=_public_id(params, filename),
+        public_id=public_id,
         overwrite=bool(as_bool(params.get("overwrite"), True)),
         backup=as_bool(params.get("backup")),
         filename=filename,
@@ -152,7 +187,17 @@ async def _finish_upload(
         context=parse_pipe_map(params["context"]) if "context" in params else None,
         metadata=parse_pipe_map(params["metadata"]) if "metadata" in params else None,
     )
-    result = await request.app[SERVICE].upload(upload_request, spooled)
+
+
+async def _finish_upload(
+    request: web.Request, cloud: Cloud, rt: str, params: Params, spooled: Spooled, filename: str | None
+) -> web.Response:
+    filename = _filename(params, filename)
+    upload_request = _upload_request(cloud, rt, params, _public_id(params, filename), filename)
+    return _upload_response(cloud, await request.app[SERVICE].upload(upload_request, spooled))
+
+
+def _upload_response(cloud: Cloud, result: UploadResult) -> web.Response:
     return web.json_response(
         render.upload_result(cloud, result.asset, result.version, existing=result.existing, overwritten=result.overwritten)
     )
