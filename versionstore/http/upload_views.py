@@ -196,10 +196,16 @@ async def explicit(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     return web.json_response(render.resource(updated))
 
 
+#: Most public_ids per tags/context/metadata call (Cloudinary documents up to 1000 there).
+MAX_BULK_IDS = 1000
+
+
 async def _bulk_update(request: web.Request, cloud: Cloud, rt: str, params: Params, change: Any) -> web.Response:
     public_ids = as_list(params.get("public_ids"))
     if not public_ids:
         raise BadRequest("Missing required parameter - public_ids")
+    if len(public_ids) > MAX_BULK_IDS:
+        raise BadRequest(f"Too many public_ids ({len(public_ids)}, max {MAX_BULK_IDS})")
     type_ = str(params.get("type") or "upload")
     done = []
     for public_id in public_ids:
