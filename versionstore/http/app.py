@@ -20,8 +20,10 @@ from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
 from versionstore.disk_space import is_disk_full, space_report
+from versionstore.egress import EgressPolicy
 from versionstore.errors import ApiError
 from versionstore.http import render
+from versionstore.http.fetch import guarded_session
 from versionstore.http.notify import Notifier
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import Handler, JobRunner
@@ -40,6 +42,7 @@ CHUNKS = web.AppKey("chunks", ChunkAssembler)
 FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
 VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
 JOBS = web.AppKey("jobs", JobRunner)
+EGRESS = web.AppKey("egress", EgressPolicy)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -136,13 +139,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
     app[CHUNKS] = ChunkAssembler(meta, config.spool_dir, config.max_upload_bytes)
     await app[CHUNKS].sweep()
-    app[FETCHER] = aiohttp.ClientSession(auto_decompress=False)
+    app[FETCHER] = guarded_session(app[EGRESS], auto_decompress=False)
     handlers: dict[str, Handler] = {
         migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
         initial_backup.KIND: initial_backup.InitialBackup(service).run,
     }
     runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
-    runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), base_delay=config.poll_interval))
+    runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), app[EGRESS], base_delay=config.poll_interval))
     drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
     background = [
         asyncio.create_task(_collect_orphans(service, meta), name="orphan collection"),
@@ -193,6 +196,7 @@ def create_app(config: Config) -> web.Application:
         server_log.addFilter(_AIOHTTP_FILTER)
     app = web.Application(middlewares=[errors_as_json], client_max_size=config.max_body_bytes, **_MAX_FIELDS)
     app[CONFIG] = config
+    app[EGRESS] = EgressPolicy(config.fetch_allow)
     app[VERSIONS_CACHE] = VersionsJsonCache()
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)

@@ -12,7 +12,7 @@ from versionstore import ids
 from versionstore.chunks import parse_content_range
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
-from versionstore.http.app import CHUNKS, CONFIG, FETCHER, META, SERVICE
+from versionstore.http.app import CHUNKS, CONFIG, EGRESS, FETCHER, META, SERVICE
 from versionstore.http.auth import basic_credentials, check_upload_auth
 from versionstore.http.fetch import fetch_to_spool
 from versionstore.http.inputs import admin_params
@@ -77,7 +77,8 @@ async def _file_bytes(request: web.Request, body: UploadBody) -> Spooled:
             raise
     else:
         config = request.app[CONFIG]
-        body.spooled = await fetch_to_spool(request.app[FETCHER], file_value, service.new_spool(), config.fetch_timeout)
+        fetcher, egress = request.app[FETCHER], request.app[EGRESS]
+        body.spooled = await fetch_to_spool(fetcher, file_value, service.new_spool(), config.fetch_timeout, egress)
         body.filename = body.filename or file_value.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     return body.spooled
 
