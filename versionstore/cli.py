@@ -100,9 +100,11 @@ def _cloud(args: argparse.Namespace) -> int:
             print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}"
                   f"\tbackup_target={migration.target_name(updated.backup_target)}")
         elif args.cloud_command == "status":
+            from versionstore.disk_space import space_report
             from versionstore.http.backup_views import backup_status
 
-            print(json.dumps(await backup_status(meta, await _existing(meta, args.name)), indent=2))
+            space = space_report(args.data_dir, Config.from_env(args.data_dir).min_free_bytes)
+            print(json.dumps(await backup_status(meta, await _existing(meta, args.name), space), indent=2))
         return 0
 
     try:
