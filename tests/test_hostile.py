@@ -190,6 +190,15 @@ async def test_bulk_field_updates_refuse_more_ids_than_the_limit(api: Api, endpo
     assert (response.status, await response.json()) == (200, {"public_ids": ["one"]})
 
 
+async def test_version_id_lists_are_bounded(api: Api) -> None:
+    from versionstore.http.admin_views import MAX_VERSION_IDS
+
+    asset = await api.upload(b"v", public_id="versions/one")
+    ids = ["0" * 32] * (MAX_VERSION_IDS + 1)
+    body = await api.admin("DELETE", f"resources/backup/{asset['asset_id']}", expect=400, json={"version_ids": ids})
+    assert "version_ids" in body["error"]["message"]
+
+
 # --- the event loop stays responsive -----------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from versionstore.models import Asset, Cloud
 from versionstore.params import Params, as_bool, as_int, as_list, field_updates
 
 MAX_IDS = 100  # per request, for restore, delete and by-id listings
+MAX_VERSION_IDS = 1000  # per delete_backed_up_assets call (one asset's versions)
 
 
 async def _params(request: web.Request, cloud: Cloud) -> Params:
@@ -173,9 +174,7 @@ async def delete_resources_by_asset_ids(request: web.Request, cloud: Cloud, matc
 async def delete_backed_up_versions(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     """Irreversible. Partial failures are reported in a 200 body (Node rejects 207)."""
     params = await _params(request, cloud)
-    version_ids = as_list(params.get("version_ids"))
-    if not version_ids:
-        raise BadRequest("Missing required parameter - version_ids")
+    version_ids = _ids(params, "version_ids", "Missing required parameter - version_ids", MAX_VERSION_IDS)
     outcome = await request.app[SERVICE].delete_versions(cloud.name, match["asset_id"], version_ids)
     body: dict[str, Any] = {"asset_id": match["asset_id"], "deleted_version_ids": outcome.deleted}
     if outcome.failures:
