@@ -202,6 +202,11 @@ async def test_version_id_lists_are_bounded(api: Api) -> None:
 # --- the event loop stays responsive -----------------------------------------------------------
 
 
+#: The worst stall of the event loop a hostile request may cause. The service aims at ~50 ms;
+#: the budget is generous because a shared 2-core CI machine preempts the test process itself.
+LAG_BUDGET = 0.5
+
+
 class LoopLag:
     """Measures the longest time the event loop was held, sampling every few milliseconds."""
 
@@ -226,6 +231,7 @@ class LoopLag:
         assert self._task is not None
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        print(f"worst event-loop stall: {self.worst * 1000:.1f} ms")
 
 
 @pytest.fixture
@@ -238,11 +244,22 @@ def _signed_form(params: dict[str, Any]) -> bytes:
     return urlencode(sign(params)).encode()
 
 
+HALF_MILLION = ",".join(f"p{i}" for i in range(500_000))
+
+
+def form(fields: dict[str, str]) -> dict[str, Any]:
+    return {"data": urlencode(fields).encode(), "headers": {"Content-Type": "application/x-www-form-urlencoded"}}
+
+
 HOSTILE_REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("45 KB range expression", "POST", "resources/search", search_json("bytes=[" + " TO" * 15000)),
     ("1000 AND terms", "POST", "resources/search", search_json(" AND ".join(["status=active"] * 1000))),
     ("500k public_ids listing", "GET", "resources/image/upload", {"params": {"public_ids": ",".join(f"p{i}" for i in range(50_000))}}),
     ("500k asset_ids", "GET", "resources/by_asset_ids", {"params": {"asset_ids": ",".join("0" * 32 for _ in range(1_000))}}),
+    ("500k ids in one JSON string", "POST", "resources/search", {"json": {"public_ids": HALF_MILLION}}),
+    ("500k ids to delete_resources", "DELETE", "resources/image/upload", form({"public_ids": HALF_MILLION})),
+    ("500k versions to restore", "POST", "resources/image/upload/restore", form({"public_ids": "a", "versions": HALF_MILLION})),
+    ("500k asset ids to restore", "POST", "resources/restore", form({"asset_ids": HALF_MILLION})),
 ]
 
 
@@ -250,9 +267,19 @@ HOSTILE_REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
 async def test_hostile_admin_request_does_not_hold_the_loop(
     client: TestClient, lag: LoopLag, name: str, method: str, path: str, kwargs: dict[str, Any]
 ) -> None:
-    response = await client.request(method, f"/v1_1/{CLOUD}/{path}", headers=BASIC_HEADERS, **kwargs)
+    headers = {**BASIC_HEADERS, **kwargs.pop("headers", {})}
+    response = await client.request(method, f"/v1_1/{CLOUD}/{path}", headers=headers, **kwargs)
     assert 400 <= response.status < 500, (name, await response.text())
-    assert lag.worst < 0.25, (name, lag.worst)
+    assert lag.worst < LAG_BUDGET, (name, lag.worst)
+
+
+async def test_huge_tag_list_on_update_does_not_hold_the_loop(api: Api) -> None:
+    await api.upload(b"x", public_id="tagged/x")
+    request = form({"tags": HALF_MILLION})
+    async with LoopLag() as lag:
+        body = await api.admin("POST", "resources/image/upload/tagged/x", expect=400, **request)
+    assert "tags" in body["error"]["message"]
+    assert lag.worst < LAG_BUDGET, lag.worst
 
 
 @pytest.mark.parametrize("count", [500_000])
@@ -266,7 +293,7 @@ async def test_huge_signed_tags_call_does_not_hold_the_loop(client: TestClient, 
         )
         assert response.status == 400, await response.text()
     assert "public_ids" in (await response.json())["error"]["message"]
-    assert lag.worst < 0.25, lag.worst
+    assert lag.worst < LAG_BUDGET, lag.worst
 
 
 # --- public ids: no invisible, bidi, separator or control characters, no blank ids -------------
@@ -334,4 +361,4 @@ async def test_big_bodies_do_not_hold_the_loop(client: TestClient, config: Any, 
     async with LoopLag() as lag:
         response = await client.post(f"/v1_1/{CLOUD}/{path}", data=data, headers={**BASIC_HEADERS, "Content-Type": ctype})
         assert 400 <= response.status < 500, await response.text()
-    assert lag.worst < 0.25, (name, lag.worst)
+    assert lag.worst < LAG_BUDGET, (name, lag.worst)

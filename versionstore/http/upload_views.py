@@ -19,7 +19,7 @@ from versionstore.http.inputs import admin_params
 from versionstore.http.upload_body import UploadBody, part_chunks, read_multipart
 from versionstore.media import extension
 from versionstore.models import Asset, Cloud
-from versionstore.params import Params, as_bool, as_list, field_updates, parse_pipe_map
+from versionstore.params import MAX_TAGS, Params, as_bool, as_bounded_list, field_updates, parse_pipe_map
 from versionstore.service import UploadRequest
 from versionstore.spool import Spooled
 
@@ -142,7 +142,7 @@ async def _finish_upload(
         overwrite=bool(as_bool(params.get("overwrite"), True)),
         backup=as_bool(params.get("backup")),
         filename=filename,
-        tags=as_list(params["tags"]) if "tags" in params else None,
+        tags=as_bounded_list(params["tags"], "tags", MAX_TAGS) if "tags" in params else None,
         context=parse_pipe_map(params["context"]) if "context" in params else None,
         metadata=parse_pipe_map(params["metadata"]) if "metadata" in params else None,
     )
@@ -202,11 +202,9 @@ MAX_BULK_IDS = 1000
 
 
 async def _bulk_update(request: web.Request, cloud: Cloud, rt: str, params: Params, change: Any) -> web.Response:
-    public_ids = as_list(params.get("public_ids"))
+    public_ids = as_bounded_list(params.get("public_ids"), "public_ids", MAX_BULK_IDS)
     if not public_ids:
         raise BadRequest("Missing required parameter - public_ids")
-    if len(public_ids) > MAX_BULK_IDS:
-        raise BadRequest(f"Too many public_ids ({len(public_ids)}, max {MAX_BULK_IDS})")
     type_ = str(params.get("type") or "upload")
     done = []
     for public_id in public_ids:
@@ -220,7 +218,7 @@ async def _bulk_update(request: web.Request, cloud: Cloud, rt: str, params: Para
 async def tags(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _signed_params(request, cloud, optional_skip=True)
     command = str(params.get("command") or "add")
-    new = as_list(params.get("tag"))
+    new = as_bounded_list(params.get("tag"), "tag", MAX_TAGS)
 
     def change(asset: Asset) -> dict[str, Any]:
         if command == "add":
