@@ -360,3 +360,21 @@ async def test_big_bodies_do_not_hold_the_loop(client: TestClient, config: Any, 
         response = await client.post(f"/v1_1/{CLOUD}/{path}", data=data, headers={**BASIC_HEADERS, "Content-Type": ctype})
         assert 400 <= response.status < 500, await response.text()
     assert lag.worst < LAG_BUDGET, (name, lag.worst)
+
+
+@pytest.mark.parametrize("path", ["resources/search", "image/tags", "image/upload"])
+async def test_client_going_away_mid_body_is_not_a_server_error(client: TestClient, caplog: pytest.LogCaptureFixture, path: str) -> None:
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    auth = BASIC_HEADERS["Authorization"]
+    writer.write(
+        f"POST /v1_1/{CLOUD}/{path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"expression\": \"".encode()
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await asyncio.sleep(0.5)  # the server notices the lost connection
+    assert (await client.get("/healthz")).status == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
