@@ -171,9 +171,12 @@ async def _cloud_set(meta: MetadataStore, args: argparse.Namespace) -> None:
 
 
 async def _cloud_status(meta: MetadataStore, args: argparse.Namespace) -> None:
+    from versionstore.disk_space import space_report
     from versionstore.http.backup_views import backup_status
 
-    print(json.dumps(await backup_status(meta, await _existing(meta, args.name)), indent=2))
+    config = Config.from_env(data_dir_from(args.data_dir))
+    space = space_report(config.data_dir, config.min_free_bytes)
+    print(json.dumps(await backup_status(meta, await _existing(meta, args.name), space), indent=2))
 
 
 # --- the parser --------------------------------------------------------------------------------

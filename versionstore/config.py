@@ -60,6 +60,10 @@ def _env_number(name: str, default: float, kind: type[int] | type[float]) -> flo
         raise ConfigError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
+def _env_list(name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: Path
@@ -94,6 +98,11 @@ class Config:
     chunk_session_ttl: float = 24 * 3600.0
     #: How often idle chunked uploads and leftover chunk files are swept.
     chunk_sweep_interval: float = 300.0
+    #: Free bytes on the data dir's file system below which health and status report `low_space`.
+    min_free_bytes: int = 1 * GiB
+    #: Hosts and CIDRs that remote `file` fetches and `notification_url` callbacks may reach
+    #: although they are loopback, private, link-local or otherwise internal (default deny).
+    fetch_allow: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -112,6 +121,8 @@ class Config:
             "chunk_sessions_max_bytes": _env_int("VERSIONSTORE_CHUNK_SESSIONS_MAX_BYTES", cls.chunk_sessions_max_bytes),
             "chunk_session_ttl": _env_float("VERSIONSTORE_CHUNK_SESSION_TTL", cls.chunk_session_ttl),
             "chunk_sweep_interval": _env_float("VERSIONSTORE_CHUNK_SWEEP_INTERVAL", cls.chunk_sweep_interval),
+            "min_free_bytes": _env_int("VERSIONSTORE_MIN_FREE_BYTES", cls.min_free_bytes),
+            "fetch_allow": _env_list("VERSIONSTORE_FETCH_ALLOW"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ hostile ones so that no later exporter, bucket layout or log viewer can be trick
 
 import re
 import secrets
+import unicodedata
 
 from versionstore.errors import BadRequest
 
@@ -35,15 +36,25 @@ def check_cloud_name(name: str) -> str:
     return name
 
 
+# Unicode categories refused anywhere in an id: controls (Cc, C0 and C1), format characters (Cf:
+# bidi overrides and isolates, zero-width characters, the BOM, soft hyphen, tag characters),
+# line and paragraph separators (Zl, Zp) and lone surrogates (Cs). Such a character makes an id
+# that looks like another one, reorders what a reader sees, or breaks a line in a log or export.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
 def check_public_id(public_id: str, field: str = "public_id") -> str:
     if not public_id or len(public_id) > _MAX_PUBLIC_ID:
         raise BadRequest(f"Invalid {field} - must be 1 to {_MAX_PUBLIC_ID} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in public_id):
-        raise BadRequest(f"Invalid {field} - control characters are not allowed")
+    if any(unicodedata.category(ch) in _INVISIBLE_CATEGORIES for ch in public_id):
+        raise BadRequest(f"Invalid {field} - control, invisible and line separator characters are not allowed")
     if "\\" in public_id or public_id.startswith("/") or public_id.endswith("/"):
         raise BadRequest(f"Invalid {field} - {public_id!r}")
-    if any(part in ("", ".", "..") for part in public_id.split("/")):
-        raise BadRequest(f"Invalid {field} - {public_id!r}")
+    for part in public_id.split("/"):
+        if part in ("", ".", ".."):
+            raise BadRequest(f"Invalid {field} - {public_id!r}")
+        if part != part.strip():
+            raise BadRequest(f"Invalid {field} - no blank segments and no leading or trailing whitespace")
     return public_id
 
 

@@ -17,6 +17,9 @@ _ARRAY_KEY = re.compile(r"^(?P<name>.+?)\[(?P<index>\d*)\]$")
 
 Params = dict[str, Any]
 
+#: Most tags in one parameter (Cloudinary allows up to 1000 tags per asset).
+MAX_TAGS = 1000
+
 
 def merge_pairs(pairs: Iterable[tuple[str, str]], into: Params | None = None) -> Params:
     """Fold (key, value) pairs into `into`, turning `k[]`/`k[N]` keys into lists."""
@@ -83,6 +86,17 @@ def as_list(value: object) -> list[str]:
     return [part for part in (p.strip() for p in text.split(",")) if part]
 
 
+def as_bounded_list(value: object, name: str, limit: int) -> list[str]:
+    """`as_list` of at most `limit` items, refused before splitting: splitting 500k ids held
+    the event loop for half a second."""
+    if isinstance(value, str) and value.count(",") >= limit or isinstance(value, (list, tuple)) and len(value) > limit:
+        raise BadRequest(f"Too many {name} (max {limit})")
+    values = as_list(value)
+    if len(values) > limit:
+        raise BadRequest(f"Too many {name} (max {limit})")
+    return values
+
+
 def as_int(value: object, name: str, default: int, low: int, high: int) -> int:
     if value is None or value == "":
         return default
@@ -114,7 +128,7 @@ def field_updates(params: Params) -> dict[str, Any]:
     """Tags, context and metadata changes present in a request (metadata-only updates)."""
     updates: dict[str, Any] = {}
     if "tags" in params:
-        updates["tags"] = as_list(params["tags"])
+        updates["tags"] = as_bounded_list(params["tags"], "tags", MAX_TAGS)
     if "context" in params:
         updates["context"] = parse_pipe_map(params["context"])
     if "metadata" in params:

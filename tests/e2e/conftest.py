@@ -91,7 +91,9 @@ class ServerProcess:
             self.starts += 1
             self.port = free_port()
             self.log_path = self.log_dir / f"serve-{self.starts}.log"
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+            # the file server and notification receivers of these tests listen on loopback,
+            # which the egress policy denies unless allowed
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "VERSIONSTORE_FETCH_ALLOW": "127.0.0.1", **self.env}
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "versionstore", "serve", "--data-dir", str(self.data_dir),

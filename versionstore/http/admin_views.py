@@ -16,9 +16,10 @@ from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
 from versionstore.media import content_type
 from versionstore.models import Asset, Cloud, RestoreFailure
-from versionstore.params import Params, as_bool, as_int, as_list, field_updates
+from versionstore.params import Params, as_bool, as_bounded_list, as_int, field_updates
 
 MAX_IDS = 100  # per request, for restore, delete and by-id listings
+MAX_VERSION_IDS = 1000  # per delete_backed_up_assets call (one asset's versions)
 
 
 async def _params(request: web.Request, cloud: Cloud) -> Params:
@@ -28,11 +29,9 @@ async def _params(request: web.Request, cloud: Cloud) -> Params:
 
 def _ids(params: Params, field: str, missing: str, limit: int = MAX_IDS) -> list[str]:
     """A required id list (public_ids, asset_ids) of at most `limit` entries."""
-    values = as_list(params.get(field))
+    values = as_bounded_list(params.get(field), field, limit)
     if not values:
         raise BadRequest(missing)
-    if len(values) > limit:
-        raise BadRequest(f"Too many {field} (max {limit})")
     return values
 
 
@@ -97,10 +96,8 @@ async def list_resources(request: web.Request, cloud: Cloud, match: dict[str, st
     if "type" in match:
         clauses.append("type = ?")
         args.append(match["type"])
-    public_ids = as_list(params.get("public_ids"))
+    public_ids = as_bounded_list(params.get("public_ids"), "public_ids", MAX_IDS)
     if public_ids:
-        if len(public_ids) > MAX_IDS:
-            raise BadRequest(f"Too many public_ids (max {MAX_IDS})")
         clauses.append(f"public_id IN ({', '.join('?' * len(public_ids))})")
         args.extend(public_ids)
     prefix = params.get("prefix")
@@ -173,9 +170,7 @@ async def delete_resources_by_asset_ids(request: web.Request, cloud: Cloud, matc
 async def delete_backed_up_versions(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     """Irreversible. Partial failures are reported in a 200 body (Node rejects 207)."""
     params = await _params(request, cloud)
-    version_ids = as_list(params.get("version_ids"))
-    if not version_ids:
-        raise BadRequest("Missing required parameter - version_ids")
+    version_ids = _ids(params, "version_ids", "Missing required parameter - version_ids", MAX_VERSION_IDS)
     outcome = await request.app[SERVICE].delete_versions(cloud.name, match["asset_id"], version_ids)
     body: dict[str, Any] = {"asset_id": match["asset_id"], "deleted_version_ids": outcome.deleted}
     if outcome.failures:
@@ -188,7 +183,7 @@ async def delete_backed_up_versions(request: web.Request, cloud: Cloud, match: d
 
 def _restore_pairs(params: Params, id_field: str) -> list[tuple[str, str | None]]:
     wanted = _ids(params, id_field, f"{id_field} parameter is required")
-    versions: list[str | None] = list(as_list(params.get("versions")))
+    versions: list[str | None] = list(as_bounded_list(params.get("versions"), "versions", MAX_IDS))
     if versions and len(versions) != len(wanted):
         raise BadRequest("versions count must match ids count")
     return list(zip(wanted, versions or [None] * len(wanted), strict=True))

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import secrets
@@ -11,15 +12,20 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
 from versionstore import initial_backup, migration
 from versionstore.blobstore import open_store
 from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
+from versionstore.disk_space import is_disk_full, space_report
+from versionstore.egress import EgressPolicy
 from versionstore.errors import ApiError
 from versionstore.http import render
 from versionstore.http.budget import UnauthBudget
+from versionstore.http.fetch import guarded_session
 from versionstore.http.notify import Notifier
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import Handler, JobRunner
@@ -39,6 +45,7 @@ FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
 VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
 JOBS = web.AppKey("jobs", JobRunner)
 UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
+EGRESS = web.AppKey("egress", EgressPolicy)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -68,12 +75,58 @@ async def errors_as_json(
             raise
         status = exc.status if exc.status in (400, 401, 403, 404) else 404 if exc.status == 405 else 400
         response = error_response(status, exc.reason)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        response = error_response(500, "General error")
+    except Exception as exc:
+        response = _unexpected(request, exc)
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response
+
+
+# What a client can break while we read its body: a bad Content-Encoding, a truncated or
+# malformed chunked body, a part the multipart parser refuses. Client errors, not ours.
+_CLIENT_BODY_ERRORS = (RequestPayloadError, HttpProcessingError, PayloadAccessError)
+
+INSUFFICIENT_STORAGE = "Insufficient storage - the server is out of disk space; nothing was stored"
+
+
+class _ClientBodyErrorsAtInfo(logging.Filter):
+    """aiohttp itself logs, at ERROR with a traceback, a client's broken body that it meets
+    outside our handler (parsing the framing, or draining the rest of a body we answered
+    early). Those are client errors: keep the line, at INFO, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and isinstance(exc, (*_CLIENT_BODY_ERRORS, ConnectionResetError)):
+            record.msg = f"{record.getMessage()}: client error: {type(exc).__name__}: {exc}"
+            record.args = ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_AIOHTTP_FILTER = _ClientBodyErrorsAtInfo()
+
+
+def _unexpected(request: web.Request, exc: Exception) -> web.Response:
+    """An exception no handler turned into an ApiError: a client-side failure while reading the
+    body (400, logged at info), a full disk (500 "Insufficient storage", logged without a
+    traceback: an operator problem, not a bug) or a real bug (500 with a traceback)."""
+    where = f"{request.method} {request.path}"
+    if isinstance(exc, _CLIENT_BODY_ERRORS):
+        log.info("bad request body on %s: %s", where, exc)
+        response = error_response(400, "Malformed request body (bad encoding, length or framing)")
+        response.force_close()  # the rest of the body cannot be framed: no keep-alive
+        return response
+    if isinstance(exc, ConnectionResetError) and (request.transport is None or request.transport.is_closing()):
+        log.info("client went away during %s", where)
+        return error_response(400, "Connection lost while reading the request")
+    if is_disk_full(exc):
+        # 500, not 507: both SDKs raise a clean exception with our message for 500, while Node
+        # rejects 507 as "unexpected status code" and drops the message (spec section 4).
+        log.error("insufficient storage on %s: %s", where, exc)
+        return error_response(500, INSUFFICIENT_STORAGE)
+    log.exception("unhandled error on %s", where)
+    return error_response(500, "General error")
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -95,7 +148,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
         chunks = app[CHUNKS] = ChunkAssembler(meta, config, service.new_spool)
         await chunks.sweep()
-        app[FETCHER] = aiohttp.ClientSession(auto_decompress=False)
+        app[FETCHER] = guarded_session(app[EGRESS], auto_decompress=False)
         opened.push_async_callback(app[FETCHER].close)
         handlers: dict[str, Handler] = {
             migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
@@ -103,7 +156,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         }
         runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
         opened.push_async_callback(runner.close)
-        runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), base_delay=config.poll_interval))
+        runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), app[EGRESS], base_delay=config.poll_interval))
         drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
         background = [
             asyncio.create_task(_collect_orphans(service, meta), name="orphan collection"),
@@ -138,11 +191,23 @@ async def _collect_orphans(service: VersionService, meta: MetadataStore) -> None
         log.exception("orphan collection failed; it will run again at the next start")
 
 
+# aiohttp >= 3.14 refuses forms of more than 1000 fields; a bulk call of the largest id list
+# we accept (1000 `public_ids[]`) plus its other parameters needs a little more.
+MAX_FORM_FIELDS = 1100
+_MAX_FIELDS: dict[str, Any] = (
+    {"client_max_fields": MAX_FORM_FIELDS} if "client_max_fields" in inspect.signature(web.Application).parameters else {}
+)
+
+
 def create_app(config: Config) -> web.Application:
     from versionstore.http.routes import dispatch
 
-    app = web.Application(middlewares=[errors_as_json], client_max_size=config.max_body_bytes)
+    server_log = logging.getLogger("aiohttp.server")
+    if _AIOHTTP_FILTER not in server_log.filters:
+        server_log.addFilter(_AIOHTTP_FILTER)
+    app = web.Application(middlewares=[errors_as_json], client_max_size=config.max_body_bytes, **_MAX_FIELDS)
     app[CONFIG] = config
+    app[EGRESS] = EgressPolicy(config.fetch_allow)
     app[VERSIONS_CACHE] = VersionsJsonCache()
     app[UNAUTH_BUDGET] = UnauthBudget(config.unauth_budget_bytes, config.max_body_bytes)
     app.cleanup_ctx.append(_resources)
@@ -152,4 +217,7 @@ def create_app(config: Config) -> web.Application:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """Liveness plus the data dir's free space (`low_space` below VERSIONSTORE_MIN_FREE_BYTES).
+    Low space stays 200: reads and restores still work, and a balancer should not drop us."""
+    config = request.app[CONFIG]
+    return web.json_response({"status": "ok", "data_dir": space_report(config.data_dir, config.min_free_bytes)})

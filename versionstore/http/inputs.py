@@ -87,6 +87,9 @@ async def next_part(reader: MultipartReader) -> BodyPartReader | None:
         raise BadRequest("Nested multipart bodies are not supported")
     return part
 
+#: Most values (counted by their `,` and `:` separators) in a JSON body; bounds decoding time.
+MAX_JSON_VALUES = 20_000
+
 
 def query_params(request: web.Request) -> Params:
     return drop_blank(merge_pairs(request.query.items()))
@@ -120,9 +123,12 @@ async def admin_params(request: web.Request, lease: Lease | None = None) -> Para
     if ctype == "application/json":
         raw = await _read_all(request, allowance)
         if raw.strip():
+            if raw.count(b",") + raw.count(b":") > MAX_JSON_VALUES:
+                # decoding is GIL-bound: 800k small values take ~0.3 s of the event loop
+                raise BadRequest(f"JSON body has too many values (max {MAX_JSON_VALUES})")
             try:
                 body = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
                 raise BadRequest("Malformed JSON body") from None
             merge_json(body, params)
     elif ctype == "application/x-www-form-urlencoded":

@@ -14,7 +14,7 @@ from versionstore import ids
 from versionstore.chunks import parse_content_range
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
-from versionstore.http.app import CHUNKS, CONFIG, FETCHER, META, SERVICE
+from versionstore.http.app import CHUNKS, CONFIG, EGRESS, FETCHER, META, SERVICE
 from versionstore.http.auth import check_signed, check_upload_auth, pre_auth_lease
 from versionstore.http.budget import Lease
 from versionstore.http.fetch import fetch_to_spool
@@ -22,7 +22,7 @@ from versionstore.http.inputs import admin_params
 from versionstore.http.upload_body import UploadBody, charged, part_chunks, read_multipart
 from versionstore.media import extension
 from versionstore.models import Asset, Cloud
-from versionstore.params import Params, as_bool, as_list, field_updates, parse_pipe_map
+from versionstore.params import MAX_TAGS, Params, as_bool, as_bounded_list, field_updates, parse_pipe_map
 from versionstore.service import UploadRequest, UploadResult
 from versionstore.spool import Spooled
 
@@ -86,7 +86,8 @@ async def _file_bytes(request: web.Request, body: UploadBody) -> Spooled:
             raise
     else:
         config = request.app[CONFIG]
-        body.spooled = await fetch_to_spool(request.app[FETCHER], file_value, service.new_spool(), config.fetch_timeout)
+        fetcher, egress = request.app[FETCHER], request.app[EGRESS]
+        body.spooled = await fetch_to_spool(fetcher, file_value, service.new_spool(), config.fetch_timeout, egress)
         body.filename = body.filename or file_value.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     return body.spooled
 
@@ -183,7 +184,7 @@ def _upload_request(cloud: Cloud, rt: str, params: Params, public_id: str | None
         overwrite=bool(as_bool(params.get("overwrite"), True)),
         backup=as_bool(params.get("backup")),
         filename=filename,
-        tags=as_list(params["tags"]) if "tags" in params else None,
+        tags=as_bounded_list(params["tags"], "tags", MAX_TAGS) if "tags" in params else None,
         context=parse_pipe_map(params["context"]) if "context" in params else None,
         metadata=parse_pipe_map(params["metadata"]) if "metadata" in params else None,
     )
@@ -252,8 +253,12 @@ async def explicit(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     return web.json_response(render.resource(updated))
 
 
+#: Most public_ids per tags/context/metadata call (Cloudinary documents up to 1000 there).
+MAX_BULK_IDS = 1000
+
+
 async def _bulk_update(request: web.Request, cloud: Cloud, rt: str, params: Params, change: Any) -> web.Response:
-    public_ids = as_list(params.get("public_ids"))
+    public_ids = as_bounded_list(params.get("public_ids"), "public_ids", MAX_BULK_IDS)
     if not public_ids:
         raise BadRequest("Missing required parameter - public_ids")
     type_ = str(params.get("type") or "upload")
@@ -269,7 +274,7 @@ async def _bulk_update(request: web.Request, cloud: Cloud, rt: str, params: Para
 async def tags(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _signed_params(request, cloud, "tags", optional_skip=True)
     command = str(params.get("command") or "add")
-    new = as_list(params.get("tag"))
+    new = as_bounded_list(params.get("tag"), "tag", MAX_TAGS)
 
     def change(asset: Asset) -> dict[str, Any]:
         if command == "add":
