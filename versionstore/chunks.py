@@ -3,7 +3,7 @@
 Sessions are keyed by the client's `X-Unique-Upload-Id` and their received ranges are kept in
 the metadata store, so an interrupted upload can continue after a service restart. Python
 sends the real total on every chunk; Node sends `/-1` until the last one. When the ranges
-cover [0, total) the file is hashed once (BLAKE3, multi-threaded, from the page cache) and
+cover [0, total) the file is hashed once (BLAKE3 multi-threaded and MD5 beside it, from the page cache) and
 handed to the normal upload path.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from versionstore.errors import BadRequest, TooLarge
 from versionstore.locks import KeyedLocks
 from versionstore.metadata import MetadataStore
-from versionstore.spool import BLOCK, Spooled, hash_file
+from versionstore.spool import BLOCK, Spooled, hash_file_both
 
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(-1|\d+)$")
@@ -81,8 +81,8 @@ class ChunkAssembler:
             received = sum(hi - lo for lo, hi in ranges)
             if total is not None and ranges == [[0, total]]:
                 await self.meta.delete_upload_session(cloud, upload_id)
-                digest, head = await hash_file(path)
-                return Spooled(path, total, digest, head), received
+                hashes, head = await hash_file_both(path)
+                return Spooled(path, total, hashes.blake3, head, md5=hashes.md5), received
             await self.meta.save_upload_session(cloud, upload_id, total, ranges)
             return None, received
 

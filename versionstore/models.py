@@ -26,6 +26,8 @@ class Version:
     backed_up: bool
     restored_from: str | None
     created_at: float
+    #: Hex MD5 of the bytes (Cloudinary's etag); None for versions stored before migration 6.
+    md5: str | None = None
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Asset:
     created_at: float = 0.0
     uploaded_at: float = 0.0
     deleted_at: float | None = None
+    #: The current version's MD5 (the `etag`); None when it predates migration 6.
+    md5: str | None = None
 
     @property
     def live(self) -> bool:

@@ -113,3 +113,10 @@ ALTER TABLE versions ADD COLUMN backup_job TEXT;
 CREATE INDEX versions_backup_job ON versions (backup_job) WHERE backup_job IS NOT NULL;
 -- One open job of a kind per environment (one migration, one initial backup at a time).
 CREATE UNIQUE INDEX jobs_one_open ON jobs (cloud, kind) WHERE status IN ('pending', 'active');
+
+-- migration 6
+-- Cloudinary's etag is the MD5 of the original bytes (docs/design.md): computed in the same
+-- pass as BLAKE3 and kept per version, and on the asset for its current version. Rows from
+-- before this migration keep NULL (their etag stays the BLAKE3 prefix they always showed).
+ALTER TABLE versions ADD COLUMN md5 TEXT;
+ALTER TABLE assets ADD COLUMN md5 TEXT;

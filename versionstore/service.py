@@ -123,6 +123,7 @@ class VersionService:
             backed_up=backed_up,
             restored_from=None,
             created_at=now,
+            md5=spooled.md5,
         )
         width, height = media.dimensions(spooled.head, fmt)
         if existing is None:
@@ -130,13 +131,14 @@ class VersionService:
                 pk=None, cloud=cloud.name, asset_id=new_hex_id(), resource_type=resource_type, type=request.type,
                 public_id=public_id, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size,
                 width=width, height=height, version=version.version, version_id=version.version_id,
-                original_filename=_stem(request.filename), created_at=now, uploaded_at=now,
+                original_filename=_stem(request.filename), created_at=now, uploaded_at=now, md5=spooled.md5,
             )
         else:
             asset = replace(
                 existing, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size, width=width,
                 height=height, version=version.version, version_id=version.version_id,
                 original_filename=_stem(request.filename) or existing.original_filename, uploaded_at=now, deleted_at=None,
+                md5=spooled.md5,
             )
         if request.tags is not None:
             asset.tags = request.tags
@@ -379,12 +381,13 @@ class VersionService:
             version = Version(
                 version_id=new_hex_id(), version=self._next_version_number(asset, now), digest=chosen.digest,
                 bytes=chosen.bytes, format=chosen.format, backed_up=True, restored_from=chosen.version_id,
-                created_at=now,
+                created_at=now, md5=chosen.md5,
             )
             previous_digest = asset.digest if asset.live else None
             restored = replace(
                 asset, status="live", digest=chosen.digest, format=chosen.format, bytes=chosen.bytes,
                 version=version.version, version_id=version.version_id, uploaded_at=now, deleted_at=None,
+                md5=chosen.md5,
             )
             async with self.digest_locks.hold((asset.cloud, chosen.digest)):
                 # Inside the digest lock: a concurrent release of this digest's primary copy

@@ -58,6 +58,11 @@ async def errors_as_json(
         response = await handler(request)
     except ApiError as exc:
         response = error_response(exc.status, exc.message)
+    except ConnectionResetError as exc:
+        # The client closed the connection mid-request (an aborted upload): nothing failed
+        # here, and nobody is left to answer. One line, no traceback.
+        log.info("%s %s: client went away mid-request (%s)", request.method, request.path, exc)
+        response = error_response(400, "Client disconnected")
     except web.HTTPRequestEntityTooLarge as exc:
         response = error_response(400, f"Request body too large: {exc.text}")
     except web.HTTPException as exc:
