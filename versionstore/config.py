@@ -36,6 +36,8 @@ class Config:
     pending_retry_max: float = 300.0
     #: How often the drainer and the job runner look for work they were not woken for.
     poll_interval: float = 1.0
+    #: Admin API calls allowed per environment per hour (420 beyond); 0 means no limit.
+    admin_rate_limit: int = 0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -48,6 +50,7 @@ class Config:
             "marker_ttl": _env_float("VERSIONSTORE_MARKER_TTL", cls.marker_ttl),
             "pending_retry_max": _env_float("VERSIONSTORE_PENDING_RETRY_MAX", cls.pending_retry_max),
             "poll_interval": _env_float("VERSIONSTORE_POLL_INTERVAL", cls.poll_interval),
+            "admin_rate_limit": _env_int("VERSIONSTORE_ADMIN_RATE_LIMIT", cls.admin_rate_limit),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

@@ -120,3 +120,15 @@ CREATE UNIQUE INDEX jobs_one_open ON jobs (cloud, kind) WHERE status IN ('pendin
 -- before this migration keep NULL (their etag stays the BLAKE3 prefix they always showed).
 ALTER TABLE versions ADD COLUMN md5 TEXT;
 ALTER TABLE assets ADD COLUMN md5 TEXT;
+
+-- migration 8
+-- Structured metadata field definitions (Cloudinary's metadata_fields), per environment.
+-- `definition` is the field's JSON (type, label, validation, datasource, ...); `position`
+-- keeps the creation order the list answers in.
+CREATE TABLE metadata_fields (
+    cloud       TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    definition  TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    PRIMARY KEY (cloud, external_id)
+);

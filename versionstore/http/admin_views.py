@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from versionstore import ids, queries, signing
+from versionstore import ids, metadata_fields, queries, signing
 from versionstore.errors import BadRequest, NotFound, Unauthorized
 from versionstore.http import render
 from versionstore.http.app import META, SERVICE, VERSIONS_CACHE
@@ -75,7 +75,10 @@ async def update(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     asset = await request.app[META].get_asset(cloud.name, match["rt"], match["type"], match["public_id"])
     if asset is None or not asset.live:
         raise NotFound(f"Resource not found - {match['public_id']}")
-    updated = await request.app[SERVICE].update_fields(asset, **field_updates(params))
+    updates = field_updates(params)
+    if "metadata" in updates:
+        updates["metadata"] = await metadata_fields.checked(request.app[META], cloud.name, updates["metadata"])
+    updated = await request.app[SERVICE].update_fields(asset, **updates)
     return web.json_response(render.resource(updated))
 
 

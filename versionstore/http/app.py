@@ -19,6 +19,7 @@ from versionstore.config import Config
 from versionstore.errors import ApiError
 from versionstore.http import render
 from versionstore.http.notify import Notifier
+from versionstore.http.ratelimit import AdminRateLimit
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import Handler, JobRunner
 from versionstore.metadata import MetadataStore
@@ -36,6 +37,7 @@ CHUNKS = web.AppKey("chunks", ChunkAssembler)
 FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
 VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
 JOBS = web.AppKey("jobs", JobRunner)
+RATE_LIMIT = web.AppKey("rate_limit", AdminRateLimit)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -138,6 +140,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[VERSIONS_CACHE] = VersionsJsonCache()
+    app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)

@@ -8,7 +8,7 @@ from typing import Any
 import blake3
 from aiohttp import BodyPartReader, web
 
-from versionstore import ids
+from versionstore import ids, metadata_fields
 from versionstore.chunks import parse_content_range
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
@@ -143,12 +143,19 @@ async def _finish_upload(
         filename=filename,
         tags=as_list(params["tags"]) if "tags" in params else None,
         context=parse_pipe_map(params["context"]) if "context" in params else None,
-        metadata=parse_pipe_map(params["metadata"]) if "metadata" in params else None,
+        metadata=await _metadata(request, cloud, params),
     )
     result = await request.app[SERVICE].upload(upload_request, spooled)
     return web.json_response(
         render.upload_result(cloud, result.asset, result.version, existing=result.existing, overwritten=result.overwritten)
     )
+
+
+async def _metadata(request: web.Request, cloud: Cloud, params: Params) -> dict[str, str] | None:
+    """An upload's `metadata`, checked against the environment's field definitions."""
+    if "metadata" not in params:
+        return None
+    return await metadata_fields.checked(request.app[META], cloud.name, parse_pipe_map(params["metadata"]))
 
 
 async def _signed_params(request: web.Request, cloud: Cloud, optional_skip: bool = False) -> Params:
@@ -192,7 +199,10 @@ async def explicit(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     asset = await _live_asset(request, cloud, match["rt"], str(params.get("type") or "upload"), public_id)
     if asset is None:
         raise NotFound(f"Resource not found - {public_id}")
-    updated = await request.app[SERVICE].update_fields(asset, **field_updates(params))
+    updates = field_updates(params)
+    if "metadata" in updates:
+        updates["metadata"] = await metadata_fields.checked(request.app[META], cloud.name, updates["metadata"])
+    updated = await request.app[SERVICE].update_fields(asset, **updates)
     return web.json_response(render.resource(updated))
 
 
@@ -246,5 +256,5 @@ async def context(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
 
 async def metadata(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _signed_params(request, cloud, optional_skip=True)
-    new = parse_pipe_map(params.get("metadata"))
+    new = await metadata_fields.checked(request.app[META], cloud.name, parse_pipe_map(params.get("metadata"))) or {}
     return await _bulk_update(request, cloud, match["rt"], params, lambda asset: {"metadata": {**asset.metadata, **new}})
