@@ -2,10 +2,11 @@
 
 Two digests per upload: BLAKE3 is the content address (blob names, dedup, verification) and
 MD5 is Cloudinary's `etag`, which clients compare with a local MD5. Chunks are handed to
-worker threads about every 1 MiB: one hashes with BLAKE3 and writes, a second hashes with MD5
-at the same time (all three release the GIL), so an upload costs max(MD5, BLAKE3 + write)
-rather than their sum, and the event loop keeps serving while a large upload streams in.
-Memory per upload is bounded by the block size.
+worker threads about every 1 MiB: one hashes with BLAKE3 and writes (done before the next
+block is read), a second hashes with MD5 and may still be busy with a block while the next
+one is received (all three release the GIL). So an upload costs about the slowest of receiving,
+MD5 and BLAKE3 + write rather than their sum, and the event loop keeps serving while a large
+upload streams in. Memory per upload is bounded by two blocks.
 """
 
 import asyncio
@@ -100,6 +101,7 @@ class SpoolFile:
         self.size = 0
         self.head = b""
         self.hashes = Hashes()
+        self._md5_task: asyncio.Future[None] | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         # Unbuffered: blocks are already large, and Python's buffer would add a copy.
@@ -121,11 +123,18 @@ class SpoolFile:
     async def _flush(self) -> None:
         chunks, self._pending, self._pending_size = self._pending, [], 0
         if chunks:
-            # MD5 on a thread of its own, beside BLAKE3 + write: both finish before the next
-            # block is handed over, so each hasher still sees the bytes in order.
-            await asyncio.gather(
-                asyncio.to_thread(self._write_chunks, chunks), asyncio.to_thread(self.hashes.update_md5_all, chunks)
-            )
+            # MD5 runs on a thread of its own, beside BLAKE3 + write and beside the receipt of
+            # the next block: the only wait is for the previous block's MD5 (so MD5 sees the
+            # bytes in order), and at most one block is held for it.
+            writing = asyncio.ensure_future(asyncio.to_thread(self._write_chunks, chunks))
+            await self._md5_done()
+            self._md5_task = asyncio.ensure_future(asyncio.to_thread(self.hashes.update_md5_all, chunks))
+            await writing
+
+    async def _md5_done(self) -> None:
+        if self._md5_task is not None:
+            task, self._md5_task = self._md5_task, None
+            await task
 
     def _write_chunks(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
@@ -137,6 +146,7 @@ class SpoolFile:
     async def finish(self, sync: bool = True) -> Spooled:
         """Flush and close; with `sync` also fsync (else the consumer calls make_durable)."""
         await self._flush()
+        await self._md5_done()
         await asyncio.to_thread(self._close, sync)
         return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=self.hashes.md5)
 
