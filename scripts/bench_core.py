@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import blake3
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits next to this script, whatever the cwd
@@ -126,6 +128,7 @@ class Results:
     rss_growth: list[int] = field(default_factory=list)
     rss_baseline: list[int] = field(default_factory=list)
     wrk: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    hash_mb_s: dict[str, float] = field(default_factory=dict)
 
 
 class Bench:
@@ -238,6 +241,19 @@ class Bench:
                 f"({size_mb / up:7.1f} MB/s, ratio {cp / up:.2f}x) | server CPU {cpu:5.2f}s | "
                 f"RSS +{growth / MiB:.1f} MiB (from {baseline / MiB:.1f} MiB)")
 
+    def bench_hashes(self) -> None:
+        """Single-thread speed of the upload path's two hashes (MD5 is the etag, BLAKE3 the
+        content address), in memory: the ceiling each puts on an upload's throughput."""
+        data = os.urandom(64 * MiB)
+        for name, make in (("md5", lambda: hashlib.md5(usedforsecurity=False)), ("blake3", blake3.blake3)):
+            speeds = []
+            for _ in range(max(3, self.args.runs)):
+                started = time.perf_counter()
+                make().update(data)
+                speeds.append(len(data) / 1e6 / (time.perf_counter() - started))
+            self.results.hash_mb_s[name] = median(speeds)
+            log(f"  {name:>6}: {self.results.hash_mb_s[name]:8.1f} MB/s (one thread, 64 MiB in memory)")
+
     # -- 3: read path under wrk --
 
     async def _make_versions(self, public_id: str, count: int) -> dict[str, Any]:
@@ -343,6 +359,8 @@ class Bench:
         stretch = " (stretch 0.8x " + ("met" if ratio >= TARGETS["upload_ratio_stretch"] else "not met") + ")"
         log(f"   ratio     : {ratio:.2f}x of cp (median of per-run ratios)   target >= 0.6x: "
             f"{verdict(ratio >= TARGETS['upload_ratio'])}{stretch}")
+        log(f"   hashes    : MD5 {r.hash_mb_s['md5']:.0f} MB/s, BLAKE3 {r.hash_mb_s['blake3']:.0f} MB/s "
+            "(one thread each; the upload runs MD5 beside BLAKE3 + write)")
         growth = median([g / MiB for g in r.rss_growth])
         peak = max(g / MiB for g in r.rss_growth)
         log(f"2. service RSS growth during the upload: median {growth:.1f} MiB, max {peak:.1f} MiB "
@@ -378,6 +396,8 @@ class Bench:
         log(f"temp dir {self.root} (data dir and test file on the same filesystem)")
         self.start_servers()
         self.make_big_file()
+        log("[0] hash speeds")
+        self.bench_hashes()
         log(f"[1/2] upload vs cp, {self.args.runs} run(s) each, interleaved")
         self.bench_upload()
         self.big.unlink()

@@ -125,6 +125,7 @@ async def test_rename_rules(api):
 
 async def test_metadata_changes_never_create_a_version(api):
     await api.upload(b"x", public_id="m/a")
+    await api.admin("POST", "metadata_fields", json={"type": "string", "external_id": "f", "label": "F"})
     await api.signed("image/explicit", public_id="m/a", type="upload", tags="z")
     await api.signed("image/tags", tag="t2", public_ids=["m/a"], command="add")
     await api.signed("image/context", context="alt=hi", public_ids=["m/a"], command="add")

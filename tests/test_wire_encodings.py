@@ -482,6 +482,13 @@ async def test_sha256_upload_like_captured(client: TestClient) -> None:
 # --- tags / context / metadata / explicit (Upload API, public_ids[]) -------------------------
 
 
+async def define_string_field(client: TestClient, external_id: str = "f1") -> None:
+    """Metadata values must name a defined field, as on Cloudinary (metadata_fields)."""
+    body = {"type": "string", "external_id": external_id, "label": external_id}
+    response = await client.post(f"/v1_1/{CLOUD}/metadata_fields", json=body, headers={"Authorization": BASIC})
+    assert response.status == 200, await response.text()
+
+
 async def test_tags_endpoint_public_ids_array(client: TestClient) -> None:
     await py_upload(client, "docs/a", b"a", tags="old")
     await py_upload(client, "docs/b", b"b")
@@ -492,7 +499,7 @@ async def test_tags_endpoint_public_ids_array(client: TestClient) -> None:
     reply = await wire(client, "POST", f"/v1_1/{CLOUD}/image/tags", py141_headers(boundary), multipart(fields, boundary))
     assert reply.status == 200, reply.raw
     assert reply.body == {"public_ids": ["docs/a", "docs/b"]}
-    assert (await admin_get(client, "resources/image/upload/docs/a"))["tags"] == ["old", "newtag"]
+    assert (await admin_get(client, "resources/image/upload/docs/a"))["tags"] == ["newtag", "old"]  # sorted
     assert (await admin_get(client, "resources/image/upload/docs/b"))["tags"] == ["newtag"]
     assert [len(await versions_of(client, p)) for p in ("docs/a", "docs/b")] == before  # no new version
 
@@ -504,6 +511,7 @@ async def test_tags_endpoint_public_ids_array(client: TestClient) -> None:
 
 async def test_tags_context_metadata_accept_unsigned_notification_url(client: TestClient) -> None:
     """Python >= 1.46 leaves notification_url/batch_id out of the signature on these endpoints."""
+    await define_string_field(client)
     await py_upload(client, "docs/a", b"a")
     boundary = secrets.token_hex(16)
     for endpoint, params in [
@@ -536,6 +544,7 @@ async def test_explicit_multipart_tags(client: TestClient) -> None:
 
 
 async def test_python_141_update_as_multipart(client: TestClient) -> None:
+    await define_string_field(client)
     await py_upload(client, "docs/sample", PNG)
     boundary = "118142575bb8f9ce665fa4aa75b3143a"
     body = multipart([("tags", "x,y"), ("context", "alt=hi"), ("metadata", "f1=v")], boundary)
@@ -548,6 +557,7 @@ async def test_python_141_update_as_multipart(client: TestClient) -> None:
 
 
 async def test_node_update_form_urlencoded_with_encoded_slash(client: TestClient) -> None:
+    await define_string_field(client)
     await py_upload(client, "docs/sample", PNG)
     raw = b"context=alt%3Dhi&metadata=f1%3Dv&tags=x%2Cy"
     reply = await wire(client, "POST", f"/v1_1/{CLOUD}/resources/image/upload/docs%2Fsample", node_admin_headers(), raw)
@@ -558,6 +568,7 @@ async def test_node_update_form_urlencoded_with_encoded_slash(client: TestClient
 
 
 async def test_python_146_update_as_json(client: TestClient) -> None:
+    await define_string_field(client)
     await py_upload(client, "docs/sample", PNG)
     body = json.dumps({"tags": "x,y", "context": "alt=hi", "metadata": "f1=v"}).encode()
     reply = await wire(client, "POST", f"/v1_1/{CLOUD}/resources/image/upload/docs/sample", py146_json_headers(), body)

@@ -278,7 +278,7 @@ class SourceRun:
                 await self.api.pause(attempt, exc)
                 continue
             digest = hasher.hexdigest() if hasher is not None else digest
-            if digest is None or result.get("etag") != digest[:32]:
+            if digest is None or result.get("blake3") != digest:
                 raise RequestFailed("the file changed while it was being uploaded; run again")
             if not result.get("backup"):
                 raise RequestFailed("the server did not keep a backup of the upload")

@@ -320,7 +320,7 @@ def _segment(value: str) -> str:
 def remote_outcome(resource: dict[str, Any] | None, digest: str) -> tuple[str | None, str | None]:
     """('already_backed_up' | 'backup_pending' | None, version_id): are `digest`'s bytes the live
     asset's current version, and is that version a revision (or acknowledged as one)?"""
-    if resource is None or resource.get("status", "active") != "active" or resource.get("etag") != digest[:32]:
+    if resource is None or resource.get("status", "active") != "active" or resource.get("blake3") != digest:
         return None, None
     current = resource.get("version_id")
     for version in resource.get("versions") or []:

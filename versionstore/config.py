@@ -103,6 +103,8 @@ class Config:
     #: Hosts and CIDRs that remote `file` fetches and `notification_url` callbacks may reach
     #: although they are loopback, private, link-local or otherwise internal (default deny).
     fetch_allow: tuple[str, ...] = ()
+    #: Admin API calls allowed per environment per hour (420 beyond); 0 means no limit.
+    admin_rate_limit: int = 0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -123,6 +125,7 @@ class Config:
             "chunk_sweep_interval": _env_float("VERSIONSTORE_CHUNK_SWEEP_INTERVAL", cls.chunk_sweep_interval),
             "min_free_bytes": _env_int("VERSIONSTORE_MIN_FREE_BYTES", cls.min_free_bytes),
             "fetch_allow": _env_list("VERSIONSTORE_FETCH_ALLOW"),
+            "admin_rate_limit": _env_int("VERSIONSTORE_ADMIN_RATE_LIMIT", cls.admin_rate_limit),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

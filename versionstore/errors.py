@@ -35,6 +35,12 @@ class Conflict(ApiError):
     status = 409
 
 
+class RateLimited(ApiError):
+    """Cloudinary's Admin API rate limit: 420, which both SDKs map to RateLimited."""
+
+    status = 420
+
+
 class TooLarge(BadRequest):
     """Cloudinary answers oversize files with 400, not 413 (Node rejects 413)."""
 

@@ -289,6 +289,63 @@ class MetadataStore:
         )
         return int(row[0])
 
+    async def list_tags(self, cloud: str, resource_type: str, prefix: str, limit: int, offset: int) -> list[str]:
+        """Distinct tags of live assets of one resource type, sorted (Admin API `tags`)."""
+        rows = await self._scan(
+            "SELECT DISTINCT t.value FROM assets a, json_each(a.tags) t "
+            "WHERE a.cloud = ? AND a.resource_type = ? AND a.status = 'live' AND substr(t.value, 1, ?) = ? "
+            "ORDER BY t.value LIMIT ? OFFSET ?",
+            (cloud, resource_type, len(prefix), prefix, limit, offset),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def usage_totals(self, cloud: str) -> tuple[int, int, int]:
+        """(live assets, bytes of their current originals, bytes of backed-up versions).
+        Backup bytes count each asset's distinct revisions once, like `backup_bytes`."""
+        rows = await self._scan(
+            "SELECT (SELECT COUNT(*) FROM assets WHERE cloud = ? AND status = 'live'), "
+            "(SELECT COALESCE(SUM(bytes), 0) FROM assets WHERE cloud = ? AND status = 'live'), "
+            "(SELECT COALESCE(SUM(bytes), 0) FROM (SELECT DISTINCT asset_pk, digest, bytes FROM versions "
+            "WHERE cloud = ? AND backed_up = 1))",
+            (cloud, cloud, cloud),
+        )
+        return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+
+    # --- structured metadata field definitions ------------------------------------------------
+
+    async def metadata_fields(self, cloud: str) -> list[dict[str, Any]]:
+        rows = await self._all("SELECT definition FROM metadata_fields WHERE cloud = ? ORDER BY position", (cloud,))
+        return [json.loads(r[0]) for r in rows]
+
+    async def metadata_field(self, cloud: str, external_id: str) -> dict[str, Any] | None:
+        row = await self._one("SELECT definition FROM metadata_fields WHERE cloud = ? AND external_id = ?", (cloud, external_id))
+        return None if row is None else dict(json.loads(row[0]))
+
+    async def add_metadata_field(self, cloud: str, definition: dict[str, Any]) -> bool:
+        """Insert a definition; False when the external_id is taken."""
+        try:
+            async with self.transaction() as db:
+                await db.execute(
+                    "INSERT INTO metadata_fields (cloud, external_id, definition, position) "
+                    "VALUES (?, ?, ?, (SELECT COALESCE(MAX(position), 0) + 1 FROM metadata_fields WHERE cloud = ?))",
+                    (cloud, definition["external_id"], json.dumps(definition), cloud),
+                )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    async def replace_metadata_field(self, cloud: str, definition: dict[str, Any]) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE metadata_fields SET definition = ? WHERE cloud = ? AND external_id = ?",
+                (json.dumps(definition), cloud, definition["external_id"]),
+            )
+
+    async def delete_metadata_field(self, cloud: str, external_id: str) -> bool:
+        async with self.transaction() as db:
+            cursor = await db.execute("DELETE FROM metadata_fields WHERE cloud = ? AND external_id = ?", (cloud, external_id))
+            return bool(cursor.rowcount)
+
     # --- writes (each in one transaction) --------------------------------------------------
 
     async def save_version(self, asset: Asset, version: Version, *, pending: bool = False) -> Asset:

@@ -32,6 +32,8 @@ class Version:
     width: int | None = None
     height: int | None = None
     original_filename: str | None = None
+    #: Hex MD5 of the bytes (Cloudinary's etag); None for versions stored before migration 6.
+    md5: str | None = None
 
 
 @dataclass
@@ -62,6 +64,8 @@ class Asset:
     #: A history a rename with overwrite took the public_id from (docs/design.md): reachable
     #: by asset_id only; `public_id` is the name it had.
     detached: bool = False
+    #: The current version's MD5 (the `etag`); None when it predates migration 6.
+    md5: str | None = None
 
     @property
     def live(self) -> bool:

@@ -247,11 +247,51 @@ def _order(sort_by: object) -> str:
             items.append((str(item), "desc"))
     parts = []
     for field_name, direction in items:
-        if field_name not in _SORTABLE or direction.lower() not in ("asc", "desc"):
-            raise BadRequest(f"Unsupported sort_by - {field_name} {direction}")
+        if field_name not in _SORTABLE:
+            raise BadRequest(f"Unsupported sort_by - {field_name} (sortable: {', '.join(sorted(_SORTABLE))})")
+        if direction.lower() not in ("asc", "desc"):
+            raise BadRequest(f"Unsupported sort_by - {field_name} {direction} (direction: asc or desc)")
         parts.append(f"{field_name} {direction.upper()}")
     parts.append("pk DESC" if not parts else "pk ASC")
     return ", ".join(parts)
+
+
+def listing_order(direction: object, *, by_public_id: bool) -> str:
+    """Admin API listings: newest first by `created_at`, or by `public_id` (ascending unless
+    told) when a prefix is given, as on Cloudinary. `direction` is asc/desc or 1/-1. The row
+    id breaks ties in the same direction, so offset cursors see one total order."""
+    text = str(direction).strip().lower() if direction not in (None, "") else ""
+    if text in ("asc", "1"):
+        sql_direction = "ASC"
+    elif text in ("desc", "-1"):
+        sql_direction = "DESC"
+    elif text == "":
+        sql_direction = "ASC" if by_public_id else "DESC"
+    else:
+        raise BadRequest(f"Invalid direction - {direction} (asc, desc, 1 or -1)")
+    column = "public_id" if by_public_id else "created_at"
+    return f"{column} {sql_direction}, pk {sql_direction}"
+
+
+#: `with_field` values we can honour (the resource carries them whenever they are set).
+WITH_FIELDS = {"tags", "context", "metadata"}
+
+
+def check_search_options(params: dict[str, Any]) -> None:
+    """Search API request fields we do not support are a 400 naming them, never ignored."""
+    if params.get("aggregate") not in (None, "", []):
+        raise BadRequest("Unsupported search option - aggregate (aggregations are not supported)")
+    for value in _names(params.get("with_field")):
+        if value not in WITH_FIELDS:
+            raise BadRequest(f"Unsupported with_field - {value} (supported: {', '.join(sorted(WITH_FIELDS))})")
+
+
+def _names(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
 def encode_cursor(offset: int) -> str:

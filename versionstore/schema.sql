@@ -163,4 +163,21 @@ CREATE TABLE upload_parts (
     file       TEXT NOT NULL UNIQUE,    -- name in spool/chunks/
     PRIMARY KEY (cloud, upload_id, first_byte, end_byte),
     FOREIGN KEY (cloud, upload_id) REFERENCES upload_sessions (cloud, upload_id) ON DELETE CASCADE
+-- migration 6
+-- Cloudinary's etag is the MD5 of the original bytes (docs/design.md): computed in the same
+-- pass as BLAKE3 and kept per version, and on the asset for its current version. Rows from
+-- before this migration keep NULL (their etag stays the BLAKE3 prefix they always showed).
+ALTER TABLE versions ADD COLUMN md5 TEXT;
+ALTER TABLE assets ADD COLUMN md5 TEXT;
+
+-- migration 8
+-- Structured metadata field definitions (Cloudinary's metadata_fields), per environment.
+-- `definition` is the field's JSON (type, label, validation, datasource, ...); `position`
+-- keeps the creation order the list answers in.
+CREATE TABLE metadata_fields (
+    cloud       TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    definition  TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    PRIMARY KEY (cloud, external_id)
 );

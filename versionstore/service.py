@@ -140,19 +140,20 @@ class VersionService:
                 version_id=new_hex_id(), version=self._next_version_number(existing, now), digest=spooled.digest,
                 bytes=spooled.size, format=fmt, backed_up=backed_up, restored_from=None, created_at=now, width=width,
                 height=height, original_filename=filename or (existing.original_filename if existing else None),
+                md5=spooled.md5,
             )
             if existing is None:
                 asset = Asset(
                     pk=None, cloud=cloud.name, asset_id=new_hex_id(), resource_type=resource_type, type=request.type,
                     public_id=public_id, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size,
                     width=width, height=height, version=version.version, version_id=version.version_id,
-                    original_filename=version.original_filename, created_at=now, uploaded_at=now,
+                    original_filename=version.original_filename, created_at=now, uploaded_at=now, md5=spooled.md5,
                 )
             else:
                 asset = replace(
                     existing, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size, width=width,
                     height=height, version=version.version, version_id=version.version_id,
-                    original_filename=version.original_filename, uploaded_at=now, deleted_at=None,
+                    original_filename=version.original_filename, uploaded_at=now, deleted_at=None, md5=spooled.md5,
                 )
             if request.tags is not None:
                 asset.tags = request.tags
@@ -489,6 +490,7 @@ class VersionService:
                 asset, status="live", detached=False, digest=version.digest, format=version.format, bytes=version.bytes,
                 width=version.width, height=version.height, original_filename=version.original_filename,
                 version=version.version, version_id=version.version_id, uploaded_at=now, deleted_at=None,
+                md5=version.md5,
             )
             restored = await self.meta.save_version(restored, version)
         return RestoreOutcome(asset=restored), previous_digest

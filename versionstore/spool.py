@@ -1,13 +1,19 @@
-"""Spool files: incoming bytes land here once, hashed with BLAKE3 as they pass.
+"""Spool files: incoming bytes land here once, hashed as they pass.
 
-Chunks are handed to a worker thread about every 1 MiB, which hashes and writes them (BLAKE3
-and write(2) release the GIL), so the event loop keeps serving while a large upload streams
-in. Memory per upload is bounded by the block size.
+Two digests per upload: BLAKE3 is the content address (blob names, dedup, verification) and
+MD5 is Cloudinary's `etag`, which clients compare with a local MD5. Chunks are handed to
+worker threads about every 1 MiB: one hashes with BLAKE3 and writes (done before the next
+block is read), a second hashes with MD5 and may still be busy with a block while the next
+one is received (all three release the GIL). So an upload costs about the slowest of receiving,
+MD5 and BLAKE3 + write rather than their sum, and the event loop keeps serving while a large
+upload streams in. Memory per upload is bounded by two blocks.
 """
 
 import asyncio
+import hashlib
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +25,55 @@ BLOCK = 1 << 20
 HEAD = 64
 
 
+class Hashes:
+    """The digests of one byte stream: BLAKE3 (content address) and MD5 (Cloudinary's etag).
+
+    `update` feeds both in series; a pipeline that wants them on two threads feeds
+    `update_blake3` and `update_md5` from separate workers (each hasher is used by one
+    thread at a time). `hash_file` below does that for a finished file.
+    """
+
+    def __init__(self, *, threads: bool = False) -> None:
+        self._blake3 = blake3.blake3(max_threads=blake3.blake3.AUTO) if threads else blake3.blake3()
+        self._md5 = hashlib.md5(usedforsecurity=False)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._blake3.update(data)
+        self._md5.update(data)
+
+    def update_blake3(self, data: bytes | memoryview) -> None:
+        self._blake3.update(data)
+
+    def update_blake3_file(self, path: Path) -> None:
+        """BLAKE3 of a whole file through mmap (multi-threaded with `threads=True`)."""
+        self._blake3.update_mmap(str(path))
+
+    def update_md5(self, data: bytes | memoryview) -> None:
+        self._md5.update(data)
+
+    def update_md5_all(self, chunks: Sequence[bytes]) -> None:
+        for chunk in chunks:
+            self._md5.update(chunk)  # releases the GIL for inputs over 2 KiB
+
+    @property
+    def blake3(self) -> str:
+        return self._blake3.hexdigest()
+
+    @property
+    def md5(self) -> str:
+        return self._md5.hexdigest()
+
+
 @dataclass(frozen=True)
 class Spooled:
     path: Path
     size: int
-    digest: str
+    digest: str  # BLAKE3, hex: the content address
     head: bytes
     #: False when `finish(sync=False)` left the fsync to the consumer (see make_durable).
     synced: bool = True
+    #: MD5, hex: Cloudinary's `etag` (None from producers that did not compute it).
+    md5: str | None = None
 
 
 async def make_durable(spooled: Spooled) -> None:
@@ -46,14 +93,15 @@ async def make_durable(spooled: Spooled) -> None:
 
 
 class SpoolFile:
-    """Append-only temp file with a running BLAKE3; `finish()` fsyncs and returns the digest."""
+    """Append-only temp file with running BLAKE3 and MD5; `finish()` fsyncs and returns both."""
 
     def __init__(self, directory: Path, limit: int) -> None:
         self.path = directory / f"{secrets.token_hex(12)}.part"
         self.limit = limit
         self.size = 0
         self.head = b""
-        self._hasher = blake3.blake3()
+        self.hashes = Hashes()
+        self._md5_task: asyncio.Future[None] | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         # Unbuffered: blocks are already large, and Python's buffer would add a copy.
@@ -75,11 +123,22 @@ class SpoolFile:
     async def _flush(self) -> None:
         chunks, self._pending, self._pending_size = self._pending, [], 0
         if chunks:
-            await asyncio.to_thread(self._write_chunks, chunks)
+            # MD5 runs on a thread of its own, beside BLAKE3 + write and beside the receipt of
+            # the next block: the only wait is for the previous block's MD5 (so MD5 sees the
+            # bytes in order), and at most one block is held for it.
+            writing = asyncio.ensure_future(asyncio.to_thread(self._write_chunks, chunks))
+            await self._md5_done()
+            self._md5_task = asyncio.ensure_future(asyncio.to_thread(self.hashes.update_md5_all, chunks))
+            await writing
+
+    async def _md5_done(self) -> None:
+        if self._md5_task is not None:
+            task, self._md5_task = self._md5_task, None
+            await task
 
     def _write_chunks(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
-            self._hasher.update(chunk)  # releases the GIL for large inputs
+            self.hashes.update_blake3(chunk)  # releases the GIL for large inputs
             view = memoryview(chunk)
             while view:
                 view = view[self._handle.write(view) :]
@@ -87,8 +146,9 @@ class SpoolFile:
     async def finish(self, sync: bool = True) -> Spooled:
         """Flush and close; with `sync` also fsync (else the consumer calls make_durable)."""
         await self._flush()
+        await self._md5_done()
         await asyncio.to_thread(self._close, sync)
-        return Spooled(self.path, self.size, self._hasher.hexdigest(), self.head, synced=sync)
+        return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=self.hashes.md5)
 
     def _close(self, sync: bool) -> None:
         if sync:  # durable before any store links it and before any metadata names it
@@ -102,7 +162,7 @@ class SpoolFile:
 
 
 async def hash_file(path: Path) -> tuple[str, bytes]:
-    """Digest and head of a finished file (used for out-of-order chunk assembly)."""
+    """BLAKE3 digest and head of a finished file (verification of a stored blob)."""
 
     def run() -> tuple[str, bytes]:
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -112,3 +172,22 @@ async def hash_file(path: Path) -> tuple[str, bytes]:
         return hasher.hexdigest(), head
 
     return await asyncio.to_thread(run)
+
+
+async def hash_file_both(path: Path) -> tuple[Hashes, bytes]:
+    """BLAKE3 and MD5 of a finished file, and its head (out-of-order chunk assembly).
+
+    BLAKE3 runs multi-threaded over an mmap while MD5 reads the file in blocks on another
+    thread (from the page cache: the chunks were just written)."""
+    hashes = Hashes(threads=True)
+
+    def run_md5() -> bytes:
+        with open(path, "rb", buffering=0) as handle:
+            head = handle.read(HEAD)
+            handle.seek(0)
+            while block := handle.read(BLOCK * 4):
+                hashes.update_md5(block)
+        return head
+
+    _, head = await asyncio.gather(asyncio.to_thread(hashes.update_blake3_file, path), asyncio.to_thread(run_md5))
+    return hashes, head

@@ -4,6 +4,7 @@ server-side errors, and following the server's initial-backup job."""
 
 import csv
 import fcntl
+import hashlib
 import json
 import os
 import pty
@@ -75,7 +76,8 @@ def resource(public_id: str, resource_type: str, type_: str = "upload") -> dict[
 
 def assert_backed_up(public_id: str, resource_type: str, data: bytes, versions: int = 1) -> None:
     found = resource(public_id, resource_type)
-    assert found["etag"] == blake3.blake3(data).hexdigest()[:32], public_id
+    assert found["blake3"] == blake3.blake3(data).hexdigest(), public_id
+    assert found["etag"] == hashlib.md5(data).hexdigest(), public_id
     assert len(found["versions"]) == versions, (public_id, found["versions"])
     current = [v for v in found["versions"] if v["version_id"] == found["version_id"]]
     assert current and current[0]["restorable"] is True, found["versions"]

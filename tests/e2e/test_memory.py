@@ -105,7 +105,7 @@ def test_large_upload_memory_is_bounded(fresh_server: ServerProcess) -> None:
 
     assert result["bytes"] == TOTAL
     assert result["backup"] is True
-    assert result["etag"] == sent_digest[:32]  # BLAKE3 of what we streamed
+    assert result["blake3"] == sent_digest  # BLAKE3 of what we streamed
     assert len(sampler.samples) >= 5, "upload too fast to sample; raise TOTAL"
     start_rss = min(sampler.samples[0], baseline)
     growth = max(sampler.samples) - start_rss

@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from versionstore import ids, queries
+from versionstore import ids, metadata_fields, queries
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
 from versionstore.http.app import META, SERVICE, VERSIONS_CACHE
@@ -74,24 +74,44 @@ async def update(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     asset = await request.app[META].get_asset(cloud.name, match["rt"], match["type"], match["public_id"])
     if asset is None or not asset.live:
         raise NotFound(f"Resource not found - {match['public_id']}")
-    updated = await request.app[SERVICE].update_fields(asset, **field_updates(params))
+    updates = field_updates(params)
+    if "metadata" in updates:
+        updates["metadata"] = await metadata_fields.checked(request.app[META], cloud.name, updates["metadata"])
+    updated = await request.app[SERVICE].update_fields(asset, **updates)
     return web.json_response(render.resource(updated))
 
 
 # --- listings and search -------------------------------------------------------------------
 
 
-def _page(assets: list[Asset], limit: int, offset: int) -> dict[str, Any]:
-    body: dict[str, Any] = {"resources": [render.resource(a) for a in assets[:limit]]}
+def _page(
+    assets: list[Asset], limit: int, offset: int, fields: frozenset[str] | None = None, *, flat_context: bool = False
+) -> dict[str, Any]:
+    rendered = [render.select(render.resource(a, flat_context=flat_context), fields) for a in assets[:limit]]
+    body: dict[str, Any] = {"resources": rendered}
     if len(assets) > limit:
         body["next_cursor"] = queries.encode_cursor(offset + limit)
     return body
 
 
+async def listing(
+    request: web.Request, cloud: Cloud, params: Params, clauses: list[str], args: list[Any], *, by_public_id: bool = False
+) -> web.Response:
+    """One page of live assets matching `clauses`, in Cloudinary's listing order (newest first,
+    or by public_id with a prefix), with `fields` and `direction`. Shared by every listing."""
+    limit = as_int(params.get("max_results"), "max_results", 10, 1, 500)
+    offset = queries.decode_cursor(params.get("next_cursor"))
+    order = queries.listing_order(params.get("direction"), by_public_id=by_public_id)
+    fields = render.parse_fields(params.get("fields"))
+    where = " AND ".join(["status = 'live'", *clauses])
+    assets = await request.app[META].find_assets(cloud.name, where, args, order, limit + 1, offset)
+    return web.json_response(_page(assets, limit, offset, fields))
+
+
 async def list_resources(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     """Live assets only: the SDK documents that listings never return deleted ones."""
     params = await _params(request, cloud)
-    clauses = ["status = 'live'", "resource_type = ?"]
+    clauses = ["resource_type = ?"]
     args: list[Any] = [match["rt"]]
     if "type" in match:
         clauses.append("type = ?")
@@ -104,13 +124,7 @@ async def list_resources(request: web.Request, cloud: Cloud, match: dict[str, st
     if prefix:
         clauses.append("substr(public_id, 1, ?) = ?")
         args.extend([len(str(prefix)), str(prefix)])
-    limit = as_int(params.get("max_results"), "max_results", 10, 1, 500)
-    offset = queries.decode_cursor(params.get("next_cursor"))
-    direction = "DESC" if str(params.get("direction", "")).lower() in ("desc", "-1") else "ASC"
-    assets = await request.app[META].find_assets(
-        cloud.name, " AND ".join(clauses), args, f"public_id {direction}, pk", limit + 1, offset
-    )
-    return web.json_response(_page(assets, limit, offset))
+    return await listing(request, cloud, params, clauses, args, by_public_id=bool(prefix))
 
 
 async def resources_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -125,12 +139,14 @@ async def resources_by_asset_ids(request: web.Request, cloud: Cloud, match: dict
 async def search(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     started = time.monotonic()
     params = await _params(request, cloud)
+    queries.check_search_options(params)
     query = queries.search_query(str(params.get("expression") or ""), params.get("sort_by"))
     limit = as_int(params.get("max_results"), "max_results", 50, 1, 500)
     offset = queries.decode_cursor(params.get("next_cursor"))
+    fields = render.parse_fields(params.get("fields"))
     meta = request.app[META]
     assets = await meta.find_assets(cloud.name, query.where, query.args, query.order, limit + 1, offset)
-    body = _page(assets, limit, offset)
+    body = _page(assets, limit, offset, fields, flat_context=True)  # Search API: context is flat
     body["total_count"] = await meta.count_assets(cloud.name, query.where, query.args)
     body["time"] = int((time.monotonic() - started) * 1000)
     return web.json_response(body)

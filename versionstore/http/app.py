@@ -27,6 +27,7 @@ from versionstore.http import render
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.fetch import guarded_session
 from versionstore.http.notify import Notifier
+from versionstore.http.ratelimit import AdminRateLimit
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import Handler, JobRunner
 from versionstore.metadata import MetadataStore
@@ -46,6 +47,7 @@ VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
 JOBS = web.AppKey("jobs", JobRunner)
 UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
 EGRESS = web.AppKey("egress", EgressPolicy)
+RATE_LIMIT = web.AppKey("rate_limit", AdminRateLimit)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -68,6 +70,11 @@ async def errors_as_json(
         response = await handler(request)
     except ApiError as exc:
         response = error_response(exc.status, exc.message)
+    except ConnectionResetError as exc:
+        # The client closed the connection mid-request (an aborted upload): nothing failed
+        # here, and nobody is left to answer. One line, no traceback.
+        log.info("%s %s: client went away mid-request (%s)", request.method, request.path, exc)
+        response = error_response(400, "Client disconnected")
     except web.HTTPRequestEntityTooLarge as exc:
         response = error_response(400, f"Request body too large: {exc.text}")
     except web.HTTPException as exc:
@@ -210,6 +217,7 @@ def create_app(config: Config) -> web.Application:
     app[EGRESS] = EgressPolicy(config.fetch_allow)
     app[VERSIONS_CACHE] = VersionsJsonCache()
     app[UNAUTH_BUDGET] = UnauthBudget(config.unauth_budget_bytes, config.max_body_bytes)
+    app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)

@@ -3,6 +3,7 @@
 from datetime import UTC, datetime
 from typing import Any
 
+from versionstore.errors import BadRequest
 from versionstore.models import Asset, Cloud, Job, RestoreFailure, Version
 from versionstore.signing import response_signature
 
@@ -15,8 +16,17 @@ def _filename(asset: Asset) -> str:
     return asset.public_id.rsplit("/", 1)[-1]
 
 
-def resource(asset: Asset, backup_bytes: int | None = None) -> dict[str, Any]:
-    """The Admin API resource object; deleted (reserved) assets answer as placeholders."""
+def etag(asset: Asset) -> str:
+    """Cloudinary's etag: the hex MD5 of the original bytes. Versions stored before MD5 was
+    kept (migration 6) keep the etag they always showed: the first 32 hex digits of BLAKE3."""
+    return asset.md5 or asset.digest[:32]
+
+
+def resource(asset: Asset, backup_bytes: int | None = None, *, flat_context: bool = False) -> dict[str, Any]:
+    """The Admin API resource object; deleted (reserved) assets answer as placeholders.
+
+    Tags are sorted and left out when there are none, as on Cloudinary. Context is
+    `{"custom": {...}}` in the Admin API and flat (`flat_context`) in Search API results."""
     body: dict[str, Any] = {
         "asset_id": asset.asset_id,
         "public_id": asset.public_id,
@@ -34,22 +44,54 @@ def resource(asset: Asset, backup_bytes: int | None = None) -> dict[str, Any]:
         "display_name": _filename(asset),
         "filename": _filename(asset),
         "original_filename": asset.original_filename,
-        "etag": asset.digest[:32],
+        "etag": etag(asset),
+        "blake3": asset.digest,
         "status": "active" if asset.live else "deleted",
         "access_mode": "public",
         "placeholder": not asset.live,
-        "tags": asset.tags,
     }
     if asset.format is None:
         del body["format"]
+    if asset.tags:
+        body["tags"] = sorted(asset.tags)
     if asset.context:
-        body["context"] = {"custom": asset.context}
+        body["context"] = dict(asset.context) if flat_context else {"custom": asset.context}
     if asset.metadata:
         body["metadata"] = asset.metadata
     if backup_bytes is not None:
         body["backup"] = backup_bytes > 0
         body["backup_bytes"] = backup_bytes
     return body
+
+
+#: Always in a response that asks for `fields` (as on Cloudinary).
+ALWAYS_FIELDS = ("public_id", "asset_id", "asset_folder", "created_at", "display_name", "format", "resource_type", "type")
+#: What `fields` may name: the keys a resource can carry.
+KNOWN_FIELDS = frozenset(ALWAYS_FIELDS) | {
+    "version", "version_id", "uploaded_at", "bytes", "width", "height", "filename", "original_filename",
+    "etag", "blake3", "status", "access_mode", "placeholder", "tags", "context", "metadata", "backup",
+    "backup_bytes",
+}
+
+
+def parse_fields(value: object) -> frozenset[str] | None:
+    """The `fields` parameter (a comma string or a list); None when absent. Unknown names are
+    a 400 naming them, not silently dropped."""
+    if value in (None, "", []):
+        return None
+    names = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    wanted = frozenset(str(n).strip() for n in names if str(n).strip())
+    unknown = sorted(wanted - KNOWN_FIELDS)
+    if unknown:
+        raise BadRequest(f"Unsupported fields - {', '.join(unknown)}")
+    return wanted
+
+
+def select(body: dict[str, Any], fields: frozenset[str] | None) -> dict[str, Any]:
+    """A selective response: the always-present keys plus the requested ones that are set."""
+    if fields is None:
+        return body
+    return {k: v for k, v in body.items() if k in fields or k in ALWAYS_FIELDS}
 
 
 def version(v: Version, pending: bool = False) -> dict[str, Any]:
@@ -79,6 +121,7 @@ def upload_result(cloud: Cloud, asset: Asset, v: Version, *, existing: bool = Fa
         signature=response_signature(asset.public_id, v.version, cloud.api_secret),
         api_key=cloud.api_key,
         backup=v.backed_up,
+        tags=sorted(asset.tags),  # the upload result always carries `tags`, [] when none
     )
     for key in ("status", "filename", "uploaded_at"):
         body.pop(key, None)
@@ -91,7 +134,7 @@ def upload_result(cloud: Cloud, asset: Asset, v: Version, *, existing: bool = Fa
 
 def restored(asset: Asset) -> dict[str, Any]:
     body = resource(asset)
-    for key in ("status", "filename", "uploaded_at", "access_mode", "etag"):
+    for key in ("status", "filename", "uploaded_at", "access_mode", "etag", "blake3"):
         body.pop(key, None)
     return body
 

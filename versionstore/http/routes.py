@@ -13,9 +13,12 @@ from aiohttp import web
 from versionstore.errors import NotFound, Unauthorized
 from versionstore.http import admin_views as admin
 from versionstore.http import backup_views as backup
+from versionstore.http import library_views as library
 from versionstore.http import operations_views as operations
 from versionstore.http import upload_views as upload
-from versionstore.http.app import META
+from versionstore.http.app import META, RATE_LIMIT, error_response
+from versionstore.http.auth import check_basic
+from versionstore.http.ratelimit import RateLimitExceeded, is_admin_call
 from versionstore.models import Cloud
 
 Handler = Callable[[web.Request, Cloud, dict[str, str]], Awaitable[web.StreamResponse]]
@@ -24,6 +27,7 @@ RT = r"(?P<rt>image|video|raw|auto)"
 ADMIN_RT = r"(?P<rt>image|video|raw)"
 TYPE = r"(?P<type>[a-z_]+)"
 HEX = r"(?P<asset_id>[0-9a-f]{32})"
+FIELD = r"(?P<field>[^/]+)"
 
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", r"ping", admin.ping),
@@ -39,6 +43,17 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", r"download_backup", admin.download_backup),
     # Admin API (Basic auth)
     ("GET|POST", r"resources/search", admin.search),
+    ("GET", r"resources", library.resource_types),
+    ("GET", rf"resources/{ADMIN_RT}/tags/(?P<tag>.+)", library.resources_by_tag),
+    ("GET", rf"resources/{ADMIN_RT}/context", library.resources_by_context),
+    ("GET", rf"tags/{ADMIN_RT}", library.tags),
+    ("GET", r"usage", library.usage),
+    ("GET", r"usage/(?P<date>[^/]+)", library.usage),
+    ("GET", r"config", library.config),
+    ("GET|POST", r"metadata_fields", library.metadata_fields),
+    ("PUT|DELETE", rf"metadata_fields/{FIELD}/datasource", library.datasource),
+    ("POST", rf"metadata_fields/{FIELD}/datasource_restore", library.datasource_restore),
+    ("GET|PUT|DELETE", rf"metadata_fields/{FIELD}", library.metadata_field),
     ("GET", r"resources/by_asset_ids", admin.resources_by_asset_ids),
     ("POST", r"resources/restore", admin.restore_by_asset_ids),
     ("DELETE", r"resources", admin.delete_resources_by_asset_ids),
@@ -78,5 +93,24 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             cloud = await request.app[META].get_cloud(match["cloud"])
             if cloud is None:
                 raise Unauthorized(f"Invalid cloud_name {match['cloud']}")
-            return await handler(request, cloud, {k: v for k, v in found.groupdict().items() if v is not None})
+            groups = {k: v for k, v in found.groupdict().items() if v is not None}
+            if not is_admin_call(rest):
+                return await handler(request, cloud, groups)
+            return await _rate_limited(request, cloud, handler, groups)
     raise NotFound("Method not supported for this path" if allowed_here else f"Not found - {rest}")
+
+
+async def _rate_limited(request: web.Request, cloud: Cloud, handler: Handler, groups: dict[str, str]) -> web.StreamResponse:
+    """An Admin API call: authenticated first (a stranger must not spend the environment's
+    quota), counted, and answered with Cloudinary's rate-limit headers (ratelimit.py)."""
+    check_basic(request, cloud)
+    try:
+        headers = request.app[RATE_LIMIT].hit(cloud.name)
+    except RateLimitExceeded as exc:
+        refused = error_response(exc.status, exc.message)
+        refused.headers.update(exc.headers)
+        return refused
+    response = await handler(request, cloud, groups)
+    if not response.prepared:
+        response.headers.update(headers)
+    return response

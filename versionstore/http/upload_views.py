@@ -10,7 +10,7 @@ from typing import Any
 import blake3
 from aiohttp import BodyPartReader, web
 
-from versionstore import ids
+from versionstore import ids, metadata_fields
 from versionstore.chunks import parse_content_range
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
@@ -124,7 +124,7 @@ async def _upload_chunk(request: web.Request, cloud: Cloud, rt: str, upload_id: 
         filename = _filename(body.params, filenames[0])
         candidate, named = _chunk_public_ids(body.params, filename, cloud.name, upload_id, rt)
         # Every parameter is checked at every chunk, so a bad one never joins the session.
-        upload_request = _upload_request(cloud, rt, body.params, candidate, filename)
+        upload_request = await _upload_request(request, cloud, rt, body.params, candidate, filename)
         progress = await chunks.commit(cloud.name, upload_id, rt, chunk, received[0], candidate, named)
     finally:
         for path in received:
@@ -175,7 +175,9 @@ def _public_id(params: Params, filename: str | None) -> str | None:
     return ids.check_public_id(str(public_id)) if public_id else None
 
 
-def _upload_request(cloud: Cloud, rt: str, params: Params, public_id: str | None, filename: str | None) -> UploadRequest:
+async def _upload_request(
+    request: web.Request, cloud: Cloud, rt: str, params: Params, public_id: str | None, filename: str | None
+) -> UploadRequest:
     return UploadRequest(
         cloud=cloud,
         resource_type=rt,
@@ -186,7 +188,7 @@ def _upload_request(cloud: Cloud, rt: str, params: Params, public_id: str | None
         filename=filename,
         tags=as_bounded_list(params["tags"], "tags", MAX_TAGS) if "tags" in params else None,
         context=parse_pipe_map(params["context"]) if "context" in params else None,
-        metadata=parse_pipe_map(params["metadata"]) if "metadata" in params else None,
+        metadata=await _metadata(request, cloud, params),
     )
 
 
@@ -194,7 +196,7 @@ async def _finish_upload(
     request: web.Request, cloud: Cloud, rt: str, params: Params, spooled: Spooled, filename: str | None
 ) -> web.Response:
     filename = _filename(params, filename)
-    upload_request = _upload_request(cloud, rt, params, _public_id(params, filename), filename)
+    upload_request = await _upload_request(request, cloud, rt, params, _public_id(params, filename), filename)
     return _upload_response(cloud, await request.app[SERVICE].upload(upload_request, spooled))
 
 
@@ -202,6 +204,13 @@ def _upload_response(cloud: Cloud, result: UploadResult) -> web.Response:
     return web.json_response(
         render.upload_result(cloud, result.asset, result.version, existing=result.existing, overwritten=result.overwritten)
     )
+
+
+async def _metadata(request: web.Request, cloud: Cloud, params: Params) -> dict[str, str] | None:
+    """An upload's `metadata`, checked against the environment's field definitions."""
+    if "metadata" not in params:
+        return None
+    return await metadata_fields.checked(request.app[META], cloud.name, parse_pipe_map(params["metadata"]))
 
 
 async def _signed_params(request: web.Request, cloud: Cloud, purpose: str, optional_skip: bool = False) -> Params:
@@ -249,7 +258,10 @@ async def explicit(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     asset = await _live_asset(request, cloud, match["rt"], str(params.get("type") or "upload"), public_id)
     if asset is None:
         raise NotFound(f"Resource not found - {public_id}")
-    updated = await request.app[SERVICE].update_fields(asset, **field_updates(params))
+    updates = field_updates(params)
+    if "metadata" in updates:
+        updates["metadata"] = await metadata_fields.checked(request.app[META], cloud.name, updates["metadata"])
+    updated = await request.app[SERVICE].update_fields(asset, **updates)
     return web.json_response(render.resource(updated))
 
 
@@ -307,5 +319,5 @@ async def context(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
 
 async def metadata(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _signed_params(request, cloud, "metadata", optional_skip=True)
-    new = parse_pipe_map(params.get("metadata"))
+    new = await metadata_fields.checked(request.app[META], cloud.name, parse_pipe_map(params.get("metadata"))) or {}
     return await _bulk_update(request, cloud, match["rt"], params, lambda asset: {"metadata": {**asset.metadata, **new}})

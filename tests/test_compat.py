@@ -1,0 +1,75 @@
+"""Compatibility details checked in-process (the SDK-level checks are in tests/e2e/test_compat.py):
+the etag of versions stored before MD5 was kept, the hashes of a spool file and of an
+assembled chunk file, the rate-limit window, and stored data left alone by refused metadata."""
+
+import hashlib
+import secrets
+import sqlite3
+from pathlib import Path
+
+import blake3
+import pytest
+
+from tests.conftest import Api
+from versionstore.config import Config
+from versionstore.errors import RateLimited
+from versionstore.http.ratelimit import AdminRateLimit
+from versionstore.spool import SpoolFile, hash_file_both
+
+
+async def test_a_version_stored_before_md5_keeps_its_blake3_etag(api: Api, config: Config) -> None:
+    old, new = b"stored before migration 6", b"stored after"
+    first = await api.upload(old, rt="raw", public_id="legacy/a")
+    with sqlite3.connect(config.db_path) as db:  # what a pre-migration row looks like
+        db.execute("UPDATE versions SET md5 = NULL")
+        db.execute("UPDATE assets SET md5 = NULL")
+    legacy = await api.admin("GET", "resources/raw/upload/legacy/a")
+    assert legacy["etag"] == blake3.blake3(old).hexdigest()[:32]
+    assert legacy["blake3"] == blake3.blake3(old).hexdigest()
+    await api.upload(new, rt="raw", public_id="legacy/a")
+    assert (await api.admin("GET", "resources/raw/upload/legacy/a"))["etag"] == hashlib.md5(new).hexdigest()
+    # Restoring the old version brings back the etag it always had.
+    await api.admin("POST", "resources/raw/upload/restore", json={"public_ids": ["legacy/a"], "versions": [first["version_id"]]})
+    assert (await api.admin("GET", "resources/raw/upload/legacy/a"))["etag"] == blake3.blake3(old).hexdigest()[:32]
+
+
+async def test_spool_and_assembled_file_hashes_agree(tmp_path: Path) -> None:
+    data = secrets.token_bytes(3 * 1024 * 1024 + 17)
+    spool = SpoolFile(tmp_path, limit=len(data))
+    for start in range(0, len(data), 65536):  # many small writes, several 1 MiB flushes
+        await spool.write(data[start : start + 65536])
+    spooled = await spool.finish()
+    assert spooled.digest == blake3.blake3(data).hexdigest()
+    assert spooled.md5 == hashlib.md5(data).hexdigest()
+    assert spooled.path.read_bytes() == data
+    hashes, head = await hash_file_both(spooled.path)
+    assert (hashes.blake3, hashes.md5, head) == (spooled.digest, spooled.md5, data[:64])
+
+
+def test_the_rate_limit_counts_per_environment_per_clock_hour() -> None:
+    now = [7200.0 + 10]
+    limit = AdminRateLimit(2, clock=lambda: now[0])
+    assert limit.hit("a")["X-FeatureRateLimit-Remaining"] == "1"
+    assert limit.hit("b")["X-FeatureRateLimit-Remaining"] == "1"  # another environment
+    headers = limit.hit("a")
+    assert headers["X-FeatureRateLimit-Remaining"] == "0"
+    assert headers["X-FeatureRateLimit-Reset"] == "Thu, 01 Jan 1970 03:00:00 GMT"
+    with pytest.raises(RateLimited) as refused:
+        limit.hit("a")
+    assert refused.value.status == 420
+    now[0] = 10800.0  # the next hour
+    assert limit.hit("a")["X-FeatureRateLimit-Remaining"] == "1"
+    assert limit.used("a") == 1
+    off = AdminRateLimit(0, clock=lambda: now[0])
+    assert off.hit("a") == {} and off.used("a") == 1
+
+
+async def test_refused_metadata_leaves_the_asset_alone(api: Api) -> None:
+    await api.admin("POST", "metadata_fields", json={"type": "integer", "external_id": "n", "label": "N"})
+    await api.upload(b"x", rt="raw", public_id="md/a", metadata="n=1")
+    body = await api.admin("POST", "resources/raw/upload/md/a", expect=400, json={"metadata": "n=one"})
+    assert "not an integer" in body["error"]["message"]
+    await api.signed("raw/metadata", expect=400, metadata="other=1", public_ids=["md/a"])
+    await api.upload(b"y", rt="raw", public_id="md/a", metadata="n=x", expect=400)
+    after = await api.admin("GET", "resources/raw/upload/md/a", params={"versions": "true"})
+    assert after["metadata"] == {"n": "1"} and len(after["versions"]) == 1
