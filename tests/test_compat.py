@@ -73,3 +73,33 @@ async def test_refused_metadata_leaves_the_asset_alone(api: Api) -> None:
     await api.upload(b"y", rt="raw", public_id="md/a", metadata="n=x", expect=400)
     after = await api.admin("GET", "resources/raw/upload/md/a", params={"versions": "true"})
     assert after["metadata"] == {"n": "1"} and len(after["versions"]) == 1
+
+
+@pytest.mark.parametrize(
+    "definition",
+    [
+        {"type": "string", "validation": {"type": "strlen", "min": "abc"}, "default_value": "hi"},
+        {"type": "string", "validation": {"type": "greater_than", "value": 5}, "default_value": "hi"},
+        {"type": "integer", "validation": {"type": "less_than", "value": "z"}, "default_value": "3"},
+        {"type": "integer", "validation": {"type": "less_than"}},
+        {"type": "date", "validation": {"type": "greater_than", "value": "yesterday"}},
+        {"type": "integer", "validation": {"type": "and", "rules": [{"type": "strlen", "max": 2}]}},
+    ],
+)
+async def test_a_validation_rule_that_could_not_be_applied_is_refused(api: Api, definition: dict[str, object]) -> None:
+    """Rules are checked against the field's type when defined, so no later upload trips on one."""
+    body = await api.admin("POST", "metadata_fields", expect=400, json={**definition, "external_id": "v", "label": "V"})
+    assert body["error"]["message"]
+    await api.admin("GET", "metadata_fields/v", expect=404)
+
+
+async def test_typed_validation_rules_apply(api: Api) -> None:
+    await api.admin("POST", "metadata_fields", json={
+        "type": "integer", "external_id": "n", "label": "N",
+        "validation": {"type": "and", "rules": [{"type": "greater_than", "value": "1"}, {"type": "less_than", "value": 9, "equals": True}]},
+    })
+    await api.admin("POST", "metadata_fields", json={"type": "date", "external_id": "d", "label": "D",
+                                                     "validation": {"type": "greater_than", "value": "2020-01-01"}})
+    await api.upload(b"ok", rt="raw", public_id="md/v", metadata="n=9|d=2021-05-01")
+    for bad in ("n=1", "n=10", "d=2019-12-31"):
+        await api.upload(b"no", rt="raw", public_id="md/v", metadata=bad, expect=400)

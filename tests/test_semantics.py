@@ -259,6 +259,9 @@ async def test_rename_overwrite_onto_a_backed_up_asset_detaches_its_history(api)
     assert [r["asset_id"] for r in listing["resources"]] == [source["asset_id"]]
     found = await api.admin("POST", "resources/search", json={"expression": "status=deleted"})
     assert [(r["asset_id"], r["public_id"]) for r in found["resources"]] == [(t1["asset_id"], "n2/t")]
+    for expression in ("public_id=n2/t AND status=deleted", "public_id=n2/* AND status=deleted"):  # found by the name it had
+        by_name = await api.admin("POST", "resources/search", json={"expression": expression})
+        assert [r["asset_id"] for r in by_name["resources"]] == [t1["asset_id"]], expression
     # Already deleted: deleting it by asset_id finds nothing live (its versions go with delete_backed_up_assets).
     gone = await api.admin("DELETE", "resources", json={"asset_ids": [t1["asset_id"]]})
     assert gone["deleted"] == {t1["asset_id"]: "not_found"}

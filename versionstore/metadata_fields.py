@@ -59,18 +59,51 @@ def _entries(new: list[Any], existing: list[dict[str, Any]]) -> list[dict[str, A
     return out
 
 
-def _check_validation(rule: object) -> dict[str, Any] | None:
+def _check_validation(rule: object, field_type: str) -> dict[str, Any] | None:
+    """A validation rule, normalised so that applying it later cannot fail: `strlen` bounds are
+    whole numbers (string fields only); `greater_than`/`less_than` compare integers or dates
+    and need a `value` of the field's type."""
     if rule in (None, {}, ""):
         return None
     if not isinstance(rule, Mapping) or rule.get("type") not in _VALIDATIONS:
-        raise BadRequest(f"Unsupported validation - {rule!r} (supported: {', '.join(_VALIDATIONS)})")
-    if rule["type"] == "and":
+        raise BadRequest(f"Unsupported validation - {str(rule)[:200]} (supported: {', '.join(_VALIDATIONS)})")
+    kind = rule["type"]
+    out = dict(rule)
+    if kind == "and":
         rules = rule.get("rules")
         if not isinstance(rules, list) or not rules:
             raise BadRequest("An 'and' validation needs rules")
-        for inner in rules:
-            _check_validation(inner)
-    return dict(rule)
+        out["rules"] = [_check_validation(inner, field_type) for inner in rules]
+    elif kind == "strlen":
+        if field_type != "string":
+            raise BadRequest(f"A strlen validation applies to string fields, not {field_type}")
+        for bound in ("min", "max"):
+            if rule.get(bound) is not None:
+                out[bound] = _whole(rule[bound], f"strlen {bound}")
+    else:
+        if field_type not in ("integer", "date"):
+            raise BadRequest(f"A {kind} validation applies to integer and date fields, not {field_type}")
+        if rule.get("value") is None:
+            raise BadRequest(f"A {kind} validation needs a value")
+        out["value"] = _whole(rule["value"], f"{kind} value") if field_type == "integer" else _date(rule["value"], f"{kind} value")
+        out["equals"] = bool(rule.get("equals", False))
+    return out
+
+
+def _whole(value: object, what: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return int(str(value))
+    except ValueError:
+        raise BadRequest(f"Invalid {what} - {str(value)[:64]!r} is not a whole number") from None
+
+
+def _date(value: object, what: str) -> str:
+    try:
+        return date.fromisoformat(str(value)).isoformat()
+    except ValueError:
+        raise BadRequest(f"Invalid {what} - {str(value)[:64]!r} is not a date (YYYY-MM-DD)") from None
 
 
 def new_field(params: Mapping[str, Any]) -> Field:
@@ -87,7 +120,7 @@ def new_field(params: Mapping[str, Any]) -> Field:
         "label": label,
         "mandatory": bool(params.get("mandatory", False)),
         "default_disabled": bool(params.get("default_disabled", False)),
-        "validation": _check_validation(params.get("validation")),
+        "validation": _check_validation(params.get("validation"), field_type),
     }
     datasource = _datasource(params.get("datasource"), field_type)
     if datasource:
@@ -105,7 +138,7 @@ def updated_field(field: Field, params: Mapping[str, Any]) -> Field:
     out = dict(field)
     for key in _UPDATABLE:
         if key in params and params[key] is not None:
-            out[key] = _check_validation(params[key]) if key == "validation" else params[key]
+            out[key] = _check_validation(params[key], field["type"]) if key == "validation" else params[key]
     if "datasource" in params and params["datasource"] is not None and field["type"] in ("enum", "set"):
         out["datasource"] = {"values": _entries(_values_of(params["datasource"]), field["datasource"]["values"])}
     if not str(out.get("label") or ""):

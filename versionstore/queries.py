@@ -21,7 +21,8 @@ _COLUMNS = {
     "status": "status",
     "resource_type": "resource_type",
     "type": "type",
-    "public_id": "public_id",
+    # A detached history (docs/design.md) is found under the name it had.
+    "public_id": "COALESCE(detached_from, public_id)",
     "asset_id": "asset_id",
     "format": "format",
     "created_at": "created_at",

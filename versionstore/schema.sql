@@ -163,6 +163,8 @@ CREATE TABLE upload_parts (
     file       TEXT NOT NULL UNIQUE,    -- name in spool/chunks/
     PRIMARY KEY (cloud, upload_id, first_byte, end_byte),
     FOREIGN KEY (cloud, upload_id) REFERENCES upload_sessions (cloud, upload_id) ON DELETE CASCADE
+);
+
 -- migration 6
 -- Cloudinary's etag is the MD5 of the original bytes (docs/design.md): computed in the same
 -- pass as BLAKE3 and kept per version, and on the asset for its current version. Rows from
