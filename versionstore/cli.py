@@ -1,4 +1,4 @@
-"""Command line: `versionstore serve`, `cloud create|list|set|status` and `initial-backup`.
+"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify` and `initial-backup`.
 
 `initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
 parses its own options.
@@ -102,7 +102,9 @@ def _cloud(args: argparse.Namespace) -> int:
         elif args.cloud_command == "status":
             from versionstore.http.backup_views import backup_status
 
-            print(json.dumps(await backup_status(meta, await _existing(meta, args.name)), indent=2))
+            config = Config.from_env(args.data_dir)
+            status = await backup_status(meta, await _existing(meta, args.name), (config.primary_url, config.backup_url))
+            print(json.dumps(status, indent=2))
         return 0
 
     try:
@@ -117,6 +119,61 @@ async def _existing(meta: MetadataStore, name: str) -> Cloud:
     if cloud is None:
         raise ApiError(f"no product environment named {name!r}")
     return cloud
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """`versionstore verify`: exit 0 when every copy checked was intact, 1 when any was missing
+    or corrupt (repaired or not), 2 on a usage error."""
+    from tqdm import tqdm
+
+    from versionstore import verify
+    from versionstore.blobstore import open_store
+    from versionstore.blobstore.resilient import resilient
+    from versionstore.service import VersionService
+    from versionstore.targets import BackupTargets
+
+    if not 0 < args.sample <= 1 or args.rate < 0:
+        print("error: --sample must be in (0, 1] and --rate >= 0", file=sys.stderr)
+        return 2
+    config = Config.from_env(args.data_dir)
+
+    async def run(meta: MetadataStore) -> int:
+        clouds = [await _existing(meta, args.cloud)] if args.cloud else await meta.list_clouds()
+        primary = resilient(open_store(config.primary_url))
+        targets = BackupTargets(meta, resilient(open_store(config.backup_url)))
+        service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
+        config.spool_dir.mkdir(parents=True, exist_ok=True)
+        problems = 0
+        try:
+            for cloud in clouds:
+                total = (await meta.revision_totals(cloud.name))[1] * args.sample
+                with tqdm(total=int(total), unit="B", unit_scale=True, desc=cloud.name, disable=args.quiet or None) as bar:
+                    scrubber = verify.Scrubber(service, rate=args.rate * 1e6 or None, sample=args.sample, progress=bar.update)
+                    report = await scrubber.run(cloud)
+                print(json.dumps({"cloud_name": cloud.name, **report.as_dict()}, indent=2))
+                problems += report.problem_count
+        finally:
+            await targets.close()
+            await primary.close()
+        return 1 if problems else 0
+
+    try:
+        return asyncio.run(_with_meta(args.data_dir, run))
+    except ApiError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _add_verify_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    check = sub.add_parser(
+        "verify", help="re-read every revision from every store it lives in, check its BLAKE3, repair from an intact copy",
+    )
+    check.add_argument("--cloud", metavar="NAME", help="one environment (default: all)")
+    check.add_argument("--sample", type=float, default=1.0, metavar="FRACTION", help="check this random share (default 1)")
+    check.add_argument("--rate", type=float, default=0.0, metavar="MB/s", help="read at most this fast (default 0: unlimited)")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.add_argument("--data-dir", type=Path, required=True)
+    check.set_defaults(func=_verify)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -154,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("name")
     status.add_argument("--data-dir", type=Path, required=True)
     cloud.set_defaults(func=_cloud)
+    _add_verify_parser(sub)
     sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
         "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "
         "(--source DIR, --manifest FILE); see `versionstore initial-backup --help`",

@@ -36,6 +36,10 @@ class Config:
     pending_retry_max: float = 300.0
     #: How often the drainer and the job runner look for work they were not woken for.
     poll_interval: float = 1.0
+    #: Seconds between scheduled verify jobs per environment (0: off); see docs/operations.md.
+    verify_interval: float = 86400.0
+    #: MB/s a scheduled verify job may read (0: unlimited), so uploads keep their share of the disk.
+    verify_rate_mb_s: float = 50.0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -48,6 +52,8 @@ class Config:
             "marker_ttl": _env_float("VERSIONSTORE_MARKER_TTL", cls.marker_ttl),
             "pending_retry_max": _env_float("VERSIONSTORE_PENDING_RETRY_MAX", cls.pending_retry_max),
             "poll_interval": _env_float("VERSIONSTORE_POLL_INTERVAL", cls.poll_interval),
+            "verify_interval": _env_float("VERSIONSTORE_VERIFY_INTERVAL", cls.verify_interval),
+            "verify_rate_mb_s": _env_float("VERSIONSTORE_VERIFY_RATE", cls.verify_rate_mb_s),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

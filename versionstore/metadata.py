@@ -62,6 +62,8 @@ def _job_row(job: Job) -> dict[str, Any]:
     return values
 
 
+_BAD_OUTCOMES = ("missing", "corrupt")
+
 _PENDING_SELECT = "SELECT cloud, digest, bytes, queued_at, attempts, next_attempt_at, last_error FROM backup_pending"
 
 
@@ -484,3 +486,70 @@ class MetadataStore:
         if kind is not None:
             sql, args = sql + " AND kind = ?", [*args, kind]
         return [_job(r) for r in await self._all(sql + " ORDER BY created_at", args)]
+
+    # --- verify and scrub (versionstore/verify.py) -------------------------------------------
+
+    async def record_checks(self, cloud: str, digest: str, outcomes: dict[str, tuple[str, str | None]]) -> bool:
+        """Record the checks of one revision, {store: (outcome, detail)}, in one transaction.
+
+        True when a store's copy went from good to bad or back: then `outcome_seq` moves on, so
+        caches keyed on `verify_generation` (the versions JSON) are rebuilt in every process."""
+        now = time.time()
+        changed = False
+        async with self.transaction() as db:
+            for store, (outcome, detail) in outcomes.items():
+                row = await (
+                    await db.execute("SELECT outcome, outcome_seq FROM blob_checks WHERE cloud = ? AND digest = ? AND store = ?",
+                                     (cloud, digest, store))
+                ).fetchone()
+                was_bad = row is not None and row[0] in _BAD_OUTCOMES
+                seq = 0 if row is None else int(row[1])
+                if was_bad != (outcome in _BAD_OUTCOMES):
+                    (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()  # type: ignore[misc]
+                    changed = True
+                await db.execute(
+                    "INSERT INTO blob_checks (cloud, digest, store, outcome, detail, last_verified_at, outcome_seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cloud, digest, store) DO UPDATE SET outcome = excluded.outcome, "
+                    "detail = excluded.detail, last_verified_at = excluded.last_verified_at, outcome_seq = excluded.outcome_seq",
+                    (cloud, digest, store, outcome, detail, now, seq),
+                )
+        return changed
+
+    async def verify_generation(self) -> int:
+        """Moves on whenever a stored copy turns bad or good again (an indexed MAX)."""
+        row = await self._one("SELECT COALESCE(MAX(outcome_seq), 0) FROM blob_checks")
+        return int(row[0])
+
+    async def bad_revisions(self, cloud: str, digests: Sequence[str]) -> dict[str, str]:
+        """{digest: outcome} of these revisions whose backup copy was last found missing or corrupt."""
+        if not digests or self._reader.execute(
+            "SELECT 1 FROM blob_checks WHERE outcome IN ('missing', 'corrupt') LIMIT 1"
+        ).fetchone() is None:
+            return {}
+        marks = ", ".join("?" * len(set(digests)))
+        rows = await self._all(
+            f"SELECT digest, outcome FROM blob_checks WHERE cloud = ? AND store = 'backup' AND outcome IN ('missing', 'corrupt') "
+            f"AND digest IN ({marks})",
+            (cloud, *set(digests)),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def last_verified_at(self, cloud: str, digest: str, store: str) -> float | None:
+        row = await self._one(
+            "SELECT last_verified_at FROM blob_checks WHERE cloud = ? AND digest = ? AND store = ?", (cloud, digest, store)
+        )
+        return None if row is None else float(row[0])
+
+    async def check_summary(self, cloud: str) -> dict[str, Any]:
+        """Counts of the last recorded outcome per store, only of revisions still referenced."""
+        rows = await self._scan(
+            "SELECT c.store, c.outcome, COUNT(*), MAX(c.last_verified_at) FROM blob_checks c WHERE c.cloud = ? "
+            "AND EXISTS (SELECT 1 FROM versions v WHERE v.cloud = c.cloud AND v.digest = c.digest) GROUP BY c.store, c.outcome",
+            (cloud,),
+        )
+        summary: dict[str, Any] = {"last_verified_at": None}
+        for store, outcome, count, last in rows:
+            summary.setdefault(store, {})[outcome] = int(count)
+            if summary["last_verified_at"] is None or last > summary["last_verified_at"]:
+                summary["last_verified_at"] = float(last)
+        return summary

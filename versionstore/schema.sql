@@ -113,3 +113,21 @@ ALTER TABLE versions ADD COLUMN backup_job TEXT;
 CREATE INDEX versions_backup_job ON versions (backup_job) WHERE backup_job IS NOT NULL;
 -- One open job of a kind per environment (one migration, one initial backup at a time).
 CREATE UNIQUE INDEX jobs_one_open ON jobs (cloud, kind) WHERE status IN ('pending', 'active');
+
+-- migration 5
+-- Verify and scrub (docs/operations.md): the last check of each revision's bytes in each store
+-- it lives in ('backup': the environment's target; 'primary': the original beside it).
+-- `outcome_seq` grows whenever an outcome changes, so caches that show `restorable` can key on
+-- its maximum, whichever process (the server's job, the CLI) recorded the change.
+CREATE TABLE blob_checks (
+    cloud            TEXT NOT NULL,
+    digest           TEXT NOT NULL,
+    store            TEXT NOT NULL CHECK (store IN ('backup', 'primary')),
+    outcome          TEXT NOT NULL CHECK (outcome IN ('ok', 'missing', 'corrupt', 'repaired')),
+    detail           TEXT,
+    last_verified_at REAL NOT NULL,
+    outcome_seq      INTEGER NOT NULL,
+    PRIMARY KEY (cloud, digest, store)
+);
+CREATE INDEX blob_checks_seq ON blob_checks (outcome_seq);
+CREATE INDEX blob_checks_bad ON blob_checks (cloud, digest) WHERE outcome IN ('missing', 'corrupt');

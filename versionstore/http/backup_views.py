@@ -10,17 +10,20 @@ from typing import Any
 
 from aiohttp import web
 
-from versionstore import migration
+from versionstore import migration, verify
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
-from versionstore.http.app import JOBS, META
+from versionstore.http.app import CONFIG, JOBS, META
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
 from versionstore.metadata import MetadataStore
 from versionstore.models import Cloud
 
 
-async def backup_status(meta: MetadataStore, cloud: Cloud) -> dict[str, Any]:
+async def backup_status(
+    meta: MetadataStore, cloud: Cloud, stores: tuple[str | None, str | None] = (None, None)
+) -> dict[str, Any]:
+    """`stores`: the primary and default backup store URLs, to tell whether they share storage."""
     health = await meta.get_health(cloud.name)
     count, size, oldest = await meta.pending_summary(cloud.name)
     jobs = await meta.open_jobs(cloud.name, migration.KIND)
@@ -32,6 +35,7 @@ async def backup_status(meta: MetadataStore, cloud: Cloud) -> dict[str, Any]:
         "last_error_at": render.iso(health.last_error_at) if health and health.last_error_at else None,
         "pending": {"count": count, "bytes": size, "oldest_queued_at": render.iso(oldest) if oldest else None},
         "migration": render.job(jobs[0]) if jobs else None,
+        **await verify.status_fields(meta, cloud, *stores),
     }
 
 
@@ -50,7 +54,8 @@ async def backup(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
         if job is not None:
             request.app[JOBS].wake.set()
         cloud = await meta.get_cloud(cloud.name) or cloud
-    return web.json_response(await backup_status(meta, cloud))
+    config = request.app[CONFIG]
+    return web.json_response(await backup_status(meta, cloud, (config.primary_url, config.backup_url)))
 
 
 async def job(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
