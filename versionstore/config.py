@@ -39,7 +39,7 @@ class Config:
     #: Seconds between scheduled verify jobs per environment (0: off); see docs/operations.md.
     verify_interval: float = 86400.0
     #: MB/s a scheduled verify job may read (0: unlimited), so uploads keep their share of the disk.
-    verify_rate_mb_s: float = 50.0
+    verify_rate: float = 50.0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -53,7 +53,7 @@ class Config:
             "pending_retry_max": _env_float("VERSIONSTORE_PENDING_RETRY_MAX", cls.pending_retry_max),
             "poll_interval": _env_float("VERSIONSTORE_POLL_INTERVAL", cls.poll_interval),
             "verify_interval": _env_float("VERSIONSTORE_VERIFY_INTERVAL", cls.verify_interval),
-            "verify_rate_mb_s": _env_float("VERSIONSTORE_VERIFY_RATE", cls.verify_rate_mb_s),
+            "verify_rate": _env_float("VERSIONSTORE_VERIFY_RATE", cls.verify_rate),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

@@ -360,7 +360,12 @@ def shares_storage(primary_url: str | None, backup_url: str | None) -> bool:
         if url is None or not url.startswith(("/", ".", "file://")):
             return False
         paths.append(url.removeprefix("file://"))
-    try:
-        return os.stat(paths[0]).st_dev == os.stat(paths[1]).st_dev
-    except OSError:
-        return False
+    return _device(Path(paths[0])) == _device(Path(paths[1]))
+
+
+def _device(path: Path) -> int:
+    """The filesystem a store directory is (or will be, once created) on."""
+    for candidate in (path, *path.resolve().parents):
+        if candidate.exists():
+            return candidate.stat().st_dev
+    return -1

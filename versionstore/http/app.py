@@ -90,7 +90,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     handlers: dict[str, Handler] = {
         migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
         initial_backup.KIND: initial_backup.InitialBackup(service).run,
-        verify.KIND: verify.VerifyJob(service, rate=config.verify_rate_mb_s * 1e6 or None).run,
+        verify.KIND: verify.VerifyJob(service, rate=config.verify_rate * 1e6 or None).run,
     }
     runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
     runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), base_delay=config.poll_interval))
@@ -101,7 +101,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(runner.run(), name="job runner"),
     ]
     if config.verify_interval > 0:
-        scheduled = verify.schedule(meta, runner.wake.set, config.verify_interval, rate_mb_s=config.verify_rate_mb_s or None)
+        scheduled = verify.schedule(meta, runner.wake.set, config.verify_interval, rate_mb_s=config.verify_rate or None)
         background.append(asyncio.create_task(scheduled, name="verify schedule"))
     yield
     for task in background:
