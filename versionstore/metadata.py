@@ -490,30 +490,41 @@ class MetadataStore:
     # --- verify and scrub (versionstore/verify.py) -------------------------------------------
 
     async def record_checks(self, cloud: str, digest: str, outcomes: dict[str, tuple[str, str | None]]) -> bool:
-        """Record the checks of one revision, {store: (outcome, detail)}, in one transaction.
+        """Record the checks of one revision, {store: (outcome, detail)}, in one transaction."""
+        return await self.record_checks_many(cloud, [(digest, outcomes)])
+
+    async def record_checks_many(self, cloud: str, checks: Sequence[tuple[str, dict[str, tuple[str, str | None]]]]) -> bool:
+        """Record the checks of many revisions in one transaction (one fsync for a scrub's batch).
 
         True when a store's copy went from good to bad or back: then `outcome_seq` moves on, so
         caches keyed on `verify_generation` (the versions JSON) are rebuilt in every process."""
         now = time.time()
-        changed = False
+        rows = [(digest, store, outcome, detail) for digest, outcomes in checks for store, (outcome, detail) in outcomes.items()]
+        if not rows:
+            return False
+        digests = sorted({row[0] for row in rows})
         async with self.transaction() as db:
-            for store, (outcome, detail) in outcomes.items():
-                row = await (
-                    await db.execute("SELECT outcome, outcome_seq FROM blob_checks WHERE cloud = ? AND digest = ? AND store = ?",
-                                     (cloud, digest, store))
-                ).fetchone()
-                was_bad = row is not None and row[0] in _BAD_OUTCOMES
-                seq = 0 if row is None else int(row[1])
-                if was_bad != (outcome in _BAD_OUTCOMES):
-                    (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()  # type: ignore[misc]
-                    changed = True
-                await db.execute(
-                    "INSERT INTO blob_checks (cloud, digest, store, outcome, detail, last_verified_at, outcome_seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cloud, digest, store) DO UPDATE SET outcome = excluded.outcome, "
-                    "detail = excluded.detail, last_verified_at = excluded.last_verified_at, outcome_seq = excluded.outcome_seq",
-                    (cloud, digest, store, outcome, detail, now, seq),
+            bad_before: set[tuple[str, str]] = set()
+            for start in range(0, len(digests), 500):  # one query per 500 digests, not one per row
+                part = digests[start : start + 500]
+                cursor = await db.execute(
+                    f"SELECT digest, store FROM blob_checks WHERE cloud = ? AND outcome IN ('missing', 'corrupt') "
+                    f"AND digest IN ({', '.join('?' * len(part))})", (cloud, *part),
                 )
-        return changed
+                bad_before.update((r[0], r[1]) for r in await cursor.fetchall())
+            flipped = {(d, s) for d, s, outcome, _ in rows if ((d, s) in bad_before) != (outcome in _BAD_OUTCOMES)}
+            seq = 0
+            if flipped:
+                (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()  # type: ignore[misc]
+            # An unchanged good/bad state keeps its sequence number (0 means "keep" on conflict).
+            await db.executemany(
+                "INSERT INTO blob_checks (cloud, digest, store, outcome, detail, last_verified_at, outcome_seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cloud, digest, store) DO UPDATE SET outcome = excluded.outcome, "
+                "detail = excluded.detail, last_verified_at = excluded.last_verified_at, outcome_seq = "
+                "CASE WHEN excluded.outcome_seq > 0 THEN excluded.outcome_seq ELSE blob_checks.outcome_seq END",
+                [(cloud, d, s, outcome, detail, now, seq if (d, s) in flipped else 0) for d, s, outcome, detail in rows],
+            )
+        return bool(flipped)
 
     async def verify_generation(self) -> int:
         """Moves on whenever a stored copy turns bad or good again (an indexed MAX)."""
@@ -539,6 +550,19 @@ class MetadataStore:
             "SELECT last_verified_at FROM blob_checks WHERE cloud = ? AND digest = ? AND store = ?", (cloud, digest, store)
         )
         return None if row is None else float(row[0])
+
+    async def checked_since(self, cloud: str, digests: Sequence[str], since: float) -> set[str]:
+        """Which of these revisions' backup copies were checked at or after `since`."""
+        found: set[str] = set()
+        for start in range(0, len(digests), 500):
+            part = digests[start : start + 500]
+            rows = await self._all(
+                f"SELECT digest FROM blob_checks WHERE cloud = ? AND store = 'backup' AND last_verified_at >= ? "
+                f"AND digest IN ({', '.join('?' * len(part))})",
+                (cloud, since, *part),
+            )
+            found.update(r[0] for r in rows)
+        return found
 
     async def check_summary(self, cloud: str) -> dict[str, Any]:
         """Counts of the last recorded outcome per store, only of revisions still referenced."""

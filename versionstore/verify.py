@@ -41,7 +41,7 @@ KIND = "verify"
 OK, MISSING, CORRUPT, REPAIRED = "ok", "missing", "corrupt", "repaired"
 BAD = (MISSING, CORRUPT)
 BACKUP, PRIMARY = "backup", "primary"
-BATCH = 100
+BATCH = 1000  # revisions per step: one commit of their outcomes, one cursor save
 PIECE = 8 << 20  # a throttled local read, or a hashing step in a worker thread
 #: Chunks below this are hashed in the event loop; larger ones in a thread (the GIL is released).
 INLINE_HASH = 64 << 10
@@ -137,6 +137,33 @@ async def check_blob(store: BlobStore, key: str, digest: str, throttle: Throttle
     return OK, None
 
 
+def _local_outcome(path: str, digest: str) -> tuple[str, str | None]:
+    try:
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        if os.stat(path).st_size:
+            hasher.update_mmap(path)
+    except FileNotFoundError:
+        return MISSING, f"{path} is missing"
+    actual = hasher.hexdigest()
+    return (OK, None) if actual == digest else (CORRUPT, f"{path} hashes to {actual}")
+
+
+def _check_local_pair(backup_path: str, primary_path: str, digest: str) -> dict[str, tuple[str, str | None]]:
+    """Both local copies of a revision, in a worker thread; the primary's only when it exists."""
+    outcomes = {BACKUP: _local_outcome(backup_path, digest)}
+    if os.path.exists(primary_path):
+        try:
+            shared = os.path.samefile(backup_path, primary_path)
+        except OSError:
+            shared = False
+        outcomes[PRIMARY] = outcomes[BACKUP] if shared else _local_outcome(primary_path, digest)
+    return outcomes
+
+
+def _check_local_pairs(pairs: dict[str, tuple[str, str]]) -> dict[str, dict[str, tuple[str, str | None]]]:
+    return {digest: _check_local_pair(backup_path, primary_path, digest) for digest, (backup_path, primary_path) in pairs.items()}
+
+
 def same_file(a: BlobStore, a_key: str, b: BlobStore, b_key: str) -> bool:
     """Do two local copies share one inode (the embedded default's hard link)?"""
     pa, pb = a.local_path(a_key), b.local_path(b_key)
@@ -173,12 +200,30 @@ class Report:
                 "problems": self.problem_count, "details": self.problems}
 
 
+def _groups(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Digests in groups of at most `limit` bytes (a single larger blob is a group of its own)."""
+    groups: list[list[str]] = [[]]
+    total = 0
+    for digest, size in sizes.items():
+        if groups[-1] and total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(digest)
+        total += size
+    return groups
+
+
+def _all_ok(outcomes: dict[str, tuple[str, str | None]]) -> bool:
+    return all(outcome == OK for outcome, _ in outcomes.values())
+
+
 class Scrubber:
     """Checks revisions of an environment in each store they live in and repairs what it can."""
 
     def __init__(self, service: "VersionService", *, rate: float | None = None, sample: float = 1.0,
-                 progress: Progress | None = None, rng: random.Random | None = None) -> None:
+                 progress: Progress | None = None, rng: random.Random | None = None, concurrency: int = 4) -> None:
         self.service = service
+        self.concurrency = concurrency
         self.meta: MetadataStore = service.meta
         self.throttle = Throttle(rate)
         self.sample = sample
@@ -192,46 +237,87 @@ class Scrubber:
         report = report or Report()
         started = time.time() if since is None else since
         while rows := await self.meta.revisions_after(cloud.name, after_pk, BATCH):
+            wanted: dict[str, int] = {}
             for _, digest, size in rows:
-                if self.sample < 1.0 and self.rng.random() >= self.sample:
-                    continue
-                last = await self.meta.last_verified_at(cloud.name, digest, BACKUP)
-                if last is not None and last >= started:
-                    continue  # an earlier version with the same bytes, checked in this run
-                await self.check_revision(cloud, digest, size, report)
+                if digest not in wanted and (self.sample >= 1.0 or self.rng.random() < self.sample):
+                    wanted[digest] = size
+            for digest in await self.meta.checked_since(cloud.name, list(wanted), started):
+                del wanted[digest]  # the same bytes as an earlier version, checked earlier in this run
+            await self._check_batch(cloud, wanted, report)
             after_pk = rows[-1][0]
             if on_batch is not None:
                 await on_batch(after_pk)
         return report
 
-    async def check_revision(self, cloud: Cloud, digest: str, size: int, report: Report) -> None:
-        meta, service = self.meta, self.service
-        if await meta.pending_digests(cloud.name, [digest]):
-            report.skipped += 1  # still waiting for its target: its bytes are the primary's pending copy
+    async def _check_batch(self, cloud: Cloud, wanted: dict[str, int], report: Report) -> None:
+        pending = await self.meta.pending_digests(cloud.name, list(wanted))
+        report.skipped += len(pending)  # still waiting for their target: the primary's pending copy is all there is
+        wanted = {d: n for d, n in wanted.items() if d not in pending}
+        if not wanted:
             return
         try:
-            backup = await service.targets.usable(cloud)
+            backup = await self.service.targets.usable(cloud)
         except (TargetUnavailable, BlobStoreError) as exc:
-            log.warning("verify %s: backup target unavailable, %s skipped: %s", cloud.name, digest, exc)
-            report.skipped += 1
+            log.warning("verify %s: backup target unavailable, %d revision(s) skipped: %s", cloud.name, len(wanted), exc)
+            report.skipped += len(wanted)
             return
+        found: dict[str, dict[str, tuple[str, str | None]]] = {}
+        if self.throttle.rate is None and self._local_pair(cloud, backup, next(iter(wanted))) is not None:
+            # Local and unthrottled: hash many small blobs per worker-thread hop (hops dominated them).
+            for group in _groups(wanted, PIECE * 8):
+                pairs = {d: pair for d in group if (pair := self._local_pair(cloud, backup, d)) is not None}
+                found.update(await asyncio.to_thread(_check_local_pairs, pairs))
+        else:
+            slots = asyncio.Semaphore(self.concurrency)
+
+            async def one(digest: str) -> None:
+                async with slots:
+                    found[digest] = await self._check_copies(cloud, backup, digest)
+
+            await asyncio.gather(*(one(digest) for digest in wanted))
+        intact = []
+        for digest, outcomes in found.items():
+            outcomes = await self._settle(cloud, backup, digest, outcomes)
+            report.revisions += 1
+            report.bytes += wanted[digest]
+            for store, (outcome, detail) in outcomes.items():
+                report.add(store, outcome, digest, detail)
+            if _all_ok(outcomes):
+                intact.append((digest, outcomes))
+            if self.progress is not None:
+                self.progress(wanted[digest])
+        await self.meta.record_checks_many(cloud.name, intact)  # one commit per batch; damage is recorded at once
+
+    def _local_pair(self, cloud: Cloud, backup: BlobStore, digest: str) -> tuple[str, str] | None:
+        paths = (backup.local_path(layout.revision_key(cloud.name, digest)),
+                 self.service.primary.local_path(layout.original_key(cloud.name, digest)))
+        return (paths[0], paths[1]) if paths[0] is not None and paths[1] is not None else None
+
+    async def _check_copies(self, cloud: Cloud, backup: BlobStore, digest: str) -> dict[str, tuple[str, str | None]]:
+        """Any stores, throttled: the backup copy, and the primary copy when it exists."""
         revision_key, original_key = layout.revision_key(cloud.name, digest), layout.original_key(cloud.name, digest)
-        outcomes = {BACKUP: await check_blob(backup, revision_key, digest, self.throttle, self.progress)}
-        primary = service.primary
-        if await primary.stat(original_key) is not None or await meta.digest_referenced(cloud.name, digest, backup=False):
+        primary = self.service.primary
+        outcomes = {BACKUP: await check_blob(backup, revision_key, digest, self.throttle)}
+        if await primary.stat(original_key) is not None:
             if same_file(backup, revision_key, primary, original_key):
                 outcomes[PRIMARY] = outcomes[BACKUP]  # one inode: reading it twice proves nothing more
             else:
-                outcomes[PRIMARY] = await check_blob(primary, original_key, digest, self.throttle, self.progress)
-        report.revisions += 1
-        report.bytes += size
-        outcomes = await self._repair(cloud, digest, backup, primary, outcomes)
-        for store, (outcome, detail) in outcomes.items():
-            report.add(store, outcome, digest, detail)
-        await meta.record_checks(cloud.name, digest, outcomes)
+                outcomes[PRIMARY] = await check_blob(primary, original_key, digest, self.throttle)
+        return outcomes
+
+    async def _settle(self, cloud: Cloud, backup: BlobStore, digest: str,
+                      outcomes: dict[str, tuple[str, str | None]]) -> dict[str, tuple[str, str | None]]:
+        """A missing original of a live asset counts; damage is repaired where it can be, and recorded."""
+        if PRIMARY not in outcomes and await self.meta.digest_referenced(cloud.name, digest, backup=False):
+            outcomes[PRIMARY] = (MISSING, f"{self.service.primary.name}/{layout.original_key(cloud.name, digest)} is missing")
+        if _all_ok(outcomes):
+            return outcomes
+        outcomes = await self._repair(cloud, digest, backup, self.service.primary, outcomes)
+        await self.meta.record_checks(cloud.name, digest, outcomes)
         for store, (outcome, detail) in outcomes.items():
             if outcome != OK:
                 log.warning("verify %s: %s copy of %s %s: %s", cloud.name, store, digest, outcome, detail)
+        return outcomes
 
     async def _repair(self, cloud: Cloud, digest: str, backup: BlobStore, primary: BlobStore,
                       outcomes: dict[str, tuple[str, str | None]]) -> dict[str, tuple[str, str | None]]:
