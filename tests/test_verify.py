@@ -144,6 +144,21 @@ async def test_restore_verifies_the_revision_even_when_a_primary_copy_exists(api
     asset = await api.admin("GET", "resources/raw/upload/v/doc", params={"versions": "true"})
     assert asset["etag"] == digest_of(new)[:32]  # nothing committed
     assert asset["versions"][0]["restorable"] is False
+    put_back(client, old)  # the operator restores the bytes from elsewhere: the next read clears the mark
+    body = await api.admin("POST", "resources/raw/upload/restore", json={"public_ids": ["v/doc"], "versions": [first["version_id"]]})
+    assert "error" not in body["v/doc"], body
+    assert (await versions(api, "v/doc"))[0]["restorable"] is True
+
+
+def put_back(client, data: bytes) -> None:
+    store = backup_store(client)
+    key = layout.revision_key(CLOUD, digest_of(data))
+    path = store.local_path(key)
+    if path is None:
+        store.inner._blobs[key] = data
+        return
+    os.chmod(path, 0o644)
+    Path(path).write_bytes(data)
 
 
 async def scrub(client, **kwargs) -> verify.Report:

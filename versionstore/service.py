@@ -413,6 +413,7 @@ class VersionService:
             outcome = verify.CORRUPT if isinstance(exc, RevisionCorrupt) else verify.MISSING
             await self.meta.record_checks(cloud_name, digest, {verify.BACKUP: (outcome, str(exc))})
             raise
+        await self._record_intact(cloud_name, digest)
 
     async def _verify_revision(self, cloud_name: str, store: BlobStore, key: str, digest: str) -> None:
         """A restore proves the revision's bytes before it commits, even when a primary copy
@@ -420,9 +421,15 @@ class VersionService:
         is recorded (restorable: false) and fails the restore."""
         outcome, detail = await verify.check_blob(store, key, digest)
         if outcome == verify.OK:
+            await self._record_intact(cloud_name, digest)
             return
         await self.meta.record_checks(cloud_name, digest, {verify.BACKUP: (outcome, detail)})
         raise RevisionCorrupt(detail) if outcome == verify.CORRUPT else BlobNotFound(detail or key)
+
+    async def _record_intact(self, cloud_name: str, digest: str) -> None:
+        """A revision recorded as damaged read back intact (put back by hand): clear the mark."""
+        if await self.meta.bad_revisions(cloud_name, [digest]):
+            await self.meta.record_checks(cloud_name, digest, {verify.BACKUP: (verify.OK, None)})
 
     async def copy_blob(self, source: BlobStore, source_key: str, target: BlobStore, target_key: str, digest: str) -> bool:
         """Copy a blob between stores, verifying that its bytes still hash to `digest`.
