@@ -104,7 +104,7 @@ async def test_a_flipped_byte_is_never_served_as_a_clean_200_and_marks_the_revis
     damage(client, data, "flip")
     response = await download(client, up["asset_id"], up["version_id"])
     body = await body_or_failure(response)
-    if storage[0] == "remote":  # streamed: headers went out, the last bytes never do
+    if storage[0] == "remote" or size > SMALL_BLOB:  # streamed: headers went out, the last bytes never do
         assert body is None or body != data and len(body) < size
     else:  # hashed before the first byte: a JSON error instead
         assert response.status == 500, body
