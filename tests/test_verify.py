@@ -253,3 +253,15 @@ async def test_throttle_keeps_the_rate():
     for _ in range(5):
         await throttle.spent(1_000_000)
     assert time.monotonic() - started >= 0.45
+
+
+async def test_a_mark_does_not_outlive_the_bytes_it_was_about(api, client):
+    """A revision recorded missing, then deleted; the same bytes uploaded later start unmarked."""
+    old, new = os.urandom(3000), os.urandom(3000)
+    first = await api.upload(old, rt="raw", public_id="v/again")
+    await api.upload(new, rt="raw", public_id="v/again")
+    damage(client, old, "delete")
+    assert (await scrub(client)).counts.get("backup_missing") == 1
+    await api.admin("DELETE", f"resources/backup/{first['asset_id']}", json={"version_ids": [first["version_id"]]})
+    await api.upload(old, rt="raw", public_id="v/again")
+    assert [v["restorable"] for v in await versions(api, "v/again")] == [True, True]

@@ -526,6 +526,18 @@ class MetadataStore:
             )
         return bool(flipped)
 
+    async def forget_checks(self, cloud: str, digest: str) -> None:
+        """Clear the damage marks of a revision nothing references any more (its bytes are being
+        deleted), so a later upload of the same bytes does not inherit them. Rows are kept, not
+        deleted: `verify_generation` (a MAX) must never go back."""
+        async with self.transaction() as db:
+            (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()  # type: ignore[misc]
+            await db.execute(
+                "UPDATE blob_checks SET outcome = 'ok', detail = 'released: no version references these bytes', outcome_seq = ? "
+                "WHERE cloud = ? AND digest = ? AND outcome IN ('missing', 'corrupt')",
+                (seq, cloud, digest),
+            )
+
     async def verify_generation(self) -> int:
         """Moves on whenever a stored copy turns bad or good again (an indexed MAX)."""
         row = await self._one("SELECT COALESCE(MAX(outcome_seq), 0) FROM blob_checks")

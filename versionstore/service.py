@@ -291,6 +291,7 @@ class VersionService:
         async with self.digest_locks.hold((cloud_name, digest)):
             if await self.meta.digest_referenced(cloud_name, digest, backup=True):
                 return
+            await self.meta.forget_checks(cloud_name, digest)  # a later upload of these bytes starts unmarked
             if await self.meta.get_pending(cloud_name, digest) is not None:
                 await self.meta.clear_pending(cloud_name, digest)
                 await self.primary.delete(layout.pending_key(cloud_name, digest))

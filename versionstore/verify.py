@@ -278,6 +278,9 @@ class Scrubber:
         intact = []
         for digest, outcomes in found.items():
             outcomes = await self._settle(cloud, backup, digest, outcomes)
+            if not outcomes:
+                report.skipped += 1
+                continue
             report.revisions += 1
             report.bytes += wanted[digest]
             for store, (outcome, detail) in outcomes.items():
@@ -312,6 +315,9 @@ class Scrubber:
             outcomes[PRIMARY] = (MISSING, f"{self.service.primary.name}/{layout.original_key(cloud.name, digest)} is missing")
         if _all_ok(outcomes):
             return outcomes
+        async with self.service.digest_locks.hold((cloud.name, digest)):
+            if not await self.meta.digest_referenced(cloud.name, digest, backup=True):
+                return {}  # deleted meanwhile (version deletion): nothing to repair or record
         outcomes = await self._repair(cloud, digest, backup, self.service.primary, outcomes)
         await self.meta.record_checks(cloud.name, digest, outcomes)
         for store, (outcome, detail) in outcomes.items():
