@@ -265,3 +265,20 @@ async def test_a_mark_does_not_outlive_the_bytes_it_was_about(api, client):
     await api.admin("DELETE", f"resources/backup/{first['asset_id']}", json={"version_ids": [first["version_id"]]})
     await api.upload(old, rt="raw", public_id="v/again")
     assert [v["restorable"] for v in await versions(api, "v/again")] == [True, True]
+
+
+async def test_a_rate_limited_scrub_leaves_uploads_responsive(api, client, storage):
+    if storage[0] != "shared":
+        pytest.skip("one layout is enough")
+    for n in range(3):
+        await api.upload(os.urandom(1 << 20), rt="raw", public_id=f"v/slow{n}")
+    service = client.server.app[SERVICE]
+    cloud = await service.meta.get_cloud(CLOUD)
+    started = time.monotonic()
+    scrubbing = asyncio.create_task(verify.Scrubber(service, rate=1e6).run(cloud))  # ~3 s at 1 MB/s
+    await asyncio.sleep(0.2)
+    upload_started = time.monotonic()
+    await api.upload(os.urandom(100_000), rt="raw", public_id="v/meanwhile")
+    assert time.monotonic() - upload_started < 1.0 and not scrubbing.done()
+    report = await scrubbing
+    assert report.problem_count == 0 and time.monotonic() - started >= 2.5
