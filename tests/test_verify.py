@@ -282,3 +282,19 @@ async def test_a_rate_limited_scrub_leaves_uploads_responsive(api, client, stora
     assert time.monotonic() - upload_started < 1.0 and not scrubbing.done()
     report = await scrubbing
     assert report.problem_count == 0 and time.monotonic() - started >= 2.5
+
+
+async def test_restore_replaces_a_damaged_primary_copy_from_the_proven_revision(api, client, storage):
+    if storage[0] != "separate":
+        pytest.skip("needs a primary copy independent of the revision")
+    old, new = os.urandom(5000), os.urandom(5000)
+    first = await api.upload(old, rt="raw", public_id="v/p")
+    await api.upload(new, rt="raw", public_id="v/p")
+    await api.upload(old, rt="raw", public_id="v/keep", backup="false")  # keeps a primary copy of `old`
+    primary = client.server.app[SERVICE].primary
+    path = Path(primary.local_path(layout.original_key(CLOUD, digest_of(old))))
+    os.chmod(path, 0o644)
+    path.write_bytes(b"rot" + old[3:])
+    body = await api.admin("POST", "resources/raw/upload/restore", json={"public_ids": ["v/p"], "versions": [first["version_id"]]})
+    assert "error" not in body["v/p"], body
+    assert path.read_bytes() == old

@@ -405,11 +405,14 @@ class VersionService:
         assert cloud is not None
         source = await self.targets.usable(cloud)
         key = layout.revision_key(cloud_name, digest)
-        if await self.primary.stat(layout.original_key(cloud_name, digest)) is not None:
+        original = layout.original_key(cloud_name, digest)
+        if await self.primary.stat(original) is not None:
             await self._verify_revision(cloud_name, source, key, digest)
-            return
+            if (await verify.check_blob(self.primary, original, digest))[0] == verify.OK:
+                return
+            await self.primary.delete(original)  # a damaged primary copy: replaced from the proven revision below
         try:
-            await self.copy_blob(source, key, self.primary, layout.original_key(cloud_name, digest), digest)
+            await self.copy_blob(source, key, self.primary, original, digest)
         except (RevisionCorrupt, BlobNotFound) as exc:
             outcome = verify.CORRUPT if isinstance(exc, RevisionCorrupt) else verify.MISSING
             await self.meta.record_checks(cloud_name, digest, {verify.BACKUP: (outcome, str(exc))})
