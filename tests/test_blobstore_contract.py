@@ -2,6 +2,8 @@
 
 S3 runs against a real moto_server and GCS against a real fake-gcs-server, both started by the
 test session (tests/servers.py); each test gets a fresh bucket and a store under a prefix.
+The local store runs twice: beside the source files (puts are hard links) and on another
+filesystem (puts copy to a temp file, then link it), and the retry wrapper runs around it.
 """
 
 import asyncio
@@ -14,9 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from versionstore.blobstore import BlobNotFound, open_store
+from versionstore.blobstore import BlobNotFound, BlobStoreError, open_store
+from versionstore.blobstore.resilient import ResilientStore
 
-BACKENDS = ["memory", "local", "s3", "gcs"]
+BACKENDS = ["memory", "local", "local-other-fs", "s3", "gcs", "resilient"]
+#: Where a store on another filesystem than the test's temp dir can live; tmpfs here.
+OTHER_FILESYSTEMS = [os.environ.get("VERSIONSTORE_TEST_OTHER_FS", ""), "/dev/shm", "/run/user", "/var/tmp", "/tmp"]
+
+
+def other_filesystem_dir(beside: Path) -> Path:
+    """A fresh directory on another filesystem than `beside`; fails loudly when there is none,
+    because a silently skipped cross-filesystem run hid a race (issue 8.9)."""
+    device = os.stat(beside).st_dev
+    for candidate in OTHER_FILESYSTEMS:
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK) and os.stat(candidate).st_dev != device:
+            return Path(tempfile.mkdtemp(dir=candidate, prefix="vs-contract-"))
+    pytest.fail(f"no writable filesystem other than {beside}'s among {OTHER_FILESYSTEMS}: set VERSIONSTORE_TEST_OTHER_FS")
 
 
 def new_bucket_url(request: pytest.FixtureRequest, scheme: str, prefix: str = "vs") -> str:
@@ -52,15 +67,23 @@ def make_gcs_bucket(endpoint: str, name: str) -> None:
 async def store(request, tmp_path, monkeypatch):
     for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
         monkeypatch.setenv(name, value)
+    other_fs = None
     if request.param == "memory":
         url = "memory:"
     elif request.param == "local":
         url = str(tmp_path / "store")
+    elif request.param in ("local-other-fs", "resilient"):
+        other_fs = other_filesystem_dir(tmp_path)
+        url = str(other_fs / "store")
     else:
         url = new_bucket_url(request, request.param)
     opened = open_store(url)
+    if request.param == "resilient":
+        opened = ResilientStore(opened)
     yield opened
     await opened.close()
+    if other_fs is not None:
+        shutil.rmtree(other_fs, ignore_errors=True)
 
 
 @pytest.fixture
@@ -107,9 +130,42 @@ async def test_list_by_prefix(store, source):
 
 
 async def test_racing_writers_of_one_key_all_succeed_and_one_wins(store, source):
-    results = await asyncio.gather(*(store.put_file("race", source) for _ in range(8)))
+    """Eight writers of the same file: every one succeeds (already exists is success), one wrote."""
+    for _ in range(3):
+        key = f"race/{uuid.uuid4().hex}"
+        results = await asyncio.gather(*(store.put_file(key, source) for _ in range(8)))
+        assert results.count(True) == 1
+        assert await read_all(store, key) == source.read_bytes()
+        await assert_no_temp_files(store)
+
+
+async def test_racing_writers_of_different_bytes_leave_one_whole_blob(store, tmp_path):
+    """Eight writers with distinct sources (as streamed uploads spooled to separate files would
+    be): one wins, the blob is exactly one writer's bytes, no temp file stays behind."""
+    sources = [tmp_path / f"src{n}.bin" for n in range(8)]
+    for n, path in enumerate(sources):
+        path.write_bytes(bytes([n]) * (1 << 20) + os.urandom(1000))
+    results = await asyncio.gather(*(store.put_file("race", path) for path in sources))
     assert results.count(True) == 1
-    assert await read_all(store, "race") == source.read_bytes()
+    assert await read_all(store, "race") == sources[results.index(True)].read_bytes()
+    await assert_no_temp_files(store)
+
+
+async def test_a_failed_copy_leaves_no_temp_file(store, tmp_path):
+    """A source that disappears mid-put: the put fails, and nothing half-written stays."""
+    with pytest.raises((OSError, BlobStoreError)):  # GCS classes a local read error as transient
+        await store.put_file("gone", tmp_path / "no-such-source.bin")
+    assert await store.stat("gone") is None
+    await assert_no_temp_files(store)
+
+
+async def assert_no_temp_files(store) -> None:
+    local = store.local_path("probe")
+    if local is None:
+        return
+    root = Path(local).parent
+    leftovers = [p.name for p in root.rglob("*") if p.is_file() and p.name.startswith(".")]
+    assert leftovers == [], leftovers
 
 
 async def test_local_blobs_are_read_only_and_keys_cannot_escape(tmp_path, source):
@@ -129,9 +185,7 @@ def test_unknown_store_urls_are_refused():
 async def test_local_store_on_another_filesystem_copies_then_links(tmp_path, source):
     """The spool and the store on different filesystems: link(2) fails with EXDEV, so the
     store copies to a temp file, fsyncs it and links that (still create-only)."""
-    shm = Path("/dev/shm")
-    assert shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev, "needs a tmpfs beside the disk"
-    root = Path(tempfile.mkdtemp(dir=shm))
+    root = other_filesystem_dir(tmp_path)
     try:
         store = open_store(str(root))
         assert await store.put_file("k", source) is True

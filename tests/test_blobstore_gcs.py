@@ -50,19 +50,6 @@ async def test_resumable_upload_and_ranged_reads_across_pieces(small_chunk_store
     assert [piece async for piece in store.read("c/empty")] == []
 
 
-async def test_six_racing_writers_of_one_key_one_wins(request, tmp_path):
-    store = open_store(new_bucket_url(request, "gs"))
-    try:
-        sources = [tmp_path / f"src{n}.bin" for n in range(6)]
-        for n, path in enumerate(sources):
-            path.write_bytes(bytes([n]) * 300_000)  # distinct bytes show which writer won
-        results = await asyncio.gather(*(store.put_file("race", path) for path in sources))
-        assert results.count(True) == 1
-        assert await read_all(store, "race") == sources[results.index(True)].read_bytes()
-    finally:
-        await store.close()
-
-
 async def test_racing_resumable_writers_leave_one_whole_blob(small_chunk_store, tmp_path):
     """fake-gcs-server 1.54 ignores ifGenerationMatch on resumable uploads (real GCS does not), so
     several racers may report True here; what is checked is that chunks never mix."""

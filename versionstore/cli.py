@@ -1,4 +1,4 @@
-"""Command line: `versionstore serve`, `cloud create|list|set|status` and `initial-backup`.
+"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify` and `initial-backup`.
 
 `initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
 parses its own options.
@@ -176,7 +176,51 @@ async def _cloud_status(meta: MetadataStore, args: argparse.Namespace) -> None:
 
     config = Config.from_env(data_dir_from(args.data_dir))
     space = space_report(config.data_dir, config.min_free_bytes)
-    print(json.dumps(await backup_status(meta, await _existing(meta, args.name), space), indent=2))
+    status = await backup_status(meta, await _existing(meta, args.name), space, (config.primary_url, config.backup_url))
+    print(json.dumps(status, indent=2))
+
+
+# --- verify ------------------------------------------------------------------------------------
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """`versionstore verify`: exit 0 when every copy checked was intact, 1 when any was missing
+    or corrupt (repaired or not), 2 on a usage error."""
+    from tqdm import tqdm
+
+    from versionstore import verify
+    from versionstore.blobstore import open_store
+    from versionstore.blobstore.resilient import resilient
+    from versionstore.service import VersionService
+    from versionstore.targets import BackupTargets
+
+    if not 0 < args.sample <= 1 or args.rate < 0:
+        raise ConfigError("--sample must be in (0, 1] and --rate >= 0")
+    config = Config.from_env(store_dir(args.data_dir, create=False))
+
+    async def run() -> int:
+        meta = await MetadataStore.open(config.db_path)
+        primary = resilient(open_store(config.primary_url))
+        targets = BackupTargets(meta, resilient(open_store(config.backup_url)))
+        service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
+        config.spool_dir.mkdir(parents=True, exist_ok=True)
+        problems = 0
+        try:
+            clouds = [await _existing(meta, args.cloud)] if args.cloud else await meta.list_clouds()
+            for cloud in clouds:
+                total = (await meta.revision_totals(cloud.name))[1] * args.sample
+                with tqdm(total=int(total), unit="B", unit_scale=True, desc=cloud.name, disable=args.quiet or None) as bar:
+                    scrubber = verify.Scrubber(service, rate=args.rate * 1e6 or None, sample=args.sample, progress=bar.update)
+                    report = await scrubber.run(cloud)
+                print(json.dumps({"cloud_name": cloud.name, **report.as_dict()}, indent=2))
+                problems += report.problem_count
+        finally:
+            await targets.close()
+            await primary.close()
+            await meta.close()
+        return 1 if problems else 0
+
+    return asyncio.run(run())
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -241,6 +285,16 @@ def parser() -> argparse.ArgumentParser:
                       _on_store(_cloud_status))
     status.add_argument("name", help="environment name")
     _data_dir_option(status, creates=False)
+
+    check = _command(
+        sub, "verify", "re-read every revision from every store it lives in, check its BLAKE3, repair from an intact copy",
+        _verify,
+    )
+    check.add_argument("--cloud", metavar="NAME", help="one environment (default: all)")
+    check.add_argument("--sample", type=float, default=1.0, metavar="FRACTION", help="check this random share of the revisions")
+    check.add_argument("--rate", type=float, default=0.0, metavar="MB/s", help="read at most this fast (0: unlimited)")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    _data_dir_option(check, creates=False)
 
     sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
         "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "

@@ -105,6 +105,10 @@ class Config:
     fetch_allow: tuple[str, ...] = ()
     #: Admin API calls allowed per environment per hour (420 beyond); 0 means no limit.
     admin_rate_limit: int = 0
+    #: Seconds between scheduled verify jobs per environment (0: off); see docs/operations.md.
+    verify_interval: float = 86400.0
+    #: MB/s a scheduled verify job may read (0: unlimited), so uploads keep their share of the disk.
+    verify_rate: float = 50.0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -126,6 +130,8 @@ class Config:
             "min_free_bytes": _env_int("VERSIONSTORE_MIN_FREE_BYTES", cls.min_free_bytes),
             "fetch_allow": _env_list("VERSIONSTORE_FETCH_ALLOW"),
             "admin_rate_limit": _env_int("VERSIONSTORE_ADMIN_RATE_LIMIT", cls.admin_rate_limit),
+            "verify_interval": _env_float("VERSIONSTORE_VERIFY_INTERVAL", cls.verify_interval),
+            "verify_rate": _env_float("VERSIONSTORE_VERIFY_RATE", cls.verify_rate),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

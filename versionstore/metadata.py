@@ -81,6 +81,8 @@ def _job_row(job: Job) -> dict[str, Any]:
     return values
 
 
+_BAD_OUTCOMES = ("missing", "corrupt")
+
 _PENDING_SELECT = "SELECT cloud, digest, bytes, queued_at, attempts, next_attempt_at, last_error FROM backup_pending"
 
 
@@ -771,3 +773,106 @@ class MetadataStore:
         if kind is not None:
             sql, args = sql + " AND kind = ?", [*args, kind]
         return [_job(r) for r in await self._all(sql + " ORDER BY created_at", args)]
+
+    # --- verify and scrub (versionstore/verify.py) -------------------------------------------
+
+    async def record_checks(self, cloud: str, digest: str, outcomes: dict[str, tuple[str, str | None]]) -> bool:
+        """Record the checks of one revision, {store: (outcome, detail)}, in one transaction."""
+        return await self.record_checks_many(cloud, [(digest, outcomes)])
+
+    async def record_checks_many(self, cloud: str, checks: Sequence[tuple[str, dict[str, tuple[str, str | None]]]]) -> bool:
+        """Record the checks of many revisions in one transaction (one fsync for a scrub's batch).
+
+        True when a store's copy went from good to bad or back: then `outcome_seq` moves on, so
+        caches keyed on `verify_generation` (the versions JSON) are rebuilt in every process."""
+        now = time.time()
+        rows = [(digest, store, outcome, detail) for digest, outcomes in checks for store, (outcome, detail) in outcomes.items()]
+        if not rows:
+            return False
+        digests = sorted({row[0] for row in rows})
+        async with self.transaction() as db:
+            bad_before: set[tuple[str, str]] = set()
+            for start in range(0, len(digests), 500):  # one query per 500 digests, not one per row
+                part = digests[start : start + 500]
+                cursor = await db.execute(
+                    f"SELECT digest, store FROM blob_checks WHERE cloud = ? AND outcome IN ('missing', 'corrupt') "
+                    f"AND digest IN ({', '.join('?' * len(part))})", (cloud, *part),
+                )
+                bad_before.update((r[0], r[1]) for r in await cursor.fetchall())
+            flipped = {(d, s) for d, s, outcome, _ in rows if ((d, s) in bad_before) != (outcome in _BAD_OUTCOMES)}
+            seq = 0
+            if flipped:
+                (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()  # type: ignore[misc]
+            # An unchanged good/bad state keeps its sequence number (0 means "keep" on conflict).
+            await db.executemany(
+                "INSERT INTO blob_checks (cloud, digest, store, outcome, detail, last_verified_at, outcome_seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cloud, digest, store) DO UPDATE SET outcome = excluded.outcome, "
+                "detail = excluded.detail, last_verified_at = excluded.last_verified_at, outcome_seq = "
+                "CASE WHEN excluded.outcome_seq > 0 THEN excluded.outcome_seq ELSE blob_checks.outcome_seq END",
+                [(cloud, d, s, outcome, detail, now, seq if (d, s) in flipped else 0) for d, s, outcome, detail in rows],
+            )
+        return bool(flipped)
+
+    async def forget_checks(self, cloud: str, digest: str) -> None:
+        """Clear the damage marks of a revision nothing references any more (its bytes are being
+        deleted), so a later upload of the same bytes does not inherit them. Rows are kept, not
+        deleted: `verify_generation` (a MAX) must never go back."""
+        async with self.transaction() as db:
+            (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()  # type: ignore[misc]
+            await db.execute(
+                "UPDATE blob_checks SET outcome = 'ok', detail = 'released: no version references these bytes', outcome_seq = ? "
+                "WHERE cloud = ? AND digest = ? AND outcome IN ('missing', 'corrupt')",
+                (seq, cloud, digest),
+            )
+
+    async def verify_generation(self) -> int:
+        """Moves on whenever a stored copy turns bad or good again (an indexed MAX)."""
+        row = await self._one("SELECT COALESCE(MAX(outcome_seq), 0) FROM blob_checks")
+        return int(row[0])
+
+    async def bad_revisions(self, cloud: str, digests: Sequence[str]) -> dict[str, str]:
+        """{digest: outcome} of these revisions whose backup copy was last found missing or corrupt."""
+        if not digests or self._reader.execute(
+            "SELECT 1 FROM blob_checks WHERE outcome IN ('missing', 'corrupt') LIMIT 1"
+        ).fetchone() is None:
+            return {}
+        marks = ", ".join("?" * len(set(digests)))
+        rows = await self._all(
+            f"SELECT digest, outcome FROM blob_checks WHERE cloud = ? AND store = 'backup' AND outcome IN ('missing', 'corrupt') "
+            f"AND digest IN ({marks})",
+            (cloud, *set(digests)),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def last_verified_at(self, cloud: str, digest: str, store: str) -> float | None:
+        row = await self._one(
+            "SELECT last_verified_at FROM blob_checks WHERE cloud = ? AND digest = ? AND store = ?", (cloud, digest, store)
+        )
+        return None if row is None else float(row[0])
+
+    async def checked_since(self, cloud: str, digests: Sequence[str], since: float) -> set[str]:
+        """Which of these revisions' backup copies were checked at or after `since`."""
+        found: set[str] = set()
+        for start in range(0, len(digests), 500):
+            part = digests[start : start + 500]
+            rows = await self._all(
+                f"SELECT digest FROM blob_checks WHERE cloud = ? AND store = 'backup' AND last_verified_at >= ? "
+                f"AND digest IN ({', '.join('?' * len(part))})",
+                (cloud, since, *part),
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    async def check_summary(self, cloud: str) -> dict[str, Any]:
+        """Counts of the last recorded outcome per store, only of revisions still referenced."""
+        rows = await self._scan(
+            "SELECT c.store, c.outcome, COUNT(*), MAX(c.last_verified_at) FROM blob_checks c WHERE c.cloud = ? "
+            "AND EXISTS (SELECT 1 FROM versions v WHERE v.cloud = c.cloud AND v.digest = c.digest) GROUP BY c.store, c.outcome",
+            (cloud,),
+        )
+        summary: dict[str, Any] = {"last_verified_at": None}
+        for store, outcome, count, last in rows:
+            summary.setdefault(store, {})[outcome] = int(count)
+            if summary["last_verified_at"] is None or last > summary["last_verified_at"]:
+                summary["last_verified_at"] = float(last)
+        return summary

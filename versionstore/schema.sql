@@ -134,6 +134,32 @@ UPDATE versions SET original_filename = (SELECT a.original_filename FROM assets 
 UPDATE versions SET
     width = (SELECT a.width FROM assets a WHERE a.pk = versions.asset_pk AND a.version_id = versions.version_id),
     height = (SELECT a.height FROM assets a WHERE a.pk = versions.asset_pk AND a.version_id = versions.version_id);
+
+-- migration 5
+-- Verify and scrub (docs/operations.md): the last check of each revision's bytes in each store
+-- it lives in ('backup': the environment's target; 'primary': the original beside it).
+-- `outcome_seq` grows whenever an outcome changes, so caches that show `restorable` can key on
+-- its maximum, whichever process (the server's job, the CLI) recorded the change.
+CREATE TABLE blob_checks (
+    cloud            TEXT NOT NULL,
+    digest           TEXT NOT NULL,
+    store            TEXT NOT NULL CHECK (store IN ('backup', 'primary')),
+    outcome          TEXT NOT NULL CHECK (outcome IN ('ok', 'missing', 'corrupt', 'repaired')),
+    detail           TEXT,
+    last_verified_at REAL NOT NULL,
+    outcome_seq      INTEGER NOT NULL,
+    PRIMARY KEY (cloud, digest, store)
+);
+CREATE INDEX blob_checks_seq ON blob_checks (outcome_seq);
+CREATE INDEX blob_checks_bad ON blob_checks (cloud, digest) WHERE outcome IN ('missing', 'corrupt');
+
+-- migration 6
+-- Cloudinary's etag is the MD5 of the original bytes (docs/design.md): computed in the same
+-- pass as BLAKE3 and kept per version, and on the asset for its current version. Rows from
+-- before this migration keep NULL (their etag stays the BLAKE3 prefix they always showed).
+ALTER TABLE versions ADD COLUMN md5 TEXT;
+ALTER TABLE assets ADD COLUMN md5 TEXT;
+
 -- migration 7
 -- Chunked uploads (docs/design.md): each chunk is its own read-only part file, recorded here
 -- once received and authenticated; the session's state is a condition every write checks, so
@@ -164,13 +190,6 @@ CREATE TABLE upload_parts (
     PRIMARY KEY (cloud, upload_id, first_byte, end_byte),
     FOREIGN KEY (cloud, upload_id) REFERENCES upload_sessions (cloud, upload_id) ON DELETE CASCADE
 );
-
--- migration 6
--- Cloudinary's etag is the MD5 of the original bytes (docs/design.md): computed in the same
--- pass as BLAKE3 and kept per version, and on the asset for its current version. Rows from
--- before this migration keep NULL (their etag stays the BLAKE3 prefix they always showed).
-ALTER TABLE versions ADD COLUMN md5 TEXT;
-ALTER TABLE assets ADD COLUMN md5 TEXT;
 
 -- migration 8
 -- Structured metadata field definitions (Cloudinary's metadata_fields), per environment.

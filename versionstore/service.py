@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from versionstore import layout, media
+from versionstore import layout, media, verify
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from versionstore.errors import BadRequest, Conflict, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
@@ -345,6 +345,7 @@ class VersionService:
         async with self.digest_locks.hold((cloud_name, digest)):
             if await self.meta.digest_referenced(cloud_name, digest, backup=True):
                 return
+            await self.meta.forget_checks(cloud_name, digest)  # a later upload of these bytes starts unmarked
             if await self.meta.get_pending(cloud_name, digest) is not None:
                 await self.meta.clear_pending(cloud_name, digest)
                 await self.primary.delete(layout.pending_key(cloud_name, digest))
@@ -503,13 +504,39 @@ class VersionService:
         return media.dimensions(head, version.format)
 
     async def _copy_revision_to_primary(self, cloud_name: str, digest: str) -> None:
-        if await self.primary.stat(layout.original_key(cloud_name, digest)) is not None:
-            return
         cloud = await self.meta.get_cloud(cloud_name)
         assert cloud is not None
         source = await self.targets.usable(cloud)
         key = layout.revision_key(cloud_name, digest)
-        await self.copy_blob(source, key, self.primary, layout.original_key(cloud_name, digest), digest)
+        original = layout.original_key(cloud_name, digest)
+        if await self.primary.stat(original) is not None:
+            await self._verify_revision(cloud_name, source, key, digest)
+            if (await verify.check_blob(self.primary, original, digest))[0] == verify.OK:
+                return
+            await self.primary.delete(original)  # a damaged primary copy: replaced from the proven revision below
+        try:
+            await self.copy_blob(source, key, self.primary, original, digest)
+        except (RevisionCorrupt, BlobNotFound) as exc:
+            outcome = verify.CORRUPT if isinstance(exc, RevisionCorrupt) else verify.MISSING
+            await self.meta.record_checks(cloud_name, digest, {verify.BACKUP: (outcome, str(exc))})
+            raise
+        await self._record_intact(cloud_name, digest)
+
+    async def _verify_revision(self, cloud_name: str, store: BlobStore, key: str, digest: str) -> None:
+        """A restore proves the revision's bytes before it commits, even when a primary copy
+        with the same digest exists: the promise is that the backup is intact. A bad revision
+        is recorded (restorable: false) and fails the restore."""
+        outcome, detail = await verify.check_blob(store, key, digest)
+        if outcome == verify.OK:
+            await self._record_intact(cloud_name, digest)
+            return
+        await self.meta.record_checks(cloud_name, digest, {verify.BACKUP: (outcome, detail)})
+        raise RevisionCorrupt(detail) if outcome == verify.CORRUPT else BlobNotFound(detail or key)
+
+    async def _record_intact(self, cloud_name: str, digest: str) -> None:
+        """A revision recorded as damaged read back intact (put back by hand): clear the mark."""
+        if await self.meta.bad_revisions(cloud_name, [digest]):
+            await self.meta.record_checks(cloud_name, digest, {verify.BACKUP: (verify.OK, None)})
 
     async def copy_blob(self, source: BlobStore, source_key: str, target: BlobStore, target_key: str, digest: str) -> bool:
         """Copy a blob between stores, verifying that its bytes still hash to `digest`.
@@ -620,6 +647,8 @@ class VersionService:
         public_id, version = found
         if await self.meta.pending_digests(cloud.name, [version.digest]):
             raise NotFound(f"Version {version_id} is not restorable yet: its backup is pending")
+        if bad := (await self.meta.bad_revisions(cloud.name, [version.digest])).get(version.digest):
+            raise NotFound(f"Version {version_id} is not restorable: its backup copy was found {bad} (see `versionstore verify`)")
         try:
             store = await self.targets.usable(cloud, inline=True)
         except TargetUnavailable as exc:

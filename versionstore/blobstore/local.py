@@ -1,12 +1,14 @@
 """Local-disk blob store: the embedded default.
 
 Blobs are hard-linked from the spool file when both live on one filesystem, so the bytes of
-an upload hit the disk once; otherwise they are copied to a temp file first.
+an upload hit the disk once; otherwise they are copied to a private temp file (a unique name,
+O_EXCL) that is then linked create-only. No code path opens a published blob for writing.
 """
 
 import asyncio
 import errno
 import os
+import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -60,15 +62,26 @@ class LocalBlobStore:
         return True
 
     def _copy_then_link(self, target: Path, source: Path) -> bool:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(source, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())  # bytes durable before the name appears
-        os.chmod(tmp, 0o444)
+        """Copy into a private temp file, make it durable and read-only, then link it.
+
+        The temp name is unique per writer and created with O_EXCL: racing writers of one key
+        (several uploads of the same bytes) each fill their own file, so none can truncate a
+        file another one is about to publish. Whatever happens, the temp file is removed.
+        """
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
-            os.link(tmp, target)
-        except FileExistsError:
-            return False
+            try:
+                with open(source, "rb") as src, os.fdopen(fd, "wb", closefd=False) as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+                os.fsync(fd)  # bytes durable before the name appears
+                os.fchmod(fd, 0o444)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False  # another writer published the same key first: success
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(target.parent)  # the new directory entry survives a crash

@@ -2,12 +2,13 @@
 
 import json
 import time
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
-from versionstore import ids, metadata_fields, queries
+from versionstore import ids, metadata_fields, queries, verify
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
 from versionstore.http.app import META, SERVICE, VERSIONS_CACHE
@@ -262,7 +263,8 @@ async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, s
         "Cache-Control": "private, max-age=3600",
         "ETag": f'"{version.digest[:32]}"',
     }
-    return await blob_response(request, store, key, version.bytes, headers)
+    report = partial(verify.record_read_failure, request.app[META], cloud.name, version.digest)
+    return await blob_response(request, store, key, version.bytes, version.digest, headers, report)
 
 
 def _ascii(name: str) -> str:

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import initial_backup, migration
+from versionstore import initial_backup, migration, verify
 from versionstore.blobstore import open_store
 from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
@@ -160,6 +160,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         handlers: dict[str, Handler] = {
             migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
             initial_backup.KIND: initial_backup.InitialBackup(service).run,
+            verify.KIND: verify.VerifyJob(service, rate=config.verify_rate * 1e6 or None).run,
         }
         runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
         opened.push_async_callback(runner.close)
@@ -171,6 +172,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(runner.run(), name="job runner"),
             asyncio.create_task(chunks.run_sweeper(), name="chunk session sweeper"),
         ]
+        if config.verify_interval > 0:
+            scheduled = verify.schedule(meta, runner.wake.set, config.verify_interval, rate_mb_s=config.verify_rate or None)
+            background.append(asyncio.create_task(scheduled, name="verify schedule"))
         opened.push_async_callback(_stop, background)
         yield
 

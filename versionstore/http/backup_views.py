@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from versionstore import migration
+from versionstore import migration, verify
 from versionstore.disk_space import space_report
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
@@ -21,8 +21,11 @@ from versionstore.metadata import MetadataStore
 from versionstore.models import Cloud
 
 
-async def backup_status(meta: MetadataStore, cloud: Cloud, space: dict[str, Any]) -> dict[str, Any]:
-    """`space` is disk_space.space_report() of the data dir (free bytes, `low_space`)."""
+async def backup_status(
+    meta: MetadataStore, cloud: Cloud, space: dict[str, Any], stores: tuple[str | None, str | None] = (None, None)
+) -> dict[str, Any]:
+    """`space` is disk_space.space_report() of the data dir (free bytes, `low_space`); `stores`:
+    the primary and default backup store URLs, to tell whether they share storage."""
     health = await meta.get_health(cloud.name)
     count, size, oldest = await meta.pending_summary(cloud.name)
     jobs = await meta.open_jobs(cloud.name, migration.KIND)
@@ -35,6 +38,7 @@ async def backup_status(meta: MetadataStore, cloud: Cloud, space: dict[str, Any]
         "pending": {"count": count, "bytes": size, "oldest_queued_at": render.iso(oldest) if oldest else None},
         "migration": render.job(jobs[0]) if jobs else None,
         "data_dir": space,
+        **await verify.status_fields(meta, cloud, *stores),
     }
 
 
@@ -54,7 +58,8 @@ async def backup(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
             request.app[JOBS].wake.set()
         cloud = await meta.get_cloud(cloud.name) or cloud
     config = request.app[CONFIG]
-    return web.json_response(await backup_status(meta, cloud, space_report(config.data_dir, config.min_free_bytes)))
+    space = space_report(config.data_dir, config.min_free_bytes)
+    return web.json_response(await backup_status(meta, cloud, space, (config.primary_url, config.backup_url)))
 
 
 async def job(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:

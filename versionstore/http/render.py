@@ -94,17 +94,20 @@ def select(body: dict[str, Any], fields: frozenset[str] | None) -> dict[str, Any
     return {k: v for k, v in body.items() if k in fields or k in ALWAYS_FIELDS}
 
 
-def version(v: Version, pending: bool = False) -> dict[str, Any]:
+def version(v: Version, pending: bool = False, damaged: str | None = None) -> dict[str, Any]:
     """A `versions[]` item: `version` is a string on the wire; `restorable` means the bytes are
-    in backup storage (docs/design.md): not while the revision's backup is pending."""
+    in backup storage (docs/design.md): not while the revision's backup is pending, nor once a
+    check found its backup copy `damaged` ("missing" or "corrupt", versionstore/verify.py)."""
     item: dict[str, Any] = {
         "version_id": v.version_id,
         "version": str(v.version),
         "format": v.format,
         "size": v.bytes,
         "time": datetime.fromtimestamp(v.created_at, UTC).isoformat(timespec="seconds"),
-        "restorable": v.backed_up and not pending,
+        "restorable": v.backed_up and not pending and damaged is None,
     }
+    if v.backed_up and damaged is not None:
+        item["backup_integrity"] = damaged
     if v.backed_up and pending:
         item["backup_pending"] = True
     if v.restored_from:

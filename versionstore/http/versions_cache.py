@@ -3,7 +3,9 @@
 Versions are immutable rows, so the JSON of an asset's history only changes when a version
 is added or deleted, which `MetadataStore.versions_signature` detects with one indexed count,
 or when a pending revision reaches its target (`restorable` flips), which bumps
-`MetadataStore.revisions_generation`.
+`MetadataStore.revisions_generation`, or when verify finds a revision missing or corrupt (or
+repaired), which moves `MetadataStore.verify_generation` (kept in the database, so a change
+made by `versionstore verify` in another process counts too).
 A 1,000-version history then costs one query and a string copy instead of 1,000 row
 conversions. The cache is bounded by the total size of what it holds.
 """
@@ -19,23 +21,25 @@ class VersionsJsonCache:
     def __init__(self, max_bytes: int = 32 << 20) -> None:
         self.max_bytes = max_bytes
         self._size = 0
-        self._entries: OrderedDict[int, tuple[tuple[int, int, int], str, int]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[tuple[int, int, int, int], str, int]] = OrderedDict()
 
     async def get(self, meta: MetadataStore, cloud: str, asset_pk: int) -> tuple[str, int]:
         """(JSON array of the asset's versions, backup_bytes)."""
-        signature = (*await meta.versions_signature(asset_pk), meta.revisions_generation)
+        signature = (*await meta.versions_signature(asset_pk), meta.revisions_generation, await meta.verify_generation())
         hit = self._entries.get(asset_pk)
         if hit is not None and hit[0] == signature:
             self._entries.move_to_end(asset_pk)
             return hit[1], hit[2]
         versions = await meta.versions(asset_pk)
-        pending = await meta.pending_digests(cloud, [v.digest for v in versions if v.backed_up])
-        text = json.dumps([render.version(v, v.digest in pending) for v in versions], separators=(",", ":"))
+        revisions = [v.digest for v in versions if v.backed_up]
+        pending = await meta.pending_digests(cloud, revisions)
+        bad = await meta.bad_revisions(cloud, revisions)
+        text = json.dumps([render.version(v, v.digest in pending, bad.get(v.digest)) for v in versions], separators=(",", ":"))
         backup_bytes = await meta.backup_bytes(asset_pk)  # only on a miss: one definition of the sum
         self._store(asset_pk, (signature, text, backup_bytes))
         return text, backup_bytes
 
-    def _store(self, asset_pk: int, entry: tuple[tuple[int, int, int], str, int]) -> None:
+    def _store(self, asset_pk: int, entry: tuple[tuple[int, int, int, int], str, int]) -> None:
         old = self._entries.pop(asset_pk, None)
         if old is not None:
             self._size -= len(old[1])
