@@ -214,9 +214,12 @@ class Worker(threading.Thread):
         if result.get("existing"):  # overwrite=false found the id taken: nothing changed
             self.ledger.ack(kind)
             return
-        if not digest.startswith(str(result.get("etag"))):
+        if (result.get("etag"), result.get("blake3")) != (md5, digest):
             with self.ledger.lock:
-                self.ledger.server_errors.append(f"{kind}: etag {result.get('etag')} is not the BLAKE3 prefix of {digest}")
+                self.ledger.server_errors.append(
+                    f"{kind}: etag/blake3 {result.get('etag')}/{result.get('blake3')} "
+                    f"are not the MD5/BLAKE3 {md5}/{digest} of what was sent"
+                )
         self.ledger.ack(kind, Sent(
             asset_id=result["asset_id"], version_id=result["version_id"], version=int(result["version"]), digest=digest,
             size=size, md5=md5, backed_up=bool(result.get("backup")), kind=kind,

@@ -292,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--cloud", metavar="NAME", help="one environment (default: all)")
     check.add_argument("--sample", type=float, default=1.0, metavar="FRACTION", help="check this random share of the revisions")
-    check.add_argument("--rate", type=float, default=0.0, metavar="MB/s", help="read at most this fast (0: unlimited)")
+    check.add_argument("--rate", type=float, default=0.0, metavar="MB/s", help="read at most this fast (default: 0, unlimited)")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     _data_dir_option(check, creates=False)
 

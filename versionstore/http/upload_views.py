@@ -269,10 +269,17 @@ async def explicit(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
 MAX_BULK_IDS = 1000
 
 
-async def _bulk_update(request: web.Request, cloud: Cloud, rt: str, params: Params, change: Any) -> web.Response:
+def _bulk_ids(params: Params) -> list[str]:
+    """The `public_ids` of a tags/context/metadata call: present and bounded (checked before
+    anything that costs more)."""
     public_ids = as_bounded_list(params.get("public_ids"), "public_ids", MAX_BULK_IDS)
     if not public_ids:
         raise BadRequest("Missing required parameter - public_ids")
+    return public_ids
+
+
+async def _bulk_update(request: web.Request, cloud: Cloud, rt: str, params: Params, change: Any) -> web.Response:
+    public_ids = _bulk_ids(params)
     type_ = str(params.get("type") or "upload")
     done = []
     for public_id in public_ids:
@@ -319,5 +326,6 @@ async def context(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
 
 async def metadata(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _signed_params(request, cloud, "metadata", optional_skip=True)
+    _bulk_ids(params)
     new = await metadata_fields.checked(request.app[META], cloud.name, parse_pipe_map(params.get("metadata"))) or {}
     return await _bulk_update(request, cloud, match["rt"], params, lambda asset: {"metadata": {**asset.metadata, **new}})
