@@ -45,8 +45,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.e2e.conftest import API_KEY, API_SECRET, CLOUD, ServerProcess, cli, configure_sdk  # noqa: E402
+from tests.e2e.conftest import API_KEY, API_SECRET, CLOUD, ServerProcess, cli, configure_sdk, download_digest  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 5 * MiB  # every chunk but the last is >= 5 MB (the chunk rule another helper adds)
@@ -576,7 +574,7 @@ class Checker:
             return
         self.report.checks["I1"] += 1
         url = cloudinary.utils.download_backedup_asset(asset_id, v["version_id"])
-        status, size, digest = download(url)
+        status, size, digest = download_digest(url)
         where = f"{public_id} ({asset_id}) version {v['version_id']}"
         if status != 200:
             self.report.violate("I1", f"{where} is restorable but download_backup answers {status}")
@@ -707,20 +705,6 @@ class Checker:
 
 def fanout(digest: str) -> str:
     return f"{digest[:2]}/{digest[2:4]}/{digest}"
-
-
-def download(url: str) -> tuple[int, int, str]:
-    hasher = blake3.blake3()
-    size = 0
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            status = response.status
-            while data := response.read(MiB):
-                hasher.update(data)
-                size += len(data)
-    except urllib.error.HTTPError as exc:
-        return exc.code, 0, ""
-    return status, size, hasher.hexdigest()
 
 
 # --- the run ----------------------------------------------------------------------------------

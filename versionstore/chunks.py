@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from versionstore.config import Config
+from versionstore.durable import fsync_path
 from versionstore.errors import BadRequest, TooLarge
 from versionstore.metadata import MetadataStore
 from versionstore.models import SessionState, UploadPart, UploadSession
@@ -118,13 +119,6 @@ def _write_all(fd: int, blocks: list[bytes]) -> None:
             view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class ChunkAssembler:
     def __init__(self, meta: MetadataStore, config: Config, new_spool: Callable[[], SpoolFile]) -> None:
@@ -209,7 +203,7 @@ class ChunkAssembler:
     def _publish(received: Path, published: Path) -> None:
         os.link(received, published)
         os.chmod(published, 0o444)
-        _fsync_dir(published.parent)  # the name survives a crash before the row names it
+        fsync_path(published.parent)  # the name survives a crash before the row names it
         received.unlink()
 
     def _decider(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import blake3
 
+from versionstore.durable import fsync_path
 from versionstore.errors import TooLarge
 
 BLOCK = 1 << 20
@@ -82,14 +83,7 @@ async def make_durable(spooled: Spooled) -> None:
     names it; a copy to a remote bucket reads the page cache and need not wait for it."""
     if not spooled.synced:
 
-        def sync() -> None:
-            fd = os.open(spooled.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        await asyncio.to_thread(sync)
+        await asyncio.to_thread(fsync_path, spooled.path)
 
 
 class SpoolFile:

@@ -12,11 +12,14 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
+import blake3
 import cloudinary
 import pytest
 
@@ -274,3 +277,21 @@ async def stream_upload(
             result = await response.json()
             assert response.status == 200, result
             return dict(result)
+
+
+_READ = 1 << 20
+
+
+def download_digest(url: str, timeout: float = 60) -> tuple[int, int, str]:
+    """(status, size, BLAKE3) of a download, streamed (the bytes are not kept)."""
+    hasher = blake3.blake3()
+    size = 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            status = response.status
+            while data := response.read(_READ):
+                hasher.update(data)
+                size += len(data)
+    except urllib.error.HTTPError as exc:
+        return exc.code, 0, ""
+    return status, size, hasher.hexdigest()

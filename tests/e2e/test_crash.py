@@ -22,7 +22,7 @@ import cloudinary.uploader
 import cloudinary.utils
 import pytest
 
-from tests.e2e.conftest import ServerProcess, configure_sdk, stream_upload
+from tests.e2e.conftest import ServerProcess, configure_sdk, download_digest, stream_upload
 
 MiB = 1 << 20
 SLOW_BLOCK = 256 * 1024
@@ -178,20 +178,3 @@ def test_sigkill_mid_upload_then_restart(fresh_server: ServerProcess) -> None:
     extra = cloudinary.uploader.upload(b"next version", public_id=CUT_EXISTING_IDS[0], resource_type="raw")
     history = cloudinary.api.resource(CUT_EXISTING_IDS[0], resource_type="raw", versions=True)["versions"]
     assert [v["version_id"] for v in history] == [*baseline[CUT_EXISTING_IDS[0]], extra["version_id"]]
-
-
-def download_digest(url: str) -> tuple[int, int, str]:
-    import urllib.error
-    import urllib.request
-
-    hasher = blake3.blake3()
-    size = 0
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            status = response.status
-            while data := response.read(MiB):
-                hasher.update(data)
-                size += len(data)
-    except urllib.error.HTTPError as exc:
-        return exc.code, 0, ""
-    return status, size, hasher.hexdigest()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from versionstore.blobstore import BlobInfo, BlobNotFound
+from versionstore.durable import fsync_path
 
 CHUNK = 1 << 20
 
@@ -58,7 +59,7 @@ class LocalBlobStore:
         # Write protection: the inode is shared with the spool file (and maybe the other
         # store), all of which are immutable content by now.
         os.chmod(target, 0o444)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
         return True
 
     def _copy_then_link(self, target: Path, source: Path) -> bool:
@@ -84,7 +85,7 @@ class LocalBlobStore:
                 return False  # another writer published the same key first: success
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)  # the new directory entry survives a crash
+        fsync_path(target.parent)  # the new directory entry survives a crash
         return True
 
     async def stat(self, key: str) -> BlobInfo | None:
@@ -135,10 +136,3 @@ class LocalBlobStore:
     async def close(self) -> None:
         pass
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
