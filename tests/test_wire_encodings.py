@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
-from tests.conftest import API_KEY, API_SECRET, CLOUD
+from tests.conftest import API_KEY, API_SECRET, CLOUD, sign
 
 BASIC = "Basic a2V5MTIzOnNlY3JldDQ1Ng=="  # key123:secret456, exactly as captured
 PY141_UA = "CloudinaryPython/1.41.0 (Linux-6.18.44-fc-v657-x86_64-with-glibc2.36; Python 3.11.7)"
@@ -854,3 +855,21 @@ def test_quote_helper_matches_node_encoding() -> None:
     """Node's encodeURIComponent on a path segment → what the tests above send."""
     assert quote("docs/sample", safe="") == "docs%2Fsample"
     assert quote("resources/search", safe="") == "resources%2Fsearch"
+
+
+@pytest.mark.parametrize("order", [("0", "1"), ("1", "0")])
+async def test_indexed_keys_in_separate_multipart_parts_collect_into_one_list(client: TestClient, order: tuple[str, str]) -> None:
+    """`tags[0]` and `tags[1]` sent as separate parts (in any order) are one list, as in a form."""
+    signed = sign({"public_id": "enc/indexed", "tags": ["first", "second"]})
+    form = aiohttp.FormData()
+    for key, value in signed.items():
+        if key == "tags":
+            for index in order:
+                form.add_field(f"tags[{index}]", value[int(index)])
+        else:
+            form.add_field(key, str(value))
+    form.add_field("file", b"indexed", filename="i.bin", content_type="application/octet-stream")
+    response = await client.post(f"/v1_1/{CLOUD}/raw/upload", data=form)
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["tags"] == ["first", "second"]

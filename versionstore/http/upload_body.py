@@ -79,15 +79,18 @@ async def read_multipart(
     allowance = BodyAllowance(request.app[CONFIG].max_body_bytes, lease)
     reader = await multipart_reader(request)
     body = UploadBody(params={})
+    # Fields are folded into params as a whole (at the file part, and at the end), so indexed
+    # keys sent as separate parts (`tags[0]`, `tags[1]`) collect into one list in index order.
+    fields: list[tuple[str, str]] = []
     spool: SpoolFile | None = None
     try:
         while (part := await next_part(reader)) is not None:
             if part.name != "file":
-                merge_pairs([(part.name or "", await read_field(part, allowance))], body.params)
+                fields.append((part.name or "", await read_field(part, allowance)))
                 continue
             if body.spooled or body.file_url or body.handled_file:
                 raise BadRequest("More than one file part")
-            drop_blank(body.params)  # the hooks see what the signature covers
+            body.params = drop_blank(merge_pairs(fields))  # the hooks see what the signature covers
             if before_file is not None:
                 before_file(body.params)
             if on_file is not None:
@@ -123,5 +126,5 @@ async def read_multipart(
     finally:
         if own_lease:
             lease.settle()
-    drop_blank(body.params)
+    body.params = drop_blank(merge_pairs(fields))
     return body
