@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -254,3 +255,18 @@ def test_every_option_of_every_command_is_described_with_its_default():
     serve_help = " ".join(parser()._subparsers._group_actions[0].choices["serve"].format_help().split())  # type: ignore[union-attr]
     assert "(default: 127.0.0.1)" in serve_help and "(default: 8765)" in serve_help
     assert "(default: $VERSIONSTORE_DATA_DIR)" in serve_help
+
+
+def test_a_failing_schema_migration_exits_with_one_line(tmp_path):
+    """The migration's transaction is rolled back and its connection closed: no hung process,
+    and the database is left at the last migration that completed."""
+    data = tmp_path / "d"
+    data.mkdir()
+    with sqlite3.connect(data / "metadata.sqlite3") as db:  # as if migration 8's table were already there
+        db.execute("PRAGMA user_version = 7")
+        db.execute("CREATE TABLE metadata_fields (x)")
+    result = _serve_process(tmp_path, "--port", str(_free_port()))
+    assert result.returncode == 1
+    assert "cannot start" in _one_error_line(result)
+    with sqlite3.connect(data / "metadata.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (7,)

@@ -176,11 +176,19 @@ class MetadataStore:
     @classmethod
     async def open(cls, path: Path) -> "MetadataStore":
         writer = await _connect(path)
-        await writer.execute("PRAGMA journal_mode = WAL")
-        (current,) = await (await writer.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
-        for number, block in enumerate(_migrations(), start=1):
-            if number > current:
-                await writer.executescript(f"BEGIN IMMEDIATE;\n{block}\nPRAGMA user_version = {number};\nCOMMIT;")
+        try:
+            await writer.execute("PRAGMA journal_mode = WAL")
+            (current,) = await (await writer.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
+            for number, block in enumerate(_migrations(), start=1):
+                if number > current:
+                    await writer.executescript(f"BEGIN IMMEDIATE;\n{block}\nPRAGMA user_version = {number};\nCOMMIT;")
+        except BaseException:
+            # A failed migration leaves its transaction open; roll it back and close the
+            # connection, whose thread would otherwise keep the process alive.
+            if writer.in_transaction:
+                await writer.rollback()
+            await writer.close()
+            raise
         scanner = await _connect(path)
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("PRAGMA busy_timeout = 10000")
