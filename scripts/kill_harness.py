@@ -114,6 +114,8 @@ class Ledger:
     acked: Counter[str] = field(default_factory=Counter)
     unacked: Counter[str] = field(default_factory=Counter)
     refused: Counter[str] = field(default_factory=Counter)
+    #: The most frequent refusal messages per kind (numbers and ids folded), for the report.
+    refusal_reasons: Counter[str] = field(default_factory=Counter)
     server_errors: list[str] = field(default_factory=list)
 
     def attempt(self, data: bytes) -> str:
@@ -158,6 +160,7 @@ def call(ledger: Ledger, kind: str, fn: Callable[[], Any]) -> Any:
                 ledger.server_errors.append(f"{kind}: {text}")
             else:
                 ledger.refused[kind] += 1
+                ledger.refusal_reasons[f"{kind}: {re.sub(r'[0-9a-f]{8,}|[0-9]+', '#', text)[:120]}"] += 1
                 return None
         raise ServerGone(kind) from exc
     except Exception as exc:  # urllib3 errors, connection resets
@@ -786,6 +789,7 @@ def summary(report: Report, ledger: Ledger) -> dict[str, Any]:
         "operations_acknowledged": dict(sorted(ledger.acked.items())),
         "operations_unacknowledged": dict(sorted(ledger.unacked.items())),
         "operations_refused_4xx": dict(sorted(ledger.refused.items())),
+        "refusal_reasons": dict(ledger.refusal_reasons.most_common(12)),
         "invariants_checked": {f"{k} {INVARIANTS[k]}": report.checks[k] for k in INVARIANTS},
         "versions_verified": report.versions_verified,
         "blobs_hashed": report.blobs_hashed,
