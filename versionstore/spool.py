@@ -27,27 +27,16 @@ HEAD = 64
 
 
 class Hashes:
-    """The digests of one byte stream: BLAKE3 (content address) and MD5 (Cloudinary's etag).
+    """The digests of one byte stream: BLAKE3 (content address) and MD5 (Cloudinary's etag),
+    fed from two worker threads (each hasher is used by one thread at a time), so the upload
+    runs at the pace of the slower hash, not of both in series."""
 
-    `update` feeds both in series; a pipeline that wants them on two threads feeds
-    `update_blake3` and `update_md5` from separate workers (each hasher is used by one
-    thread at a time). `hash_file` below does that for a finished file.
-    """
-
-    def __init__(self, *, threads: bool = False) -> None:
-        self._blake3 = blake3.blake3(max_threads=blake3.blake3.AUTO) if threads else blake3.blake3()
+    def __init__(self) -> None:
+        self._blake3 = blake3.blake3()
         self._md5 = hashlib.md5(usedforsecurity=False)
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._blake3.update(data)
-        self._md5.update(data)
 
     def update_blake3(self, data: bytes | memoryview) -> None:
         self._blake3.update(data)
-
-    def update_blake3_file(self, path: Path) -> None:
-        """BLAKE3 of a whole file through mmap (multi-threaded with `threads=True`)."""
-        self._blake3.update_mmap(str(path))
 
     def update_md5(self, data: bytes | memoryview) -> None:
         self._md5.update(data)
@@ -166,22 +155,3 @@ async def hash_file(path: Path) -> tuple[str, bytes]:
         return hasher.hexdigest(), head
 
     return await asyncio.to_thread(run)
-
-
-async def hash_file_both(path: Path) -> tuple[Hashes, bytes]:
-    """BLAKE3 and MD5 of a finished file, and its head (out-of-order chunk assembly).
-
-    BLAKE3 runs multi-threaded over an mmap while MD5 reads the file in blocks on another
-    thread (from the page cache: the chunks were just written)."""
-    hashes = Hashes(threads=True)
-
-    def run_md5() -> bytes:
-        with open(path, "rb", buffering=0) as handle:
-            head = handle.read(HEAD)
-            handle.seek(0)
-            while block := handle.read(BLOCK * 4):
-                hashes.update_md5(block)
-        return head
-
-    _, head = await asyncio.gather(asyncio.to_thread(hashes.update_blake3_file, path), asyncio.to_thread(run_md5))
-    return hashes, head
