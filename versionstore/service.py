@@ -511,6 +511,9 @@ class VersionService:
         original = layout.original_key(cloud_name, digest)
         if await self.primary.stat(original) is not None:
             await self._verify_revision(cloud_name, source, key, digest)
+            # One inode (the embedded default's hard link) was just proven: no second read.
+            if verify.same_file(source, key, self.primary, original):
+                return
             if (await verify.check_blob(self.primary, original, digest))[0] == verify.OK:
                 return
             await self.primary.delete(original)  # a damaged primary copy: replaced from the proven revision below

@@ -71,7 +71,6 @@ async def make_durable(spooled: Spooled) -> None:
     local store (a name must never point at bytes a crash could lose) and before any metadata
     names it; a copy to a remote bucket reads the page cache and need not wait for it."""
     if not spooled.synced:
-
         await asyncio.to_thread(fsync_path, spooled.path)
 
 
