@@ -1,19 +1,21 @@
 """Spool files: incoming bytes land here once, hashed as they pass.
 
 Two digests per upload: BLAKE3 is the content address (blob names, dedup, verification) and
-MD5 is Cloudinary's `etag`, which clients compare with a local MD5. Chunks are handed to
-worker threads about every 1 MiB: one hashes with BLAKE3 and writes (done before the next
-block is read), a second hashes with MD5 and may still be busy with a block while the next
-one is received (all three release the GIL). So an upload costs about the slowest of receiving,
-MD5 and BLAKE3 + write rather than their sum, and the event loop keeps serving while a large
-upload streams in. Memory per upload is bounded by two blocks.
+MD5 is Cloudinary's `etag`, which clients compare with a local MD5. The chunks received are
+collected as they are (no copy) and handed off once per ~4 MiB block to two worker threads:
+one hashes with BLAKE3 and writes, the other hashes with MD5 (all three release the GIL).
+Both run beside the receipt of the next block; a block waits only for the previous block's
+two jobs, so the bytes reach each hasher and the file in order. An upload then costs about the
+slowest of receiving, MD5, and BLAKE3 + write, not their sum: on two cores MD5, the serial
+hash, sets the pace. Memory per upload is bounded by two blocks.
 """
 
 import asyncio
 import hashlib
 import os
 import secrets
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from versionstore.durable import fsync_path
 from versionstore.errors import TooLarge
 
 BLOCK = 1 << 20
+#: Bytes collected before a hand-off to the worker threads: two thread jobs per block, so
+#: larger blocks mean fewer hand-offs; two blocks in flight bound the memory of an upload.
+HANDOFF = 4 << 20
 HEAD = 64
 
 
@@ -83,9 +88,12 @@ class SpoolFile:
         self.size = 0
         self.head = b""
         self.hashes = Hashes()
+        self._writing: asyncio.Future[None] | None = None
         self._md5_task: asyncio.Future[None] | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
+        # Held by the writer thread per block, so `discard` never closes the file under it.
+        self._lane = threading.Lock()
         # Unbuffered: blocks are already large, and Python's buffer would add a copy.
         self._handle = open(self.path, "xb", buffering=0)
 
@@ -96,39 +104,40 @@ class SpoolFile:
         if len(self.head) < HEAD:
             self.head += data[: HEAD - len(self.head)]
         # Collect the chunks as they are (no concatenation: copying on the event loop was
-        # the upload path's largest cost) and hand them to a worker thread per ~1 MiB.
+        # the upload path's largest cost) and hand them off per block.
         self._pending.append(data)
         self._pending_size += len(data)
-        if self._pending_size >= BLOCK:
+        if self._pending_size >= HANDOFF:
             await self._flush()
 
     async def _flush(self) -> None:
         chunks, self._pending, self._pending_size = self._pending, [], 0
         if chunks:
-            # MD5 runs on a thread of its own, beside BLAKE3 + write and beside the receipt of
-            # the next block: the only wait is for the previous block's MD5 (so MD5 sees the
-            # bytes in order), and at most one block is held for it.
-            writing = asyncio.ensure_future(asyncio.to_thread(self._write_chunks, chunks))
-            await self._md5_done()
-            self._md5_task = asyncio.ensure_future(asyncio.to_thread(self.hashes.update_md5_all, chunks))
-            await writing
+            await self._in_flight_done()  # the previous block, in order, and at most one held
+            self._writing = _started(self._write_chunks, chunks)
+            self._md5_task = _started(self.hashes.update_md5_all, chunks)
 
-    async def _md5_done(self) -> None:
-        if self._md5_task is not None:
-            task, self._md5_task = self._md5_task, None
-            await task
+    async def _in_flight_done(self) -> None:
+        for name in ("_writing", "_md5_task"):
+            task = getattr(self, name)
+            if task is not None:
+                setattr(self, name, None)
+                await task
 
     def _write_chunks(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.hashes.update_blake3(chunk)  # releases the GIL for large inputs
-            view = memoryview(chunk)
-            while view:
-                view = view[self._handle.write(view) :]
+        with self._lane:
+            if self._handle.closed:  # discarded meanwhile
+                return
+            for chunk in chunks:
+                self.hashes.update_blake3(chunk)  # releases the GIL for large inputs
+                view = memoryview(chunk)
+                while view:
+                    view = view[self._handle.write(view) :]
 
     async def finish(self, sync: bool = True) -> Spooled:
         """Flush and close; with `sync` also fsync (else the consumer calls make_durable)."""
         await self._flush()
-        await self._md5_done()
+        await self._in_flight_done()
         await asyncio.to_thread(self._close, sync)
         return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=self.hashes.md5)
 
@@ -138,9 +147,19 @@ class SpoolFile:
         self._handle.close()
 
     def discard(self) -> None:
-        if not self._handle.closed:
-            self._handle.close()
+        """Remove the file; a block still being written finishes first (a few ms at most)."""
+        with self._lane:
+            if not self._handle.closed:
+                self._handle.close()
         self.path.unlink(missing_ok=True)
+
+
+def _started(work: Callable[[list[bytes]], None], chunks: list[bytes]) -> asyncio.Future[None]:
+    """`work(chunks)` on a worker thread; a failure nobody awaits any more (the upload was
+    discarded) is not logged as never retrieved."""
+    future = asyncio.ensure_future(asyncio.to_thread(work, chunks))
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return future
 
 
 async def hash_file(path: Path) -> tuple[str, bytes]:

@@ -3,13 +3,21 @@
 The file part is never held in memory: it is written block by block while BLAKE3 hashes it.
 A `file` field without a filename may be a data URI (decoded as it streams) or an http(s) URL
 (fetched later, only after the request is authenticated).
+
+aiohttp's MultipartReader reads the part headers and the small fields. The body of a file part
+(the bulk of every upload) is read by `file_part_chunks` straight from the request stream: the
+chunks the socket delivered are passed on as they are, and the delimiter is found with one
+`bytes.find` per chunk (aiohttp's part reader copies every byte twice into a search window and
+was the event loop's largest cost, docs/performance.md).
 """
 
 import binascii
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs, web
+from aiohttp.helpers import parse_mimetype
 
 from versionstore.errors import BadRequest
 from versionstore.http.app import CONFIG, UNAUTH_BUDGET
@@ -20,6 +28,9 @@ from versionstore.spool import Spooled, SpoolFile
 
 READ_SIZE = 256 * 1024
 _SNIFF = 8192  # aiohttp asserts read_chunk(size) >= boundary length + 2 on parts without Content-Length
+#: Bytes the request stream may buffer before it stops reading the socket (aiohttp's default,
+#: 128 KiB, is less than one socket read and made every read pause and resume the transport).
+STREAM_BUFFER = 1 << 20
 
 
 @dataclass
@@ -36,6 +47,55 @@ async def part_chunks(part: BodyPartReader, first: bytes = b"") -> AsyncIterator
         yield first
     while data := await part.read_chunk(READ_SIZE):
         yield data
+
+
+async def file_part_chunks(content: StreamReader, reader: MultipartReader, part: BodyPartReader) -> AsyncIterator[bytes]:
+    """The body of a part of which nothing has been read yet, chunk by chunk, without copies.
+
+    A part with its own Content-Length or Content-Transfer-Encoding (no SDK sends either) goes
+    through aiohttp's reader. Otherwise the body ends at the first CRLF + `--boundary`
+    (RFC 2046), as in aiohttp: the rest goes back to the stream and one more `read_chunk`
+    lets aiohttp's reader see its own end of part, so the parts after it read as before.
+    """
+    if hdrs.CONTENT_LENGTH in part.headers or hdrs.CONTENT_TRANSFER_ENCODING in part.headers:
+        async for data in part_chunks(part):
+            yield data
+        return
+    delimiter = b"\r\n--" + parse_mimetype(reader.headers[hdrs.CONTENT_TYPE]).parameters["boundary"].encode()
+    content.set_read_chunk_size(STREAM_BUFFER)
+    held = b""  # the end of the previous chunk when it may begin a delimiter
+    while True:
+        chunk, http_chunk_end = await content.readchunk()  # one socket read's bytes, not a join of several
+        if not chunk:
+            if http_chunk_end:
+                continue
+            raise BadRequest("Malformed multipart body: the body ended inside the file part")
+        if held:
+            chunk = held + chunk  # a few bytes, plus one chunk: rare (only when a chunk ends in a prefix of it)
+        end = chunk.find(delimiter)
+        if end >= 0:
+            if end:
+                yield chunk[:end]
+            with warnings.catch_warnings():  # deprecated, but what aiohttp's own part reader does
+                warnings.simplefilter("ignore", DeprecationWarning)
+                content.unread_data(chunk[end:])
+            break
+        keep = _delimiter_prefix(chunk, delimiter)
+        held = chunk[len(chunk) - keep :] if keep else b""
+        if keep < len(chunk):
+            yield chunk if not keep else chunk[: len(chunk) - keep]
+    if await part.read_chunk(_SNIFF):  # sees the delimiter at once: the part is at its end
+        raise AssertionError("the part reader found data after the delimiter")
+
+
+def _delimiter_prefix(chunk: bytes, delimiter: bytes) -> int:
+    """Length of the longest end of `chunk` that is a proper prefix of `delimiter` (0 if none)."""
+    at = chunk.find(b"\r", max(0, len(chunk) - len(delimiter) + 1))
+    while at >= 0:
+        if delimiter.startswith(chunk[at:]):
+            return len(chunk) - at
+        at = chunk.find(b"\r", at + 1)
+    return 0
 
 
 async def charged(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
@@ -113,7 +173,7 @@ async def read_multipart(
                 chunks = part_chunks(part, rest)
                 await _spool_base64(charged(chunks, lease) if lease.open else chunks, spool)
             else:
-                chunks = part_chunks(part, first)
+                chunks = file_part_chunks(request.content, reader, part) if part.filename is not None else part_chunks(part, first)
                 if lease.open:
                     chunks = charged(chunks, lease)
                 async for data in chunks:

@@ -1,0 +1,83 @@
+"""The file part's body is read straight from the request stream (upload_body.file_part_chunks):
+wherever the socket splits the body, the stored bytes are exactly the part's, and the parts after
+it still read. Over HTTP, with the body sent in pieces the server receives one by one."""
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import BASIC_HEADERS, CLOUD
+
+BOUNDARY = "vsBOUNDARYvs"
+DELIMITER = f"\r\n--{BOUNDARY}".encode()
+
+#: File data that looks like the end of the part but is not: CRLF, `--`, the boundary without
+#: the CRLF before it, every proper prefix of the delimiter, and a delimiter prefix at the end.
+TRICKY = (
+    b"\r\n\r\nline\r\n--\r\n-" + f"--{BOUNDARY}".encode() + b"\r" + b"x".join(DELIMITER[:n] for n in range(1, len(DELIMITER)))
+    + b"\r\n--" + BOUNDARY[:-1].encode()
+)
+
+
+def body_with_file(data: bytes, filename: str = "t.bin") -> bytes:
+    """public_id before the file, tags after it: the reader must find the part after the file."""
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="public_id"\r\n\r\ndocs/stream\r\n'
+    head += f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+    head += "Content-Type: application/octet-stream\r\n\r\n"
+    tail = f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="tags"\r\n\r\nafter\r\n--{BOUNDARY}--\r\n'
+    return head.encode() + data + tail.encode()
+
+
+async def pieces(body: bytes, cuts: list[int], pause: float) -> AsyncIterator[bytes]:
+    """`body` split at `cuts`, with a pause after each piece so the server reads them apart."""
+    start = 0
+    for cut in [*cuts, len(body)]:
+        yield body[start:cut]
+        start = cut
+        await asyncio.sleep(pause)
+
+
+async def upload(client: TestClient, body: bytes, cuts: list[int], pause: float = 0.002) -> tuple[int, dict[str, object]]:
+    headers = {**BASIC_HEADERS, "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    response = await client.post(f"/v1_1/{CLOUD}/raw/upload", data=pieces(body, cuts, pause), headers=headers)
+    return response.status, await response.json()
+
+
+async def test_file_part_split_at_every_byte_keeps_its_bytes(client: TestClient) -> None:
+    body = body_with_file(TRICKY)
+    start = body.index(TRICKY)
+    # every split inside the file data and its delimiter, and a few inside the part after it
+    for cut in range(start - 2, start + len(TRICKY) + len(DELIMITER) + 8):
+        status, reply = await upload(client, body, [start, cut] if cut > start else [cut], pause=0.02)
+        assert status == 200, (cut, reply)
+        assert (reply["bytes"], reply["etag"], reply["tags"]) == (len(TRICKY), hashlib.md5(TRICKY).hexdigest(), ["after"]), cut
+
+
+@pytest.mark.parametrize("size", [1, 7, 3])
+async def test_file_part_in_tiny_pieces(client: TestClient, size: int) -> None:
+    """Pieces smaller than the delimiter: a delimiter prefix spans several reads."""
+    body = body_with_file(TRICKY)
+    status, reply = await upload(client, body, list(range(size, len(body), size)))
+    assert status == 200, reply
+    assert (reply["bytes"], reply["etag"], reply["tags"]) == (len(TRICKY), hashlib.md5(TRICKY).hexdigest(), ["after"])
+
+
+async def test_empty_and_large_file_parts(client: TestClient) -> None:
+    big = bytes(range(256)) * 20_000 + DELIMITER[:-1]  # ~5 MiB: more than one hand-off block of the spool
+    for data in (b"", big):
+        status, reply = await upload(client, body_with_file(data), [100, 70_000, 2_000_000])
+        assert status == 200, reply
+        assert (reply["bytes"], reply["etag"]) == (len(data), hashlib.md5(data).hexdigest())
+
+
+async def test_body_ending_inside_the_file_part_is_400_and_stores_nothing(client: TestClient) -> None:
+    body = body_with_file(TRICKY)
+    truncated = body[: body.index(TRICKY) + len(TRICKY) + 3]  # ends inside the delimiter
+    status, reply = await upload(client, truncated, [len(truncated) - 5])
+    assert status == 400, reply
+    assert "Malformed multipart body" in str(reply), reply
+    listing = await client.get(f"/v1_1/{CLOUD}/resources/raw", headers=BASIC_HEADERS)
+    assert (await listing.json())["resources"] == []
