@@ -17,8 +17,12 @@ DELIMITER = f"\r\n--{BOUNDARY}".encode()
 #: File data that looks like the end of the part but is not: CRLF, `--`, the boundary without
 #: the CRLF before it, every proper prefix of the delimiter, and a delimiter prefix at the end.
 TRICKY = (
-    b"\r\n\r\nline\r\n--\r\n-" + f"--{BOUNDARY}".encode() + b"\r" + b"x".join(DELIMITER[:n] for n in range(1, len(DELIMITER)))
-    + b"\r\n--" + BOUNDARY[:-1].encode()
+    b"\r\n\r\nline\r\n--\r\n-"
+    + f"--{BOUNDARY}".encode()
+    + b"\r"
+    + b"x".join(DELIMITER[:n] for n in range(1, len(DELIMITER)))
+    + b"\r\n--"
+    + BOUNDARY[:-1].encode()
 )
 
 

@@ -11,9 +11,11 @@ chunks the socket delivered are passed on as they are, and the delimiter is foun
 was the event loop's largest cost, docs/performance.md).
 """
 
+import asyncio
 import binascii
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs, web
@@ -31,6 +33,8 @@ _SNIFF = 8192  # aiohttp asserts read_chunk(size) >= boundary length + 2 on part
 #: Bytes the request stream may buffer before it stops reading the socket (aiohttp's default,
 #: 128 KiB, is less than one socket read and made every read pause and resume the transport).
 STREAM_BUFFER = 1 << 20
+SOCKET_READ = 1 << 20
+_MAX_SIZE = "max_size"  # not part of asyncio's public interface: used only where it exists
 
 
 @dataclass
@@ -49,7 +53,9 @@ async def part_chunks(part: BodyPartReader, first: bytes = b"") -> AsyncIterator
         yield data
 
 
-async def file_part_chunks(content: StreamReader, reader: MultipartReader, part: BodyPartReader) -> AsyncIterator[bytes]:
+async def file_part_chunks(
+    content: StreamReader, reader: MultipartReader, part: BodyPartReader, transport: asyncio.BaseTransport | None = None
+) -> AsyncIterator[bytes]:
     """The body of a part of which nothing has been read yet, chunk by chunk, without copies.
 
     A part with its own Content-Length or Content-Transfer-Encoding (no SDK sends either) goes
@@ -63,6 +69,30 @@ async def file_part_chunks(content: StreamReader, reader: MultipartReader, part:
         return
     delimiter = b"\r\n--" + parse_mimetype(reader.headers[hdrs.CONTENT_TYPE]).parameters["boundary"].encode()
     content.set_read_chunk_size(STREAM_BUFFER)
+    with _larger_socket_reads(transport):
+        async for data in _until_delimiter(content, delimiter):
+            yield data
+    if await part.read_chunk(_SNIFF):  # sees the delimiter at once: the part is at its end
+        raise AssertionError("the part reader found data after the delimiter")
+
+
+@contextmanager
+def _larger_socket_reads(transport: asyncio.BaseTransport | None) -> Iterator[None]:
+    """asyncio's selector transport reads at most `max_size` (256 KiB) per recv(); 1 MiB reads
+    cut the event loop's CPU per uploaded GiB by about a tenth. Restored for the connection's
+    next request; transports without the attribute (uvloop) are left alone."""
+    before = getattr(transport, _MAX_SIZE, None)
+    if not isinstance(before, int) or before >= SOCKET_READ:
+        yield
+        return
+    setattr(transport, _MAX_SIZE, SOCKET_READ)
+    try:
+        yield
+    finally:
+        setattr(transport, _MAX_SIZE, before)
+
+
+async def _until_delimiter(content: StreamReader, delimiter: bytes) -> AsyncIterator[bytes]:
     held = b""  # the end of the previous chunk when it may begin a delimiter
     while True:
         chunk, http_chunk_end = await content.readchunk()  # one socket read's bytes, not a join of several
@@ -79,13 +109,11 @@ async def file_part_chunks(content: StreamReader, reader: MultipartReader, part:
             with warnings.catch_warnings():  # deprecated, but what aiohttp's own part reader does
                 warnings.simplefilter("ignore", DeprecationWarning)
                 content.unread_data(chunk[end:])
-            break
+            return
         keep = _delimiter_prefix(chunk, delimiter)
         held = chunk[len(chunk) - keep :] if keep else b""
         if keep < len(chunk):
             yield chunk if not keep else chunk[: len(chunk) - keep]
-    if await part.read_chunk(_SNIFF):  # sees the delimiter at once: the part is at its end
-        raise AssertionError("the part reader found data after the delimiter")
 
 
 def _delimiter_prefix(chunk: bytes, delimiter: bytes) -> int:
@@ -173,7 +201,10 @@ async def read_multipart(
                 chunks = part_chunks(part, rest)
                 await _spool_base64(charged(chunks, lease) if lease.open else chunks, spool)
             else:
-                chunks = file_part_chunks(request.content, reader, part) if part.filename is not None else part_chunks(part, first)
+                if part.filename is None:
+                    chunks = part_chunks(part, first)
+                else:  # nothing read yet: the fast path
+                    chunks = file_part_chunks(request.content, reader, part, request.transport)
                 if lease.open:
                     chunks = charged(chunks, lease)
                 async for data in chunks:
