@@ -5,8 +5,11 @@ Everything runs on this machine, side by side, and every figure is reported as a
 against a baseline measured in the same run (medians of N runs):
 
 1. Upload with backup of a large file (1 GiB by default) through a streaming HTTP client
-   (`curl -F file=@... -u key:secret`), versus `cp` of the same file on the same disk
-   followed by `sync` of the copy (the service fsyncs, so the baseline does too).
+   (`curl -F file=@... -u key:secret`), versus the limit of a Cloudinary-compatible upload on
+   this machine: the slower of `cp` of the same file on the same disk followed by `sync` of
+   the copy (the service fsyncs, so the baseline does too) and one core's MD5 over the same
+   bytes (the `etag` is an MD5, a serial hash). Best of N against best of N, and medians;
+   the server's CPU per GiB is reported beside the MD5 CPU per GiB of the same run.
 2. Peak RSS growth of the service process during that upload (psutil sampling).
 3. Read path under load (`wrk`, 64 connections): `GET resources/raw/upload/<id>?versions=true`
    for assets with 10 and 1,000 versions, and a signed `download_backup` of a small revision,
@@ -66,8 +69,9 @@ API_SECRET = "secret456"
 BASIC = "Basic " + base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()
 
 TARGETS = {
-    "upload_ratio": 0.6,
-    "upload_ratio_stretch": 0.8,
+    "upload_ratio": 0.8,  # of the limit: min(cp + sync, one core's MD5)
+    "upload_ratio_stretch": 0.95,
+    "cpu_beyond_md5_s_per_gib": 1.0,
     "rss_growth_mib": 100,
     "rps_ratio": 0.3,
     "p99_ms": 20.0,
@@ -125,6 +129,9 @@ class Results:
     cp_seconds: list[float] = field(default_factory=list)
     upload_seconds: list[float] = field(default_factory=list)
     upload_server_cpu: list[float] = field(default_factory=list)
+    md5_seconds: list[float] = field(default_factory=list)  # one core's MD5 of the test file (wall)
+    md5_cpu: list[float] = field(default_factory=list)  # ... and its CPU seconds
+    load_avg: list[float] = field(default_factory=list)  # 1-minute load average before each upload
     rss_growth: list[int] = field(default_factory=list)
     rss_baseline: list[int] = field(default_factory=list)
     wrk: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -204,10 +211,23 @@ class Bench:
         target.unlink()
         return elapsed
 
+    def run_md5(self) -> tuple[float, float]:
+        """(wall, CPU) seconds of one core's MD5 over the test file, read as `md5sum` reads it
+        (from the page cache after the runs before): the serial work the `etag` needs."""
+        block = bytearray(4 * MiB)
+        view = memoryview(block)
+        hasher = hashlib.md5(usedforsecurity=False)
+        started, cpu = time.perf_counter(), time.thread_time()
+        with open(self.big, "rb", buffering=0) as handle:
+            while n := handle.readinto(block):
+                hasher.update(view[:n])
+        return time.perf_counter() - started, time.thread_time() - cpu
+
     def run_upload(self, index: int) -> tuple[float, int, int, float]:
         assert self.service is not None
         self._perturb()
         os.sync()
+        self.results.load_avg.append(os.getloadavg()[0])
         proc = psutil.Process(self.service.pid)
         cpu_before = process_cpu(proc)
         sampler = RssSampler(self.service.pid)
@@ -231,15 +251,20 @@ class Bench:
         size_mb = self.args.size_mib * MiB / 1e6
         for i in range(self.args.runs):
             cp = self.run_cp(i)
+            md5, md5_cpu = self.run_md5()
+            self.results.md5_seconds.append(md5)
+            self.results.md5_cpu.append(md5_cpu)
             up, growth, baseline, cpu = self.run_upload(i)
             self.results.cp_seconds.append(cp)
             self.results.upload_seconds.append(up)
             self.results.rss_growth.append(growth)
             self.results.rss_baseline.append(baseline)
             self.results.upload_server_cpu.append(cpu)
-            log(f"  run {i + 1}: cp+sync {cp:6.2f}s ({size_mb / cp:7.1f} MB/s) | upload {up:6.2f}s "
-                f"({size_mb / up:7.1f} MB/s, ratio {cp / up:.2f}x) | server CPU {cpu:5.2f}s | "
-                f"RSS +{growth / MiB:.1f} MiB (from {baseline / MiB:.1f} MiB)")
+            limit = max(cp, md5)
+            log(f"  run {i + 1}: cp+sync {cp:6.2f}s ({size_mb / cp:7.1f} MB/s) | MD5 {md5:5.2f}s "
+                f"({size_mb / md5:6.1f} MB/s) | upload {up:6.2f}s ({size_mb / up:7.1f} MB/s, "
+                f"{limit / up:.2f}x of the limit) | server CPU {cpu:5.2f}s (MD5 {md5_cpu:.2f}s) | "
+                f"RSS +{growth / MiB:.1f} MiB (from {baseline / MiB:.1f} MiB) | load {self.results.load_avg[-1]:.1f}")
 
     def bench_hashes(self) -> None:
         """Single-thread speed of the upload path's two hashes (MD5 is the etag, BLAKE3 the
@@ -336,7 +361,6 @@ class Bench:
     def report(self, read_info: dict[str, Any]) -> bool:
         r = self.results
         a = self.args
-        size_mb = a.size_mib * MiB / 1e6
         ok = True
 
         def verdict(good: bool) -> str:
@@ -349,18 +373,9 @@ class Bench:
         log(f"SUMMARY (medians of {a.runs} run(s); machine: {os.cpu_count()} CPUs, "
             f"{psutil.virtual_memory().total / (1 << 30):.1f} GiB RAM)")
         log("=" * 78)
-        cp = median(r.cp_seconds)
-        up = median(r.upload_seconds)
-        ratios = [c / u for c, u in zip(r.cp_seconds, r.upload_seconds, strict=True)]
-        ratio = median(ratios)
-        log(f"1. upload {a.size_mib} MiB with backup (curl -F, Basic auth) vs cp + sync, same disk")
-        log(f"   cp + sync : {cp:7.2f} s  {size_mb / cp:8.1f} MB/s")
-        log(f"   upload    : {up:7.2f} s  {size_mb / up:8.1f} MB/s   server CPU {median(r.upload_server_cpu):.2f} s")
-        stretch = " (stretch 0.8x " + ("met" if ratio >= TARGETS["upload_ratio_stretch"] else "not met") + ")"
-        log(f"   ratio     : {ratio:.2f}x of cp (median of per-run ratios)   target >= 0.6x: "
-            f"{verdict(ratio >= TARGETS['upload_ratio'])}{stretch}")
+        ok &= self.report_upload()
         log(f"   hashes    : MD5 {r.hash_mb_s['md5']:.0f} MB/s, BLAKE3 {r.hash_mb_s['blake3']:.0f} MB/s "
-            "(one thread each; the upload runs MD5 beside BLAKE3 + write)")
+            "(one thread each, 64 MiB in memory; the upload runs MD5 beside BLAKE3 + write)")
         growth = median([g / MiB for g in r.rss_growth])
         peak = max(g / MiB for g in r.rss_growth)
         log(f"2. service RSS growth during the upload: median {growth:.1f} MiB, max {peak:.1f} MiB "
@@ -391,6 +406,40 @@ class Bench:
             Path(a.json).write_text(json.dumps(payload, indent=2, default=str))
             log(f"raw results written to {a.json}")
         return ok
+
+    def report_upload(self) -> bool:
+        """Row 1: the upload against the limit of a Cloudinary-compatible upload, best of N
+        against best of N (as issue 10 asks) and medians; server CPU per GiB beyond MD5."""
+        r, a = self.results, self.args
+        size_mb, gib = a.size_mib * MiB / 1e6, a.size_mib / 1024
+        cp_best, cp_median = min(r.cp_seconds), median(r.cp_seconds)
+        md5_best, md5_median = min(r.md5_seconds), median(r.md5_seconds)
+        up_best, up_median = min(r.upload_seconds), median(r.upload_seconds)
+        limit_best, limit_median = max(cp_best, md5_best), max(cp_median, md5_median)
+        ratio_best, ratio_median = limit_best / up_best, limit_median / up_median
+        cpu_per_gib = median(r.upload_server_cpu) / gib
+        md5_cpu_per_gib = median(r.md5_cpu) / gib
+        beyond = cpu_per_gib - md5_cpu_per_gib
+        met = ratio_best >= TARGETS["upload_ratio"]
+        cpu_met = beyond <= TARGETS["cpu_beyond_md5_s_per_gib"]
+        log(f"1. upload {a.size_mib} MiB with backup (curl -F, Basic auth, MD5 etag on) vs the limit = the slower "
+            "of cp + sync (same disk) and one core's MD5 of the same bytes")
+        log(f"   {'':12}{'best':>16}{'median':>16}")
+        for name, best, mid in (("cp + sync", cp_best, cp_median), ("MD5, 1 core", md5_best, md5_median),
+                                ("limit", limit_best, limit_median), ("upload", up_best, up_median)):
+            log(f"   {name:<12}{best:7.2f} s {size_mb / best:5.0f} MB/s{mid:7.2f} s {size_mb / mid:5.0f} MB/s")
+        stretch = "met" if ratio_best >= TARGETS["upload_ratio_stretch"] else "not met"
+        log(f"   ratio     : {ratio_best:.2f}x of the limit (best of {a.runs} vs best of {a.runs}; medians "
+            f"{ratio_median:.2f}x)   target >= {TARGETS['upload_ratio']}x: {'MET' if met else 'MISSED'} "
+            f"(stretch {TARGETS['upload_ratio_stretch']}x {stretch})")
+        log(f"   server CPU: {cpu_per_gib:.2f} s/GiB, of which MD5 {md5_cpu_per_gib:.2f} s/GiB (measured above): "
+            f"{beyond:.2f} s/GiB beyond MD5   target <= {TARGETS['cpu_beyond_md5_s_per_gib']}: "
+            f"{'MET' if cpu_met else 'MISSED'}")
+        loads = ", ".join(f"{x:.1f}" for x in r.load_avg)
+        busy = max(r.load_avg) > 2.0  # this benchmark's own cp, MD5 and uploads count too
+        log(f"   load avg  : {loads} (1 min, before each upload; {os.cpu_count()} CPUs)"
+            + ("  -- machine shared: wall-clock ratios are indicative only" if busy else ""))
+        return met and cpu_met
 
     def run(self) -> bool:
         log(f"temp dir {self.root} (data dir and test file on the same filesystem)")
