@@ -85,3 +85,12 @@ async def test_body_ending_inside_the_file_part_is_400_and_stores_nothing(client
     assert "Malformed multipart body" in str(reply), reply
     listing = await client.get(f"/v1_1/{CLOUD}/resources/raw", headers=BASIC_HEADERS)
     assert (await listing.json())["resources"] == []
+
+
+async def test_file_data_full_of_carriage_returns(client: TestClient) -> None:
+    """Every read ends in CRs and delimiter prefixes: only the last CR can begin a delimiter."""
+    data = (b"\r" * 3000 + b"\r\n\r\n-\r\n--" + BOUNDARY[:5].encode()) * 20
+    body = body_with_file(data)
+    status, reply = await upload(client, body, list(range(997, len(body), 997)), pause=0.001)
+    assert status == 200, reply
+    assert (reply["bytes"], reply["etag"], reply["tags"]) == (len(data), hashlib.md5(data).hexdigest(), ["after"])

@@ -59,15 +59,16 @@ async def file_part_chunks(
     """The body of a part of which nothing has been read yet, chunk by chunk, without copies.
 
     A part with its own Content-Length or Content-Transfer-Encoding (no SDK sends either) goes
-    through aiohttp's reader. Otherwise the body ends at the first CRLF + `--boundary`
-    (RFC 2046), as in aiohttp: the rest goes back to the stream and one more `read_chunk`
-    lets aiohttp's reader see its own end of part, so the parts after it read as before.
+    through aiohttp's reader, as would a boundary with a CR in it (HTTP headers cannot carry
+    one). Otherwise the body ends at the first CRLF + `--boundary` (RFC 2046), as in aiohttp:
+    the rest goes back to the stream and one more `read_chunk` lets aiohttp's reader see its own
+    end of part, so the parts after it read as before.
     """
-    if hdrs.CONTENT_LENGTH in part.headers or hdrs.CONTENT_TRANSFER_ENCODING in part.headers:
+    delimiter = b"\r\n--" + parse_mimetype(reader.headers[hdrs.CONTENT_TYPE]).parameters["boundary"].encode()
+    if hdrs.CONTENT_LENGTH in part.headers or hdrs.CONTENT_TRANSFER_ENCODING in part.headers or b"\r" in delimiter[1:]:
         async for data in part_chunks(part):
             yield data
         return
-    delimiter = b"\r\n--" + parse_mimetype(reader.headers[hdrs.CONTENT_TYPE]).parameters["boundary"].encode()
     content.set_read_chunk_size(STREAM_BUFFER)
     with _larger_socket_reads(transport):
         async for data in _until_delimiter(content, delimiter):
@@ -117,13 +118,11 @@ async def _until_delimiter(content: StreamReader, delimiter: bytes) -> AsyncIter
 
 
 def _delimiter_prefix(chunk: bytes, delimiter: bytes) -> int:
-    """Length of the longest end of `chunk` that is a proper prefix of `delimiter` (0 if none)."""
-    at = chunk.find(b"\r", max(0, len(chunk) - len(delimiter) + 1))
-    while at >= 0:
-        if delimiter.startswith(chunk[at:]):
-            return len(chunk) - at
-        at = chunk.find(b"\r", at + 1)
-    return 0
+    """Length of the end of `chunk` that is a proper prefix of `delimiter` (0 if none). The
+    delimiter holds its only CR at the start, so only the last CR can begin one: one look,
+    however many CRs a hostile body puts there."""
+    at = chunk.rfind(b"\r", max(0, len(chunk) - len(delimiter) + 1))
+    return len(chunk) - at if at >= 0 and delimiter.startswith(chunk[at:]) else 0
 
 
 async def charged(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
