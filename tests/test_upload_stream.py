@@ -94,3 +94,18 @@ async def test_file_data_full_of_carriage_returns(client: TestClient) -> None:
     status, reply = await upload(client, body, list(range(997, len(body), 997)), pause=0.001)
     assert status == 200, reply
     assert (reply["bytes"], reply["etag"], reply["tags"]) == (len(data), hashlib.md5(data).hexdigest(), ["after"])
+
+
+async def test_chunked_upload_part_in_tiny_pieces(client: TestClient) -> None:
+    """`upload_large` chunks read their file part the same way."""
+    body = body_with_file(TRICKY)
+    headers = {
+        **BASIC_HEADERS,
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+        "X-Unique-Upload-Id": "stream-test-1",
+        "Content-Range": f"bytes 0-{len(TRICKY) - 1}/{len(TRICKY)}",
+    }
+    response = await client.post(f"/v1_1/{CLOUD}/raw/upload", data=pieces(body, list(range(7, len(body), 7)), 0.001), headers=headers)
+    reply = await response.json()
+    assert response.status == 200, reply
+    assert (reply["bytes"], reply["etag"], reply["tags"]) == (len(TRICKY), hashlib.md5(TRICKY).hexdigest(), ["after"])

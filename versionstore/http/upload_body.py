@@ -151,11 +151,12 @@ async def _spool_base64(chunks: AsyncIterator[bytes], spool: SpoolFile) -> None:
 async def read_multipart(
     request: web.Request,
     new_spool: Callable[[], SpoolFile],
-    on_file: Callable[[Params, BodyPartReader], Awaitable[None]] | None = None,
+    on_file: Callable[[Params, str | None, AsyncIterator[bytes]], Awaitable[None]] | None = None,
     before_file: Callable[[Params], None] | None = None,
     lease: Lease | None = None,
 ) -> UploadBody:
-    """Read every part; `on_file`, when given, consumes the file part itself.
+    """Read every part; `on_file`, when given, consumes the file part's body itself (it gets the
+    fields before it, its filename and its chunks).
 
     `before_file` sees the fields that precede the file part (the SDKs send the file last),
     so a bad signature is refused before a large body is spooled to disk; it settles `lease`
@@ -181,7 +182,7 @@ async def read_multipart(
             if before_file is not None:
                 before_file(body.params)
             if on_file is not None:
-                await on_file(body.params, part)
+                await on_file(body.params, part.filename, file_part_chunks(request.content, reader, part, request.transport))
                 body.handled_file = True
                 continue
             body.filename = part.filename

@@ -2,13 +2,13 @@
 
 import binascii
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import blake3
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from versionstore import ids, metadata_fields
 from versionstore.chunks import parse_content_range
@@ -19,7 +19,7 @@ from versionstore.http.auth import check_signed, check_upload_auth, pre_auth_lea
 from versionstore.http.budget import Lease
 from versionstore.http.fetch import fetch_to_spool
 from versionstore.http.inputs import admin_params
-from versionstore.http.upload_body import UploadBody, charged, part_chunks, read_multipart
+from versionstore.http.upload_body import UploadBody, charged, read_multipart
 from versionstore.media import extension
 from versionstore.models import Asset, Cloud
 from versionstore.params import MAX_TAGS, Params, as_bool, as_bounded_list, field_updates, parse_pipe_map
@@ -108,9 +108,9 @@ async def _upload_chunk(request: web.Request, cloud: Cloud, rt: str, upload_id: 
 
     lease = pre_auth_lease(request, cloud)
 
-    async def on_file(params: Params, part: BodyPartReader) -> None:
-        filenames.append(part.filename)
-        received.append(await chunks.receive(chunk, charged(part_chunks(part), lease)))
+    async def on_file(params: Params, filename: str | None, body: AsyncIterator[bytes]) -> None:
+        filenames.append(filename)
+        received.append(await chunks.receive(chunk, charged(body, lease)))
 
     try:
         try:
