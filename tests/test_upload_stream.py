@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import BASIC_HEADERS, CLOUD
+from versionstore.config import Config
 
 BOUNDARY = "vsBOUNDARYvs"
 DELIMITER = f"\r\n--{BOUNDARY}".encode()
@@ -109,3 +110,15 @@ async def test_chunked_upload_part_in_tiny_pieces(client: TestClient) -> None:
     reply = await response.json()
     assert response.status == 200, reply
     assert (reply["bytes"], reply["etag"], reply["tags"]) == (len(TRICKY), hashlib.md5(TRICKY).hexdigest(), ["after"])
+
+
+async def test_too_large_while_a_block_is_being_written_leaves_no_spool_file(client: TestClient, config: Config) -> None:
+    """The refusal can come while a worker still writes the block before: the file goes anyway."""
+    data = bytes(range(256)) * ((config.max_upload_bytes + (9 << 20)) // 256)
+    status, reply = await upload(client, body_with_file(data), [], pause=0)
+    assert status == 400 and "File size too large" in str(reply), reply
+    for _ in range(100):  # removed by the worker once its block is written (milliseconds)
+        if not list((config.data_dir / "spool").glob("*.part")):
+            break
+        await asyncio.sleep(0.05)
+    assert not list((config.data_dir / "spool").glob("*.part"))

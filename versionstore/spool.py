@@ -92,8 +92,11 @@ class SpoolFile:
         self._md5_task: asyncio.Future[None] | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
-        # Held by the writer thread per block, so `discard` never closes the file under it.
-        self._lane = threading.Lock()
+        # Whether a worker is writing a block, and whether the file was discarded meanwhile:
+        # then the worker removes it when its block is done (`discard` never waits for it).
+        self._state = threading.Lock()
+        self._busy = False
+        self._discarded = False
         # Unbuffered: blocks are already large, and Python's buffer would add a copy.
         self._handle = open(self.path, "xb", buffering=0)
 
@@ -125,14 +128,22 @@ class SpoolFile:
                 await task
 
     def _write_chunks(self, chunks: list[bytes]) -> None:
-        with self._lane:
-            if self._handle.closed:  # discarded meanwhile
+        with self._state:
+            if self._discarded:
                 return
+            self._busy = True
+        try:
             for chunk in chunks:
                 self.hashes.update_blake3(chunk)  # releases the GIL for large inputs
                 view = memoryview(chunk)
                 while view:
                     view = view[self._handle.write(view) :]
+        finally:
+            with self._state:
+                self._busy = False
+                discarded = self._discarded
+            if discarded:
+                self._remove()
 
     async def finish(self, sync: bool = True) -> Spooled:
         """Flush and close; with `sync` also fsync (else the consumer calls make_durable)."""
@@ -147,10 +158,15 @@ class SpoolFile:
         self._handle.close()
 
     def discard(self) -> None:
-        """Remove the file; a block still being written finishes first (a few ms at most)."""
-        with self._lane:
-            if not self._handle.closed:
-                self._handle.close()
+        """Remove the file now, or, while a worker writes a block, as soon as that block is done."""
+        with self._state:
+            self._discarded = True
+            busy = self._busy
+        if not busy:
+            self._remove()
+
+    def _remove(self) -> None:
+        self._handle.close()
         self.path.unlink(missing_ok=True)
 
 
