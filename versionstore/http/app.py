@@ -211,7 +211,7 @@ _MAX_FIELDS: dict[str, Any] = (
 
 
 def create_app(config: Config) -> web.Application:
-    from versionstore.http.routes import dispatch
+    from versionstore.http.routes import add_console, dispatch
 
     server_log = logging.getLogger("aiohttp.server")
     if _AIOHTTP_FILTER not in server_log.filters:
@@ -225,6 +225,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)
+    add_console(app)
     return app
 
 

@@ -74,6 +74,14 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", r"versionstore/jobs/(?P<job_id>[0-9a-f]{32})", backup.job),
 ]
 
+
+def add_console(app: web.Application) -> None:
+    """The support console's pages under /console/ (versionstore/http/console_views.py)."""
+    from versionstore.http import console_views
+
+    console_views.setup(app)
+
+
 _COMPILED = [(set(methods.split("|")), re.compile(pattern + r"$", re.S), handler) for methods, pattern, handler in ROUTES]
 _PREFIX = re.compile(r"^/v1_1/(?P<cloud>[^/]+)/(?P<rest>.*)$", re.S)
 
