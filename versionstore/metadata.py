@@ -1001,7 +1001,8 @@ class MetadataStore:
     ) -> list[AuditRecord]:
         """Records in seq order after `after_seq`, or newest first before `before_seq`;
         `filters` compare whole columns (cloud, actor, action, outcome) or `target_like`."""
-        clauses, args = ["seq > ?"], [after_seq]
+        clauses: list[str] = ["seq > ?"]
+        args: list[Any] = [after_seq]
         if before_seq is not None:
             clauses.append("seq < ?")
             args.append(before_seq)

@@ -40,7 +40,8 @@ class FoundPage:
 def _clauses(query: FindQuery) -> tuple[list[str], list[Any]]:
     if query.status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
-    clauses, args = [STATUSES[query.status]], []
+    clauses: list[str] = [STATUSES[query.status]]
+    args: list[Any] = []
     name = "COALESCE(detached_from, public_id)"
     if query.text:
         clauses.append(f"{name} LIKE ? ESCAPE '\\'")

@@ -53,7 +53,7 @@ class AddressLimiter:
             failures.popleft()
         if failures is not None and not failures:
             del self._failures[address]
-        return bool(failures) and len(failures) >= self.limit
+        return failures is not None and len(failures) >= self.limit
 
     def fail(self, address: str, now: float) -> None:
         if len(self._failures) > 100_000:

@@ -61,8 +61,8 @@ class Console:
 
 
 STATE = web.AppKey("console_state", dict)
-MEMBER = "console_member"
-SESSION = "console_session"
+MEMBER = web.RequestKey("console_member", StaffMember)
+SESSION = web.RequestKey("console_session", ConsoleSession)
 
 
 def _console(request: web.Request) -> Console:
@@ -79,8 +79,7 @@ def _address(request: web.Request) -> str:
 
 
 def _member(request: web.Request) -> StaffMember:
-    member: StaffMember = request[MEMBER]
-    return member
+    return request[MEMBER]
 
 
 # --- middlewares -------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ async def signed_in(request: web.Request, handler: Handler) -> web.StreamRespons
         if request.method == "POST":
             raise Forbidden("Not signed in (or the session expired)")
         raise web.HTTPSeeOther(f"{PREFIX}/login?" + urlencode({"next": request.path_qs}))
-    request[SESSION], request[MEMBER] = found
+    request[SESSION], request[MEMBER] = found[0], found[1]
     if request.method == "POST":
         form = await request.post()
         if not csrf_ok(found[0], form.get("csrf_token")):
