@@ -295,3 +295,33 @@ async def test_concurrent_audit_writers_keep_one_chain_and_verify_finds_tamperin
     assert problems[0] == "record 12 missing (removed)" and "record 13: prev_hash" in problems[1]
     meta._reader.execute("DELETE FROM audit_log WHERE seq >= 12")
     assert "log ends at record 11" in (await log.verify()).problems[0]  # the newest records removed
+
+
+async def test_bulk_restore_of_selected_results_runs_as_a_job(client: TestClient, api: Api) -> None:
+    await add_staff(client, "ola@example.com", "restorer")
+    first = await deleted_asset(api, "bulk/one")
+    second = await deleted_asset(api, "bulk/two")
+    csrf = await sign_in(client, "ola@example.com")
+    results = await (await client.get(f"/console/{CLOUD}/find", params={"prefix": "bulk/"})).text()
+    assert results.count('name="asset_id"') == 2
+    started = await client.post(
+        f"/console/{CLOUD}/bulk-restore", data=[("csrf_token", csrf), ("asset_id", first["asset_id"]), ("asset_id", second["asset_id"])],
+        allow_redirects=False,
+    )
+    assert started.status == 303
+    job_id = started.headers["Location"].rsplit("job=", 1)[1]
+    meta = client.server.app[META]
+    for _ in range(200):
+        job = await meta.get_job(CLOUD, job_id)
+        if job is not None and not job.open:
+            break
+        await asyncio.sleep(0.05)
+    assert job is not None and job.status == "completed" and job.progress["restored"] == 2
+    listed = await api.admin("GET", "resources/image/upload", params={"prefix": "bulk/"})
+    assert sorted(r["public_id"] for r in listed["resources"]) == ["bulk/one", "bulk/two"]
+    operations = await (await client.get(f"/console/{CLOUD}/operations", params={"job": job_id})).text()
+    assert f"job-{job_id}" in operations and "bulk_restore" in operations
+    actions = await audit_actions(client)
+    assert actions.count(("staff:ola@example.com", "restore", "ok")) == 2
+    viewer_form = await client.post(f"/console/{CLOUD}/bulk-restore", data={"asset_id": first["asset_id"]}, allow_redirects=False)
+    assert viewer_form.status == 403  # no CSRF token

@@ -132,6 +132,23 @@ def test_find_a_deleted_asset_and_restore_it(page: Any, staff: dict[str, str], s
     assert back["width"] == 80 and back["bytes"] > 0  # the newest backed-up version, over the SDK
 
 
+def test_bulk_restore_of_search_results(page: Any, staff: dict[str, str], shots: Path) -> None:
+    for name in ("e2e-bulk/a", "e2e-bulk/b"):
+        _deleted(name)
+    _sign_in(page, "restorer@example.com", staff["restorer@example.com"])
+    page.goto(f"/console/{CLOUD}/find?prefix=e2e-bulk/")
+    for box in page.locator("input[name=asset_id]").all():
+        box.check()
+    page.click("#bulk-restore")
+    for _ in range(50):
+        if "completed" in page.inner_text("main table:last-of-type tbody tr:first-child"):
+            break
+        page.wait_for_timeout(200)
+        page.reload()
+    _shot(page, shots, "bulk-restore-done")
+    assert all(cloudinary.api.resource(name)["placeholder"] is False for name in ("e2e-bulk/a", "e2e-bulk/b"))
+
+
 def test_download_a_version(page: Any, staff: dict[str, str]) -> None:
     data = _png("green", (33, 22))
     uploaded = cloudinary.uploader.upload(data, public_id="e2e/download-me")

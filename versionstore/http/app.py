@@ -20,6 +20,7 @@ from versionstore.blobstore import open_store
 from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
+from versionstore.console import bulk_restore
 from versionstore.disk_space import is_disk_full, space_report
 from versionstore.egress import EgressPolicy
 from versionstore.errors import ApiError
@@ -161,6 +162,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
             initial_backup.KIND: initial_backup.InitialBackup(service).run,
             verify.KIND: verify.VerifyJob(service, rate=config.verify_rate * 1e6 or None).run,
+            bulk_restore.KIND: bulk_restore.BulkRestore(service).run,
         }
         runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
         opened.push_async_callback(runner.close)

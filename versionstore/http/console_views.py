@@ -19,6 +19,7 @@ import jinja2
 from aiohttp import web
 
 from versionstore import ids, initial_backup, migration, signing, verify
+from versionstore.console import bulk_restore
 from versionstore.console import find as finding
 from versionstore.console.actions import ConsoleActions, actor, require
 from versionstore.console.audit import AuditLog
@@ -28,7 +29,7 @@ from versionstore.console.sessions import Sessions, csrf_ok
 from versionstore.console.staff import SignInRefused, StaffAccounts
 from versionstore.disk_space import space_report
 from versionstore.errors import ApiError, BadRequest, Forbidden, NotFound
-from versionstore.http.app import CONFIG, META, SERVICE
+from versionstore.http.app import CONFIG, JOBS, META, SERVICE
 from versionstore.models import Cloud
 
 PREFIX = "/console"
@@ -290,6 +291,17 @@ async def restore(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(f"{PREFIX}/{cloud.name}/assets/{asset.asset_id}?" + urlencode({"done": "Restored."}))
 
 
+async def bulk_restore_start(request: web.Request) -> web.StreamResponse:
+    """Restore the selected search results as a job; its progress is on the operations page."""
+    cloud = await _cloud(request, "restorer")
+    form = await request.post()
+    job = await bulk_restore.start(
+        request.config_dict[META], _member(request), cloud.name, [str(v) for v in form.getall("asset_id", [])], _address(request)
+    )
+    request.config_dict[JOBS].wake.set()
+    raise web.HTTPSeeOther(f"{PREFIX}/{cloud.name}/operations?" + urlencode({"job": job.id}))
+
+
 async def delete_version_form(request: web.Request) -> web.Response:
     cloud = await _cloud(request, "admin")
     console = _console(request)
@@ -369,10 +381,10 @@ async def operations_page(request: web.Request) -> web.Response:
     meta, config = request.config_dict[META], request.config_dict[CONFIG]
     status = await backup_status(meta, cloud, space_report(config.data_dir, config.min_free_bytes), (config.primary_url, config.backup_url))
     jobs = []
-    for kind in (initial_backup.KIND, migration.KIND, verify.KIND):
+    for kind in (bulk_restore.KIND, initial_backup.KIND, migration.KIND, verify.KIND):
         jobs += await meta.list_jobs(cloud.name, kind, 20)
     jobs.sort(key=lambda j: j.created_at, reverse=True)
-    return _page("operations.html", request, {"status": status, "jobs": jobs})
+    return _page("operations.html", request, {"status": status, "jobs": jobs, "started": request.query.get("job")})
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -413,6 +425,7 @@ def setup(app: web.Application) -> None:
     console.router.add_static("/static/", str(resources.files("versionstore.http").joinpath("console/static")))
     add("GET", cloud + "/find", find_page)
     add("GET", cloud + "/operations", operations_page)
+    add("POST", cloud + "/bulk-restore", bulk_restore_start)
     add("GET", cloud + "/audit", cloud_audit_redirect)
     add("GET", asset, asset_page)
     add("GET", asset + "/compare", compare_page)
