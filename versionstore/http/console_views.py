@@ -6,6 +6,7 @@ and sniffing protection; every POST needs the session's CSRF token (403 without)
 bytes never reach a page: previews are PNGs the server made, downloads are attachments.
 """
 
+import hmac
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -178,7 +179,8 @@ async def login_form(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     token = request.cookies.get(LOGIN_CSRF_COOKIE)
-    if not token or form.get("csrf_token") != token:
+    submitted = form.get("csrf_token")
+    if not token or not isinstance(submitted, str) or not hmac.compare_digest(submitted.encode(), token.encode()):
         raise Forbidden("Missing or wrong CSRF token")
     console = _console(request)
     email, password = str(form.get("email") or ""), str(form.get("password") or "")
