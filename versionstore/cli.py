@@ -250,6 +250,7 @@ async def _staff_action(meta: MetadataStore, args: argparse.Namespace) -> None:
     staff, audit = StaffAccounts(meta), AuditLog(meta)
     try:
         if args.staff_command == "add":
+            await staff.check_new(args.email, args.role, args.cloud or [])  # before a password is asked or shown
             member = await staff.add(args.email, args.role, args.cloud or [], _new_password(args))
             print(f"{member.email}\trole={member.role}\tclouds={','.join(member.clouds)}")
             detail = {"role": member.role, "clouds": list(member.clouds)}

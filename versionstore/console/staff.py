@@ -66,13 +66,20 @@ class StaffAccounts:
         self.meta = meta
         self.limiter = limiter or AddressLimiter()
 
-    async def add(self, email: str, role: str, clouds: list[str], password: str) -> StaffMember:
+    async def check_new(self, email: str, role: str, clouds: list[str]) -> str:
+        """The normalised email of a member that `add` could create (before a password is asked)."""
         email = normalise_email(email)
         if role not in ROLES:
             raise StaffError(f"role must be one of {', '.join(ROLES)}")
         for name in clouds:
             if await self.meta.get_cloud(name) is None:
                 raise StaffError(f"no product environment named {name!r}")
+        if await self.meta.get_staff(email) is not None:
+            raise StaffError(f"staff member {email} already exists")
+        return email
+
+    async def add(self, email: str, role: str, clouds: list[str], password: str) -> StaffMember:
+        email = await self.check_new(email, role, clouds)
         try:
             encoded = await passwords.hash_password(password)
         except passwords.WeakPassword as exc:
