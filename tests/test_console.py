@@ -325,3 +325,17 @@ async def test_bulk_restore_of_selected_results_runs_as_a_job(client: TestClient
     assert actions.count(("staff:ola@example.com", "restore", "ok")) == 2
     viewer_form = await client.post(f"/console/{CLOUD}/bulk-restore", data={"asset_id": first["asset_id"]}, allow_redirects=False)
     assert viewer_form.status == 403  # no CSRF token
+
+
+async def test_two_image_versions_side_by_side(client: TestClient, api: Api) -> None:
+    await add_staff(client, "pat@example.com", "viewer")
+    first = await api.upload(png(colour="red"), public_id="pair", filename="p.png")
+    second = await api.upload(png(50, 50, "blue"), public_id="pair", filename="p.png")
+    await sign_in(client, "pat@example.com")
+    asset_page = await (await client.get(f"/console/{CLOUD}/assets/{first['asset_id']}")).text()
+    assert "Compare two versions" in asset_page
+    page = await client.get(f"/console/{CLOUD}/assets/{first['asset_id']}/compare",
+                            params={"left": first["version_id"], "right": second["version_id"]})
+    text = await page.text()
+    assert page.status == 200 and text.count("preview.png") == 2 and "50 x 50" in text
+    assert (await client.get(f"/console/{CLOUD}/assets/{first['asset_id']}/compare", params={"left": first["version_id"]})).status == 400
