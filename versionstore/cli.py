@@ -372,14 +372,14 @@ def parser() -> argparse.ArgumentParser:
     staff = _command(sub, "staff", "support console staff accounts (docs/console.md)")
     staff_sub = staff.add_subparsers(dest="staff_command", required=True, metavar="COMMAND")
     add = _command(staff_sub, "add", "add a staff member (password prompted, or --generate)", _on_store(_staff_action))
-    add.add_argument("email")
+    add.add_argument("email", help="the member's email address (their sign-in name)")
     add.add_argument("--role", required=True, choices=("viewer", "restorer", "admin"),
                      help="viewer: read; restorer: + restore, download; admin: + irreversible deletion")
     add.add_argument("--cloud", action="append", metavar="NAME", help="an environment this member may see (repeat; default: all)")
     for name, summary in (("reset-password", "set a new password (ends the member's sessions)"),
                           ("disable", "refuse the member's sign-ins and end their sessions"), ("enable", "allow sign-ins again")):
         command = _command(staff_sub, name, summary, _on_store(_staff_action))
-        command.add_argument("email")
+        command.add_argument("email", help="the member's email address")
         _data_dir_option(command, creates=False)
     for command in (add, staff_sub.choices["reset-password"]):
         command.add_argument("--generate", action="store_true", help="generate a random password and print it once")
