@@ -5,6 +5,7 @@ Screenshots of the main pages are saved under the pytest tmp path (printed); wit
 VERSIONSTORE_CONSOLE_SHOTS=DIR they are also written to DIR (docs/console/ holds a few).
 """
 
+import asyncio
 import io
 import os
 import re
@@ -22,8 +23,12 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from tests.e2e.conftest import CLOUD, ServerProcess, cli, configure_sdk
+from versionstore.config import Config
+from versionstore.console.staff import StaffAccounts
+from versionstore.metadata import MetadataStore
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PASSWORD = "a long staff password"
 SVG_ATTACK = (b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"><script>alert(2);document.title="pwned"</script>'
               b'<rect width="10" height="10"/></svg>')
 
@@ -36,18 +41,24 @@ def _png(colour: str, size: tuple[int, int] = (64, 48)) -> bytes:
 
 @pytest.fixture(scope="module")
 def staff(server: ServerProcess) -> dict[str, str]:
-    """email -> password of one member per role, made with the real CLI (`--generate`)."""
-    roles = {"admin@example.com": "admin", "restorer@example.com": "restorer", "viewer@example.com": "viewer",
-             "victim@example.com": "restorer"}
+    """email -> password of one member per role: the admin made with the real CLI (`--generate`),
+    the others written beside it in this process (one argon2id hash each, in parallel)."""
+    out = cli("staff", "add", "admin@example.com", "--role", "admin", "--cloud", CLOUD, "--generate", data_dir=server.data_dir).stdout
+    found = re.search(r"password \(shown once\): (\S+)", out)
+    assert found, out
+    others = {"restorer@example.com": "restorer", "viewer@example.com": "viewer", "victim@example.com": "restorer"}
 
-    def add(email: str) -> str:
-        out = cli("staff", "add", email, "--role", roles[email], "--cloud", CLOUD, "--generate", data_dir=server.data_dir).stdout
-        found = re.search(r"password \(shown once\): (\S+)", out)
-        assert found, out
-        return found[1]
+    async def add_others() -> None:
+        meta = await MetadataStore.open(Config(data_dir=server.data_dir).db_path)
+        try:
+            accounts = StaffAccounts(meta)
+            await asyncio.gather(*(accounts.add(email, role, [CLOUD], PASSWORD) for email, role in others.items()))
+        finally:
+            await meta.close()
 
-    with ThreadPoolExecutor(len(roles)) as pool:  # each CLI run hashes one argon2id password
-        return dict(zip(roles, pool.map(add, roles), strict=True))
+    with ThreadPoolExecutor(1) as thread:  # a loop of its own: pytest-asyncio may run one in this thread
+        thread.submit(asyncio.run, add_others()).result()
+    return {"admin@example.com": found[1], **dict.fromkeys(others, PASSWORD)}
 
 
 @pytest.fixture(scope="module")
