@@ -29,10 +29,13 @@ def test_staff_commands_and_a_tampered_audit_record_named_by_verify(tmp_path: Pa
     assert "\tdisabled" in run("staff", "list", data_dir=data).stdout
     assert run("staff", "reset-password", "sue@example.com", "--generate", data_dir=data).returncode == 0
 
+    assert run("cloud", "set", "demo", "--auto-backup", "off", data_dir=data).returncode == 0
+
     verified = run("audit", "verify", data_dir=data)
-    assert verified.returncode == 0 and json.loads(verified.stdout)["records"] == 3
+    assert verified.returncode == 0 and json.loads(verified.stdout)["records"] == 4
     exported = [json.loads(line) for line in run("audit", "export", data_dir=data).stdout.splitlines()]
-    assert [r["action"] for r in exported] == ["staff_add", "staff_disable", "staff_reset_password"]
+    assert [r["action"] for r in exported] == ["staff_add", "staff_disable", "staff_reset_password", "settings"]
+    assert exported[-1]["detail"]["auto_backup"] == "off" and exported[-1]["actor"] == "cli"
 
     with sqlite3.connect(data / "metadata.sqlite3") as db:
         db.execute("UPDATE audit_log SET detail = '{\"role\": \"admin\"}' WHERE seq = 1")

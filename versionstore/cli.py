@@ -167,6 +167,11 @@ async def _cloud_set(meta: MetadataStore, args: argparse.Namespace) -> None:
         elif job is not None:
             print(f"backup migration {job.id} cancelled")
     updated = await _existing(meta, args.name)
+    from versionstore.console.audit import AuditLog
+
+    bucket = args.backup_bucket.split("?", 1)[0] if args.backup_bucket else None  # without store options
+    await AuditLog(meta).record("cli", "settings", cloud=args.name, target=args.name,
+                                detail={"auto_backup": args.auto_backup, "backup_bucket": bucket})
     print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}"
           f"\tbackup_target={migration.target_name(updated.backup_target)}")
 

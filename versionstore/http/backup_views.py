@@ -55,7 +55,8 @@ async def backup(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
         else:
             raise BadRequest("Missing required parameter - bucket (s3://..., gs://... or default)")
         job = await migration.change_target(meta, cloud, bucket)
-        await record_api(request, cloud, "backup_target", cloud.name, detail={"bucket": bucket, "job_id": job.id if job else None})
+        where = bucket.split("?", 1)[0] if bucket else None  # without store options
+        await record_api(request, cloud, "backup_target", cloud.name, detail={"bucket": where, "job_id": job.id if job else None})
         if job is not None:
             request.app[JOBS].wake.set()
         cloud = await meta.get_cloud(cloud.name) or cloud
