@@ -17,4 +17,13 @@ elif ! stamp_matches "$node_dir/node_modules/.installed" "$node_dir/package-lock
   (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
   file_hash "$node_dir/package-lock.json" > "$node_dir/node_modules/.installed"
 fi
+# Debian's chromium for the console's browser tests (tests/e2e/test_console.py): Playwright's own
+# browser download cannot work here, so the tests pass /usr/bin/chromium as the executable.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y chromium >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y chromium >/dev/null; }
+  else
+    echo "chromium not found (apt-get install chromium): tests/e2e/test_console.py will fail" >&2
+  fi
+fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,4 +1,5 @@
-"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify` and `initial-backup`.
+"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify`, `initial-backup`,
+`staff add|list|disable|enable|reset-password` and `audit verify|export`.
 
 `initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
 parses its own options.
@@ -166,6 +167,11 @@ async def _cloud_set(meta: MetadataStore, args: argparse.Namespace) -> None:
         elif job is not None:
             print(f"backup migration {job.id} cancelled")
     updated = await _existing(meta, args.name)
+    from versionstore.console.audit import AuditLog
+
+    bucket = args.backup_bucket.split("?", 1)[0] if args.backup_bucket else None  # without store options
+    await AuditLog(meta).record("cli", "settings", cloud=args.name, target=args.name,
+                                detail={"auto_backup": args.auto_backup, "backup_bucket": bucket})
     print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}"
           f"\tbackup_target={migration.target_name(updated.backup_target)}")
 
@@ -221,6 +227,78 @@ def _verify(args: argparse.Namespace) -> int:
         return 1 if problems else 0
 
     return asyncio.run(run())
+
+
+# --- staff and audit (support console) ---------------------------------------------------------
+
+
+def _new_password(args: argparse.Namespace) -> str:
+    """--generate: a random password, printed once; else prompted twice (never an argument)."""
+    from versionstore.console import passwords
+
+    if args.generate:
+        password = passwords.generate()
+        print(f"password (shown once): {password}", flush=True)
+        return password
+    import getpass
+
+    password = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != password:
+        raise ConfigError("the passwords differ")
+    return password
+
+
+async def _staff_action(meta: MetadataStore, args: argparse.Namespace) -> None:
+    from versionstore.console.audit import AuditLog
+    from versionstore.console.staff import StaffAccounts, StaffError
+
+    staff, audit = StaffAccounts(meta), AuditLog(meta)
+    try:
+        if args.staff_command == "add":
+            await staff.check_new(args.email, args.role, args.cloud or [])  # before a password is asked or shown
+            member = await staff.add(args.email, args.role, args.cloud or [], _new_password(args))
+            print(f"{member.email}\trole={member.role}\tclouds={','.join(member.clouds)}")
+            detail = {"role": member.role, "clouds": list(member.clouds)}
+        elif args.staff_command == "list":
+            for m in await meta.list_staff():
+                print(f"{m.email}\trole={m.role}\tclouds={','.join(m.clouds)}\t{'disabled' if m.disabled else 'enabled'}")
+            return
+        elif args.staff_command == "reset-password":
+            await staff.reset_password(args.email, _new_password(args))
+            detail = {}
+        else:
+            await staff.set_disabled(args.email, args.staff_command == "disable")
+            detail = {}
+    except StaffError as exc:
+        raise ConfigError(str(exc)) from None
+    await audit.record("cli", f"staff_{args.staff_command.replace('-', '_')}", target=args.email.lower(), detail=detail)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """`audit verify` exits 1 naming every broken record; `audit export` prints JSON lines."""
+    from versionstore.console.audit import AuditLog, as_json
+
+    async def run(meta: MetadataStore) -> int:
+        log = AuditLog(meta)
+        if args.audit_command == "export":
+            filters = {"cloud": args.cloud} if args.cloud else {}
+            async for record in log.records(**filters):
+                print(json.dumps(as_json(record), sort_keys=True))
+            return 0
+        report = await log.verify()
+        for problem in report.problems:
+            print(f"BROKEN: {problem}", file=sys.stderr)
+        print(json.dumps({"records": report.records, "head": report.head, "intact": not report.problems}))
+        return 1 if report.problems else 0
+
+    async def opened() -> int:
+        meta = await MetadataStore.open(Config(data_dir=store_dir(args.data_dir, create=False)).db_path)
+        try:
+            return await run(meta)
+        finally:
+            await meta.close()
+
+    return asyncio.run(opened())
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -295,6 +373,31 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--rate", type=float, default=0.0, metavar="MB/s", help="read at most this fast (default: 0, unlimited)")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     _data_dir_option(check, creates=False)
+
+    staff = _command(sub, "staff", "support console staff accounts (docs/console.md)")
+    staff_sub = staff.add_subparsers(dest="staff_command", required=True, metavar="COMMAND")
+    add = _command(staff_sub, "add", "add a staff member (password prompted, or --generate)", _on_store(_staff_action))
+    add.add_argument("email", help="the member's email address (their sign-in name)")
+    add.add_argument("--role", required=True, choices=("viewer", "restorer", "admin"),
+                     help="viewer: read; restorer: + restore, download; admin: + irreversible deletion")
+    add.add_argument("--cloud", action="append", metavar="NAME", help="an environment this member may see (repeat; default: all)")
+    for name, summary in (("reset-password", "set a new password (ends the member's sessions)"),
+                          ("disable", "refuse the member's sign-ins and end their sessions"), ("enable", "allow sign-ins again")):
+        command = _command(staff_sub, name, summary, _on_store(_staff_action))
+        command.add_argument("email", help="the member's email address")
+        _data_dir_option(command, creates=False)
+    for command in (add, staff_sub.choices["reset-password"]):
+        command.add_argument("--generate", action="store_true", help="generate a random password and print it once")
+    _data_dir_option(add, creates=False)
+    _data_dir_option(_command(staff_sub, "list", "list staff members", _on_store(_staff_action)), creates=False)
+
+    audit = _command(sub, "audit", "the audit log: verify its hash chain, export it")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    _data_dir_option(_command(audit_sub, "verify", "check the hash chain; exit 1 naming any edited or removed record", _audit),
+                     creates=False)
+    export = _command(audit_sub, "export", "print every record as JSON lines", _audit)
+    export.add_argument("--cloud", metavar="NAME", help="one environment's records (default: all)")
+    _data_dir_option(export, creates=False)
 
     sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
         "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "

@@ -25,6 +25,7 @@ from typing import Any
 
 import aiosqlite
 
+from versionstore.console.records import AuditRecord, ConsoleSession, StaffMember
 from versionstore.models import (
     Asset,
     BackupHealth,
@@ -884,3 +885,166 @@ class MetadataStore:
             if summary["last_verified_at"] is None or last > summary["last_verified_at"]:
                 summary["last_verified_at"] = float(last)
         return summary
+
+    # --- staff, sessions, audit (support console, versionstore/console/) ----------------------
+
+    async def add_staff(self, member: StaffMember) -> bool:
+        """False when a member with this email exists."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO staff (email, password_hash, role, clouds, disabled, failed_logins, created_at) "
+                "VALUES (?, ?, ?, ?, 0, 0, ?) ON CONFLICT (email) DO NOTHING RETURNING email",
+                (member.email, member.password_hash, member.role, json.dumps(list(member.clouds)), member.created_at),
+            )
+            return await cursor.fetchone() is not None
+
+    async def get_staff(self, email: str) -> StaffMember | None:
+        row = await self._one(f"{_STAFF_SELECT} WHERE email = ?", (email,))
+        return None if row is None else _staff(row)
+
+    async def list_staff(self) -> list[StaffMember]:
+        return [_staff(r) for r in await self._all(f"{_STAFF_SELECT} ORDER BY email")]
+
+    async def update_staff(self, email: str, *, password_hash: str | None = None, disabled: bool | None = None) -> bool:
+        """Change a password or the disabled flag; either ends every session of the member."""
+        sets: list[str] = []
+        args: list[Any] = []
+        if password_hash is not None:
+            sets += ["password_hash = ?", "failed_logins = 0", "locked_until = NULL"]
+            args.append(password_hash)
+        if disabled is not None:
+            sets.append("disabled = ?")
+            args.append(int(disabled))
+        async with self.transaction() as db:
+            cursor = await db.execute(f"UPDATE staff SET {', '.join(sets)} WHERE email = ? RETURNING email", (*args, email))
+            found = await cursor.fetchone() is not None
+            await db.execute("DELETE FROM console_sessions WHERE email = ?", (email,))
+        return found
+
+    async def record_login_failure(self, email: str, now: float, max_failures: int, lock_seconds: float) -> float | None:
+        """Count a failed sign-in; at `max_failures` consecutive ones the account is locked
+        until the returned time (None while not locked). The count is kept in the row, so it
+        holds across processes."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE staff SET failed_logins = failed_logins + 1 WHERE email = ? RETURNING failed_logins", (email,)
+            )
+            row = await cursor.fetchone()
+            if row is None or int(row[0]) < max_failures:
+                return None
+            until = now + lock_seconds
+            await db.execute("UPDATE staff SET locked_until = ?, failed_logins = 0 WHERE email = ?", (until, email))
+            return until
+
+    async def record_login_success(self, email: str) -> None:
+        async with self.transaction() as db:
+            await db.execute("UPDATE staff SET failed_logins = 0, locked_until = NULL WHERE email = ?", (email,))
+
+    async def create_console_session(self, session: ConsoleSession) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO console_sessions (token_hash, email, csrf_token, address, created_at, last_seen_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (session.token_hash, session.email, session.csrf_token, session.address, session.created_at, session.last_seen_at),
+            )
+
+    async def get_console_session(self, token_hash: str) -> ConsoleSession | None:
+        row = await self._one(
+            "SELECT token_hash, email, csrf_token, address, created_at, last_seen_at FROM console_sessions WHERE token_hash = ?",
+            (token_hash,),
+        )
+        return None if row is None else ConsoleSession(*row)
+
+    async def touch_console_session(self, token_hash: str, now: float) -> None:
+        async with self.transaction() as db:
+            await db.execute("UPDATE console_sessions SET last_seen_at = ? WHERE token_hash = ?", (now, token_hash))
+
+    async def delete_console_sessions(self, *, token_hash: str | None = None, older_than: float | None = None) -> None:
+        """End one session, or every session last seen before `older_than`."""
+        async with self.transaction() as db:
+            if token_hash is not None:
+                await db.execute("DELETE FROM console_sessions WHERE token_hash = ?", (token_hash,))
+            if older_than is not None:
+                await db.execute("DELETE FROM console_sessions WHERE last_seen_at < ?", (older_than,))
+
+    async def append_audit(self, record: AuditRecord, seal: Callable[[AuditRecord], str]) -> AuditRecord:
+        """Append one record after the current head, read inside this write transaction, so
+        concurrent writers queue instead of forking the chain (`prev_hash` is also UNIQUE:
+        a writer on another connection that read the same head fails and retries)."""
+        for _attempt in range(5):
+            try:
+                async with self.transaction() as db:
+                    cursor = await db.execute("SELECT seq, hash FROM audit_head WHERE id = 1")
+                    head = await cursor.fetchone()
+                    seq, prev_hash = (int(head[0]) + 1, str(head[1])) if head else (1, AUDIT_GENESIS)
+                    sealed = replace(record, seq=seq, prev_hash=prev_hash)
+                    sealed = replace(sealed, hash=seal(sealed))
+                    await db.execute(
+                        f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _audit_row(sealed)
+                    )
+                    await db.execute(
+                        "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                        (sealed.seq, sealed.hash),
+                    )
+                return sealed
+            except sqlite3.IntegrityError:
+                continue
+        raise RuntimeError("the audit log kept changing under this writer")
+
+    async def audit_head(self) -> tuple[int, str] | None:
+        row = await self._one("SELECT seq, hash FROM audit_head WHERE id = 1")
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    async def audit_records(
+        self, after_seq: int, limit: int, *, before_seq: int | None = None, filters: dict[str, str] | None = None
+    ) -> list[AuditRecord]:
+        """Records in seq order after `after_seq`, or newest first before `before_seq`;
+        `filters` compare whole columns (cloud, actor, action, outcome) or `target_like`."""
+        clauses: list[str] = ["seq > ?"]
+        args: list[Any] = [after_seq]
+        if before_seq is not None:
+            clauses.append("seq < ?")
+            args.append(before_seq)
+        for column, value in (filters or {}).items():
+            if column in ("cloud", "actor", "action", "outcome"):
+                clauses.append(f"{column} = ?")
+                args.append(value)
+            elif column == "target_like":
+                clauses.append("target LIKE ? ESCAPE '\\'")
+                args.append(f"%{like_escape(value)}%")
+        order = "seq DESC" if before_seq is not None else "seq"
+        rows = await self._scan(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE {' AND '.join(clauses)} ORDER BY {order} LIMIT ?", (*args, limit)
+        )
+        return [_audit(r) for r in rows]
+
+
+# --- staff, sessions, audit: row helpers -----------------------------------------------------
+
+_STAFF_SELECT = "SELECT email, password_hash, role, clouds, disabled, failed_logins, locked_until, created_at FROM staff"
+_AUDIT_COLUMNS = "seq, at, actor, cloud, action, target, detail, address, outcome, prev_hash, hash"
+#: The `prev_hash` of the first audit record.
+AUDIT_GENESIS = "0" * 64
+
+
+def _staff(row: Sequence[Any]) -> StaffMember:
+    email, password_hash, role, clouds, disabled, failed, locked_until, created_at = row
+    return StaffMember(email, password_hash, role, tuple(json.loads(clouds)), bool(disabled), int(failed), locked_until, created_at)
+
+
+def _audit_row(record: AuditRecord) -> tuple[Any, ...]:
+    return (
+        record.seq, record.at, record.actor, record.cloud, record.action, record.target,
+        json.dumps(record.detail, sort_keys=True), record.address, record.outcome, record.prev_hash, record.hash,
+    )
+
+
+def _audit(row: Sequence[Any]) -> AuditRecord:
+    seq, at, actor, cloud, action, target, detail, address, outcome, prev_hash, hash_ = row
+    return AuditRecord(int(seq), float(at), actor, cloud, action, target, json.loads(detail), address, outcome, prev_hash, hash_)
+
+
+def like_escape(text: str) -> str:
+    """`text` matched literally inside a LIKE pattern written with ESCAPE '\\'."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

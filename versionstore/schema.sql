@@ -202,3 +202,51 @@ CREATE TABLE metadata_fields (
     position    INTEGER NOT NULL,
     PRIMARY KEY (cloud, external_id)
 );
+
+-- migration 11
+-- Support console (docs/console.md): staff accounts, their sessions, and the audit log.
+-- `clouds` is a JSON list of environment names, or ["*"] for every environment.
+CREATE TABLE staff (
+    email          TEXT PRIMARY KEY,
+    password_hash  TEXT NOT NULL,             -- argon2id (argon2-cffi's encoded form)
+    role           TEXT NOT NULL CHECK (role IN ('viewer', 'restorer', 'admin')),
+    clouds         TEXT NOT NULL,
+    disabled       INTEGER NOT NULL DEFAULT 0,
+    failed_logins  INTEGER NOT NULL DEFAULT 0, -- consecutive failures since the last success
+    locked_until   REAL,
+    created_at     REAL NOT NULL
+);
+-- A session is stored by the SHA-256 of its cookie value: a copy of the database does not
+-- hold usable cookies.
+CREATE TABLE console_sessions (
+    token_hash   TEXT PRIMARY KEY,
+    email        TEXT NOT NULL REFERENCES staff (email) ON DELETE CASCADE,
+    csrf_token   TEXT NOT NULL,
+    address      TEXT,
+    created_at   REAL NOT NULL,
+    last_seen_at REAL NOT NULL
+);
+CREATE INDEX console_sessions_email ON console_sessions (email);
+-- Append-only and hash-chained: `seq` has no gaps and `prev_hash` is UNIQUE, so two writers
+-- that read the same head cannot both append after it (one fails and retries).
+CREATE TABLE audit_log (
+    seq        INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    actor      TEXT NOT NULL,               -- staff:<email> | api_key:<key> | cli
+    cloud      TEXT,
+    action     TEXT NOT NULL,
+    target     TEXT,
+    detail     TEXT NOT NULL,               -- JSON object
+    address    TEXT,
+    outcome    TEXT NOT NULL,
+    prev_hash  TEXT NOT NULL UNIQUE,
+    hash       TEXT NOT NULL
+);
+CREATE INDEX audit_log_cloud ON audit_log (cloud, seq);
+-- The chain's head, written in the same transaction as each record: removing the newest
+-- records (which no later hash covers) is detected too, unless this row is rewritten as well.
+CREATE TABLE audit_head (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    seq   INTEGER NOT NULL,
+    hash  TEXT NOT NULL
+);

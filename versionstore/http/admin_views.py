@@ -12,6 +12,7 @@ from versionstore import ids, metadata_fields, queries, verify
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
 from versionstore.http.app import META, SERVICE, VERSIONS_CACHE
+from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic, check_signed
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
@@ -156,13 +157,14 @@ async def search(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
 # --- deletion ------------------------------------------------------------------------------
 
 
-async def _delete_many(request: web.Request, assets: dict[str, Asset | None]) -> web.Response:
+async def _delete_many(request: web.Request, cloud: Cloud, assets: dict[str, Asset | None]) -> web.Response:
     deleted: dict[str, str] = {}
     for key, asset in assets.items():
         if asset is None or not asset.live:
             deleted[key] = "not_found"
             continue
         await request.app[SERVICE].delete_asset(asset)
+        await record_api(request, cloud, "delete", f"{asset.asset_id} {asset.public_id}")
         deleted[key] = "deleted"
     counts = {k: {"original": int(v == "deleted"), "derived": 0} for k, v in deleted.items()}
     return web.json_response({"deleted": deleted, "deleted_counts": counts, "partial": False})
@@ -173,7 +175,7 @@ async def delete_resources(request: web.Request, cloud: Cloud, match: dict[str, 
     public_ids = _ids(params, "public_ids", "Missing required parameter - public_ids (prefix and all deletes are not supported)")
     meta = request.app[META]
     assets = {pid: await meta.get_asset(cloud.name, match["rt"], match["type"], pid) for pid in public_ids}
-    return await _delete_many(request, assets)
+    return await _delete_many(request, cloud, assets)
 
 
 async def delete_resources_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -181,7 +183,7 @@ async def delete_resources_by_asset_ids(request: web.Request, cloud: Cloud, matc
     asset_ids = _ids(params, "asset_ids", "asset_ids parameter is required")
     meta = request.app[META]
     assets = {aid: await meta.get_asset_by_id(cloud.name, aid) if ids.is_hex_id(aid) else None for aid in asset_ids}
-    return await _delete_many(request, assets)
+    return await _delete_many(request, cloud, assets)
 
 
 async def delete_backed_up_versions(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -189,6 +191,10 @@ async def delete_backed_up_versions(request: web.Request, cloud: Cloud, match: d
     params = await _params(request, cloud)
     version_ids = _ids(params, "version_ids", "Missing required parameter - version_ids", MAX_VERSION_IDS)
     outcome = await request.app[SERVICE].delete_versions(cloud.name, match["asset_id"], version_ids)
+    await record_api(
+        request, cloud, "delete_version", match["asset_id"], outcome="ok" if outcome.deleted else "failed",
+        detail={"deleted": outcome.deleted, "failures": outcome.failures},
+    )
     body: dict[str, Any] = {"asset_id": match["asset_id"], "deleted_version_ids": outcome.deleted}
     if outcome.failures:
         body["failures"] = outcome.failures
@@ -206,13 +212,17 @@ def _restore_pairs(params: Params, id_field: str) -> list[tuple[str, str | None]
     return list(zip(wanted, versions or [None] * len(wanted), strict=True))
 
 
-async def _restore_many(request: web.Request, found: list[tuple[str, Asset | None, str | None]]) -> web.Response:
+async def _restore_many(request: web.Request, cloud: Cloud, found: list[tuple[str, Asset | None, str | None]]) -> web.Response:
     body: dict[str, Any] = {}
     for key, asset, version_id in found:
         if asset is None:
             body[key] = render.restore_failure(RestoreFailure("asset_not_found", f"Resource not found - {key}"))
             continue
         outcome = await request.app[SERVICE].restore(asset, version_id)
+        await record_api(
+            request, cloud, "restore", f"{asset.asset_id} {asset.public_id}", outcome="ok" if outcome.asset else "failed",
+            detail={"version_id": version_id, **({"error": outcome.error.message} if outcome.error else {})},
+        )
         if outcome.asset is not None:
             body[key] = render.restored(outcome.asset)
         elif outcome.error is not None:
@@ -227,7 +237,7 @@ async def restore(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
         (pid, await meta.get_asset(cloud.name, match["rt"], match["type"], pid), vid)
         for pid, vid in _restore_pairs(params, "public_ids")
     ]
-    return await _restore_many(request, found)
+    return await _restore_many(request, cloud, found)
 
 
 async def restore_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -236,7 +246,7 @@ async def restore_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[s
     found = []
     for aid, vid in _restore_pairs(params, "asset_ids"):
         found.append((aid, await meta.get_asset_by_id(cloud.name, aid) if ids.is_hex_id(aid) else None, vid))
-    return await _restore_many(request, found)
+    return await _restore_many(request, cloud, found)
 
 
 # --- signed download -----------------------------------------------------------------------
@@ -280,5 +290,6 @@ async def settings(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     meta = request.app[META]
     if request.method != "GET" and "auto_backup" in params:
         await meta.set_auto_backup(cloud.name, bool(as_bool(params["auto_backup"])))
+        await record_api(request, cloud, "settings", cloud.name, detail={"auto_backup": bool(as_bool(params["auto_backup"]))})
         cloud = await meta.get_cloud(cloud.name) or cloud
     return web.json_response({"cloud_name": cloud.name, "auto_backup": cloud.auto_backup})

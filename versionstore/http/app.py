@@ -20,6 +20,7 @@ from versionstore.blobstore import open_store
 from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
+from versionstore.console import bulk_restore
 from versionstore.disk_space import is_disk_full, space_report
 from versionstore.egress import EgressPolicy
 from versionstore.errors import ApiError
@@ -161,6 +162,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
             initial_backup.KIND: initial_backup.InitialBackup(service).run,
             verify.KIND: verify.VerifyJob(service, rate=config.verify_rate * 1e6 or None).run,
+            bulk_restore.KIND: bulk_restore.BulkRestore(service).run,
         }
         runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
         opened.push_async_callback(runner.close)
@@ -211,7 +213,7 @@ _MAX_FIELDS: dict[str, Any] = (
 
 
 def create_app(config: Config) -> web.Application:
-    from versionstore.http.routes import dispatch
+    from versionstore.http.routes import add_console, dispatch
 
     server_log = logging.getLogger("aiohttp.server")
     if _AIOHTTP_FILTER not in server_log.filters:
@@ -225,6 +227,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)
+    add_console(app)
     return app
 
 

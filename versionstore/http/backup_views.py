@@ -15,6 +15,7 @@ from versionstore.disk_space import space_report
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
 from versionstore.http.app import CONFIG, JOBS, META
+from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
 from versionstore.metadata import MetadataStore
@@ -54,6 +55,8 @@ async def backup(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
         else:
             raise BadRequest("Missing required parameter - bucket (s3://..., gs://... or default)")
         job = await migration.change_target(meta, cloud, bucket)
+        where = bucket.split("?", 1)[0] if bucket else None  # without store options
+        await record_api(request, cloud, "backup_target", cloud.name, detail={"bucket": where, "job_id": job.id if job else None})
         if job is not None:
             request.app[JOBS].wake.set()
         cloud = await meta.get_cloud(cloud.name) or cloud

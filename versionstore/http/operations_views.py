@@ -11,6 +11,7 @@ from versionstore import initial_backup, queries
 from versionstore.errors import BadRequest, Conflict, NotFound
 from versionstore.http import render
 from versionstore.http.app import JOBS, META
+from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
 from versionstore.models import Cloud
@@ -40,6 +41,7 @@ async def initial_backups(request: web.Request, cloud: Cloud, match: dict[str, s
     except initial_backup.AlreadyRunning as exc:
         raise Conflict(str(exc)) from None
     request.app[JOBS].wake.set()
+    await record_api(request, cloud, "job_start", job.id, detail={"kind": initial_backup.KIND})
     return web.json_response({"ok": True, "id": job.id})
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from versionstore.errors import NotFound, Unauthorized
 from versionstore.http import admin_views as admin
+from versionstore.http import audit_views as audit
 from versionstore.http import backup_views as backup
 from versionstore.http import library_views as library
 from versionstore.http import operations_views as operations
@@ -72,7 +73,16 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET|PUT|POST", r"versionstore/settings", admin.settings),
     ("GET|PUT|POST|DELETE", r"versionstore/backup", backup.backup),
     ("GET", r"versionstore/jobs/(?P<job_id>[0-9a-f]{32})", backup.job),
+    ("GET", r"versionstore/audit", audit.audit),
 ]
+
+
+def add_console(app: web.Application) -> None:
+    """The support console's pages under /console/ (versionstore/http/console_views.py)."""
+    from versionstore.http import console_views
+
+    console_views.setup(app)
+
 
 _COMPILED = [(set(methods.split("|")), re.compile(pattern + r"$", re.S), handler) for methods, pattern, handler in ROUTES]
 _PREFIX = re.compile(r"^/v1_1/(?P<cloud>[^/]+)/(?P<rest>.*)$", re.S)

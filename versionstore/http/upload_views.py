@@ -15,6 +15,7 @@ from versionstore.chunks import parse_content_range
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
 from versionstore.http.app import CHUNKS, CONFIG, EGRESS, FETCHER, META, SERVICE
+from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_signed, check_upload_auth, pre_auth_lease
 from versionstore.http.budget import Lease
 from versionstore.http.fetch import fetch_to_spool
@@ -235,6 +236,7 @@ async def destroy(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
     if asset is None:
         return web.json_response({"result": "not found"})
     await request.app[SERVICE].delete_asset(asset)
+    await record_api(request, cloud, "delete", f"{asset.asset_id} {asset.public_id}", detail={"endpoint": "destroy"})
     return web.json_response({"result": "ok"})
 
 
