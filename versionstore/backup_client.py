@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from versionstore.backup_io import (
     BACKED_UP,
+    BLOCK,
     REMOTE_TYPES,
     STATE_FILE,
     TRANSIENT,
@@ -266,7 +267,7 @@ class SourceRun:
                 advanced[0] += n
                 bar.update(n)
 
-            hasher = blake3.blake3() if digest is None else None
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= BLOCK else 1) if digest is None else None
             try:
                 result = await self.api.upload(item, path, filename, sent, hasher)
             except TRANSIENT as exc:
