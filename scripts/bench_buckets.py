@@ -49,6 +49,7 @@ median of the per-run ratios), so below 1 means we are slower.
     .venv/bin/python scripts/bench_buckets.py                 # 1 GiB, 3 runs, S3 and GCS
     .venv/bin/python scripts/bench_buckets.py --quick         # 128 MiB, 1 run
     .venv/bin/python scripts/bench_buckets.py --backend s3 --size 512MiB --runs 5
+    .venv/bin/python scripts/bench_buckets.py --backend s3 --size 256MiB --staged   # + the S3 staged put, store level
 
 Run it from the repo root with the venv's Python (moto_server, blake3, aiobotocore and
 google-cloud-storage come from the venv); requires curl. Everything lives in a temp dir (and
@@ -901,6 +902,7 @@ class Bench:
         from versionstore.blobstore.s3 import S3BlobStore
 
         size, spool = self.args.size, self.work / "staged-spool.bin"
+        os.environ.update(AWS_ENV)  # the store reads credentials from the environment, as the service does
 
         async def receive(staged: Any = None) -> str:
             hasher = blake3.blake3()
