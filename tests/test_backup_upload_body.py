@@ -12,7 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import API_KEY, API_SECRET, CLOUD
-from versionstore.backup_io import BLOCK, TRANSIENT, Api, Item, Target
+from versionstore.backup_client import Report, SourceRun, build_parser
+from versionstore.backup_io import BLOCK, TRANSIENT, Api, Item, StateFile, Target, walk_directory
 
 
 async def _api(client: TestClient, trace: aiohttp.TraceConfig | None = None) -> tuple[Api, aiohttp.ClientSession]:
@@ -63,3 +64,35 @@ async def test_a_file_that_shrinks_during_the_upload_stores_nothing(client: Test
     finally:
         await session.close()
 
+
+
+async def test_a_first_run_lists_new_assets_and_looks_up_only_those_the_server_has(client: TestClient, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for name in ("a.png", "b/c.txt", "b/d.mp4", "e.jpg"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(os.urandom(1000))
+    requests: list[tuple[str, str]] = []
+
+    async def on_start(session: Any, context: Any, params: Any) -> None:
+        requests.append((params.method, params.url.raw_path))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_start)
+    api, session = await _api(client, trace)
+    try:
+        existing = Item("e", "image", "upload", str(src / "e.jpg"))  # on the server already, with other bytes
+        other = tmp_path / "other.bin"
+        other.write_bytes(b"other bytes")
+        await api.upload(existing, str(other), "other.bin", lambda n: None)
+        requests.clear()
+        args = build_parser().parse_args(["--source", str(src), "--no-progress"])
+        report = Report("source", api.target.base)
+        await SourceRun(args, api, StateFile(tmp_path / "state.jsonl", api.target.base), report).run(lambda: walk_directory(src))
+    finally:
+        await session.close()
+    assert report.counts["uploaded"] == 4 and report.counts["failed"] == 0, report.failures
+    base = f"/v1_1/{CLOUD}/resources/"
+    lookups = [path for method, path in requests if method == "GET" and path.startswith(base) and path.count("/") > 5]
+    listings = [path for method, path in requests if method == "GET" and path.startswith(base) and path.count("/") == 5]
+    assert lookups == [f"{base}image/upload/e"]  # only the asset the listing returned
+    assert sorted(listings) == [f"{base}image/upload", f"{base}raw/upload", f"{base}video/upload"]
