@@ -620,6 +620,7 @@ class Bench:
                              "use a smaller --scale or another --tmp-dir")
 
     def run(self) -> bool:
+        # load guard: lead wires benchlib.report_load() here
         a = self.args
         r = self.results
         self.plan_library()

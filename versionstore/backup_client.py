@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import functools
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from versionstore.backup_io import (
     BACKED_UP,
+    BLOCK,
     REMOTE_TYPES,
     STATE_FILE,
     TRANSIENT,
@@ -47,6 +49,7 @@ from versionstore.backup_io import (
 OUTCOMES = ("uploaded", "skipped_unchanged", "skipped_already_backed_up", "backup_pending", "skipped_fetch", "failed")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 READ_ERRORS = (OSError, ValueError, csv.Error)  # an unreadable manifest or directory
+LISTING_MAX = 100  # public_ids per listing request (the server's limit)
 
 
 class Report:
@@ -151,6 +154,7 @@ class SourceRun:
         self.known: dict[tuple[str, str], Remembered] = state.load() if state else {}
         self.bars: Bars | None = None
         self.fatal: str | None = None
+        self.absent: set[str] = set()  # keys of assets the server had no live asset for when listed
 
     async def run(self, items: Callable[[], Iterator[Item]]) -> None:
         if self.args.progress:
@@ -167,6 +171,7 @@ class SourceRun:
             source = items()
             try:
                 while batch := await asyncio.to_thread(lambda: list(itertools.islice(source, 256))):
+                    await self._find_new(batch)
                     for item in batch:
                         await queue.put(item)
             except READ_ERRORS as exc:  # changed under us since the first pass
@@ -181,6 +186,27 @@ class SourceRun:
                     group.create_task(self._worker(queue))
         finally:
             self.bars.close()
+
+    async def _find_new(self, batch: list[Item]) -> None:
+        """Assets the server surely lacks skip their per-asset lookup: one listing by public_ids
+        (live assets only, at most 100 a request) covers the batch's items that no state line
+        mentions. Any trouble just leaves the per-asset lookups in place."""
+        groups: dict[tuple[str, str], list[Item]] = {}
+        for item in batch:
+            if (item.error is None and not item.is_url and item.type not in REMOTE_TYPES and "," not in item.public_id
+                    and (item.key, item.source) not in self.known):
+                groups.setdefault((item.resource_type, item.type), []).append(item)
+        for (resource_type, type_), group in groups.items():
+            for start in range(0, len(group), LISTING_MAX):
+                chunk = group[start : start + LISTING_MAX]
+                query = [("max_results", str(LISTING_MAX)), *(("public_ids[]", item.public_id) for item in chunk)]
+                try:
+                    listing = await self.api.retrying("list", functools.partial(
+                        self.api.call, "GET", ["resources", resource_type, type_], params=query))
+                except RequestFailed:
+                    continue
+                live = {str(found.get("public_id")) for found in listing.get("resources") or []}
+                self.absent.update(item.key for item in chunk if item.public_id not in live)
 
     async def _worker(self, queue: "asyncio.Queue[Item | None]") -> None:
         assert self.bars is not None
@@ -250,7 +276,11 @@ class SourceRun:
         bar = self.bars.bytes
         attempt = 0
         while True:
-            resource = await self.api.retrying("lookup", lambda: self.api.lookup(item))
+            if not attempt and item.key in self.absent:  # listed as new: no lookup (a retry looks again)
+                self.absent.discard(item.key)
+                resource = None
+            else:
+                resource = await self.api.retrying("lookup", lambda: self.api.lookup(item))
             if digest is None and resource is not None:
                 digest = await asyncio.to_thread(hash_file, path)
             outcome, version_id = (None, None) if digest is None else remote_outcome(resource, digest)
@@ -266,7 +296,7 @@ class SourceRun:
                 advanced[0] += n
                 bar.update(n)
 
-            hasher = blake3.blake3() if digest is None else None
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= BLOCK else 1) if digest is None else None
             try:
                 result = await self.api.upload(item, path, filename, sent, hasher)
             except TRANSIENT as exc:

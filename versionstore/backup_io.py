@@ -8,6 +8,8 @@ Cloudinary's convention: image and video IDs have no extension, raw IDs keep the
 """
 
 import asyncio
+import concurrent.futures
+import contextlib
 import csv
 import json
 import os
@@ -22,9 +24,11 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import aiohttp
+import aiohttp.abc
 import aiohttp.payload
 import blake3
 import yarl
+from aiohttp.helpers import content_disposition_header
 
 RESOURCE_TYPES = ("image", "video", "raw")
 IMAGE_EXTENSIONS = frozenset({"ai", "arw", "avif", "bmp", "cr2", "djvu", "dng", "eps", "gif", "heic", "heif", "ico", "jp2", "jpe",
@@ -216,6 +220,8 @@ class StateFile:
 
 T = TypeVar("T")
 CHUNK = 1 << 20
+BLOCK = 8 << 20  # read (and hashed) ahead of the socket, per upload in flight
+_READERS = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="initial-backup-read")
 BACKOFF_BASE, BACKOFF_MAX, RETRY_AFTER_MAX = 0.5, 30.0, 60.0
 URL_FORMAT = "cloudinary://api_key:api_secret@cloud_name?upload_prefix=http://host:port"
 
@@ -277,39 +283,96 @@ class Transient(Exception):
 TRANSIENT = (Transient, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
 
 
-class _FileChunks:
-    """A file as an async iterator of 1 MiB blocks, read in a worker thread.
+class FileBody(aiohttp.payload.Payload):
+    """A whole multipart/form-data body (the fields, then the file) with its exact length, so the
+    request carries a Content-Length instead of chunked encoding.
 
-    A class rather than an async generator: a cancelled upload must be able to close it while
-    a read is in flight (`aclose()` on a running generator raises and would hide the cancel).
+    The file's bytes go to the socket with `sendfile` (no copy through Python). A worker thread
+    runs one block ahead of the socket: it reads the block (posix_fadvise asks the kernel to
+    read the next one meanwhile) and hashes it when `hasher` is given, so the socket sends from
+    the page cache and the event loop never waits on the disk. The hash covers exactly the bytes
+    sent: both read the same file descriptor at the same offsets, and if the file changes in
+    between, the server's digest differs and the asset fails with "run again".
     """
 
-    def __init__(self, path: str, sent: Callable[[int], None], hasher: "blake3.blake3 | None" = None) -> None:
+    def __init__(self, fields: Iterable[tuple[str, str]], path: str, filename: str, sent: Callable[[int], None],
+                 hasher: "blake3.blake3 | None" = None) -> None:
+        self.boundary = os.urandom(16).hex()
         self.handle = open(path, "rb")
-        self.sent = sent
-        self.hasher = hasher
+        self.length = os.fstat(self.handle.fileno()).st_size
+        head = b"".join(self._part(content_disposition_header("form-data", name=name), b"text/plain; charset=utf-8")
+                        + value.encode() + b"\r\n" for name, value in fields)
+        self.head = head + self._part(content_disposition_header("form-data", name="file", filename=filename),
+                                      b"application/octet-stream")
+        self.tail = b"\r\n--" + self.boundary.encode() + b"--\r\n"
+        super().__init__(None, content_type=f"multipart/form-data; boundary={self.boundary}")
+        self._size = len(self.head) + self.length + len(self.tail)
+        self.sent, self.hasher = sent, hasher
+        self._ahead: concurrent.futures.Future[None] | None = None
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self.handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
-    def __aiter__(self) -> "_FileChunks":
-        return self
+    def _part(self, disposition: str, content_type: bytes) -> bytes:
+        return (b"--" + self.boundary.encode() + b"\r\nContent-Disposition: " + disposition.encode()
+                + b"\r\nContent-Type: " + content_type + b"\r\n\r\n")
 
-    def _read(self) -> bytes:
-        chunk = self.handle.read(CHUNK)
+    def _read_ahead(self, offset: int, buffer: bytearray) -> None:
+        """Bring [offset, offset + len(buffer)) into the page cache (hashing it on the way) and
+        ask the kernel to start reading the block after it."""
+        fd = self.handle.fileno()
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(fd, offset + len(buffer), len(buffer), os.POSIX_FADV_WILLNEED)
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise FileChanged("the file shrank while it was being uploaded; run again")
+            done += n
         if self.hasher is not None:
-            self.hasher.update(chunk)  # hashed as the bytes pass: no separate read of the file
-        return chunk
+            self.hasher.update(buffer)
 
-    async def __anext__(self) -> bytes:
-        chunk = await asyncio.to_thread(self._read)
-        if not chunk:
-            raise StopAsyncIteration
-        self.sent(len(chunk))
-        return chunk
+    async def write(self, writer: "aiohttp.abc.AbstractStreamWriter") -> None:
+        await writer.write(self.head)
+        await writer.drain()
+        transport = writer.transport
+        assert transport is not None
+        loop = asyncio.get_running_loop()
+        buffer = bytearray(min(BLOCK, self.length))
+        offset = 0
+        if self.length:
+            self._ahead = _READERS.submit(self._read_ahead, 0, buffer)
+        while self._ahead is not None:
+            await asyncio.wrap_future(self._ahead)
+            count = min(BLOCK, self.length - offset)
+            following = offset + count
+            self._ahead = None
+            if following < self.length:  # the next block is read and hashed while this one is sent
+                remaining = self.length - following
+                spare = buffer if remaining >= BLOCK else bytearray(remaining)
+                self._ahead = _READERS.submit(self._read_ahead, following, spare)
+            if await loop.sendfile(transport, self.handle, offset, count) != count:
+                raise FileChanged("the file shrank while it was being uploaded; run again")
+            self.sent(count)
+            offset = following
+        await writer.write(self.tail)
 
-    def __enter__(self) -> "_FileChunks":
+    async def write_with_length(self, writer: "aiohttp.abc.AbstractStreamWriter", content_length: int | None) -> None:
+        await self.write(writer)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a file upload body is not text")
+
+    def __enter__(self) -> "FileBody":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.handle.close()  # BufferedReader.close waits for an in-flight read
+        if self._ahead is not None:  # a cancelled or failed send: the reader still uses the file (one block at most)
+            concurrent.futures.wait([self._ahead])
+        self.handle.close()
+
+
+class FileChanged(OSError):
+    """The file changed size under the upload: the request is abandoned, the asset retried."""
 
 
 def _segment(value: str) -> str:
@@ -391,14 +454,11 @@ class Api:
     async def upload(
         self, item: Item, path: str, filename: str, sent: Callable[[int], None], hasher: "blake3.blake3 | None" = None
     ) -> dict[str, Any]:
-        """Multipart upload whose file part streams from disk in 1 MiB reads (never the whole file),
-        hashed on the way into `hasher` when one is given."""
-        with _FileChunks(path, sent, hasher) as chunks, aiohttp.MultipartWriter("form-data") as writer:
-            for name, value in (("public_id", item.public_id), ("type", item.type), ("backup", "true"), ("overwrite", "true")):
-                writer.append(value).set_content_disposition("form-data", name=name)
-            part = writer.append_payload(aiohttp.payload.AsyncIterablePayload(chunks, content_type="application/octet-stream"))
-            part.set_content_disposition("form-data", name="file", filename=filename)
-            return await self.call("POST", [item.resource_type, "upload"], data=writer)
+        """Multipart upload whose file part streams from disk (`FileBody`: never the whole file in
+        memory), hashed on the way into `hasher` when one is given."""
+        fields = (("public_id", item.public_id), ("type", item.type), ("backup", "true"), ("overwrite", "true"))
+        with FileBody(fields, path, filename, sent, hasher) as body:
+            return await self.call("POST", [item.resource_type, "upload"], data=body)
 
     async def download(self, url: str, directory: str | None) -> tuple[str, int, str]:
         """Stream a URL to a temp file, hashing as it goes: (path, size, digest). No Basic auth is sent."""

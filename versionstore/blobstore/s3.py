@@ -9,9 +9,10 @@ every provider error leaves this module as a BlobStoreError.
 import asyncio
 import base64
 import os
+import secrets
 import zlib
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,10 +138,16 @@ class S3BlobStore:
     async def put_file(self, key: str, source: Path) -> bool:
         """Racing writers of one key in this process queue behind the first, so its bytes are sent
         once and the rest find them with a HEAD; across processes the conditional write decides."""
+        async with self._writer(key):
+            return await self._put_file(key, source)
+
+    @asynccontextmanager
+    async def _writer(self, key: str) -> AsyncIterator[None]:
+        """One writer of `key` at a time in this process (put_file and staged puts alike)."""
         lock = self._writers.setdefault(key, asyncio.Lock())
         try:
             async with lock:
-                return await self._put_file(key, source)
+                yield
         finally:
             if not lock.locked() and self._writers.get(key) is lock:
                 del self._writers[key]
@@ -202,6 +209,41 @@ class S3BlobStore:
             with suppress(*PROVIDER_ERRORS):
                 await client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
             raise
+
+    # --- staged put: parts go up while the body arrives, published at the digest key later ---
+
+    async def stage(self, under: str, size_hint: int | None = None) -> "StagedPut":
+        """Start a staged put under `under` (e.g. `<cloud>/staging/`; a random name is added).
+
+        The caller writes the body as it arrives, then `publish(key)`es it once the content's
+        digest is known, or `abort()`s. Nothing is ever written at `key` before `publish`, and
+        `publish` makes it visible only after the staged bytes were checked (docs/buckets.md).
+        """
+        part_size = self.part_size_for(size_hint) if size_hint else self.part_size
+        return StagedPut(self, await self._client(), self.prefix + under + secrets.token_hex(16), part_size)
+
+    async def collect_staging(self, under: str, older_than: float) -> int:
+        """Remove what staged puts abandoned under `under` (a killed process): unfinished
+        multipart uploads and staging objects started more than `older_than` seconds ago.
+        Returns how many were removed."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+        removed = 0
+        try:
+            client = await self._client()
+            async for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix + under):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < cutoff:
+                        with suppress(ClientError):  # finished or aborted meanwhile
+                            await client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                            removed += 1
+            async for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + under):
+                for entry in page.get("Contents", []):
+                    if entry["LastModified"] < cutoff:
+                        await client.delete_object(Bucket=self.bucket, Key=entry["Key"])
+                        removed += 1
+        except PROVIDER_ERRORS as exc:
+            raise self._error(exc, under) from exc
+        return removed
 
     async def stat(self, key: str) -> BlobInfo | None:
         try:
@@ -268,3 +310,182 @@ class S3BlobStore:
             if self._stack is not None:
                 await self._stack.aclose()
             self._s3, self._stack = None, None
+
+
+def _crc(data: bytes | bytearray | memoryview) -> bytes:
+    return zlib.crc32(data).to_bytes(4, "big")
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+class StagedPut:
+    """One staged put (`S3BlobStore.stage`): the body's parts are uploaded to a random staging
+    key while it arrives; `publish(key)` then copies them server-side into a create-only
+    multipart upload at `key`.
+
+    What makes it safe:
+    - nothing exists at `key` until the final CompleteMultipartUpload (with `If-None-Match: *`),
+      and that runs only after the staged object was checked: its size, its composite CRC32
+      against the CRC32s of the bytes this process was given, and each copied part's ETag
+      against the staged part's;
+    - a body smaller than one part is never staged: it stays in memory and goes up with one
+      conditional PutObject at `publish`;
+    - `abort()` (also on every error, and on cancellation) aborts the staging upload and deletes
+      the staging object; what a killed process leaves is removed by `collect_staging` and by the
+      bucket lifecycle rule docs/buckets.md recommends.
+    """
+
+    def __init__(self, store: S3BlobStore, client: "S3Client", staging_key: str, part_size: int) -> None:
+        self.store, self.client, self.staging_key, self.part_size = store, client, staging_key, part_size
+        self.buffer = bytearray()
+        self.size = 0
+        self.upload_id: str | None = None
+        self.parts: dict[int, tuple[str, bytes]] = {}  # part number -> (ETag, raw CRC32)
+        self.tasks: list[asyncio.Task[None]] = []  # one per part sent
+        self.staged_object = False  # the staging upload was completed: an object to delete
+        self.closed = False
+        self.slots = asyncio.Semaphore(store.part_concurrency)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Add the next bytes of the body; full parts go up in the background, at most
+        `part_concurrency` at a time (this waits when that many are in flight)."""
+        if self.closed:
+            raise PermanentStoreError(f"{self.store.name}: staged put already finished")
+        self.buffer += data
+        self.size += len(data)
+        while len(self.buffer) >= self.part_size:
+            part = bytes(self.buffer[: self.part_size])
+            del self.buffer[: self.part_size]
+            await self._send(part)
+
+    async def _send(self, part: bytes) -> None:
+        self._raise_failed()
+        try:
+            if self.upload_id is None:
+                created = await self.client.create_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.staging_key, ChecksumAlgorithm="CRC32"
+                )
+                self.upload_id = created["UploadId"]
+            await self.slots.acquire()
+        except PROVIDER_ERRORS as exc:
+            raise self.store._error(exc, self.staging_key) from exc
+        self.tasks.append(asyncio.ensure_future(self._upload_part(len(self.tasks) + 1, part)))
+
+    async def _upload_part(self, number: int, part: bytes) -> None:
+        try:
+            crc = await asyncio.to_thread(_crc, part)
+            assert self.upload_id is not None
+            response = await self.client.upload_part(
+                Bucket=self.store.bucket, Key=self.staging_key, UploadId=self.upload_id, PartNumber=number, Body=part,
+                ChecksumCRC32=_b64(crc),
+            )
+            self.parts[number] = (response["ETag"], crc)
+        finally:
+            self.slots.release()
+
+    def _raise_failed(self) -> None:
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+                raise self.store._error(exc, self.staging_key) from exc
+
+    async def _drain(self) -> None:
+        if pending := [task for task in self.tasks if not task.done()]:
+            await asyncio.wait(pending)
+        self._raise_failed()
+
+    async def publish(self, key: str) -> bool:
+        """Make the staged bytes the object `key`, create-only. True when written, False when `key`
+        already existed (its bytes are the same by construction). The staging upload is removed
+        either way; on any error nothing is left at `key` and the error is raised."""
+        if self.closed:
+            raise PermanentStoreError(f"{self.store.name}: staged put already finished")
+        async with self.store._writer(key):
+            return await self._publish(key)
+
+    async def _publish(self, key: str) -> bool:
+        full_key = self.store.prefix + key
+        try:
+            if await self.store.stat(key) is not None:
+                return False  # content-addressed: the bytes are already there
+            if self.upload_id is None:  # smaller than one part: never staged
+                await self.client.put_object(
+                    Bucket=self.store.bucket, Key=full_key, Body=bytes(self.buffer), IfNoneMatch="*", ChecksumAlgorithm="CRC32",
+                    **self.store._lock_args(),
+                )
+                return True
+            if self.buffer:
+                await self._send(bytes(self.buffer))
+                self.buffer.clear()
+            await self._drain()
+            await self._complete_staging()
+            await self._copy_to(full_key)
+            return True
+        except PROVIDER_ERRORS as exc:
+            if _status(exc)[0] == 412:
+                return False  # a racing writer of the same content won
+            raise self.store._error(exc, key) from exc
+        finally:
+            await self.abort()
+
+    async def _complete_staging(self) -> None:
+        numbers = sorted(self.parts)
+        assert self.upload_id is not None and numbers == list(range(1, len(numbers) + 1))
+        await self.client.complete_multipart_upload(
+            Bucket=self.store.bucket, Key=self.staging_key, UploadId=self.upload_id,
+            MultipartUpload={"Parts": [
+                {"PartNumber": n, "ETag": self.parts[n][0], "ChecksumCRC32": _b64(self.parts[n][1])} for n in numbers
+            ]},
+        )
+        self.upload_id, self.staged_object = None, True
+        head = await self.client.head_object(Bucket=self.store.bucket, Key=self.staging_key, ChecksumMode="ENABLED")
+        composite = _b64(_crc(b"".join(self.parts[n][1] for n in numbers)))
+        reported = str(head.get("ChecksumCRC32") or "").split("-")[0]  # S3 adds "-<parts>"; moto does not
+        if head["ContentLength"] != self.size or (reported and reported != composite):
+            raise PermanentStoreError(
+                f"{self.store.name}: staged object has {head['ContentLength']} bytes, CRC32 {reported or '?'}; "
+                f"expected {self.size}, {composite}: not published"
+            )
+
+    async def _copy_to(self, full_key: str) -> None:
+        """Server-side copy of the staged parts, same boundaries, into a conditional multipart upload."""
+        client, bucket = self.client, self.store.bucket
+        created = await client.create_multipart_upload(Bucket=bucket, Key=full_key, ChecksumAlgorithm="CRC32", **self.store._lock_args())
+        upload_id = created["UploadId"]
+        try:
+            copied: list[CompletedPartTypeDef] = []
+            for number in sorted(self.parts):
+                start = (number - 1) * self.part_size
+                end = min(start + self.part_size, self.size) - 1
+                response = await client.upload_part_copy(
+                    Bucket=bucket, Key=full_key, UploadId=upload_id, PartNumber=number,
+                    CopySource={"Bucket": bucket, "Key": self.staging_key}, CopySourceRange=f"bytes={start}-{end}",
+                )
+                etag, crc = self.parts[number]
+                if response["CopyPartResult"].get("ETag") != etag:
+                    raise PermanentStoreError(f"{self.store.name}: part {number} was copied with other bytes: not published")
+                copied.append({"PartNumber": number, "ETag": etag, "ChecksumCRC32": _b64(crc)})
+            await client.complete_multipart_upload(
+                Bucket=bucket, Key=full_key, UploadId=upload_id, MultipartUpload={"Parts": copied}, IfNoneMatch="*"
+            )
+        except BaseException:
+            with suppress(*PROVIDER_ERRORS):
+                await client.abort_multipart_upload(Bucket=bucket, Key=full_key, UploadId=upload_id)
+            raise
+
+    async def abort(self) -> None:
+        """Give up: nothing at the digest key, and the staging upload or object removed. Idempotent."""
+        self.closed = True
+        self.buffer = bytearray()
+        for task in self.tasks:
+            task.cancel()
+        if pending := [task for task in self.tasks if not task.done()]:
+            await asyncio.wait(pending)
+        with suppress(*PROVIDER_ERRORS):
+            if self.upload_id is not None:
+                await self.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.staging_key, UploadId=self.upload_id)
+                self.upload_id = None
+            if self.staged_object:
+                await self.client.delete_object(Bucket=self.store.bucket, Key=self.staging_key)
+                self.staged_object = False

@@ -1,0 +1,98 @@
+"""The batch client's upload body (`backup_io.FileBody`) against the real app over HTTP: exact
+length instead of chunked encoding, bytes sent with sendfile while a thread reads and hashes
+one block ahead, and a file that changes under the upload never stores anything."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import blake3
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import API_KEY, API_SECRET, CLOUD
+from versionstore.backup_client import Report, SourceRun, build_parser
+from versionstore.backup_io import BLOCK, TRANSIENT, Api, Item, StateFile, Target, walk_directory
+
+
+async def _api(client: TestClient, trace: aiohttp.TraceConfig | None = None) -> tuple[Api, aiohttp.ClientSession]:
+    session = aiohttp.ClientSession(trace_configs=[trace] if trace else None)
+    prefix = str(client.make_url("")).rstrip("/")
+    return Api(Target(CLOUD, API_KEY, API_SECRET, prefix), session, retries=0, on_retry=lambda: None), session
+
+
+@pytest.mark.parametrize("size", [1, BLOCK, 2 * BLOCK + 12345])
+async def test_upload_states_its_length_and_the_server_hashes_the_same_bytes(client: TestClient, tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / 'the "odd" näme.bin'
+    path.write_bytes(data)
+    headers: list[Any] = []
+
+    async def on_headers(session: Any, context: Any, params: Any) -> None:
+        headers.append(params.headers)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(on_headers)
+    api, session = await _api(client, trace)
+    sent: list[int] = []
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    try:
+        result = await api.upload(Item("dossier/été 1", "raw", "upload", str(path)), str(path), path.name, sent.append, hasher)
+    finally:
+        await session.close()
+    assert result["blake3"] == hasher.hexdigest() == blake3.blake3(data).hexdigest()
+    assert result["bytes"] == size and result["public_id"] == "dossier/été 1" and result["backup"] is True
+    assert sum(sent) == size and max(sent) <= BLOCK
+    request = headers[-1]
+    assert "Transfer-Encoding" not in request and int(request["Content-Length"]) > size
+
+
+async def test_a_file_that_shrinks_during_the_upload_stores_nothing(client: TestClient, tmp_path: Path) -> None:
+    path = tmp_path / "shrinks.bin"
+    path.write_bytes(os.urandom(3 * BLOCK))
+    api, session = await _api(client)
+    item = Item("shrinks", "raw", "upload", str(path))
+
+    def cut(n: int) -> None:  # after the first block went out, the file loses its tail
+        os.truncate(path, BLOCK + 10)
+
+    try:
+        with pytest.raises(TRANSIENT):
+            await api.upload(item, str(path), path.name, cut, blake3.blake3())
+        assert await api.lookup(item) is None
+    finally:
+        await session.close()
+
+
+
+async def test_a_first_run_lists_new_assets_and_looks_up_only_those_the_server_has(client: TestClient, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for name in ("a.png", "b/c.txt", "b/d.mp4", "e.jpg"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(os.urandom(1000))
+    requests: list[tuple[str, str]] = []
+
+    async def on_start(session: Any, context: Any, params: Any) -> None:
+        requests.append((params.method, params.url.raw_path))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_start)
+    api, session = await _api(client, trace)
+    try:
+        existing = Item("e", "image", "upload", str(src / "e.jpg"))  # on the server already, with other bytes
+        other = tmp_path / "other.bin"
+        other.write_bytes(b"other bytes")
+        await api.upload(existing, str(other), "other.bin", lambda n: None)
+        requests.clear()
+        args = build_parser().parse_args(["--source", str(src), "--no-progress"])
+        report = Report("source", api.target.base)
+        await SourceRun(args, api, StateFile(tmp_path / "state.jsonl", api.target.base), report).run(lambda: walk_directory(src))
+    finally:
+        await session.close()
+    assert report.counts["uploaded"] == 4 and report.counts["failed"] == 0, report.failures
+    base = f"/v1_1/{CLOUD}/resources/"
+    lookups = [path for method, path in requests if method == "GET" and path.startswith(base) and path.count("/") > 5]
+    listings = [path for method, path in requests if method == "GET" and path.startswith(base) and path.count("/") == 5]
+    assert lookups == [f"{base}image/upload/e"]  # only the asset the listing returned
+    assert sorted(listings) == [f"{base}image/upload", f"{base}raw/upload", f"{base}video/upload"]
