@@ -912,8 +912,7 @@ class MetadataStore:
                 "SELECT pk, cloud, created_at, tags, context FROM assets WHERE pk > ? ORDER BY pk LIMIT ?", (row[0], batch)
             )
             async with self.transaction() as db:
-                for pk, cloud, created_at, tags, context in rows:
-                    await _insert_labels(db, pk, cloud, created_at, json.loads(tags), json.loads(context))
+                await _insert_labels(db, [(pk, cloud, at, json.loads(tags), json.loads(context)) for pk, cloud, at, tags, context in rows])
                 if rows:
                     await db.execute("UPDATE label_backfill SET after_pk = ?", (rows[-1][0],))
                 else:
@@ -1034,20 +1033,24 @@ async def _write_labels(db: aiosqlite.Connection, asset: Asset) -> None:
     """Make an asset's tag and context side rows what its row says (same transaction)."""
     await db.execute("DELETE FROM asset_tags WHERE asset_pk = ?", (asset.pk,))
     await db.execute("DELETE FROM asset_context WHERE asset_pk = ?", (asset.pk,))
-    await _insert_labels(db, asset.pk or 0, asset.cloud, asset.created_at, asset.tags, asset.context)
+    await _insert_labels(db, [(asset.pk or 0, asset.cloud, asset.created_at, asset.tags, asset.context)])
 
 
-async def _insert_labels(
-    db: aiosqlite.Connection, pk: int, cloud: str, created_at: float, tags: list[str], context: dict[str, Any]
-) -> None:
+async def _insert_labels(db: aiosqlite.Connection, assets: Sequence[tuple[int, str, float, list[str], dict[str, Any]]]) -> None:
+    """The side rows of (pk, cloud, created_at, tags, context) of assets, in two statements."""
+    tags = [(cloud, str(tag), pk, created_at) for pk, cloud, created_at, names, _ in assets for tag in names]
+    context = [
+        (cloud, str(key), value if isinstance(value, str) else json.dumps(value), pk)
+        for pk, cloud, _, _, entries in assets for key, value in entries.items()
+    ]
     if tags:
         await db.executemany(
             "INSERT INTO asset_tags (cloud, tag, asset_pk, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (cloud, tag, asset_pk) DO NOTHING",
-            [(cloud, str(tag), pk, created_at) for tag in tags],
+            tags,
         )
     if context:
         await db.executemany(
             "INSERT INTO asset_context (cloud, key, value, asset_pk) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (cloud, key, value, asset_pk) DO NOTHING",
-            [(cloud, str(key), value if isinstance(value, str) else json.dumps(value), pk) for key, value in context.items()],
+            context,
         )
