@@ -161,6 +161,7 @@ def check_shapes(db: sqlite3.Connection, library: Library) -> None:
 def bulk_load(path: Path, library: Library) -> None:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA synchronous = OFF")
+    db.execute("PRAGMA journal_mode = OFF")  # a throwaway load: no WAL copy of every page (the service turns WAL back on)
     indexes = db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").fetchall()
     db.execute("BEGIN")
     for name, _ in indexes:
