@@ -50,7 +50,7 @@ MAX_TERMS = 50
 MAX_OFFSET = 1 << 31
 #: `total_count` of a search counts matches up to this many; beyond it the answer is this
 #: number and `total_count_exact` is false (docs/api.md), so a search never counts the library.
-COUNT_CEILING = 10_000
+COUNT_CEILING = 1_000
 
 
 @dataclass(frozen=True)

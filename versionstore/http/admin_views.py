@@ -1,5 +1,6 @@
 """Admin API handlers (Basic auth) and the signed `download_backup`. Thin by design."""
 
+import asyncio
 import json
 import time
 from functools import partial
@@ -94,7 +95,12 @@ async def page(
     found = await request.app[META].find_assets(cloud.name, query.page(query.limit + 1, query.after))
     fields = render.parse_fields(params.get("fields"))
     shown = found[: query.limit]
-    body: dict[str, Any] = {"resources": [render.select(render.resource(a, flat_context=flat_context), fields) for a in shown]}
+
+    def rendered() -> list[dict[str, Any]]:
+        return [render.select(render.resource(a, flat_context=flat_context), fields) for a in shown]
+
+    # A long page is rendered in a worker thread, so the event loop keeps answering meanwhile.
+    body: dict[str, Any] = {"resources": await asyncio.to_thread(rendered) if len(shown) > 50 else rendered()}
     if len(found) > query.limit:
         body["next_cursor"] = queries.encode_keyset(query, queries.sort_values(query, shown[-1]))
     return body
