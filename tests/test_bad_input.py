@@ -19,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import API_KEY, API_SECRET, BASIC_HEADERS, CLOUD, Api
+from versionstore import queries
 from versionstore.config import Config
 from versionstore.http.app import META, create_app
 
@@ -91,7 +92,7 @@ class Snapshot:
         meta = self.client.app[META]
         state = {}
         for cloud in await meta.list_clouds():
-            assets = await meta.find_assets(cloud.name, "1", [], "pk", 10_000)
+            assets = await meta.find_assets(cloud.name, queries.everything(10_000))
             state[cloud.name] = [(asdict(a), [asdict(v) for v in await meta.versions(a.pk or 0)]) for a in assets]
         spool = _files(self.data_dir, "spool")
         return {"meta": state, "blobs": _files(self.data_dir, "primary", "backup"), "spool": spool}

@@ -133,19 +133,19 @@ def test_parser_is_fast_on_pathological_input(make: Callable[[int], str]) -> Non
 
 
 def test_parser_keeps_the_supported_grammar() -> None:
-    clauses, args, names_status = queries.parse_expression(
+    found = queries.parse_expression(
         "status=deleted AND tags=cat and public_id:docs/* AND bytes>=10 AND bytes=[1 TO 20]"
         ' AND created_at:["2024-01-01" TO 2024-12-31] AND format="jpg"'
     )
-    assert names_status is True
-    assert len(clauses) == 7
-    assert args[:2] == ["deleted", "cat"]
-    assert args[2:4] == [5, "docs/"]
-    assert args[4:7] == [10, 1, 20]
-    assert args[-1] == "jpg"
+    F = queries.Filter
+    assert found[:6] == [
+        F("status", "=", "deleted"), F("tag", "=", "cat"), F("public_id", "prefix", "docs/"),
+        F("bytes", ">=", 10), F("bytes", ">=", 1), F("bytes", "<=", 20),
+    ]
+    assert [(f.field, f.op) for f in found[6:8]] == [("created_at", ">="), ("created_at", "<=")]
+    assert found[-1] == F("format", "=", "jpg")
     # a quoted value may hold spaces and the word AND
-    _, quoted_args, _ = queries.parse_expression('tags="a AND b"')
-    assert quoted_args == ["a AND b"]
+    assert queries.parse_expression('tags="a AND b"') == [queries.Filter("tag", "=", "a AND b")]
     bad_ones = (
         "tags=", "tags=a AND", "AND tags=a", "tags=a tags=b", "bytes=[1 TO]",
         "bytes=[1 TO 2", 'tags="open', "Tags=a", "tags=a AND AND tags=b",

@@ -25,6 +25,7 @@ from typing import Any
 
 import aiosqlite
 
+from versionstore import queries
 from versionstore.console.records import AuditRecord, ConsoleSession, StaffMember
 from versionstore.models import (
     Asset,
@@ -37,6 +38,7 @@ from versionstore.models import (
     UploadSession,
     Version,
 )
+from versionstore.queries import SORT_FIELDS, AssetQuery, Filter, SortKey
 
 #: Selected in this order; `detached_from` stands for the model's `detached` flag (see _asset).
 _ASSET_COLUMNS = [*(f.name for f in fields(Asset) if f.name != "detached"), "detached_from"]
@@ -193,7 +195,9 @@ class MetadataStore:
         scanner = await _connect(path)
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("PRAGMA busy_timeout = 10000")
-        return cls(writer, scanner, reader)
+        store = cls(writer, scanner, reader)
+        await store.backfill_labels()
+        return store
 
     async def close(self) -> None:
         self._reader.close()
@@ -265,18 +269,6 @@ class MetadataStore:
         row = await self._one(f"{_ASSET_SELECT} WHERE cloud = ? AND asset_id = ?", (cloud, asset_id))
         return None if row is None else _asset(row)
 
-    async def find_assets(self, cloud: str, where: str, args: Sequence[Any], order: str, limit: int, offset: int = 0) -> list[Asset]:
-        """Filtered listing; `where`/`order` are built by trusted callers (never from raw input)."""
-        rows = await self._scan(
-            f"{_ASSET_SELECT} WHERE cloud = ? AND ({where}) ORDER BY {order} LIMIT ? OFFSET ?",
-            (cloud, *args, limit, offset),
-        )
-        return [_asset(r) for r in rows]
-
-    async def count_assets(self, cloud: str, where: str, args: Sequence[Any]) -> int:
-        rows = await self._scan(f"SELECT COUNT(*) FROM assets WHERE cloud = ? AND ({where})", (cloud, *args))
-        return int(rows[0][0])
-
     async def versions(self, asset_pk: int) -> list[Version]:
         rows = await self._all(f"{_VERSION_SELECT} WHERE asset_pk = ? ORDER BY version, pk", (asset_pk,))
         return [_version(r) for r in rows]
@@ -299,16 +291,6 @@ class MetadataStore:
             (asset_pk,),
         )
         return int(row[0])
-
-    async def list_tags(self, cloud: str, resource_type: str, prefix: str, limit: int, offset: int) -> list[str]:
-        """Distinct tags of live assets of one resource type, sorted (Admin API `tags`)."""
-        rows = await self._scan(
-            "SELECT DISTINCT t.value FROM assets a, json_each(a.tags) t "
-            "WHERE a.cloud = ? AND a.resource_type = ? AND a.status = 'live' AND substr(t.value, 1, ?) = ? "
-            "ORDER BY t.value LIMIT ? OFFSET ?",
-            (cloud, resource_type, len(prefix), prefix, limit, offset),
-        )
-        return [str(r[0]) for r in rows]
 
     async def usage_totals(self, cloud: str) -> tuple[int, int, int]:
         """(live assets, bytes of their current originals, bytes of backed-up versions).
@@ -391,6 +373,7 @@ class MetadataStore:
                         raise AssetChanged(asset.asset_id)
                     asset.generation += 1
                 await db.execute(_VERSION_INSERT, (asset.cloud, asset.pk, *astuple(version)))
+                await _write_labels(db, asset)
         except sqlite3.IntegrityError as exc:
             if not _name_taken(exc):
                 raise
@@ -408,6 +391,10 @@ class MetadataStore:
         changes = {k: v for k, v in (("tags", tags), ("context", context), ("metadata", metadata)) if v is not None}
         if not changes:
             return asset
+        updated = replace(
+            asset, tags=asset.tags if tags is None else tags, context=asset.context if context is None else context,
+            metadata=asset.metadata if metadata is None else metadata, generation=asset.generation + 1,
+        )
         async with self.transaction() as db:
             cursor = await db.execute(
                 f"UPDATE assets SET {', '.join(f'{k} = ?' for k in changes)}, generation = generation + 1 "
@@ -416,10 +403,8 @@ class MetadataStore:
             )
             if not cursor.rowcount:
                 raise AssetChanged(asset.asset_id)
-        return replace(
-            asset, tags=asset.tags if tags is None else tags, context=asset.context if context is None else context,
-            metadata=asset.metadata if metadata is None else metadata, generation=asset.generation + 1,
-        )
+            await _write_labels(db, updated)
+        return updated
 
     async def rename_asset(
         self, asset: Asset, to_type: str, to_public_id: str, *, replacing: Asset | None = None, now: float = 0.0
@@ -1022,6 +1007,62 @@ class MetadataStore:
 
 # --- staff, sessions, audit: row helpers -----------------------------------------------------
 
+    # --- listing and search (libsize: queries.AssetQuery compiled to SQL) ---------------------
+    # Every query here is an index range whatever the library size (tests/test_library_scale.py
+    # pins the plans): filters and sorts have matching indexes (schema migration 9), tags and
+    # context entries live in side tables, pages continue from a keyset position, counts stop
+    # at a ceiling.
+
+    async def find_assets(self, cloud: str, query: AssetQuery) -> list[Asset]:
+        """One page of assets matching `query`, in its order, after its keyset position. A long
+        page is decoded off the event loop (500 rows of JSON columns is tens of milliseconds)."""
+        rows = await self._scan(*select_sql(cloud, query))
+        if len(rows) > _DECODE_ON_LOOP:
+            return await asyncio.to_thread(lambda: [_asset(r) for r in rows])
+        return [_asset(r) for r in rows]
+
+    async def count_assets(self, cloud: str, query: AssetQuery, ceiling: int) -> int:
+        """How many assets match `query` (its position ignored), counting no further than `ceiling`."""
+        return int((await self._scan(*count_sql(cloud, query, ceiling)))[0][0])
+
+    async def list_tags(self, cloud: str, resource_type: str, prefix: str, limit: int, after: str | None) -> list[str]:
+        """Distinct tags of live assets of one resource type, sorted, after `after` (Admin API
+        `tags`). Walks the distinct tags one index probe each (a loose index scan), so the cost
+        follows the number of distinct tags listed, not the number of tagged assets."""
+        start = max(prefix, after or "")
+        end = queries.prefix_successor(prefix) if prefix else None
+        bound = "AND tag < ?" if end is not None else ""
+        first = ">" if after is not None and after >= prefix else ">="
+        rows = await self._scan(
+            "WITH RECURSIVE walk(tag) AS ("
+            f"SELECT MIN(tag) FROM asset_tags WHERE cloud = ? AND tag {first} ? {bound} "
+            f"UNION ALL SELECT (SELECT MIN(tag) FROM asset_tags WHERE cloud = ? AND tag > walk.tag {bound}) "
+            "FROM walk WHERE walk.tag IS NOT NULL) "
+            "SELECT tag FROM walk WHERE tag IS NOT NULL AND EXISTS (SELECT 1 FROM asset_tags t CROSS JOIN assets a "
+            "WHERE t.cloud = ? AND t.tag = walk.tag AND a.pk = t.asset_pk AND a.resource_type = ? AND a.status = 'live') "
+            "LIMIT ?",
+            (cloud, start, *([end] if end else []), cloud, *([end] if end else []), cloud, resource_type, limit),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def backfill_labels(self, batch: int = 5000) -> None:
+        """Write the tag and context side rows of assets stored before schema migration 9, in
+        batches that each commit with their position (an interrupted start resumes)."""
+        while (row := await self._one("SELECT after_pk FROM label_backfill")) is not None:
+            rows = await self._scan(
+                "SELECT pk, cloud, created_at, tags, context FROM assets WHERE pk > ? ORDER BY pk LIMIT ?", (row[0], batch)
+            )
+            async with self.transaction() as db:
+                await _insert_labels(db, [(pk, cloud, at, json.loads(tags), json.loads(context)) for pk, cloud, at, tags, context in rows])
+                if rows:
+                    await db.execute("UPDATE label_backfill SET after_pk = ?", (rows[-1][0],))
+                else:
+                    await db.execute("DELETE FROM label_backfill")
+
+
+#: Rows of a page decoded on the event loop; longer pages are decoded in a worker thread.
+
+
 _STAFF_SELECT = "SELECT email, password_hash, role, clouds, disabled, failed_logins, locked_until, created_at FROM staff"
 _AUDIT_COLUMNS = "seq, at, actor, cloud, action, target, detail, address, outcome, prev_hash, hash"
 #: The `prev_hash` of the first audit record.
@@ -1048,3 +1089,143 @@ def _audit(row: Sequence[Any]) -> AuditRecord:
 def like_escape(text: str) -> str:
     """`text` matched literally inside a LIKE pattern written with ESCAPE '\\'."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+_DECODE_ON_LOOP = 50
+_NAME = "COALESCE(a.detached_from, a.public_id)"
+#: Column expressions of the fields a query names (from this fixed table, never from input).
+_FIELD_SQL = {
+    "status": "a.status", "resource_type": "a.resource_type", "type": "a.type", "public_id": _NAME,
+    "asset_id": "a.asset_id", "format": "a.format", "created_at": "a.created_at", "uploaded_at": "a.uploaded_at",
+    "deleted_at": "a.deleted_at", "bytes": "a.bytes", "pk": "a.pk", "plain_public_id": "a.public_id",
+}
+#: The same fields on the tag side table, when a tag filter drives the query.
+_TAG_SQL = {"created_at": "t.created_at", "pk": "t.asset_pk"}
+_COMPARE = {"=": "=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+
+def select_sql(cloud: str, query: AssetQuery) -> tuple[str, list[Any]]:
+    """The statement of one page of `query` (public for the query-plan tests)."""
+    source, where, args = _compile(cloud, query, keyset=True)
+    order = ", ".join(f"{_sort_column(query, key)} {'DESC' if key.descending else 'ASC'}" for key in query.sort)
+    columns = ", ".join("a." + c for c in _ASSET_COLUMNS)
+    return f"SELECT {columns} FROM {source} WHERE {where} ORDER BY {order} LIMIT ?", [*args, query.limit]
+
+
+def count_sql(cloud: str, query: AssetQuery, ceiling: int) -> tuple[str, list[Any]]:
+    """The statement counting `query`'s matches up to `ceiling`."""
+    source, where, args = _compile(cloud, query, keyset=False)
+    return f"SELECT COUNT(*) FROM (SELECT 1 FROM {source} WHERE {where} LIMIT ?) matches", [*args, ceiling]
+
+
+def _driving_tag(query: AssetQuery) -> Filter | None:
+    """The tag filter to walk the tag index from, when the sort is one that index holds."""
+    if all(key.field in _TAG_SQL for key in query.sort):
+        return next((item for item in query.filters if item.field == "tag"), None)
+    return None
+
+
+def _sort_column(query: AssetQuery, key: SortKey) -> str:
+    """The expression a sort key orders by. When a name or id filter picks the rows, it is
+    masked from indexes (`+x`, `x || ''`: the same values), so the plan is that filter's index
+    and a sort of its few rows, never a walk of the sort's index over the whole library."""
+    column = _TAG_SQL[key.field] if _driving_tag(query) is not None else _FIELD_SQL[key.field]
+    if _narrowed_elsewhere(query):
+        return f"{column} || ''" if SORT_FIELDS[key.field] is str else f"+{column}"
+    return column
+
+
+def _compile(cloud: str, query: AssetQuery, *, keyset: bool) -> tuple[str, str, list[Any]]:
+    """(FROM, WHERE, arguments) of a query; values are always bound, never spliced."""
+    driving = _driving_tag(query)
+    source = "assets a"
+    clauses, args = ["a.cloud = ?"], [cloud]
+    if driving is not None:
+        source = "asset_tags t CROSS JOIN assets a"
+        clauses = ["t.cloud = ?", "t.tag = ?", "a.pk = t.asset_pk", *clauses]
+        args = [cloud, driving.value, *args]
+    live_only = Filter("status", "=", "live") in query.filters
+    for item in query.filters:
+        if item is driving:
+            continue
+        sql, values = _filter_sql(cloud, item)
+        if live_only and item.field == "public_id" and item.op in ("=", "in"):
+            # A live asset is never detached: its public_id column is its name, and the
+            # unique (cloud, resource_type, type, public_id) index finds it.
+            plain, more = _filter_sql(cloud, replace(item, field="plain_public_id"))
+            sql, values = f"{sql} AND {plain}", [*values, *more]
+        clauses.append(sql)
+        args.extend(values)
+    if keyset and query.after is not None:
+        columns = [_sort_column(query, key) for key in query.sort]
+        sql, values = _after(columns, [key.descending for key in query.sort], list(query.after))
+        clauses.append(sql)
+        args.extend(values)
+    return source, " AND ".join(clauses), args
+
+
+def _narrowed_elsewhere(query: AssetQuery) -> bool:
+    """A name or id filter picks a few rows by another index than the sort's."""
+    narrow = {item.field for item in query.filters if item.field in ("public_id", "asset_id") and item.op in ("=", "in", "prefix")}
+    return bool(narrow) and query.sort[0].field not in narrow
+
+
+def _filter_sql(cloud: str, item: Filter) -> tuple[str, list[Any]]:
+    if item.field == "tag":
+        return "a.pk IN (SELECT asset_pk FROM asset_tags WHERE cloud = ? AND tag = ?)", [cloud, item.value]
+    if item.field == "context":
+        if item.op == "has":
+            return "a.pk IN (SELECT asset_pk FROM asset_context WHERE cloud = ? AND key = ?)", [cloud, item.value]
+        key, value = item.value
+        return "a.pk IN (SELECT asset_pk FROM asset_context WHERE cloud = ? AND key = ? AND value = ?)", [cloud, key, value]
+    column = _FIELD_SQL[item.field]
+    if item.op == "in":
+        return f"{column} IN ({', '.join('?' * len(item.value))})", list(item.value)
+    if item.op == "contains":
+        return f"{column} LIKE ? ESCAPE '\\'", [f"%{like_escape(item.value)}%"]
+    if item.op == "prefix":
+        end = queries.prefix_successor(item.value)
+        if end is None:
+            return f"{column} >= ?", [item.value]
+        return f"{column} >= ? AND {column} < ?", [item.value, end]
+    return f"{column} {_COMPARE[item.op]} ?", [item.value]
+
+
+def _after(columns: list[str], descending: list[bool], values: list[Any]) -> tuple[str, list[Any]]:
+    """Rows strictly after a keyset position. One direction: a row-value comparison (one index
+    range on both backends); mixed directions: the first key bounds the range, the rest
+    decide ties."""
+    if len(set(descending)) == 1:
+        op = "<" if descending[0] else ">"
+        marks = ", ".join("?" * len(values))
+        return f"({', '.join(columns)}) {op} ({marks})", values
+    first, op = columns[0], "<" if descending[0] else ">"
+    rest, rest_values = _after(columns[1:], descending[1:], values[1:])
+    return f"{first} {op}= ? AND ({first} {op} ? OR ({first} = ? AND {rest}))", [values[0]] * 3 + rest_values
+
+
+async def _write_labels(db: aiosqlite.Connection, asset: Asset) -> None:
+    """Make an asset's tag and context side rows what its row says (same transaction)."""
+    await db.execute("DELETE FROM asset_tags WHERE asset_pk = ?", (asset.pk,))
+    await db.execute("DELETE FROM asset_context WHERE asset_pk = ?", (asset.pk,))
+    await _insert_labels(db, [(asset.pk or 0, asset.cloud, asset.created_at, asset.tags, asset.context)])
+
+
+async def _insert_labels(db: aiosqlite.Connection, assets: Sequence[tuple[int, str, float, list[str], dict[str, Any]]]) -> None:
+    """The side rows of (pk, cloud, created_at, tags, context) of assets, in two statements."""
+    tags = [(cloud, str(tag), pk, created_at) for pk, cloud, created_at, names, _ in assets for tag in names]
+    context = [
+        (cloud, str(key), value if isinstance(value, str) else json.dumps(value), pk)
+        for pk, cloud, _, _, entries in assets for key, value in entries.items()
+    ]
+    if tags:
+        await db.executemany(
+            "INSERT INTO asset_tags (cloud, tag, asset_pk, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (cloud, tag, asset_pk) DO NOTHING",
+            tags,
+        )
+    if context:
+        await db.executemany(
+            "INSERT INTO asset_context (cloud, key, value, asset_pk) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (cloud, key, value, asset_pk) DO NOTHING",
+            context,
+        )

@@ -1,61 +1,101 @@
-"""Listing and search: the Search API expression subset, turned into safe SQL.
+"""Listing and search as a query value: what to match, in which order, from where.
 
-Supported terms (joined by AND): `status`, `resource_type`, `type`, `public_id` (exact, or
-prefix with a trailing `*`), `asset_id`, `format`, `tags`, `created_at`/`uploaded_at`
-compared with `=`, `:`, `<`, `<=`, `>`, `>=` or a range `[from TO to]`. Values are bound as
-parameters; column names come from a fixed table, never from the request.
+The Search API expression subset and the Admin API listings both become an `AssetQuery`
+(filters on named fields with named operators, a sort, a limit and a keyset position); the
+metadata store compiles it into SQL (versionstore/metadata.py), so no view ever builds SQL and
+another backend compiles the same value its own way.
+
+Supported expression terms (joined by AND): `status`, `resource_type`, `type`, `public_id`
+(exact, or prefix with a trailing `*`), `asset_id`, `format`, `tags`, `created_at`/`uploaded_at`
+and `bytes` compared with `=`, `:`, `<`, `<=`, `>`, `>=` or a range `[from TO to]`.
+
+Cursors are keyset positions (the sort-key values of the last row of a page), so a page walk
+neither repeats nor skips an asset when others are added or deleted between pages. A cursor
+carries a fingerprint of the query it belongs to and is refused with any other query.
 """
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from versionstore.errors import BadRequest
 
-_COLUMNS = {
-    "status": "status",
-    "resource_type": "resource_type",
-    "type": "type",
-    # A detached history (docs/design.md) is found under the name it had.
-    "public_id": "COALESCE(detached_from, public_id)",
-    "asset_id": "asset_id",
-    "format": "format",
-    "created_at": "created_at",
-    "uploaded_at": "uploaded_at",
-    "bytes": "bytes",
-    "tags": "tags",
+#: Fields a filter may name, with the Python type of their values.
+FILTER_FIELDS = {
+    "status": str, "resource_type": str, "type": str, "public_id": str, "asset_id": str, "format": str,
+    "created_at": float, "uploaded_at": float, "deleted_at": float, "bytes": int, "tag": str, "context": str,
 }
-_SORTABLE = {"created_at", "uploaded_at", "public_id", "bytes", "asset_id"}
+#: Fields a query may sort by (`pk`, the row id, is the tie-breaker every sort ends with).
+SORT_FIELDS = {"created_at": float, "uploaded_at": float, "deleted_at": float, "public_id": str, "bytes": int, "asset_id": str, "pk": int}
+#: Operators: equality, membership, string prefix, comparisons, `has` for context keys, and
+#: `contains` (a fragment anywhere in the string: the console's search, not index-backed).
+OPERATORS = {"=", "in", "prefix", "<", "<=", ">", ">=", "has", "contains"}
+
+_SEARCH_FIELDS = {"status", "resource_type", "type", "public_id", "asset_id", "format", "created_at", "uploaded_at", "bytes", "tags"}
+_SEARCH_SORTABLE = {"created_at", "uploaded_at", "public_id", "bytes", "asset_id"}
 _STATUS = {"active": "live", "deleted": "deleted"}
 _OPERATORS = (">=", "<=", "=", ":", "<", ">")  # two-character operators first
+_COMPARISONS = {"=": "=", ":": "=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
 #: Longest search expression accepted, in characters; longer ones are refused before parsing.
 MAX_EXPRESSION_CHARS = 4096
-#: Most terms joined by AND (SQLite's expression depth limit is 1000; each term adds up to two).
+#: Most terms joined by AND (each becomes one or two filters).
 MAX_TERMS = 50
-#: Largest listing/search offset a cursor may carry (far beyond any real page walk).
+#: Largest offset an offset cursor (job and tag lists) may carry.
 MAX_OFFSET = 1 << 31
+#: `total_count` of a search counts matches up to this many; beyond it the answer is this
+#: number and `total_count_exact` is false (docs/api.md), so a search never counts the library.
+COUNT_CEILING = 1_000
 
 
-@dataclass
-class Query:
-    where: str
-    args: list[Any]
-    order: str
+@dataclass(frozen=True)
+class Filter:
+    """`field op value`; for `context` the value is `(key, value)` (`=`) or the key (`has`)."""
 
-
-@dataclass
-class Term:
-    key: str
+    field: str
     op: str
-    value: str | None = None
-    lo: str | None = None
-    hi: str | None = None
+    value: Any
+
+
+@dataclass(frozen=True)
+class SortKey:
+    field: str
+    descending: bool
+
+
+@dataclass(frozen=True)
+class AssetQuery:
+    """A page of assets: all `filters` hold, in `sort` order (always ending with `pk`), at
+    most `limit`, strictly after the row whose sort-key values are `after`."""
+
+    filters: tuple[Filter, ...]
+    sort: tuple[SortKey, ...]
+    limit: int
+    after: tuple[Any, ...] | None = None
+    fingerprint: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for item in self.filters:
+            if item.field not in FILTER_FIELDS or item.op not in OPERATORS:
+                raise ValueError(f"unsupported filter {item}")
+        if not self.sort or self.sort[-1].field != "pk" or any(key.field not in SORT_FIELDS for key in self.sort):
+            raise ValueError(f"a sort ends with pk: {self.sort}")
+        shape = repr((self.filters, self.sort)).encode()
+        object.__setattr__(self, "fingerprint", hashlib.blake2b(shape, digest_size=8).hexdigest())
+
+    def page(self, limit: int, after: tuple[Any, ...] | None) -> "AssetQuery":
+        return AssetQuery(self.filters, self.sort, limit, after)
+
+
+def sort_values(query: AssetQuery, row: Any) -> tuple[Any, ...]:
+    """The sort-key values of a returned asset: where the next page starts."""
+    return tuple(getattr(row, key.field) for key in query.sort)
 
 
 def _number(text: str) -> float:
@@ -70,7 +110,7 @@ def _number(text: str) -> float:
 
 def _bytes(value: str) -> int:
     text = value.strip().strip('"')
-    if not text.isascii() or not text.isdigit() or len(text) > 20:
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
         raise BadRequest(f"Invalid bytes value in expression - {value[:64]!r} (a whole number)")
     return int(text)
 
@@ -90,32 +130,40 @@ def _time(value: str) -> float:
     return parsed.timestamp()
 
 
-def _term(term: Term) -> tuple[str, list[Any]]:
+@dataclass
+class Term:
+    key: str
+    op: str
+    value: str | None = None
+    lo: str | None = None
+    hi: str | None = None
+
+
+def _filters(term: Term) -> list[Filter]:
+    """One expression term as filters (a day or a range is two)."""
     key, op, value = term.key, term.op, term.value
-    column = _COLUMNS.get(key)
-    if column is None:
+    if key not in _SEARCH_FIELDS:
         raise BadRequest(f"Unsupported search field - {key}")
     if key in ("created_at", "uploaded_at", "bytes"):
         convert = _time if key != "bytes" else _bytes
         if term.lo is not None and term.hi is not None:
-            return f"{column} BETWEEN ? AND ?", [convert(term.lo), convert(term.hi)]
-        sql_op = {"=": "=", ":": "=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[op]
-        if key != "bytes" and sql_op == "=":
+            return [Filter(key, ">=", convert(term.lo)), Filter(key, "<=", convert(term.hi))]
+        compare = _COMPARISONS[op]
+        if key != "bytes" and compare == "=":
             day = _time(value or "")
-            return f"{column} >= ? AND {column} < ?", [day, day + 86400]
-        return f"{column} {sql_op} ?", [convert(value or "")]
+            return [Filter(key, ">=", day), Filter(key, "<", day + 86400)]
+        return [Filter(key, compare, convert(value or ""))]
     if op not in ("=", ":") or value is None:
         raise BadRequest(f"Unsupported operator for {key}")
     if key == "status":
         if value not in _STATUS:
             raise BadRequest(f"Unsupported status - {value}")
-        return "status = ?", [_STATUS[value]]
+        return [Filter("status", "=", _STATUS[value])]
     if key == "tags":
-        return "EXISTS (SELECT 1 FROM json_each(assets.tags) WHERE json_each.value = ?)", [value]
-    if value.endswith("*"):
-        prefix = value[:-1]
-        return f"substr({column}, 1, ?) = ?", [len(prefix), prefix]
-    return f"{column} = ?", [value]
+        return [Filter("tag", "=", value)]
+    if key == "public_id" and value.endswith("*"):
+        return [Filter("public_id", "prefix", value[:-1])]
+    return [Filter(key, "=", value)]
 
 
 # Each pattern is one character class, matched once at a given position: it can only run
@@ -194,40 +242,37 @@ class _Scanner:
         return True
 
 
-def parse_expression(expression: str) -> tuple[list[str], list[Any], bool]:
-    """Return (SQL clauses, args, whether the expression names a status)."""
+def parse_expression(expression: str) -> list[Filter]:
+    """The filters of a search expression (an empty expression matches everything)."""
     if not isinstance(expression, str):
         raise BadRequest("Invalid expression - must be a string")
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise BadRequest(f"Search expression too long ({len(expression)} characters, max {MAX_EXPRESSION_CHARS})")
-    clauses: list[str] = []
-    args: list[Any] = []
-    names_status = False
+    found: list[Filter] = []
     scanner = _Scanner(expression.strip())
     if scanner.at_end():
-        return clauses, args, False
+        return found
     terms = 0
     while True:
         terms += 1
         if terms > MAX_TERMS:
             raise BadRequest(f"Too many terms in search expression (max {MAX_TERMS})")
-        term = scanner.term()
-        sql, values = _term(term)
-        names_status |= term.key == "status"
-        clauses.append(sql)
-        args.extend(values)
+        found.extend(_filters(scanner.term()))
         if not scanner.separator():
-            return clauses, args, names_status
+            return found
 
 
-def search_query(expression: str, sort_by: object) -> Query:
-    clauses, args, names_status = parse_expression(expression)
-    if not names_status:
-        clauses.append("status = 'live'")  # like Cloudinary: deleted assets only when asked
-    return Query(" AND ".join(clauses) or "1", args, _order(sort_by))
+def search_query(expression: str, sort_by: object, limit: int) -> AssetQuery:
+    """The Search API: live assets only unless the expression names a status, as on Cloudinary."""
+    found = parse_expression(expression)
+    if not any(item.field == "status" for item in found):
+        found.append(Filter("status", "=", "live"))
+    return AssetQuery(tuple(found), _search_sort(sort_by), limit)
 
 
-def _order(sort_by: object) -> str:
+def _search_sort(sort_by: object) -> tuple[SortKey, ...]:
+    """`sort_by` as keys; without one, newest row first. Ties go by row id in the direction of
+    the last key, so one index serves both the order and the keyset position."""
     items: list[tuple[str, str]] = []
     entries: list[object]
     if isinstance(sort_by, str):
@@ -246,32 +291,50 @@ def _order(sort_by: object) -> str:
             items.extend((str(k), str(v)) for k, v in item.items())
         else:
             items.append((str(item), "desc"))
-    parts = []
+    keys: list[SortKey] = []
     for field_name, direction in items:
-        if field_name not in _SORTABLE:
-            raise BadRequest(f"Unsupported sort_by - {field_name} (sortable: {', '.join(sorted(_SORTABLE))})")
+        if field_name not in _SEARCH_SORTABLE:
+            raise BadRequest(f"Unsupported sort_by - {field_name} (sortable: {', '.join(sorted(_SEARCH_SORTABLE))})")
         if direction.lower() not in ("asc", "desc"):
             raise BadRequest(f"Unsupported sort_by - {field_name} {direction} (direction: asc or desc)")
-        parts.append(f"{field_name} {direction.upper()}")
-    parts.append("pk DESC" if not parts else "pk ASC")
-    return ", ".join(parts)
+        if all(key.field != field_name for key in keys):
+            keys.append(SortKey(field_name, direction.lower() == "desc"))
+    keys.append(SortKey("pk", keys[-1].descending if keys else True))
+    return tuple(keys)
 
 
-def listing_order(direction: object, *, by_public_id: bool) -> str:
-    """Admin API listings: newest first by `created_at`, or by `public_id` (ascending unless
-    told) when a prefix is given, as on Cloudinary. `direction` is asc/desc or 1/-1. The row
-    id breaks ties in the same direction, so offset cursors see one total order."""
+def listing_query(
+    resource_type: str, type_: str | None, extra: list[Filter], direction: object, limit: int, *, by_public_id: bool
+) -> AssetQuery:
+    """Admin API listings of live assets: newest first by `created_at`, or by `public_id`
+    (ascending unless told) when a prefix is given, as on Cloudinary. `direction` is asc/desc
+    or 1/-1; the row id breaks ties in the same direction."""
     text = str(direction).strip().lower() if direction not in (None, "") else ""
     if text in ("asc", "1"):
-        sql_direction = "ASC"
+        descending = False
     elif text in ("desc", "-1"):
-        sql_direction = "DESC"
+        descending = True
     elif text == "":
-        sql_direction = "ASC" if by_public_id else "DESC"
+        descending = not by_public_id
     else:
         raise BadRequest(f"Invalid direction - {direction} (asc, desc, 1 or -1)")
+    filters = [Filter("status", "=", "live"), Filter("resource_type", "=", resource_type)]
+    if type_ is not None:
+        filters.append(Filter("type", "=", type_))
     column = "public_id" if by_public_id else "created_at"
-    return f"{column} {sql_direction}, pk {sql_direction}"
+    sort = (SortKey(column, descending), SortKey("pk", descending))
+    return AssetQuery((*filters, *extra), sort, limit)
+
+
+def by_asset_ids(asset_ids: list[str]) -> AssetQuery:
+    """Live assets among these ids, in row order."""
+    filters = (Filter("status", "=", "live"), Filter("asset_id", "in", tuple(asset_ids)))
+    return AssetQuery(filters, (SortKey("pk", False),), len(asset_ids))
+
+
+def everything(limit: int) -> AssetQuery:
+    """Every asset row of an environment, live or deleted, in row order (tests, tools)."""
+    return AssetQuery((), (SortKey("pk", False),), limit)
 
 
 #: `with_field` values we can honour (the resource carries them whenever they are set).
@@ -295,26 +358,95 @@ def _names(value: object) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+# --- cursors ---------------------------------------------------------------------------------
+
+#: Longest cursor accepted (a keyset cursor holds a public_id, itself at most a few hundred bytes).
+MAX_CURSOR_CHARS = 4096
+
+
+def _pack(data: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _unpack(cursor: object) -> object:
+    text = str(cursor)
+    if len(text) > MAX_CURSOR_CHARS:
+        raise BadRequest("Invalid next_cursor")
+    try:
+        return json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        raise BadRequest("Invalid next_cursor") from None
+
+
 def encode_cursor(offset: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"o": offset}).encode()).decode().rstrip("=")
-
-
-_MAX_CURSOR_CHARS = 256
+    """An offset cursor (lists that are small by nature: jobs)."""
+    return _pack({"o": offset})
 
 
 def decode_cursor(cursor: object) -> int:
     """The offset in a cursor we issued: a whole number from 0 to MAX_OFFSET, nothing else (a
-    float, 1e400, 2**63 or a nested document is a client error, not a crash in SQLite)."""
+    float, 1e400, 2**63 or a nested document is a client error, not a crash in the database)."""
     if not cursor:
         return 0
-    text = str(cursor)
-    if len(text) > _MAX_CURSOR_CHARS:
-        raise BadRequest("Invalid next_cursor")
-    try:
-        data = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (ValueError, binascii.Error, RecursionError):
-        raise BadRequest("Invalid next_cursor") from None
+    data = _unpack(cursor)
     offset = data.get("o") if isinstance(data, dict) else None
     if type(offset) is not int or not 0 <= offset <= MAX_OFFSET:
         raise BadRequest("Invalid next_cursor")
     return offset
+
+
+def encode_keyset(query: AssetQuery, values: tuple[Any, ...]) -> str:
+    return _pack({"q": query.fingerprint, "k": list(values)})
+
+
+def decode_keyset(query: AssetQuery, cursor: object) -> tuple[Any, ...] | None:
+    """The position in a cursor issued for this same query (filters and sort), with one value
+    of the right type per sort key; anything else is a 400 `Invalid next_cursor`."""
+    if not cursor:
+        return None
+    data = _unpack(cursor)
+    if not isinstance(data, dict) or data.get("q") != query.fingerprint:
+        raise BadRequest("Invalid next_cursor")
+    values = data.get("k")
+    if not isinstance(values, list) or len(values) != len(query.sort):
+        raise BadRequest("Invalid next_cursor")
+    for key, value in zip(query.sort, values, strict=True):
+        if not _fits(SORT_FIELDS[key.field], value):
+            raise BadRequest("Invalid next_cursor")
+    return tuple(values)
+
+
+def _fits(kind: type, value: object) -> bool:
+    if kind is str:
+        return isinstance(value, str)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < (1 << 63)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def encode_tag_cursor(last: str) -> str:
+    return _pack({"t": last})
+
+
+def decode_tag_cursor(cursor: object) -> str | None:
+    """The last tag of the previous page of a tags list."""
+    if not cursor:
+        return None
+    data = _unpack(cursor)
+    last = data.get("t") if isinstance(data, dict) else None
+    if not isinstance(last, str):
+        raise BadRequest("Invalid next_cursor")
+    return last
+
+
+def prefix_successor(prefix: str) -> str | None:
+    """The least string greater than every string starting with `prefix` (code-point order),
+    so `prefix <= s < successor` is a prefix match an index can answer as one range. None
+    when no such string exists (an empty prefix, or one of only the highest code point)."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            following = last + 1 if last + 1 != 0xD800 else 0xE000  # skip the surrogates
+            return "".join(chars) + chr(following)
+    return None

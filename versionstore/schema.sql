@@ -203,6 +203,48 @@ CREATE TABLE metadata_fields (
     PRIMARY KEY (cloud, external_id)
 );
 
+-- migration 9
+-- Request cost independent of library size (docs/performance.md, "Cost and library size").
+-- Tags and context entries in side tables written with the asset row (metadata.py), so a tag
+-- or context filter is an index range, not a JSON parse per row. `created_at` never changes
+-- for an asset; kept beside the tag so a by-tag listing walks one index in its order.
+CREATE TABLE asset_tags (
+    cloud      TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    asset_pk   INTEGER NOT NULL REFERENCES assets(pk) ON DELETE CASCADE,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (cloud, tag, asset_pk)
+);
+CREATE INDEX asset_tags_created ON asset_tags (cloud, tag, created_at, asset_pk);
+CREATE INDEX asset_tags_asset ON asset_tags (asset_pk);
+CREATE TABLE asset_context (
+    cloud    TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    value    TEXT NOT NULL,
+    asset_pk INTEGER NOT NULL REFERENCES assets(pk) ON DELETE CASCADE,
+    PRIMARY KEY (cloud, key, value, asset_pk)
+);
+CREATE INDEX asset_context_asset ON asset_context (asset_pk);
+-- Rows written before this migration get their side rows at the next start (in batches, from
+-- `after_pk`; metadata.py backfill_labels), not here: reading JSON is not portable SQL.
+CREATE TABLE label_backfill (after_pk INTEGER NOT NULL);
+INSERT INTO label_backfill (after_pk) SELECT 0 WHERE EXISTS (SELECT 1 FROM assets);
+-- One index per supported sort (every filter combination starts with cloud and status), the
+-- row id last so a keyset position is one index range; public_id as search sees it (a
+-- detached history under the name it had).
+DROP INDEX assets_cloud_status;
+CREATE INDEX assets_pk ON assets (cloud, status, pk);
+CREATE INDEX assets_created ON assets (cloud, status, created_at, pk);
+CREATE INDEX assets_uploaded ON assets (cloud, status, uploaded_at, pk);
+CREATE INDEX assets_bytes ON assets (cloud, status, bytes, pk);
+CREATE INDEX assets_deleted ON assets (cloud, status, deleted_at, pk);
+CREATE INDEX assets_asset_id ON assets (cloud, status, asset_id, pk);
+CREATE INDEX assets_name ON assets (cloud, status, (COALESCE(detached_from, public_id)), pk);
+CREATE INDEX assets_listing ON assets (cloud, resource_type, type, status, created_at, pk);
+-- "Is this digest still used?" is an index probe, on the write path and at start-up.
+CREATE INDEX assets_digest ON assets (cloud, digest, status);
+DROP INDEX versions_digest;
+CREATE INDEX versions_digest ON versions (cloud, digest, backed_up);
 -- migration 11
 -- Support console (docs/console.md): staff accounts, their sessions, and the audit log.
 -- `clouds` is a JSON list of environment names, or ["*"] for every environment.

@@ -1,19 +1,22 @@
 """Finding assets for the console: deleted ones above all.
 
-One thin function over the metadata store's listing (`find_assets`), so when that listing
-changes (index-backed keyset cursors) only this module follows.
+One thin function over the metadata store's listing: the filters become a
+`queries.AssetQuery`, so the console's pages are the same index ranges with keyset cursors
+as the Admin API's (a page does not shift when assets are deleted or restored meanwhile).
+A public ID fragment (`text`) is the one filter no index serves: it narrows the walk of
+the sort index, which stops as soon as a page is full.
 """
 
 from dataclasses import dataclass
-from typing import Any
 
 from versionstore import queries
 from versionstore.errors import BadRequest
-from versionstore.metadata import MetadataStore, like_escape
+from versionstore.metadata import MetadataStore as MetadataRepository
 from versionstore.models import Asset
+from versionstore.queries import AssetQuery, Filter, SortKey
 
 PAGE_SIZE = 24
-STATUSES = {"deleted": "status = 'deleted'", "live": "status = 'live'", "all": "1 = 1"}
+STATUSES = {"deleted": ("deleted",), "live": ("live",), "all": ("live", "deleted")}
 RESOURCE_TYPES = ("image", "video", "raw")
 
 
@@ -28,53 +31,45 @@ class FindQuery:
     deleted_to: float | None = None
     uploaded_from: float | None = None
     uploaded_to: float | None = None
-    page: int = 0
+    after: str = ""  # the cursor of the page before (empty: the first page)
 
 
 @dataclass
 class FoundPage:
     assets: list[Asset]
-    has_more: bool
+    next_cursor: str | None
 
 
-def _clauses(query: FindQuery) -> tuple[list[str], list[Any]]:
+def asset_query(query: FindQuery) -> AssetQuery:
+    """Newest first: by deletion time for deleted assets, else by upload time."""
     if query.status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
-    clauses: list[str] = [STATUSES[query.status]]
-    args: list[Any] = []
-    name = "COALESCE(detached_from, public_id)"
+    statuses = STATUSES[query.status]
+    filters = [Filter("status", "=", statuses[0]) if len(statuses) == 1 else Filter("status", "in", statuses)]
     if query.text:
-        clauses.append(f"{name} LIKE ? ESCAPE '\\'")
-        args.append(f"%{like_escape(query.text)}%")
+        filters.append(Filter("public_id", "contains", query.text))
     if query.prefix:
-        clauses.append(f"substr({name}, 1, ?) = ?")
-        args += [len(query.prefix), query.prefix]
+        filters.append(Filter("public_id", "prefix", query.prefix))
     if query.tag:
-        if '"' in query.tag:
-            raise BadRequest("a tag cannot contain a double quote")
-        tag_clauses, tag_args, _ = queries.parse_expression(f'tags="{query.tag}"')  # the search API's own tag match
-        clauses += tag_clauses
-        args += tag_args
+        filters.append(Filter("tag", "=", query.tag))
     if query.resource_type:
         if query.resource_type not in RESOURCE_TYPES:
             raise BadRequest(f"resource type must be one of {', '.join(RESOURCE_TYPES)}")
-        clauses.append("resource_type = ?")
-        args.append(query.resource_type)
+        filters.append(Filter("resource_type", "=", query.resource_type))
     for column, low, high in (("deleted_at", query.deleted_from, query.deleted_to),
                               ("uploaded_at", query.uploaded_from, query.uploaded_to)):
         if low is not None:
-            clauses.append(f"{column} >= ?")
-            args.append(low)
+            filters.append(Filter(column, ">=", low))
         if high is not None:
-            clauses.append(f"{column} < ?")
-            args.append(high)
-    return clauses, args
+            filters.append(Filter(column, "<", high))
+    column = "deleted_at" if query.status == "deleted" else "uploaded_at"
+    return AssetQuery(tuple(filters), (SortKey(column, True), SortKey("pk", True)), PAGE_SIZE + 1)
 
 
-async def find(meta: MetadataStore, cloud: str, query: FindQuery) -> FoundPage:
-    """One page, newest first: by deletion time for deleted assets, else by upload time."""
-    clauses, args = _clauses(query)
-    order = "deleted_at DESC, pk DESC" if query.status == "deleted" else "uploaded_at DESC, pk DESC"
-    offset = max(0, min(query.page, queries.MAX_OFFSET // PAGE_SIZE)) * PAGE_SIZE
-    found = await meta.find_assets(cloud, " AND ".join(clauses), args, order, PAGE_SIZE + 1, offset)
-    return FoundPage(found[:PAGE_SIZE], len(found) > PAGE_SIZE)
+async def find(meta: MetadataRepository, cloud: str, query: FindQuery) -> FoundPage:
+    base = asset_query(query)
+    page = base.page(PAGE_SIZE + 1, queries.decode_keyset(base, query.after))
+    found = await meta.find_assets(cloud, page)
+    more = len(found) > PAGE_SIZE
+    next_cursor = queries.encode_keyset(base, queries.sort_values(base, found[PAGE_SIZE - 1])) if more else None
+    return FoundPage(found[:PAGE_SIZE], next_cursor)

@@ -1,5 +1,6 @@
 """Admin API handlers (Basic auth) and the signed `download_backup`. Thin by design."""
 
+import asyncio
 import json
 import time
 from functools import partial
@@ -86,70 +87,70 @@ async def update(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
 # --- listings and search -------------------------------------------------------------------
 
 
-def _page(
-    assets: list[Asset], limit: int, offset: int, fields: frozenset[str] | None = None, *, flat_context: bool = False
+async def page(
+    request: web.Request, cloud: Cloud, params: Params, query: queries.AssetQuery, *, flat_context: bool = False
 ) -> dict[str, Any]:
-    rendered = [render.select(render.resource(a, flat_context=flat_context), fields) for a in assets[:limit]]
-    body: dict[str, Any] = {"resources": rendered}
-    if len(assets) > limit:
-        body["next_cursor"] = queries.encode_cursor(offset + limit)
+    """One page of `query` from the position in `next_cursor`, with `fields`; `next_cursor`
+    (the last row's sort keys) when more may follow."""
+    query = query.page(query.limit, queries.decode_keyset(query, params.get("next_cursor")))
+    found = await request.app[META].find_assets(cloud.name, query.page(query.limit + 1, query.after))
+    fields = render.parse_fields(params.get("fields"))
+    shown = found[: query.limit]
+
+    def rendered() -> list[dict[str, Any]]:
+        return [render.select(render.resource(a, flat_context=flat_context), fields) for a in shown]
+
+    # A long page is rendered in a worker thread, so the event loop keeps answering meanwhile.
+    body: dict[str, Any] = {"resources": await asyncio.to_thread(rendered) if len(shown) > 50 else rendered()}
+    if len(found) > query.limit:
+        body["next_cursor"] = queries.encode_keyset(query, queries.sort_values(query, shown[-1]))
     return body
 
 
 async def listing(
-    request: web.Request, cloud: Cloud, params: Params, clauses: list[str], args: list[Any], *, by_public_id: bool = False
+    request: web.Request, cloud: Cloud, params: Params, resource_type: str, type_: str | None = None,
+    extra: list[queries.Filter] | None = None, *, by_public_id: bool = False,
 ) -> web.Response:
-    """One page of live assets matching `clauses`, in Cloudinary's listing order (newest first,
-    or by public_id with a prefix), with `fields` and `direction`. Shared by every listing."""
+    """One page of live assets of a resource type (and type) matching `extra`, in Cloudinary's
+    listing order (newest first, or by public_id with a prefix), with `fields` and `direction`.
+    Shared by every listing."""
     limit = as_int(params.get("max_results"), "max_results", 10, 1, 500)
-    offset = queries.decode_cursor(params.get("next_cursor"))
-    order = queries.listing_order(params.get("direction"), by_public_id=by_public_id)
-    fields = render.parse_fields(params.get("fields"))
-    where = " AND ".join(["status = 'live'", *clauses])
-    assets = await request.app[META].find_assets(cloud.name, where, args, order, limit + 1, offset)
-    return web.json_response(_page(assets, limit, offset, fields))
+    query = queries.listing_query(resource_type, type_, extra or [], params.get("direction"), limit, by_public_id=by_public_id)
+    return web.json_response(await page(request, cloud, params, query))
 
 
 async def list_resources(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     """Live assets only: the SDK documents that listings never return deleted ones."""
     params = await _params(request, cloud)
-    clauses = ["resource_type = ?"]
-    args: list[Any] = [match["rt"]]
-    if "type" in match:
-        clauses.append("type = ?")
-        args.append(match["type"])
+    extra: list[queries.Filter] = []
     public_ids = as_bounded_list(params.get("public_ids"), "public_ids", MAX_IDS)
     if public_ids:
-        clauses.append(f"public_id IN ({', '.join('?' * len(public_ids))})")
-        args.extend(public_ids)
+        extra.append(queries.Filter("public_id", "in", tuple(public_ids)))
     prefix = params.get("prefix")
     if prefix:
-        clauses.append("substr(public_id, 1, ?) = ?")
-        args.extend([len(str(prefix)), str(prefix)])
-    return await listing(request, cloud, params, clauses, args, by_public_id=bool(prefix))
+        extra.append(queries.Filter("public_id", "prefix", str(prefix)))
+    return await listing(request, cloud, params, match["rt"], match.get("type"), extra, by_public_id=bool(prefix))
 
 
 async def resources_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _params(request, cloud)
     asset_ids = _ids(params, "asset_ids", "Missing required parameter - asset_ids")
-    assets = await request.app[META].find_assets(
-        cloud.name, f"status = 'live' AND asset_id IN ({', '.join('?' * len(asset_ids))})", asset_ids, "pk", MAX_IDS
-    )
+    assets = await request.app[META].find_assets(cloud.name, queries.by_asset_ids(asset_ids))
     return web.json_response({"resources": [render.resource(a) for a in assets]})
 
 
 async def search(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    """`total_count` is exact up to queries.COUNT_CEILING matches, then that ceiling with
+    `total_count_exact: false` (docs/api.md): a search never counts the whole library."""
     started = time.monotonic()
     params = await _params(request, cloud)
     queries.check_search_options(params)
-    query = queries.search_query(str(params.get("expression") or ""), params.get("sort_by"))
     limit = as_int(params.get("max_results"), "max_results", 50, 1, 500)
-    offset = queries.decode_cursor(params.get("next_cursor"))
-    fields = render.parse_fields(params.get("fields"))
-    meta = request.app[META]
-    assets = await meta.find_assets(cloud.name, query.where, query.args, query.order, limit + 1, offset)
-    body = _page(assets, limit, offset, fields, flat_context=True)  # Search API: context is flat
-    body["total_count"] = await meta.count_assets(cloud.name, query.where, query.args)
+    query = queries.search_query(str(params.get("expression") or ""), params.get("sort_by"), limit)
+    body = await page(request, cloud, params, query, flat_context=True)  # Search API: context is flat
+    counted = await request.app[META].count_assets(cloud.name, query, queries.COUNT_CEILING + 1)
+    body["total_count"] = min(counted, queries.COUNT_CEILING)
+    body["total_count_exact"] = counted <= queries.COUNT_CEILING
     body["time"] = int((time.monotonic() - started) * 1000)
     return web.json_response(body)
 

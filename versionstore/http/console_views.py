@@ -235,23 +235,19 @@ def _date(value: str | None, field: str, *, end: bool = False) -> float | None:
 async def find_page(request: web.Request) -> web.Response:
     cloud = await _cloud(request)
     q = request.query
-    try:
-        page = int(q.get("page") or 0)
-    except ValueError:
-        raise BadRequest("page must be a number") from None
     query = finding.FindQuery(
         text=q.get("q", "").strip(), prefix=q.get("prefix", "").strip(), tag=q.get("tag", "").strip(),
         resource_type=q.get("resource_type", ""), status=q.get("status", "deleted"),
         deleted_from=_date(q.get("deleted_from"), "deleted from"), deleted_to=_date(q.get("deleted_to"), "deleted to", end=True),
         uploaded_from=_date(q.get("uploaded_from"), "uploaded from"),
-        uploaded_to=_date(q.get("uploaded_to"), "uploaded to", end=True), page=page,
+        uploaded_to=_date(q.get("uploaded_to"), "uploaded to", end=True), after=q.get("after", ""),
     )
     found = await finding.find(request.config_dict[META], cloud.name, query)
-    params = {k: v for k, v in q.items() if k != "page" and v}
+    params = {k: v for k, v in q.items() if k != "after" and v}
     return _page("find.html", request, {
         "query": query, "form": q, "found": found,
-        "next_url": f"?{urlencode({**params, 'page': query.page + 1})}" if found.has_more else None,
-        "prev_url": f"?{urlencode({**params, 'page': query.page - 1})}" if query.page > 0 else None,
+        "next_url": f"?{urlencode({**params, 'after': found.next_cursor})}" if found.next_cursor else None,
+        "first_url": f"?{urlencode(params)}" if query.after else None,
         "previewable": previewable_format,
     })
 

@@ -24,8 +24,7 @@ RESOURCE_TYPES = ["image", "raw", "video"]
 
 async def resources_by_tag(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await admin_params(request)
-    clause = "EXISTS (SELECT 1 FROM json_each(assets.tags) WHERE json_each.value = ?)"
-    return await listing(request, cloud, params, ["resource_type = ?", clause], [match["rt"], match["tag"]])
+    return await listing(request, cloud, params, match["rt"], extra=[queries.Filter("tag", "=", match["tag"])])
 
 
 async def resources_by_context(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -34,24 +33,22 @@ async def resources_by_context(request: web.Request, cloud: Cloud, match: dict[s
     if not key:
         raise BadRequest("Missing required parameter - key")
     if params.get("value") not in (None, ""):
-        clause = "EXISTS (SELECT 1 FROM json_each(assets.context) WHERE json_each.key = ? AND json_each.value = ?)"
-        args: list[Any] = [match["rt"], key, str(params["value"])]
+        wanted = queries.Filter("context", "=", (key, str(params["value"])))
     else:
-        clause = "EXISTS (SELECT 1 FROM json_each(assets.context) WHERE json_each.key = ?)"
-        args = [match["rt"], key]
-    return await listing(request, cloud, params, ["resource_type = ?", clause], args)
+        wanted = queries.Filter("context", "has", key)
+    return await listing(request, cloud, params, match["rt"], extra=[wanted])
 
 
 async def tags(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     """`GET tags/<rt>`: the distinct tags of live assets, sorted, paged like the listings."""
     params = await admin_params(request)
     limit = as_int(params.get("max_results"), "max_results", 10, 1, 500)
-    offset = queries.decode_cursor(params.get("next_cursor"))
+    after = queries.decode_tag_cursor(params.get("next_cursor"))
     prefix = str(params.get("prefix") or "")
-    found = await request.app[META].list_tags(cloud.name, match["rt"], prefix, limit + 1, offset)
+    found = await request.app[META].list_tags(cloud.name, match["rt"], prefix, limit + 1, after)
     body: dict[str, Any] = {"tags": found[:limit]}
     if len(found) > limit:
-        body["next_cursor"] = queries.encode_cursor(offset + limit)
+        body["next_cursor"] = queries.encode_tag_cursor(found[limit - 1])
     return web.json_response(body)
 
 

@@ -1,0 +1,445 @@
+#!/usr/bin/env python3
+"""Request cost against library size (issue 10, "Cost must not grow with the library").
+
+For each size (assets in one environment) the script builds a library with rows as the
+service writes them, serves it with `versionstore serve` and drives it over HTTP (aiohttp,
+the wire the SDKs speak), one request at a time, while a second client polls `/healthz`
+to catch event-loop stalls. It prints p50/p99 per request kind and the worst `/healthz`
+latency seen while that kind ran, then a restart: time to the first `/healthz` answer and the
+worst stall in the seconds after.
+
+How the library is made (fast, and faithful):
+1. `versionstore cloud create` migrates an empty data dir; the service then writes reference
+   rows itself (a new asset, a re-upload, a tags update, a delete with backup).
+2. Rows for N assets are generated in the same shape: 1-3 versions per asset (each with its
+   own bytes, BLAKE3 and MD5 of those bytes), 5% deleted with backup (kept as reservations),
+   0-2 tags from a vocabulary of 1,000 plus `xyz` on 0.5%, a context entry on half, folders
+   of 100 assets. Before inserting, every generated row is checked against the service's
+   rows: the same columns, and in each column only value types the service itself wrote
+   (the script stops if not).
+3. Bulk insert through the schema (sqlite3, indexes dropped during the load and re-created
+   from their own DDL), and with `--blobs` (default) one file per version in the backup store
+   and one per live asset in the primary store, at the keys the service uses.
+
+    .venv/bin/python scripts/bench_library_size.py --quick                       # 10k, few requests
+    .venv/bin/python scripts/bench_library_size.py --sizes 10000,100000,1000000  # the issue's table
+
+Everything runs on 127.0.0.1 on free ports in a temporary directory, removed on exit (`--keep`
+keeps it). The machine's load is printed before and after: on a shared machine the figures
+are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import blake3
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits next to this script
+from benchlib import Server, free_port, interrupt_on_sigterm, log, remove_temp_dir, stop_servers
+
+CLOUD = "bench"
+API_KEY = "benchkey"
+API_SECRET = "benchsecret"
+BASIC = {"Authorization": "Basic " + base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()}
+FOLDER_SIZE = 100
+TAGS = 1000
+YEAR = 365 * 86400.0
+
+
+def sign(params: dict[str, Any]) -> dict[str, Any]:
+    """Cloudinary's upload signature (SHA-1 of the sorted parameters and the secret)."""
+    params = {"timestamp": str(int(time.time())), **params}
+    text = "&".join(f"{k}={v}" for k, v in sorted(params.items()) if k not in ("file", "api_key", "resource_type") and v != "")
+    return {**params, "signature": hashlib.sha1((text + API_SECRET).encode()).hexdigest(), "api_key": API_KEY}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
+# --- the library --------------------------------------------------------------------------------
+
+
+def _content(asset: int, version: int) -> bytes:
+    return f"asset {asset} version {version} ".encode() * 2
+
+
+@dataclass
+class Library:
+    """Generated rows (as dicts keyed by column) for `size` assets."""
+
+    size: int
+    cloud: str
+    assets: list[dict[str, Any]] = field(default_factory=list)
+    versions: list[dict[str, Any]] = field(default_factory=list)
+    tags: list[dict[str, Any]] = field(default_factory=list)
+    context: list[dict[str, Any]] = field(default_factory=list)
+    blobs: list[tuple[str, bytes, bool]] = field(default_factory=list)  # (digest, bytes, live original)
+
+    def generate(self, first_pk: int, first_version_pk: int, rng: random.Random) -> None:
+        start = time.time() - YEAR
+        version_pk = first_version_pk
+        for i in range(self.size):
+            pk = first_pk + i
+            created = start + YEAR * i / self.size
+            deleted = i % 20 == 7
+            count = 1 + i % 3
+            current: dict[str, Any] = {}
+            for v in range(count):
+                data = _content(pk, v)
+                made = created + v * 60.0
+                current = {
+                    "pk": version_pk, "cloud": self.cloud, "asset_pk": pk, "version_id": rng.randbytes(16).hex(),
+                    "version": int(made), "digest": blake3.blake3(data).hexdigest(), "bytes": len(data), "format": "jpg",
+                    "backed_up": 1, "restored_from": None, "created_at": made, "backup_job": None, "width": None,
+                    "height": None, "original_filename": f"photo{pk}", "md5": hashlib.md5(data).hexdigest(),
+                }
+                self.versions.append(current)
+                self.blobs.append((current["digest"], data, not deleted and v == count - 1))
+                version_pk += 1
+            tags = [f"tag{rng.randrange(TAGS)}" for _ in range(i % 3)] + (["xyz"] if i % 200 == 3 else [])
+            tags = list(dict.fromkeys(tags))
+            context = {"k": f"v{i % 100}"} if i % 2 else {}
+            self.assets.append({
+                "pk": pk, "cloud": self.cloud, "asset_id": rng.randbytes(16).hex(), "resource_type": "image",
+                "type": "upload", "public_id": f"f{i // FOLDER_SIZE}/a{i}", "status": "deleted" if deleted else "live",
+                "digest": current["digest"], "format": "jpg", "bytes": current["bytes"], "width": None, "height": None,
+                "version": current["version"], "version_id": current["version_id"], "original_filename": f"photo{pk}",
+                "tags": json.dumps(tags), "context": json.dumps(context), "metadata": "{}", "created_at": created,
+                "uploaded_at": current["created_at"], "deleted_at": current["created_at"] + 1 if deleted else None,
+                "generation": count - 1 + int(deleted), "detached_from": None, "md5": current["md5"],
+            })
+            self.tags.extend({"cloud": self.cloud, "tag": t, "asset_pk": pk, "created_at": created} for t in tags)
+            self.context.extend({"cloud": self.cloud, "key": k, "value": v, "asset_pk": pk} for k, v in context.items())
+
+
+TABLES = {"assets": "assets", "versions": "versions", "tags": "asset_tags", "context": "asset_context"}
+
+
+def _tables(db: sqlite3.Connection) -> dict[str, str]:
+    """The tables to fill; without the side tables (code from before schema migration 9, for a
+    before/after comparison) tags and context live in the asset rows only."""
+    present = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return {attr: table for attr, table in TABLES.items() if table in present}
+
+
+def check_shapes(db: sqlite3.Connection, library: Library) -> None:
+    """Every generated row has the columns of the table and, per column, only value types the
+    service wrote in its own rows (None included only where the service wrote None)."""
+    for attr, table in _tables(db).items():
+        columns = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+        seen: dict[str, set[type]] = {c: set() for c in columns}
+        for row in db.execute(f"SELECT {', '.join(columns)} FROM {table}"):
+            for column, value in zip(columns, row, strict=True):
+                seen[column].add(type(value))
+        for row in getattr(library, attr)[:5000]:
+            if sorted(row) != sorted(columns):
+                raise SystemExit(f"{table}: generated columns {sorted(row)} != schema {sorted(columns)}")
+            for column, value in row.items():
+                if type(value) not in seen[column]:
+                    raise SystemExit(f"{table}.{column}: generated {type(value).__name__}, the service wrote {seen[column]}")
+    log("   generated rows match the service's own rows (columns and value types per column)")
+
+
+def bulk_load(path: Path, library: Library) -> None:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA synchronous = OFF")
+    db.execute("PRAGMA journal_mode = OFF")  # a throwaway load: no WAL copy of every page (the service turns WAL back on)
+    indexes = db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").fetchall()
+    db.execute("BEGIN")
+    for name, _ in indexes:
+        db.execute(f"DROP INDEX {name}")
+    for attr, table in _tables(db).items():
+        rows = getattr(library, attr)
+        if rows:
+            columns = list(rows[0])
+            db.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                [tuple(r[c] for c in columns) for r in rows],
+            )
+    for _, sql in indexes:
+        db.execute(sql)
+    db.execute("COMMIT")
+    db.close()
+
+
+def write_blobs(data_dir: Path, library: Library) -> None:
+    """Each version's bytes in the backup store, each live asset's original in the primary."""
+    made: set[Path] = set()
+    for digest, data, live in library.blobs:
+        fan = f"{digest[:2]}/{digest[2:4]}/{digest}"
+        for root, wanted in ((data_dir / "backup" / CLOUD / "blobs", True), (data_dir / "primary" / CLOUD / "originals", live)):
+            if not wanted:
+                continue
+            target = root / fan
+            if target.parent not in made:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                made.add(target.parent)
+            target.write_bytes(data)
+
+
+# --- driving it -----------------------------------------------------------------------------------
+
+
+class Stalls:
+    """Polls /healthz back to back; the worst latency since the last reset is a stall."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session, self.base, self.worst = session, base, 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            async with self.session.get(f"{self.base}/healthz") as response:
+                await response.read()
+            self.worst = max(self.worst, time.perf_counter() - started)
+            await asyncio.sleep(0.005)
+
+    def __enter__(self) -> Stalls:
+        self.worst = 0.0
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+
+
+@dataclass
+class Row:
+    name: str
+    times: list[float] = field(default_factory=list)
+    stall: float = 0.0
+    note: str = ""
+
+
+class Driver:
+    def __init__(self, session: aiohttp.ClientSession, base: str, library: Library, requests: int, rng: random.Random) -> None:
+        self.session, self.base, self.library, self.requests, self.rng = session, base, library, requests, rng
+        self.live = [a for a in library.assets if a["status"] == "live"]
+        self.rng.shuffle(self.live)
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with self.session.request(method, f"{self.base}/v1_1/{CLOUD}/{path}", **kwargs) as response:
+            body = await response.json()
+            if response.status != 200:
+                raise RuntimeError(f"{method} {path}: {response.status} {body}")
+            return body
+
+    async def timed(self, row: Row, make: Any, stalls: Stalls) -> None:
+        for i in range(self.requests):
+            started = time.perf_counter()
+            await make(i)
+            row.times.append(time.perf_counter() - started)
+        row.stall = stalls.worst
+
+    async def run(self, stalls: Stalls) -> list[Row]:
+        rows: list[Row] = []
+        upload_targets = self.live[: self.requests]
+        destroy_targets = self.live[self.requests : 2 * self.requests]
+
+        async def upload(i: int) -> None:
+            form = aiohttp.FormData()
+            for key, value in sign({"public_id": upload_targets[i]["public_id"], "overwrite": "true"}).items():
+                form.add_field(key, value)
+            form.add_field("file", os.urandom(2048), filename="new.jpg", content_type="image/jpeg")
+            await self.call("POST", "image/upload", data=form)
+
+        async def destroy(i: int) -> None:
+            await self.call("POST", "image/destroy", data=sign({"public_id": destroy_targets[i]["public_id"]}))
+
+        def search(body: dict[str, Any]) -> Any:
+            return lambda i: self.call("POST", "resources/search", headers=BASIC, json=body)
+
+        folder = f"f{self.library.size // FOLDER_SIZE // 2}/"
+        kinds: list[tuple[str, Any]] = [
+            ("upload: new version of an existing asset", upload),
+            ("destroy: live asset with backup", destroy),
+            ("search tags=xyz", search({"expression": "tags=xyz"})),
+            ("search all live, sort_by created_at desc", search({"sort_by": [{"created_at": "desc"}]})),
+            (f"search public_id prefix ({folder}*)", search({"expression": f"public_id={folder}*"})),
+            ("search status=deleted, created_at desc", search({"expression": "status=deleted", "sort_by": [{"created_at": "desc"}]})),
+            ("versions=true", lambda i: self.call(
+                "GET", f"resources/image/upload/{self.live[-1 - i]['public_id']}", headers=BASIC, params={"versions": "true"})),
+        ]
+        for name, make in kinds:
+            row = Row(name)
+            with stalls:
+                await self.timed(row, make, stalls)
+            rows.append(row)
+        rows.append(await self.deep_listing(stalls))
+        return rows
+
+    async def deep_listing(self, stalls: Stalls) -> Row:
+        """Pages of 500 followed by cursor; the deep pages are those after the first few."""
+        row = Row("listing, 500 per page, deep pages (keyset cursor)")
+        pages = max(self.requests, min(200, self.library.size // 500))
+        cursor = None
+        with stalls:
+            for page in range(pages):
+                params = {"max_results": "500", **({"next_cursor": cursor} if cursor else {})}
+                started = time.perf_counter()
+                body = await self.call("GET", "resources/image/upload", headers=BASIC, params=params)
+                if page >= pages // 2:
+                    row.times.append(time.perf_counter() - started)
+                cursor = body.get("next_cursor")
+                if not cursor:
+                    break
+            row.stall = stalls.worst
+        row.note = f"pages {pages // 2 + 1}-{page + 1}"
+        return row
+
+
+async def restart_row(server: Server, watch: float) -> Row:
+    """Time from start to the first /healthz answer, then the worst stall in `watch` seconds."""
+    row = Row(f"restart: first /healthz, worst stall in {watch:.0f} s")
+    server.stop()
+    started = time.perf_counter()
+    server.start(timeout=600)
+    row.times.append(time.perf_counter() - started)
+    async with aiohttp.ClientSession() as session:
+        stalls = Stalls(session, f"http://127.0.0.1:{server.port}")
+        with stalls:
+            await asyncio.sleep(watch)
+        row.stall = stalls.worst
+    return row
+
+
+# --- one size -----------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.python = sys.executable
+        self.root = Path(tempfile.mkdtemp(prefix="bench-libsize-"))
+        self.servers: list[Server] = []
+
+    def cli(self, data_dir: Path, *argv: str) -> None:
+        subprocess.run([self.python, "-m", "versionstore", *argv, "--data-dir", str(data_dir)], check=True, stdout=subprocess.DEVNULL)
+
+    def server(self, data_dir: Path) -> Server:
+        port = free_port()
+        server = Server("versionstore", [self.python, "-m", "versionstore", "serve", "--data-dir", str(data_dir),
+                                         "--host", "127.0.0.1", "--port", str(port)], port, self.root / "service.log")
+        self.servers.append(server)
+        return server
+
+    async def reference_rows(self, base: str) -> None:
+        """Rows the service writes itself, for check_shapes (a new asset with tags and
+        context, a re-upload, a tags update, a delete with backup)."""
+        async with aiohttp.ClientSession() as session:
+            for public_id, data in (("ref/a", b"one"), ("ref/a", b"two"), ("ref/b", b"three"), ("ref/c", b"four")):
+                form = aiohttp.FormData()
+                for key, value in sign({"public_id": public_id, "overwrite": "true", "tags": "t1,t2", "context": "k=v"}).items():
+                    form.add_field(key, value)
+                form.add_field("file", data, filename="x.jpg", content_type="image/jpeg")
+                async with session.post(f"{base}/v1_1/{CLOUD}/image/upload", data=form) as response:
+                    assert response.status == 200, await response.text()
+            async with session.post(f"{base}/v1_1/{CLOUD}/resources/image/upload/ref/b", headers=BASIC, data={"tags": "t3"}) as r:
+                assert r.status == 200, await r.text()
+            async with session.post(f"{base}/v1_1/{CLOUD}/image/destroy", data=sign({"public_id": "ref/c"})) as response:
+                assert response.status == 200, await response.text()
+
+    async def one_size(self, size: int) -> list[Row]:
+        data_dir = self.root / f"data-{size}"
+        self.cli(data_dir, "cloud", "create", CLOUD, "--api-key", API_KEY, "--api-secret", API_SECRET)
+        server = self.server(data_dir)
+        server.start()
+        await self.reference_rows(f"http://127.0.0.1:{server.port}")
+        server.stop()
+        path = data_dir / "metadata.sqlite3"
+        db = sqlite3.connect(path)
+        (digest,) = db.execute("SELECT digest FROM assets WHERE public_id = 'ref/a'").fetchone()
+        for store in ("backup/bench/blobs", "primary/bench/originals"):  # write_blobs' keys are the service's
+            assert (data_dir / store / digest[:2] / digest[2:4] / digest).is_file(), (store, digest)
+        first_pk = db.execute("SELECT MAX(pk) FROM assets").fetchone()[0] + 1
+        first_version = db.execute("SELECT MAX(pk) FROM versions").fetchone()[0] + 1
+        started = time.perf_counter()
+        library = Library(size, CLOUD)
+        library.generate(first_pk, first_version, random.Random(size))
+        check_shapes(db, library)
+        db.close()
+        bulk_load(path, library)
+        log(f"   {size:,} assets, {len(library.versions):,} versions, {len(library.tags):,} tags loaded "
+            f"in {time.perf_counter() - started:.1f} s")
+        if self.args.blobs:
+            started = time.perf_counter()
+            write_blobs(data_dir, library)
+            log(f"   {len(library.blobs):,} blob files written in {time.perf_counter() - started:.1f} s")
+        server.start(timeout=600)
+        base = f"http://127.0.0.1:{server.port}"
+        async with aiohttp.ClientSession() as session:
+            driver = Driver(session, base, library, self.args.requests, random.Random(size + 1))
+            rows = await driver.run(Stalls(session, base))
+        if self.args.blobs:
+            rows.append(await restart_row(server, self.args.watch))
+        server.stop()
+        return rows
+
+    async def main(self) -> None:
+        log(f"load average before: {os.getloadavg()}  (cores: {os.cpu_count()})")
+        results: dict[int, list[Row]] = {}
+        try:
+            for size in self.args.sizes:
+                log(f"== {size:,} assets")
+                results[size] = await self.one_size(size)
+                for row in results[size]:
+                    log(f"   {row.name:55} p50 {percentile(row.times, 0.5) * 1000:8.1f} ms  p99 "
+                        f"{percentile(row.times, 0.99) * 1000:8.1f} ms  worst /healthz {row.stall * 1000:7.1f} ms {row.note}")
+        finally:
+            stop_servers(self.servers)
+            remove_temp_dir(self.root, self.args.keep)
+        log(f"load average after: {os.getloadavg()}")
+        self.table(results)
+
+    def table(self, results: dict[int, list[Row]]) -> None:
+        sizes = list(results)
+        log("\n| p50 (p99) ms; worst /healthz ms | " + " | ".join(f"{s:,} assets" for s in sizes) + " |")
+        log("|---|" + "---|" * len(sizes))
+        for index, row in enumerate(results[sizes[0]]):
+            cells = []
+            for size in sizes:
+                r = results[size][index]
+                cells.append(f"{percentile(r.times, 0.5) * 1000:.1f} ({percentile(r.times, 0.99) * 1000:.1f}); {r.stall * 1000:.0f}")
+            name = "restart: ms to first /healthz; worst stall" if row.name.startswith("restart") else row.name
+            log(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=None, help="comma-separated asset counts (default 10000,100000,1000000; quick: 10000)")
+    parser.add_argument("--quick", action="store_true", help="10k assets, 10 requests per kind, 5 s restart watch")
+    parser.add_argument("--requests", type=int, default=None, help="sequential requests per kind (default 50; quick 10)")
+    parser.add_argument("--watch", type=float, default=None, help="seconds of /healthz polling after a restart (default 30)")
+    parser.add_argument("--no-blobs", dest="blobs", action="store_false", help="no blob files (and no restart row)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    args.sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000,1000000")).split(",")]
+    args.requests = args.requests or (10 if args.quick else 50)
+    args.watch = args.watch if args.watch is not None else (5.0 if args.quick else 30.0)
+    interrupt_on_sigterm()
+    asyncio.run(Bench(args).main())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
