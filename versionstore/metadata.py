@@ -884,3 +884,15 @@ class MetadataStore:
             if summary["last_verified_at"] is None or last > summary["last_verified_at"]:
                 summary["last_verified_at"] = float(last)
         return summary
+
+    # --- operations: readiness probe and read-path cache keys (versionstore/http/readiness.py,
+    # --- versionstore/http/versions_cache.py) -------------------------------------------------
+
+    async def ping(self) -> None:
+        """A trivial query that reads a table, run off the event loop (the readiness probe)."""
+        await self._scan("SELECT 1 FROM clouds LIMIT 1")
+
+    def data_version(self) -> int:
+        """Changes whenever any other connection (this store's writer, the CLI, another
+        process) commits: equal values mean nothing was written in between."""
+        return int(self._reader.execute("PRAGMA data_version").fetchone()[0])
