@@ -894,5 +894,7 @@ class MetadataStore:
 
     def data_version(self) -> int:
         """Changes whenever any other connection (this store's writer, the CLI, another
-        process) commits: equal values mean nothing was written in between."""
+        process) commits: equal values mean nothing was written in between. (SQLite's
+        `PRAGMA data_version`; a backend without such a counter may return a new value on
+        every call, which only turns the caches keyed on it off.)"""
         return int(self._reader.execute("PRAGMA data_version").fetchone()[0])

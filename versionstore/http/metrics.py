@@ -46,18 +46,42 @@ def prepare_multiprocess(directory: Path) -> None:
     telemetry.use_multiprocess(directory)
 
 
+class _RequestSeries:
+    """The labelled children one kind of request updates, looked up once: `labels()` takes a
+    lock and builds a tuple per call, a visible share of a small request's cost."""
+
+    def __init__(self, route: str, method: str, status: int) -> None:
+        counters = telemetry.metrics()
+        self.requests = counters.requests.labels(route, method, str(status))
+        self.latency = counters.latency.labels(route, method)
+        self.received = counters.received_bytes.labels(route)
+        self.sent = counters.sent_bytes.labels(route)
+
+
+#: (route, method, status) -> children; bounded like the labels (routes x methods x statuses).
+_series: dict[tuple[str, str, int], _RequestSeries] = {}
+_series_of: telemetry.Metrics | None = None
+
+
 def observe(request: web.Request, route: str, status: int, response: web.StreamResponse | None, elapsed: float) -> None:
     """Record one answered request (called by the middleware, for every request)."""
-    counters = telemetry.metrics()
+    global _series_of
+    if _series_of is not telemetry.metrics():  # first use, or the metrics were remade (multi-process)
+        _series.clear()
+        _series_of = telemetry.metrics()
     method = request.method if request.method in _METHODS else "OTHER"
-    counters.requests.labels(route, method, str(status)).inc()
-    counters.latency.labels(route, method).observe(elapsed)
+    key = (route, method, status)
+    series = _series.get(key)
+    if series is None:
+        series = _series[key] = _RequestSeries(route, method, status)
+    series.requests.inc()
+    series.latency.observe(elapsed)
     received = request.content.total_bytes if request.body_exists else 0
     if received:
-        counters.received_bytes.labels(route).inc(received)
+        series.received.inc(received)
     sent = _body_length(response)
     if sent:
-        counters.sent_bytes.labels(route).inc(sent)
+        series.sent.inc(sent)
 
 
 def _body_length(response: web.StreamResponse | None) -> int:
