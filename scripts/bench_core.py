@@ -47,6 +47,8 @@ from benchlib import (
     MiB,
     RssSampler,
     Server,
+    add_load_option,
+    check_load,
     curl_json,
     download_backup_url,
     free_port,
@@ -349,6 +351,8 @@ class Bench:
         log(f"SUMMARY (medians of {a.runs} run(s); machine: {os.cpu_count()} CPUs, "
             f"{psutil.virtual_memory().total / (1 << 30):.1f} GiB RAM)")
         log("=" * 78)
+        if not check_load(a.allow_load):  # ratios measured beside heavy outside load mean nothing
+            return False
         cp = median(r.cp_seconds)
         up = median(r.upload_seconds)
         ratios = [c / u for c, u in zip(r.cp_seconds, r.upload_seconds, strict=True)]
@@ -420,6 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tmp-dir", default=None, help="where the temp dir goes (default: $TMPDIR or /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data) afterwards")
     parser.add_argument("--json", help="also write the raw results to this file")
+    add_load_option(parser)
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"runs": (3, 1), "size_mib": (1024, 128), "duration": (10, 3), "warmup": (2, 1),
