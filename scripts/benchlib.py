@@ -87,9 +87,8 @@ def machine_busy() -> float:
 
 #: Outside load (CPU used by processes outside the benchmark's own process tree, steal
 #: included), as a share of the machine's CPUs, above which ratios are not reported: on the
-#: 2-CPU reference machine 0.25 is half a core, averaged over the run. Below it, same-run
-#: ratios stayed within a few percent of quiet-machine ones; the other helpers' test suites
-#: used 1-2 cores (docs/performance.md).
+#: 2-CPU reference machine 0.25 is half a core, averaged over the run (why: docs/performance.md,
+#: "Benchmarks under outside load").
 OUTSIDE_LOAD_MAX = 0.25
 
 
