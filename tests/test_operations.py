@@ -180,3 +180,31 @@ async def test_cloud_credentials_are_not_needed_for_probes(aiohttp_client: Any, 
     await app[META].create_cloud(CLOUD, API_KEY, API_SECRET, auto_backup=True)
     for path in ("/healthz", "/readyz", "/metrics"):
         assert (await client.get(path)).status == 200
+
+
+async def test_readyz_says_503_when_an_s3_store_does_not_answer(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto_server: Any
+) -> None:
+    """A real S3 server answers: ready. A backup store whose endpoint nobody listens on: 503
+    within the probe's deadline, naming the store; the process stays alive (/healthz)."""
+    import time
+
+    from tests.servers import free_port
+    from tests.test_blobstore_contract import make_s3_bucket
+
+    for name, value in moto_server.client_env().items():
+        monkeypatch.setenv(name, value)
+    make_s3_bucket(moto_server.url, "readyz-ok")
+    ok = await aiohttp_client(create_app(Config(data_dir=tmp_path / "ok", backup_store="s3://readyz-ok/vs")))
+    response = await ok.get("/readyz")
+    assert response.status == 200, await response.text()
+
+    dead = f"s3://readyz-dead/vs?endpoint_url=http://127.0.0.1:{free_port()}&region=us-east-1"
+    down = await aiohttp_client(create_app(Config(data_dir=tmp_path / "down", backup_store=dead)))
+    started = time.monotonic()
+    response = await down.get("/readyz")
+    body = await response.json()
+    assert response.status == 503, body
+    assert body["checks"]["backup_store"]["ok"] is False and body["checks"]["primary_store"]["ok"] is True
+    assert time.monotonic() - started < 10
+    assert (await down.get("/healthz")).status == 200
