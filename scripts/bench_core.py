@@ -50,6 +50,8 @@ from benchlib import (
     MiB,
     RssSampler,
     Server,
+    add_load_option,
+    check_load,
     children_cpu,
     curl_json,
     download_backup_url,
@@ -345,24 +347,28 @@ class Bench:
         info["many_body_bytes"] = many["bytes"]
         log(f"  made {10 + self.args.many_versions} small versions in {info['setup_seconds']:.1f}s; response bodies "
             f"{small['bytes']} B (10 versions) and {many['bytes']} B ({self.args.many_versions} versions)")
+        assert self.service is not None
         auth = {"Authorization": BASIC}
         cases = {
-            "bare": (f"http://127.0.0.1:{self.bare.port}/ping", {}),
-            "versions_10": (f"{self.base}/resources/raw/upload/bench/v10?versions=true", auth),
+            "bare": (f"http://127.0.0.1:{self.bare.port}/ping", {}, self.bare),
+            "versions_10": (f"{self.base}/resources/raw/upload/bench/v10?versions=true", auth, self.service),
             f"versions_{self.args.many_versions}": (
-                f"{self.base}/resources/raw/upload/bench/v-many?versions=true", auth),
-            "download_backup": (self.download_url(small["asset_id"], small["version_id"]), {}),
+                f"{self.base}/resources/raw/upload/bench/v-many?versions=true", auth, self.service),
+            "download_backup": (self.download_url(small["asset_id"], small["version_id"]), {}, self.service),
         }
         # Warm up each endpoint (connections, caches), then interleave the measured runs so
         # that drift (thermal, page cache, noisy neighbours) hits every case alike.
-        for url, headers in cases.values():
+        for url, headers, _ in cases.values():
             self.wrk(url, headers, self.args.warmup)
         for i in range(self.args.runs):
-            for name, (url, headers) in cases.items():
+            for name, (url, headers, server) in cases.items():
+                cpu_before = server.cpu()
                 data = self.wrk(url, headers, self.args.duration)
+                # Server CPU per request: steadier than req/s when the machine is shared.
+                data["cpu_us"] = (server.cpu() - cpu_before) / max(data["requests"], 1) * 1e6
                 self.results.wrk.setdefault(name, []).append(data)
                 log(f"  run {i + 1} {name:>16}: {data['rps']:8.0f} req/s  p50 {data['p50_us'] / 1000:7.2f} ms  "
-                    f"p99 {data['p99_us'] / 1000:7.2f} ms  errors {data['errors']}")
+                    f"p99 {data['p99_us'] / 1000:7.2f} ms  server CPU {data['cpu_us']:5.0f} us/req  errors {data['errors']}")
         return info
 
     # -- report --
@@ -382,6 +388,8 @@ class Bench:
         log(f"SUMMARY (medians of {a.runs} run(s); machine: {os.cpu_count()} CPUs, "
             f"{psutil.virtual_memory().total / (1 << 30):.1f} GiB RAM)")
         log("=" * 78)
+        if not check_load(a.allow_load):  # ratios measured beside heavy outside load mean nothing
+            return False
         ok &= self.report_upload()
         log(f"   hashes    : MD5 {r.hash_mb_s['md5']:.0f} MB/s, BLAKE3 {r.hash_mb_s['blake3']:.0f} MB/s "
             "(one thread each, 64 MiB in memory; the upload runs MD5 beside BLAKE3 + write)")
@@ -393,11 +401,12 @@ class Bench:
         log(f"3. wrk -t{a.threads} -c{a.connections} -d{a.duration}s (wrk and the servers share "
             f"{os.cpu_count()} CPUs)")
         bare = median([d["rps"] for d in r.wrk["bare"]])
-        log(f"   {'case':<18}{'req/s':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}   targets")
+        log(f"   {'case':<18}{'req/s':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}   targets")
         for name, runs in r.wrk.items():
             rps = median([d["rps"] for d in runs])
             p50 = median([d["p50_us"] / 1000 for d in runs])
             p99 = median([d["p99_us"] / 1000 for d in runs])
+            cpu = median([d["cpu_us"] for d in runs])
             if name == "bare":
                 note = "(baseline)"
             elif name.startswith("versions_") and name != "versions_10":
@@ -405,9 +414,10 @@ class Bench:
             else:
                 note = (f">= 0.3x: {verdict(rps / bare >= TARGETS['rps_ratio'])}, "
                         f"p99 < 20 ms: {verdict(p99 < TARGETS['p99_ms'])}")
-            log(f"   {name:<18}{rps:10.0f}{rps / bare:7.2f}x{p50:9.2f}{p99:9.2f}   {note}")
+            log(f"   {name:<18}{rps:10.0f}{rps / bare:7.2f}x{p50:9.2f}{p99:9.2f}{cpu:12.0f}   {note}")
         log(f"   (response bodies: {read_info['v10_body_bytes']} B for 10 versions, "
-            f"{read_info['many_body_bytes']} B for {a.many_versions})")
+            f"{read_info['many_body_bytes']} B for {a.many_versions}; with {a.connections} connections a p99 under "
+            f"{TARGETS['p99_ms']:.0f} ms needs more than {a.connections / TARGETS['p99_ms'] * 1000:.0f} req/s: Little's law)")
         log("")
         log("ALL TARGETS MET" if ok else "SOME TARGETS MISSED")
         if a.json:
@@ -481,6 +491,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tmp-dir", default=None, help="where the temp dir goes (default: $TMPDIR or /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data) afterwards")
     parser.add_argument("--json", help="also write the raw results to this file")
+    add_load_option(parser)
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"runs": (3, 1), "size_mib": (1024, 128), "duration": (10, 3), "warmup": (2, 1),

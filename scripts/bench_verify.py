@@ -31,6 +31,9 @@ import blake3
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchlib import add_load_option, check_load, watch_load  # noqa: E402
 
 from versionstore import layout, verify  # noqa: E402
 from versionstore.blobstore import open_store  # noqa: E402
@@ -116,7 +119,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="256 MiB, 1 run")
     parser.add_argument("--total-mib", type=int, help="library size in MiB (default 1024; --quick 256)")
     parser.add_argument("--runs", type=int, help="runs per measurement (default 3; --quick 1)")
+    add_load_option(parser)
     args = parser.parse_args()
+    watch_load()
     total = (args.total_mib or (256 if args.quick else 1024)) * MiB
     runs = args.runs or (1 if args.quick else 3)
     tmp = Path(tempfile.mkdtemp(prefix="versionstore-bench-verify-"))
@@ -138,6 +143,8 @@ def main() -> int:
                   f" | CLI {size / MiB / cli_t[-1]:8.0f} MiB/s", flush=True)
         b, v, c = (statistics.median(t) for t in (base_t, verify_t, cli_t))
         ratio = b / v
+        if not check_load(args.allow_load):
+            return 1
         print(f"\nbaseline ({name}): {size / MiB / b:.0f} MiB/s")
         print(f"verify (in-process Scrubber): {size / MiB / v:.0f} MiB/s, ratio {ratio:.2f}x   target >= 0.8x: "
               f"{'MET' if ratio >= 0.8 else 'MISSED'}")

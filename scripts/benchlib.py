@@ -83,6 +83,122 @@ def machine_busy() -> float:
     return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
+# --- load outside the benchmark ---------------------------------------------------------------
+
+#: Outside load (CPU used by processes outside the benchmark's own process tree, steal
+#: included), as a share of the machine's CPUs, above which ratios are not reported: on the
+#: 2-CPU reference machine 0.25 is half a core, averaged over the run (why: docs/performance.md,
+#: "Benchmarks under outside load").
+OUTSIDE_LOAD_MAX = 0.25
+
+
+def _tree_cpu(root: psutil.Process) -> float:
+    """CPU seconds of `root` and its live descendants, with the children each has waited for
+    (so a process that exited during the run still counts as the benchmark's own)."""
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+@dataclass
+class LoadReport:
+    seconds: float
+    outside_cores: float  # average CPUs busy outside the benchmark's tree
+    worst_outside_cores: float  # the worst sampling interval
+    own_cores: float
+    load_average_max: float  # 1-minute load average (it counts the benchmark's own processes too)
+
+    @property
+    def heavy(self) -> bool:
+        return self.outside_cores > OUTSIDE_LOAD_MAX * (os.cpu_count() or 1)
+
+    def line(self) -> str:
+        cpus = os.cpu_count() or 1
+        return (f"machine load during the run ({self.seconds:.0f} s, {cpus} CPUs): outside the benchmark "
+                f"{self.outside_cores:.2f} CPUs on average (worst {self.worst_outside_cores:.2f}; limit "
+                f"{OUTSIDE_LOAD_MAX * cpus:.2f}), the benchmark itself {self.own_cores:.2f} CPUs, "
+                f"1-min load average up to {self.load_average_max:.2f}")
+
+
+class LoadWatch(threading.Thread):
+    """Samples, every `interval` seconds, the machine's busy CPU time, the CPU time of this
+    process's tree (servers, wrk, curl, ... started by the benchmark) and the load average;
+    outside load is the difference of the first two."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__(daemon=True, name="load watch")
+        self.interval = interval
+        self.me = psutil.Process()
+        self.started = time.monotonic()
+        self.machine0, self.own0 = machine_busy(), _tree_cpu(self.me)
+        self.last = (self.started, self.machine0, self.own0)
+        self.worst = 0.0
+        self.load_max = os.getloadavg()[0]
+        self._stop_event = threading.Event()
+
+    def sample(self) -> tuple[float, float, float]:
+        now, machine, own = time.monotonic(), machine_busy(), _tree_cpu(self.me)
+        then, machine_then, own_then = self.last
+        if now - then > 0:
+            self.worst = max(self.worst, max(0.0, (machine - machine_then) - (own - own_then)) / (now - then))
+        self.last = (now, machine, own)
+        self.load_max = max(self.load_max, os.getloadavg()[0])
+        return now, machine, own
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.sample()
+
+    def report(self) -> LoadReport:
+        """The run so far (sampling goes on)."""
+        now, machine, own = self.sample()
+        seconds = max(now - self.started, 1e-9)
+        outside = max(0.0, (machine - self.machine0) - (own - self.own0))
+        return LoadReport(seconds, outside / seconds, self.worst, (own - self.own0) / seconds, self.load_max)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+_watch: LoadWatch | None = None
+
+
+def watch_load(interval: float = 1.0) -> LoadWatch:
+    """Start sampling the machine's load (once per process; `run_bench` does it for its scripts)."""
+    global _watch
+    if _watch is None:
+        _watch = LoadWatch(interval)
+        _watch.start()
+    return _watch
+
+
+def add_load_option(parser: Any) -> None:
+    parser.add_argument("--allow-load", action="store_true",
+                        help=f"report ratios even when processes outside the benchmark used more than "
+                             f"{OUTSIDE_LOAD_MAX:.0%} of the CPUs during the run (they are then indicative only)")
+
+
+def check_load(allow_load: bool = False) -> bool:
+    """Call right before ratios are printed: prints the machine's load during the run, and
+    False (after `not reported: outside load X`) when outside load was heavy, unless
+    `allow_load`. The script then exits non-zero without printing its ratios."""
+    report = watch_load().report()
+    log(report.line())
+    if not report.heavy:
+        return True
+    if allow_load:
+        log(f"WARNING: outside load {report.outside_cores:.2f} CPUs: ratios below are indicative only (--allow-load)")
+        return True
+    log(f"not reported: outside load {report.outside_cores:.2f} CPUs (limit {OUTSIDE_LOAD_MAX * (os.cpu_count() or 1):.2f}); "
+        "rerun on a quiet machine, or pass --allow-load to see indicative ratios")
+    return False
+
+
 # --- HTTP -------------------------------------------------------------------------------------
 
 
@@ -243,7 +359,8 @@ def interrupt_on_sigterm() -> None:
 
 def run_bench(bench: _Bench) -> int:
     """Run a benchmark and always clean up: exit status 0 when its targets are met, 1 when not,
-    130 when interrupted."""
+    130 when interrupted. The machine's load is watched from here on (`check_load`)."""
+    watch_load()
     try:
         ok = bench.run()
     except KeyboardInterrupt:

@@ -19,13 +19,12 @@ not start, 2 usage or configuration error (one line on stderr, no traceback), 13
 import argparse
 import asyncio
 import json
-import logging
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from versionstore import ids, migration
+from versionstore import ids, logs, migration
 from versionstore.config import DATA_DIR_VARIABLE, Config, ConfigError, StartupError, data_dir_from
 from versionstore.errors import ApiError
 from versionstore.metadata import MetadataStore
@@ -117,8 +116,16 @@ def _say(line: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from versionstore.http.server import serve
 
-    config = Config.from_env(store_dir(args.data_dir, create=True), host=args.host, port=args.port)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = Config.from_env(
+        store_dir(args.data_dir, create=True), host=args.host, port=args.port, log_format=args.log_format,
+        metrics_dir=args.metrics_dir, metrics_token=args.metrics_token,
+    )
+    config.check()
+    logs.configure(config.log_format)
+    if config.metrics_dir is not None:
+        from versionstore.http.metrics import prepare_multiprocess
+
+        prepare_multiprocess(config.metrics_dir)  # before any worker exists (docs/operations.md)
 
     async def ready(meta: MetadataStore, base_url: str) -> None:
         _say(f"versionstore listening on {base_url} (data in {config.data_dir})")
@@ -333,6 +340,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
     serve.add_argument("--demo", action="store_true", help="create the 'demo' environment if missing and print its CLOUDINARY_URL")
     serve.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
+    serve.add_argument("--log-format", choices=logs.FORMATS, help="log lines for people (text) or one JSON object per line "
+                       "with the request id (json) (default: $VERSIONSTORE_LOG_FORMAT, else text)")
+    serve.add_argument("--metrics-dir", type=Path, metavar="DIR", help="keep metrics in files under DIR so /metrics sums "
+                       "several processes (default: $VERSIONSTORE_METRICS_DIR or $PROMETHEUS_MULTIPROC_DIR; unset: in memory)")
+    serve.add_argument("--metrics-token", metavar="TOKEN", help="serve /metrics to any client sending 'Authorization: Bearer "
+                       "TOKEN' (default: $VERSIONSTORE_METRICS_TOKEN; unset: local clients only)")
 
     cloud = _command(sub, "cloud", "manage product environments")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")

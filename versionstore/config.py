@@ -109,6 +109,13 @@ class Config:
     verify_interval: float = 86400.0
     #: MB/s a scheduled verify job may read (0: unlimited), so uploads keep their share of the disk.
     verify_rate: float = 50.0
+    #: Log lines as `text` (for people) or `json` (one object per line, with the request id).
+    log_format: str = "text"
+    #: Directory for multi-process metric files (prometheus-client's multiprocess mode); None:
+    #: this process keeps its metrics in memory. Falls back to PROMETHEUS_MULTIPROC_DIR.
+    metrics_dir: Path | None = None
+    #: Bearer token that opens `/metrics` to any client; without one only local clients may scrape.
+    metrics_token: str | None = None
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -132,6 +139,9 @@ class Config:
             "admin_rate_limit": _env_int("VERSIONSTORE_ADMIN_RATE_LIMIT", cls.admin_rate_limit),
             "verify_interval": _env_float("VERSIONSTORE_VERIFY_INTERVAL", cls.verify_interval),
             "verify_rate": _env_float("VERSIONSTORE_VERIFY_RATE", cls.verify_rate),
+            "log_format": os.environ.get("VERSIONSTORE_LOG_FORMAT") or cls.log_format,
+            "metrics_dir": os.environ.get("VERSIONSTORE_METRICS_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
+            "metrics_token": os.environ.get("VERSIONSTORE_METRICS_TOKEN") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]
@@ -142,10 +152,16 @@ class Config:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, store_location(value))
+        if self.metrics_dir is not None:
+            object.__setattr__(self, "metrics_dir", absolute(self.metrics_dir))
 
     def check(self) -> None:
         """Refuse a store name no backend understands, before anything is opened."""
         from versionstore.blobstore import parse_store_url
+        from versionstore.logs import FORMATS
+
+        if self.log_format not in FORMATS:
+            raise ConfigError(f"log format {self.log_format!r}: use one of {', '.join(FORMATS)} (VERSIONSTORE_LOG_FORMAT)")
 
         for role, url in (("primary store", self.primary_url), ("backup store", self.backup_url)):
             try:

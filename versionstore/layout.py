@@ -47,5 +47,11 @@ def original_prefix(cloud: str) -> str:
     return f"{cloud}/originals/"
 
 
+def is_revision_key(key: str) -> bool:
+    """Whether `key` names a revision (`<cloud>/blobs/...`): what metrics count as one."""
+    parts = key.split("/", 2)
+    return len(parts) == 3 and parts[1] == "blobs"
+
+
 def digest_of(key: str) -> str:
     return key.rsplit("/", 1)[-1]

@@ -1005,7 +1005,6 @@ class MetadataStore:
         return [_audit(r) for r in rows]
 
 
-# --- staff, sessions, audit: row helpers -----------------------------------------------------
 
     # --- listing and search (libsize: queries.AssetQuery compiled to SQL) ---------------------
     # Every query here is an index range whatever the library size (tests/test_library_scale.py
@@ -1062,6 +1061,23 @@ class MetadataStore:
 
 #: Rows of a page decoded on the event loop; longer pages are decoded in a worker thread.
 
+    # --- operations: readiness probe and read-path cache keys (versionstore/http/readiness.py,
+    # --- versionstore/http/versions_cache.py) -------------------------------------------------
+
+    async def ping(self) -> None:
+        """A trivial query that reads a table, run off the event loop (the readiness probe)."""
+        await self._scan("SELECT 1 FROM clouds LIMIT 1")
+
+    def data_version(self) -> int:
+        """Changes whenever any other connection (this store's writer, the CLI, another
+        process) commits: equal values mean nothing was written in between. (SQLite's
+        `PRAGMA data_version`; a backend without such a counter may return a new value on
+        every call, which only turns the caches keyed on it off.)"""
+        return int(self._reader.execute("PRAGMA data_version").fetchone()[0])
+
+
+
+# --- staff, sessions, audit: row helpers -----------------------------------------------------
 
 _STAFF_SELECT = "SELECT email, password_hash, role, clouds, disabled, failed_logins, locked_until, created_at FROM staff"
 _AUDIT_COLUMNS = "seq, at, actor, cloud, action, target, detail, address, outcome, prev_hash, hash"

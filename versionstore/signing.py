@@ -63,7 +63,8 @@ def verify(
     primary = string_to_sign(params, 2)
     for skip in skips:
         for version in (2, 1):
-            candidate = sign(string_to_sign(params, version, skip), secret, algorithm)
+            to_sign = primary if version == 2 and not skip else string_to_sign(params, version, skip)
+            candidate = sign(to_sign, secret, algorithm)
             if hmac.compare_digest(candidate, signature.lower()):
                 return True, primary
     return False, primary

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from versionstore.blobstore import BlobInfo, BlobStore, TransientStoreError
+from versionstore import layout
+from versionstore.blobstore import BlobInfo, BlobNotFound, BlobStore, BlobStoreError, TransientStoreError
+from versionstore.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,9 @@ class _Tries:
         """Sleep before the next try (holding no slot), or raise when the tries are used up."""
         self.failures += 1
         policy, cause = self.store.policy, _cause(exc)
-        if self.failures >= policy.attempts:
+        final = self.failures >= policy.attempts
+        metrics().store_errors.labels(self.store.name, self.op, "true" if final else "false").inc()
+        if final:
             message = f"{self.store.name}: {self.op} {self.key!r} failed after {self.failures} attempts; last cause: {cause}"
             raise TransientStoreError(message) from exc
         delay = policy.backoff(self.failures - 1)
@@ -63,6 +67,16 @@ class ResilientStore:
         self._slots = asyncio.Semaphore(self.policy.max_concurrency)
 
     async def _call(self, op: str, key: str, timeout: float, call: Callable[[], Awaitable[T]]) -> T:
+        """`call` with retries; counted once per logical operation (metrics: outcome and errors)."""
+        try:
+            result = await self._retried(op, key, timeout, call)
+        except BlobStoreError as exc:
+            self._count(op, "error", exc)
+            raise
+        self._count(op, "ok")
+        return result
+
+    async def _retried(self, op: str, key: str, timeout: float, call: Callable[[], Awaitable[T]]) -> T:
         tries = _Tries(self, op, key)
         while True:
             try:
@@ -71,6 +85,14 @@ class ResilientStore:
                     return await call()
             except RETRYABLE as exc:
                 await tries.failed(exc)
+
+    def _count(self, op: str, outcome: str, exc: BaseException | None = None) -> None:
+        counters = metrics()
+        if isinstance(exc, BlobNotFound):
+            outcome = "not_found"
+        elif exc is not None and not isinstance(exc, TransientStoreError):
+            counters.store_errors.labels(self.name, op, "true").inc()  # permanent: no retry was counted
+        counters.store_operations.labels(self.name, op, outcome).inc()
 
     async def _next(self, stream: AsyncIterator[T], timeout: float) -> T | None:
         """One item of a stream, holding a slot only while the store is working on it."""
@@ -85,7 +107,16 @@ class ResilientStore:
         # its response was lost, the retry sees "already exists" and returns False, which callers
         # treat as success, like any other put of bytes the store already holds.
         timeout = self.policy.op_timeout + source.stat().st_size / self.policy.min_rate
-        return await self._call("put", key, timeout, lambda: self.inner.put_file(key, source))
+        try:
+            written = await self._retried("put", key, timeout, lambda: self.inner.put_file(key, source))
+        except BlobStoreError as exc:
+            self._count("put", "error", exc)
+            raise
+        self._count("put", "written" if written else "existing")
+        if layout.is_revision_key(key):
+            counters = metrics()
+            (counters.revisions_written if written else counters.dedup_hits).labels(self.name).inc()
+        return written
 
     async def stat(self, key: str) -> BlobInfo | None:
         return await self._call("stat", key, self.policy.op_timeout, lambda: self.inner.stat(key))

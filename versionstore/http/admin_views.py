@@ -1,7 +1,6 @@
 """Admin API handlers (Basic auth) and the signed `download_backup`. Thin by design."""
 
 import asyncio
-import json
 import time
 from functools import partial
 from typing import Any
@@ -51,8 +50,9 @@ async def _render_resource(request: web.Request, asset: Asset, params: Params) -
     if not as_bool(params.get("versions"), False):
         return web.json_response(render.resource(asset, await meta.backup_bytes(asset.pk or 0)))
     versions_json, backup_bytes = await request.app[VERSIONS_CACHE].get(meta, asset.cloud, asset.pk or 0)
-    head = json.dumps(render.resource(asset, backup_bytes))
-    return web.Response(text=f'{head[:-1]}, "versions": {versions_json}}}', content_type="application/json")
+    head = render.dumps(render.resource(asset, backup_bytes))
+    return web.Response(body=b"".join((head[:-1], b',"versions":', versions_json, b"}")), content_type="application/json",
+                        charset="utf-8")
 
 
 async def resource(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:

@@ -2,10 +2,12 @@
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -15,7 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import initial_backup, migration, verify
+from versionstore import initial_backup, logs, migration, verify
 from versionstore.blobstore import open_store
 from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
@@ -24,7 +26,7 @@ from versionstore.console import bulk_restore
 from versionstore.disk_space import is_disk_full, space_report
 from versionstore.egress import EgressPolicy
 from versionstore.errors import ApiError
-from versionstore.http import render
+from versionstore.http import metrics, render
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.fetch import guarded_session
 from versionstore.http.notify import Notifier
@@ -49,6 +51,9 @@ JOBS = web.AppKey("jobs", JobRunner)
 UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
 EGRESS = web.AppKey("egress", EgressPolicy)
 RATE_LIMIT = web.AppKey("rate_limit", AdminRateLimit)
+SCRAPE = web.AppKey("scrape", metrics.ScrapeTimeCollector)
+#: Request key: the canonical path of the route `routes.dispatch` matched (metrics, logs).
+ROUTE = web.RequestKey("route", str)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -61,12 +66,46 @@ _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
 
 
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+
+
 @web.middleware
 async def errors_as_json(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every failure leaves as `{"error": {"message": ...}}` with a status both SDKs accept."""
-    request_id = request.headers.get("X-Request-Id") or f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+    """Every failure leaves as `{"error": {"message": ...}}` with a status both SDKs accept.
+    Also the request's id (`X-Request-Id`, in every log line) and its metrics: one middleware,
+    not three, because each layer costs the read path."""
+    started = time.perf_counter()
+    request_id = logs.accepted_id(request.headers.get("X-Request-Id"), _new_request_id)
+    logs.REQUEST_ID.set(request_id)
+    try:
+        response = await _answered(request, handler)
+    except web.HTTPException as exc:  # a redirect: errors became responses in _answered
+        metrics.observe(request, _route(request), exc.status, None, time.perf_counter() - started)
+        raise
+    except BaseException:  # cancelled: the client went away before the answer (nginx's 499)
+        metrics.observe(request, _route(request), 499, None, time.perf_counter() - started)
+        raise
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    metrics.observe(request, _route(request), response.status, response, time.perf_counter() - started)
+    return response
+
+
+def _route(request: web.Request) -> str:
+    """The canonical route (never the raw URL: labels stay bounded); `unmatched` for 404s."""
+    route: str | None = request.get(ROUTE)
+    if route is not None:
+        return route
+    resource = request.match_info.route.resource
+    return "unmatched" if resource is None or resource.canonical.startswith("/v1_1/") else resource.canonical
+
+
+async def _answered(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -85,8 +124,6 @@ async def errors_as_json(
         response = error_response(status, exc.reason)
     except Exception as exc:
         response = _unexpected(request, exc)
-    if not response.prepared:
-        response.headers["X-Request-Id"] = request_id
     return response
 
 
@@ -224,11 +261,59 @@ def create_app(config: Config) -> web.Application:
     app[VERSIONS_CACHE] = VersionsJsonCache()
     app[UNAUTH_BUDGET] = UnauthBudget(config.unauth_budget_bytes, config.max_body_bytes)
     app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
+    app[SCRAPE] = metrics.ScrapeTimeCollector(lambda: app[META])
     app.cleanup_ctx.append(_resources)
+    app.on_startup.append(_settle_heap)
+    app.on_cleanup.append(_unsettle_heap)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)
+    app.router.add_route("GET", "/readyz", _readyz)
+    app.router.add_route("GET", "/metrics", _metrics)
     add_console(app)
     return app
+
+
+#: Allocations (minus frees) of container objects between two young-generation collections;
+#: CPython's default is 700, which a few requests reach (docs/performance.md).
+GC_GEN0_THRESHOLD = 50_000
+_DEFAULT_GEN0 = gc.get_threshold()[0]
+
+
+async def _settle_heap(app: web.Application) -> None:
+    """After start-up: move everything allocated so far (modules, the SDKs, caches) out of the
+    collector's sight (`gc.freeze`), and collect the young generation less often. Full
+    collections then scan only what requests allocate, not the whole heap: they were the
+    read path's p99 outliers. Forked workers also keep the frozen pages shared."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+async def _unsettle_heap(app: web.Application) -> None:
+    """Give the collector its view back (a process that makes many apps, like the tests,
+    would otherwise keep every frozen app's cycles forever)."""
+    gc.unfreeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(_DEFAULT_GEN0, gen1, gen2)
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """Readiness: database, stores, disk space (readiness.py); 503 naming what is not ready."""
+    from versionstore.http.readiness import readiness
+
+    service = request.app[SERVICE]
+    stores = {"primary_store": service.primary, "backup_store": service.targets.default}
+    ready, body = await readiness(request.app[CONFIG], request.app[META], stores)
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus text format, for local clients or the metrics token holder (metrics.py)."""
+    if not metrics.allowed(request, request.app[CONFIG].metrics_token):
+        raise metrics.MetricsRefused("Metrics are served to local clients, or to any client with the metrics token")
+    body = await metrics.exposition(request.app[SCRAPE])
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -37,7 +37,14 @@ def basic_credentials(request: web.Request) -> tuple[str, str] | None:
     return key, secret
 
 
+#: Request key: the environment whose Basic credentials this request already proved (an Admin
+#: call is checked by the rate limiter and again by its handler; the second check is free).
+_BASIC_OK = web.RequestKey("basic_ok", str)
+
+
 def check_basic(request: web.Request, cloud: Cloud) -> None:
+    if request.get(_BASIC_OK) == cloud.name:
+        return
     credentials = basic_credentials(request)
     if credentials is None:
         raise Unauthorized("Must supply api_key")
@@ -46,6 +53,7 @@ def check_basic(request: web.Request, cloud: Cloud) -> None:
         raise Unauthorized(f"Invalid api_key {key}")
     if not hmac.compare_digest(secret, cloud.api_secret):
         raise Unauthorized("api_secret mismatch")
+    request[_BASIC_OK] = cloud.name
 
 
 def check_signed(params: Params, cloud: Cloud, *, purpose: str, optional_skip: bool = False) -> None:

@@ -1,7 +1,11 @@
 """Cloudinary-shaped JSON for assets, versions and upload results (spec sections 5-7)."""
 
+import json
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
+
+import orjson
 
 from versionstore.errors import BadRequest
 from versionstore.models import Asset, Cloud, Job, RestoreFailure, Version
@@ -9,7 +13,22 @@ from versionstore.signing import response_signature
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _iso_second(int(ts))
+
+
+@lru_cache(maxsize=8192)
+def _iso_second(second: int) -> str:
+    # strftime was a visible share of a `versions=true` request; the same times recur.
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def dumps(body: object) -> bytes:
+    """Compact UTF-8 JSON: orjson (several times faster than json on the read path), and the
+    standard encoder for what orjson refuses (integers beyond 64 bits in user metadata)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _filename(asset: Asset) -> str:

@@ -1,0 +1,86 @@
+"""Prometheus metrics of this process: counters and histograms the service updates as it works.
+
+The metric objects are made on first use, not at import, so that `use_multiprocess()` can
+switch prometheus-client to its file-backed values (one file per process in a shared
+directory) before any value exists: that is what lets `/metrics` of any one worker of
+`serve --workers N` report the sum over all of them. Labels are bounded by construction:
+routes are canonical route paths, stores are configured store names, never a request's URL
+or an asset's id. What is read from the database at scrape time (queue depth, job progress,
+verify outcomes) is not here: `versionstore/http/metrics.py` collects it per scrape.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, values
+
+#: Request latency buckets (seconds): the read path's targets are in milliseconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter  # route, method, status
+    latency: Histogram  # route, method
+    received_bytes: Counter  # route: request bodies (uploads are the `.../upload` route)
+    sent_bytes: Counter  # route: response bodies (downloads are the `download_backup` route)
+    store_operations: Counter  # store, operation, outcome
+    store_errors: Counter  # store, operation, final
+    revisions_written: Counter  # store
+    dedup_hits: Counter  # store
+
+
+_current: Metrics | None = None
+
+
+def metrics() -> Metrics:
+    """This process's metric objects (made on the first call)."""
+    global _current
+    if _current is None:
+        _current = _build()
+    return _current
+
+
+def _build() -> Metrics:
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` twin per series: half the exposition
+    registry = CollectorRegistry(auto_describe=True)
+    return Metrics(
+        registry=registry,
+        requests=Counter("versionstore_http_requests", "HTTP requests answered, by route, method and status",
+                         ("route", "method", "status"), registry=registry),
+        latency=Histogram("versionstore_http_request_duration_seconds", "Time from the request's headers to the end of its "
+                          "response, by route and method", ("route", "method"), buckets=LATENCY_BUCKETS, registry=registry),
+        received_bytes=Counter("versionstore_http_received_bytes", "Request body bytes read, by route", ("route",),
+                               registry=registry),
+        sent_bytes=Counter("versionstore_http_sent_bytes", "Response body bytes sent, by route", ("route",), registry=registry),
+        store_operations=Counter("versionstore_store_operations", "Blob store operations, by store, operation and outcome "
+                                 "(ok, written, existing, error)", ("store", "operation", "outcome"), registry=registry),
+        store_errors=Counter("versionstore_store_errors", "Failed blob store attempts, by store and operation; final=true when "
+                             "the operation gave up (retries exhausted or a permanent error)", ("store", "operation", "final"),
+                             registry=registry),
+        revisions_written=Counter("versionstore_revisions_written", "Revision blobs newly written to a backup store (uploads, "
+                                  "the pending drainer, migrations, repairs)", ("store",), registry=registry),
+        dedup_hits=Counter("versionstore_dedup_hits", "Revision writes that found the same bytes already stored (the blob is "
+                           "named by its digest, so nothing was written)", ("store",), registry=registry),
+    )
+
+
+def use_multiprocess(directory: Path) -> None:
+    """Keep metric values in files under `directory` (created if missing; files of earlier
+    runs removed), so a scrape of any process can sum all of them. Call once in the parent,
+    before workers are forked and before any metric is used."""
+    global _current
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    os.environ[MULTIPROC_VARIABLE] = str(directory)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _current = None
+
+
+def multiprocess_dir() -> Path | None:
+    value = os.environ.get(MULTIPROC_VARIABLE)
+    return Path(value) if value else None
