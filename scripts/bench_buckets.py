@@ -96,6 +96,8 @@ from benchlib import (
     median,
     process_cpu,
     remove_temp_dir,
+    add_load_option,
+    check_load,
     run_bench,
     stop_servers,
     wait_http_ready,
@@ -825,6 +827,8 @@ class Bench:
         log(f"{curl[0] if curl else 'curl: unknown'}")
 
     def report(self) -> bool:
+        if not check_load(self.args.allow_load):  # ratios beside heavy outside load mean nothing
+            return False
         size, runs = self.args.size, self.args.runs
         ok = True
         log("")
@@ -877,7 +881,6 @@ class Bench:
         return ok
 
     def run(self) -> bool:
-        # load guard: lead wires benchlib.report_load() here
         self.environment()
         log(f"temp dir {self.root}")
         self.start()
@@ -951,6 +954,7 @@ class Bench:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_load_option(parser)
     parser.add_argument("--quick", action="store_true", help="128 MiB, 1 run (a smoke check)")
     parser.add_argument("--runs", type=int, help="runs per measurement (default 3; --quick 1)")
     parser.add_argument("--size", type=parse_size, help="file size, e.g. 1GiB, 256MiB (default 1GiB; --quick 128MiB)")

@@ -88,6 +88,8 @@ from benchlib import (
     log,
     machine_busy,
     remove_temp_dir,
+    add_load_option,
+    check_load,
     run_bench,
     stop_servers,
 )
@@ -517,6 +519,8 @@ class Bench:
     def report(self) -> bool:
         r = self.results
         ok = True
+        if not check_load(self.args.allow_load):  # ratios beside heavy outside load mean nothing
+            return False
         unchecked = 0
         log("")
         log("=" * 110)
@@ -620,7 +624,6 @@ class Bench:
                              "use a smaller --scale or another --tmp-dir")
 
     def run(self) -> bool:
-        # load guard: lead wires benchlib.report_load() here
         a = self.args
         r = self.results
         self.plan_library()
@@ -680,6 +683,7 @@ def _pct(value: float | None) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    add_load_option(parser)
     parser.add_argument("--scale", type=float, default=1.0,
                         help="fraction of the default library (2,000 files, ~10 GiB); 0.05 = 100 files, ~0.5 GiB")
     parser.add_argument("--files", type=int, help="number of files (overrides --scale; sizes follow the same mix)")

@@ -51,7 +51,7 @@ import aiohttp
 import blake3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits next to this script
-from benchlib import Server, free_port, interrupt_on_sigterm, log, remove_temp_dir, stop_servers
+from benchlib import Server, add_load_option, check_load, free_port, interrupt_on_sigterm, log, remove_temp_dir, stop_servers, watch_load
 
 CLOUD = "bench"
 API_KEY = "benchkey"
@@ -332,6 +332,7 @@ class Bench:
         self.python = sys.executable
         self.root = Path(tempfile.mkdtemp(prefix="bench-libsize-"))
         self.servers: list[Server] = []
+        self.failed = False
 
     def cli(self, data_dir: Path, *argv: str) -> None:
         subprocess.run([self.python, "-m", "versionstore", *argv, "--data-dir", str(data_dir)], check=True, stdout=subprocess.DEVNULL)
@@ -409,6 +410,9 @@ class Bench:
             stop_servers(self.servers)
             remove_temp_dir(self.root, self.args.keep)
         log(f"load average after: {os.getloadavg()}")
+        if not check_load(self.args.allow_load):  # latencies beside heavy outside load mean nothing
+            self.failed = True
+            return
         self.table(results)
 
     def table(self, results: dict[int, list[Row]]) -> None:
@@ -432,13 +436,16 @@ def main() -> int:
     parser.add_argument("--watch", type=float, default=None, help="seconds of /healthz polling after a restart (default 30)")
     parser.add_argument("--no-blobs", dest="blobs", action="store_false", help="no blob files (and no restart row)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    add_load_option(parser)
     args = parser.parse_args()
     args.sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000,1000000")).split(",")]
     args.requests = args.requests or (10 if args.quick else 50)
     args.watch = args.watch if args.watch is not None else (5.0 if args.quick else 30.0)
     interrupt_on_sigterm()
-    asyncio.run(Bench(args).main())
-    return 0
+    watch_load()
+    bench = Bench(args)
+    asyncio.run(bench.main())
+    return 1 if bench.failed else 0
 
 
 if __name__ == "__main__":
