@@ -87,6 +87,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits nex
 from benchlib import (
     MiB,
     RssSampler,
+    add_load_option,
+    check_load,
     children_cpu,
     curl_json,
     download_backup_url,
@@ -96,8 +98,6 @@ from benchlib import (
     median,
     process_cpu,
     remove_temp_dir,
-    add_load_option,
-    check_load,
     run_bench,
     stop_servers,
     wait_http_ready,

@@ -81,6 +81,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits nex
 from benchlib import (
     MiB,
     Server,
+    add_load_option,
+    check_load,
     children_cpu,
     curl_json,
     free_port,
@@ -88,8 +90,6 @@ from benchlib import (
     log,
     machine_busy,
     remove_temp_dir,
-    add_load_option,
-    check_load,
     run_bench,
     stop_servers,
 )

@@ -180,7 +180,7 @@ def watch_load(interval: float = 1.0) -> LoadWatch:
 def add_load_option(parser: Any) -> None:
     parser.add_argument("--allow-load", action="store_true",
                         help=f"report ratios even when processes outside the benchmark used more than "
-                             f"{OUTSIDE_LOAD_MAX:.0%} of the CPUs during the run (they are then indicative only)")
+                             f"{OUTSIDE_LOAD_MAX * 100:.0f}%% of the CPUs during the run (they are then indicative only)")
 
 
 def check_load(allow_load: bool = False) -> bool:
