@@ -109,6 +109,13 @@ class Config:
     verify_interval: float = 86400.0
     #: MB/s a scheduled verify job may read (0: unlimited), so uploads keep their share of the disk.
     verify_rate: float = 50.0
+    #: Service processes `serve` runs on the one port (`--workers`, VERSIONSTORE_WORKERS).
+    workers: int = 1
+    #: Seconds a process's claims (jobs, pending revisions, blob writes in flight, deletions,
+    #: a target switch) outlive its last heartbeat: how soon another process takes over.
+    lease_seconds: float = 30.0
+    #: Seconds between two passes of orphan collection over the write journal's expired rows.
+    journal_sweep_interval: float = 10.0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -132,6 +139,9 @@ class Config:
             "admin_rate_limit": _env_int("VERSIONSTORE_ADMIN_RATE_LIMIT", cls.admin_rate_limit),
             "verify_interval": _env_float("VERSIONSTORE_VERIFY_INTERVAL", cls.verify_interval),
             "verify_rate": _env_float("VERSIONSTORE_VERIFY_RATE", cls.verify_rate),
+            "workers": _env_int("VERSIONSTORE_WORKERS", cls.workers),
+            "lease_seconds": _env_float("VERSIONSTORE_LEASE_SECONDS", cls.lease_seconds),
+            "journal_sweep_interval": _env_float("VERSIONSTORE_JOURNAL_SWEEP_INTERVAL", cls.journal_sweep_interval),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

@@ -10,9 +10,11 @@ upload streams in. Memory per upload is bounded by two blocks.
 """
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,8 @@ class SpoolFile:
         self._pending_size = 0
         # Unbuffered: blocks are already large, and Python's buffer would add a copy.
         self._handle = open(self.path, "xb", buffering=0)
+        # Held while the bytes arrive: another process's start-up must not remove this file.
+        fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -154,3 +158,25 @@ async def hash_file(path: Path) -> tuple[str, bytes]:
         return hasher.hexdigest(), head
 
     return await asyncio.to_thread(run)
+
+
+def remove_stale_parts(directory: Path, older_than: float) -> int:
+    """Remove spool files a crashed process left: only those no process is writing (nobody
+    holds their lock) and untouched for `older_than` seconds (a finished spool file waits,
+    unlocked, for its blob writes). Blocking: run it in a thread. Returns how many went."""
+    removed = 0
+    cutoff = time.time() - older_than
+    for path in directory.glob("*.part"):
+        try:
+            with open(path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_mtime >= cutoff:
+                    continue
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # being written by a live process
+                path.unlink(missing_ok=True)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

@@ -19,6 +19,7 @@ from versionstore import initial_backup, migration, verify
 from versionstore.blobstore import open_store
 from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
+from versionstore.claims import Claims
 from versionstore.config import Config
 from versionstore.disk_space import is_disk_full, space_report
 from versionstore.egress import EgressPolicy
@@ -34,6 +35,7 @@ from versionstore.metadata import MetadataStore
 from versionstore.models import Job
 from versionstore.pending import PendingDrainer
 from versionstore.service import VersionService
+from versionstore.spool import remove_stale_parts
 from versionstore.targets import BackupTargets
 
 log = logging.getLogger("versionstore")
@@ -142,8 +144,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     config.data_dir.mkdir(parents=True, exist_ok=True)
     config.spool_dir.mkdir(exist_ok=True)
-    for stale in config.spool_dir.glob("*.part"):
-        stale.unlink(missing_ok=True)  # a crash mid-upload left it; nothing references it
+    # A crash mid-upload left these; never another live process's upload (see remove_stale_parts).
+    await asyncio.to_thread(remove_stale_parts, config.spool_dir, SPOOL_STALE_SECONDS)
     async with contextlib.AsyncExitStack() as opened:
         meta = await MetadataStore.open(config.db_path)
         opened.push_async_callback(meta.close)
@@ -152,7 +154,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         opened.push_async_callback(primary.close)
         targets = BackupTargets(meta, resilient(open_store(config.backup_url)), marker_ttl=config.marker_ttl)
         opened.push_async_callback(targets.close)
-        service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
+        claims = Claims(meta, lease=config.lease_seconds)
+        service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes, claims)
         chunks = app[CHUNKS] = ChunkAssembler(meta, config, service.new_spool)
         await chunks.sweep()
         app[FETCHER] = guarded_session(app[EGRESS], auto_decompress=False)
@@ -162,12 +165,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             initial_backup.KIND: initial_backup.InitialBackup(service).run,
             verify.KIND: verify.VerifyJob(service, rate=config.verify_rate * 1e6 or None).run,
         }
-        runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
+        runner = app[JOBS] = JobRunner(
+            meta, handlers, poll_interval=config.poll_interval, owner=claims.owner, lease=config.lease_seconds
+        )
         opened.push_async_callback(runner.close)
         runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), app[EGRESS], base_delay=config.poll_interval))
         drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
         background = [
-            asyncio.create_task(_collect_orphans(service, meta), name="orphan collection"),
+            asyncio.create_task(claims.run_heartbeat(), name="lease heartbeat"),
+            asyncio.create_task(_collect_orphans(service, config), name="orphan collection"),
             asyncio.create_task(drainer.run(), name="pending drainer"),
             asyncio.create_task(runner.run(), name="job runner"),
             asyncio.create_task(chunks.run_sweeper(), name="chunk session sweeper"),
@@ -191,15 +197,24 @@ async def _describe_job(meta: MetadataStore, job: Job) -> dict[str, Any]:
     return render.job(job)
 
 
-async def _collect_orphans(service: VersionService, meta: MetadataStore) -> None:
-    """Once per start: remove blobs a crash left without metadata (see docs/design.md)."""
-    try:
-        for cloud in await meta.list_clouds():
-            removed = await service.collect_orphans(cloud)
-            if removed:
-                log.info("removed %d orphan blob(s) of %s", removed, cloud.name)
-    except Exception:
-        log.exception("orphan collection failed; it will run again at the next start")
+#: A spool file nobody holds locked is a crash's leftover once it is this old (seconds).
+SPOOL_STALE_SECONDS = 3600.0
+
+
+async def _collect_orphans(service: VersionService, config: Config) -> None:
+    """At start and then periodically: remove the blobs of writes that crashed or ended without
+    a commit, found from the write journal's expired rows (docs/design.md), and stale spool
+    files. The cost follows those writes, not the number of blobs; a full store walk is
+    `versionstore gc --full`."""
+    while True:
+        try:
+            settled = await service.collect_expired_writes()
+            if settled:
+                log.info("orphan collection settled %d expired blob write(s)", settled)
+            await asyncio.to_thread(remove_stale_parts, config.spool_dir, SPOOL_STALE_SECONDS)
+        except Exception:
+            log.exception("orphan collection failed; retrying in %s s", config.journal_sweep_interval)
+        await asyncio.sleep(config.journal_sweep_interval)
 
 
 # aiohttp >= 3.14 refuses forms of more than 1000 fields; a bulk call of the largest id list

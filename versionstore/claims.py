@@ -1,0 +1,177 @@
+"""Claims across processes: what keeps blobs, target switches and background work correct
+when several service processes (and the CLI) share one database and one set of stores.
+
+- `writing()` journals a blob write before it starts (`inflight_writes`) and waits while a
+  deletion of the same digest, or (for revisions) a switch of the environment's target, holds
+  its claim. The metadata commit that names the blob removes the journal rows in its own
+  transaction; a write that ends otherwise expires them, and `collect_expired()` decides.
+- `deleting()` claims a digest for deletion and says whether anything still uses it: a blob is
+  deleted only when no version, no pending revision and no live in-flight write references it.
+- `switching_target()` holds an environment's target exclusively (a migration's last pass).
+- Leases are renewed by one heartbeat per process (`run_heartbeat`); a process that dies stops
+  renewing, and its claims lapse after `lease` seconds.
+
+This module does not know about HTTP. The SQL is in MetadataStore.
+"""
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from versionstore.metadata import MetadataStore
+
+log = logging.getLogger(__name__)
+
+#: Seconds a claim outlives its holder's last heartbeat (VERSIONSTORE_LEASE_SECONDS).
+DEFAULT_LEASE = 30.0
+#: How long a writer waits between looks at a deletion or switch that blocks it.
+WAIT_STEP = 0.02
+
+ORIGINAL, REVISION, PENDING = "original", "revision", "pending"
+
+
+def new_owner() -> str:
+    """A name for this process in claims: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@dataclass
+class WriteTicket:
+    """The journal rows of one write; `commit_ids()` hands them to the metadata commit."""
+
+    ids: list[int]
+    committed: bool = False
+    _handed: list[int] = field(default_factory=list)
+
+    def commit_ids(self) -> list[int]:
+        """Ids for save_version/mark_backed_up(done_writes=...); once they commit, the rows are gone."""
+        self._handed = list(self.ids)
+        return self._handed
+
+
+class Claims:
+    def __init__(self, meta: MetadataStore, *, owner: str | None = None, lease: float = DEFAULT_LEASE) -> None:
+        self.meta = meta
+        self.owner = owner or new_owner()
+        self.lease = lease
+
+    def lease_until(self) -> float:
+        return time.time() + self.lease
+
+    # --- blob writes ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def writing(
+        self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]], *, in_switch: bool = False
+    ) -> AsyncIterator[WriteTicket]:
+        """Journal a write of `digest`'s blobs in these (role, target) places for its duration.
+
+        The journal row is committed first and the claims of others read second, so a deletion
+        racing with this write either sees the row (and keeps the blob) or is seen here (and
+        waited for). When the body leaves normally after a commit that took the rows
+        (`ticket.commit_ids()`), nothing is left to do; otherwise the rows expire at once and
+        orphan collection removes whatever blob nothing references. `in_switch`: the write is
+        the target switch's own (a migration's copy), which must not wait for the switch."""
+        ticket = WriteTicket(await self._begin(cloud, digest, roles, waits_for_switch=not in_switch))
+        try:
+            yield ticket
+        except BaseException:
+            await asyncio.shield(self._end(ticket, expire=True))
+            raise
+        await self._end(ticket, expire=True)
+
+    async def _begin(self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]], *, waits_for_switch: bool) -> list[int]:
+        revision = waits_for_switch and any(role == REVISION for role, _ in roles)
+        while True:
+            ids = await self.meta.begin_writes(cloud, digest, roles, self.owner, self.lease_until())
+            now = time.time()
+            if not await self.meta.deletion_claimed(cloud, digest, now) and not (
+                revision and await self.meta.switch_claimed(cloud, now)
+            ):
+                return ids
+            await self.meta.end_writes(ids, expire=False)  # nothing written yet: just withdraw
+            await asyncio.sleep(WAIT_STEP)
+
+    async def _end(self, ticket: WriteTicket, *, expire: bool) -> None:
+        remaining = [i for i in ticket.ids if i not in ticket._handed] if ticket.committed else ticket.ids
+        await self.meta.end_writes(remaining, expire=expire)
+
+    # --- blob deletions ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def deleting(self, cloud: str, digest: str, role: str, *, wait: bool = True) -> AsyncIterator[bool | None]:
+        """Claim the digest for deletion; yields True when its `role` blob may be deleted now
+        (nothing references it and no live write of it is in flight), False to leave it. While
+        another deletion of the digest holds the claim this waits for it, or without `wait`
+        yields None at once (both falsy)."""
+        while not await self.meta.claim_deletion(cloud, digest, self.owner, self.lease_until()):
+            if not wait:
+                yield None
+                return
+            await asyncio.sleep(WAIT_STEP)
+        try:
+            yield not await self.meta.digest_in_use(cloud, digest, time.time(), role)
+        finally:
+            await asyncio.shield(self.meta.release_deletion(cloud, digest, self.owner))
+
+    async def collect_expired(self, remove: Callable[[str, str, str, str | None], Awaitable[None]], *, batch: int = 256) -> int:
+        """Orphan collection from the journal: for each write whose lease passed (a crash, or a
+        write that ended without a commit naming it), delete its blob unless something uses it.
+        Such a write can no longer commit (see MetadataStore._finish_writes). Cost grows with
+        those writes, never with the number of blobs. Returns how many rows were settled."""
+        settled = 0
+        while rows := await self.meta.expired_writes(time.time(), batch):
+            done = []
+            for write_id, cloud, digest, role, target in rows:
+                async with self.deleting(cloud, digest, role, wait=False) as free:
+                    if free is None:
+                        continue  # another process is deleting this digest: the row waits for later
+                    if free:
+                        await remove(cloud, digest, role, target)
+                    done.append(write_id)
+            if not done:
+                break
+            await self.meta.drop_expired_writes(done)
+            settled += len(done)
+        return settled
+
+    # --- target switches --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def switching_target(self, cloud: str) -> AsyncIterator[None]:
+        """Hold the environment's backup target alone: no revision write starts meanwhile, and
+        the ones in flight (in any process) are waited for before the body runs."""
+        await _until(lambda: self.meta.claim_switch(cloud, self.owner, self.lease_until()))
+        try:
+            await _until(lambda: self._no_revision_writes(cloud))
+            yield
+        finally:
+            await asyncio.shield(self.meta.release_switch(cloud, self.owner))
+
+    async def _no_revision_writes(self, cloud: str) -> bool:
+        return not await self.meta.revision_writes_in_flight(cloud, time.time())
+
+    # --- heartbeat --------------------------------------------------------------------------
+
+    async def run_heartbeat(self) -> None:
+        """Renew every lease this process holds, three times per lease."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self.meta.renew_leases(self.owner, self.lease_until())
+            except Exception:
+                log.exception("lease heartbeat failed; retrying")
+
+
+async def _until(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Poll a condition another process may change (no event crosses processes)."""
+    while True:
+        if await condition():
+            return
+        await asyncio.sleep(WAIT_STEP)
