@@ -114,9 +114,11 @@ def _say(line: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from versionstore.http.server import serve
+    from versionstore.http.server import serve, serve_workers
 
-    config = Config.from_env(store_dir(args.data_dir, create=True), host=args.host, port=args.port)
+    config = Config.from_env(store_dir(args.data_dir, create=True), host=args.host, port=args.port, workers=args.workers)
+    if config.workers < 1:
+        raise ConfigError("--workers must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     async def ready(meta: MetadataStore, base_url: str) -> None:
@@ -133,7 +135,10 @@ def _serve(args: argparse.Namespace) -> int:
             _say("Demo product environment ready. Point the Cloudinary SDKs at it with:")
             _say(f"  export CLOUDINARY_URL='{cloudinary_url(demo, base_url)}'")
 
-    asyncio.run(serve(config, access_log=args.access_log, ready=ready))
+    if config.workers > 1:
+        serve_workers(config, config.workers, access_log=args.access_log, ready=ready)
+    else:
+        asyncio.run(serve(config, access_log=args.access_log, ready=ready))
     return 0
 
 
@@ -255,6 +260,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
     serve.add_argument("--demo", action="store_true", help="create the 'demo' environment if missing and print its CLOUDINARY_URL")
     serve.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
+    serve.add_argument(
+        "--workers", type=int, metavar="N",
+        help="service processes sharing the port, supervised by this one (default: $VERSIONSTORE_WORKERS, else 1)",
+    )
 
     cloud = _command(sub, "cloud", "manage product environments")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")

@@ -5,6 +5,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -60,6 +61,15 @@ def error_response(status: int, message: str) -> web.Response:
 # in profiles of the download path).
 _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    """A forked worker (`serve --workers`) gets its own prefix: ids stay unique across workers."""
+    global _ID_PREFIX
+    _ID_PREFIX = secrets.token_hex(4)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 @web.middleware
