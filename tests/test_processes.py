@@ -271,3 +271,17 @@ async def test_a_pending_revision_is_drained_by_one_process_at_a_time(shared: Co
     assert [r.digest for r in await metas[1].claim_pending(time.time(), 10, "second", time.time() + 1)] == ["ab" * 32]
     for meta in metas:
         await meta.close()
+
+
+async def test_backup_health_recorded_by_one_process_is_seen_by_another(two: tuple[TestClient, TestClient]) -> None:
+    """B cached "healthy" after an upload; A then records the target failing. B's next
+    successful revision write must notice (a generation in the database) and record the
+    recovery, instead of trusting its own cache while the status says failing."""
+    a, b = two
+    await Api(b).upload(b"first", public_id="h")
+    await a.app[SERVICE].targets.record_failure(CLOUD, "failing", "ConnectionError: seen by A")
+    health = await b.app[META].get_health(CLOUD)
+    assert health is not None and health.state == "failing"
+    await Api(b).upload(b"second", public_id="h")
+    health = await a.app[META].get_health(CLOUD)
+    assert health is not None and health.state == "healthy"

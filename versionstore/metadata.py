@@ -90,6 +90,11 @@ _PENDING_SELECT = "SELECT cloud, digest, bytes, queued_at, attempts, next_attemp
 REVISIONS = "revisions"
 
 
+def target_generation(cloud: str) -> str:
+    """The generation that moves whenever any process records the health of the environment's target."""
+    return f"targets:{cloud}"
+
+
 class WriteExpired(Exception):
     """A blob write's journal row was taken by orphan collection (its lease ran out while the
     writer stalled): its blob may be gone, so the metadata naming it is not committed."""
@@ -673,11 +678,14 @@ class MetadataStore:
         return None if row is None else BackupHealth(*row)
 
     async def save_health(self, health: BackupHealth) -> None:
+        """Persist a target's health; its generation moves, so every process drops what it
+        cached about that target (BackupTargets)."""
         async with self.transaction() as db:
             await db.execute(
                 "INSERT OR REPLACE INTO backup_health (cloud, state, last_error, last_error_at, updated_at) VALUES (?, ?, ?, ?, ?)",
                 astuple(health),
             )
+            await self._bump(db, target_generation(health.cloud))
 
     async def revisions_after(self, cloud: str, after_pk: int, limit: int) -> list[tuple[int, str, int]]:
         """(version pk, digest, bytes) of backed-up versions in commit order: a migration's
