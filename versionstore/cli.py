@@ -1,4 +1,4 @@
-"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify` and `initial-backup`.
+"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify`, `gc` and `initial-backup`.
 
 `initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
 parses its own options.
@@ -228,6 +228,47 @@ def _verify(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+# --- gc --------------------------------------------------------------------------------------
+
+
+def _gc(args: argparse.Namespace) -> int:
+    """`versionstore gc`: settle the write journal's expired rows now (what every server does
+    every few seconds); with `--full`, also walk every blob of the stores, paced, and remove
+    those no metadata references. Safe while servers run: it takes the same claims."""
+    from versionstore.blobstore import open_store
+    from versionstore.blobstore.resilient import resilient
+    from versionstore.claims import Claims
+    from versionstore.service import VersionService
+    from versionstore.targets import BackupTargets
+
+    if args.rate < 0:
+        raise ConfigError("--rate must be >= 0")
+    config = Config.from_env(store_dir(args.data_dir, create=False))
+
+    async def run() -> None:
+        meta = await MetadataStore.open(config.db_path)
+        primary = resilient(open_store(config.primary_url))
+        targets = BackupTargets(meta, resilient(open_store(config.backup_url)))
+        claims = Claims(meta, lease=config.lease_seconds)
+        service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes, claims)
+        heartbeat = asyncio.create_task(claims.run_heartbeat())
+        try:
+            print(f"journal: {await service.collect_expired_writes()} expired blob write(s) settled", flush=True)
+            if args.full:
+                clouds = [await _existing(meta, args.cloud)] if args.cloud else await meta.list_clouds()
+                for cloud in clouds:
+                    removed = await service.collect_orphans(cloud, rate=args.rate or None)
+                    print(f"{cloud.name}: {removed} unreferenced blob(s) removed", flush=True)
+        finally:
+            heartbeat.cancel()
+            await targets.close()
+            await primary.close()
+            await meta.close()
+
+    asyncio.run(run())
+    return 0
+
+
 # --- the parser --------------------------------------------------------------------------------
 
 
@@ -304,6 +345,14 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--rate", type=float, default=0.0, metavar="MB/s", help="read at most this fast (default: 0, unlimited)")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     _data_dir_option(check, creates=False)
+
+    collect = _command(sub, "gc", "remove blobs of crashed writes (the journal); --full: every unreferenced blob", _gc)
+    collect.add_argument("--full", action="store_true", help="walk every blob of the stores (cost grows with the library)")
+    collect.add_argument("--cloud", metavar="NAME", help="with --full: one environment (default: all)")
+    collect.add_argument(
+        "--rate", type=float, default=200.0, metavar="BLOBS/s", help="with --full: examine at most this many blobs a second (0: unpaced)"
+    )
+    _data_dir_option(collect, creates=False)
 
     sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
         "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "
