@@ -285,3 +285,28 @@ async def test_backup_health_recorded_by_one_process_is_seen_by_another(two: tup
     await Api(b).upload(b"second", public_id="h")
     health = await a.app[META].get_health(CLOUD)
     assert health is not None and health.state == "healthy"
+
+
+async def test_the_claims_of_a_dead_process_on_this_host_end_at_once(shared: Config, aiohttp_client: Any) -> None:
+    """A SIGKILLed worker's leases would run for `lease_seconds`; its pid is gone, so they end
+    as soon as another process of the host looks, and its crashed write is collected."""
+    import socket
+    import sys
+
+    first: TestClient = await aiohttp_client(create_app(shared))
+    meta = first.app[META]
+    await meta.create_cloud(CLOUD, API_KEY, API_SECRET, auto_backup=True)
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await gone.wait()
+    dead = f"{socket.gethostname()}:{gone.pid}:abcd"
+    data = secrets.token_bytes(33)
+    original(shared, data).parent.mkdir(parents=True, exist_ok=True)
+    original(shared, data).write_bytes(data)
+    await meta.begin_writes(CLOUD, blake3.blake3(data).hexdigest(), [("original", None)], dead, time.time() + 3600)
+    alive = f"{socket.gethostname()}:{os.getpid()}:efgh"  # this process: alive, kept
+    await meta.begin_writes(CLOUD, "ef" * 32, [("original", None)], alive, time.time() + 3600)
+    service = first.app[SERVICE]
+    assert await service.claims.expire_dead_owners() == [dead]
+    assert await service.collect_expired_writes() == 1
+    assert not original(shared, data).exists()
+    assert await meta.lease_owners(time.time()) == {alive}

@@ -253,6 +253,7 @@ def _gc(args: argparse.Namespace) -> int:
         service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes, claims)
         heartbeat = asyncio.create_task(claims.run_heartbeat())
         try:
+            await claims.expire_dead_owners()
             print(f"journal: {await service.collect_expired_writes()} expired blob write(s) settled", flush=True)
             if args.full:
                 clouds = [await _existing(meta, args.cloud)] if args.cloud else await meta.list_clouds()

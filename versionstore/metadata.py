@@ -1100,3 +1100,19 @@ class MetadataStore:
         async with self.transaction() as db:
             for table in ("inflight_writes", "blob_deletions", "target_switches", "backup_pending"):
                 await db.execute(f"UPDATE {table} SET lease_until = ? WHERE owner = ? AND lease_until > ?", (lease_until, owner, now))
+
+    async def lease_owners(self, now: float) -> set[str]:
+        """Owners holding a live lease anywhere (to find the ones whose process has died)."""
+        rows = await self._all(
+            "SELECT owner FROM inflight_writes WHERE lease_until > ? UNION SELECT owner FROM blob_deletions WHERE lease_until > ? "
+            "UNION SELECT owner FROM target_switches WHERE lease_until > ? UNION SELECT owner FROM backup_pending "
+            "WHERE owner IS NOT NULL AND lease_until > ? UNION SELECT owner FROM jobs WHERE owner IS NOT NULL AND lease_until > ?",
+            (now, now, now, now, now),
+        )
+        return {r[0] for r in rows}
+
+    async def expire_owner(self, owner: str) -> None:
+        """End every lease of an owner known to be dead now, instead of when they run out."""
+        async with self.transaction() as db:
+            for table in ("inflight_writes", "blob_deletions", "target_switches", "backup_pending", "jobs"):
+                await db.execute(f"UPDATE {table} SET lease_until = 0 WHERE owner = ?", (owner,))

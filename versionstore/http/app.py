@@ -218,6 +218,7 @@ async def _collect_orphans(service: VersionService, config: Config) -> None:
     `versionstore gc --full`."""
     while True:
         try:
+            await service.claims.expire_dead_owners()
             settled = await service.collect_expired_writes()
             if settled:
                 log.info("orphan collection settled %d expired blob write(s)", settled)
