@@ -306,7 +306,12 @@ async def test_the_claims_of_a_dead_process_on_this_host_end_at_once(shared: Con
     alive = f"{socket.gethostname()}:{os.getpid()}:efgh"  # this process: alive, kept
     await meta.begin_writes(CLOUD, "ef" * 32, [("original", None)], alive, time.time() + 3600)
     service = first.app[SERVICE]
-    assert await service.claims.expire_dead_owners() == [dead]
-    assert await service.collect_expired_writes() == 1
+    # The app's own collector (every 0.2 s here) may get there first: either way, at once.
+    assert await service.claims.expire_dead_owners() in ([dead], [])
+    await service.collect_expired_writes()
+    for _ in range(50):
+        if not original(shared, data).exists():
+            break
+        await asyncio.sleep(0.02)
     assert not original(shared, data).exists()
     assert await meta.lease_owners(time.time()) == {alive}
