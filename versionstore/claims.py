@@ -47,6 +47,9 @@ class WriteTicket:
 
     ids: list[int]
     committed: bool = False
+    #: Set by a writer that checks the references itself after the write (then the rows are
+    #: simply removed instead of left, expired, to orphan collection).
+    settled: bool = False
     _handed: list[int] = field(default_factory=list)
 
     def commit_ids(self) -> list[int]:
@@ -67,27 +70,24 @@ class Claims:
     # --- blob writes ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def writing(
-        self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]], *, in_switch: bool = False
-    ) -> AsyncIterator[WriteTicket]:
+    async def writing(self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]]) -> AsyncIterator[WriteTicket]:
         """Journal a write of `digest`'s blobs in these (role, target) places for its duration.
 
         The journal row is committed first and the claims of others read second, so a deletion
         racing with this write either sees the row (and keeps the blob) or is seen here (and
         waited for). When the body leaves normally after a commit that took the rows
         (`ticket.commit_ids()`), nothing is left to do; otherwise the rows expire at once and
-        orphan collection removes whatever blob nothing references. `in_switch`: the write is
-        the target switch's own (a migration's copy), which must not wait for the switch."""
-        ticket = WriteTicket(await self._begin(cloud, digest, roles, waits_for_switch=not in_switch))
+        orphan collection removes whatever blob nothing references."""
+        ticket = WriteTicket(await self._begin(cloud, digest, roles))
         try:
             yield ticket
         except BaseException:
             await asyncio.shield(self._end(ticket, expire=True))
             raise
-        await self._end(ticket, expire=True)
+        await self._end(ticket, expire=not ticket.settled)
 
-    async def _begin(self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]], *, waits_for_switch: bool) -> list[int]:
-        revision = waits_for_switch and any(role == REVISION for role, _ in roles)
+    async def _begin(self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]]) -> list[int]:
+        revision = any(role == REVISION for role, _ in roles)
         while True:
             ids = await self.meta.begin_writes(cloud, digest, roles, self.owner, self.lease_until())
             now = time.time()

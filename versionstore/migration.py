@@ -159,19 +159,23 @@ class BackupMigration:
         service = self.service
         cloud = await self.meta.get_cloud(job.cloud)
         assert cloud is not None
-        to = job.params.get("to")
-        # Journaled (in any process, a deletion of this revision waits or sees the copy): a
-        # version deleted meanwhile leaves the copy to orphan collection, never a loss.
-        async with service.claims.writing(job.cloud, digest, [(REVISION, to)], in_switch=True):
-            if not await self.meta.digest_referenced(job.cloud, digest, backup=True):
-                return "skipped"  # deleted meanwhile
-            destination = await service.targets.target_store(cloud.name, to)
-            key = layout.revision_key(job.cloud, digest)
-            if await destination.stat(key) is not None:
-                return "already_present"
-            source, source_key = await self._source(cloud, job, digest)
-            await service.copy_blob(source, source_key, destination, key, digest)
-            return "copied"
+        if not await self.meta.digest_referenced(job.cloud, digest, backup=True):
+            return "skipped"  # deleted meanwhile
+        destination = await service.targets.target_store(cloud.name, job.params.get("to"))
+        key = layout.revision_key(job.cloud, digest)
+        if await destination.stat(key) is not None:
+            return "already_present"
+        source, source_key = await self._source(cloud, job, digest)
+        await service.copy_blob(source, source_key, destination, key, digest)
+        # Not journaled (a copy of a referenced revision loses nothing if deleted): a version
+        # deleted during the copy had its release remove the destination's copy before this one
+        # landed, or is seen here, in any process; then the copy goes, under a deletion claim.
+        if not await self.meta.digest_referenced(job.cloud, digest, backup=True):
+            async with service.claims.deleting(job.cloud, digest, REVISION) as free:
+                if free:
+                    await destination.delete(key)
+            return "skipped"
+        return "copied"
 
     async def _source(self, cloud: Cloud, job: Job, digest: str) -> tuple[BlobStore, str]:
         if await self.meta.get_pending(cloud.name, digest) is not None:

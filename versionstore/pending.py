@@ -69,7 +69,7 @@ class PendingDrainer:
         service = self.service
         cloud = await self.meta.get_cloud(row.cloud)
         target = cloud.backup_target if cloud else None
-        async with service.claims.writing(row.cloud, row.digest, [(REVISION, target)]):
+        async with service.claims.writing(row.cloud, row.digest, [(REVISION, target)]) as ticket:
             cloud = await self.meta.get_cloud(row.cloud)  # fresh: a switch may have completed meanwhile
             if cloud is None or await self.meta.get_pending(row.cloud, row.digest) is None:
                 return  # released meanwhile
@@ -91,7 +91,11 @@ class PendingDrainer:
                     return
                 recovered = await service.targets.record_success(row.cloud)
                 await self.meta.clear_pending(row.cloud, row.digest)
+                ticket.settled = True  # the references are checked below, no collection needed
                 log.info("pending revision %s of %s written to its backup target", row.digest, row.cloud)
+        if not await self.meta.digest_referenced(row.cloud, row.digest, backup=True):
+            # The version was deleted while the copy ran: its release saw the write and kept the bytes.
+            await service.release_revision(row.cloud, row.digest)
         # Outside the write's journal row (it would count as a use of the digest).
         async with service.claims.deleting(row.cloud, row.digest, PENDING) as free:
             if free:

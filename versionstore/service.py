@@ -348,10 +348,10 @@ class VersionService:
                 if version_id not in outcome.deleted:
                     outcome.failures.append({"version_id": version_id, "error": "Version changed meanwhile; retry"})
         for digest in {by_id[v].digest for v in outcome.deleted if by_id[v].backed_up}:
-            await self._release_revision(cloud, digest)
+            await self.release_revision(cloud, digest)
         return outcome
 
-    async def _release_revision(self, cloud_name: str, digest: str) -> None:
+    async def release_revision(self, cloud_name: str, digest: str) -> None:
         """Delete a revision nothing references any more: from the pending queue, the target,
         and a migration's destination. A target that cannot be used now keeps an orphan,
         which a full store reconciliation (`versionstore gc --full`) removes later."""
