@@ -113,7 +113,8 @@ async def test_start_up_collection_reads_the_journal_not_the_store(aiohttp_clien
 
 async def test_start_up_keeps_another_process_spool_files(two: tuple[TestClient, TestClient], aiohttp_client: Any, shared: Config) -> None:
     """A starting process removed every spool/*.part, including another worker's upload in
-    flight. Now only files nobody is writing (no lock held) and untouched for an hour go."""
+    flight. Now only files no process holds locked go (a spool file is locked until its upload
+    is done with it)."""
     a, _ = two
     in_flight = SpoolFile(shared.spool_dir, 1 << 20)
     await in_flight.write(b"arriving")

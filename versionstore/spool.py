@@ -16,8 +16,9 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -26,6 +27,8 @@ from versionstore.errors import TooLarge
 
 BLOCK = 1 << 20
 HEAD = 64
+#: Seconds after which an unlocked staging file (`.new`) is a crash's leftover.
+STAGING_AGE = 60.0
 
 
 class Hashes:
@@ -66,6 +69,9 @@ class Spooled:
     synced: bool = True
     #: MD5, hex: Cloudinary's `etag` (None from producers that did not compute it).
     md5: str | None = None
+    #: A read-only handle holding the spool file's lock until this object is dropped, so no
+    #: other process's start-up removes the file while its upload still needs it.
+    lock: Any = field(default=None, compare=False, repr=False)
 
 
 async def make_durable(spooled: Spooled) -> None:
@@ -80,7 +86,8 @@ class SpoolFile:
     """Append-only temp file with running BLAKE3 and MD5; `finish()` fsyncs and returns both."""
 
     def __init__(self, directory: Path, limit: int) -> None:
-        self.path = directory / f"{secrets.token_hex(12)}.part"
+        name = secrets.token_hex(12)
+        self.path = directory / f"{name}.part"
         self.limit = limit
         self.size = 0
         self.head = b""
@@ -88,10 +95,14 @@ class SpoolFile:
         self._md5_task: asyncio.Future[None] | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
-        # Unbuffered: blocks are already large, and Python's buffer would add a copy.
-        self._handle = open(self.path, "xb", buffering=0)
-        # Held while the bytes arrive: another process's start-up must not remove this file.
-        fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Unbuffered: blocks are already large, and Python's buffer would add a copy. Created
+        # and locked under a staging name, then renamed: a `.part` file is locked from its first
+        # moment until its upload is done with it (see remove_stale_parts).
+        staging = directory / f"{name}.new"
+        self._handle = open(staging, "xb", buffering=0)
+        self._lock = open(staging, "rb")
+        fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, self.path)
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -134,7 +145,7 @@ class SpoolFile:
         await self._flush()
         await self._md5_done()
         await asyncio.to_thread(self._close, sync)
-        return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=self.hashes.md5)
+        return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=self.hashes.md5, lock=self._lock)
 
     def _close(self, sync: bool) -> None:
         if sync:  # durable before any store links it and before any metadata names it
@@ -145,6 +156,7 @@ class SpoolFile:
         if not self._handle.closed:
             self._handle.close()
         self.path.unlink(missing_ok=True)
+        self._lock.close()
 
 
 async def hash_file(path: Path) -> tuple[str, bytes]:
@@ -160,21 +172,22 @@ async def hash_file(path: Path) -> tuple[str, bytes]:
     return await asyncio.to_thread(run)
 
 
-def remove_stale_parts(directory: Path, older_than: float) -> int:
-    """Remove spool files a crashed process left: only those no process is writing (nobody
-    holds their lock) and untouched for `older_than` seconds (a finished spool file waits,
-    unlocked, for its blob writes). Blocking: run it in a thread. Returns how many went."""
+def remove_stale_parts(directory: Path) -> int:
+    """Remove spool files a crashed process left: a `.part` file that no process holds locked
+    (a live one is locked from creation until its upload is done), and a `.new` staging file
+    (locked within microseconds of its creation) a minute old and unlocked. Another process's
+    upload in flight is never touched. Blocking: run it in a thread. Returns how many went."""
     removed = 0
-    cutoff = time.time() - older_than
-    for path in directory.glob("*.part"):
+    cutoff = time.time() - STAGING_AGE
+    for path in [*directory.glob("*.part"), *directory.glob("*.new")]:
         try:
             with open(path, "rb") as handle:
-                if os.fstat(handle.fileno()).st_mtime >= cutoff:
+                if path.suffix == ".new" and os.fstat(handle.fileno()).st_mtime >= cutoff:
                     continue
                 try:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    continue  # being written by a live process
+                    continue  # in use by a live process
                 path.unlink(missing_ok=True)
                 removed += 1
         except FileNotFoundError:

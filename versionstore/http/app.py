@@ -155,7 +155,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     config.spool_dir.mkdir(exist_ok=True)
     # A crash mid-upload left these; never another live process's upload (see remove_stale_parts).
-    await asyncio.to_thread(remove_stale_parts, config.spool_dir, SPOOL_STALE_SECONDS)
+    await asyncio.to_thread(remove_stale_parts, config.spool_dir)
     async with contextlib.AsyncExitStack() as opened:
         meta = await MetadataStore.open(config.db_path)
         opened.push_async_callback(meta.close)
@@ -207,10 +207,6 @@ async def _describe_job(meta: MetadataStore, job: Job) -> dict[str, Any]:
     return render.job(job)
 
 
-#: A spool file nobody holds locked is a crash's leftover once it is this old (seconds).
-SPOOL_STALE_SECONDS = 3600.0
-
-
 async def _collect_orphans(service: VersionService, config: Config) -> None:
     """At start and then periodically: remove the blobs of writes that crashed or ended without
     a commit, found from the write journal's expired rows (docs/design.md), and stale spool
@@ -222,7 +218,7 @@ async def _collect_orphans(service: VersionService, config: Config) -> None:
             settled = await service.collect_expired_writes()
             if settled:
                 log.info("orphan collection settled %d expired blob write(s)", settled)
-            await asyncio.to_thread(remove_stale_parts, config.spool_dir, SPOOL_STALE_SECONDS)
+            await asyncio.to_thread(remove_stale_parts, config.spool_dir)
         except Exception:
             log.exception("orphan collection failed; retrying in %s s", config.journal_sweep_interval)
         await asyncio.sleep(config.journal_sweep_interval)
