@@ -33,7 +33,7 @@ DEFAULT_LEASE = 30.0
 #: How long a writer waits between looks at a deletion or switch that blocks it.
 WAIT_STEP = 0.02
 
-ORIGINAL, REVISION, PENDING = "original", "revision", "pending"
+ORIGINAL, REVISION, PENDING, RELEASE = "original", "revision", "pending", "release"
 
 
 def new_owner() -> str:
@@ -105,6 +105,18 @@ class Claims:
     # --- blob deletions ---------------------------------------------------------------------
 
     @asynccontextmanager
+    async def releasing(self, cloud: str, digests: Sequence[str]) -> AsyncIterator[None]:
+        """Around a metadata change that drops references to these digests and the release of
+        their blobs after it: journaled (role `release`, this process's lease), so a process
+        that dies between the commit and the release leaves the blobs to orphan collection."""
+        ids = [i for digest in dict.fromkeys(digests) for i in await self.meta.begin_writes(
+            cloud, digest, [(RELEASE, None)], self.owner, self.lease_until())]
+        try:
+            yield
+        finally:
+            await asyncio.shield(self.meta.end_writes(ids, expire=False))
+
+    @asynccontextmanager
     async def deleting(self, cloud: str, digest: str, role: str, *, wait: bool = True) -> AsyncIterator[bool | None]:
         """Claim the digest for deletion; yields True when its `role` blob may be deleted now
         (nothing references it and no live write of it is in flight), False to leave it. While
@@ -129,17 +141,25 @@ class Claims:
         while rows := await self.meta.expired_writes(time.time(), batch):
             done = []
             for write_id, cloud, digest, role, target in rows:
-                async with self.deleting(cloud, digest, role, wait=False) as free:
-                    if free is None:
-                        continue  # another process is deleting this digest: the row waits for later
-                    if free:
-                        await remove(cloud, digest, role, target)
+                if await self._collect_one(remove, cloud, digest, role, target):
                     done.append(write_id)
             if not done:
                 break
             await self.meta.drop_expired_writes(done)
             settled += len(done)
         return settled
+
+    async def _collect_one(
+        self, remove: Callable[[str, str, str, str | None], Awaitable[None]], cloud: str, digest: str, role: str, target: str | None
+    ) -> bool:
+        """One expired row; False when another process's deletion holds the digest (try later)."""
+        for kind in (ORIGINAL, REVISION, PENDING) if role == RELEASE else (role,):
+            async with self.deleting(cloud, digest, kind, wait=False) as free:
+                if free is None:
+                    return False
+                if free:
+                    await remove(cloud, digest, kind, target)
+        return True
 
     # --- target switches --------------------------------------------------------------------
 

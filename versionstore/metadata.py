@@ -1001,14 +1001,14 @@ class MetadataStore:
     async def digest_in_use(self, cloud: str, digest: str, now: float, role: str) -> bool:
         """Under a deletion claim: does a live write, or metadata of `role`, reference the digest?
         One statement (one snapshot): a writer removes its journal row in the commit that names
-        the digest, so a snapshot without the row has the reference."""
+        the digest, so a snapshot without the row has the reference. A `release` row is no use."""
         references = {
             "original": "SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live'",
             "revision": "SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1",
             "pending": "SELECT 1 FROM backup_pending WHERE cloud = ? AND digest = ?",
         }[role]
         row = await self._one(
-            "SELECT EXISTS (SELECT 1 FROM inflight_writes WHERE cloud = ? AND digest = ? AND lease_until > ?) "
+            "SELECT EXISTS (SELECT 1 FROM inflight_writes WHERE cloud = ? AND digest = ? AND lease_until > ? AND role != 'release') "
             f"OR EXISTS ({references})",
             (cloud, digest, now, cloud, digest),
         )

@@ -58,7 +58,10 @@ class PendingDrainer:
         async def one(row: PendingRevision) -> None:
             async with limit:
                 try:
-                    await self._drain(row)
+                    # Journaled as a release: a crash between dropping the queue row and the
+                    # waiting copy leaves that copy to orphan collection.
+                    async with claims.releasing(row.cloud, [row.digest]):
+                        await self._drain(row)
                 finally:  # drained rows are gone; others (an error, cancelled) go back to the queue
                     await asyncio.shield(self.meta.release_pending(row.cloud, row.digest, claims.owner))
 

@@ -215,7 +215,9 @@ CREATE TABLE inflight_writes (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     cloud       TEXT NOT NULL,
     digest      TEXT NOT NULL,
-    role        TEXT NOT NULL CHECK (role IN ('original', 'revision', 'pending')),
+    -- 'release': a reference to the digest is being dropped; if the process dies before it has
+    -- released the blobs, orphan collection checks every kind of blob of the digest
+    role        TEXT NOT NULL CHECK (role IN ('original', 'revision', 'pending', 'release')),
     target      TEXT,           -- a revision's target (NULL: the default backup store)
     owner       TEXT NOT NULL,  -- the writing process
     started_at  REAL NOT NULL,

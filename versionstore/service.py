@@ -187,7 +187,20 @@ class VersionService:
                         continue
             raise Conflict(f"Resource {public_id} kept changing during the upload; retry")
 
-        roles = [(ORIGINAL, None), (REVISION, cloud.backup_target), (PENDING, None)] if backed_up else [(ORIGINAL, None)]
+        roles: list[tuple[str, str | None]] = [(ORIGINAL, None)]
+        if backed_up:
+            roles += [(REVISION, cloud.backup_target), (PENDING, None)]
+        # The original this upload replaces is released after the commit: journaled, so a crash
+        # in between leaves it to orphan collection.
+        replacing = [existing.digest] if existing is not None and existing.live and existing.digest != spooled.digest else []
+        async with self.claims.releasing(cloud.name, replacing):
+            return await self._write_and_commit(cloud, spooled, roles, backed_up, public_id, commit)
+
+    async def _write_and_commit(
+        self, cloud: Cloud, spooled: Spooled, roles: list[tuple[str, str | None]], backed_up: bool, public_id: str,
+        commit: Callable[..., Awaitable[tuple[Asset, Version, Asset | None]]],
+    ) -> UploadResult:
+        """Blobs first (journaled), then the metadata commit, then the superseded original."""
         try:
             async with self.claims.writing(cloud.name, spooled.digest, roles) as ticket:
                 # Blobs first, metadata second: a crash in between leaves only a journal row,
@@ -314,11 +327,12 @@ class VersionService:
                 current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
                 if current is None or not current.live:
                     return
-                try:
-                    await self.meta.delete_asset(current, time.time())
-                except AssetChanged:
-                    continue
-            await self._release_primary(current.cloud, current.digest)
+                async with self.claims.releasing(current.cloud, [current.digest]):
+                    try:
+                        await self.meta.delete_asset(current, time.time())
+                    except AssetChanged:
+                        continue
+                    await self._release_primary(current.cloud, current.digest)
             return
         raise Conflict(f"Resource {asset.public_id} kept changing during the deletion; retry")
 
@@ -342,13 +356,14 @@ class VersionService:
                     )
                 else:
                     wanted.append(version_id)
-            # The store refuses the current version of a live asset itself, whatever was read here.
-            outcome.deleted = await self.meta.delete_versions(asset.pk or 0, wanted)
-            for version_id in wanted:
-                if version_id not in outcome.deleted:
-                    outcome.failures.append({"version_id": version_id, "error": "Version changed meanwhile; retry"})
-        for digest in {by_id[v].digest for v in outcome.deleted if by_id[v].backed_up}:
-            await self.release_revision(cloud, digest)
+            async with self.claims.releasing(cloud, [by_id[v].digest for v in wanted]):
+                # The store refuses the current version of a live asset itself, whatever was read here.
+                outcome.deleted = await self.meta.delete_versions(asset.pk or 0, wanted)
+                for version_id in wanted:
+                    if version_id not in outcome.deleted:
+                        outcome.failures.append({"version_id": version_id, "error": "Version changed meanwhile; retry"})
+                for digest in {by_id[v].digest for v in outcome.deleted if by_id[v].backed_up}:
+                    await self.release_revision(cloud, digest)
         return outcome
 
     async def release_revision(self, cloud_name: str, digest: str) -> None:
@@ -445,16 +460,17 @@ class VersionService:
         """
         async with self._names.hold((asset.cloud, asset.resource_type, asset.type, asset.public_id)):
             for _attempt in range(WRITE_ATTEMPTS):
-                try:
-                    async with self._field_updates.hold((asset.cloud, asset.asset_id)):
-                        current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
-                        if current is None:
-                            return _failure("asset_not_found", f"Resource not found - {asset.public_id}")
-                        outcome, previous_digest = await self._restore_locked(current, version_id)
-                except AssetChanged:
-                    continue  # another process wrote the row meanwhile: read again, decide again
-                if previous_digest and outcome.asset is not None and previous_digest != outcome.asset.digest:
-                    await self._release_primary(asset.cloud, previous_digest)
+                async with self._field_updates.hold((asset.cloud, asset.asset_id)):
+                    current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
+                    if current is None:
+                        return _failure("asset_not_found", f"Resource not found - {asset.public_id}")
+                    async with self.claims.releasing(asset.cloud, [current.digest] if current.live else []):
+                        try:
+                            outcome, previous_digest = await self._restore_locked(current, version_id)
+                        except AssetChanged:
+                            continue  # another process wrote the row meanwhile: read again, decide again
+                        if previous_digest and outcome.asset is not None and previous_digest != outcome.asset.digest:
+                            await self._release_primary(asset.cloud, previous_digest)
                 return outcome
         return _failure("conflict", f"Resource {asset.public_id} kept changing during the restore; retry")
 
@@ -642,12 +658,13 @@ class VersionService:
                             f"to_public_id ({to_public_id}) is reserved by a deleted asset's backup history; "
                             "pass overwrite=true to take it (that history stays reachable by its asset_id)"
                         )
-                    try:
-                        renamed = await self.meta.rename_asset(current, to_type, to_public_id, replacing=target, now=time.time())
-                    except AssetChanged:
-                        continue
-                if target is not None and target.live:
-                    await self._release_primary(target.cloud, target.digest)
+                    async with self.claims.releasing(asset.cloud, [target.digest] if target is not None and target.live else []):
+                        try:
+                            renamed = await self.meta.rename_asset(current, to_type, to_public_id, replacing=target, now=time.time())
+                        except AssetChanged:
+                            continue
+                        if target is not None and target.live:
+                            await self._release_primary(target.cloud, target.digest)
                 return renamed
         raise Conflict(f"Resource {asset.public_id} kept changing during the rename; retry")
 
