@@ -113,8 +113,11 @@ class Claims:
             cloud, digest, [(RELEASE, None)], self.owner, self.lease_until())]
         try:
             yield
-        finally:
-            await asyncio.shield(self.meta.end_writes(ids, expire=False))
+        except BaseException:
+            # The release may not have happened: orphan collection checks these digests.
+            await asyncio.shield(self.meta.end_writes(ids, expire=True))
+            raise
+        await self.meta.end_writes(ids, expire=False)
 
     @asynccontextmanager
     async def deleting(self, cloud: str, digest: str, role: str, *, wait: bool = True) -> AsyncIterator[bool | None]:
