@@ -316,3 +316,21 @@ async def test_the_claims_of_a_dead_process_on_this_host_end_at_once(shared: Con
         await asyncio.sleep(0.02)
     assert not original(shared, data).exists()
     assert await meta.lease_owners(time.time()) == {alive}
+
+
+async def test_a_release_cut_off_by_a_crash_is_finished_by_orphan_collection(two: tuple[TestClient, TestClient], shared: Config) -> None:
+    """A deletion commits, then its process dies before it removes the blob: the `release`
+    journal row it wrote first lets orphan collection in another process finish the job
+    (before, only a walk of every blob at the next start found it)."""
+    a, b = two
+    data = secrets.token_bytes(50)
+    await Api(a).upload(data, public_id="r", backup="0")
+    asset = await a.app[META].get_asset(CLOUD, "image", "upload", "r")
+    assert asset is not None
+    # What A does, cut after its commit: the release row with A's lease, the metadata change.
+    await a.app[META].begin_writes(CLOUD, asset.digest, [("release", None)], "elsewhere:1:dead", time.time() + 0.3)
+    await a.app[META].delete_asset(asset, time.time())
+    assert original(shared, data).exists()
+    await asyncio.sleep(0.4)  # the dead process's lease runs out
+    await b.app[SERVICE].collect_expired_writes()
+    assert not original(shared, data).exists()
