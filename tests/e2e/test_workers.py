@@ -102,6 +102,7 @@ def assert_history_intact(public_id: str, expected: dict[str, bytes]) -> list[di
 def test_workers_share_one_port_and_one_history(workers: ServerProcess) -> None:
     parent = workers.pid
     pids = wait_for(lambda: children(parent) if len(children(parent)) == 3 else None, 10, "three workers")
+    assert workers.log_tail(1 << 20).count("versionstore listening on") == 1  # the banner, once
     # Connections spread over the workers: each one names itself in X-Request-Id's prefix.
     def request_id(_: int) -> str:
         with urllib.request.urlopen(f"{workers.base_url}/healthz", timeout=10) as response:
