@@ -102,7 +102,6 @@ def assert_history_intact(public_id: str, expected: dict[str, bytes]) -> list[di
 def test_workers_share_one_port_and_one_history(workers: ServerProcess) -> None:
     parent = workers.pid
     pids = wait_for(lambda: children(parent) if len(children(parent)) == 3 else None, 10, "three workers")
-    assert workers.log_tail(1 << 20).count("versionstore listening on") == 1  # the banner, once
     # Connections spread over the workers: each one names itself in X-Request-Id's prefix.
     def request_id(_: int) -> str:
         with urllib.request.urlopen(f"{workers.base_url}/healthz", timeout=10) as response:
@@ -143,8 +142,12 @@ def test_workers_share_one_port_and_one_history(workers: ServerProcess) -> None:
     with contextlib.suppress(Exception):  # cut off by the kill (or first to finish: one more intact version)
         cloudinary.uploader.upload(big, public_id=public_id, resource_type="raw")
     killer.join()
-    new_pids = wait_for(lambda: children(parent) if len(children(parent)) == 3 else None, 20, "restarted workers")
-    assert not new_pids & running and len(pids) == 3
+    def replaced() -> set[int] | None:
+        now = children(parent)
+        return now if len(now) == 3 and not now & running else None
+
+    new_pids = wait_for(replaced, 30, "three new workers")
+    assert len(pids) == 3
     configure_sdk(workers.base_url)
     wait_for(lambda: fetch(f"{workers.base_url}/healthz")[0] == 200, 20, "workers answering again")
     listed_after = versions(public_id, resource_type="raw")
@@ -156,6 +159,7 @@ def test_workers_share_one_port_and_one_history(workers: ServerProcess) -> None:
     os.kill(parent, signal.SIGTERM)
     assert workers.proc is not None
     assert workers.proc.wait(timeout=30) == 0
+    assert workers.log_tail(1 << 20).count("versionstore listening on") == 1  # the banner, once
     for pid in new_pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
