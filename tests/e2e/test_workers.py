@@ -107,8 +107,14 @@ def test_workers_share_one_port_and_one_history(workers: ServerProcess) -> None:
         with urllib.request.urlopen(f"{workers.base_url}/healthz", timeout=10) as response:
             return str(response.headers["X-Request-Id"])[:8]
 
-    with ThreadPoolExecutor(12) as pool:
-        prefixes = set(pool.map(request_id, range(120)))
+    # One accept queue: which worker takes a connection is the kernel's choice, not balanced,
+    # so ask a few times.
+    prefixes: set[str] = set()
+    for _ in range(10):
+        with ThreadPoolExecutor(24) as pool:
+            prefixes |= set(pool.map(request_id, range(240)))
+        if len(prefixes) >= 2:
+            break
     assert len(prefixes) >= 2, prefixes
 
     public_id = f"workers/{secrets.token_hex(4)}.bin"
