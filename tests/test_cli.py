@@ -270,3 +270,32 @@ def test_a_failing_schema_migration_exits_with_one_line(tmp_path):
     assert "cannot start" in _one_error_line(result)
     with sqlite3.connect(data / "metadata.sqlite3") as db:
         assert db.execute("PRAGMA user_version").fetchone() == (7,)
+
+
+def test_gc_settles_the_journal_and_full_walks_the_stores(tmp_path, capsys):
+    """`gc` settles crashed writes from the journal; only `gc --full` walks every blob (paced)."""
+    from versionstore import layout
+    from versionstore.metadata import MetadataStore
+
+    data = tmp_path / "d"
+    assert main(["cloud", "create", "acme", "--data-dir", str(data)]) == 0
+    crashed, unjournaled = "ab" * 32, "cd" * 32
+    for digest in (crashed, unjournaled):
+        path = data / "primary" / layout.original_key("acme", digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"never committed")
+
+    async def journal_a_dead_write() -> None:
+        meta = await MetadataStore.open(Config(data_dir=data).db_path)
+        await meta.begin_writes("acme", crashed, [("original", None)], "dead:1:x", time.time() - 1)
+        await meta.close()
+
+    asyncio.run(journal_a_dead_write())
+    capsys.readouterr()
+    assert main(["gc", "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out == "journal: 1 expired blob write(s) settled\n"
+    assert not (data / "primary" / layout.original_key("acme", crashed)).exists()
+    assert (data / "primary" / layout.original_key("acme", unjournaled)).exists()
+    assert main(["gc", "--full", "--rate", "1000", "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["journal: 0 expired blob write(s) settled", "acme: 1 unreferenced blob(s) removed"]
+    assert not (data / "primary" / layout.original_key("acme", unjournaled)).exists()

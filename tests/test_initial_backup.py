@@ -99,7 +99,7 @@ async def test_one_at_a_time_and_unknown_ids(api: Api, client: Any):
     await set_auto_backup(api, True)
     service = client.app[SERVICE]
     # Hold the environment's revision writes so the first job cannot finish yet.
-    async with service.target_locks.exclusive(CLOUD):
+    async with service.claims.switching_target(CLOUD):
         first = await api.admin("POST", "operations/initial_backup", json={})
         second = await api.admin("POST", "operations/initial_backup", expect=409, json={})
         assert first["id"] in second["error"]["message"]

@@ -14,6 +14,11 @@ chunk; Node sends `/-1` until the last one. The life of one chunk:
 
 So published bytes are immutable by construction: a late or duplicate chunk only ever writes
 its own private file, and is refused at step 2 once the session is assembling or finished.
+
+Several processes: the parts live in the data directory's spool and the sessions in the shared
+database, so the chunks of one upload may reach different `--workers` of one machine. Servers
+on several machines need a shared spool (or sticky routing); a part recorded by a server whose
+spool this one cannot see is refused with a 409 that says so, never assembled short.
 """
 
 import asyncio
@@ -30,7 +35,7 @@ from pathlib import Path
 
 from versionstore.config import Config
 from versionstore.durable import fsync_path
-from versionstore.errors import BadRequest, TooLarge
+from versionstore.errors import BadRequest, Conflict, TooLarge
 from versionstore.metadata import MetadataStore
 from versionstore.models import SessionState, UploadPart, UploadSession
 from versionstore.spool import BLOCK, Spooled, SpoolFile
@@ -269,7 +274,16 @@ class ChunkAssembler:
 
     @staticmethod
     async def _copy(path: Path, offset: int, length: int, spool: SpoolFile) -> None:
-        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Recorded in the shared database, but its bytes are on another machine's spool:
+            # refuse clearly; the session reopens, so the chunks can go where they belong.
+            raise Conflict(
+                f"A chunk of this upload was received by another server whose spool this one cannot read; "
+                f"chunked uploads need a shared spool directory or sticky routing (docs/scale-out.md). "
+                f"Send the remaining chunks to the server that received the first ones (missing part {path.name})"
+            ) from None
         try:
             end = offset + length
             while offset < end:

@@ -1,4 +1,4 @@
-"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify`, `initial-backup`,
+"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify`, `gc`, `initial-backup`,
 `staff add|list|disable|enable|reset-password` and `audit verify|export`.
 
 `initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
@@ -114,12 +114,14 @@ def _say(line: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from versionstore.http.server import serve
+    from versionstore.http.server import serve, serve_workers
 
     config = Config.from_env(
-        store_dir(args.data_dir, create=True), host=args.host, port=args.port, log_format=args.log_format,
-        metrics_dir=args.metrics_dir, metrics_token=args.metrics_token,
+        store_dir(args.data_dir, create=True), host=args.host, port=args.port, workers=args.workers,
+        log_format=args.log_format, metrics_dir=args.metrics_dir, metrics_token=args.metrics_token,
     )
+    if config.workers < 1:
+        raise ConfigError("--workers must be at least 1")
     config.check()
     logs.configure(config.log_format)
     if config.metrics_dir is not None:
@@ -141,7 +143,10 @@ def _serve(args: argparse.Namespace) -> int:
             _say("Demo product environment ready. Point the Cloudinary SDKs at it with:")
             _say(f"  export CLOUDINARY_URL='{cloudinary_url(demo, base_url)}'")
 
-    asyncio.run(serve(config, access_log=args.access_log, ready=ready))
+    if config.workers > 1:
+        serve_workers(config, config.workers, access_log=args.access_log, ready=ready)
+    else:
+        asyncio.run(serve(config, access_log=args.access_log, ready=ready))
     return 0
 
 
@@ -306,6 +311,46 @@ def _audit(args: argparse.Namespace) -> int:
             await meta.close()
 
     return asyncio.run(opened())
+# --- gc --------------------------------------------------------------------------------------
+
+
+def _gc(args: argparse.Namespace) -> int:
+    """`versionstore gc`: settle the write journal's expired rows now (what every server does
+    every few seconds); with `--full`, also walk every blob of the stores, paced, and remove
+    those no metadata references. Safe while servers run: it takes the same claims."""
+    from versionstore.blobstore import open_store
+    from versionstore.blobstore.resilient import resilient
+    from versionstore.claims import Claims
+    from versionstore.service import VersionService
+    from versionstore.targets import BackupTargets
+
+    if args.rate < 0:
+        raise ConfigError("--rate must be >= 0")
+    config = Config.from_env(store_dir(args.data_dir, create=False))
+
+    async def run() -> None:
+        meta = await MetadataStore.open(config.db_path)
+        primary = resilient(open_store(config.primary_url))
+        targets = BackupTargets(meta, resilient(open_store(config.backup_url)))
+        claims = Claims(meta, lease=config.lease_seconds)
+        service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes, claims)
+        heartbeat = asyncio.create_task(claims.run_heartbeat())
+        try:
+            await claims.expire_dead_owners()
+            print(f"journal: {await service.collect_expired_writes()} expired blob write(s) settled", flush=True)
+            if args.full:
+                clouds = [await _existing(meta, args.cloud)] if args.cloud else await meta.list_clouds()
+                for cloud in clouds:
+                    removed = await service.collect_orphans(cloud, rate=args.rate or None)
+                    print(f"{cloud.name}: {removed} unreferenced blob(s) removed", flush=True)
+        finally:
+            heartbeat.cancel()
+            await targets.close()
+            await primary.close()
+            await meta.close()
+
+    asyncio.run(run())
+    return 0
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -346,6 +391,10 @@ def parser() -> argparse.ArgumentParser:
                        "several processes (default: $VERSIONSTORE_METRICS_DIR or $PROMETHEUS_MULTIPROC_DIR; unset: in memory)")
     serve.add_argument("--metrics-token", metavar="TOKEN", help="serve /metrics to any client sending 'Authorization: Bearer "
                        "TOKEN' (default: $VERSIONSTORE_METRICS_TOKEN; unset: local clients only)")
+    serve.add_argument(
+        "--workers", type=int, metavar="N",
+        help="service processes sharing the port, supervised by this one (default: $VERSIONSTORE_WORKERS, else 1)",
+    )
 
     cloud = _command(sub, "cloud", "manage product environments")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
@@ -411,6 +460,13 @@ def parser() -> argparse.ArgumentParser:
     export = _command(audit_sub, "export", "print every record as JSON lines", _audit)
     export.add_argument("--cloud", metavar="NAME", help="one environment's records (default: all)")
     _data_dir_option(export, creates=False)
+    collect = _command(sub, "gc", "remove blobs of crashed writes (the journal); --full: every unreferenced blob", _gc)
+    collect.add_argument("--full", action="store_true", help="walk every blob of the stores (cost grows with the library)")
+    collect.add_argument("--cloud", metavar="NAME", help="with --full: one environment (default: all)")
+    collect.add_argument(
+        "--rate", type=float, default=200.0, metavar="BLOBS/s", help="with --full: examine at most this many blobs a second (0: unpaced)"
+    )
+    _data_dir_option(collect, creates=False)
 
     sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
         "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "

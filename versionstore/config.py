@@ -116,6 +116,13 @@ class Config:
     metrics_dir: Path | None = None
     #: Bearer token that opens `/metrics` to any client; without one only local clients may scrape.
     metrics_token: str | None = None
+    #: Service processes `serve` runs on the one port (`--workers`, VERSIONSTORE_WORKERS).
+    workers: int = 1
+    #: Seconds a process's claims (jobs, pending revisions, blob writes in flight, deletions,
+    #: a target switch) outlive its last heartbeat: how soon another process takes over.
+    lease_seconds: float = 30.0
+    #: Seconds between two passes of orphan collection over the write journal's expired rows.
+    journal_sweep_interval: float = 10.0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -142,6 +149,9 @@ class Config:
             "log_format": os.environ.get("VERSIONSTORE_LOG_FORMAT") or cls.log_format,
             "metrics_dir": os.environ.get("VERSIONSTORE_METRICS_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
             "metrics_token": os.environ.get("VERSIONSTORE_METRICS_TOKEN") or None,
+            "workers": _env_int("VERSIONSTORE_WORKERS", cls.workers),
+            "lease_seconds": _env_float("VERSIONSTORE_LEASE_SECONDS", cls.lease_seconds),
+            "journal_sweep_interval": _env_float("VERSIONSTORE_JOURNAL_SWEEP_INTERVAL", cls.journal_sweep_interval),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

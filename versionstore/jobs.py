@@ -4,6 +4,12 @@ Anything may create a job (an API call, the CLI writing the database directly); 
 polls for open jobs and runs each with the handler of its kind. A handler persists its cursor
 and progress as it goes, and finishes the job itself (so a finishing step can commit in the
 same transaction as the job's completion). A handler that raises fails the job.
+
+Several processes may run a runner on one database: a job runs in the one process that
+claimed it (`jobs.owner`, `jobs.lease_until`, a conditional UPDATE). The runner renews the
+lease of each job it runs three times per lease; a process that dies stops renewing, and
+another runner takes the job over once the lease has passed, resuming from its cursor. A
+runner that finds its claim gone (taken over after it stalled) cancels its own run.
 """
 
 import asyncio
@@ -11,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from versionstore.claims import DEFAULT_LEASE, new_owner
 from versionstore.locks import wait_for_event
 from versionstore.metadata import MetadataStore
 from versionstore.models import Job
@@ -22,24 +29,56 @@ FinishHook = Callable[[Job], Awaitable[None]]
 
 
 class JobRunner:
-    def __init__(self, meta: MetadataStore, handlers: dict[str, Handler], *, poll_interval: float = 1.0) -> None:
+    def __init__(
+        self, meta: MetadataStore, handlers: dict[str, Handler], *, poll_interval: float = 1.0,
+        owner: str | None = None, lease: float = DEFAULT_LEASE,
+    ) -> None:
         self.meta = meta
         self.handlers = handlers
         self.poll_interval = poll_interval
+        self.owner = owner or new_owner()
+        self.lease = lease
         self.on_finish: list[FinishHook] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
 
     async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(), name="job lease heartbeat")
+        try:
+            while True:
+                try:
+                    await self.poll_once()
+                except Exception:
+                    log.exception("job poll failed")
+                self.wake.clear()
+                await wait_for_event(self.wake, self.poll_interval)
+        finally:
+            heartbeat.cancel()
+
+    async def poll_once(self) -> None:
+        """Start every open job this runner can run and claims (others run elsewhere)."""
+        for job in await self.meta.open_jobs():
+            if job.id in self._tasks or job.kind not in self.handlers:
+                continue
+            if not await self.meta.claim_job(job.id, self.owner, time.time() + self.lease):
+                continue  # another process holds it, its lease still running
+            fresh = await self.meta.get_job(job.cloud, job.id)  # the cursor as the last holder left it
+            if fresh is None or not fresh.open:
+                continue
+            self._tasks[job.id] = asyncio.create_task(self._run(fresh), name=f"job {job.kind} {job.id}")
+
+    async def _heartbeat(self) -> None:
         while True:
-            try:
-                for job in await self.meta.open_jobs():
-                    if job.id not in self._tasks and job.kind in self.handlers:
-                        self._tasks[job.id] = asyncio.create_task(self._run(job), name=f"job {job.kind} {job.id}")
-            except Exception:
-                log.exception("job poll failed")
-            self.wake.clear()
-            await wait_for_event(self.wake, self.poll_interval)
+            await asyncio.sleep(self.lease / 3)
+            for job_id, task in list(self._tasks.items()):
+                try:
+                    held = await self.meta.renew_job(job_id, self.owner, time.time() + self.lease)
+                except Exception:
+                    log.exception("job %s: lease renewal failed; retrying", job_id)
+                    continue
+                if not held and not task.done():
+                    log.warning("job %s: claim lost (finished elsewhere or taken over); stopping here", job_id)
+                    task.cancel()
 
     async def _run(self, job: Job) -> None:
         try:
@@ -65,7 +104,13 @@ class JobRunner:
                     log.exception("job %s finish hook failed", job.id)
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
+        """Stop running jobs and give their claims up, so another process resumes them at once."""
+        running = list(self._tasks.items())
+        for _, task in running:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(task for _, task in running), return_exceptions=True)
+        for job_id, _ in running:
+            try:
+                await self.meta.release_job(job_id, self.owner)
+            except Exception:
+                log.exception("job %s: could not release its claim; it lapses with its lease", job_id)

@@ -89,6 +89,20 @@ _BAD_OUTCOMES = ("missing", "corrupt")
 _PENDING_SELECT = "SELECT cloud, digest, bytes, queued_at, attempts, next_attempt_at, last_error FROM backup_pending"
 
 
+#: The generation that moves whenever a version's `restorable` may change (see revisions_generation).
+REVISIONS = "revisions"
+
+
+def target_generation(cloud: str) -> str:
+    """The generation that moves whenever any process records the health of the environment's target."""
+    return f"targets:{cloud}"
+
+
+class WriteExpired(Exception):
+    """A blob write's journal row was taken by orphan collection (its lease ran out while the
+    writer stalled): its blob may be gone, so the metadata naming it is not committed."""
+
+
 class AssetChanged(Exception):
     """The asset row is not the one the caller read: another write (an upload, a rename, a
     delete, in this process or another) committed in between. Nothing was written; re-read
@@ -171,10 +185,6 @@ class MetadataStore:
         self._write_lock = asyncio.Lock()
         self._clouds: dict[str, Cloud | None] = {}
         self._clouds_version = -1
-        #: Bumped whenever a revision enters or leaves the pending queue or a version becomes
-        #: a revision after the fact (initial backup); this process is the only writer of
-        #: both: part of the key of anything cached that shows `restorable`.
-        self.revisions_generation = 0
 
     @classmethod
     async def open(cls, path: Path) -> "MetadataStore":
@@ -341,16 +351,22 @@ class MetadataStore:
 
     # --- writes (each in one transaction) --------------------------------------------------
 
-    async def save_version(self, asset: Asset, version: Version, *, pending: bool = False) -> Asset:
+    async def save_version(
+        self, asset: Asset, version: Version, *, pending: bool = False, done_writes: Sequence[int] = ()
+    ) -> Asset:
         """Insert or update the asset row and append its new version, atomically; with
         `pending`, queue its revision for the backup target in the same transaction.
 
         An update is a compare-and-set on the generation the caller read; an insert must find
-        the name free. Otherwise AssetChanged, and nothing (version, queue entry) is written."""
+        the name free. Otherwise AssetChanged, and nothing (version, queue entry) is written.
+        `done_writes` are the journal rows of the blob writes this commit names: removed in the
+        same transaction, which fails (WriteExpired) if orphan collection took any of them."""
         values = _asset_row(asset)
         try:
             async with self.transaction() as db:
+                await self._finish_writes(db, done_writes)
                 if pending:
+                    await self._bump(db, REVISIONS)
                     await db.execute(
                         "INSERT OR IGNORE INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
                         (asset.cloud, version.digest, version.bytes, version.created_at, version.created_at),
@@ -378,8 +394,6 @@ class MetadataStore:
             if not _name_taken(exc):
                 raise
             raise AssetChanged(asset.asset_id) from None
-        if pending:
-            self.revisions_generation += 1
         return asset
 
     async def update_fields(
@@ -618,10 +632,6 @@ class MetadataStore:
         rows = await self._all(f"SELECT digest FROM backup_pending WHERE cloud = ? AND digest IN ({marks})", (cloud, *set(digests)))
         return {r[0] for r in rows}
 
-    async def due_pending(self, now: float, limit: int) -> list[PendingRevision]:
-        rows = await self._all(f"{_PENDING_SELECT} WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", (now, limit))
-        return [PendingRevision(*r) for r in rows]
-
     async def get_pending(self, cloud: str, digest: str) -> PendingRevision | None:
         row = await self._one(f"{_PENDING_SELECT} WHERE cloud = ? AND digest = ?", (cloud, digest))
         return None if row is None else PendingRevision(*row)
@@ -629,7 +639,8 @@ class MetadataStore:
     async def reschedule_pending(self, cloud: str, digest: str, next_attempt_at: float, error: str) -> None:
         async with self.transaction() as db:
             await db.execute(
-                "UPDATE backup_pending SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE cloud = ? AND digest = ?",
+                "UPDATE backup_pending SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?, owner = NULL, "
+                "lease_until = 0 WHERE cloud = ? AND digest = ?",
                 (next_attempt_at, error, cloud, digest),
             )
 
@@ -641,7 +652,7 @@ class MetadataStore:
     async def clear_pending(self, cloud: str, digest: str) -> None:
         async with self.transaction() as db:
             await db.execute("DELETE FROM backup_pending WHERE cloud = ? AND digest = ?", (cloud, digest))
-            self.revisions_generation += 1
+            await self._bump(db, REVISIONS)
 
     async def pending_summary(self, cloud: str) -> tuple[int, int, float | None]:
         """(count, bytes, oldest queued_at) of the environment's pending revisions."""
@@ -653,11 +664,14 @@ class MetadataStore:
         return None if row is None else BackupHealth(*row)
 
     async def save_health(self, health: BackupHealth) -> None:
+        """Persist a target's health; its generation moves, so every process drops what it
+        cached about that target (BackupTargets)."""
         async with self.transaction() as db:
             await db.execute(
                 "INSERT OR REPLACE INTO backup_health (cloud, state, last_error, last_error_at, updated_at) VALUES (?, ?, ?, ?, ?)",
                 astuple(health),
             )
+            await self._bump(db, target_generation(health.cloud))
 
     async def revisions_after(self, cloud: str, after_pk: int, limit: int) -> list[tuple[int, str, int]]:
         """(version pk, digest, bytes) of backed-up versions in commit order: a migration's
@@ -689,10 +703,14 @@ class MetadataStore:
         )
         return int(rows[0][0]), int(rows[0][1])
 
-    async def mark_backed_up(self, cloud: str, version_pk: int, version: Version, *, pending: bool, job_id: str) -> bool:
+    async def mark_backed_up(
+        self, cloud: str, version_pk: int, version: Version, *, pending: bool, job_id: str, done_writes: Sequence[int] = ()
+    ) -> bool:
         """Make an existing version a revision (its bytes are in the target, or queued with
-        `pending`), recording the job that did it. False when it already was one."""
+        `pending`), recording the job that did it. False when it already was one.
+        `done_writes`: as in save_version."""
         async with self.transaction() as db:
+            await self._finish_writes(db, done_writes)
             cursor = await db.execute(
                 "UPDATE versions SET backed_up = 1, backup_job = ? WHERE pk = ? AND backed_up = 0", (job_id, version_pk)
             )
@@ -703,7 +721,7 @@ class MetadataStore:
                     "INSERT OR IGNORE INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
                     (cloud, version.digest, version.bytes, time.time(), 0),
                 )
-            self.revisions_generation += 1
+            await self._bump(db, REVISIONS)
         return True
 
     async def job_backups(self, job_id: str) -> tuple[int, int]:
@@ -1059,7 +1077,6 @@ class MetadataStore:
                     await db.execute("DELETE FROM label_backfill")
 
 
-#: Rows of a page decoded on the event loop; longer pages are decoded in a worker thread.
 
     # --- operations: readiness probe and read-path cache keys (versionstore/http/readiness.py,
     # --- versionstore/http/versions_cache.py) -------------------------------------------------
@@ -1075,6 +1092,219 @@ class MetadataStore:
         every call, which only turns the caches keyed on it off.)"""
         return int(self._reader.execute("PRAGMA data_version").fetchone()[0])
 
+    # --- several processes: the write journal, claims, leases and generations -----------------
+    # (docs/design.md, "Processes, claims and leases"). Every claim is a conditional write; a
+    # holder's lease is renewed by its process's heartbeat (renew_leases). Checks that must see
+    # another process's claim follow the pattern "commit my claim, then read theirs": of two
+    # racing parties at least one sees the other, on SQLite and on PostgreSQL (read committed).
+
+    @staticmethod
+    async def _bump(db: aiosqlite.Connection, name: str) -> None:
+        await db.execute(
+            "INSERT INTO generations (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = generations.value + 1",
+            (name,),
+        )
+
+    async def bump_generation(self, name: str) -> None:
+        async with self.transaction() as db:
+            await self._bump(db, name)
+
+    async def generation(self, name: str) -> int:
+        """A counter caches key on (one indexed read; 0 until first bumped)."""
+        row = await self._one("SELECT value FROM generations WHERE name = ?", (name,))
+        return 0 if row is None else int(row[0])
+
+    async def revisions_generation(self) -> int:
+        """Moves whenever a revision enters or leaves the pending queue or a version becomes a
+        revision after the fact, in any process: part of the key of anything cached that shows
+        `restorable`."""
+        return await self.generation(REVISIONS)
+
+    @staticmethod
+    async def _finish_writes(db: aiosqlite.Connection, ids: Sequence[int]) -> None:
+        """Inside the commit naming the blobs: remove their journal rows, which must still be
+        live. A lease that ran out never comes back (renew_leases only extends live ones), so
+        orphan collection may delete such a write's blob and this commit cannot name it."""
+        now = time.time()
+        for write_id in ids:
+            cursor = await db.execute("DELETE FROM inflight_writes WHERE id = ? AND lease_until > ?", (write_id, now))
+            if cursor.rowcount != 1:
+                raise WriteExpired(f"the lease of blob write {write_id} ran out before its commit")
+
+    async def begin_writes(
+        self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]], owner: str, lease_until: float
+    ) -> list[int]:
+        """Journal blob writes about to start, one row per (role, target); returns their ids."""
+        now = time.time()
+        ids = []
+        async with self.transaction() as db:
+            for role, target in roles:
+                cursor = await db.execute(
+                    "INSERT INTO inflight_writes (cloud, digest, role, target, owner, started_at, lease_until) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (cloud, digest, role, target, owner, now, lease_until),
+                )
+                row = await cursor.fetchone()
+                assert row is not None
+                ids.append(int(row[0]))
+        return ids
+
+    async def end_writes(self, ids: Sequence[int], *, expire: bool) -> None:
+        """Remove journal rows (the write is named by committed metadata, or was abandoned before
+        any blob was written), or with `expire` end their lease now, so orphan collection checks
+        whether anything references their blobs."""
+        if not ids:
+            return
+        marks = ", ".join("?" * len(ids))
+        async with self.transaction() as db:
+            if expire:
+                await db.execute(f"UPDATE inflight_writes SET lease_until = 0 WHERE id IN ({marks})", tuple(ids))
+            else:
+                await db.execute(f"DELETE FROM inflight_writes WHERE id IN ({marks})", tuple(ids))
+
+    async def deletion_claimed(self, cloud: str, digest: str, now: float) -> bool:
+        """Is a live deletion of this digest in progress (a writer must wait for it)?"""
+        row = await self._one("SELECT 1 FROM blob_deletions WHERE cloud = ? AND digest = ? AND lease_until > ?", (cloud, digest, now))
+        return row is not None
+
+    async def switch_claimed(self, cloud: str, now: float) -> bool:
+        """Is a target switch of the environment in progress (a revision write must wait for it)?"""
+        row = await self._one("SELECT 1 FROM target_switches WHERE cloud = ? AND lease_until > ?", (cloud, now))
+        return row is not None
+
+    async def claim_deletion(self, cloud: str, digest: str, owner: str, lease_until: float) -> bool:
+        """Claim the right to delete a digest's blobs: False while another live claim holds it."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO blob_deletions (cloud, digest, owner, lease_until) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (cloud, digest) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until "
+                "WHERE blob_deletions.lease_until <= ?",
+                (cloud, digest, owner, lease_until, time.time()),
+            )
+            return cursor.rowcount == 1
+
+    async def release_deletion(self, cloud: str, digest: str, owner: str) -> None:
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM blob_deletions WHERE cloud = ? AND digest = ? AND owner = ?", (cloud, digest, owner))
+
+    async def digest_in_use(self, cloud: str, digest: str, now: float, role: str) -> bool:
+        """Under a deletion claim: does a live write, or metadata of `role`, reference the digest?
+        One statement (one snapshot): a writer removes its journal row in the commit that names
+        the digest, so a snapshot without the row has the reference. A `release` row is no use."""
+        references = {
+            "original": "SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live'",
+            "revision": "SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1",
+            "pending": "SELECT 1 FROM backup_pending WHERE cloud = ? AND digest = ?",
+        }[role]
+        row = await self._one(
+            "SELECT EXISTS (SELECT 1 FROM inflight_writes WHERE cloud = ? AND digest = ? AND lease_until > ? AND role != 'release') "
+            f"OR EXISTS ({references})",
+            (cloud, digest, now, cloud, digest),
+        )
+        return bool(row[0])
+
+    async def expired_writes(self, now: float, limit: int) -> list[tuple[int, str, str, str, str | None]]:
+        """(id, cloud, digest, role, target) of journal rows whose lease has passed: writes that
+        crashed, stalled or ended without a commit naming them."""
+        rows = await self._all(
+            "SELECT id, cloud, digest, role, target FROM inflight_writes WHERE lease_until <= ? ORDER BY lease_until, id LIMIT ?",
+            (now, limit),
+        )
+        return [(int(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def drop_expired_writes(self, ids: Sequence[int]) -> None:
+        """Remove journal rows of writes that can no longer commit (their lease has passed)."""
+        marks = ", ".join("?" * len(ids))
+        async with self.transaction() as db:
+            await db.execute(f"DELETE FROM inflight_writes WHERE id IN ({marks}) AND lease_until <= ?", (*ids, time.time()))
+
+    async def claim_switch(self, cloud: str, owner: str, lease_until: float) -> bool:
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO target_switches (cloud, owner, lease_until) VALUES (?, ?, ?) "
+                "ON CONFLICT (cloud) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until "
+                "WHERE target_switches.lease_until <= ? OR target_switches.owner = excluded.owner",
+                (cloud, owner, lease_until, time.time()),
+            )
+            return cursor.rowcount == 1
+
+    async def release_switch(self, cloud: str, owner: str) -> None:
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM target_switches WHERE cloud = ? AND owner = ?", (cloud, owner))
+
+    async def revision_writes_in_flight(self, cloud: str, now: float) -> int:
+        row = await self._one(
+            "SELECT COUNT(*) FROM inflight_writes WHERE cloud = ? AND role = 'revision' AND lease_until > ?", (cloud, now)
+        )
+        return int(row[0])
+
+    async def claim_job(self, job_id: str, owner: str, lease_until: float) -> bool:
+        """Take an open job nobody holds (or whose holder's lease ran out): one process runs it."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET owner = ?, lease_until = ? WHERE id = ? AND status IN ('pending', 'active') "
+                "AND (owner IS NULL OR owner = ? OR lease_until <= ?)",
+                (owner, lease_until, job_id, owner, time.time()),
+            )
+            return cursor.rowcount == 1
+
+    async def renew_job(self, job_id: str, owner: str, lease_until: float) -> bool:
+        """Extend a held job's lease; False when it is no longer ours (taken over, or closed)."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND owner = ? AND status IN ('pending', 'active')",
+                (lease_until, job_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    async def release_job(self, job_id: str, owner: str) -> None:
+        """Give a job up at shutdown, so another process takes it at once, not after the lease."""
+        async with self.transaction() as db:
+            await db.execute("UPDATE jobs SET owner = NULL, lease_until = 0 WHERE id = ? AND owner = ?", (job_id, owner))
+
+    async def claim_pending(self, now: float, limit: int, owner: str, lease_until: float) -> list[PendingRevision]:
+        """Claim up to `limit` due pending revisions nobody holds; returns them."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE backup_pending SET owner = ?, lease_until = ? WHERE (cloud, digest) IN ("
+                "SELECT cloud, digest FROM backup_pending WHERE next_attempt_at <= ? AND lease_until <= ? "
+                "ORDER BY next_attempt_at LIMIT ?) AND lease_until <= ? "
+                "RETURNING cloud, digest, bytes, queued_at, attempts, next_attempt_at, last_error",
+                (owner, lease_until, now, now, limit, now),
+            )
+            rows = await cursor.fetchall()
+        return [PendingRevision(*r) for r in rows]
+
+    async def release_pending(self, cloud: str, digest: str, owner: str) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE backup_pending SET owner = NULL, lease_until = 0 WHERE cloud = ? AND digest = ? AND owner = ?",
+                (cloud, digest, owner),
+            )
+
+    async def renew_leases(self, owner: str, lease_until: float) -> None:
+        """The process is alive: extend every lease it still holds (one heartbeat, every
+        table). A lease that already ran out stays out: others may have acted on it."""
+        now = time.time()
+        async with self.transaction() as db:
+            for table in ("inflight_writes", "blob_deletions", "target_switches", "backup_pending"):
+                await db.execute(f"UPDATE {table} SET lease_until = ? WHERE owner = ? AND lease_until > ?", (lease_until, owner, now))
+
+    async def lease_owners(self, now: float) -> set[str]:
+        """Owners holding a live lease anywhere (to find the ones whose process has died)."""
+        rows = await self._all(
+            "SELECT owner FROM inflight_writes WHERE lease_until > ? UNION SELECT owner FROM blob_deletions WHERE lease_until > ? "
+            "UNION SELECT owner FROM target_switches WHERE lease_until > ? UNION SELECT owner FROM backup_pending "
+            "WHERE owner IS NOT NULL AND lease_until > ? UNION SELECT owner FROM jobs WHERE owner IS NOT NULL AND lease_until > ?",
+            (now, now, now, now, now),
+        )
+        return {r[0] for r in rows}
+
+    async def expire_owner(self, owner: str) -> None:
+        """End every lease of an owner known to be dead now, instead of when they run out."""
+        async with self.transaction() as db:
+            for table in ("inflight_writes", "blob_deletions", "target_switches", "backup_pending", "jobs"):
+                await db.execute(f"UPDATE {table} SET lease_until = 0 WHERE owner = ?", (owner,))
 
 
 # --- staff, sessions, audit: row helpers -----------------------------------------------------
@@ -1107,6 +1337,7 @@ def like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+#: Rows of a page decoded on the event loop; longer pages are decoded in a worker thread.
 _DECODE_ON_LOOP = 50
 _NAME = "COALESCE(a.detached_from, a.public_id)"
 #: Column expressions of the fields a query names (from this fixed table, never from input).

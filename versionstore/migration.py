@@ -5,9 +5,10 @@ Setting a bucket (or removing one, back to the default store) never switches at 
 way, and only then switches reads and writes in the transaction that completes the job.
 
 - The cursor is the last version row copied. Versions committed during the copy have larger
-  row ids, so the loop picks them up; the last pass runs under the environment's exclusive
-  target lock, which uploads and the drainer share while they write revisions, so nothing can
-  land in the old target after it.
+  row ids, so the loop picks them up; the last pass holds the environment's target switch
+  claim in the database (`Claims.switching_target`): no revision write starts meanwhile in
+  any process, and those in flight are waited for, so nothing can land in the old target
+  after it.
 - A revision still pending (its bytes wait in the primary store) is copied from there.
 - Deleting a version during the copy deletes it from both targets (VersionService).
 - After the switch away from the default store, the environment's copies there are removed
@@ -22,6 +23,7 @@ from typing import Any
 
 from versionstore import layout
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
+from versionstore.claims import REVISION
 from versionstore.errors import BadRequest
 from versionstore.ids import new_hex_id
 from versionstore.metadata import MetadataStore
@@ -97,7 +99,7 @@ class BackupMigration:
             if rows:
                 await self._copy_rows(job, rows)
                 continue
-            async with self.service.target_locks.exclusive(cloud):
+            async with self.service.claims.switching_target(cloud):
                 if await self._cancelled(job):
                     return False
                 rows = await self.meta.revisions_after(cloud, int(job.cursor.get("after_pk", 0)), 1 << 30)
@@ -157,16 +159,23 @@ class BackupMigration:
         service = self.service
         cloud = await self.meta.get_cloud(job.cloud)
         assert cloud is not None
-        async with service.digest_locks.hold((job.cloud, digest)):
-            if not await self.meta.digest_referenced(job.cloud, digest, backup=True):
-                return "skipped"  # deleted meanwhile
-            destination = await service.targets.target_store(cloud.name, job.params.get("to"))
-            key = layout.revision_key(job.cloud, digest)
-            if await destination.stat(key) is not None:
-                return "already_present"
-            source, source_key = await self._source(cloud, job, digest)
-            await service.copy_blob(source, source_key, destination, key, digest)
-            return "copied"
+        if not await self.meta.digest_referenced(job.cloud, digest, backup=True):
+            return "skipped"  # deleted meanwhile
+        destination = await service.targets.target_store(cloud.name, job.params.get("to"))
+        key = layout.revision_key(job.cloud, digest)
+        if await destination.stat(key) is not None:
+            return "already_present"
+        source, source_key = await self._source(cloud, job, digest)
+        await service.copy_blob(source, source_key, destination, key, digest)
+        # Not journaled (a copy of a referenced revision loses nothing if deleted): a version
+        # deleted during the copy had its release remove the destination's copy before this one
+        # landed, or is seen here, in any process; then the copy goes, under a deletion claim.
+        if not await self.meta.digest_referenced(job.cloud, digest, backup=True):
+            async with service.claims.deleting(job.cloud, digest, REVISION) as free:
+                if free:
+                    await destination.delete(key)
+            return "skipped"
+        return "copied"
 
     async def _source(self, cloud: Cloud, job: Job, digest: str) -> tuple[BlobStore, str]:
         if await self.meta.get_pending(cloud.name, digest) is not None:

@@ -245,6 +245,55 @@ CREATE INDEX assets_listing ON assets (cloud, resource_type, type, status, creat
 CREATE INDEX assets_digest ON assets (cloud, digest, status);
 DROP INDEX versions_digest;
 CREATE INDEX versions_digest ON versions (cloud, digest, backed_up);
+-- migration 10
+-- Several processes on one database (docs/design.md, "Processes, claims and leases").
+-- A lease is `lease_until` (unix seconds): the owner's heartbeat moves it forward; once it has
+-- passed, the owner is presumed dead and its work may be taken over or cleaned up.
+--
+-- The journal of blob writes in flight: a row is committed BEFORE a blob is written and removed
+-- in the transaction that commits the metadata naming it (or expired, lease 0, when the write
+-- ends without such a commit). Orphan collection reads only rows whose lease has passed.
+CREATE TABLE inflight_writes (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    cloud       TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    -- 'release': a reference to the digest is being dropped; if the process dies before it has
+    -- released the blobs, orphan collection checks every kind of blob of the digest
+    role        TEXT NOT NULL CHECK (role IN ('original', 'revision', 'pending', 'release')),
+    target      TEXT,           -- a revision's target (NULL: the default backup store)
+    owner       TEXT NOT NULL,  -- the writing process
+    started_at  REAL NOT NULL,
+    lease_until REAL NOT NULL
+);
+CREATE INDEX inflight_writes_digest ON inflight_writes (cloud, digest);
+CREATE INDEX inflight_writes_lease ON inflight_writes (lease_until);
+CREATE INDEX inflight_writes_owner ON inflight_writes (owner);
+-- A blob deletion in progress: claimed before the references are checked, released after the
+-- blob is gone. A writer that finds a live claim on its digest waits for it.
+CREATE TABLE blob_deletions (
+    cloud       TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    owner       TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    PRIMARY KEY (cloud, digest)
+);
+-- A backup-target switch in progress (a migration's last pass): no revision write starts while
+-- it is held, and it waits for those in flight.
+CREATE TABLE target_switches (
+    cloud       TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    lease_until REAL NOT NULL
+);
+-- Jobs and pending revisions are claimed by one process at a time, with a lease.
+ALTER TABLE jobs ADD COLUMN owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+ALTER TABLE backup_pending ADD COLUMN owner TEXT;
+ALTER TABLE backup_pending ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+-- Counters that caches in every process key on ('revisions', 'targets:<cloud>'): bumped in the
+-- transaction that changes what they stand for, read with one indexed look-up.
+CREATE TABLE generations (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 -- migration 11
 -- Support console (docs/console.md): staff accounts, their sessions, and the audit log.
 -- `clouds` is a JSON list of environment names, or ["*"] for every environment.

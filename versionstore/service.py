@@ -1,9 +1,11 @@
 """The domain: uploads become versions, versions become revisions, and nothing is lost.
 
-Write order (docs/design.md): bytes are spooled and hashed, put create-only into the stores,
-and only then is the metadata committed in one transaction. Blob deletions happen after the
-metadata no longer references the digest, under a per-digest lock that uploads also take, so
-an upload can never commit a version whose blob a concurrent deletion is removing.
+Write order (docs/design.md): bytes are spooled and hashed, the write is journaled
+(`Claims.writing`), put create-only into the stores, and only then is the metadata committed
+in one transaction that also removes the journal rows. Blob deletions happen after the
+metadata no longer references the digest, under a deletion claim in the database that every
+writer of the digest, in any process, waits for (`Claims.deleting`), so an upload can never
+commit a version whose blob a concurrent deletion is removing.
 This module does not know about HTTP.
 """
 
@@ -18,10 +20,11 @@ from typing import Any
 
 from versionstore import layout, media, verify
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
+from versionstore.claims import ORIGINAL, PENDING, REVISION, Claims
 from versionstore.errors import BadRequest, Conflict, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
-from versionstore.locks import KeyedLocks, KeyedSharedLocks
-from versionstore.metadata import AssetChanged, MetadataStore
+from versionstore.locks import KeyedLocks
+from versionstore.metadata import AssetChanged, MetadataStore, WriteExpired
 from versionstore.models import Asset, Cloud, RestoreFailure, Version
 from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable
 from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
@@ -81,21 +84,24 @@ class DeleteVersionsOutcome:
 
 
 class VersionService:
-    def __init__(self, meta: MetadataStore, primary: BlobStore, targets: BackupTargets, spool_dir: Path, max_bytes: int) -> None:
+    def __init__(
+        self, meta: MetadataStore, primary: BlobStore, targets: BackupTargets, spool_dir: Path, max_bytes: int,
+        claims: Claims | None = None,
+    ) -> None:
         self.meta = meta
         self.primary = primary
         self.targets = targets
         self.spool_dir = spool_dir
         self.max_bytes = max_bytes
-        #: (cloud, digest): held from a blob write to its metadata commit, and by deletions.
-        self.digest_locks = KeyedLocks()
+        #: Digest safety and target switches across processes (database claims and leases).
+        self.claims = claims or Claims(meta)
+        #: (cloud, name): an in-process optimisation only, so uploads to one name queue here
+        #: instead of failing each other's compare-and-set; correctness is the database's.
         self._names = KeyedLocks()
         #: (cloud, asset_id): held from reading an asset row to writing it, by every writer
         #: of that row in this process, so they queue instead of failing each other's
         #: compare-and-set. Held briefly: an upload takes it only to commit, not for its bytes.
         self._field_updates = KeyedLocks()
-        #: cloud: revision writes share it; a bucket migration's switch holds it alone.
-        self.target_locks = KeyedSharedLocks()
         #: Set when a revision is queued as pending, so the drainer need not wait for its tick.
         self.pending_added = asyncio.Event()
 
@@ -163,7 +169,7 @@ class VersionService:
                 asset.metadata = request.metadata
             return asset, version
 
-        async def commit(pending: bool = False) -> tuple[Asset, Version, Asset | None]:
+        async def commit(done_writes: list[int], pending: bool = False) -> tuple[Asset, Version, Asset | None]:
             """Build the rows from a fresh read, taken while no tags update of this asset runs
             here, and compare-and-set them; a row another process changed meanwhile is read
             again. The blobs are already written."""
@@ -175,48 +181,64 @@ class VersionService:
                         raise _Superseded(current)
                     asset, version = new_version(current)
                     try:
-                        return await self.meta.save_version(asset, version, pending=pending), version, current
+                        saved = await self.meta.save_version(asset, version, pending=pending, done_writes=done_writes)
+                        return saved, version, current
                     except AssetChanged:
                         continue
             raise Conflict(f"Resource {public_id} kept changing during the upload; retry")
 
+        roles: list[tuple[str, str | None]] = [(ORIGINAL, None)]
+        if backed_up:
+            roles += [(REVISION, cloud.backup_target), (PENDING, None)]
+        # The original this upload replaces is released after the commit: journaled, so a crash
+        # in between leaves it to orphan collection.
+        replacing = [existing.digest] if existing is not None and existing.live and existing.digest != spooled.digest else []
+        async with self.claims.releasing(cloud.name, replacing):
+            return await self._write_and_commit(cloud, spooled, roles, backed_up, public_id, commit)
+
+    async def _write_and_commit(
+        self, cloud: Cloud, spooled: Spooled, roles: list[tuple[str, str | None]], backed_up: bool, public_id: str,
+        commit: Callable[..., Awaitable[tuple[Asset, Version, Asset | None]]],
+    ) -> UploadResult:
+        """Blobs first (journaled), then the metadata commit, then the superseded original."""
         try:
-            async with self.digest_locks.hold((cloud.name, spooled.digest)):
-                # Blobs first, metadata second: a crash in between leaves only an orphan blob.
-                # The spool file's fsync runs while a remote bucket receives the revision; local
-                # links wait for it (see spool.make_durable).
+            async with self.claims.writing(cloud.name, spooled.digest, roles) as ticket:
+                # Blobs first, metadata second: a crash in between leaves only a journal row,
+                # from which orphan collection finds the blob. The spool file's fsync runs while
+                # a remote bucket receives the revision; local links wait for it (spool.make_durable).
                 durable = asyncio.ensure_future(make_durable(spooled))
                 try:
                     if backed_up:
-                        async with self.target_locks.shared(cloud.name):
-                            try:
-                                # A task group, not gather: if one write fails the other is cancelled
-                                # instead of reading a spool file that is about to be removed.
-                                async with asyncio.TaskGroup() as group:
-                                    group.create_task(self._put_original(cloud.name, spooled, durable))
-                                    revision = group.create_task(self._put_revision(cloud.name, spooled.digest, spooled.path, durable))
-                            except ExceptionGroup as failed:
-                                raise failed.exceptions[0] from None
-                            pending = not revision.result()
-                            if pending:
-                                # Nothing is dropped: the bytes wait in the primary store until the
-                                # drainer writes them to the target (docs/buckets.md).
-                                await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
-                            await durable
-                            asset, version, replaced = await commit(pending)
+                        try:
+                            # A task group, not gather: if one write fails the other is cancelled
+                            # instead of reading a spool file that is about to be removed.
+                            async with asyncio.TaskGroup() as group:
+                                group.create_task(self._put_original(cloud.name, spooled, durable))
+                                revision = group.create_task(self._put_revision(cloud.name, spooled.digest, spooled.path, durable))
+                        except ExceptionGroup as failed:
+                            raise failed.exceptions[0] from None
+                        pending = not revision.result()
+                        if pending:
+                            # Nothing is dropped: the bytes wait in the primary store until the
+                            # drainer writes them to the target (docs/buckets.md).
+                            await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
+                        await durable
+                        asset, version, replaced = await commit(ticket.commit_ids(), pending)
                         if pending:
                             self.pending_added.set()
                     else:
                         await self._put_original(cloud.name, spooled, durable)
-                        asset, version, replaced = await commit()
+                        asset, version, replaced = await commit(ticket.commit_ids())
+                    ticket.committed = True
                 finally:
                     if not durable.done():
                         durable.cancel()
         except _Superseded as superseded:
             # Another process created the asset while these bytes were written, and this upload
-            # must not overwrite it: its blobs reference nothing (orphan collection takes the rest).
-            await self._release_primary(cloud.name, spooled.digest)
+            # must not overwrite it: its journal rows expired, orphan collection takes its blobs.
             return await self._existing(superseded.asset)
+        except WriteExpired:
+            raise Conflict(f"The upload of {public_id} stalled past its lease; retry") from None
         if replaced is not None and replaced.digest != spooled.digest:
             await self._release_primary(cloud.name, replaced.digest)
         return UploadResult(asset, version, overwritten=replaced is not None and replaced.live)
@@ -273,9 +295,10 @@ class VersionService:
                 return "already"
             version = found[1]
             key = layout.original_key(asset.cloud, version.digest)
+            cloud = await self.meta.get_cloud(asset.cloud)
+            roles = [(REVISION, cloud.backup_target if cloud else None), (PENDING, None)]
             async with (
-                self.digest_locks.hold((asset.cloud, version.digest)),
-                self.target_locks.shared(asset.cloud),
+                self.claims.writing(asset.cloud, version.digest, roles) as ticket,
                 self.local_copy(self.primary, key, version.digest, verify=False) as source,
             ):
                 if source is None:
@@ -283,7 +306,10 @@ class VersionService:
                 pending = not await self._put_revision(asset.cloud, version.digest, source)
                 if pending:
                     await self.primary.put_file(layout.pending_key(asset.cloud, version.digest), source)
-                marked = await self.meta.mark_backed_up(asset.cloud, version_pk, version, pending=pending, job_id=job_id)
+                marked = await self.meta.mark_backed_up(
+                    asset.cloud, version_pk, version, pending=pending, job_id=job_id, done_writes=ticket.commit_ids()
+                )
+                ticket.committed = True
         if pending:
             self.pending_added.set()
         return ("pending" if pending else "backed_up") if marked else "already"
@@ -301,11 +327,12 @@ class VersionService:
                 current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
                 if current is None or not current.live:
                     return
-                try:
-                    await self.meta.delete_asset(current, time.time())
-                except AssetChanged:
-                    continue
-            await self._release_primary(current.cloud, current.digest)
+                async with self.claims.releasing(current.cloud, [current.digest]):
+                    try:
+                        await self.meta.delete_asset(current, time.time())
+                    except AssetChanged:
+                        continue
+                    await self._release_primary(current.cloud, current.digest)
             return
         raise Conflict(f"Resource {asset.public_id} kept changing during the deletion; retry")
 
@@ -329,35 +356,40 @@ class VersionService:
                     )
                 else:
                     wanted.append(version_id)
-            # The store refuses the current version of a live asset itself, whatever was read here.
-            outcome.deleted = await self.meta.delete_versions(asset.pk or 0, wanted)
-            for version_id in wanted:
-                if version_id not in outcome.deleted:
-                    outcome.failures.append({"version_id": version_id, "error": "Version changed meanwhile; retry"})
-        for digest in {by_id[v].digest for v in outcome.deleted if by_id[v].backed_up}:
-            await self._release_revision(cloud, digest)
+            async with self.claims.releasing(cloud, [by_id[v].digest for v in wanted]):
+                # The store refuses the current version of a live asset itself, whatever was read here.
+                outcome.deleted = await self.meta.delete_versions(asset.pk or 0, wanted)
+                for version_id in wanted:
+                    if version_id not in outcome.deleted:
+                        outcome.failures.append({"version_id": version_id, "error": "Version changed meanwhile; retry"})
+                for digest in {by_id[v].digest for v in outcome.deleted if by_id[v].backed_up}:
+                    await self.release_revision(cloud, digest)
         return outcome
 
-    async def _release_revision(self, cloud_name: str, digest: str) -> None:
+    async def release_revision(self, cloud_name: str, digest: str) -> None:
         """Delete a revision nothing references any more: from the pending queue, the target,
         and a migration's destination. A target that cannot be used now keeps an orphan,
-        which orphan collection removes later."""
-        async with self.digest_locks.hold((cloud_name, digest)):
-            if await self.meta.digest_referenced(cloud_name, digest, backup=True):
+        which a full store reconciliation (`versionstore gc --full`) removes later."""
+        async with self.claims.deleting(cloud_name, digest, REVISION) as free:
+            if not free:
                 return
             await self.meta.forget_checks(cloud_name, digest)  # a later upload of these bytes starts unmarked
             if await self.meta.get_pending(cloud_name, digest) is not None:
                 await self.meta.clear_pending(cloud_name, digest)
                 await self.primary.delete(layout.pending_key(cloud_name, digest))
-            cloud = await self.meta.get_cloud(cloud_name)
-            if cloud is None:
-                return
-            for target in await self.revision_targets(cloud):
-                try:
-                    store = await self.targets.target_store(cloud_name, target)
-                    await store.delete(layout.revision_key(cloud_name, digest))
-                except (TargetUnavailable, BlobStoreError) as exc:
-                    log.warning("revision %s of %s stays in %s until orphan collection: %s", digest, cloud_name, target, exc)
+            await self._delete_revision(cloud_name, digest)
+
+    async def _delete_revision(self, cloud_name: str, digest: str, *extra: str | None) -> None:
+        """Inside a deletion claim: remove a revision from every target it may be in."""
+        cloud = await self.meta.get_cloud(cloud_name)
+        if cloud is None:
+            return
+        for target in dict.fromkeys([*await self.revision_targets(cloud), *extra]):
+            try:
+                store = await self.targets.target_store(cloud_name, target)
+                await store.delete(layout.revision_key(cloud_name, digest))
+            except (TargetUnavailable, BlobStoreError) as exc:
+                log.warning("revision %s of %s stays in %s until a full gc: %s", digest, cloud_name, target, exc)
 
     async def revision_targets(self, cloud: Cloud) -> list[str | None]:
         """Where the environment's revisions may be: its target, and a migration's destination."""
@@ -368,39 +400,52 @@ class VersionService:
         return targets
 
     async def _release_primary(self, cloud: str, digest: str) -> None:
-        async with self.digest_locks.hold((cloud, digest)):
-            if not await self.meta.digest_referenced(cloud, digest, backup=False):
+        async with self.claims.deleting(cloud, digest, ORIGINAL) as free:
+            if free:
                 await self.primary.delete(layout.original_key(cloud, digest))
 
-    async def collect_orphans(self, cloud: Cloud) -> int:
-        """Delete blobs that no metadata references: leftovers of a crash between the blob
-        write and the metadata commit. Safe beside live traffic: each check holds the digest
-        lock that an upload holds from its blob write to its commit. A customer bucket is
-        only touched while its marker is there."""
+    async def remove_unreferenced(self, cloud: str, digest: str, role: str, target: str | None) -> None:
+        """Orphan collection's deletion of one blob (the caller holds the claim and checked)."""
+        if role == ORIGINAL:
+            await self.primary.delete(layout.original_key(cloud, digest))
+        elif role == PENDING:
+            await self.primary.delete(layout.pending_key(cloud, digest))
+        else:
+            await self._delete_revision(cloud, digest, target)
+
+    async def collect_expired_writes(self) -> int:
+        """Orphan collection from the write journal: at start and periodically, in every process."""
+        return await self.claims.collect_expired(self.remove_unreferenced)
+
+    async def collect_orphans(self, cloud: Cloud, *, rate: float | None = None) -> int:
+        """Full store reconciliation: delete blobs that no metadata references (leftovers of a
+        crash from before the write journal, or of a store that was unreachable when a blob
+        was released). Walks every blob, so it is a paced job (`versionstore gc --full`), never
+        a start-up step: at most `rate` blobs a second, yielding to requests. Safe beside live
+        traffic and other processes: each deletion holds the digest's deletion claim."""
         removed = seen = 0
         try:
             backup: BlobStore | None = await self.targets.usable(cloud)
         except (TargetUnavailable, BlobStoreError):
             backup = None
         passes: list[tuple[BlobStore | None, str, str]] = [
-            (backup, layout.revision_prefix(cloud.name), "revision"),
-            (self.primary, layout.original_prefix(cloud.name), "original"),
-            (self.primary, layout.pending_prefix(cloud.name), "pending"),
+            (backup, layout.revision_prefix(cloud.name), REVISION),
+            (self.primary, layout.original_prefix(cloud.name), ORIGINAL),
+            (self.primary, layout.pending_prefix(cloud.name), PENDING),
         ]
+        started = time.monotonic()
         for store, prefix, role in passes:
             if store is None:
                 continue
             async for key in store.list(prefix):
                 seen += 1
-                if seen % 256 == 0:
+                if rate:
+                    await asyncio.sleep(max(0.0, started + seen / rate - time.monotonic()))
+                elif seen % 256 == 0:
                     await asyncio.sleep(0)  # point reads are synchronous: let requests through
                 digest = layout.digest_of(key)
-                async with self.digest_locks.hold((cloud.name, digest)):
-                    if role == "pending":
-                        referenced = await self.meta.get_pending(cloud.name, digest) is not None
-                    else:
-                        referenced = await self.meta.digest_referenced(cloud.name, digest, backup=role == "revision")
-                    if not referenced:
+                async with self.claims.deleting(cloud.name, digest, role) as free:
+                    if free:
                         await store.delete(key)
                         removed += 1
         return removed
@@ -415,16 +460,17 @@ class VersionService:
         """
         async with self._names.hold((asset.cloud, asset.resource_type, asset.type, asset.public_id)):
             for _attempt in range(WRITE_ATTEMPTS):
-                try:
-                    async with self._field_updates.hold((asset.cloud, asset.asset_id)):
-                        current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
-                        if current is None:
-                            return _failure("asset_not_found", f"Resource not found - {asset.public_id}")
-                        outcome, previous_digest = await self._restore_locked(current, version_id)
-                except AssetChanged:
-                    continue  # another process wrote the row meanwhile: read again, decide again
-                if previous_digest and outcome.asset is not None and previous_digest != outcome.asset.digest:
-                    await self._release_primary(asset.cloud, previous_digest)
+                async with self._field_updates.hold((asset.cloud, asset.asset_id)):
+                    current = await self.meta.get_asset_by_id(asset.cloud, asset.asset_id)
+                    if current is None:
+                        return _failure("asset_not_found", f"Resource not found - {asset.public_id}")
+                    async with self.claims.releasing(asset.cloud, [current.digest] if current.live else []):
+                        try:
+                            outcome, previous_digest = await self._restore_locked(current, version_id)
+                        except AssetChanged:
+                            continue  # another process wrote the row meanwhile: read again, decide again
+                        if previous_digest and outcome.asset is not None and previous_digest != outcome.asset.digest:
+                            await self._release_primary(asset.cloud, previous_digest)
                 return outcome
         return _failure("conflict", f"Resource {asset.public_id} kept changing during the restore; retry")
 
@@ -466,9 +512,11 @@ class VersionService:
             restored_from=chosen.version_id, created_at=now,
         )
         previous_digest = asset.digest if asset.live else None
-        async with self.digest_locks.hold((asset.cloud, chosen.digest)):
-            # Inside the digest lock: a concurrent release of this digest's primary copy
-            # (another asset deleted) must not slip between the copy and the commit.
+        cloud = await self.meta.get_cloud(asset.cloud)
+        roles = [(ORIGINAL, None), (REVISION, cloud.backup_target if cloud else None)]
+        async with self.claims.writing(asset.cloud, chosen.digest, roles) as ticket:
+            # Journaled: a concurrent release of this digest's primary copy (another asset
+            # deleted) or of its revision must not slip between the copy and the commit.
             try:
                 await self._copy_revision_to_primary(asset.cloud, chosen.digest)
             except BlobNotFound as exc:
@@ -493,7 +541,11 @@ class VersionService:
                 version=version.version, version_id=version.version_id, uploaded_at=now, deleted_at=None,
                 md5=version.md5,
             )
-            restored = await self.meta.save_version(restored, version)
+            try:
+                restored = await self.meta.save_version(restored, version, done_writes=ticket.commit_ids())
+            except WriteExpired:
+                return _failure("conflict", f"The restore of {asset.public_id} stalled past its lease; retry"), None
+            ticket.committed = True
         return RestoreOutcome(asset=restored), previous_digest
 
     async def _dimensions(self, cloud_name: str, version: Version) -> tuple[int | None, int | None]:
@@ -606,12 +658,13 @@ class VersionService:
                             f"to_public_id ({to_public_id}) is reserved by a deleted asset's backup history; "
                             "pass overwrite=true to take it (that history stays reachable by its asset_id)"
                         )
-                    try:
-                        renamed = await self.meta.rename_asset(current, to_type, to_public_id, replacing=target, now=time.time())
-                    except AssetChanged:
-                        continue
-                if target is not None and target.live:
-                    await self._release_primary(target.cloud, target.digest)
+                    async with self.claims.releasing(asset.cloud, [target.digest] if target is not None and target.live else []):
+                        try:
+                            renamed = await self.meta.rename_asset(current, to_type, to_public_id, replacing=target, now=time.time())
+                        except AssetChanged:
+                            continue
+                        if target is not None and target.live:
+                            await self._release_primary(target.cloud, target.digest)
                 return renamed
         raise Conflict(f"Resource {asset.public_id} kept changing during the rename; retry")
 

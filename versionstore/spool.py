@@ -11,13 +11,16 @@ hash, sets the pace. Memory per upload is bounded by two blocks.
 """
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -29,6 +32,8 @@ BLOCK = 1 << 20
 #: larger blocks mean fewer hand-offs; two blocks in flight bound the memory of an upload.
 HANDOFF = 4 << 20
 HEAD = 64
+#: Seconds after which an unlocked staging file (`.new`) is a crash's leftover.
+STAGING_AGE = 60.0
 
 
 class Hashes:
@@ -69,6 +74,9 @@ class Spooled:
     synced: bool = True
     #: MD5, hex: Cloudinary's `etag` (None from producers that did not compute it).
     md5: str | None = None
+    #: A read-only handle holding the spool file's lock until this object is dropped, so no
+    #: other process's start-up removes the file while its upload still needs it.
+    lock: Any = field(default=None, compare=False, repr=False)
 
 
 async def make_durable(spooled: Spooled) -> None:
@@ -83,7 +91,8 @@ class SpoolFile:
     """Append-only temp file with running BLAKE3 and MD5; `finish()` fsyncs and returns both."""
 
     def __init__(self, directory: Path, limit: int) -> None:
-        self.path = directory / f"{secrets.token_hex(12)}.part"
+        name = secrets.token_hex(12)
+        self.path = directory / f"{name}.part"
         self.limit = limit
         self.size = 0
         self.head = b""
@@ -97,8 +106,14 @@ class SpoolFile:
         self._state = threading.Lock()
         self._busy = False
         self._discarded = False
-        # Unbuffered: blocks are already large, and Python's buffer would add a copy.
-        self._handle = open(self.path, "xb", buffering=0)
+        # Unbuffered: blocks are already large, and Python's buffer would add a copy. Created
+        # and locked under a staging name, then renamed: a `.part` file is locked from its first
+        # moment until its upload is done with it (see remove_stale_parts).
+        staging = directory / f"{name}.new"
+        self._handle = open(staging, "xb", buffering=0)
+        self._lock = open(staging, "rb")
+        fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, self.path)
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -150,7 +165,7 @@ class SpoolFile:
         await self._flush()
         await self._in_flight_done()
         await asyncio.to_thread(self._close, sync)
-        return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=self.hashes.md5)
+        return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=self.hashes.md5, lock=self._lock)
 
     def _close(self, sync: bool) -> None:
         if sync:  # durable before any store links it and before any metadata names it
@@ -168,6 +183,7 @@ class SpoolFile:
     def _remove(self) -> None:
         self._handle.close()
         self.path.unlink(missing_ok=True)
+        self._lock.close()
 
 
 def _started(work: Callable[[list[bytes]], None], chunks: list[bytes]) -> asyncio.Future[None]:
@@ -189,3 +205,26 @@ async def hash_file(path: Path) -> tuple[str, bytes]:
         return hasher.hexdigest(), head
 
     return await asyncio.to_thread(run)
+
+
+def remove_stale_parts(directory: Path) -> int:
+    """Remove spool files a crashed process left: a `.part` file that no process holds locked
+    (a live one is locked from creation until its upload is done), and a `.new` staging file
+    (locked within microseconds of its creation) a minute old and unlocked. Another process's
+    upload in flight is never touched. Blocking: run it in a thread. Returns how many went."""
+    removed = 0
+    cutoff = time.time() - STAGING_AGE
+    for path in [*directory.glob("*.part"), *directory.glob("*.new")]:
+        try:
+            with open(path, "rb") as handle:
+                if path.suffix == ".new" and os.fstat(handle.fileno()).st_mtime >= cutoff:
+                    continue
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # in use by a live process
+                path.unlink(missing_ok=True)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

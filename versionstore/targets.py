@@ -3,7 +3,9 @@
 The default target is the operator's backup store. A customer bucket (`s3://` or `gs://`) is
 used only while its root holds the marker `.wellknown/cloudinary/<cloud_name>`; the check is
 cached for `marker_ttl` seconds so uploads do not pay for it. Failures and marker loss are
-recorded as the environment's backup health (persisted, so the CLI can show it too).
+recorded as the environment's backup health (persisted, so the CLI can show it too); recording
+it moves a generation in the database, on which every process drops its cached health and
+marker checks of that environment (several processes agree within one request).
 A failing target is not tried inline again for `breaker_seconds`: uploads go straight to the
 pending queue instead of waiting on a dead bucket, and the drainer probes it meanwhile.
 """
@@ -19,7 +21,7 @@ from versionstore import layout
 from versionstore.blobstore import BlobStore, BlobStoreError, StoreURL, open_store, parse_store_url
 from versionstore.blobstore.resilient import ResiliencePolicy, resilient
 from versionstore.errors import BadRequest
-from versionstore.metadata import MetadataStore
+from versionstore.metadata import MetadataStore, target_generation
 from versionstore.models import BackupHealth, Cloud
 
 log = logging.getLogger(__name__)
@@ -117,9 +119,23 @@ class BackupTargets:
         self._stores: dict[tuple[str, bool], BlobStore] = {}
         self._markers: dict[tuple[str, str], tuple[bool, float]] = {}
         self._failed_at: dict[str, float] = {}
-        #: Environments whose persisted health is `healthy`: this process is the only writer of
-        #: backup_health, so a successful upload needs no database read to know nothing changed.
+        #: Environments whose persisted health is `healthy`, as long as no process has recorded
+        #: a health change since (the target generation, `_refresh`): a successful upload then
+        #: needs one indexed read, not the health row, to know nothing changed.
         self._healthy: set[str] = set()
+        #: cloud -> the target generation the caches above (and the marker checks) belong to.
+        self._seen: dict[str, int] = {}
+
+    async def _refresh(self, cloud: str) -> None:
+        """Drop what this process cached about an environment's target (health, marker checks)
+        once any process, or the CLI, has recorded a change of its health: several processes
+        see a lost marker or a failing bucket within one request of each other."""
+        generation = await self.meta.generation(target_generation(cloud))
+        if self._seen.get(cloud) != generation:
+            self._seen[cloud] = generation
+            self._healthy.discard(cloud)
+            for key in [key for key in self._markers if key[1] == cloud]:
+                del self._markers[key]
 
     def store(self, target: str | None, *, inline: bool = False) -> BlobStore:
         """The (retrying) store of a target; `inline` retries briefly, for request paths."""
@@ -140,6 +156,7 @@ class BackupTargets:
         """One target of an environment (None: the default store), e.g. a migration's source
         or destination, after the marker check; TargetUnavailable when it may not be used."""
         store = self.store(target, inline=inline)
+        await self._refresh(cloud)
         if target is not None and not await self._marker_present(target, cloud):
             message = f"marker object {marker_url(parse_store_url(target), cloud)} is missing"
             await self.record_failure(cloud, MARKER_MISSING, message)
@@ -184,6 +201,7 @@ class BackupTargets:
     async def record_success(self, cloud: str) -> bool:
         """Mark the target healthy; True when it was not (the caller may drain the queue)."""
         self._failed_at.pop(cloud, None)
+        await self._refresh(cloud)
         if cloud in self._healthy:
             return False
         self._healthy.add(cloud)

@@ -27,6 +27,7 @@ import blake3
 
 from versionstore import layout
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
+from versionstore.claims import ORIGINAL, REVISION
 from versionstore.ids import new_hex_id
 from versionstore.metadata import MetadataStore
 from versionstore.models import Cloud, Job
@@ -315,9 +316,8 @@ class Scrubber:
             outcomes[PRIMARY] = (MISSING, f"{self.service.primary.name}/{layout.original_key(cloud.name, digest)} is missing")
         if _all_ok(outcomes):
             return outcomes
-        async with self.service.digest_locks.hold((cloud.name, digest)):
-            if not await self.meta.digest_referenced(cloud.name, digest, backup=True):
-                return {}  # deleted meanwhile (version deletion): nothing to repair or record
+        if not await self.meta.digest_referenced(cloud.name, digest, backup=True):
+            return {}  # deleted meanwhile (version deletion): nothing to repair or record
         outcomes = await self._repair(cloud, digest, backup, self.service.primary, outcomes)
         await self.meta.record_checks(cloud.name, digest, outcomes)
         for store, (outcome, detail) in outcomes.items():
@@ -327,18 +327,22 @@ class Scrubber:
 
     async def _repair(self, cloud: Cloud, digest: str, backup: BlobStore, primary: BlobStore,
                       outcomes: dict[str, tuple[str, str | None]]) -> dict[str, tuple[str, str | None]]:
-        """Replace a bad copy from the other store's intact one, under the digest lock."""
+        """Replace a bad copy from the other store's intact one. The write is journaled, so a
+        deletion of the digest (in any process) waits for it or leaves it to orphan collection."""
         copies = {BACKUP: (backup, layout.revision_key(cloud.name, digest)),
                   PRIMARY: (primary, layout.original_key(cloud.name, digest))}
         for bad, good in ((BACKUP, PRIMARY), (PRIMARY, BACKUP)):
             if outcomes.get(bad, (OK,))[0] not in BAD or outcomes.get(good, (MISSING,))[0] != OK:
                 continue
             (target, target_key), (source, source_key) = copies[bad], copies[good]
-            async with self.service.digest_locks.hold((cloud.name, digest)):
-                if bad == PRIMARY and not await self.meta.digest_referenced(cloud.name, digest, backup=False):
-                    if outcomes[bad][0] == CORRUPT:
-                        await target.delete(target_key)  # a corrupt copy nothing needs: remove it
-                    continue
+            if bad == PRIMARY and not await self.meta.digest_referenced(cloud.name, digest, backup=False):
+                if outcomes[bad][0] == CORRUPT:
+                    async with self.service.claims.deleting(cloud.name, digest, ORIGINAL) as free:
+                        if free:
+                            await target.delete(target_key)  # a corrupt copy nothing needs: remove it
+                continue
+            role = (ORIGINAL, None) if bad == PRIMARY else (REVISION, cloud.backup_target)
+            async with self.service.claims.writing(cloud.name, digest, [role]):
                 outcomes[bad] = await repair_copy(self.service, source, source_key, target, target_key, digest, outcomes[bad])
         return outcomes
 

@@ -6,6 +6,7 @@ import gc
 import inspect
 import itertools
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from versionstore import initial_backup, logs, migration, verify
 from versionstore.blobstore import open_store
 from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
+from versionstore.claims import Claims
 from versionstore.config import Config
 from versionstore.console import bulk_restore
 from versionstore.disk_space import is_disk_full, space_report
@@ -37,6 +39,7 @@ from versionstore.metadata import MetadataStore
 from versionstore.models import Job
 from versionstore.pending import PendingDrainer
 from versionstore.service import VersionService
+from versionstore.spool import remove_stale_parts
 from versionstore.targets import BackupTargets
 
 log = logging.getLogger("versionstore")
@@ -68,6 +71,15 @@ _ID_COUNTER = itertools.count(1)
 
 def _new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+
+
+def _new_id_prefix() -> None:
+    """A forked worker (`serve --workers`) gets its own prefix: ids stay unique across workers."""
+    global _ID_PREFIX
+    _ID_PREFIX = secrets.token_hex(4)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 @web.middleware
@@ -180,8 +192,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     config.data_dir.mkdir(parents=True, exist_ok=True)
     config.spool_dir.mkdir(exist_ok=True)
-    for stale in config.spool_dir.glob("*.part"):
-        stale.unlink(missing_ok=True)  # a crash mid-upload left it; nothing references it
+    # A crash mid-upload left these; never another live process's upload (see remove_stale_parts).
+    await asyncio.to_thread(remove_stale_parts, config.spool_dir)
     async with contextlib.AsyncExitStack() as opened:
         meta = await MetadataStore.open(config.db_path)
         opened.push_async_callback(meta.close)
@@ -190,7 +202,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         opened.push_async_callback(primary.close)
         targets = BackupTargets(meta, resilient(open_store(config.backup_url)), marker_ttl=config.marker_ttl)
         opened.push_async_callback(targets.close)
-        service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
+        claims = Claims(meta, lease=config.lease_seconds)
+        service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes, claims)
         chunks = app[CHUNKS] = ChunkAssembler(meta, config, service.new_spool)
         await chunks.sweep()
         app[FETCHER] = guarded_session(app[EGRESS], auto_decompress=False)
@@ -201,12 +214,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             verify.KIND: verify.VerifyJob(service, rate=config.verify_rate * 1e6 or None).run,
             bulk_restore.KIND: bulk_restore.BulkRestore(service).run,
         }
-        runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval)
+        runner = app[JOBS] = JobRunner(
+            meta, handlers, poll_interval=config.poll_interval, owner=claims.owner, lease=config.lease_seconds
+        )
         opened.push_async_callback(runner.close)
         runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), app[EGRESS], base_delay=config.poll_interval))
         drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
         background = [
-            asyncio.create_task(_collect_orphans(service, meta), name="orphan collection"),
+            asyncio.create_task(claims.run_heartbeat(), name="lease heartbeat"),
+            asyncio.create_task(_collect_orphans(service, config), name="orphan collection"),
             asyncio.create_task(drainer.run(), name="pending drainer"),
             asyncio.create_task(runner.run(), name="job runner"),
             asyncio.create_task(chunks.run_sweeper(), name="chunk session sweeper"),
@@ -230,15 +246,21 @@ async def _describe_job(meta: MetadataStore, job: Job) -> dict[str, Any]:
     return render.job(job)
 
 
-async def _collect_orphans(service: VersionService, meta: MetadataStore) -> None:
-    """Once per start: remove blobs a crash left without metadata (see docs/design.md)."""
-    try:
-        for cloud in await meta.list_clouds():
-            removed = await service.collect_orphans(cloud)
-            if removed:
-                log.info("removed %d orphan blob(s) of %s", removed, cloud.name)
-    except Exception:
-        log.exception("orphan collection failed; it will run again at the next start")
+async def _collect_orphans(service: VersionService, config: Config) -> None:
+    """At start and then periodically: remove the blobs of writes that crashed or ended without
+    a commit, found from the write journal's expired rows (docs/design.md), and stale spool
+    files. The cost follows those writes, not the number of blobs; a full store walk is
+    `versionstore gc --full`."""
+    while True:
+        try:
+            await service.claims.expire_dead_owners()
+            settled = await service.collect_expired_writes()
+            if settled:
+                log.info("orphan collection settled %d expired blob write(s)", settled)
+            await asyncio.to_thread(remove_stale_parts, config.spool_dir)
+        except Exception:
+            log.exception("orphan collection failed; retrying in %s s", config.journal_sweep_interval)
+        await asyncio.sleep(config.journal_sweep_interval)
 
 
 # aiohttp >= 3.14 refuses forms of more than 1000 fields; a bulk call of the largest id list

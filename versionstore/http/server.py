@@ -5,14 +5,27 @@ before anything is opened), the service's resources are opened next (the databas
 stores; a failure releases what was opened), and "listening on" and the demo environment's
 CLOUDINARY_URL are printed once requests are accepted. Any start-up failure is a `StartupError`:
 one line for the operator, no traceback, and the process exits because nothing is left open.
+
+`serve_workers` (`serve --workers N`): the parent binds the port once, applies the schema
+migrations once, and forks N worker processes that accept on the inherited socket (the kernel
+spreads connections among them). It prints the banner once all are listening, restarts a
+worker that dies, and on SIGTERM/SIGINT stops them all. The workers share the database (SQLite
+in WAL) and the stores; what keeps them correct together is in versionstore/claims.py.
 """
 
 import asyncio
+import contextlib
 import errno
+import importlib
+import importlib.util
 import logging
+import os
 import signal
 import socket
+import sys
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -57,10 +70,13 @@ async def serve(
     *,
     access_log: bool,
     ready: Callable[[MetadataStore, str], Awaitable[None]] | None = None,
+    sock: socket.socket | None = None,
+    listening: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT. `ready(meta, base_url)` runs once requests are accepted."""
+    """Serve until SIGTERM or SIGINT. `ready(meta, base_url)` runs once requests are accepted;
+    a worker of `serve_workers` gets the parent's `sock` and says `listening()` instead."""
     config.check()
-    sock = bind(config.host, config.port)
+    sock = sock or bind(config.host, config.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -75,8 +91,9 @@ async def serve(
         except Exception as exc:
             raise StartupError(f"cannot start: {one_line(exc)}") from None
         await web.SockSite(runner, sock).start()
-        host, port = sock.getsockname()[:2]
-        base_url = f"http://{config.host if config.host not in ('0.0.0.0', '::', '') else host}:{port}"
+        base_url = _base_url(config, sock)
+        if listening is not None:
+            listening()
         if ready is not None and not stop.is_set():
             try:
                 await ready(runner.app[META], base_url)
@@ -88,3 +105,164 @@ async def serve(
         sock.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def _base_url(config: Config, sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{config.host if config.host not in ('0.0.0.0', '::', '') else host}:{port}"
+
+
+#: A worker that dies this soon after its start is restarted only after RESTART_DELAY, so a
+#: worker that cannot start does not spin the machine.
+FAST_EXIT = 5.0
+RESTART_DELAY = 1.0
+
+
+def serve_workers(
+    config: Config,
+    workers: int,
+    *,
+    access_log: bool,
+    ready: Callable[[MetadataStore, str], Awaitable[None]] | None = None,
+) -> None:
+    """Run `workers` service processes on one port and supervise them until SIGTERM/SIGINT."""
+    config.check()
+    sock = bind(config.host, config.port)
+    try:
+        asyncio.run(_migrate(config))  # once, before any worker opens the database
+    except Exception as exc:
+        sock.close()
+        raise StartupError(f"cannot start: {one_line(exc)}") from None
+    prepare_metrics(config.data_dir / "metrics")
+    supervisor = _Supervisor(config, sock, access_log)
+    try:
+        supervisor.start(workers)
+        if ready is not None:
+            asyncio.run(_announce(config, _base_url(config, sock), ready))
+        supervisor.supervise()
+    finally:
+        supervisor.stop()
+        sock.close()
+
+
+def prepare_metrics(directory: Path) -> None:
+    """HOOK (issue 11, /metrics): the metrics helper's `versionstore.http.metrics` module sets up
+    prometheus-client's multi-process directory; it must run in the parent before any worker
+    starts. Called only when that module is present (it is not on this branch)."""
+    if importlib.util.find_spec("versionstore.http.metrics") is None:
+        return
+    importlib.import_module("versionstore.http.metrics").prepare_multiprocess(directory)
+
+
+async def _migrate(config: Config) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    meta = await MetadataStore.open(config.db_path)
+    await meta.close()
+
+
+async def _announce(config: Config, base_url: str, ready: Callable[[MetadataStore, str], Awaitable[None]]) -> None:
+    meta = await MetadataStore.open(config.db_path)
+    try:
+        await ready(meta, base_url)
+    finally:
+        await meta.close()
+
+
+class _Supervisor:
+    """Forks the workers (from a parent with no threads and no event loop running), restarts
+    the ones that die, stops them all on SIGTERM/SIGINT."""
+
+    def __init__(self, config: Config, sock: socket.socket, access_log: bool) -> None:
+        self.config = config
+        self.sock = sock
+        self.access_log = access_log
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
+        self.stopping = False
+
+    def start(self, workers: int) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        ready_read, ready_write = os.pipe()
+        try:
+            for slot in range(workers):
+                self._spawn(slot, ready_write)
+            os.close(ready_write)
+            ready_write = -1
+            for _ in range(workers):
+                if not os.read(ready_read, 1):  # every worker died before listening
+                    raise StartupError("cannot start: the workers exited before listening (see the log above)")
+        finally:
+            os.close(ready_read)
+            if ready_write >= 0:
+                os.close(ready_write)
+        if self.stopping:
+            raise StartupError("stopped during start-up")
+
+    def _spawn(self, slot: int, ready_fd: int | None) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+
+                def listening() -> None:
+                    if ready_fd is not None:
+                        os.write(ready_fd, b"1")
+                        os.close(ready_fd)
+
+                asyncio.run(serve(self.config, access_log=self.access_log, sock=self.sock, listening=listening))
+            except StartupError as exc:
+                print(f"error: worker {slot}: {exc}", file=sys.stderr, flush=True)
+                code = 1
+            except BaseException:
+                logging.getLogger("versionstore").exception("worker %d failed", slot)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = (slot, time.monotonic())
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def supervise(self) -> None:
+        log = logging.getLogger("versionstore")
+        while self.children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            slot, started = self.children.pop(pid, (None, 0.0))
+            if slot is None or self.stopping:
+                continue
+            log.warning("worker %d (pid %d) exited (%s); starting a new one", slot, pid, _describe(status))
+            if time.monotonic() - started < FAST_EXIT:
+                time.sleep(RESTART_DELAY)
+            if not self.stopping:
+                self._spawn(slot, None)
+
+    def stop(self) -> None:
+        """Stop the workers still running and reap them (an error or a signal in the parent)."""
+        self._on_signal(signal.SIGTERM, None)
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT + 5
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self.children.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        for pid in self.children:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

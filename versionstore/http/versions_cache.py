@@ -3,7 +3,8 @@
 Versions are immutable rows, so the JSON of an asset's history only changes when a version
 is added or deleted, which `MetadataStore.versions_signature` detects with one indexed count,
 or when a pending revision reaches its target (`restorable` flips), which bumps
-`MetadataStore.revisions_generation`, or when verify finds a revision missing or corrupt (or
+`MetadataStore.revisions_generation` (a counter in the database, bumped in the same
+transaction, so a change made by any process counts), or when verify finds a revision missing or corrupt (or
 repaired), which moves `MetadataStore.verify_generation` (kept in the database, so a change
 made by `versionstore verify` in another process counts too).
 A 1,000-version history then costs one query and a string copy instead of 1,000 row
@@ -18,8 +19,8 @@ from collections import OrderedDict
 from versionstore.http import render
 from versionstore.metadata import MetadataStore
 
-#: (versions_signature + generations, JSON bytes, backup_bytes, (data_version, revisions_generation) when last checked)
-_Entry = tuple[tuple[int, int, int, int], bytes, int, tuple[int, int]]
+#: (versions_signature + generations, JSON bytes, backup_bytes, data_version when last checked)
+_Entry = tuple[tuple[int, int, int, int], bytes, int, int]
 
 
 class VersionsJsonCache:
@@ -30,12 +31,12 @@ class VersionsJsonCache:
 
     async def get(self, meta: MetadataStore, cloud: str, asset_pk: int) -> tuple[bytes, int]:
         """(JSON array of the asset's versions, backup_bytes)."""
-        checked = (meta.data_version(), meta.revisions_generation)
+        checked = meta.data_version()
         hit = self._entries.get(asset_pk)
         if hit is not None and hit[3] == checked:
             self._entries.move_to_end(asset_pk)
             return hit[1], hit[2]
-        signature = (*await meta.versions_signature(asset_pk), meta.revisions_generation, await meta.verify_generation())
+        signature = (*await meta.versions_signature(asset_pk), await meta.revisions_generation(), await meta.verify_generation())
         if hit is not None and hit[0] == signature:
             self._entries[asset_pk] = (*hit[:3], checked)
             self._entries.move_to_end(asset_pk)
