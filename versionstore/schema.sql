@@ -294,6 +294,7 @@ ALTER TABLE backup_pending ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
 CREATE TABLE generations (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
 -- migration 11
 -- Support console (docs/console.md): staff accounts, their sessions, and the audit log.
 -- `clouds` is a JSON list of environment names, or ["*"] for every environment.
