@@ -1,4 +1,5 @@
-"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify` and `initial-backup`.
+"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify`, `initial-backup`,
+`snapshot create|list|show|delete|pin`, `retention simulate` and `restore` (snapshot_cli.py).
 
 `initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
 parses its own options.
@@ -295,6 +296,10 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--rate", type=float, default=0.0, metavar="MB/s", help="read at most this fast (default: 0, unlimited)")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     _data_dir_option(check, creates=False)
+
+    from versionstore import snapshot_cli
+
+    snapshot_cli.register(sub, _command, _data_dir_option)
 
     sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
         "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "
