@@ -25,7 +25,7 @@ from versionstore import layout
 from versionstore.errors import BadRequest, NotFound
 from versionstore.ids import new_hex_id
 from versionstore.metadata import MetadataStore
-from versionstore.models import Asset, Job
+from versionstore.models import Job
 from versionstore.service import UploadRequest, VersionService
 from versionstore.snapshot_records import PointInTimeRow
 from versionstore.snapshots import check_prefix
@@ -126,7 +126,7 @@ async def _diff(meta: MetadataStore, selection: Selection, rows: list[PointInTim
         current = await _current(meta, selection, row)
         if not _existed(row, selection):
             if current is not None and current.live:
-                diff.did_not_exist.append({**entry, "version_id": current.version_id, "backed_up": await _backed_up(meta, current)})
+                diff.did_not_exist.append({**entry, "version_id": current.version_id, "backed_up": current.backed_up})
             continue
         assert row.at_digest is not None
         if current is not None and current.live and current.digest == row.at_digest:
@@ -140,7 +140,7 @@ async def _diff(meta: MetadataStore, selection: Selection, rows: list[PointInTim
             **entry, "from_version": current.version_id if current is not None and current.live else None,
             "to_version": row.at_version_id, "bytes_digest": row.at_digest,
         }
-        if current is not None and current.live and not await _backed_up(meta, current):
+        if current is not None and current.live and not current.backed_up:
             item["warning"] = "overwrites_unbacked"  # the destination's current bytes are not a revision
         diff.restore.append(item)
     return diff
@@ -157,16 +157,24 @@ def _unrecoverable(row: PointInTimeRow, pending: set[str], damaged: dict[str, st
     return None
 
 
-async def _current(meta: MetadataStore, selection: Selection, row: PointInTimeRow) -> Asset | None:
-    """The destination's asset: the row itself, or the same name in the target environment."""
+@dataclass(frozen=True)
+class _Current:
+    live: bool
+    version_id: str
+    digest: str
+    backed_up: bool
+
+
+async def _current(meta: MetadataStore, selection: Selection, row: PointInTimeRow) -> _Current | None:
+    """The destination's state: the row's own (no query), or the same name in the target
+    environment (a point read)."""
     if selection.target_cloud is None or selection.target_cloud == selection.cloud:
-        return await meta.get_asset_by_id(selection.cloud, row.asset_id)
-    return await meta.get_asset(selection.target_cloud, row.resource_type, row.type, row.public_id)
-
-
-async def _backed_up(meta: MetadataStore, asset: Asset) -> bool:
+        return _Current(row.live, row.current_version_id, row.current_digest, row.current_backed_up)
+    asset = await meta.get_asset(selection.target_cloud, row.resource_type, row.type, row.public_id)
+    if asset is None:
+        return None
     found = await meta.version_of(asset.cloud, asset.asset_id, asset.version_id)
-    return found is not None and found[1].backed_up
+    return _Current(asset.live, asset.version_id, asset.digest, found is not None and found[1].backed_up)
 
 
 # --- the real run ------------------------------------------------------------------------------

@@ -258,3 +258,6 @@ CREATE TABLE snapshot_schedules (
 );
 -- Reference checks by digest (digest_referenced for primary copies, a snapshot's unique bytes).
 CREATE INDEX assets_digest ON assets (cloud, digest);
+-- Walking an environment's assets in row order, a page at a time (point-in-time selections):
+-- without it the planner takes a cloud index and sorts every row for each page.
+CREATE INDEX assets_cloud_pk ON assets (cloud, pk);
