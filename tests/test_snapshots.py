@@ -131,3 +131,25 @@ async def test_deleting_a_snapshot_deletes_no_revision_a_version_still_uses(api,
     await api.upload(b"v2", public_id="k/a")
     await api.admin("DELETE", f"{SNAPS}/{snap['id']}")
     assert len(blob_files(config, "backup")) == 2
+
+
+async def test_a_snapshot_taken_while_uploads_run_is_consistent(api, client):
+    """Uploads never wait for a snapshot and a snapshot never sees half an upload: every item
+    names a committed version, one per asset, and the counts match the items."""
+    import asyncio
+
+    await asyncio.gather(*(api.upload(f"base {i}".encode(), public_id=f"c/{i}") for i in range(20)))
+    uploads = [asyncio.ensure_future(api.upload(f"next {i}".encode(), public_id=f"c/{i % 25}")) for i in range(40)]
+    snaps = [await api.admin("POST", SNAPS, json={"prefix": "c/"}) for _ in range(5)]
+    await asyncio.gather(*uploads)
+    meta = client.app[SERVICE].meta
+    counts = []
+    for snap in snaps:
+        items = (await api.admin("GET", f"{SNAPS}/{snap['id']}/items", params={"max_results": "5000"}))["items"]
+        assert len(items) == snap["asset_count"] == len({i["asset_id"] for i in items})
+        assert snap["size_bytes"] == sum(i["bytes"] for i in items)
+        for item in items:
+            found = await meta.version_of(CLOUD, item["asset_id"], item["version_id"])
+            assert found is not None and found[1].digest == item["blake3"]
+        counts.append(len(items))
+    assert counts == sorted(counts) and counts[0] >= 20 and counts[-1] <= 25  # assets only ever appear

@@ -2,6 +2,7 @@
 and the real run brings back exactly the model's state (real SQLite and stores, no HTTP)."""
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -114,3 +115,42 @@ async def _scenario(ops: list[tuple[str, str, int, bool]], root: Path) -> None:
 def test_the_point_in_time_diff_matches_a_model_of_the_history(ops):
     with tempfile.TemporaryDirectory() as root:
         asyncio.run(_scenario(ops, Path(root)))
+
+
+async def test_a_restore_job_killed_mid_run_resumes_from_its_cursor_and_restores_nothing_twice(tmp_path, monkeypatch):
+    service = await _service(tmp_path)
+    try:
+        names = [f"m/{i}" for i in range(7)]
+        first = {name: await _put(service, name, 1, True) for name in names}
+        at = time.time()
+        for name in names:
+            await _put(service, name, 2, True)
+        monkeypatch.setattr(pitr, "PAGE", 3)
+        job = Job(id="k" * 32, cloud="m", kind=pitr.KIND, status="active", params={"at": at, "prefix": "m/", "missing": "leave"})
+        assert await service.meta.create_job(job) is not None
+        real_restore, calls = service.restore, []
+
+        async def dies_on_the_fifth(asset, version_id):
+            calls.append(asset.public_id)
+            if len(calls) == 5:
+                raise asyncio.CancelledError  # the process is killed mid-page
+            return await real_restore(asset, version_id)
+
+        monkeypatch.setattr(service, "restore", dies_on_the_fifth)
+        with contextlib.suppress(asyncio.CancelledError):
+            await pitr.PointInTimeRestore(service).run(job)
+        saved = await service.meta.get_job("m", job.id)
+        assert saved is not None and saved.status == "active" and saved.cursor["after_pk"] > 0  # the first page is recorded
+        monkeypatch.setattr(service, "restore", real_restore)
+        await pitr.PointInTimeRestore(service).run(saved)  # what the runner does after a restart
+        done = await service.meta.get_job("m", job.id)
+        assert done is not None and done.status == "completed"
+        for name in names:
+            asset = await service.meta.get_asset("m", "image", "upload", name)
+            assert asset is not None
+            restored = [v for v in await service.meta.versions(asset.pk or 0) if v.restored_from]
+            assert [v.restored_from for v in restored] == [first[name]]  # exactly once each
+    finally:
+        await service.targets.close()
+        await service.primary.close()
+        await service.meta.close()
