@@ -512,7 +512,7 @@ class MetadataStore:
                 )
                 if cursor.rowcount:
                     deleted.append(version_id)
-            await self._drop_snapshot_items(db, deleted)  # irreversible means final: docs/design.md
+            await self._drop_snapshot_items(db, asset_pk, deleted)  # irreversible means final: docs/design.md
             remaining = await (await db.execute("SELECT COUNT(*) FROM versions WHERE asset_pk = ?", (asset_pk,))).fetchone()
             if remaining is not None and remaining[0] == 0:
                 await db.execute("DELETE FROM assets WHERE pk = ? AND status = 'deleted'", (asset_pk,))
@@ -1036,17 +1036,19 @@ class MetadataStore:
             return bool(cursor.rowcount)
 
     @staticmethod
-    async def _drop_snapshot_items(db: aiosqlite.Connection, version_ids: Sequence[str]) -> None:
-        """Inside a version deletion's transaction: the deleted versions leave every snapshot
-        that listed them, and those snapshots are marked changed (docs/design.md)."""
+    async def _drop_snapshot_items(db: aiosqlite.Connection, asset_pk: int, version_ids: Sequence[str]) -> None:
+        """Inside a version deletion's transaction: the asset's deleted versions leave every
+        snapshot that listed them, and those snapshots are marked changed (docs/design.md)."""
         for start in range(0, len(version_ids), 500):
             part = list(version_ids[start : start + 500])
             marks = ", ".join("?" * len(part))
-            cursor = await db.execute(f"SELECT DISTINCT snapshot_id FROM snapshot_items WHERE version_id IN ({marks})", part)
+            cursor = await db.execute(
+                f"SELECT DISTINCT snapshot_id FROM snapshot_items WHERE asset_pk = ? AND version_id IN ({marks})", (asset_pk, *part)
+            )
             touched = [r[0] for r in await cursor.fetchall()]
             if not touched:
                 continue
-            await db.execute(f"DELETE FROM snapshot_items WHERE version_id IN ({marks})", part)
+            await db.execute(f"DELETE FROM snapshot_items WHERE asset_pk = ? AND version_id IN ({marks})", (asset_pk, *part))
             for snapshot_id in touched:
                 await db.execute(
                     f"UPDATE snapshots SET removed_items = removed_items + asset_count - "
