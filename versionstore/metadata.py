@@ -934,7 +934,7 @@ class MetadataStore:
             await db.execute(
                 "INSERT INTO snapshot_items (snapshot_id, cloud, asset_pk, asset_id, resource_type, type, public_id, "
                 "version_id, digest, bytes, covered) "
-                "SELECT ?, a.cloud, a.pk, a.asset_id, a.resource_type, a.type, a.public_id, v.version_id, v.digest, v.bytes, "
+                "SELECT CAST(? AS TEXT), a.cloud, a.pk, a.asset_id, a.resource_type, a.type, a.public_id, v.version_id, v.digest, v.bytes, "
                 "v.backed_up FROM assets a JOIN versions v ON v.version_id = a.version_id "
                 "WHERE a.cloud = ? AND a.status = 'live' AND substr(a.public_id, 1, ?) = ?",
                 (snapshot.id, snapshot.cloud, len(snapshot.prefix), snapshot.prefix),
