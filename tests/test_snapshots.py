@@ -55,6 +55,8 @@ async def test_list_pages_with_a_cursor_newest_first(api):
         if cursor is None:
             break
     assert seen == made[::-1]
+    assert {s["unique_bytes"] for s in (await api.admin("GET", SNAPS))["snapshots"]} == {None}  # a scan each: on request
+    assert {s["unique_bytes"] for s in (await api.admin("GET", SNAPS, params={"unique_bytes": "true"}))["snapshots"]} == {0}
     await api.admin("GET", SNAPS, params={"next_cursor": "%%%"}, expect=400)
 
 

@@ -1012,11 +1012,15 @@ class MetadataStore:
         return int(rows[0][0])
 
     async def delete_snapshot(self, cloud: str, snapshot_id: str) -> list[str]:
-        """Delete a snapshot and its items; returns the covered digests it referenced (for the
-        caller to release those nothing else references). Empty when there was no such snapshot."""
+        """Delete a snapshot and its items; returns the digests only it referenced (no backed-up
+        version, no other snapshot: usually none), for the caller to release."""
         async with self.transaction() as db:
             cursor = await db.execute(
-                "SELECT DISTINCT digest FROM snapshot_items WHERE snapshot_id = ? AND covered = 1", (snapshot_id,)
+                "SELECT DISTINCT s.digest FROM snapshot_items s WHERE s.snapshot_id = ? AND s.covered = 1 "
+                "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.cloud = s.cloud AND v.digest = s.digest AND v.backed_up = 1) "
+                "AND NOT EXISTS (SELECT 1 FROM snapshot_items o WHERE o.cloud = s.cloud AND o.digest = s.digest "
+                "AND o.snapshot_id <> s.snapshot_id)",
+                (snapshot_id,),
             )
             digests = [r[0] for r in await cursor.fetchall()]
             await db.execute("DELETE FROM snapshot_items WHERE snapshot_id = ?", (snapshot_id,))

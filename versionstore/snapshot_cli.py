@@ -61,7 +61,8 @@ async def _create(snapshots: Service, args: argparse.Namespace) -> Any:
 
 
 async def _list(snapshots: Service, args: argparse.Namespace) -> Any:
-    return [await snapshots.describe(s) for s in await snapshots.meta.list_snapshots(args.cloud, args.limit)]
+    found = await snapshots.meta.list_snapshots(args.cloud, args.limit)
+    return [await snapshots.describe(s, unique_bytes=args.unique_bytes) for s in found]
 
 
 async def _show(snapshots: Service, args: argparse.Namespace) -> Any:
@@ -126,6 +127,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", command
     create.add_argument("--prefix", help="only public_ids under this prefix")
     listing = on_cloud(command(snap_sub, "list", "snapshots, newest first (one JSON object per line)", _run(_list)))
     listing.add_argument("--limit", type=int, default=100, help="at most this many")
+    listing.add_argument("--unique-bytes", action="store_true", help="also compute unique_bytes (reads every item)")
     show = on_cloud(command(snap_sub, "show", "one snapshot", _run(_show)))
     show.add_argument("id", help="snapshot id")
     show.add_argument("--items", type=int, default=0, metavar="N", help="also list its first N items")

@@ -81,7 +81,7 @@ class Snapshots:
         if not by_retention and snapshot.type != MANUAL:
             raise Forbidden(f"Snapshot {snapshot_id} is scheduled: its retention policy removes it, not a user")
         for digest in await self.meta.delete_snapshot(cloud, snapshot_id):
-            # Usually a version still references the revision; then nothing is deleted.
+            # Only what no version and no other snapshot referenced; checked again under the lock.
             await self.service._release_revision(cloud, digest)
         return snapshot
 
@@ -93,11 +93,12 @@ class Snapshots:
         await self.meta.update_snapshot(cloud, snapshot_id, **columns)
         return await self.get(cloud, snapshot_id)
 
-    async def describe(self, snapshot: Snapshot) -> dict[str, Any]:
+    async def describe(self, snapshot: Snapshot, *, unique_bytes: bool = True) -> dict[str, Any]:
         """The API's and the CLI's view of a snapshot (times as unix seconds; the HTTP layer
-        renders them)."""
+        renders them). `unique_bytes` reads every item of the snapshot: lists skip it (null)
+        unless asked."""
         body = asdict(snapshot)
-        body["unique_bytes"] = await self.meta.snapshot_unique_bytes(snapshot.cloud, [snapshot.id])
+        body["unique_bytes"] = await self.meta.snapshot_unique_bytes(snapshot.cloud, [snapshot.id]) if unique_bytes else None
         body["changed"] = snapshot.changed_at is not None
         if snapshot.type == MANUAL or snapshot.pinned:
             body["expires_at"] = None

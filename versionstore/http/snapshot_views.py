@@ -36,8 +36,8 @@ def _snapshots(request: web.Request) -> Snapshots:
     return Snapshots(request.app[SERVICE])
 
 
-async def _body(snapshots: Snapshots, snapshot: Snapshot) -> dict[str, Any]:
-    body = await snapshots.describe(snapshot)
+async def _body(snapshots: Snapshots, snapshot: Snapshot, unique_bytes: bool = True) -> dict[str, Any]:
+    body = await snapshots.describe(snapshot, unique_bytes=unique_bytes)
     for name in ("created_at", "expires_at", "changed_at"):
         body[name] = render.iso(body[name]) if body[name] is not None else None
     body.pop("cloud")
@@ -67,7 +67,8 @@ async def snapshots(request: web.Request, cloud: Cloud, match: dict[str, str]) -
         return web.json_response(await _body(service, created))
     limit = as_int(params.get("max_results"), "max_results", 50, 1, 500)
     found = await request.app[META].list_snapshots(cloud.name, limit + 1, _decode(params.get("next_cursor")))
-    body: dict[str, Any] = {"snapshots": [await _body(service, s) for s in found[:limit]]}
+    unique = bool(as_bool(params.get("unique_bytes"), False))  # a scan of each snapshot's items
+    body: dict[str, Any] = {"snapshots": [await _body(service, s, unique) for s in found[:limit]]}
     if len(found) > limit:
         body["next_cursor"] = _encode(found[limit - 1])
     return web.json_response(body)
