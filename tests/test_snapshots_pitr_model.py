@@ -95,7 +95,14 @@ async def _scenario(ops: list[tuple[str, str, int, bool]], root: Path) -> None:
         assert await service.meta.create_job(job) is not None
         await pitr.PointInTimeRestore(service).run(job)
         after = await pitr.dry_run(service.meta, pitr.Selection("m", "m/", at))
-        assert after["counts"]["restore"] == 0
+        # Left alone by default: a current version that is not backed up would become unrecoverable.
+        assert all(entry.get("warning") == "overwrites_unbacked" for entry in after["restore"])
+        if after["restore"]:
+            forced = Job(id="f" * 32, cloud="m", kind=pitr.KIND, status="active",
+                         params={"at": at, "prefix": "m/", "missing": "leave", "overwrite_unbacked": True})
+            assert await service.meta.create_job(forced) is not None
+            await pitr.PointInTimeRestore(service).run(forced)
+            assert (await pitr.dry_run(service.meta, pitr.Selection("m", "m/", at)))["counts"]["restore"] == 0
         for name, held in then.items():
             if held is not None and held[2]:
                 asset = await service.meta.get_asset("m", "image", "upload", name)

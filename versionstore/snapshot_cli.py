@@ -130,7 +130,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", command
     listing.add_argument("--unique-bytes", action="store_true", help="also compute unique_bytes (reads every item)")
     show = on_cloud(command(snap_sub, "show", "one snapshot", _run(_show)))
     show.add_argument("id", help="snapshot id")
-    show.add_argument("--items", type=int, default=0, metavar="N", help="also list its first N items")
+    show.add_argument("--items", type=int, default=0, metavar="N", help="also list its first N items (default: 0, none)")
     delete = on_cloud(command(snap_sub, "delete", "delete a manual, unpinned snapshot", _run(_delete)))
     delete.add_argument("id", help="snapshot id")
     pin = on_cloud(command(snap_sub, "pin", "pin a snapshot (or --off to unpin)", _run(_pin)))
@@ -141,8 +141,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", command
     keep_sub = keep.add_subparsers(dest="retention_command", required=True, metavar="COMMAND")
     simulate = on_cloud(command(keep_sub, "simulate", "what a policy keeps and removes, without acting", _run(_simulate)))
     simulate.add_argument("--preset", choices=sorted(retention.PRESETS), help="a preset policy (default: the environment's)")
-    for name in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"):
-        simulate.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, metavar="N")
+    for name, what in (("keep_last", "the N newest"), ("keep_daily", "the newest of each of the last N days"),
+                       ("keep_weekly", "... of the last N ISO weeks"), ("keep_monthly", "... of the last N months"),
+                       ("keep_yearly", "... of the last N years")):
+        simulate.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, metavar="N", help=f"keep {what}")
     simulate.add_argument("--keep-within", dest="keep_within", metavar="DURATION", help="e.g. 30d, 2w, 12h")
     simulate.add_argument("--at", help="evaluate at this time (unix seconds or ISO 8601; default: now)")
 
