@@ -1,5 +1,6 @@
 """Command line: `versionstore serve`, `cloud create|list|set|status`, `verify`, `gc`, `initial-backup`,
-`staff add|list|disable|enable|reset-password` and `audit verify|export`.
+`staff add|list|disable|enable|reset-password`, `audit verify|export`, and (snapshot_cli.py)
+`snapshot create|list|show|delete|pin`, `retention simulate` and `restore`.
 
 `initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
 parses its own options.
@@ -467,6 +468,9 @@ def parser() -> argparse.ArgumentParser:
         "--rate", type=float, default=200.0, metavar="BLOBS/s", help="with --full: examine at most this many blobs a second (0: unpaced)"
     )
     _data_dir_option(collect, creates=False)
+    from versionstore import snapshot_cli
+
+    snapshot_cli.register(sub, _command, _data_dir_option)
 
     sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
         "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "

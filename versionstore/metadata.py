@@ -39,6 +39,7 @@ from versionstore.models import (
     Version,
 )
 from versionstore.queries import SORT_FIELDS, AssetQuery, Filter, SortKey
+from versionstore.snapshot_records import PointInTimeRow, ScheduleRow, Snapshot, SnapshotItem
 
 #: Selected in this order; `detached_from` stands for the model's `detached` flag (see _asset).
 _ASSET_COLUMNS = [*(f.name for f in fields(Asset) if f.name != "detached"), "detached_from"]
@@ -101,6 +102,32 @@ def target_generation(cloud: str) -> str:
 class WriteExpired(Exception):
     """A blob write's journal row was taken by orphan collection (its lease ran out while the
     writer stalled): its blob may be gone, so the metadata naming it is not committed."""
+_SNAPSHOT_COLUMNS = [f.name for f in fields(Snapshot)]
+_SNAPSHOT_SELECT = f"SELECT {', '.join(_SNAPSHOT_COLUMNS)} FROM snapshots"
+#: Recomputes a snapshot's counts from its items (inside an UPDATE of that snapshot row).
+_SNAPSHOT_COUNTS = (
+    "asset_count = (SELECT COUNT(*) FROM snapshot_items i WHERE i.snapshot_id = snapshots.id), "
+    "uncovered_count = (SELECT COUNT(*) FROM snapshot_items i WHERE i.snapshot_id = snapshots.id AND i.covered = 0), "
+    "size_bytes = (SELECT COALESCE(SUM(i.bytes), 0) FROM snapshot_items i WHERE i.snapshot_id = snapshots.id)"
+)
+_PIT_SELECT = (
+    "SELECT a.pk, a.asset_id, a.resource_type, a.type, a.public_id, a.status, a.version_id, a.digest, cv.backed_up, "
+    "a.deleted_at, a.created_at, tv.version_id, tv.digest, tv.backed_up FROM assets a "
+    "LEFT JOIN versions cv ON cv.version_id = a.version_id"
+)
+
+
+def _snapshot(row: Sequence[Any]) -> Snapshot:
+    values = dict(zip(_SNAPSHOT_COLUMNS, row, strict=True))
+    values["pinned"], values["pending_deletion"] = bool(values["pinned"]), bool(values["pending_deletion"])
+    return Snapshot(**values)
+
+
+def _pit_row(r: Sequence[Any]) -> PointInTimeRow:
+    return PointInTimeRow(
+        int(r[0]), r[1], r[2], r[3], r[4], r[5] == "live", r[6], r[7], bool(r[8]), r[9], float(r[10]),
+        r[11], r[12], None if r[13] is None else bool(r[13]),
+    )
 
 
 class AssetChanged(Exception):
@@ -483,17 +510,21 @@ class MetadataStore:
                 )
                 if cursor.rowcount:
                     deleted.append(version_id)
+            await self._drop_snapshot_items(db, asset_pk, deleted)  # irreversible means final: docs/design.md
             remaining = await (await db.execute("SELECT COUNT(*) FROM versions WHERE asset_pk = ?", (asset_pk,))).fetchone()
             if remaining is not None and remaining[0] == 0:
                 await db.execute("DELETE FROM assets WHERE pk = ? AND status = 'deleted'", (asset_pk,))
         return deleted
 
     async def digest_referenced(self, cloud: str, digest: str, *, backup: bool) -> bool:
-        """Does any backed-up version (backup store) or live asset (primary store) use it?"""
+        """Does any backed-up version or snapshot (backup store) or live asset (primary store) use it?"""
         if backup:
-            sql = "SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1 LIMIT 1"
-        else:
-            sql = "SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live' LIMIT 1"
+            # A snapshot's reference holds the revision too (docs/snapshots.md), whatever
+            # happens to version rows: the one place every blob deletion asks.
+            sql = ("SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1 UNION ALL "
+                   "SELECT 1 FROM snapshot_items WHERE cloud = ? AND digest = ? AND covered = 1 LIMIT 1")
+            return await self._one(sql, (cloud, digest, cloud, digest)) is not None
+        sql = "SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live' LIMIT 1"
         return await self._one(sql, (cloud, digest)) is not None
 
     # --- chunked upload sessions ------------------------------------------------------------
@@ -1192,14 +1223,16 @@ class MetadataStore:
         One statement (one snapshot): a writer removes its journal row in the commit that names
         the digest, so a snapshot without the row has the reference. A `release` row is no use."""
         references = {
-            "original": "SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live'",
-            "revision": "SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1",
-            "pending": "SELECT 1 FROM backup_pending WHERE cloud = ? AND digest = ?",
+            "original": ["SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live'"],
+            # A snapshot's item holds its revision as a version does (docs/snapshots.md).
+            "revision": ["SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1",
+                         "SELECT 1 FROM snapshot_items WHERE cloud = ? AND digest = ? AND covered = 1"],
+            "pending": ["SELECT 1 FROM backup_pending WHERE cloud = ? AND digest = ?"],
         }[role]
         row = await self._one(
             "SELECT EXISTS (SELECT 1 FROM inflight_writes WHERE cloud = ? AND digest = ? AND lease_until > ? AND role != 'release') "
-            f"OR EXISTS ({references})",
-            (cloud, digest, now, cloud, digest),
+            + "".join(f"OR EXISTS ({sql}) " for sql in references),
+            (cloud, digest, now, *[value for _ in references for value in (cloud, digest)]),
         )
         return bool(row[0])
 
@@ -1305,6 +1338,206 @@ class MetadataStore:
         async with self.transaction() as db:
             for table in ("inflight_writes", "blob_deletions", "target_switches", "backup_pending", "jobs"):
                 await db.execute(f"UPDATE {table} SET lease_until = 0 WHERE owner = ?", (owner,))
+
+    # --- snapshots, schedules, point-in-time selections (versionstore/snapshots.py) ---------
+    # Portable SQL only (runs on SQLite and PostgreSQL): a snapshot is taken by one
+    # INSERT ... SELECT in one transaction, so it is consistent and costs no round trip per asset.
+
+    async def create_snapshot(self, snapshot: Snapshot) -> Snapshot:
+        """Insert the snapshot and its items (each in-scope live asset's current version) in
+        one transaction; the counts are computed from the items in the same transaction."""
+        values = {f.name: getattr(snapshot, f.name) for f in fields(Snapshot)}
+        values["pinned"], values["pending_deletion"] = int(snapshot.pinned), int(snapshot.pending_deletion)
+        async with self.transaction() as db:
+            await db.execute(
+                f"INSERT INTO snapshots ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})", tuple(values.values())
+            )
+            await db.execute(
+                "INSERT INTO snapshot_items (snapshot_id, cloud, asset_pk, asset_id, resource_type, type, public_id, "
+                "version_id, digest, bytes, covered) "
+                "SELECT CAST(? AS TEXT), a.cloud, a.pk, a.asset_id, a.resource_type, a.type, a.public_id, v.version_id, v.digest, v.bytes, "
+                "v.backed_up FROM assets a JOIN versions v ON v.version_id = a.version_id "
+                "WHERE a.cloud = ? AND a.status = 'live' AND substr(a.public_id, 1, ?) = ?",
+                (snapshot.id, snapshot.cloud, len(snapshot.prefix), snapshot.prefix),
+            )
+            await db.execute(f"UPDATE snapshots SET {_SNAPSHOT_COUNTS}, status = 'completed' WHERE id = ?", (snapshot.id,))
+            cursor = await db.execute(f"{_SNAPSHOT_SELECT} WHERE id = ?", (snapshot.id,))
+            row = await cursor.fetchone()
+        assert row is not None
+        return _snapshot(row)
+
+    async def record_snapshot(self, snapshot: Snapshot) -> None:
+        """Insert a snapshot row as it is (a failed scheduled run, so it shows and alerts)."""
+        values = {f.name: getattr(snapshot, f.name) for f in fields(Snapshot)}
+        values["pinned"], values["pending_deletion"] = int(snapshot.pinned), int(snapshot.pending_deletion)
+        async with self.transaction() as db:
+            await db.execute(
+                f"INSERT INTO snapshots ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})", tuple(values.values())
+            )
+
+    async def get_snapshot(self, cloud: str, snapshot_id: str) -> Snapshot | None:
+        row = await self._one(f"{_SNAPSHOT_SELECT} WHERE cloud = ? AND id = ?", (cloud, snapshot_id))
+        return None if row is None else _snapshot(row)
+
+    async def list_snapshots(self, cloud: str, limit: int, before: tuple[float, str] | None = None) -> list[Snapshot]:
+        """Newest first; `before` is the (created_at, id) of the last one of the previous page."""
+        if before is None:
+            rows = await self._all(f"{_SNAPSHOT_SELECT} WHERE cloud = ? ORDER BY created_at DESC, id DESC LIMIT ?", (cloud, limit))
+        else:
+            rows = await self._all(
+                f"{_SNAPSHOT_SELECT} WHERE cloud = ? AND (created_at < ? OR (created_at = ? AND id < ?)) "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (cloud, before[0], before[0], before[1], limit),
+            )
+        return [_snapshot(r) for r in rows]
+
+    async def snapshot_items(self, snapshot_id: str, after_asset_pk: int, limit: int, *, covered: bool | None = None) -> list[SnapshotItem]:
+        where = "" if covered is None else f" AND covered = {int(covered)}"
+        rows = await self._scan(
+            "SELECT asset_pk, asset_id, resource_type, type, public_id, version_id, digest, bytes, covered FROM snapshot_items "
+            f"WHERE snapshot_id = ? AND asset_pk > ?{where} ORDER BY asset_pk LIMIT ?",
+            (snapshot_id, after_asset_pk, limit),
+        )
+        return [SnapshotItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8])) for r in rows]
+
+    async def snapshot_unique_bytes(self, cloud: str, snapshot_ids: Sequence[str]) -> int:
+        """Bytes of revisions these snapshots reference that no other snapshot references and
+        no live asset has as its current original: the history only they keep addressable."""
+        if not snapshot_ids:
+            return 0
+        marks = ", ".join("?" * len(snapshot_ids))
+        rows = await self._scan(
+            "SELECT COALESCE(SUM(t.bytes), 0) FROM (SELECT DISTINCT s.digest, s.bytes FROM snapshot_items s "
+            f"WHERE s.snapshot_id IN ({marks}) AND s.covered = 1 "
+            f"AND NOT EXISTS (SELECT 1 FROM snapshot_items o WHERE o.cloud = s.cloud AND o.digest = s.digest "
+            f"AND o.snapshot_id NOT IN ({marks})) "
+            "AND NOT EXISTS (SELECT 1 FROM assets a WHERE a.cloud = s.cloud AND a.digest = s.digest AND a.status = 'live')) t",
+            (*snapshot_ids, *snapshot_ids),
+        )
+        return int(rows[0][0])
+
+    async def snapshot_freed_bytes(self, cloud: str, snapshot_ids: Sequence[str]) -> int:
+        """Bytes that would become unreferenced (collectable) if these snapshots went: revisions
+        they reference that no other snapshot and no backed-up version references."""
+        if not snapshot_ids:
+            return 0
+        marks = ", ".join("?" * len(snapshot_ids))
+        rows = await self._scan(
+            "SELECT COALESCE(SUM(t.bytes), 0) FROM (SELECT DISTINCT s.digest, s.bytes FROM snapshot_items s "
+            f"WHERE s.snapshot_id IN ({marks}) AND s.covered = 1 "
+            f"AND NOT EXISTS (SELECT 1 FROM snapshot_items o WHERE o.cloud = s.cloud AND o.digest = s.digest "
+            f"AND o.snapshot_id NOT IN ({marks})) "
+            "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.cloud = s.cloud AND v.digest = s.digest AND v.backed_up = 1)) t",
+            (*snapshot_ids, *snapshot_ids),
+        )
+        return int(rows[0][0])
+
+    async def delete_snapshot(self, cloud: str, snapshot_id: str) -> list[str]:
+        """Delete a snapshot and its items; returns the digests only it referenced (no backed-up
+        version, no other snapshot: usually none), for the caller to release."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "SELECT DISTINCT s.digest FROM snapshot_items s WHERE s.snapshot_id = ? AND s.covered = 1 "
+                "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.cloud = s.cloud AND v.digest = s.digest AND v.backed_up = 1) "
+                "AND NOT EXISTS (SELECT 1 FROM snapshot_items o WHERE o.cloud = s.cloud AND o.digest = s.digest "
+                "AND o.snapshot_id <> s.snapshot_id)",
+                (snapshot_id,),
+            )
+            digests = [r[0] for r in await cursor.fetchall()]
+            await db.execute("DELETE FROM snapshot_items WHERE snapshot_id = ?", (snapshot_id,))
+            cursor = await db.execute("DELETE FROM snapshots WHERE cloud = ? AND id = ?", (cloud, snapshot_id))
+            if not cursor.rowcount:
+                return []
+        return digests
+
+    async def update_snapshot(self, cloud: str, snapshot_id: str, **columns: Any) -> bool:
+        """Set plain columns (pinned, expires_at, pending_deletion, note); False when not found."""
+        values = {k: int(v) if isinstance(v, bool) else v for k, v in columns.items()}
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                f"UPDATE snapshots SET {', '.join(f'{k} = ?' for k in values)} WHERE cloud = ? AND id = ?",
+                (*values.values(), cloud, snapshot_id),
+            )
+            return bool(cursor.rowcount)
+
+    @staticmethod
+    async def _drop_snapshot_items(db: aiosqlite.Connection, asset_pk: int, version_ids: Sequence[str]) -> None:
+        """Inside a version deletion's transaction: the asset's deleted versions leave every
+        snapshot that listed them, and those snapshots are marked changed (docs/design.md)."""
+        for start in range(0, len(version_ids), 500):
+            part = list(version_ids[start : start + 500])
+            marks = ", ".join("?" * len(part))
+            cursor = await db.execute(
+                f"SELECT DISTINCT snapshot_id FROM snapshot_items WHERE asset_pk = ? AND version_id IN ({marks})", (asset_pk, *part)
+            )
+            touched = [r[0] for r in await cursor.fetchall()]
+            if not touched:
+                continue
+            await db.execute(f"DELETE FROM snapshot_items WHERE asset_pk = ? AND version_id IN ({marks})", (asset_pk, *part))
+            for snapshot_id in touched:
+                await db.execute(
+                    f"UPDATE snapshots SET removed_items = removed_items + asset_count - "
+                    f"(SELECT COUNT(*) FROM snapshot_items WHERE snapshot_id = ?), {_SNAPSHOT_COUNTS}, changed_at = ? WHERE id = ?",
+                    (snapshot_id, time.time(), snapshot_id),
+                )
+
+    # schedules
+
+    async def get_schedule(self, cloud: str) -> ScheduleRow | None:
+        row = await self._one("SELECT cloud, schedule, policy, next_run_at, last_run_at FROM snapshot_schedules WHERE cloud = ?", (cloud,))
+        return None if row is None else ScheduleRow(row[0], json.loads(row[1]), json.loads(row[2]), row[3], row[4])
+
+    async def list_schedules(self) -> list[ScheduleRow]:
+        rows = await self._all("SELECT cloud, schedule, policy, next_run_at, last_run_at FROM snapshot_schedules ORDER BY cloud")
+        return [ScheduleRow(r[0], json.loads(r[1]), json.loads(r[2]), r[3], r[4]) for r in rows]
+
+    async def set_schedule(self, row: ScheduleRow) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO snapshot_schedules (cloud, schedule, policy, next_run_at, last_run_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (cloud) DO UPDATE SET schedule = excluded.schedule, policy = excluded.policy, "
+                "next_run_at = excluded.next_run_at",
+                (row.cloud, json.dumps(row.schedule), json.dumps(row.policy), row.next_run_at, row.last_run_at),
+            )
+
+    async def delete_schedule(self, cloud: str) -> bool:
+        async with self.transaction() as db:
+            cursor = await db.execute("DELETE FROM snapshot_schedules WHERE cloud = ?", (cloud,))
+            return bool(cursor.rowcount)
+
+    async def claim_schedule_run(self, cloud: str, due: float, next_run_at: float, now: float) -> bool:
+        """Compare-and-set: exactly one process (or tick) takes the run that was due at `due`."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE snapshot_schedules SET next_run_at = ?, last_run_at = ? WHERE cloud = ? AND next_run_at = ?",
+                (next_run_at, now, cloud, due),
+            )
+            return bool(cursor.rowcount)
+
+    # point-in-time selections (versionstore/pitr.py)
+
+    async def point_in_time(self, cloud: str, prefix: str, at: float, after_pk: int, limit: int) -> list[PointInTimeRow]:
+        """Assets of the environment under `prefix` (not detached histories), each with its
+        current state and its newest version created at or before `at`, in row order."""
+        rows = await self._scan(
+            f"{_PIT_SELECT} LEFT JOIN versions tv ON tv.pk = (SELECT v2.pk FROM versions v2 WHERE v2.asset_pk = a.pk "
+            "AND v2.created_at <= ? ORDER BY v2.version DESC, v2.pk DESC LIMIT 1) "
+            "WHERE a.cloud = ? AND a.detached_from IS NULL AND substr(a.public_id, 1, ?) = ? AND a.pk > ? ORDER BY a.pk LIMIT ?",
+            (at, cloud, len(prefix), prefix, after_pk, limit),
+        )
+        return [_pit_row(r) for r in rows]
+
+    async def snapshot_selection(self, cloud: str, snapshot_id: str, prefix: str, after_pk: int, limit: int) -> list[PointInTimeRow]:
+        """Like point_in_time, with the snapshot's item as the version "at T": assets under
+        `prefix` now, and every asset the snapshot lists wherever its name went since."""
+        rows = await self._scan(
+            f"{_PIT_SELECT} LEFT JOIN snapshot_items s ON s.snapshot_id = ? AND s.asset_pk = a.pk "
+            "LEFT JOIN versions tv ON tv.version_id = s.version_id "
+            "WHERE a.cloud = ? AND a.detached_from IS NULL AND (substr(a.public_id, 1, ?) = ? OR s.asset_pk IS NOT NULL) "
+            "AND a.pk > ? ORDER BY a.pk LIMIT ?",
+            (snapshot_id, cloud, len(prefix), prefix, after_pk, limit),
+        )
+        return [_pit_row(r) for r in rows]
 
 
 # --- staff, sessions, audit: row helpers -----------------------------------------------------

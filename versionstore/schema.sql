@@ -342,3 +342,61 @@ CREATE TABLE audit_head (
     seq   INTEGER NOT NULL,
     hash  TEXT NOT NULL
 );
+-- migration 12
+-- Library snapshots (docs/snapshots.md): a consistent point-in-time list of (asset, version)
+-- per environment or prefix. A snapshot copies no bytes: its items name the revision (digest)
+-- each asset's current version pointed at, and that reference keeps the revision from being
+-- collected (MetadataStore.digest_referenced). `covered` is 0 for an asset whose current
+-- version was not backed up: listed, never restorable from the snapshot.
+CREATE TABLE snapshots (
+    id               TEXT PRIMARY KEY,
+    cloud            TEXT NOT NULL,
+    type             TEXT NOT NULL CHECK (type IN ('manual', 'scheduled')),
+    status           TEXT NOT NULL CHECK (status IN ('queued', 'running', 'completed', 'failed')),
+    note             TEXT,
+    prefix           TEXT NOT NULL DEFAULT '',
+    created_by       TEXT NOT NULL,
+    pinned           INTEGER NOT NULL DEFAULT 0,
+    asset_count      INTEGER NOT NULL DEFAULT 0,
+    uncovered_count  INTEGER NOT NULL DEFAULT 0,
+    size_bytes       INTEGER NOT NULL DEFAULT 0,
+    changed_at       REAL,            -- an irreversible version deletion removed items
+    removed_items    INTEGER NOT NULL DEFAULT 0,
+    error            TEXT,
+    created_at       REAL NOT NULL,   -- the point in time the items describe
+    expires_at       REAL,
+    pending_deletion INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX snapshots_cloud ON snapshots (cloud, created_at);
+
+CREATE TABLE snapshot_items (
+    snapshot_id   TEXT NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    cloud         TEXT NOT NULL,
+    asset_pk      INTEGER NOT NULL,
+    asset_id      TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    type          TEXT NOT NULL,
+    public_id     TEXT NOT NULL,
+    version_id    TEXT NOT NULL,
+    digest        TEXT NOT NULL,
+    bytes         INTEGER NOT NULL,
+    covered       INTEGER NOT NULL,
+    PRIMARY KEY (snapshot_id, asset_pk)
+);
+CREATE INDEX snapshot_items_digest ON snapshot_items (cloud, digest);
+-- Irreversible deletion finds the items of an asset's deleted versions through this (integer
+-- keys inserted in row order: much cheaper to maintain than an index on random version ids).
+CREATE INDEX snapshot_items_asset ON snapshot_items (asset_pk);
+
+-- One schedule and retention policy per environment (JSON documents, retention.py); the
+-- scheduler claims a run by moving next_run_at with a compare-and-set.
+CREATE TABLE snapshot_schedules (
+    cloud       TEXT PRIMARY KEY,
+    schedule    TEXT NOT NULL,
+    policy      TEXT NOT NULL,
+    next_run_at REAL NOT NULL,
+    last_run_at REAL
+);
+-- Walking an environment's assets in row order, a page at a time (point-in-time selections):
+-- without it the planner takes a cloud index and sorts every row for each page.
+CREATE INDEX assets_cloud_pk ON assets (cloud, pk);

@@ -61,6 +61,8 @@ class UploadRequest:
     tags: list[str] | None = None
     context: dict[str, str] | None = None
     metadata: dict[str, str] | None = None
+    #: A point-in-time restore into another environment: where the bytes came from.
+    restored_from: str | None = None
 
 
 @dataclass
@@ -144,7 +146,7 @@ class VersionService:
             now = time.time()
             version = Version(
                 version_id=new_hex_id(), version=self._next_version_number(existing, now), digest=spooled.digest,
-                bytes=spooled.size, format=fmt, backed_up=backed_up, restored_from=None, created_at=now, width=width,
+                bytes=spooled.size, format=fmt, backed_up=backed_up, restored_from=request.restored_from, created_at=now, width=width,
                 height=height, original_filename=filename or (existing.original_filename if existing else None),
                 md5=spooled.md5,
             )

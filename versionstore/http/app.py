@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import initial_backup, logs, migration, verify
+from versionstore import initial_backup, logs, migration, pitr, retention, verify
 from versionstore.blobstore import open_store
 from versionstore.blobstore.resilient import resilient
 from versionstore.chunks import ChunkAssembler
@@ -39,6 +39,7 @@ from versionstore.metadata import MetadataStore
 from versionstore.models import Job
 from versionstore.pending import PendingDrainer
 from versionstore.service import VersionService
+from versionstore.snapshots import Snapshots
 from versionstore.spool import remove_stale_parts
 from versionstore.targets import BackupTargets
 
@@ -213,6 +214,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             initial_backup.KIND: initial_backup.InitialBackup(service).run,
             verify.KIND: verify.VerifyJob(service, rate=config.verify_rate * 1e6 or None).run,
             bulk_restore.KIND: bulk_restore.BulkRestore(service).run,
+            pitr.KIND: pitr.PointInTimeRestore(service).run,
         }
         runner = app[JOBS] = JobRunner(
             meta, handlers, poll_interval=config.poll_interval, owner=claims.owner, lease=config.lease_seconds
@@ -226,6 +228,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(drainer.run(), name="pending drainer"),
             asyncio.create_task(runner.run(), name="job runner"),
             asyncio.create_task(chunks.run_sweeper(), name="chunk session sweeper"),
+            asyncio.create_task(retention.run_schedules(Snapshots(service), config.poll_interval), name="snapshot schedules"),
         ]
         if config.verify_interval > 0:
             scheduled = verify.schedule(meta, runner.wake.set, config.verify_interval, rate_mb_s=config.verify_rate or None)

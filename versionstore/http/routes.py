@@ -16,6 +16,7 @@ from versionstore.http import audit_views as audit
 from versionstore.http import backup_views as backup
 from versionstore.http import library_views as library
 from versionstore.http import operations_views as operations
+from versionstore.http import snapshot_views
 from versionstore.http import upload_views as upload
 from versionstore.http.app import META, RATE_LIMIT, ROUTE, error_response
 from versionstore.http.auth import check_basic
@@ -74,6 +75,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET|PUT|POST|DELETE", r"versionstore/backup", backup.backup),
     ("GET", r"versionstore/jobs/(?P<job_id>[0-9a-f]{32})", backup.job),
     ("GET", r"versionstore/audit", audit.audit),
+    *snapshot_views.ROUTES,  # snapshots, their schedule and retention, point-in-time restore
 ]
 
 
