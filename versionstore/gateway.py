@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import aiosqlite
 
+from versionstore.dialect import statements
+
 
 def migrations() -> list[str]:
     """The numbered blocks of schema.sql, in order (block N is migration N)."""
@@ -114,11 +116,20 @@ class SqliteGateway:
         applied = []
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
-            (current,) = await (await writer.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
+            (seen,) = await (await writer.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
             for number, block in enumerate(migrations(), start=1):
+                if number <= seen:
+                    continue
+                # Read the version inside the write transaction: processes that start at once
+                # then apply each block exactly once, one after the other.
+                await writer.execute("BEGIN IMMEDIATE")
+                (current,) = await (await writer.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
                 if number > current:
-                    await writer.executescript(f"BEGIN IMMEDIATE;\n{block}\nPRAGMA user_version = {number};\nCOMMIT;")
+                    for statement in statements(block):
+                        await writer.execute(statement)
+                    await writer.execute(f"PRAGMA user_version = {number}")
                     applied.append(number)
+                await writer.execute("COMMIT")
         except BaseException:
             # A failed migration leaves its transaction open; roll it back and close the
             # connection, whose thread would otherwise keep the process alive.

@@ -12,8 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from versionstore.locks import wait_for_event
-from versionstore.metadata import MetadataStore
 from versionstore.models import Job
+from versionstore.repository import MetadataRepository
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ FinishHook = Callable[[Job], Awaitable[None]]
 
 
 class JobRunner:
-    def __init__(self, meta: MetadataStore, handlers: dict[str, Handler], *, poll_interval: float = 1.0) -> None:
+    def __init__(self, meta: MetadataRepository, handlers: dict[str, Handler], *, poll_interval: float = 1.0) -> None:
         self.meta = meta
         self.handlers = handlers
         self.poll_interval = poll_interval

@@ -162,6 +162,16 @@ def check_metadata_url(url: str) -> str:
     return url
 
 
+async def open_gateway(url: str) -> Gateway:
+    """The gateway a metadata URL names, its schema migrated."""
+    path = sqlite_path(check_metadata_url(url))
+    if path is not None:
+        return await SqliteGateway.open(path)
+    from versionstore.pg import PgGateway  # asyncpg is only loaded when PostgreSQL is used
+
+    return await PgGateway.open(url)
+
+
 class MetadataStore:
     def __init__(self, gateway: Gateway) -> None:
         self._gate = gateway
@@ -183,13 +193,7 @@ class MetadataStore:
     async def open(cls, location: Path | str) -> "MetadataStore":
         """Open the metadata at `location` (a SQLite file's path, or a sqlite:// or
         postgresql:// URL) and apply the migrations it lacks."""
-        url = sqlite_url(location) if isinstance(location, Path) else check_metadata_url(location)
-        path = sqlite_path(url)
-        if path is not None:
-            return cls(await SqliteGateway.open(path))
-        from versionstore.pg import PgGateway  # asyncpg is only loaded when PostgreSQL is used
-
-        return cls(await PgGateway.open(url))
+        return cls(await open_gateway(sqlite_url(location) if isinstance(location, Path) else location))
 
     async def close(self) -> None:
         await self._gate.close()

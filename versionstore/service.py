@@ -21,8 +21,9 @@ from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from versionstore.errors import BadRequest, Conflict, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks, KeyedSharedLocks
-from versionstore.metadata import AssetChanged, MetadataStore
+from versionstore.metadata import AssetChanged
 from versionstore.models import Asset, Cloud, RestoreFailure, Version
+from versionstore.repository import MetadataRepository
 from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable
 from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
 
@@ -81,7 +82,7 @@ class DeleteVersionsOutcome:
 
 
 class VersionService:
-    def __init__(self, meta: MetadataStore, primary: BlobStore, targets: BackupTargets, spool_dir: Path, max_bytes: int) -> None:
+    def __init__(self, meta: MetadataRepository, primary: BlobStore, targets: BackupTargets, spool_dir: Path, max_bytes: int) -> None:
         self.meta = meta
         self.primary = primary
         self.targets = targets

@@ -15,9 +15,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import initial_backup, migration, verify
-from versionstore.blobstore import open_store
-from versionstore.blobstore.resilient import resilient
+from versionstore import bootstrap, initial_backup, migration, verify
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
 from versionstore.disk_space import is_disk_full, space_report
@@ -30,16 +28,16 @@ from versionstore.http.notify import Notifier
 from versionstore.http.ratelimit import AdminRateLimit
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import Handler, JobRunner
-from versionstore.metadata import MetadataStore
 from versionstore.models import Job
 from versionstore.pending import PendingDrainer
+from versionstore.repository import MetadataRepository
 from versionstore.service import VersionService
 from versionstore.targets import BackupTargets
 
 log = logging.getLogger("versionstore")
 
 CONFIG = web.AppKey("config", Config)
-META = web.AppKey("meta", MetadataStore)
+META: web.AppKey[MetadataRepository] = web.AppKey("meta")
 SERVICE = web.AppKey("service", VersionService)
 CHUNKS = web.AppKey("chunks", ChunkAssembler)
 FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
@@ -145,12 +143,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     for stale in config.spool_dir.glob("*.part"):
         stale.unlink(missing_ok=True)  # a crash mid-upload left it; nothing references it
     async with contextlib.AsyncExitStack() as opened:
-        meta = await MetadataStore.open(config.db_path)
+        meta = await bootstrap.open_metadata(config)
         opened.push_async_callback(meta.close)
         app[META] = meta
-        primary = resilient(open_store(config.primary_url))
+        primary = bootstrap.open_primary(config)
         opened.push_async_callback(primary.close)
-        targets = BackupTargets(meta, resilient(open_store(config.backup_url)), marker_ttl=config.marker_ttl)
+        targets = BackupTargets(meta, bootstrap.open_backup(config), marker_ttl=config.marker_ttl)
         opened.push_async_callback(targets.close)
         service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
         chunks = app[CHUNKS] = ChunkAssembler(meta, config, service.new_spool)
@@ -185,13 +183,13 @@ async def _stop(tasks: list["asyncio.Task[None]"]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _describe_job(meta: MetadataStore, job: Job) -> dict[str, Any]:
+async def _describe_job(meta: MetadataRepository, job: Job) -> dict[str, Any]:
     if job.kind == initial_backup.KIND:
         return await initial_backup.describe(meta, job)
     return render.job(job)
 
 
-async def _collect_orphans(service: VersionService, meta: MetadataStore) -> None:
+async def _collect_orphans(service: VersionService, meta: MetadataRepository) -> None:
     """Once per start: remove blobs a crash left without metadata (see docs/design.md)."""
     try:
         for cloud in await meta.list_clouds():

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from versionstore.config import Config, StartupError
 from versionstore.http.app import META, create_app
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 
 #: Seconds in-flight requests get to finish after SIGTERM/SIGINT (aiohttp's run_app default).
 SHUTDOWN_TIMEOUT = 60.0
@@ -56,7 +56,7 @@ async def serve(
     config: Config,
     *,
     access_log: bool,
-    ready: Callable[[MetadataStore, str], Awaitable[None]] | None = None,
+    ready: Callable[[MetadataRepository, str], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT. `ready(meta, base_url)` runs once requests are accepted."""
     config.check()

@@ -1,10 +1,10 @@
 """Rendered `versions` arrays, reused while an asset's set of versions is unchanged.
 
 Versions are immutable rows, so the JSON of an asset's history only changes when a version
-is added or deleted, which `MetadataStore.versions_signature` detects with one indexed count,
+is added or deleted, which `MetadataRepository.versions_signature` detects with one indexed count,
 or when a pending revision reaches its target (`restorable` flips), which bumps
-`MetadataStore.revisions_generation`, or when verify finds a revision missing or corrupt (or
-repaired), which moves `MetadataStore.verify_generation` (kept in the database, so a change
+`MetadataRepository.revisions_generation`, or when verify finds a revision missing or corrupt (or
+repaired), which moves `MetadataRepository.verify_generation` (kept in the database, so a change
 made by `versionstore verify` in another process counts too).
 A 1,000-version history then costs one query and a string copy instead of 1,000 row
 conversions. The cache is bounded by the total size of what it holds.
@@ -14,7 +14,7 @@ import json
 from collections import OrderedDict
 
 from versionstore.http import render
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 
 
 class VersionsJsonCache:
@@ -23,7 +23,7 @@ class VersionsJsonCache:
         self._size = 0
         self._entries: OrderedDict[int, tuple[tuple[int, int, int, int], str, int]] = OrderedDict()
 
-    async def get(self, meta: MetadataStore, cloud: str, asset_pk: int) -> tuple[str, int]:
+    async def get(self, meta: MetadataRepository, cloud: str, asset_pk: int) -> tuple[str, int]:
         """(JSON array of the asset's versions, backup_bytes)."""
         signature = (*await meta.versions_signature(asset_pk), meta.revisions_generation, await meta.verify_generation())
         hit = self._entries.get(asset_pk)
