@@ -24,9 +24,16 @@ _TOKENS = re.compile(
 )
 
 
+#: SQLite takes an integer as a truth value; PostgreSQL wants a boolean. The search compiler
+#: outside this change says "no condition" as `1` (inside `AND (...)`).
+_TRUE_CONDITION = re.compile(r"\bAND \(1\)")
+
+
 @functools.lru_cache(maxsize=4096)
 def placeholders(sql: str) -> str:
-    """`?` -> `$n`, numbered left to right; the rest of the text unchanged."""
+    """`?` -> `$n`, numbered left to right; a bare `AND (1)` becomes `AND (TRUE)`; the rest
+    of the text unchanged."""
+    sql = _TRUE_CONDITION.sub("AND (TRUE)", sql)
     out: list[str] = []
     number = 0
     position = 0

@@ -11,6 +11,7 @@ versionstore/dialect.py); a session advisory lock makes processes that start tog
 each block exactly once, one after the other.
 """
 
+import asyncio
 import functools
 import time
 import zlib
@@ -28,6 +29,7 @@ MIGRATION_LOCK = 0x76657273696F6E
 #: Seconds a cached row may lag a change committed by another process (see cache_epoch).
 CACHE_SECONDS = 1.0
 POOL_SIZE = 10
+CLOSE_SECONDS = 10.0
 
 
 @functools.lru_cache(maxsize=1024)
@@ -94,7 +96,12 @@ class PgGateway:
         return cls(pool, applied)
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Wait for connections in use to be released, at most CLOSE_SECONDS (a task that never
+        gives its connection back must not keep the process from exiting), then cut them."""
+        try:
+            await asyncio.wait_for(self._pool.close(), CLOSE_SECONDS)
+        except TimeoutError:
+            self._pool.terminate()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgTransaction]:
@@ -123,6 +130,22 @@ class PgGateway:
     scan = all
 
 
+#: SQLite functions still used by SQL outside this change (the search compiler and the tag
+#: listings use `json_each` over the JSON text columns), given to PostgreSQL with SQLite's
+#: shape (`key`, `value` as text; array elements have no key) so that SQL runs unchanged
+#: until it is rewritten portably. Installed (replaced) at every open, outside the migrations.
+COMPAT_FUNCTIONS = """
+CREATE OR REPLACE FUNCTION json_each(doc text) RETURNS TABLE (key text, value text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT NULL::text, e FROM json_array_elements_text(
+        CASE WHEN json_typeof(doc::json) = 'array' THEN doc::json ELSE '[]'::json END) AS e
+    UNION ALL
+    SELECT o.key, o.value FROM json_each_text(
+        CASE WHEN json_typeof(doc::json) = 'object' THEN doc::json ELSE '{}'::json END) AS o
+$$;
+"""
+
+
 async def migrate(pool: asyncpg.Pool) -> list[int]:
     """Apply the blocks of schema.sql this database lacks, each in its own transaction, under
     an advisory lock; returns the numbers applied."""
@@ -141,6 +164,7 @@ async def migrate(pool: asyncpg.Pool) -> list[int]:
                     await conn.execute(schema_block(block))
                     await conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)", number, time.time())
                 applied.append(number)
+            await conn.execute(COMPAT_FUNCTIONS)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     return applied
