@@ -13,6 +13,7 @@ each block exactly once, one after the other.
 
 import asyncio
 import functools
+import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from versionstore.config import StartupError
 from versionstore.dialect import placeholders, schema_block
 from versionstore.gateway import IntegrityError, Transaction, migrations
 
@@ -30,6 +32,11 @@ MIGRATION_LOCK = 0x76657273696F6E
 CACHE_SECONDS = 1.0
 POOL_SIZE = 10
 CLOSE_SECONDS = 10.0
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", url)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -87,7 +94,10 @@ class PgGateway:
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = POOL_SIZE) -> "PgGateway":
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size)
+        try:
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StartupError(f"cannot open the metadata database {redacted(url)}: {type(exc).__name__}: {exc}") from None
         try:
             applied = await migrate(pool)
         except BaseException:
