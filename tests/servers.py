@@ -7,6 +7,7 @@ outage tests stop and start them).
 A server that cannot start fails the test: bucket tests never skip.
 """
 
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -199,6 +200,8 @@ class PostgresServer:
         self.port = 0
         self._run_as: list[str] = []
         self._databases = itertools.count(1)
+        self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="postgres-admin")
+        self._next: concurrent.futures.Future[str] | None = None
         if os.geteuid() == 0:  # initdb and postgres refuse to run as root
             owner = "postgres" if _user_exists("postgres") else "nobody"
             self._run_as = ["setpriv", f"--reuid={owner}", f"--regid={owner}", "--init-groups"]
@@ -239,18 +242,28 @@ class PostgresServer:
         return result.stdout
 
     def new_database(self, *, migrated: bool = True) -> str:
-        """A fresh database (a copy of the migrated template unless `migrated` is False); its name."""
+        """A fresh database (a copy of the migrated template unless `migrated` is False); its name.
+        Copies of the template are made one ahead, in the background, while a test runs (a copy
+        takes about half a second: FILE_COPY, cheaper than WAL-logging the template's pages)."""
+        if not migrated:
+            return self._create("")
+        ready, self._next = self._next, self._background.submit(self._create, f" TEMPLATE {self.template} STRATEGY FILE_COPY")
+        return ready.result() if ready is not None else self._create(f" TEMPLATE {self.template} STRATEGY FILE_COPY")
+
+    def _create(self, options: str) -> str:
         name = f"vs_test_{os.getpid()}_{next(self._databases)}"
-        self.sql(f"CREATE DATABASE {name}" + (f" TEMPLATE {self.template}" if migrated else ""))
+        self.sql(f"CREATE DATABASE {name}{options}")
         return name
 
     def drop_database(self, name: str) -> None:
-        self.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        """Dropped in the background (disk space; the cluster goes at the end of the session)."""
+        self._background.submit(self.sql, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def log_tail(self, limit: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-limit:] if self.log_path.exists() else "<no log>"
 
     def stop(self) -> None:
+        self._background.shutdown(wait=True, cancel_futures=True)
         with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
             self._tool("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
