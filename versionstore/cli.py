@@ -84,7 +84,7 @@ def store_config(data_dir: Path | None, metadata: str | None, *, create: bool, *
     `create`, SQLite metadata must already exist, so a mistyped path is reported instead of
     filled (a PostgreSQL database is checked by opening it)."""
     config = Config.from_env(data_dir_from(data_dir), metadata_url=metadata, **overrides)
-    config.check()
+    config.check_metadata()
     path = sqlite_path(config.metadata_location)
     if not create and path is not None and not path.is_file():
         where = config.data_dir if config.metadata_url is None else path

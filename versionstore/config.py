@@ -151,13 +151,18 @@ class Config:
     def check(self) -> None:
         """Refuse a store name no backend understands, before anything is opened."""
         from versionstore.blobstore import parse_store_url
-        from versionstore.metadata import check_metadata_url
 
         for role, url in (("primary store", self.primary_url), ("backup store", self.backup_url)):
             try:
                 parse_store_url(url)
             except ValueError as exc:
                 raise ConfigError(f"{role}: {exc}") from None
+        self.check_metadata()
+
+    def check_metadata(self) -> None:
+        """Refuse a metadata URL no backend understands (ConfigError, one line)."""
+        from versionstore.metadata import check_metadata_url
+
         try:
             check_metadata_url(self.metadata_location)
         except ValueError as exc:
