@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the package and its test dependencies into ./.venv and
 # the pinned Node SDK into tests/e2e/node (each only when missing or when pyproject.toml /
-# package-lock.json changed: scripts/venv.sh), then runs pytest (functional tests in-process,
+# package-lock.json changed: scripts/venv.sh) and PostgreSQL's server binaries (apt, when
+# missing), then runs pytest (functional tests in-process,
 # end-to-end tests against `versionstore serve` started as a process, driven by the official
 # Python and Node SDKs). Extra arguments go to pytest.
 set -euo pipefail
@@ -25,5 +26,12 @@ if ! command -v chromium >/dev/null; then
   else
     echo "chromium not found (apt-get install chromium): tests/e2e/test_console.py will fail" >&2
   fi
+fi
+# PostgreSQL server binaries for the metadata tests (tests/servers.py starts a throwaway
+# cluster with initdb + pg_ctl; it finds them on PATH or in /usr/lib/postgresql/*/bin).
+if ! command -v initdb >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  echo "installing postgresql-15 (server binaries for the metadata tests)" >&2
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq postgresql-15 >/dev/null
 fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -61,7 +61,7 @@ async def test_the_database_refuses_a_write_from_a_stale_read(api: Api, client: 
     """The condition lives in the row, so a second process on the same database is held to it
     too: here a second MetadataStore on the same file stands in for that process."""
     await api.upload(b"first", public_id="cas/db")
-    other = await MetadataStore.open(config.data_dir / "metadata.sqlite3")
+    other = await MetadataStore.open(config.metadata_location)
     try:
         stale = await other.get_asset(CLOUD, "image", "upload", "cas/db")
         assert stale is not None

@@ -17,6 +17,7 @@ from versionstore.http.ratelimit import AdminRateLimit
 from versionstore.spool import SpoolFile
 
 
+@pytest.mark.parametrize("metadata_url", [None])  # writes pre-migration rows into the SQLite file directly
 async def test_a_version_stored_before_md5_keeps_its_blake3_etag(api: Api, config: Config) -> None:
     old, new = b"stored before migration 6", b"stored after"
     first = await api.upload(old, rt="raw", public_id="legacy/a")

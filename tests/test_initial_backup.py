@@ -18,9 +18,10 @@ from versionstore.http.app import META, SERVICE
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
+def config(tmp_path: Path, metadata_url: str | None) -> Config:
     # the notification receiver below listens on loopback, which the egress policy denies by default
-    return Config(data_dir=tmp_path / "data", max_upload_bytes=64 << 20, poll_interval=0.05, fetch_allow=("127.0.0.1",))
+    return Config(data_dir=tmp_path / "data", max_upload_bytes=64 << 20, poll_interval=0.05, fetch_allow=("127.0.0.1",),
+                  metadata_url=metadata_url)
 
 
 async def wait_done(api: Api, job_id: str, timeout: float = 20.0) -> dict[str, Any]:

@@ -36,8 +36,8 @@ from pathlib import Path
 from versionstore.config import Config
 from versionstore.durable import fsync_path
 from versionstore.errors import BadRequest, Conflict, TooLarge
-from versionstore.metadata import MetadataStore
 from versionstore.models import SessionState, UploadPart, UploadSession
+from versionstore.repository import MetadataRepository
 from versionstore.spool import BLOCK, Spooled, SpoolFile
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def _write_all(fd: int, blocks: list[bytes]) -> None:
 
 
 class ChunkAssembler:
-    def __init__(self, meta: MetadataStore, config: Config, new_spool: Callable[[], SpoolFile]) -> None:
+    def __init__(self, meta: MetadataRepository, config: Config, new_spool: Callable[[], SpoolFile]) -> None:
         self.meta = meta
         self.config = config
         self.directory = config.spool_dir / "chunks"

@@ -11,7 +11,7 @@ when several service processes (and the CLI) share one database and one set of s
 - Leases are renewed by one heartbeat per process (`run_heartbeat`); a process that dies stops
   renewing, and its claims lapse after `lease` seconds.
 
-This module does not know about HTTP. The SQL is in MetadataStore.
+This module does not know about HTTP. The SQL is in MetadataRepository.
 """
 
 import asyncio
@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class WriteTicket:
 
 
 class Claims:
-    def __init__(self, meta: MetadataStore, *, owner: str | None = None, lease: float = DEFAULT_LEASE) -> None:
+    def __init__(self, meta: MetadataRepository, *, owner: str | None = None, lease: float = DEFAULT_LEASE) -> None:
         self.meta = meta
         self.owner = owner or new_owner()
         self.lease = lease
@@ -138,7 +138,7 @@ class Claims:
     async def collect_expired(self, remove: Callable[[str, str, str, str | None], Awaitable[None]], *, batch: int = 256) -> int:
         """Orphan collection from the journal: for each write whose lease passed (a crash, or a
         write that ended without a commit naming it), delete its blob unless something uses it.
-        Such a write can no longer commit (see MetadataStore._finish_writes). Cost grows with
+        Such a write can no longer commit (see MetadataRepository._finish_writes). Cost grows with
         those writes, never with the number of blobs. Returns how many rows were settled."""
         settled = 0
         while rows := await self.meta.expired_writes(time.time(), batch):

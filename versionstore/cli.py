@@ -1,11 +1,12 @@
-"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify`, `gc`, `initial-backup`,
-`staff add|list|disable|enable|reset-password`, `audit verify|export`, and (snapshot_cli.py)
-`snapshot create|list|show|delete|pin`, `retention simulate` and `restore`.
+"""Command line: `versionstore serve`, `cloud create|list|set|status`, `verify`, `gc`, `migrate`,
+`metadata copy`, `initial-backup`, `staff add|list|disable|enable|reset-password`, `audit verify|export`,
+and (snapshot_cli.py) `snapshot create|list|show|delete|pin`, `retention simulate` and `restore`.
 
 `initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
 parses its own options.
 
-The cloud commands write the metadata database directly; a running service reads environment
+Every command that opens the metadata takes `--metadata URL` (else VERSIONSTORE_METADATA_URL,
+else the SQLite file in the data directory). The cloud commands write the metadata directly; a running service reads environment
 settings on every request, so changes apply without a restart. Changing the backup bucket
 checks the bucket from this process (its marker, and write/read/delete access with this
 process's credentials) and queues the migration job that the server runs.
@@ -25,18 +26,19 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from versionstore import ids, logs, migration
-from versionstore.config import DATA_DIR_VARIABLE, Config, ConfigError, StartupError, data_dir_from
+from versionstore import bootstrap, ids, logs, migration
+from versionstore.config import DATA_DIR_VARIABLE, METADATA_URL_VARIABLE, Config, ConfigError, StartupError, data_dir_from
 from versionstore.errors import ApiError
-from versionstore.metadata import MetadataStore
+from versionstore.metadata import sqlite_path
 from versionstore.models import Cloud
+from versionstore.repository import MetadataRepository
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 EXIT_START_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-Action = Callable[[MetadataStore, argparse.Namespace], Awaitable[None]]
+Action = Callable[[MetadataRepository, argparse.Namespace], Awaitable[None]]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -61,7 +63,7 @@ def backup_state(cloud: Cloud) -> str:
             f"turn on: versionstore cloud set {cloud.name} --auto-backup on)")
 
 
-async def create_cloud(meta: MetadataStore, name: str, api_key: str | None, api_secret: str | None, auto_backup: bool = True) -> Cloud:
+async def create_cloud(meta: MetadataRepository, name: str, api_key: str | None, api_secret: str | None, auto_backup: bool = True) -> Cloud:
     ids.check_cloud_name(name)
     if await meta.get_cloud(name) is not None:
         raise ApiError(f"product environment {name!r} already exists")
@@ -70,38 +72,42 @@ async def create_cloud(meta: MetadataStore, name: str, api_key: str | None, api_
     return await meta.create_cloud(name, key, secret, auto_backup)
 
 
-async def _existing(meta: MetadataStore, name: str) -> Cloud:
+async def _existing(meta: MetadataRepository, name: str) -> Cloud:
     cloud = await meta.get_cloud(name)
     if cloud is None:
         raise ApiError(f"no product environment named {name!r}")
     return cloud
 
 
-def store_dir(flag: Path | None, *, create: bool) -> Path:
-    """The data directory (flag, else VERSIONSTORE_DATA_DIR), absolute; unless `create`, it
-    must already hold a store, so a mistyped path is reported instead of filled."""
-    data_dir = data_dir_from(flag)
-    if not create and not Config(data_dir=data_dir).db_path.is_file():
+def store_config(data_dir: Path | None, metadata: str | None, *, create: bool, **overrides: object) -> Config:
+    """The configuration of a command: VERSIONSTORE_* variables and these flags. Unless
+    `create`, SQLite metadata must already exist, so a mistyped path is reported instead of
+    filled (a PostgreSQL database is checked by opening it)."""
+    config = Config.from_env(data_dir_from(data_dir), metadata_url=metadata, **overrides)
+    config.check_metadata()
+    path = sqlite_path(config.metadata_location)
+    if not create and path is not None and not path.is_file():
+        where = config.data_dir if config.metadata_url is None else path
         raise ConfigError(
-            f"no versionstore data in {data_dir} (check --data-dir or {DATA_DIR_VARIABLE}; "
+            f"no versionstore data in {where} (check --data-dir or {DATA_DIR_VARIABLE}, --metadata or {METADATA_URL_VARIABLE}; "
             "`versionstore serve` or `versionstore cloud create` makes a new one)"
         )
-    return data_dir
+    return config
 
 
 def _on_store(action: Action, *, create: bool = False) -> Callable[[argparse.Namespace], int]:
     """A command that opens the metadata of the data directory, runs `action`, and closes it."""
 
-    async def run(data_dir: Path, args: argparse.Namespace) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        meta = await MetadataStore.open(Config(data_dir=data_dir).db_path)
+    async def run(config: Config, args: argparse.Namespace) -> None:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        meta = await bootstrap.open_metadata(config)
         try:
             await action(meta, args)
         finally:
             await meta.close()
 
     def command(args: argparse.Namespace) -> int:
-        asyncio.run(run(store_dir(args.data_dir, create=create), args))
+        asyncio.run(run(store_config(args.data_dir, args.metadata, create=create), args))
         return 0
 
     return command
@@ -117,20 +123,20 @@ def _say(line: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from versionstore.http.server import serve, serve_workers
 
-    config = Config.from_env(
-        store_dir(args.data_dir, create=True), host=args.host, port=args.port, workers=args.workers,
+    config = store_config(
+        args.data_dir, args.metadata, create=True, host=args.host, port=args.port, workers=args.workers,
         log_format=args.log_format, metrics_dir=args.metrics_dir, metrics_token=args.metrics_token,
     )
     if config.workers < 1:
         raise ConfigError("--workers must be at least 1")
     config.check()
     logs.configure(config.log_format)
-    if config.metrics_dir is not None:
+    if config.metrics_dir is not None and config.workers == 1:  # serve_workers prepares its own
         from versionstore.http.metrics import prepare_multiprocess
 
-        prepare_multiprocess(config.metrics_dir)  # before any worker exists (docs/operations.md)
+        prepare_multiprocess(config.metrics_dir)
 
-    async def ready(meta: MetadataStore, base_url: str) -> None:
+    async def ready(meta: MetadataRepository, base_url: str) -> None:
         _say(f"versionstore listening on {base_url} (data in {config.data_dir})")
         demo = (await meta.get_cloud("demo") or await create_cloud(meta, "demo", None, None)) if args.demo else None
         clouds = await meta.list_clouds()
@@ -154,13 +160,13 @@ def _serve(args: argparse.Namespace) -> int:
 # --- cloud -------------------------------------------------------------------------------------
 
 
-async def _cloud_create(meta: MetadataStore, args: argparse.Namespace) -> None:
+async def _cloud_create(meta: MetadataRepository, args: argparse.Namespace) -> None:
     cloud = await create_cloud(meta, args.name, args.api_key, args.api_secret, args.auto_backup == "on")
     print(cloudinary_url(cloud, args.url), flush=True)
     print(backup_state(cloud), file=sys.stderr)  # stdout stays the URL alone, for scripts
 
 
-async def _cloud_list(meta: MetadataStore, args: argparse.Namespace) -> None:
+async def _cloud_list(meta: MetadataRepository, args: argparse.Namespace) -> None:
     for cloud in await meta.list_clouds():
         print(
             f"{cloud.name}\tapi_key={cloud.api_key}\tauto_backup={'on' if cloud.auto_backup else 'off'}"
@@ -168,7 +174,7 @@ async def _cloud_list(meta: MetadataStore, args: argparse.Namespace) -> None:
         )
 
 
-async def _cloud_set(meta: MetadataStore, args: argparse.Namespace) -> None:
+async def _cloud_set(meta: MetadataRepository, args: argparse.Namespace) -> None:
     cloud = await _existing(meta, args.name)
     if args.auto_backup is not None:
         await meta.set_auto_backup(args.name, args.auto_backup == "on")
@@ -189,11 +195,11 @@ async def _cloud_set(meta: MetadataStore, args: argparse.Namespace) -> None:
           f"\tbackup_target={migration.target_name(updated.backup_target)}")
 
 
-async def _cloud_status(meta: MetadataStore, args: argparse.Namespace) -> None:
+async def _cloud_status(meta: MetadataRepository, args: argparse.Namespace) -> None:
     from versionstore.disk_space import space_report
     from versionstore.http.backup_views import backup_status
 
-    config = Config.from_env(data_dir_from(args.data_dir))
+    config = Config.from_env(data_dir_from(args.data_dir), metadata_url=args.metadata)
     space = space_report(config.data_dir, config.min_free_bytes)
     status = await backup_status(meta, await _existing(meta, args.name), space, (config.primary_url, config.backup_url))
     print(json.dumps(status, indent=2))
@@ -208,19 +214,17 @@ def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from versionstore import verify
-    from versionstore.blobstore import open_store
-    from versionstore.blobstore.resilient import resilient
     from versionstore.service import VersionService
     from versionstore.targets import BackupTargets
 
     if not 0 < args.sample <= 1 or args.rate < 0:
         raise ConfigError("--sample must be in (0, 1] and --rate >= 0")
-    config = Config.from_env(store_dir(args.data_dir, create=False))
+    config = store_config(args.data_dir, args.metadata, create=False)
 
     async def run() -> int:
-        meta = await MetadataStore.open(config.db_path)
-        primary = resilient(open_store(config.primary_url))
-        targets = BackupTargets(meta, resilient(open_store(config.backup_url)))
+        meta = await bootstrap.open_metadata(config)
+        primary = bootstrap.open_primary(config)
+        targets = BackupTargets(meta, bootstrap.open_backup(config))
         service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         problems = 0
@@ -261,7 +265,7 @@ def _new_password(args: argparse.Namespace) -> str:
     return password
 
 
-async def _staff_action(meta: MetadataStore, args: argparse.Namespace) -> None:
+async def _staff_action(meta: MetadataRepository, args: argparse.Namespace) -> None:
     from versionstore.console.audit import AuditLog
     from versionstore.console.staff import StaffAccounts, StaffError
 
@@ -291,7 +295,7 @@ def _audit(args: argparse.Namespace) -> int:
     """`audit verify` exits 1 naming every broken record; `audit export` prints JSON lines."""
     from versionstore.console.audit import AuditLog, as_json
 
-    async def run(meta: MetadataStore) -> int:
+    async def run(meta: MetadataRepository) -> int:
         log = AuditLog(meta)
         if args.audit_command == "export":
             filters = {"cloud": args.cloud} if args.cloud else {}
@@ -305,13 +309,15 @@ def _audit(args: argparse.Namespace) -> int:
         return 1 if report.problems else 0
 
     async def opened() -> int:
-        meta = await MetadataStore.open(Config(data_dir=store_dir(args.data_dir, create=False)).db_path)
+        meta = await bootstrap.open_metadata(store_config(args.data_dir, args.metadata, create=False))
         try:
             return await run(meta)
         finally:
             await meta.close()
 
     return asyncio.run(opened())
+
+
 # --- gc --------------------------------------------------------------------------------------
 
 
@@ -319,20 +325,18 @@ def _gc(args: argparse.Namespace) -> int:
     """`versionstore gc`: settle the write journal's expired rows now (what every server does
     every few seconds); with `--full`, also walk every blob of the stores, paced, and remove
     those no metadata references. Safe while servers run: it takes the same claims."""
-    from versionstore.blobstore import open_store
-    from versionstore.blobstore.resilient import resilient
     from versionstore.claims import Claims
     from versionstore.service import VersionService
     from versionstore.targets import BackupTargets
 
     if args.rate < 0:
         raise ConfigError("--rate must be >= 0")
-    config = Config.from_env(store_dir(args.data_dir, create=False))
+    config = store_config(args.data_dir, args.metadata, create=False)
 
     async def run() -> None:
-        meta = await MetadataStore.open(config.db_path)
-        primary = resilient(open_store(config.primary_url))
-        targets = BackupTargets(meta, resilient(open_store(config.backup_url)))
+        meta = await bootstrap.open_metadata(config)
+        primary = bootstrap.open_primary(config)
+        targets = BackupTargets(meta, bootstrap.open_backup(config))
         claims = Claims(meta, lease=config.lease_seconds)
         service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes, claims)
         heartbeat = asyncio.create_task(claims.run_heartbeat())
@@ -354,6 +358,23 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- migrate and metadata copy -----------------------------------------------------------------
+
+
+async def _migrate(meta: MetadataRepository, args: argparse.Namespace) -> None:
+    applied = meta.applied_migrations
+    print(f"applied migrations {', '.join(map(str, applied))}" if applied else "schema is current: nothing to apply")
+
+
+def _metadata_copy(args: argparse.Namespace) -> int:
+    """`versionstore metadata copy`: exit 0 when the copy verified, 1 when it did not."""
+    from versionstore.metadata_copy import copy_metadata
+
+    report = asyncio.run(copy_metadata(args.source, args.target, batch=args.batch, progress=not args.quiet))
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.verified else 1
+
+
 # --- the parser --------------------------------------------------------------------------------
 
 
@@ -373,6 +394,11 @@ def _data_dir_option(command: argparse.ArgumentParser, *, creates: bool) -> None
         "--data-dir", type=Path, metavar="DIR",
         help=f"data directory (SQLite metadata, spool, local stores), {what}; relative paths are taken from the "
         f"current directory (default: ${DATA_DIR_VARIABLE})",
+    )
+    command.add_argument(
+        "--metadata", metavar="URL",
+        help=f"metadata database: sqlite:///PATH or postgresql://USER@HOST:PORT/DB "
+        f"(default: ${METADATA_URL_VARIABLE}, else sqlite://DIR/metadata.sqlite3)",
     )
 
 
@@ -471,6 +497,20 @@ def parser() -> argparse.ArgumentParser:
     from versionstore import snapshot_cli
 
     snapshot_cli.register(sub, _command, _data_dir_option)
+
+
+    migrate = _command(sub, "migrate", "apply the schema migrations the metadata database lacks (serve does it too)",
+                       _on_store(_migrate, create=True))
+    _data_dir_option(migrate, creates=True)
+
+    metadata = _command(sub, "metadata", "move the metadata between databases")
+    metadata_sub = metadata.add_subparsers(dest="metadata_command", required=True, metavar="COMMAND")
+    copy = _command(metadata_sub, "copy", "copy every row from one database to another, verify it; safe to run again after "
+                    "an interruption (stop the service first)", _metadata_copy)
+    copy.add_argument("--from", dest="source", required=True, metavar="URL", help="source: sqlite:///PATH")
+    copy.add_argument("--to", dest="target", required=True, metavar="URL", help="destination: postgresql://USER@HOST:PORT/DB")
+    copy.add_argument("--batch", type=int, default=2000, help="rows per transaction")
+    copy.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser(  # listed for --help; main() hands its arguments to backup_client untouched
         "initial-backup", add_help=False, help="back up existing assets: the server's job (--server) or an asset set "

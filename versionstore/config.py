@@ -11,6 +11,7 @@ from pathlib import Path
 MiB = 1 << 20
 GiB = 1 << 30
 DATA_DIR_VARIABLE = "VERSIONSTORE_DATA_DIR"
+METADATA_URL_VARIABLE = "VERSIONSTORE_METADATA_URL"
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,9 @@ class Config:
     fetch_timeout: float = 300.0
     primary_store: str | None = None
     backup_store: str | None = None
+    #: Where the metadata lives: `sqlite:///PATH` or `postgresql://USER@HOST:PORT/DB`; None is
+    #: the embedded default, `metadata.sqlite3` in the data directory.
+    metadata_url: str | None = None
     #: Seconds a customer bucket's marker check is trusted before it is made again.
     marker_ttl: float = 60.0
     #: Longest wait between two attempts to write a pending revision to its target.
@@ -133,6 +137,7 @@ class Config:
             "fetch_timeout": _env_float("VERSIONSTORE_FETCH_TIMEOUT", cls.fetch_timeout),
             "primary_store": os.environ.get("VERSIONSTORE_PRIMARY_STORE") or None,
             "backup_store": os.environ.get("VERSIONSTORE_BACKUP_STORE") or None,
+            "metadata_url": os.environ.get(METADATA_URL_VARIABLE) or None,
             "marker_ttl": _env_float("VERSIONSTORE_MARKER_TTL", cls.marker_ttl),
             "pending_retry_max": _env_float("VERSIONSTORE_PENDING_RETRY_MAX", cls.pending_retry_max),
             "poll_interval": _env_float("VERSIONSTORE_POLL_INTERVAL", cls.poll_interval),
@@ -178,10 +183,25 @@ class Config:
                 parse_store_url(url)
             except ValueError as exc:
                 raise ConfigError(f"{role}: {exc}") from None
+        self.check_metadata()
+
+    def check_metadata(self) -> None:
+        """Refuse a metadata URL no backend understands (ConfigError, one line)."""
+        from versionstore.metadata import check_metadata_url
+
+        try:
+            check_metadata_url(self.metadata_location)
+        except ValueError as exc:
+            raise ConfigError(f"metadata: {exc}") from None
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "metadata.sqlite3"
+
+    @property
+    def metadata_location(self) -> str:
+        """The metadata URL in use: the setting, else the SQLite file in the data directory."""
+        return self.metadata_url or f"sqlite://{self.db_path}"
 
     @property
     def spool_dir(self) -> Path:

@@ -19,8 +19,8 @@ from typing import Any
 
 from versionstore.errors import BadRequest
 from versionstore.ids import new_hex_id
-from versionstore.metadata import MetadataStore
 from versionstore.models import Asset, Cloud, Job
+from versionstore.repository import MetadataRepository
 from versionstore.service import VersionService
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class AlreadyRunning(Exception):
         self.job_id = job_id
 
 
-async def start(meta: MetadataStore, cloud: Cloud, notification_url: str | None) -> Job:
+async def start(meta: MetadataRepository, cloud: Cloud, notification_url: str | None) -> Job:
     """Queue an initial backup; one at a time per environment."""
     if not cloud.auto_backup:
         raise BadRequest(BACKUP_OFF)
@@ -105,7 +105,7 @@ class InitialBackup:
             progress[outcome] = progress.get(outcome, 0) + 1
 
 
-async def describe(meta: MetadataStore, job: Job) -> dict[str, Any]:
+async def describe(meta: MetadataRepository, job: Job) -> dict[str, Any]:
     """The job as `GET operations/initial_backup/<id>` shows it (Cloudinary's names first)."""
     backed_up, size = await meta.job_backups(job.id)
     progress = job.progress

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 
 from versionstore.claims import DEFAULT_LEASE, new_owner
 from versionstore.locks import wait_for_event
-from versionstore.metadata import MetadataStore
 from versionstore.models import Job
+from versionstore.repository import MetadataRepository
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ FinishHook = Callable[[Job], Awaitable[None]]
 
 class JobRunner:
     def __init__(
-        self, meta: MetadataStore, handlers: dict[str, Handler], *, poll_interval: float = 1.0,
+        self, meta: MetadataRepository, handlers: dict[str, Handler], *, poll_interval: float = 1.0,
         owner: str | None = None, lease: float = DEFAULT_LEASE,
     ) -> None:
         self.meta = meta

@@ -1,32 +1,24 @@
-"""Metadata on SQLite: one serialised writer connection, and readers beside it (WAL).
+"""The metadata repository: one body of portable SQL on SQLite or PostgreSQL.
 
-- Writes go through aiosqlite's thread: with synchronous=FULL (an acknowledged upload must
-  survive a power cut) a commit waits for fsync, which must not stall the event loop.
-- Point reads (an environment, an asset, its versions) run on a plain sqlite3 connection in
-  the event-loop thread: they are indexed look-ups of tens of microseconds, and a hop to a
-  worker thread and back cost several times more than the query under load (measured in
-  docs/performance.md). WAL readers never wait for the writer.
-- Scans whose cost grows with the library (search, counts) keep a worker-thread connection.
-
-The public methods are the whole contract a PostgreSQL store would need.
+Every statement goes through a gateway (versionstore/gateway.py for SQLite, the embedded
+default; versionstore/pg.py for PostgreSQL, which translates it): `_one`/`_all` for point
+reads, `_scan` for reads whose cost grows with the library, `transaction()` for writes.
+Write SQL in the subset both run: no INSERT OR ..., json_each, PRAGMA or lastrowid (RETURNING pk).
+The public methods are the contract (versionstore/repository.py).
 """
 
 import asyncio
 import json
-import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import astuple, fields, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 from versionstore import queries
 from versionstore.console.records import AuditRecord, ConsoleSession, StaffMember
+from versionstore.gateway import Gateway, IntegrityError, SqliteGateway, Transaction, migrations
 from versionstore.models import (
     Asset,
     BackupHealth,
@@ -41,14 +33,11 @@ from versionstore.models import (
 from versionstore.queries import SORT_FIELDS, AssetQuery, Filter, SortKey
 from versionstore.snapshot_records import PointInTimeRow, ScheduleRow, Snapshot, SnapshotItem
 
+_migrations = migrations  # the numbered blocks of schema.sql (tests build old databases from them)
+
 #: Selected in this order; `detached_from` stands for the model's `detached` flag (see _asset).
 _ASSET_COLUMNS = [*(f.name for f in fields(Asset) if f.name != "detached"), "detached_from"]
 _VERSION_COLUMNS = [f.name for f in fields(Version)]
-
-
-def _migrations() -> list[str]:
-    text = resources.files("versionstore").joinpath("schema.sql").read_text()
-    return [block for block in re.split(r"^-- migration \d+\s*$", text, flags=re.M)[1:]]
 
 
 _CLOUD_SELECT = "SELECT name, api_key, api_secret, auto_backup, created_at, backup_target FROM clouds"
@@ -178,7 +167,7 @@ def _asset_row(asset: Asset) -> dict[str, Any]:
 
 def _name_taken(exc: sqlite3.IntegrityError) -> bool:
     """A write lost a race for (cloud, resource_type, type, public_id) to another writer."""
-    return "UNIQUE constraint failed: assets." in str(exc)
+    return isinstance(exc, IntegrityError) and exc.table == "assets"
 
 
 _HAS_REVISION = "EXISTS (SELECT 1 FROM versions WHERE asset_pk = ? AND backed_up = 1)"
@@ -195,72 +184,67 @@ _VERSION_INSERT = (
     f"VALUES (?, ?, {', '.join('?' * len(_VERSION_COLUMNS))})"
 )
 
+SQLITE_SCHEME = "sqlite://"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
-async def _connect(path: Path) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, isolation_level=None)
-    await db.execute("PRAGMA busy_timeout = 10000")
-    await db.execute("PRAGMA foreign_keys = ON")
-    await db.execute("PRAGMA synchronous = FULL")
-    return db
+
+def sqlite_url(path: Path) -> str:
+    return f"{SQLITE_SCHEME}{path}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///abs/path` URL; None for any other URL."""
+    return Path(url[len(SQLITE_SCHEME):]) if url.startswith(SQLITE_SCHEME) else None
+
+
+def check_metadata_url(url: str) -> str:
+    """The URL unchanged if a backend understands it, else ValueError with a one-line reason."""
+    path = sqlite_path(url)
+    if path is not None and not path.is_absolute():
+        raise ValueError(f"{url!r}: a sqlite URL needs an absolute path (sqlite:///srv/data/metadata.sqlite3)")
+    if path is None and not url.startswith(POSTGRES_SCHEMES):
+        raise ValueError(f"{url!r}: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    return url
+
+
+async def open_gateway(url: str) -> Gateway:
+    """The gateway a metadata URL names, its schema migrated."""
+    path = sqlite_path(check_metadata_url(url))
+    if path is not None:
+        return await SqliteGateway.open(path)
+    from versionstore.pg import PgGateway  # asyncpg is only loaded when PostgreSQL is used
+
+    return await PgGateway.open(url)
 
 
 class MetadataStore:
-    def __init__(self, writer: aiosqlite.Connection, scanner: aiosqlite.Connection, reader: sqlite3.Connection) -> None:
-        self._writer = writer
-        self._scanner = scanner
-        self._reader = reader
-        self._write_lock = asyncio.Lock()
+    def __init__(self, gateway: Gateway) -> None:
+        self._gate = gateway
+        # Bound once: the point reads are on the hot path, a forwarding call would cost.
+        self._one = gateway.one
+        self._all = gateway.all
+        self._scan = gateway.scan
+        self.transaction = gateway.transaction
+        #: Migration numbers applied when this store was opened.
+        self.applied_migrations = gateway.applied
         self._clouds: dict[str, Cloud | None] = {}
-        self._clouds_version = -1
+        self._clouds_version: object = None
 
     @classmethod
-    async def open(cls, path: Path) -> "MetadataStore":
-        writer = await _connect(path)
+    async def open(cls, location: Path | str) -> "MetadataStore":
+        """Open the metadata at `location` (a SQLite file's path, or a sqlite:// or
+        postgresql:// URL), apply the migrations it lacks, and write the label side rows of
+        assets stored before migration 9 (backfill_labels)."""
+        store = cls(await open_gateway(sqlite_url(location) if isinstance(location, Path) else location))
         try:
-            await writer.execute("PRAGMA journal_mode = WAL")
-            (current,) = await (await writer.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
-            for number, block in enumerate(_migrations(), start=1):
-                if number > current:
-                    await writer.executescript(f"BEGIN IMMEDIATE;\n{block}\nPRAGMA user_version = {number};\nCOMMIT;")
+            await store.backfill_labels()
         except BaseException:
-            # A failed migration leaves its transaction open; roll it back and close the
-            # connection, whose thread would otherwise keep the process alive.
-            if writer.in_transaction:
-                await writer.rollback()
-            await writer.close()
+            await store.close()
             raise
-        scanner = await _connect(path)
-        reader = sqlite3.connect(path, isolation_level=None)
-        reader.execute("PRAGMA busy_timeout = 10000")
-        store = cls(writer, scanner, reader)
-        await store.backfill_labels()
         return store
 
     async def close(self) -> None:
-        self._reader.close()
-        await self._scanner.close()
-        await self._writer.close()
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One serialised write transaction; rolled back on any exception."""
-        async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
-
-    async def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return self._reader.execute(sql, args).fetchone()
-
-    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        return self._reader.execute(sql, args).fetchall()
-
-    async def _scan(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        return list(await self._scanner.execute_fetchall(sql, args))
+        await self._gate.close()
 
     # --- product environments -------------------------------------------------------------
 
@@ -274,15 +258,18 @@ class MetadataStore:
         return cloud
 
     async def get_cloud(self, name: str) -> Cloud | None:
-        """Read on every request (so CLI changes apply at once), cached until any commit:
-        `PRAGMA data_version` changes whenever another connection (our writer, the CLI)
-        commits, and costs less than the row look-up it saves."""
-        (data_version,) = self._reader.execute("PRAGMA data_version").fetchone()
-        if data_version != self._clouds_version:
+        """Read on every request (so CLI changes apply at once), cached until the gateway's
+        epoch moves: on SQLite at any commit of any connection (PRAGMA data_version), on
+        PostgreSQL at our own commits and at least once a second; a missing environment is
+        cached only where the epoch sees every commit (SQLite)."""
+        epoch = self._gate.cache_epoch()
+        if epoch != self._clouds_version:
             self._clouds.clear()
-            self._clouds_version = data_version
+            self._clouds_version = epoch
         if name not in self._clouds:
             row = await self._one(f"{_CLOUD_SELECT} WHERE name = ?", (name,))
+            if row is None and not self._gate.caches_misses:
+                return None
             self._clouds[name] = None if row is None else _cloud(row)
         return self._clouds[name]
 
@@ -324,7 +311,7 @@ class MetadataStore:
 
     async def backup_bytes(self, asset_pk: int) -> int:
         row = await self._one(
-            "SELECT COALESCE(SUM(bytes), 0) FROM (SELECT DISTINCT digest, bytes FROM versions WHERE asset_pk = ? AND backed_up = 1)",
+            "SELECT COALESCE(SUM(bytes), 0) FROM (SELECT DISTINCT digest, bytes FROM versions WHERE asset_pk = ? AND backed_up = 1) AS d",
             (asset_pk,),
         )
         return int(row[0])
@@ -336,7 +323,7 @@ class MetadataStore:
             "SELECT (SELECT COUNT(*) FROM assets WHERE cloud = ? AND status = 'live'), "
             "(SELECT COALESCE(SUM(bytes), 0) FROM assets WHERE cloud = ? AND status = 'live'), "
             "(SELECT COALESCE(SUM(bytes), 0) FROM (SELECT DISTINCT asset_pk, digest, bytes FROM versions "
-            "WHERE cloud = ? AND backed_up = 1))",
+            "WHERE cloud = ? AND backed_up = 1) AS d)",
             (cloud, cloud, cloud),
         )
         return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
@@ -355,6 +342,7 @@ class MetadataStore:
         """Insert a definition; False when the external_id is taken."""
         try:
             async with self.transaction() as db:
+                await self._gate.lock(db, f"metadata_fields/{cloud}")  # position: MAX + 1
                 await db.execute(
                     "INSERT INTO metadata_fields (cloud, external_id, definition, position) "
                     "VALUES (?, ?, ?, (SELECT COALESCE(MAX(position), 0) + 1 FROM metadata_fields WHERE cloud = ?))",
@@ -395,16 +383,18 @@ class MetadataStore:
                 if pending:
                     await self._bump(db, REVISIONS)
                     await db.execute(
-                        "INSERT OR IGNORE INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (cloud, digest) DO NOTHING",
                         (asset.cloud, version.digest, version.bytes, version.created_at, version.created_at),
                     )
                 if asset.pk is None:
                     del values["pk"]
                     cursor = await db.execute(
-                        f"INSERT INTO assets ({', '.join(values)}, generation) VALUES ({', '.join('?' * len(values))}, 0)",
+                        f"INSERT INTO assets ({', '.join(values)}, generation) VALUES ({', '.join('?' * len(values))}, 0) RETURNING pk",
                         tuple(values.values()),
                     )
-                    asset.pk, asset.generation = cursor.lastrowid, 0
+                    (pk,) = await cursor.fetchone()
+                    asset.pk, asset.generation = int(pk), 0
                 else:
                     pk = values.pop("pk")
                     cursor = await db.execute(
@@ -477,7 +467,7 @@ class MetadataStore:
             return await self._retire(db, asset, now, detach=False)
 
     @staticmethod
-    async def _retire(db: aiosqlite.Connection, asset: Asset, now: float, *, detach: bool) -> bool:
+    async def _retire(db: Transaction, asset: Asset, now: float, *, detach: bool) -> bool:
         """Inside a transaction: reserve (or, with `detach`, detach from its name) an asset that
         has a backed-up version, or forget one that has none; which of the two is decided by
         the rows as they are now, not by the caller's read. True when the row stays."""
@@ -511,9 +501,10 @@ class MetadataStore:
                 if cursor.rowcount:
                     deleted.append(version_id)
             await self._drop_snapshot_items(db, asset_pk, deleted)  # irreversible means final: docs/design.md
-            remaining = await (await db.execute("SELECT COUNT(*) FROM versions WHERE asset_pk = ?", (asset_pk,))).fetchone()
-            if remaining is not None and remaining[0] == 0:
-                await db.execute("DELETE FROM assets WHERE pk = ? AND status = 'deleted'", (asset_pk,))
+            await db.execute(
+                "DELETE FROM assets WHERE pk = ? AND status = 'deleted' AND NOT EXISTS (SELECT 1 FROM versions WHERE asset_pk = ?)",
+                (asset_pk, asset_pk),
+            )
         return deleted
 
     async def digest_referenced(self, cloud: str, digest: str, *, backup: bool) -> bool:
@@ -549,6 +540,7 @@ class MetadataStore:
         write (or raises to refuse). Returns (the session, whether the part was new, all parts).
         """
         async with self.transaction() as db:
+            await self._gate.lock(db, f"upload_sessions/{cloud}")  # the cap is decided over all sessions
             cursor = await db.execute(
                 f"SELECT {_SESSION_COLUMNS} FROM upload_sessions WHERE cloud = ? AND upload_id = ?", (cloud, upload_id)
             )
@@ -558,7 +550,7 @@ class MetadataStore:
                 "WHERE cloud = ? AND upload_id != ? AND state != 'finished'",
                 (cloud, upload_id),
             )
-            others, claimed = await cursor.fetchone()  # type: ignore[misc]
+            others, claimed = await cursor.fetchone()
             session = decide(None if row is None else _session(row), others, claimed)
             cursor = await db.execute(
                 "INSERT INTO upload_sessions (cloud, upload_id, resource_type, public_id, total, claimed, state, created_at, updated_at) "
@@ -580,7 +572,7 @@ class MetadataStore:
         return session, added, parts
 
     @staticmethod
-    async def _parts(db: aiosqlite.Connection, cloud: str, upload_id: str) -> list[UploadPart]:
+    async def _parts(db: Transaction, cloud: str, upload_id: str) -> list[UploadPart]:
         cursor = await db.execute(
             "SELECT first_byte, end_byte, file FROM upload_parts WHERE cloud = ? AND upload_id = ? ORDER BY first_byte, end_byte",
             (cloud, upload_id),
@@ -657,7 +649,7 @@ class MetadataStore:
 
     async def pending_digests(self, cloud: str, digests: Sequence[str]) -> set[str]:
         """Which of these digests still wait for the backup target (usually none: one probe)."""
-        if not digests or self._reader.execute("SELECT 1 FROM backup_pending LIMIT 1").fetchone() is None:
+        if not digests or await self._one("SELECT 1 FROM backup_pending LIMIT 1") is None:
             return set()
         marks = ", ".join("?" * len(set(digests)))
         rows = await self._all(f"SELECT digest FROM backup_pending WHERE cloud = ? AND digest IN ({marks})", (cloud, *set(digests)))
@@ -699,7 +691,9 @@ class MetadataStore:
         cached about that target (BackupTargets)."""
         async with self.transaction() as db:
             await db.execute(
-                "INSERT OR REPLACE INTO backup_health (cloud, state, last_error, last_error_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO backup_health (cloud, state, last_error, last_error_at, updated_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (cloud) DO UPDATE SET state = excluded.state, last_error = excluded.last_error, "
+                "last_error_at = excluded.last_error_at, updated_at = excluded.updated_at",
                 astuple(health),
             )
             await self._bump(db, target_generation(health.cloud))
@@ -749,7 +743,8 @@ class MetadataStore:
                 return False
             if pending:
                 await db.execute(
-                    "INSERT OR IGNORE INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (cloud, digest) DO NOTHING",
                     (cloud, version.digest, version.bytes, time.time(), 0),
                 )
             await self._bump(db, REVISIONS)
@@ -834,6 +829,7 @@ class MetadataStore:
             return False
         digests = sorted({row[0] for row in rows})
         async with self.transaction() as db:
+            await self._gate.lock(db, "blob_checks")  # outcome_seq: MAX + 1, decided on what was bad before
             bad_before: set[tuple[str, str]] = set()
             for start in range(0, len(digests), 500):  # one query per 500 digests, not one per row
                 part = digests[start : start + 500]
@@ -845,7 +841,7 @@ class MetadataStore:
             flipped = {(d, s) for d, s, outcome, _ in rows if ((d, s) in bad_before) != (outcome in _BAD_OUTCOMES)}
             seq = 0
             if flipped:
-                (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()  # type: ignore[misc]
+                (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()
             # An unchanged good/bad state keeps its sequence number (0 means "keep" on conflict).
             await db.executemany(
                 "INSERT INTO blob_checks (cloud, digest, store, outcome, detail, last_verified_at, outcome_seq) "
@@ -861,7 +857,8 @@ class MetadataStore:
         deleted), so a later upload of the same bytes does not inherit them. Rows are kept, not
         deleted: `verify_generation` (a MAX) must never go back."""
         async with self.transaction() as db:
-            (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()  # type: ignore[misc]
+            await self._gate.lock(db, "blob_checks")
+            (seq,) = await (await db.execute("SELECT COALESCE(MAX(outcome_seq), 0) + 1 FROM blob_checks")).fetchone()
             await db.execute(
                 "UPDATE blob_checks SET outcome = 'ok', detail = 'released: no version references these bytes', outcome_seq = ? "
                 "WHERE cloud = ? AND digest = ? AND outcome IN ('missing', 'corrupt')",
@@ -875,9 +872,7 @@ class MetadataStore:
 
     async def bad_revisions(self, cloud: str, digests: Sequence[str]) -> dict[str, str]:
         """{digest: outcome} of these revisions whose backup copy was last found missing or corrupt."""
-        if not digests or self._reader.execute(
-            "SELECT 1 FROM blob_checks WHERE outcome IN ('missing', 'corrupt') LIMIT 1"
-        ).fetchone() is None:
+        if not digests or await self._one("SELECT 1 FROM blob_checks WHERE outcome IN ('missing', 'corrupt') LIMIT 1") is None:
             return {}
         marks = ", ".join("?" * len(set(digests)))
         rows = await self._all(
@@ -1116,12 +1111,12 @@ class MetadataStore:
         """A trivial query that reads a table, run off the event loop (the readiness probe)."""
         await self._scan("SELECT 1 FROM clouds LIMIT 1")
 
-    def data_version(self) -> int:
-        """Changes whenever any other connection (this store's writer, the CLI, another
-        process) commits: equal values mean nothing was written in between. (SQLite's
-        `PRAGMA data_version`; a backend without such a counter may return a new value on
-        every call, which only turns the caches keyed on it off.)"""
-        return int(self._reader.execute("PRAGMA data_version").fetchone()[0])
+    def data_version(self) -> object:
+        """Equal values mean nothing that cached rows depend on was written in between: the
+        gateway's cache epoch (SQLite: `PRAGMA data_version`, moved by any commit of any
+        connection or process; PostgreSQL: our own commits at once, other processes' within
+        a second, versionstore/pg.py)."""
+        return self._gate.cache_epoch()
 
     # --- several processes: the write journal, claims, leases and generations -----------------
     # (docs/design.md, "Processes, claims and leases"). Every claim is a conditional write; a
@@ -1130,7 +1125,7 @@ class MetadataStore:
     # racing parties at least one sees the other, on SQLite and on PostgreSQL (read committed).
 
     @staticmethod
-    async def _bump(db: aiosqlite.Connection, name: str) -> None:
+    async def _bump(db: Transaction, name: str) -> None:
         await db.execute(
             "INSERT INTO generations (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = generations.value + 1",
             (name,),
@@ -1152,7 +1147,7 @@ class MetadataStore:
         return await self.generation(REVISIONS)
 
     @staticmethod
-    async def _finish_writes(db: aiosqlite.Connection, ids: Sequence[int]) -> None:
+    async def _finish_writes(db: Transaction, ids: Sequence[int]) -> None:
         """Inside the commit naming the blobs: remove their journal rows, which must still be
         live. A lease that ran out never comes back (renew_leases only extends live ones), so
         orphan collection may delete such a write's blob and this commit cannot name it."""
@@ -1461,7 +1456,7 @@ class MetadataStore:
             return bool(cursor.rowcount)
 
     @staticmethod
-    async def _drop_snapshot_items(db: aiosqlite.Connection, asset_pk: int, version_ids: Sequence[str]) -> None:
+    async def _drop_snapshot_items(db: Transaction, asset_pk: int, version_ids: Sequence[str]) -> None:
         """Inside a version deletion's transaction: the asset's deleted versions leave every
         snapshot that listed them, and those snapshots are marked changed (docs/design.md)."""
         for start in range(0, len(version_ids), 500):
@@ -1684,14 +1679,14 @@ def _after(columns: list[str], descending: list[bool], values: list[Any]) -> tup
     return f"{first} {op}= ? AND ({first} {op} ? OR ({first} = ? AND {rest}))", [values[0]] * 3 + rest_values
 
 
-async def _write_labels(db: aiosqlite.Connection, asset: Asset) -> None:
+async def _write_labels(db: Transaction, asset: Asset) -> None:
     """Make an asset's tag and context side rows what its row says (same transaction)."""
     await db.execute("DELETE FROM asset_tags WHERE asset_pk = ?", (asset.pk,))
     await db.execute("DELETE FROM asset_context WHERE asset_pk = ?", (asset.pk,))
     await _insert_labels(db, [(asset.pk or 0, asset.cloud, asset.created_at, asset.tags, asset.context)])
 
 
-async def _insert_labels(db: aiosqlite.Connection, assets: Sequence[tuple[int, str, float, list[str], dict[str, Any]]]) -> None:
+async def _insert_labels(db: Transaction, assets: Sequence[tuple[int, str, float, list[str], dict[str, Any]]]) -> None:
     """The side rows of (pk, cloud, created_at, tags, context) of assets, in two statements."""
     tags = [(cloud, str(tag), pk, created_at) for pk, cloud, created_at, names, _ in assets for tag in names]
     context = [

@@ -15,7 +15,7 @@ from typing import Any
 
 from versionstore.errors import BadRequest
 from versionstore.ids import new_hex_id
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 
 TYPES = ("string", "integer", "date", "enum", "set")
 _EXTERNAL_ID = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
@@ -181,7 +181,7 @@ def _as_wire(value: object) -> str:
     return json.dumps(value) if isinstance(value, list) else str(value)
 
 
-async def checked(meta: MetadataStore, cloud: str, values: dict[str, str] | None) -> dict[str, str] | None:
+async def checked(meta: MetadataRepository, cloud: str, values: dict[str, str] | None) -> dict[str, str] | None:
     """`metadata` of an upload or update, checked against the environment's definitions."""
     if not values:
         return values

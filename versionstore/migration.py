@@ -26,8 +26,8 @@ from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from versionstore.claims import REVISION
 from versionstore.errors import BadRequest
 from versionstore.ids import new_hex_id
-from versionstore.metadata import MetadataStore
 from versionstore.models import Cloud, Job
+from versionstore.repository import MetadataRepository
 from versionstore.service import RevisionCorrupt, VersionService
 from versionstore.targets import TargetUnavailable, customer_bucket, verify_bucket
 
@@ -43,7 +43,7 @@ def target_name(target: str | None) -> str:
     return target or "default"
 
 
-async def change_target(meta: MetadataStore, cloud: Cloud, url: str | None, *, operator: bool = False) -> Job | None:
+async def change_target(meta: MetadataRepository, cloud: Cloud, url: str | None, *, operator: bool = False) -> Job | None:
     """Verify a new target and queue the migration to it (None: nothing to change).
 
     `url` None means the default store. Used by the API and, with `operator`, the CLI.

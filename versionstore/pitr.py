@@ -24,8 +24,8 @@ from typing import Any
 from versionstore import layout
 from versionstore.errors import BadRequest, NotFound
 from versionstore.ids import new_hex_id
-from versionstore.metadata import MetadataStore
 from versionstore.models import Job
+from versionstore.repository import MetadataRepository
 from versionstore.service import UploadRequest, VersionService
 from versionstore.snapshot_records import PointInTimeRow
 from versionstore.snapshots import check_prefix
@@ -62,7 +62,7 @@ class Diff:
         return {name: len(getattr(self, name)) for name in ("restore", "did_not_exist", "unchanged", "unrecoverable")}
 
 
-async def check_selection(meta: MetadataStore, selection: Selection) -> Selection:
+async def check_selection(meta: MetadataRepository, selection: Selection) -> Selection:
     """Refuse a selection that names nothing: exactly one of `at` and `snapshot_id`, a known
     snapshot and target environment."""
     if (selection.at is None) == (selection.snapshot_id is None):
@@ -79,7 +79,7 @@ async def check_selection(meta: MetadataStore, selection: Selection) -> Selectio
     return selection
 
 
-async def pages(meta: MetadataStore, selection: Selection, after_pk: int = 0) -> AsyncIterator[tuple[int, Diff]]:
+async def pages(meta: MetadataRepository, selection: Selection, after_pk: int = 0) -> AsyncIterator[tuple[int, Diff]]:
     """(last asset row of the page, its diff), page by page from `after_pk`."""
     while True:
         if selection.snapshot_id is not None:
@@ -95,7 +95,7 @@ async def pages(meta: MetadataStore, selection: Selection, after_pk: int = 0) ->
             return
 
 
-async def dry_run(meta: MetadataStore, selection: Selection, limit: int = 1000) -> dict[str, Any]:
+async def dry_run(meta: MetadataRepository, selection: Selection, limit: int = 1000) -> dict[str, Any]:
     """Counts of the whole diff and up to `limit` entries of each list."""
     total = Diff()
     counts = dict.fromkeys(total.counts(), 0)
@@ -114,7 +114,7 @@ def _existed(row: PointInTimeRow, selection: Selection) -> bool:
     return selection.at is None or row.live or row.deleted_at is None or row.deleted_at > selection.at
 
 
-async def _diff(meta: MetadataStore, selection: Selection, rows: list[PointInTimeRow]) -> Diff:
+async def _diff(meta: MetadataRepository, selection: Selection, rows: list[PointInTimeRow]) -> Diff:
     diff = Diff()
     wanted = [r.at_digest for r in rows if r.at_digest is not None]
     pending = await meta.pending_digests(selection.cloud, wanted)
@@ -165,7 +165,7 @@ class _Current:
     backed_up: bool
 
 
-async def _current(meta: MetadataStore, selection: Selection, row: PointInTimeRow) -> _Current | None:
+async def _current(meta: MetadataRepository, selection: Selection, row: PointInTimeRow) -> _Current | None:
     """The destination's state: the row's own (no query), or the same name in the target
     environment (a point read)."""
     if selection.target_cloud is None or selection.target_cloud == selection.cloud:
@@ -297,7 +297,7 @@ def parse_time(value: object) -> float | None:
     return moment.timestamp()
 
 
-async def start(meta: MetadataStore, selection: Selection, params: dict[str, Any], notification_url: str | None) -> Job | None:
+async def start(meta: MetadataRepository, selection: Selection, params: dict[str, Any], notification_url: str | None) -> Job | None:
     """Queue the real run; None when the environment already has one open."""
     job = Job(
         id=new_hex_id(), cloud=selection.cloud, kind=KIND, status="pending", params=params, created_at=time.time(),

@@ -9,7 +9,7 @@ one. A snapshot any rule keeps stays. Manual and pinned snapshots are never touc
 Removal is announced first: a snapshot the policy drops is marked `pending_deletion` with
 `expires_at` one grace period ahead, and removed by the first run after that if the policy
 still drops it. Retention removes snapshots only; a revision goes only when no version and
-no other snapshot references it (`MetadataStore.digest_referenced`).
+no other snapshot references it (`MetadataRepository.digest_referenced`).
 
 State lives in the database (`snapshot_schedules.next_run_at`, claimed by compare-and-set), so
 a restart or a second process neither loses nor doubles a run; a run missed while the service

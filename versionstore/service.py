@@ -24,8 +24,9 @@ from versionstore.claims import ORIGINAL, PENDING, REVISION, Claims
 from versionstore.errors import BadRequest, Conflict, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks
-from versionstore.metadata import AssetChanged, MetadataStore, WriteExpired
+from versionstore.metadata import AssetChanged, WriteExpired
 from versionstore.models import Asset, Cloud, RestoreFailure, Version
+from versionstore.repository import MetadataRepository
 from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable
 from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
 
@@ -87,7 +88,7 @@ class DeleteVersionsOutcome:
 
 class VersionService:
     def __init__(
-        self, meta: MetadataStore, primary: BlobStore, targets: BackupTargets, spool_dir: Path, max_bytes: int,
+        self, meta: MetadataRepository, primary: BlobStore, targets: BackupTargets, spool_dir: Path, max_bytes: int,
         claims: Claims | None = None,
     ) -> None:
         self.meta = meta

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from versionstore import pitr, retention
-from versionstore.config import Config
 from versionstore.errors import ApiError, BadRequest
 
 Command = Callable[..., argparse.ArgumentParser]
@@ -22,20 +21,18 @@ Service = Any  # versionstore.snapshots.Snapshots (imported lazily: keeps `--hel
 
 def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        from versionstore.blobstore import open_store
-        from versionstore.blobstore.resilient import resilient
-        from versionstore.cli import store_dir
-        from versionstore.metadata import MetadataStore
+        from versionstore import bootstrap
+        from versionstore.cli import store_config
         from versionstore.service import VersionService
         from versionstore.snapshots import Snapshots
         from versionstore.targets import BackupTargets
 
-        config = Config.from_env(store_dir(args.data_dir, create=False))
+        config = store_config(args.data_dir, args.metadata, create=False)
 
         async def run() -> None:
-            meta = await MetadataStore.open(config.db_path)
-            primary = resilient(open_store(config.primary_url))
-            targets = BackupTargets(meta, resilient(open_store(config.backup_url)))
+            meta = await bootstrap.open_metadata(config)
+            primary = bootstrap.open_primary(config)
+            targets = BackupTargets(meta, bootstrap.open_backup(config))
             config.spool_dir.mkdir(parents=True, exist_ok=True)
             try:
                 if await meta.get_cloud(args.cloud) is None:

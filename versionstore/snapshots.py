@@ -3,7 +3,7 @@
 A snapshot copies no bytes. Its items name the revision each in-scope live asset's current
 version points at, taken by one INSERT ... SELECT in one transaction (consistent, and cheap at
 any library size), and that reference keeps the revision from being collected
-(`MetadataStore.digest_referenced`). An asset whose current version was uploaded without
+(`MetadataRepository.digest_referenced`). An asset whose current version was uploaded without
 backup is listed as *not covered* (`covered: false`): its bytes exist only as the primary copy,
 which the next upload replaces, so the snapshot cannot promise them (docs/snapshots.md).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from versionstore.errors import BadRequest, Forbidden, NotFound
 from versionstore.ids import new_hex_id
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 from versionstore.service import VersionService
 from versionstore.snapshot_records import Snapshot, SnapshotItem
 
@@ -47,7 +47,7 @@ class Snapshots:
 
     def __init__(self, service: VersionService) -> None:
         self.service = service
-        self.meta: MetadataStore = service.meta
+        self.meta: MetadataRepository = service.meta
 
     async def create(
         self, cloud: str, *, note: str | None, prefix: str = "", type_: str = MANUAL, created_by: str = "api",

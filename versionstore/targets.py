@@ -21,8 +21,9 @@ from versionstore import layout
 from versionstore.blobstore import BlobStore, BlobStoreError, StoreURL, open_store, parse_store_url
 from versionstore.blobstore.resilient import ResiliencePolicy, resilient
 from versionstore.errors import BadRequest
-from versionstore.metadata import MetadataStore, target_generation
+from versionstore.metadata import target_generation
 from versionstore.models import BackupHealth, Cloud
+from versionstore.repository import MetadataRepository
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ async def _probe(store: BlobStore, cloud: str) -> None:
 
 class BackupTargets:
     def __init__(
-        self, meta: MetadataStore, default: BlobStore, *, marker_ttl: float = 60.0, breaker_seconds: float = 10.0,
+        self, meta: MetadataRepository, default: BlobStore, *, marker_ttl: float = 60.0, breaker_seconds: float = 10.0,
         policy: ResiliencePolicy | None = None,
     ) -> None:
         self.meta = meta

@@ -29,8 +29,8 @@ from versionstore import layout
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from versionstore.claims import ORIGINAL, REVISION
 from versionstore.ids import new_hex_id
-from versionstore.metadata import MetadataStore
 from versionstore.models import Cloud, Job
+from versionstore.repository import MetadataRepository
 from versionstore.targets import TargetUnavailable
 
 if TYPE_CHECKING:
@@ -225,7 +225,7 @@ class Scrubber:
                  progress: Progress | None = None, rng: random.Random | None = None, concurrency: int = 4) -> None:
         self.service = service
         self.concurrency = concurrency
-        self.meta: MetadataStore = service.meta
+        self.meta: MetadataRepository = service.meta
         self.throttle = Throttle(rate)
         self.sample = sample
         self.progress = progress
@@ -362,7 +362,7 @@ async def repair_copy(service: "VersionService", source: BlobStore, source_key: 
     return REPAIRED, f"{found[0]} copy replaced from {source.name}"
 
 
-async def record_read_failure(meta: MetadataStore, cloud: str, digest: str, outcome: str, detail: str) -> None:
+async def record_read_failure(meta: MetadataRepository, cloud: str, digest: str, outcome: str, detail: str) -> None:
     """A download found the backup copy missing or corrupt: mark it (restorable: false)."""
     log.error("download of %s in %s: backup copy %s: %s", digest, cloud, outcome, detail)
     await meta.record_checks(cloud, digest, {BACKUP: (outcome, detail)})
@@ -403,7 +403,7 @@ class VerifyJob:
         await meta.save_job(job)
 
 
-async def schedule(meta: MetadataStore, wake: Callable[[], None], interval: float, *, rate_mb_s: float | None,
+async def schedule(meta: MetadataRepository, wake: Callable[[], None], interval: float, *, rate_mb_s: float | None,
                    check_every: float = 60.0) -> None:
     """Queue a `verify` job per environment every `interval` seconds (counted from the last
     one's completion, or from this start when there was none). Runs until cancelled."""
@@ -430,7 +430,7 @@ async def schedule(meta: MetadataStore, wake: Callable[[], None], interval: floa
 # --- status ------------------------------------------------------------------------------------
 
 
-async def status_fields(meta: MetadataStore, cloud: Cloud, primary_url: str | None, backup_url: str | None) -> dict[str, Any]:
+async def status_fields(meta: MetadataRepository, cloud: Cloud, primary_url: str | None, backup_url: str | None) -> dict[str, Any]:
     """The verify part of the backup status (API and `cloud status`)."""
     summary = await meta.check_summary(cloud.name)
     backup, primary = summary.get(BACKUP, {}), summary.get(PRIMARY, {})

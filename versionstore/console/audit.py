@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from versionstore.console.records import AuditRecord
-from versionstore.metadata import AUDIT_GENESIS, MetadataStore
+from versionstore.metadata import AUDIT_GENESIS
+from versionstore.repository import MetadataRepository
 
 PAGE = 500
 
@@ -35,7 +36,7 @@ class VerifyReport:
 
 
 class AuditLog:
-    def __init__(self, meta: MetadataStore) -> None:
+    def __init__(self, meta: MetadataRepository) -> None:
         self.meta = meta
 
     async def record(

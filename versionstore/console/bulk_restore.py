@@ -9,8 +9,8 @@ from versionstore.console.audit import AuditLog
 from versionstore.console.records import StaffMember
 from versionstore.errors import BadRequest, Conflict
 from versionstore.ids import is_hex_id, new_hex_id
-from versionstore.metadata import MetadataStore
 from versionstore.models import Job
+from versionstore.repository import MetadataRepository
 from versionstore.service import VersionService
 
 KIND = "bulk_restore"
@@ -18,7 +18,7 @@ MAX_ASSETS = 500
 MAX_FAILURES_LISTED = 100
 
 
-async def start(meta: MetadataStore, member: StaffMember, cloud: str, asset_ids: list[str], address: str | None) -> Job:
+async def start(meta: MetadataRepository, member: StaffMember, cloud: str, asset_ids: list[str], address: str | None) -> Job:
     require(member, cloud, "restorer")
     wanted = list(dict.fromkeys(a for a in asset_ids if is_hex_id(a)))
     if not wanted:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from versionstore import queries
 from versionstore.errors import BadRequest
-from versionstore.metadata import MetadataStore as MetadataRepository
 from versionstore.models import Asset
 from versionstore.queries import AssetQuery, Filter, SortKey
+from versionstore.repository import MetadataRepository
 
 PAGE_SIZE = 24
 STATUSES = {"deleted": ("deleted",), "live": ("live",), "all": ("live", "deleted")}

@@ -7,7 +7,7 @@ import secrets
 import time
 
 from versionstore.console.records import ConsoleSession, StaffMember
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 
 IDLE_SECONDS = 30 * 60
 ABSOLUTE_SECONDS = 12 * 3600
@@ -20,7 +20,7 @@ def _digest(token: str) -> str:
 
 
 class Sessions:
-    def __init__(self, meta: MetadataStore, idle: float = IDLE_SECONDS, absolute: float = ABSOLUTE_SECONDS) -> None:
+    def __init__(self, meta: MetadataRepository, idle: float = IDLE_SECONDS, absolute: float = ABSOLUTE_SECONDS) -> None:
         self.meta = meta
         self.idle = idle
         self.absolute = absolute

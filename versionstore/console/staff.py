@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from versionstore.console import passwords
 from versionstore.console.records import ALL_CLOUDS, ROLES, StaffMember
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 
 #: Consecutive failed sign-ins that lock an account, and for how long.
 MAX_FAILURES = 5
@@ -62,7 +62,7 @@ class AddressLimiter:
 
 
 class StaffAccounts:
-    def __init__(self, meta: MetadataStore, limiter: AddressLimiter | None = None) -> None:
+    def __init__(self, meta: MetadataRepository, limiter: AddressLimiter | None = None) -> None:
         self.meta = meta
         self.limiter = limiter or AddressLimiter()
 

@@ -18,9 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import initial_backup, logs, migration, pitr, retention, verify
-from versionstore.blobstore import open_store
-from versionstore.blobstore.resilient import resilient
+from versionstore import bootstrap, initial_backup, logs, migration, pitr, retention, verify
 from versionstore.chunks import ChunkAssembler
 from versionstore.claims import Claims
 from versionstore.config import Config
@@ -35,9 +33,9 @@ from versionstore.http.notify import Notifier
 from versionstore.http.ratelimit import AdminRateLimit
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import Handler, JobRunner
-from versionstore.metadata import MetadataStore
 from versionstore.models import Job
 from versionstore.pending import PendingDrainer
+from versionstore.repository import MetadataRepository
 from versionstore.service import VersionService
 from versionstore.snapshots import Snapshots
 from versionstore.spool import remove_stale_parts
@@ -46,7 +44,7 @@ from versionstore.targets import BackupTargets
 log = logging.getLogger("versionstore")
 
 CONFIG = web.AppKey("config", Config)
-META = web.AppKey("meta", MetadataStore)
+META: web.AppKey[MetadataRepository] = web.AppKey("meta")
 SERVICE = web.AppKey("service", VersionService)
 CHUNKS = web.AppKey("chunks", ChunkAssembler)
 FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
@@ -196,12 +194,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # A crash mid-upload left these; never another live process's upload (see remove_stale_parts).
     await asyncio.to_thread(remove_stale_parts, config.spool_dir)
     async with contextlib.AsyncExitStack() as opened:
-        meta = await MetadataStore.open(config.db_path)
+        meta = await bootstrap.open_metadata(config)
         opened.push_async_callback(meta.close)
         app[META] = meta
-        primary = resilient(open_store(config.primary_url))
+        primary = bootstrap.open_primary(config)
         opened.push_async_callback(primary.close)
-        targets = BackupTargets(meta, resilient(open_store(config.backup_url)), marker_ttl=config.marker_ttl)
+        targets = BackupTargets(meta, bootstrap.open_backup(config), marker_ttl=config.marker_ttl)
         opened.push_async_callback(targets.close)
         claims = Claims(meta, lease=config.lease_seconds)
         service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes, claims)
@@ -243,7 +241,7 @@ async def _stop(tasks: list["asyncio.Task[None]"]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _describe_job(meta: MetadataStore, job: Job) -> dict[str, Any]:
+async def _describe_job(meta: MetadataRepository, job: Job) -> dict[str, Any]:
     if job.kind == initial_backup.KIND:
         return await initial_backup.describe(meta, job)
     return render.job(job)

@@ -18,12 +18,12 @@ from versionstore.http.app import CONFIG, JOBS, META
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
-from versionstore.metadata import MetadataStore
 from versionstore.models import Cloud
+from versionstore.repository import MetadataRepository
 
 
 async def backup_status(
-    meta: MetadataStore, cloud: Cloud, space: dict[str, Any], stores: tuple[str | None, str | None] = (None, None)
+    meta: MetadataRepository, cloud: Cloud, space: dict[str, Any], stores: tuple[str | None, str | None] = (None, None)
 ) -> dict[str, Any]:
     """`space` is disk_space.space_report() of the data dir (free bytes, `low_space`); `stores`:
     the primary and default backup store URLs, to tell whether they share storage."""

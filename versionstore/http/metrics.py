@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from versionstore import telemetry
 from versionstore.errors import ApiError
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 
 #: How long verify outcome counts are reused between scrapes (they need a scan of blob_checks).
 VERIFY_SUMMARY_TTL = 60.0
@@ -119,12 +119,12 @@ class _Fixed(Collector):
 class ScrapeTimeCollector:
     """The gauges read from the metadata store per scrape, for every environment."""
 
-    def __init__(self, meta: Callable[[], MetadataStore]) -> None:
+    def __init__(self, meta: Callable[[], MetadataRepository]) -> None:
         self._meta = meta  # opened at start-up, after this is made
         self._verify: tuple[float, list[Metric]] | None = None
 
     @property
-    def meta(self) -> MetadataStore:
+    def meta(self) -> MetadataRepository:
         return self._meta()
 
     async def families(self) -> list[Metric]:

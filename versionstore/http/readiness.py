@@ -16,7 +16,7 @@ from versionstore import layout
 from versionstore.blobstore import BlobStore
 from versionstore.config import Config
 from versionstore.disk_space import space_report
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 
 CHECK_TIMEOUT = 2.0
 _PROBE = layout.probe_key("readyz", "probe")  # never written: a stat of it answers "absent"
@@ -45,7 +45,7 @@ async def _store_answers(store: BlobStore) -> None:
     await inner.stat(_PROBE)
 
 
-async def readiness(config: Config, meta: MetadataStore, stores: dict[str, BlobStore]) -> tuple[bool, dict[str, Any]]:
+async def readiness(config: Config, meta: MetadataRepository, stores: dict[str, BlobStore]) -> tuple[bool, dict[str, Any]]:
     """(ready, body): the body names every check and, for a failed one, why it failed."""
     names = ["database", *stores]
     results = await asyncio.gather(_checked(meta.ping()), *(_checked(_store_answers(s)) for s in stores.values()))

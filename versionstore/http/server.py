@@ -16,8 +16,6 @@ in WAL) and the stores; what keeps them correct together is in versionstore/clai
 import asyncio
 import contextlib
 import errno
-import importlib
-import importlib.util
 import logging
 import os
 import signal
@@ -25,13 +23,14 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from aiohttp import web
 
+from versionstore import bootstrap
 from versionstore.config import Config, StartupError
 from versionstore.http.app import META, create_app
-from versionstore.metadata import MetadataStore
+from versionstore.http.metrics import prepare_multiprocess
+from versionstore.repository import MetadataRepository
 
 #: Seconds in-flight requests get to finish after SIGTERM/SIGINT (aiohttp's run_app default).
 SHUTDOWN_TIMEOUT = 60.0
@@ -69,7 +68,7 @@ async def serve(
     config: Config,
     *,
     access_log: bool,
-    ready: Callable[[MetadataStore, str], Awaitable[None]] | None = None,
+    ready: Callable[[MetadataRepository, str], Awaitable[None]] | None = None,
     sock: socket.socket | None = None,
     listening: Callable[[], None] | None = None,
 ) -> None:
@@ -123,7 +122,7 @@ def serve_workers(
     workers: int,
     *,
     access_log: bool,
-    ready: Callable[[MetadataStore, str], Awaitable[None]] | None = None,
+    ready: Callable[[MetadataRepository, str], Awaitable[None]] | None = None,
 ) -> None:
     """Run `workers` service processes on one port and supervise them until SIGTERM/SIGINT."""
     config.check()
@@ -133,7 +132,8 @@ def serve_workers(
     except Exception as exc:
         sock.close()
         raise StartupError(f"cannot start: {one_line(exc)}") from None
-    prepare_metrics(config.data_dir / "metrics")
+    # Metric values in files every worker writes, summed at scrape time (docs/operations.md).
+    prepare_multiprocess(config.metrics_dir or config.data_dir / "metrics")
     supervisor = _Supervisor(config, sock, access_log)
     try:
         supervisor.start(workers)
@@ -145,23 +145,14 @@ def serve_workers(
         sock.close()
 
 
-def prepare_metrics(directory: Path) -> None:
-    """HOOK (issue 11, /metrics): the metrics helper's `versionstore.http.metrics` module sets up
-    prometheus-client's multi-process directory; it must run in the parent before any worker
-    starts. Called only when that module is present (it is not on this branch)."""
-    if importlib.util.find_spec("versionstore.http.metrics") is None:
-        return
-    importlib.import_module("versionstore.http.metrics").prepare_multiprocess(directory)
-
-
 async def _migrate(config: Config) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    meta = await MetadataStore.open(config.db_path)
+    meta = await bootstrap.open_metadata(config)
     await meta.close()
 
 
-async def _announce(config: Config, base_url: str, ready: Callable[[MetadataStore, str], Awaitable[None]]) -> None:
-    meta = await MetadataStore.open(config.db_path)
+async def _announce(config: Config, base_url: str, ready: Callable[[MetadataRepository, str], Awaitable[None]]) -> None:
+    meta = await bootstrap.open_metadata(config)
     try:
         await ready(meta, base_url)
     finally:

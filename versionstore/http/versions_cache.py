@@ -1,15 +1,15 @@
 """Rendered `versions` arrays, reused while an asset's set of versions is unchanged.
 
 Versions are immutable rows, so the JSON of an asset's history only changes when a version
-is added or deleted, which `MetadataStore.versions_signature` detects with one indexed count,
+is added or deleted, which `MetadataRepository.versions_signature` detects with one indexed count,
 or when a pending revision reaches its target (`restorable` flips), which bumps
-`MetadataStore.revisions_generation` (a counter in the database, bumped in the same
+`MetadataRepository.revisions_generation` (a counter in the database, bumped in the same
 transaction, so a change made by any process counts), or when verify finds a revision missing or corrupt (or
-repaired), which moves `MetadataStore.verify_generation` (kept in the database, so a change
+repaired), which moves `MetadataRepository.verify_generation` (kept in the database, so a change
 made by `versionstore verify` in another process counts too).
 A 1,000-version history then costs one query and a string copy instead of 1,000 row
 conversions. While nothing at all was committed since an entry was checked
-(`MetadataStore.data_version` unchanged, which covers commits by other processes too), the
+(`MetadataRepository.data_version` unchanged, which covers commits by other processes too), the
 entry is served without even those queries. The cache is bounded by the total size of what
 it holds.
 """
@@ -17,10 +17,10 @@ it holds.
 from collections import OrderedDict
 
 from versionstore.http import render
-from versionstore.metadata import MetadataStore
+from versionstore.repository import MetadataRepository
 
 #: (versions_signature + generations, JSON bytes, backup_bytes, data_version when last checked)
-_Entry = tuple[tuple[int, int, int, int], bytes, int, int]
+_Entry = tuple[tuple[int, int, int, int], bytes, int, object]
 
 
 class VersionsJsonCache:
@@ -29,7 +29,7 @@ class VersionsJsonCache:
         self._size = 0
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
 
-    async def get(self, meta: MetadataStore, cloud: str, asset_pk: int) -> tuple[bytes, int]:
+    async def get(self, meta: MetadataRepository, cloud: str, asset_pk: int) -> tuple[bytes, int]:
         """(JSON array of the asset's versions, backup_bytes)."""
         checked = meta.data_version()
         hit = self._entries.get(asset_pk)

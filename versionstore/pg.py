@@ -1,0 +1,189 @@
+"""The PostgreSQL gateway (asyncpg): MetadataStore's statements, translated, on a pool.
+
+Write semantics (docs/design.md, "Metadata on PostgreSQL"): transactions run at READ
+COMMITTED. SQLite serialises every writer; here the invariants rest on what each statement
+checks itself (the asset generation compare-and-set, UPDATEs conditional on the state they
+leave, unique indexes), and the few units of work that read, decide and then write hold a
+transaction-scoped advisory lock on what they decide about (`lock`).
+
+Migrations: `schema_migrations` records the blocks of schema.sql applied (translated by
+versionstore/dialect.py); a session advisory lock makes processes that start together apply
+each block exactly once, one after the other.
+"""
+
+import asyncio
+import functools
+import re
+import time
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from versionstore.config import StartupError
+from versionstore.dialect import placeholders, schema_block
+from versionstore.gateway import IntegrityError, Transaction, migrations
+
+#: pg_advisory_lock key of the migration lock ("versionstore" as an int).
+MIGRATION_LOCK = 0x76657273696F6E
+#: Seconds a cached row may lag a change committed by another process (see cache_epoch).
+CACHE_SECONDS = 1.0
+POOL_SIZE = 10
+CLOSE_SECONDS = 10.0
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", url)
+
+
+@functools.lru_cache(maxsize=1024)
+def _returns_rows(sql: str) -> bool:
+    return sql.lstrip()[:4].upper() in ("SELE", "WITH") or "RETURNING" in sql.upper()
+
+
+def _count(status: str) -> int:
+    """Rows an INSERT/UPDATE/DELETE touched, from its status ('UPDATE 3', 'INSERT 0 1')."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+class PgCursor:
+    def __init__(self, rowcount: int, rows: list[tuple[Any, ...]]) -> None:
+        self.rowcount = rowcount
+        self._rows = rows
+
+    async def fetchone(self) -> tuple[Any, ...] | None:
+        return self._rows[0] if self._rows else None
+
+    async def fetchall(self) -> list[tuple[Any, ...]]:
+        return self._rows
+
+
+class PgTransaction:
+    """The cursor-like face of one connection inside a transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> PgCursor:
+        query = placeholders(sql)
+        if _returns_rows(sql):
+            rows = [tuple(r) for r in await self.conn.fetch(query, *parameters)]
+            return PgCursor(len(rows), rows)
+        return PgCursor(_count(await self.conn.execute(query, *parameters)), [])
+
+    async def executemany(self, sql: str, parameters: Sequence[Sequence[Any]]) -> None:
+        await self.conn.executemany(placeholders(sql), parameters)
+
+
+def _integrity(exc: asyncpg.IntegrityConstraintViolationError) -> IntegrityError:
+    table = getattr(exc, "table_name", None) if isinstance(exc, asyncpg.UniqueViolationError) else None
+    return IntegrityError(str(exc), table)
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Before a connection goes back to the pool. asyncpg's default (a reset query: RESET
+    ALL, CLOSE ALL, UNLISTEN, unlock all) costs a round trip per point read; we set no session
+    state (advisory locks are transaction-scoped, the migration lock is released by its
+    holder), so only a connection left inside a transaction (a cancelled rollback) is reset."""
+    if conn.is_in_transaction():
+        await conn.reset()
+
+
+class PgGateway:
+    caches_misses = False
+
+    def __init__(self, pool: asyncpg.Pool, applied: list[int]) -> None:
+        self._pool = pool
+        self._commits = 0
+        self.applied = applied
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = POOL_SIZE) -> "PgGateway":
+        try:
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, reset=_reset)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StartupError(f"cannot open the metadata database {redacted(url)}: {type(exc).__name__}: {exc}") from None
+        try:
+            applied = await migrate(pool)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, applied)
+
+    async def close(self) -> None:
+        """Wait for connections in use to be released, at most CLOSE_SECONDS (a task that never
+        gives its connection back must not keep the process from exiting), then cut them."""
+        try:
+            await asyncio.wait_for(self._pool.close(), CLOSE_SECONDS)
+        except TimeoutError:
+            self._pool.terminate()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PgTransaction]:
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    yield PgTransaction(conn)
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise _integrity(exc) from exc
+        self._commits += 1
+
+    async def lock(self, db: Transaction, key: str) -> None:
+        await db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(key.encode()),))
+
+    def cache_epoch(self) -> object:
+        """Our own commits invalidate at once; another process's within CACHE_SECONDS."""
+        return self._commits, int(time.monotonic() / CACHE_SECONDS)
+
+    async def one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        row = await self._pool.fetchrow(placeholders(sql), *args)
+        return None if row is None else tuple(row)
+
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return [tuple(r) for r in await self._pool.fetch(placeholders(sql), *args)]
+
+    scan = all
+
+
+#: SQLite functions still used by SQL outside this change (the search compiler and the tag
+#: listings use `json_each` over the JSON text columns), given to PostgreSQL with SQLite's
+#: shape (`key`, `value` as text; array elements have no key) so that SQL runs unchanged
+#: until it is rewritten portably. Installed (replaced) at every open, outside the migrations.
+COMPAT_FUNCTIONS = """
+CREATE OR REPLACE FUNCTION json_each(doc text) RETURNS TABLE (key text, value text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT NULL::text, e FROM json_array_elements_text(
+        CASE WHEN json_typeof(doc::json) = 'array' THEN doc::json ELSE '[]'::json END) AS e
+    UNION ALL
+    SELECT o.key, o.value FROM json_each_text(
+        CASE WHEN json_typeof(doc::json) = 'object' THEN doc::json ELSE '{}'::json END) AS o
+$$;
+"""
+
+
+async def migrate(pool: asyncpg.Pool) -> list[int]:
+    """Apply the blocks of schema.sql this database lacks, each in its own transaction, under
+    an advisory lock; returns the numbers applied."""
+    applied = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            done = {row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+            for number, block in enumerate(migrations(), start=1):
+                if number in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(schema_block(block))
+                    await conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)", number, time.time())
+                applied.append(number)
+            await conn.execute(COMPAT_FUNCTIONS)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    return applied
