@@ -79,7 +79,7 @@ async def test_sign_in_sets_a_strict_session_cookie_and_security_headers(client:
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie  # plain HTTP here
     find = await client.get(f"/console/{CLOUD}/find")
     assert find.status == 200 and "ann@example.com" in await find.text()
-    stored = client.server.app[META]._reader.execute("SELECT token_hash FROM console_sessions").fetchall()
+    stored = await client.server.app[META]._all("SELECT token_hash FROM console_sessions")
     assert cookie.split(";")[0].split("=", 1)[1] not in str(stored)  # only the hash is kept
     csrf = CSRF.search(await find.text())
     assert csrf
@@ -281,19 +281,25 @@ async def test_api_actions_are_audited_and_readable_over_the_api(client: TestCli
     assert (await client.get(f"/v1_1/{CLOUD}/versionstore/audit", headers=BASIC_HEADERS)).status == 200
 
 
+async def _tamper(meta: Any, sql: str) -> None:
+    """Edit the log behind the store's back (what an attacker with database access does)."""
+    async with meta.transaction() as db:
+        await db.execute(sql)
+
+
 async def test_concurrent_audit_writers_keep_one_chain_and_verify_finds_tampering(client: TestClient) -> None:
     meta = client.server.app[META]
     log = AuditLog(meta)
     await asyncio.gather(*(log.record("cli", "test", target=str(n)) for n in range(40)))
     report = await log.verify()
     assert report.records == 40 and report.problems == []
-    meta._reader.execute("UPDATE audit_log SET outcome = 'failed' WHERE seq = 7")
+    await _tamper(meta, "UPDATE audit_log SET outcome = 'failed' WHERE seq = 7")
     assert (await log.verify()).problems == ["record 7: contents do not match its hash (edited)"]
-    meta._reader.execute("UPDATE audit_log SET outcome = 'ok' WHERE seq = 7")
-    meta._reader.execute("DELETE FROM audit_log WHERE seq = 12")
+    await _tamper(meta, "UPDATE audit_log SET outcome = 'ok' WHERE seq = 7")
+    await _tamper(meta, "DELETE FROM audit_log WHERE seq = 12")
     problems = (await log.verify()).problems
     assert problems[0] == "record 12 missing (removed)" and "record 13: prev_hash" in problems[1]
-    meta._reader.execute("DELETE FROM audit_log WHERE seq >= 12")
+    await _tamper(meta, "DELETE FROM audit_log WHERE seq >= 12")
     assert "log ends at record 11" in (await log.verify()).problems[0]  # the newest records removed
 
 

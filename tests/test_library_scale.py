@@ -228,6 +228,6 @@ async def test_rows_from_before_the_side_tables_are_backfilled(tmp_path: Path) -
         found = await store.find_assets("demo", queries.listing_query("image", None, [Filter("context", "=", ("k", "4"))], None, 10,
                                                                       by_public_id=False))
         assert [a.public_id for a in found] == ["b/4"]
-        assert store._reader.execute("SELECT COUNT(*) FROM label_backfill").fetchone()[0] == 0
+        assert (await store._one("SELECT COUNT(*) FROM label_backfill"))[0] == 0
     finally:
         await store.close()

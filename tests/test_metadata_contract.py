@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from versionstore import queries
 from versionstore.gateway import IntegrityError, migrations
 from versionstore.metadata import AssetChanged, MetadataStore
 from versionstore.models import Asset, BackupHealth, Job, SessionState, UploadPart, UploadSession, Version
@@ -94,8 +95,10 @@ async def test_assets_and_versions_round_trip(repo: MetadataStore) -> None:
     assert await repo.pending_digests(CLOUD, [v1.digest, v2.digest]) == {v2.digest}
     assert await repo.digest_referenced(CLOUD, v1.digest, backup=True)
     assert not await repo.digest_referenced(CLOUD, v1.digest, backup=False)
-    assert [a.public_id for a in await repo.find_assets(CLOUD, "status = ?", ["live"], "public_id", 10)] == ["a/b"]
-    assert await repo.count_assets(CLOUD, "status = ?", ["live"]) == 1
+    by_name = (queries.SortKey("public_id", False), queries.SortKey("pk", False))
+    live = queries.AssetQuery((queries.Filter("status", "=", "live"),), by_name, 10)
+    assert [a.public_id for a in await repo.find_assets(CLOUD, live)] == ["a/b"]
+    assert await repo.count_assets(CLOUD, live, 100) == 1
     updated = await repo.update_fields(second, tags=["x", "y"])
     assert (await repo.get_asset(CLOUD, "image", "upload", "a/b")).tags == ["x", "y"]  # type: ignore[union-attr]
     with pytest.raises(AssetChanged):
@@ -155,9 +158,12 @@ async def test_pending_queue_and_health(repo: MetadataStore) -> None:
     one, v1 = asset("p")
     await repo.save_version(one, v1, pending=True)
     await repo.save_version(*asset("q", 1, asset_id="q"), pending=True)  # same digest queued once
-    assert [p.digest for p in await repo.due_pending(time.time() + 1, 10)] == [v1.digest]
+    claimed = await repo.claim_pending(time.time() + 1, 10, "tester", time.time() + 30)
+    assert [p.digest for p in claimed] == [v1.digest]
+    assert await repo.claim_pending(time.time() + 1, 10, "other", time.time() + 30) == []  # held by its claim
+    await repo.release_pending(CLOUD, v1.digest, "tester")
     await repo.reschedule_pending(CLOUD, v1.digest, time.time() + 60, "boom")
-    assert await repo.due_pending(time.time(), 10) == []
+    assert await repo.claim_pending(time.time(), 10, "tester", time.time() + 30) == []
     assert (await repo.get_pending(CLOUD, v1.digest)).attempts == 1  # type: ignore[union-attr]
     await repo.retry_pending_now(CLOUD)
     assert (await repo.pending_summary(CLOUD))[:2] == (1, v1.bytes)

@@ -1,7 +1,6 @@
 """Snapshots over HTTP: consistent point-in-time lists of (asset, version), what they keep, and
 what irreversible deletion does to them (docs/snapshots.md, docs/design.md)."""
 
-import sqlite3
 
 from tests.conftest import CLOUD
 from tests.test_semantics import blob_files
@@ -116,8 +115,8 @@ async def test_a_revision_a_snapshot_references_is_never_collected(api, client, 
     await api.upload(b"held-again-elsewhere", public_id="h/z")
     service = client.app[SERVICE]
     digest = (await api.admin("GET", f"{SNAPS}/{snap['id']}/items"))["items"][0]["blake3"]
-    with sqlite3.connect(config.db_path) as db:  # the version row goes, the snapshot item stays
-        db.execute("DELETE FROM versions WHERE digest = ?", (digest,))
+    async with service.meta.transaction() as db:  # the version row goes, the snapshot item stays
+        await db.execute("DELETE FROM versions WHERE digest = ?", (digest,))
     cloud = await service.meta.get_cloud(CLOUD)
     assert await service.collect_orphans(cloud) == 0
     assert await service.meta.digest_referenced(CLOUD, digest, backup=True)

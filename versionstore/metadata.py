@@ -1003,6 +1003,7 @@ class MetadataStore:
         for _attempt in range(5):
             try:
                 async with self.transaction() as db:
+                    await self._gate.lock(db, "audit")  # writers queue here instead of racing for the head
                     cursor = await db.execute("SELECT seq, hash FROM audit_head WHERE id = 1")
                     head = await cursor.fetchone()
                     seq, prev_hash = (int(head[0]) + 1, str(head[1])) if head else (1, AUDIT_GENESIS)
