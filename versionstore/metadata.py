@@ -1399,22 +1399,20 @@ class MetadataStore:
     async def snapshot_unique_bytes(self, cloud: str, snapshot_ids: Sequence[str]) -> int:
         """Bytes of revisions these snapshots reference that no other snapshot references and
         no live asset has as its current original: the history only they keep addressable."""
-        if not snapshot_ids:
-            return 0
-        marks = ", ".join("?" * len(snapshot_ids))
-        rows = await self._scan(
-            "SELECT COALESCE(SUM(t.bytes), 0) FROM (SELECT DISTINCT s.digest, s.bytes FROM snapshot_items s "
-            f"WHERE s.snapshot_id IN ({marks}) AND s.covered = 1 "
-            f"AND NOT EXISTS (SELECT 1 FROM snapshot_items o WHERE o.cloud = s.cloud AND o.digest = s.digest "
-            f"AND o.snapshot_id NOT IN ({marks})) "
-            "AND NOT EXISTS (SELECT 1 FROM assets a WHERE a.cloud = s.cloud AND a.digest = s.digest AND a.status = 'live')) t",
-            (*snapshot_ids, *snapshot_ids),
+        return await self._snapshot_only_bytes(
+            snapshot_ids, "SELECT 1 FROM assets a WHERE a.cloud = s.cloud AND a.digest = s.digest AND a.status = 'live'"
         )
-        return int(rows[0][0])
 
     async def snapshot_freed_bytes(self, cloud: str, snapshot_ids: Sequence[str]) -> int:
         """Bytes that would become unreferenced (collectable) if these snapshots went: revisions
         they reference that no other snapshot and no backed-up version references."""
+        return await self._snapshot_only_bytes(
+            snapshot_ids, "SELECT 1 FROM versions v WHERE v.cloud = s.cloud AND v.digest = s.digest AND v.backed_up = 1"
+        )
+
+    async def _snapshot_only_bytes(self, snapshot_ids: Sequence[str], also_held_by: str) -> int:
+        """Bytes of the revisions these snapshots reference that no other snapshot references
+        and `also_held_by` (a subquery correlated on `s`, from a fixed set) does not hold."""
         if not snapshot_ids:
             return 0
         marks = ", ".join("?" * len(snapshot_ids))
@@ -1423,7 +1421,7 @@ class MetadataStore:
             f"WHERE s.snapshot_id IN ({marks}) AND s.covered = 1 "
             f"AND NOT EXISTS (SELECT 1 FROM snapshot_items o WHERE o.cloud = s.cloud AND o.digest = s.digest "
             f"AND o.snapshot_id NOT IN ({marks})) "
-            "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.cloud = s.cloud AND v.digest = s.digest AND v.backed_up = 1)) t",
+            f"AND NOT EXISTS ({also_held_by})) t",
             (*snapshot_ids, *snapshot_ids),
         )
         return int(rows[0][0])
