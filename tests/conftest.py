@@ -20,7 +20,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from versionstore.config import Config
-from versionstore.http.app import META, create_app
+from versionstore.http.app import create_app
+from versionstore.http.keys import META
 
 CLOUD = "demo"
 API_KEY = "key123"

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import CLOUD, Api
 from versionstore import layout
-from versionstore.http.app import META, SERVICE
+from versionstore.http.keys import META, SERVICE
 from versionstore.metadata import AssetChanged, MetadataStore
 
 

@@ -21,7 +21,8 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import API_KEY, API_SECRET, BASIC_HEADERS, CLOUD, Api
 from versionstore import queries
 from versionstore.config import Config
-from versionstore.http.app import META, create_app
+from versionstore.http.app import create_app
+from versionstore.http.keys import META
 
 OTHER_CLOUD, OTHER_KEY, OTHER_SECRET = "other", "okey789", "osecret000"
 

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import CLOUD, Api, sign
 from tests.test_blobstore_contract import make_gcs_bucket, make_s3_bucket
 from versionstore.config import Config
-from versionstore.http.app import META
+from versionstore.http.keys import META
 
 
 @pytest.fixture

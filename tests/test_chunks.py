@@ -19,7 +19,8 @@ from tests.conftest import CLOUD
 from tests.test_bad_input import Snapshot, download_query, expect_error, sign_params
 from versionstore.chunks import ASSEMBLY_LEASE
 from versionstore.config import Config
-from versionstore.http.app import CHUNKS, META, create_app
+from versionstore.http.app import create_app
+from versionstore.http.keys import CHUNKS, META
 
 MiB = 1 << 20
 MIN = 5 * MiB  # every chunk but the last (docs/api.md)

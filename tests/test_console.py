@@ -15,8 +15,8 @@ from versionstore.console import staff as staff_module
 from versionstore.console.audit import AuditLog
 from versionstore.console.sessions import Sessions
 from versionstore.console.staff import StaffAccounts
-from versionstore.http.app import META
 from versionstore.http.console_views import STATE
+from versionstore.http.keys import META
 
 PASSWORD = "correct horse battery"
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from tests.conftest import CLOUD, Api
 from versionstore.config import Config
-from versionstore.http.app import META, SERVICE
+from versionstore.http.keys import META, SERVICE
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import API_KEY, API_SECRET, BASIC_HEADERS, CLOUD, Api
 from tests.test_bad_input import download_query
 from versionstore.config import Config
-from versionstore.http.app import META, create_app
+from versionstore.http.app import create_app
+from versionstore.http.keys import META
 
 # --- /readyz -------------------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from tests.conftest import API_KEY, API_SECRET, CLOUD, Api
 from tests.test_chunks import MIN, download, ok, send_chunk
 from versionstore import layout
 from versionstore.config import Config
-from versionstore.http.app import META, SERVICE, create_app
+from versionstore.http.app import create_app
+from versionstore.http.keys import META, SERVICE
 from versionstore.jobs import JobRunner
 from versionstore.metadata import MetadataStore
 from versionstore.models import Job

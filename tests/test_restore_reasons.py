@@ -8,7 +8,7 @@ from typing import Any
 
 from tests.conftest import CLOUD, Api
 from versionstore import layout
-from versionstore.http.app import META
+from versionstore.http.keys import META
 
 RESTORE = "resources/image/upload/restore"
 

@@ -184,7 +184,7 @@ async def test_search_subset(api):
 async def test_orphan_blobs_from_a_crash_are_collected(api, client, config):
     """A blob written before a crash, whose metadata never committed, is removed."""
     from versionstore import layout
-    from versionstore.http.app import SERVICE
+    from versionstore.http.keys import SERVICE
 
     kept = await api.upload(b"referenced", public_id="g/a")
     service = client.app[SERVICE]

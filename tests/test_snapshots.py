@@ -4,7 +4,7 @@ what irreversible deletion does to them (docs/snapshots.md, docs/design.md)."""
 
 from tests.conftest import CLOUD
 from tests.test_semantics import blob_files
-from versionstore.http.app import SERVICE
+from versionstore.http.keys import SERVICE
 
 SNAPS = "versionstore/snapshots"
 

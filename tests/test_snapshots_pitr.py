@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import CLOUD
 from versionstore.config import Config
-from versionstore.http.app import META
+from versionstore.http.keys import META
 
 PITR = "versionstore/point_in_time_restore"
 

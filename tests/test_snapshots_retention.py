@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import CLOUD
 from versionstore import retention
-from versionstore.http.app import SERVICE
+from versionstore.http.keys import SERVICE
 from versionstore.snapshots import SCHEDULED, Snapshots
 
 DAY = 86400.0

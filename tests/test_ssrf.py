@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from tests.conftest import API_KEY, API_SECRET, CLOUD, Api, sign
 from versionstore.config import Config
 from versionstore.egress import EgressPolicy, is_public
-from versionstore.http.app import META, create_app
+from versionstore.http.app import create_app
 from versionstore.http.fetch import GuardedResolver, RefusedAddress
+from versionstore.http.keys import META
 
 
 class Target:

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import BASIC_HEADERS, CLOUD
 from tests.test_upload_body_errors import BOUNDARY, field, multipart, signed_fields
 from versionstore.config import Config
-from versionstore.http.app import UNAUTH_BUDGET
+from versionstore.http.keys import UNAUTH_BUDGET
 
 MiB = 1 << 20
 FIELD = b"x" * 60_000

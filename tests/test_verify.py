@@ -20,8 +20,8 @@ from tests.conftest import CLOUD, sign
 from tests.test_blobstore_contract import other_filesystem_dir
 from versionstore import layout, verify
 from versionstore.config import Config
-from versionstore.http.app import JOBS, META, SERVICE
 from versionstore.http.download import SMALL_BLOB
+from versionstore.http.keys import JOBS, META, SERVICE
 
 SIZES = [1000, SMALL_BLOB + 12345]
 

@@ -11,11 +11,11 @@ from aiohttp import web
 from versionstore import ids, metadata_fields, queries, verify
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
-from versionstore.http.app import META, SERVICE, VERSIONS_CACHE
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic, check_signed
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
+from versionstore.http.keys import META, SERVICE, VERSIONS_CACHE
 from versionstore.media import content_type
 from versionstore.models import Asset, Cloud, RestoreFailure
 from versionstore.params import Params, as_bool, as_bounded_list, as_int, field_updates

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
@@ -29,6 +28,21 @@ from versionstore.errors import ApiError
 from versionstore.http import metrics, render
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.fetch import guarded_session
+from versionstore.http.keys import (
+    CHUNKS,
+    CONFIG,
+    EGRESS,
+    FETCHER,
+    JOBS,
+    META,
+    RATE_LIMIT,
+    ROUTE,
+    SCRAPE,
+    SERVICE,
+    UNAUTH_BUDGET,
+    VERSIONS_CACHE,
+    error_response,
+)
 from versionstore.http.notify import Notifier
 from versionstore.http.ratelimit import AdminRateLimit
 from versionstore.http.versions_cache import VersionsJsonCache
@@ -42,25 +56,6 @@ from versionstore.spool import remove_stale_parts
 from versionstore.targets import BackupTargets
 
 log = logging.getLogger("versionstore")
-
-CONFIG = web.AppKey("config", Config)
-META: web.AppKey[MetadataRepository] = web.AppKey("meta")
-SERVICE = web.AppKey("service", VersionService)
-CHUNKS = web.AppKey("chunks", ChunkAssembler)
-FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
-VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
-JOBS = web.AppKey("jobs", JobRunner)
-UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
-EGRESS = web.AppKey("egress", EgressPolicy)
-RATE_LIMIT = web.AppKey("rate_limit", AdminRateLimit)
-SCRAPE = web.AppKey("scrape", metrics.ScrapeTimeCollector)
-#: Request key: the canonical path of the route `routes.dispatch` matched (metrics, logs).
-ROUTE = web.RequestKey("route", str)
-
-
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message}}, status=status)
-
 
 # Request ids: a random per-process prefix and a counter (a random id per request showed up
 # in profiles of the download path).
@@ -82,9 +77,7 @@ os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 @web.middleware
-async def errors_as_json(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every failure leaves as `{"error": {"message": ...}}` with a status both SDKs accept.
     Also the request's id (`X-Request-Id`, in every log line) and its metrics: one middleware,
     not three, because each layer costs the read path."""
@@ -114,9 +107,7 @@ def _route(request: web.Request) -> str:
     return "unmatched" if resource is None or resource.canonical.startswith("/v1_1/") else resource.canonical
 
 
-async def _answered(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def _answered(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -214,9 +205,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             bulk_restore.KIND: bulk_restore.BulkRestore(service).run,
             pitr.KIND: pitr.PointInTimeRestore(service).run,
         }
-        runner = app[JOBS] = JobRunner(
-            meta, handlers, poll_interval=config.poll_interval, owner=claims.owner, lease=config.lease_seconds
-        )
+        runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval, owner=claims.owner, lease=config.lease_seconds)
         opened.push_async_callback(runner.close)
         runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), app[EGRESS], base_delay=config.poll_interval))
         drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)

@@ -6,9 +6,9 @@ from typing import Any
 from aiohttp import web
 
 from versionstore.console.audit import AuditLog, as_json
-from versionstore.http.app import META
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import query_params
+from versionstore.http.keys import META
 from versionstore.models import Cloud
 from versionstore.params import as_int
 

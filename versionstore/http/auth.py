@@ -13,8 +13,8 @@ from aiohttp import web
 
 from versionstore import signing
 from versionstore.errors import BadRequest, Unauthorized
-from versionstore.http.app import UNAUTH_BUDGET
 from versionstore.http.budget import Lease
+from versionstore.http.keys import UNAUTH_BUDGET
 from versionstore.models import Cloud
 from versionstore.params import Params
 from versionstore.purposes import check_purpose

@@ -14,10 +14,10 @@ from versionstore import migration, verify
 from versionstore.disk_space import space_report
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
-from versionstore.http.app import CONFIG, JOBS, META
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
+from versionstore.http.keys import CONFIG, JOBS, META
 from versionstore.models import Cloud
 from versionstore.repository import MetadataRepository
 

@@ -30,7 +30,7 @@ from versionstore.console.sessions import Sessions, csrf_ok
 from versionstore.console.staff import SignInRefused, StaffAccounts
 from versionstore.disk_space import space_report
 from versionstore.errors import ApiError, BadRequest, Forbidden, NotFound
-from versionstore.http.app import CONFIG, JOBS, META, SERVICE
+from versionstore.http.keys import CONFIG, JOBS, META, SERVICE
 from versionstore.models import Cloud
 
 PREFIX = "/console"

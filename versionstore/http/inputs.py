@@ -13,8 +13,8 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from versionstore.errors import BadRequest, TooLarge
-from versionstore.http.app import CONFIG
 from versionstore.http.budget import Lease
+from versionstore.http.keys import CONFIG
 from versionstore.params import Params, drop_blank, merge_json, merge_pairs
 
 #: Fields per body (multipart parts or form pairs): Cloudinary's id lists stop at 1000.

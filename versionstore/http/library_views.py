@@ -13,8 +13,8 @@ from versionstore import metadata_fields as fields_domain
 from versionstore import queries
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http.admin_views import listing
-from versionstore.http.app import CONFIG, META, RATE_LIMIT
 from versionstore.http.inputs import admin_params
+from versionstore.http.keys import CONFIG, META, RATE_LIMIT
 from versionstore.http.render import iso
 from versionstore.models import Cloud
 from versionstore.params import as_bool, as_int, as_list

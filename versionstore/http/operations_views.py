@@ -10,10 +10,10 @@ from aiohttp import web
 from versionstore import initial_backup, queries
 from versionstore.errors import BadRequest, Conflict, NotFound
 from versionstore.http import render
-from versionstore.http.app import JOBS, META
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
+from versionstore.http.keys import JOBS, META
 from versionstore.models import Cloud
 from versionstore.params import as_int
 

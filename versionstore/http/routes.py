@@ -18,8 +18,8 @@ from versionstore.http import library_views as library
 from versionstore.http import operations_views as operations
 from versionstore.http import snapshot_views
 from versionstore.http import upload_views as upload
-from versionstore.http.app import META, RATE_LIMIT, ROUTE, error_response
 from versionstore.http.auth import check_basic
+from versionstore.http.keys import META, RATE_LIMIT, ROUTE, error_response
 from versionstore.http.ratelimit import RateLimitExceeded, is_admin_call
 from versionstore.models import Cloud
 

@@ -28,7 +28,8 @@ from aiohttp import web
 
 from versionstore import bootstrap
 from versionstore.config import Config, StartupError
-from versionstore.http.app import META, create_app
+from versionstore.http.app import create_app
+from versionstore.http.keys import META
 from versionstore.http.metrics import prepare_multiprocess
 from versionstore.repository import MetadataRepository
 

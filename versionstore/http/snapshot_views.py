@@ -21,9 +21,9 @@ from aiohttp import web
 from versionstore import pitr, retention
 from versionstore.errors import BadRequest, Conflict, NotFound, Unauthorized
 from versionstore.http import render
-from versionstore.http.app import JOBS, META, SERVICE
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
+from versionstore.http.keys import JOBS, META, SERVICE
 from versionstore.models import Cloud
 from versionstore.params import Params, as_bool, as_int
 from versionstore.snapshot_records import Snapshot

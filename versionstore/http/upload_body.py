@@ -22,9 +22,9 @@ from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
 
 from versionstore.errors import BadRequest
-from versionstore.http.app import CONFIG, UNAUTH_BUDGET
 from versionstore.http.budget import Lease
 from versionstore.http.inputs import BodyAllowance, multipart_reader, next_part, read_field
+from versionstore.http.keys import CONFIG, UNAUTH_BUDGET
 from versionstore.params import Params, drop_blank, merge_pairs
 from versionstore.spool import Spooled, SpoolFile
 

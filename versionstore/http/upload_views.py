@@ -14,12 +14,12 @@ from versionstore import ids, metadata_fields
 from versionstore.chunks import parse_content_range
 from versionstore.errors import BadRequest, NotFound
 from versionstore.http import render
-from versionstore.http.app import CHUNKS, CONFIG, EGRESS, FETCHER, META, SERVICE
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_signed, check_upload_auth, pre_auth_lease
 from versionstore.http.budget import Lease
 from versionstore.http.fetch import fetch_to_spool
 from versionstore.http.inputs import admin_params
+from versionstore.http.keys import CHUNKS, CONFIG, EGRESS, FETCHER, META, SERVICE
 from versionstore.http.upload_body import UploadBody, charged, read_multipart
 from versionstore.media import extension
 from versionstore.models import Asset, Cloud

@@ -1,0 +1,38 @@
+"""The application's and requests' typed keys, in a module of their own.
+
+Views, the route table and tests import these; `app.py` builds the application and imports the
+views' modules, so keeping the keys there made every view import the module that imports it.
+"""
+
+import aiohttp
+from aiohttp import web
+
+from versionstore.chunks import ChunkAssembler
+from versionstore.config import Config
+from versionstore.egress import EgressPolicy
+from versionstore.http import metrics
+from versionstore.http.budget import UnauthBudget
+from versionstore.http.ratelimit import AdminRateLimit
+from versionstore.http.versions_cache import VersionsJsonCache
+from versionstore.jobs import JobRunner
+from versionstore.repository import MetadataRepository
+from versionstore.service import VersionService
+
+CONFIG = web.AppKey("config", Config)
+META: web.AppKey[MetadataRepository] = web.AppKey("meta")
+SERVICE = web.AppKey("service", VersionService)
+CHUNKS = web.AppKey("chunks", ChunkAssembler)
+FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
+VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
+JOBS = web.AppKey("jobs", JobRunner)
+UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
+EGRESS = web.AppKey("egress", EgressPolicy)
+RATE_LIMIT = web.AppKey("rate_limit", AdminRateLimit)
+SCRAPE = web.AppKey("scrape", metrics.ScrapeTimeCollector)
+#: Request key: the canonical path of the route `routes.dispatch` matched (metrics, logs).
+ROUTE = web.RequestKey("route", str)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """A Cloudinary-style JSON error."""
+    return web.json_response({"error": {"message": message}}, status=status)
