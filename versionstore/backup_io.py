@@ -8,6 +8,7 @@ Cloudinary's convention: image and video IDs have no extension, raw IDs keep the
 """
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import csv
@@ -400,7 +401,8 @@ class Api:
 
     def __init__(self, target: Target, session: aiohttp.ClientSession, retries: int, on_retry: Callable[[], None]) -> None:
         self.target, self.session, self.retries, self.on_retry = target, session, retries, on_retry
-        self.auth = {"Authorization": aiohttp.BasicAuth(target.api_key, target.api_secret).encode()}
+        credentials = base64.b64encode(f"{target.api_key}:{target.api_secret}".encode()).decode()
+        self.auth = {"Authorization": f"Basic {credentials}"}  # aiohttp.BasicAuth is deprecated
 
     @staticmethod
     def describe(exc: BaseException) -> str:

@@ -18,13 +18,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from versionstore import layout
 from versionstore.errors import BadRequest, NotFound
 from versionstore.ids import new_hex_id
 from versionstore.models import Job
+from versionstore.queries import iso_seconds
 from versionstore.repository import MetadataRepository
 from versionstore.service import UploadRequest, VersionService
 from versionstore.snapshot_records import PointInTimeRow
@@ -288,13 +288,10 @@ def parse_time(value: object) -> float | None:
         return float(text)
     except ValueError:
         pass
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest(f"Invalid at {text!r}: unix seconds or ISO 8601") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+    moment = iso_seconds(text)
+    if moment is None:
+        raise BadRequest(f"Invalid at {text!r}: unix seconds or ISO 8601")
+    return moment
 
 
 async def start(meta: MetadataRepository, selection: Selection, params: dict[str, Any], notification_url: str | None) -> Job | None:

@@ -121,10 +121,19 @@ def _time(value: str) -> float:
         return _number(text)
     if text[:-1].isdigit() and text[-1:] in ("s", "m", "h", "d", "w"):
         raise BadRequest("Relative times are not supported; give ISO-8601 dates")
+    parsed = iso_seconds(text)
+    if parsed is None:
+        raise BadRequest(f"Invalid date in expression - {value[:64]!r}")
+    return parsed
+
+
+def iso_seconds(text: str) -> float | None:
+    """ISO 8601 as unix seconds, UTC when no offset is given; None when it is not ISO 8601.
+    (Search expressions and the point-in-time `at` share this reading.)"""
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise BadRequest(f"Invalid date in expression - {value[:64]!r}") from None
+        return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
