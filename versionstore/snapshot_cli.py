@@ -22,7 +22,10 @@ Service = Any  # versionstore.snapshots.Snapshots (imported lazily: keeps `--hel
 def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         from versionstore import bootstrap
+        from versionstore.alerts import Alerts
         from versionstore.cli import store_config
+        from versionstore.egress import EgressPolicy
+        from versionstore.http.notify import one_shot_alert_sender
         from versionstore.service import VersionService
         from versionstore.snapshots import Snapshots
         from versionstore.targets import BackupTargets
@@ -38,7 +41,9 @@ def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Cal
                 if await meta.get_cloud(args.cloud) is None:
                     raise ApiError(f"no product environment named {args.cloud!r}")
                 service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
-                result = await action(Snapshots(service), args)
+                # A failure raises the alarm as in the server, POST to the alert URL included.
+                alerts = Alerts(meta, one_shot_alert_sender(EgressPolicy(config.fetch_allow), config.poll_interval))
+                result = await action(Snapshots(service, alerts), args)
                 for line in result if isinstance(result, list) else [result]:
                     print(json.dumps(line, indent=None if isinstance(result, list) else 2, default=str))
             finally:
