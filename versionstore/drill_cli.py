@@ -8,12 +8,13 @@ including the POST to the environment's alert notification_url.
 
 import argparse
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
 from versionstore.errors import ApiError
-from versionstore.snapshot_cli import Command, Service, _run
+from versionstore.snapshot_cli import Command, Service, _run, with_cloud
 
 #: How often `run` looks at a drill another process took.
 WAIT_POLL = 1.0
@@ -79,11 +80,7 @@ def _sample_options(parser: argparse.ArgumentParser) -> None:
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", command: Command,
              data_dir_option: Callable[..., None]) -> None:
     """Add `drill run|list|show|schedule` to the top-level parser."""
-
-    def on_cloud(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("cloud", help="environment name")
-        data_dir_option(parser, creates=False)
-        return parser
+    on_cloud = functools.partial(with_cloud, data_dir_option=data_dir_option)
 
     drill = command(sub, "drill", "restore drills: restore a sample of a snapshot and verify every byte (docs/snapshots.md)")
     drill_sub = drill.add_subparsers(dest="drill_command", required=True, metavar="COMMAND")

@@ -34,6 +34,7 @@ from versionstore.drill_records import SCRATCH_MARK, DrillScheduleRow
 from versionstore.errors import ApiError, BadRequest, NotFound
 from versionstore.ids import new_hex_id
 from versionstore.models import Cloud, Job
+from versionstore.params import as_int
 from versionstore.repository import MetadataRepository
 from versionstore.service import RevisionCorrupt, VersionService
 from versionstore.snapshot_records import Snapshot, SnapshotItem
@@ -73,22 +74,10 @@ def parse_sample(raw: dict[str, Any]) -> dict[str, Any]:
             raise BadRequest("sample_fraction must be above 0 and at most 1")
         sample["sample_fraction"] = value
     else:
-        sample["sample_size"] = _integer(size, "sample_size", DEFAULT_SAMPLE, 1, MAX_SAMPLE)
+        sample["sample_size"] = as_int(size, "sample_size", DEFAULT_SAMPLE, 1, MAX_SAMPLE)
     if raw.get("seed") not in (None, ""):
-        sample["seed"] = _integer(raw["seed"], "seed", 0, 0, 2**62)
+        sample["seed"] = as_int(raw["seed"], "seed", 0, 0, 2**62)
     return sample
-
-
-def _integer(value: object, name: str, default: int, low: int, high: int) -> int:
-    if value in (None, ""):
-        return default
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise BadRequest(f"Invalid {name} - {value}") from None
-    if not low <= number <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}")
-    return number
 
 
 def scratch_name(cloud: str, job_id: str) -> str:

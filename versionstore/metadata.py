@@ -1498,15 +1498,23 @@ class MetadataStore:
             )
 
     async def delete_schedule(self, cloud: str) -> bool:
-        async with self.transaction() as db:
-            cursor = await db.execute("DELETE FROM snapshot_schedules WHERE cloud = ?", (cloud,))
-            return bool(cursor.rowcount)
+        return await self._delete_schedule_row("snapshot_schedules", cloud)
 
     async def claim_schedule_run(self, cloud: str, due: float, next_run_at: float, now: float) -> bool:
-        """Compare-and-set: exactly one process (or tick) takes the run that was due at `due`."""
+        return await self._claim_run("snapshot_schedules", cloud, due, next_run_at, now)
+
+    async def _delete_schedule_row(self, table: str, cloud: str) -> bool:
+        """`table` is snapshot_schedules or drill_schedules (never input)."""
+        async with self.transaction() as db:
+            cursor = await db.execute(f"DELETE FROM {table} WHERE cloud = ?", (cloud,))
+            return bool(cursor.rowcount)
+
+    async def _claim_run(self, table: str, cloud: str, due: float, next_run_at: float, now: float) -> bool:
+        """Compare-and-set on a schedule `table`: exactly one process (or tick) takes the run
+        that was due at `due`."""
         async with self.transaction() as db:
             cursor = await db.execute(
-                "UPDATE snapshot_schedules SET next_run_at = ?, last_run_at = ? WHERE cloud = ? AND next_run_at = ?",
+                f"UPDATE {table} SET next_run_at = ?, last_run_at = ? WHERE cloud = ? AND next_run_at = ?",
                 (next_run_at, now, cloud, due),
             )
             return bool(cursor.rowcount)
@@ -1558,18 +1566,11 @@ class MetadataStore:
             )
 
     async def delete_drill_schedule(self, cloud: str) -> bool:
-        async with self.transaction() as db:
-            cursor = await db.execute("DELETE FROM drill_schedules WHERE cloud = ?", (cloud,))
-            return bool(cursor.rowcount)
+        return await self._delete_schedule_row("drill_schedules", cloud)
 
     async def claim_drill_run(self, cloud: str, due: float, next_run_at: float, now: float) -> bool:
         """Compare-and-set: exactly one process (or tick) takes the drill that was due at `due`."""
-        async with self.transaction() as db:
-            cursor = await db.execute(
-                "UPDATE drill_schedules SET next_run_at = ?, last_run_at = ? WHERE cloud = ? AND next_run_at = ?",
-                (next_run_at, now, cloud, due),
-            )
-            return bool(cursor.rowcount)
+        return await self._claim_run("drill_schedules", cloud, due, next_run_at, now)
 
     async def get_alert_url(self, cloud: str) -> str | None:
         row = await self._one("SELECT notification_url FROM alert_settings WHERE cloud = ?", (cloud,))

@@ -7,6 +7,7 @@ with `--run` it queues the `point_in_time_restore` job that the running server p
 
 import argparse
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -113,14 +114,17 @@ async def _restore(snapshots: Service, args: argparse.Namespace) -> Any:
     return {"job": job.id, "status": job.status, "note": "the running server performs it: versionstore cloud status / the jobs API"}
 
 
+def with_cloud(parser: argparse.ArgumentParser, data_dir_option: Callable[..., None]) -> argparse.ArgumentParser:
+    """A command on one environment of an existing store: CLOUD and --data-dir."""
+    parser.add_argument("cloud", help="environment name")
+    data_dir_option(parser, creates=False)
+    return parser
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", command: Command,
              data_dir_option: Callable[..., None]) -> None:
     """Add the snapshot, retention and restore commands to the top-level parser."""
-
-    def on_cloud(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("cloud", help="environment name")
-        data_dir_option(parser, creates=False)
-        return parser
+    on_cloud = functools.partial(with_cloud, data_dir_option=data_dir_option)
 
     snapshot = command(sub, "snapshot", "library snapshots (docs/snapshots.md)")
     snap_sub = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="COMMAND")
