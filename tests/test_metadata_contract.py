@@ -259,3 +259,40 @@ async def test_several_processes_opening_at_once_apply_each_migration_once(tmp_p
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_drill_schedules_alert_state_and_scratch_environments(repo: MetadataStore, repo_url: str) -> None:
+    from versionstore.drill_records import DrillScheduleRow
+
+    row = DrillScheduleRow(CLOUD, {"every": "daily", "at": "03:00"}, {"sample_size": 5}, 100.0, None)
+    await repo.set_drill_schedule(row)
+    assert await repo.get_drill_schedule(CLOUD) == row and await repo.list_drill_schedules() == [row]
+    other = await MetadataStore.open(repo_url)  # a second process
+    try:
+        assert await repo.claim_drill_run(CLOUD, 100.0, 200.0, 101.0)
+        assert not await other.claim_drill_run(CLOUD, 100.0, 200.0, 101.0)  # that run is taken
+    finally:
+        await other.close()
+    assert (await repo.get_drill_schedule(CLOUD)) == DrillScheduleRow(CLOUD, row.schedule, row.sample, 200.0, 101.0)
+    assert await repo.delete_drill_schedule(CLOUD) and await repo.get_drill_schedule(CLOUD) is None
+    await repo.set_alert_url(CLOUD, "https://ops.example/hook")
+    assert await repo.get_alert_url(CLOUD) == "https://ops.example/hook"
+    await repo.record_outcome(CLOUD, "drill", 10.0, "broken")
+    await repo.record_outcome(CLOUD, "drill", 11.0, "still broken")
+    [state] = await repo.alert_states(CLOUD)
+    assert (state.failing, state.failures, state.last_error, state.last_failure_at, state.last_success_at) == (
+        True, 2, "still broken", 11.0, None)
+    await repo.record_outcome(CLOUD, "drill", 12.0, None)
+    [state] = await repo.alert_states()
+    assert (state.failing, state.failures, state.last_error, state.last_success_at) == (False, 2, "still broken", 12.0)
+    scratch = f"{CLOUD}.drill-{'a' * 32}"
+    await repo.create_cloud(scratch, "scratch-key", "s", True)
+    assert [c.name for c in await repo.list_clouds()] == [CLOUD] and await repo.drill_environments() == [scratch]
+    saved = await repo.save_version(*asset("x", cloud=scratch))
+    assert await repo.environment_assets(scratch, 0, 10) == [(saved.pk, saved.asset_id)]
+    assert not await repo.drop_environment(scratch)  # an asset is left
+    async with repo.transaction() as db:
+        await db.execute("DELETE FROM versions WHERE asset_pk = ?", (saved.pk,))
+        await db.execute("DELETE FROM assets WHERE pk = ?", (saved.pk,))
+    assert await repo.drop_environment(scratch) and await repo.get_cloud(scratch) is None
+    assert await repo.drill_environments() == []

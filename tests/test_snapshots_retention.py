@@ -12,6 +12,9 @@ from versionstore.snapshots import SCHEDULED, Snapshots
 
 DAY = 86400.0
 START = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+#: Durable schedules are simulated in 2030: the server's own schedule loop (the real clock) never
+#: finds their runs due, so it cannot claim one between two simulated ticks.
+FUTURE = datetime(2030, 1, 1, tzinfo=UTC).timestamp()
 
 
 def ts(text: str) -> float:
@@ -102,14 +105,14 @@ def test_pruning_as_you_go_equals_the_policy_over_the_whole_history(preset, week
 async def test_the_durable_schedule_takes_snapshots_and_announces_removals_before_making_them(api, client):
     await api.upload(b"a", public_id="s/a")
     snapshots = Snapshots(client.app[SERVICE])
-    manual = await snapshots.create(CLOUD, note="keep me", now=START)
-    row = await retention.set_schedule(snapshots, CLOUD, {"every": "daily", "at": "02:00"}, {"preset": "last_4"}, START)
-    assert row.next_run_at == START + 2 * 3600
-    assert await retention.tick(snapshots, START + 3600) == []  # not due yet
+    manual = await snapshots.create(CLOUD, note="keep me", now=FUTURE)
+    row = await retention.set_schedule(snapshots, CLOUD, {"every": "daily", "at": "02:00"}, {"preset": "last_4"}, FUTURE)
+    assert row.next_run_at == FUTURE + 2 * 3600
+    assert await retention.tick(snapshots, FUTURE + 3600) == []  # not due yet
     pending_seen: dict[str, float] = {}
-    now = START
+    now = FUTURE
     for day in range(12):
-        now = START + 2 * 3600 + day * DAY + 60  # the tick runs a minute late
+        now = FUTURE + 2 * 3600 + day * DAY + 60  # the tick runs a minute late
         taken = await retention.tick(snapshots, now)
         assert len(taken) == 1 and taken[0].type == SCHEDULED and taken[0].created_by == "schedule:daily 02:00 UTC"
         assert await retention.tick(snapshots, now) == []  # the run is claimed: never twice

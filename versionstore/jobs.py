@@ -67,6 +67,24 @@ class JobRunner:
                 continue
             self._tasks[job.id] = asyncio.create_task(self._run(fresh), name=f"job {job.kind} {job.id}")
 
+    async def run_here(self, job: Job) -> bool:
+        """Claim one open job and run it in this task, renewing its lease (a CLI command that
+        performs its own job). False when another process holds it: it runs there."""
+        if not await self.meta.claim_job(job.id, self.owner, time.time() + self.lease):
+            return False
+        this = asyncio.current_task()
+        assert this is not None
+        self._tasks[job.id] = this
+        heartbeat = asyncio.create_task(self._heartbeat(), name="job lease heartbeat")
+        try:
+            fresh = await self.meta.get_job(job.cloud, job.id)
+            if fresh is not None and fresh.open:
+                await self._run(fresh)
+        finally:
+            heartbeat.cancel()
+            await self.meta.release_job(job.id, self.owner)
+        return True
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.lease / 3)

@@ -18,6 +18,7 @@ from typing import Any
 
 from versionstore import queries
 from versionstore.console.records import AuditRecord, ConsoleSession, StaffMember
+from versionstore.drill_records import SCRATCH_MARK, AlertState, DrillScheduleRow
 from versionstore.gateway import Gateway, IntegrityError, SqliteGateway, Transaction, migrations
 from versionstore.models import (
     Asset,
@@ -274,7 +275,9 @@ class MetadataStore:
         return self._clouds[name]
 
     async def list_clouds(self) -> list[Cloud]:
-        return [_cloud(row) for row in await self._all(f"{_CLOUD_SELECT} ORDER BY name")]
+        """The product environments (not the restore drills' scratch environments)."""
+        rows = await self._all(f"{_CLOUD_SELECT} WHERE name NOT LIKE ? ORDER BY name", (f"%{SCRATCH_MARK}%",))
+        return [_cloud(row) for row in rows]
 
     async def set_auto_backup(self, name: str, enabled: bool) -> None:
         async with self.transaction() as db:
@@ -1495,15 +1498,23 @@ class MetadataStore:
             )
 
     async def delete_schedule(self, cloud: str) -> bool:
-        async with self.transaction() as db:
-            cursor = await db.execute("DELETE FROM snapshot_schedules WHERE cloud = ?", (cloud,))
-            return bool(cursor.rowcount)
+        return await self._delete_schedule_row("snapshot_schedules", cloud)
 
     async def claim_schedule_run(self, cloud: str, due: float, next_run_at: float, now: float) -> bool:
-        """Compare-and-set: exactly one process (or tick) takes the run that was due at `due`."""
+        return await self._claim_run("snapshot_schedules", cloud, due, next_run_at, now)
+
+    async def _delete_schedule_row(self, table: str, cloud: str) -> bool:
+        """`table` is snapshot_schedules or drill_schedules (never input)."""
+        async with self.transaction() as db:
+            cursor = await db.execute(f"DELETE FROM {table} WHERE cloud = ?", (cloud,))
+            return bool(cursor.rowcount)
+
+    async def _claim_run(self, table: str, cloud: str, due: float, next_run_at: float, now: float) -> bool:
+        """Compare-and-set on a schedule `table`: exactly one process (or tick) takes the run
+        that was due at `due`."""
         async with self.transaction() as db:
             cursor = await db.execute(
-                "UPDATE snapshot_schedules SET next_run_at = ?, last_run_at = ? WHERE cloud = ? AND next_run_at = ?",
+                f"UPDATE {table} SET next_run_at = ?, last_run_at = ? WHERE cloud = ? AND next_run_at = ?",
                 (next_run_at, now, cloud, due),
             )
             return bool(cursor.rowcount)
@@ -1532,6 +1543,98 @@ class MetadataStore:
             (snapshot_id, cloud, len(prefix), prefix, after_pk, limit),
         )
         return [_pit_row(r) for r in rows]
+
+
+    # --- restore drills and alerts (versionstore/drills.py, versionstore/alerts.py) ----------
+    # Portable SQL only. A drill's scratch environment is named `<cloud>.drill-<job id>`
+    # (drill_records.SCRATCH_MARK): list_clouds leaves those out.
+
+    async def get_drill_schedule(self, cloud: str) -> DrillScheduleRow | None:
+        row = await self._one(f"{_DRILL_SCHEDULE_SELECT} WHERE cloud = ?", (cloud,))
+        return None if row is None else _drill_schedule(row)
+
+    async def list_drill_schedules(self) -> list[DrillScheduleRow]:
+        return [_drill_schedule(r) for r in await self._all(f"{_DRILL_SCHEDULE_SELECT} ORDER BY cloud")]
+
+    async def set_drill_schedule(self, row: DrillScheduleRow) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO drill_schedules (cloud, schedule, sample, next_run_at, last_run_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (cloud) DO UPDATE SET schedule = excluded.schedule, sample = excluded.sample, "
+                "next_run_at = excluded.next_run_at",
+                (row.cloud, json.dumps(row.schedule), json.dumps(row.sample), row.next_run_at, row.last_run_at),
+            )
+
+    async def delete_drill_schedule(self, cloud: str) -> bool:
+        return await self._delete_schedule_row("drill_schedules", cloud)
+
+    async def claim_drill_run(self, cloud: str, due: float, next_run_at: float, now: float) -> bool:
+        """Compare-and-set: exactly one process (or tick) takes the drill that was due at `due`."""
+        return await self._claim_run("drill_schedules", cloud, due, next_run_at, now)
+
+    async def get_alert_url(self, cloud: str) -> str | None:
+        row = await self._one("SELECT notification_url FROM alert_settings WHERE cloud = ?", (cloud,))
+        return None if row is None else row[0]
+
+    async def set_alert_url(self, cloud: str, url: str | None) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO alert_settings (cloud, notification_url) VALUES (?, ?) "
+                "ON CONFLICT (cloud) DO UPDATE SET notification_url = excluded.notification_url",
+                (cloud, url),
+            )
+
+    async def record_outcome(self, cloud: str, operation: str, now: float, error: str | None) -> None:
+        """The latest outcome of a watched operation: a failure (with `error`) or a success."""
+        failed = error is not None
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO alert_state (cloud, operation, failing, failures, last_error, last_failure_at, last_success_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cloud, operation) DO UPDATE SET failing = excluded.failing, "
+                "failures = alert_state.failures + excluded.failures, "
+                "last_error = COALESCE(excluded.last_error, alert_state.last_error), "
+                "last_failure_at = COALESCE(excluded.last_failure_at, alert_state.last_failure_at), "
+                "last_success_at = COALESCE(excluded.last_success_at, alert_state.last_success_at)",
+                (cloud, operation, int(failed), int(failed), error, now if failed else None, None if failed else now),
+            )
+
+    async def alert_states(self, cloud: str | None = None) -> list[AlertState]:
+        where, args = ("WHERE cloud = ? ", (cloud,)) if cloud is not None else ("", ())
+        rows = await self._all(
+            "SELECT cloud, operation, failing, failures, last_error, last_failure_at, last_success_at FROM alert_state "
+            f"{where}ORDER BY cloud, operation",
+            args,
+        )
+        return [AlertState(r[0], r[1], bool(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+
+    async def drill_environments(self) -> list[str]:
+        """Names of the drills' scratch environments that still exist."""
+        rows = await self._all("SELECT name FROM clouds WHERE name LIKE ? ORDER BY name", (f"%{SCRATCH_MARK}%",))
+        return [r[0] for r in rows]
+
+    async def environment_assets(self, cloud: str, after_pk: int, limit: int) -> list[tuple[int, str]]:
+        """(row, asset_id) of every asset of the environment, live or not, in row order."""
+        rows = await self._all(
+            "SELECT pk, asset_id FROM assets WHERE cloud = ? AND pk > ? ORDER BY pk LIMIT ?", (cloud, after_pk, limit)
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def drop_environment(self, cloud: str) -> bool:
+        """Remove an emptied environment's row and bookkeeping; False (nothing removed) while it
+        still has an asset or a write in flight (whose blobs orphan collection must still find
+        through the environment)."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM clouds WHERE name = ? AND NOT EXISTS (SELECT 1 FROM assets WHERE cloud = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM inflight_writes WHERE cloud = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM backup_pending WHERE cloud = ?)",
+                (cloud, cloud, cloud, cloud),
+            )
+            if not cursor.rowcount:
+                return False
+            for table in ("backup_health", "blob_checks", "alert_state", "alert_settings", "drill_schedules"):
+                await db.execute(f"DELETE FROM {table} WHERE cloud = ?", (cloud,))
+        return True
 
 
 # --- staff, sessions, audit: row helpers -----------------------------------------------------
@@ -1703,3 +1806,12 @@ async def _insert_labels(db: Transaction, assets: Sequence[tuple[int, str, float
             "ON CONFLICT (cloud, key, value, asset_pk) DO NOTHING",
             context,
         )
+
+
+# --- restore drills: row helpers -------------------------------------------------------------
+
+_DRILL_SCHEDULE_SELECT = "SELECT cloud, schedule, sample, next_run_at, last_run_at FROM drill_schedules"
+
+
+def _drill_schedule(row: Sequence[Any]) -> DrillScheduleRow:
+    return DrillScheduleRow(row[0], json.loads(row[1]), json.loads(row[2]), row[3], row[4])

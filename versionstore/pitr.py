@@ -237,9 +237,9 @@ class PointInTimeRestore:
                 return "asset_not_found"
             outcome = await self.service.restore(asset, item["to_version"])
             return None if outcome.error is None else outcome.error.reason
-        return await self._copy_into(selection, item)
+        return await self.copy_into(selection, item)
 
-    async def _copy_into(self, selection: Selection, item: dict[str, Any]) -> str | None:
+    async def copy_into(self, selection: Selection, item: dict[str, Any]) -> str | None:
         """Another environment: the revision's bytes (verified) become the target's newest
         version of the same name, recording `<cloud>/<asset_id>/<version_id>` as its source."""
         source = await self.meta.get_cloud(selection.cloud)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from versionstore.alerts import RETENTION
 from versionstore.errors import BadRequest
 from versionstore.snapshot_records import ScheduleRow, Snapshot
 from versionstore.snapshots import SCHEDULED, Snapshots, check_prefix
@@ -269,7 +270,12 @@ async def tick(snapshots: Snapshots, now: float, grace: float = DEFAULT_GRACE) -
             created_by=schedule_label(row.schedule), now=now,
         )
         taken.append(snapshot)
-        await apply(snapshots, row.cloud, row.policy, now, grace)
+        try:
+            await apply(snapshots, row.cloud, row.policy, now, grace)
+        except Exception as exc:  # one environment's failure must not stop the others' runs
+            await snapshots.alerts.failed(row.cloud, RETENTION, f"{type(exc).__name__}: {exc}", detail={"policy": row.policy})
+        else:
+            await snapshots.alerts.succeeded(row.cloud, RETENTION)
     return taken
 
 

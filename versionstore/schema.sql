@@ -400,3 +400,31 @@ CREATE TABLE snapshot_schedules (
 -- Walking an environment's assets in row order, a page at a time (point-in-time selections):
 -- without it the planner takes a cloud index and sorts every row for each page.
 CREATE INDEX assets_cloud_pk ON assets (cloud, pk);
+
+-- migration 15
+-- Restore drills and alerts (docs/snapshots.md). A drill is a `snapshot_drill` job (its
+-- report is the job's progress); its schedule is kept like the snapshot schedule (claimed by a
+-- compare-and-set on next_run_at). `alert_settings` is where an environment's failure alerts
+-- are POSTed; `alert_state` is the last outcome of each watched operation (snapshot,
+-- retention, drill): what the console flags and /metrics reports.
+CREATE TABLE drill_schedules (
+    cloud       TEXT PRIMARY KEY,
+    schedule    TEXT NOT NULL,
+    sample      TEXT NOT NULL,
+    next_run_at REAL NOT NULL,
+    last_run_at REAL
+);
+CREATE TABLE alert_settings (
+    cloud            TEXT PRIMARY KEY,
+    notification_url TEXT
+);
+CREATE TABLE alert_state (
+    cloud           TEXT NOT NULL,
+    operation       TEXT NOT NULL,
+    failing         INTEGER NOT NULL DEFAULT 0,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    last_failure_at REAL,
+    last_success_at REAL,
+    PRIMARY KEY (cloud, operation)
+);

@@ -7,6 +7,7 @@ with `--run` it queues the `point_in_time_restore` job that the running server p
 
 import argparse
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,10 @@ Service = Any  # versionstore.snapshots.Snapshots (imported lazily: keeps `--hel
 def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         from versionstore import bootstrap
+        from versionstore.alerts import Alerts
         from versionstore.cli import store_config
+        from versionstore.egress import EgressPolicy
+        from versionstore.http.notify import one_shot_alert_sender
         from versionstore.service import VersionService
         from versionstore.snapshots import Snapshots
         from versionstore.targets import BackupTargets
@@ -38,7 +42,9 @@ def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Cal
                 if await meta.get_cloud(args.cloud) is None:
                     raise ApiError(f"no product environment named {args.cloud!r}")
                 service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
-                result = await action(Snapshots(service), args)
+                # A failure raises the alarm as in the server, POST to the alert URL included.
+                alerts = Alerts(meta, one_shot_alert_sender(EgressPolicy(config.fetch_allow), config.poll_interval))
+                result = await action(Snapshots(service, alerts), args)
                 for line in result if isinstance(result, list) else [result]:
                     print(json.dumps(line, indent=None if isinstance(result, list) else 2, default=str))
             finally:
@@ -108,14 +114,17 @@ async def _restore(snapshots: Service, args: argparse.Namespace) -> Any:
     return {"job": job.id, "status": job.status, "note": "the running server performs it: versionstore cloud status / the jobs API"}
 
 
+def with_cloud(parser: argparse.ArgumentParser, data_dir_option: Callable[..., None]) -> argparse.ArgumentParser:
+    """A command on one environment of an existing store: CLOUD and --data-dir."""
+    parser.add_argument("cloud", help="environment name")
+    data_dir_option(parser, creates=False)
+    return parser
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", command: Command,
              data_dir_option: Callable[..., None]) -> None:
     """Add the snapshot, retention and restore commands to the top-level parser."""
-
-    def on_cloud(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("cloud", help="environment name")
-        data_dir_option(parser, creates=False)
-        return parser
+    on_cloud = functools.partial(with_cloud, data_dir_option=data_dir_option)
 
     snapshot = command(sub, "snapshot", "library snapshots (docs/snapshots.md)")
     snap_sub = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="COMMAND")

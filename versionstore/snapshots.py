@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from versionstore.alerts import SNAPSHOT, Alerts
 from versionstore.errors import BadRequest, Forbidden, NotFound
 from versionstore.ids import new_hex_id
 from versionstore.repository import MetadataRepository
@@ -45,9 +46,11 @@ def check_note(value: object) -> str | None:
 class Snapshots:
     """Create, list, delete and pin snapshots; deleting one releases what only it held."""
 
-    def __init__(self, service: VersionService) -> None:
+    def __init__(self, service: VersionService, alerts: Alerts | None = None) -> None:
         self.service = service
         self.meta: MetadataRepository = service.meta
+        #: Where a failed snapshot raises the alarm (the server's has the alert sender).
+        self.alerts = alerts or Alerts(service.meta)
 
     async def create(
         self, cloud: str, *, note: str | None, prefix: str = "", type_: str = MANUAL, created_by: str = "api",
@@ -58,14 +61,16 @@ class Snapshots:
             created_by=created_by, created_at=time.time() if now is None else now,
         )
         try:
-            return await self.meta.create_snapshot(snapshot)
+            created = await self.meta.create_snapshot(snapshot)
         except Exception as exc:
             # Nothing of the snapshot was written (one transaction); record the failure so it
-            # shows in the list, and alert through the log.
-            log.error("snapshot of %s (%s) failed: %r", cloud, created_by, exc)
+            # shows in the list, and raise the alarm (alerts.py).
             snapshot.status, snapshot.error = "failed", f"{type(exc).__name__}: {exc}"
             await self.meta.record_snapshot(snapshot)
+            await self.alerts.failed(cloud, SNAPSHOT, snapshot.error, target=snapshot.id, detail={"created_by": created_by})
             return snapshot
+        await self.alerts.succeeded(cloud, SNAPSHOT)
+        return created
 
     async def get(self, cloud: str, snapshot_id: str) -> Snapshot:
         found = await self.meta.get_snapshot(cloud, snapshot_id)
@@ -98,7 +103,10 @@ class Snapshots:
         renders them). `unique_bytes` reads every item of the snapshot: lists skip it (null)
         unless asked."""
         body = asdict(snapshot)
-        body["unique_bytes"] = await self.meta.snapshot_unique_bytes(snapshot.cloud, [snapshot.id]) if unique_bytes else None
+        if snapshot.status != "completed":
+            body["unique_bytes"] = 0  # a failed snapshot has no items
+        else:
+            body["unique_bytes"] = await self.meta.snapshot_unique_bytes(snapshot.cloud, [snapshot.id]) if unique_bytes else None
         body["changed"] = snapshot.changed_at is not None
         if snapshot.type == MANUAL or snapshot.pinned:
             body["expires_at"] = None

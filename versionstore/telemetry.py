@@ -31,6 +31,8 @@ class Metrics:
     store_errors: Counter  # store, operation, final
     revisions_written: Counter  # store
     dedup_hits: Counter  # store
+    snapshot_failures: Counter  # cloud, operation (snapshot, retention)
+    drill_failures: Counter  # cloud
 
 
 _current: Metrics | None = None
@@ -65,6 +67,10 @@ def _build() -> Metrics:
                                   "the pending drainer, migrations, repairs)", ("store",), registry=registry),
         dedup_hits=Counter("versionstore_dedup_hits", "Revision writes that found the same bytes already stored (the blob is "
                            "named by its digest, so nothing was written)", ("store",), registry=registry),
+        snapshot_failures=Counter("versionstore_snapshot_failures", "Snapshots (operation=snapshot) and retention runs "
+                                  "(operation=retention) that failed, by environment", ("cloud", "operation"), registry=registry),
+        drill_failures=Counter("versionstore_drill_failures", "Restore drills that failed or found a mismatch, by environment",
+                               ("cloud",), registry=registry),
     )
 
 

@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import bootstrap, initial_backup, logs, migration, pitr, retention, verify
+from versionstore import bootstrap, drills, initial_backup, logs, migration, pitr, retention, verify
+from versionstore.alerts import Alerts
 from versionstore.chunks import ChunkAssembler
 from versionstore.claims import Claims
 from versionstore.config import Config
@@ -29,6 +30,7 @@ from versionstore.http import metrics, render
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.fetch import guarded_session
 from versionstore.http.keys import (
+    ALERTS,
     CHUNKS,
     CONFIG,
     EGRESS,
@@ -43,7 +45,7 @@ from versionstore.http.keys import (
     VERSIONS_CACHE,
     error_response,
 )
-from versionstore.http.notify import Notifier
+from versionstore.http.notify import Notifier, alert_sender
 from versionstore.http.ratelimit import AdminRateLimit
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import Handler, JobRunner
@@ -198,16 +200,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await chunks.sweep()
         app[FETCHER] = guarded_session(app[EGRESS], auto_decompress=False)
         opened.push_async_callback(app[FETCHER].close)
+        notifier = Notifier(app[FETCHER], partial(_describe_job, meta), app[EGRESS], base_delay=config.poll_interval)
+        alerts = app[ALERTS] = Alerts(meta, alert_sender(notifier))
         handlers: dict[str, Handler] = {
             migration.KIND: migration.BackupMigration(service, retry_delay=config.poll_interval * 5).run,
             initial_backup.KIND: initial_backup.InitialBackup(service).run,
             verify.KIND: verify.VerifyJob(service, rate=config.verify_rate * 1e6 or None).run,
             bulk_restore.KIND: bulk_restore.BulkRestore(service).run,
             pitr.KIND: pitr.PointInTimeRestore(service).run,
+            drills.KIND: drills.DrillJob(service, alerts).run,
         }
         runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval, owner=claims.owner, lease=config.lease_seconds)
         opened.push_async_callback(runner.close)
-        runner.on_finish.append(Notifier(app[FETCHER], partial(_describe_job, meta), app[EGRESS], base_delay=config.poll_interval))
+        runner.on_finish.append(notifier)
         drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
         background = [
             asyncio.create_task(claims.run_heartbeat(), name="lease heartbeat"),
@@ -215,7 +220,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(drainer.run(), name="pending drainer"),
             asyncio.create_task(runner.run(), name="job runner"),
             asyncio.create_task(chunks.run_sweeper(), name="chunk session sweeper"),
-            asyncio.create_task(retention.run_schedules(Snapshots(service), config.poll_interval), name="snapshot schedules"),
+            asyncio.create_task(retention.run_schedules(Snapshots(service, alerts), config.poll_interval), name="snapshot schedules"),
+            asyncio.create_task(drills.run_schedules(service, config.poll_interval, runner.wake.set), name="drill schedules"),
         ]
         if config.verify_interval > 0:
             scheduled = verify.schedule(meta, runner.wake.set, config.verify_interval, rate_mb_s=config.verify_rate or None)
@@ -233,6 +239,10 @@ async def _stop(tasks: list["asyncio.Task[None]"]) -> None:
 async def _describe_job(meta: MetadataRepository, job: Job) -> dict[str, Any]:
     if job.kind == initial_backup.KIND:
         return await initial_backup.describe(meta, job)
+    if job.kind == drills.KIND:
+        from versionstore.http.drill_views import drill_body
+
+        return drill_body(job)
     return render.job(job)
 
 

@@ -19,7 +19,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from versionstore import ids, initial_backup, migration, signing, verify
+from versionstore import drills, ids, initial_backup, migration, signing, verify
 from versionstore.console import bulk_restore
 from versionstore.console import find as finding
 from versionstore.console.actions import ConsoleActions, actor, require
@@ -379,10 +379,11 @@ async def operations_page(request: web.Request) -> web.Response:
     meta, config = request.config_dict[META], request.config_dict[CONFIG]
     status = await backup_status(meta, cloud, space_report(config.data_dir, config.min_free_bytes), (config.primary_url, config.backup_url))
     jobs = []
-    for kind in (bulk_restore.KIND, initial_backup.KIND, migration.KIND, verify.KIND):
+    for kind in (bulk_restore.KIND, initial_backup.KIND, migration.KIND, verify.KIND, drills.KIND):
         jobs += await meta.list_jobs(cloud.name, kind, 20)
     jobs.sort(key=lambda j: j.created_at, reverse=True)
-    return _page("operations.html", request, {"status": status, "jobs": jobs, "started": request.query.get("job")})
+    failing = [s for s in await meta.alert_states(cloud.name) if s.failing]  # snapshots, retention, drills (alerts.py)
+    return _page("operations.html", request, {"status": status, "jobs": jobs, "started": request.query.get("job"), "failing": failing})
 
 
 # --- setup -------------------------------------------------------------------------------------

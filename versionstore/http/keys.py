@@ -7,6 +7,7 @@ views' modules, so keeping the keys there made every view import the module that
 import aiohttp
 from aiohttp import web
 
+from versionstore.alerts import Alerts
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
 from versionstore.egress import EgressPolicy
@@ -29,6 +30,8 @@ UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
 EGRESS = web.AppKey("egress", EgressPolicy)
 RATE_LIMIT = web.AppKey("rate_limit", AdminRateLimit)
 SCRAPE = web.AppKey("scrape", metrics.ScrapeTimeCollector)
+#: Failed snapshots, retention runs and drills raise the alarm here (versionstore/alerts.py).
+ALERTS = web.AppKey("alerts", Alerts)
 #: Request key: the canonical path of the route `routes.dispatch` matched (metrics, logs).
 ROUTE = web.RequestKey("route", str)
 

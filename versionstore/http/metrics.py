@@ -140,7 +140,19 @@ class ScrapeTimeCollector:
             depth.add_metric([cloud], count)
             waiting.add_metric([cloud], size)
             oldest.add_metric([cloud], max(0.0, now - queued_at) if queued_at is not None else 0.0)
-        return [depth, waiting, oldest, *await self._jobs(), *await self._verify_families(clouds, now)]
+        return [depth, waiting, oldest, *await self._jobs(), *await self._verify_families(clouds, now), *await self._outcomes()]
+
+    async def _outcomes(self) -> list[Metric]:
+        """The last outcome of snapshots, retention runs and restore drills (alerts.py)."""
+        failing = GaugeMetricFamily("versionstore_operation_failing", "1 while the environment's last snapshot, retention run "
+                                    "or restore drill (operation) failed or found a mismatch", labels=["cloud", "operation"])
+        success = GaugeMetricFamily("versionstore_operation_last_success_timestamp_seconds", "When the environment's last "
+                                    "snapshot, retention run or restore drill succeeded (unix seconds)", labels=["cloud", "operation"])
+        for state in await self.meta.alert_states():
+            failing.add_metric([state.cloud, state.operation], int(state.failing))
+            if state.last_success_at is not None:
+                success.add_metric([state.cloud, state.operation], state.last_success_at)
+        return [failing, success]
 
     async def _jobs(self) -> list[Metric]:
         open_jobs = GaugeMetricFamily("versionstore_jobs_open", "Jobs pending or running, by kind and status",

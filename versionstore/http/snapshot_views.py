@@ -23,7 +23,7 @@ from versionstore.errors import BadRequest, Conflict, NotFound, Unauthorized
 from versionstore.http import render
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
-from versionstore.http.keys import JOBS, META, SERVICE
+from versionstore.http.keys import ALERTS, JOBS, META, SERVICE
 from versionstore.models import Cloud
 from versionstore.params import Params, as_bool, as_int
 from versionstore.snapshot_records import Snapshot
@@ -33,7 +33,7 @@ SNAP = r"(?P<snapshot_id>[0-9a-f]{32})"
 
 
 def _snapshots(request: web.Request) -> Snapshots:
-    return Snapshots(request.app[SERVICE])
+    return Snapshots(request.app[SERVICE], request.app[ALERTS])
 
 
 async def _body(snapshots: Snapshots, snapshot: Snapshot, unique_bytes: bool = True) -> dict[str, Any]:
