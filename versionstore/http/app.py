@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import gc
 import inspect
 import itertools
 import logging
@@ -285,39 +284,12 @@ def create_app(config: Config) -> web.Application:
     app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
     app[SCRAPE] = metrics.ScrapeTimeCollector(lambda: app[META])
     app.cleanup_ctx.append(_resources)
-    app.on_startup.append(_settle_heap)
-    app.on_cleanup.append(_unsettle_heap)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)
     app.router.add_route("GET", "/readyz", _readyz)
     app.router.add_route("GET", "/metrics", _metrics)
     add_console(app)
     return app
-
-
-#: Allocations (minus frees) of container objects between two young-generation collections;
-#: CPython's default is 700, which a few requests reach (docs/performance.md).
-GC_GEN0_THRESHOLD = 50_000
-_DEFAULT_GEN0 = gc.get_threshold()[0]
-
-
-async def _settle_heap(app: web.Application) -> None:
-    """After start-up: move everything allocated so far (modules, the SDKs, caches) out of the
-    collector's sight (`gc.freeze`), and collect the young generation less often. Full
-    collections then scan only what requests allocate, not the whole heap: they were the
-    read path's p99 outliers. Forked workers also keep the frozen pages shared."""
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-
-
-async def _unsettle_heap(app: web.Application) -> None:
-    """Give the collector its view back (a process that makes many apps, like the tests,
-    would otherwise keep every frozen app's cycles forever)."""
-    gc.unfreeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(_DEFAULT_GEN0, gen1, gen2)
 
 
 async def _readyz(request: web.Request) -> web.Response:

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from versionstore import bootstrap
+from versionstore import bootstrap, heap
 from versionstore.config import Config, StartupError
 from versionstore.http.app import create_app
 from versionstore.http.keys import META
@@ -90,6 +90,7 @@ async def serve(
             await runner.setup()
         except Exception as exc:
             raise StartupError(f"cannot start: {one_line(exc)}") from None
+        heap.settle()  # the app has started: what is allocated now stays for the process's life
         await web.SockSite(runner, sock).start()
         base_url = _base_url(config, sock)
         if listening is not None:
@@ -102,6 +103,7 @@ async def serve(
         await stop.wait()
     finally:
         await runner.cleanup()
+        heap.unsettle()
         sock.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
