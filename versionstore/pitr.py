@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from versionstore import layout
+from versionstore.console.audit import AuditLog
 from versionstore.errors import BadRequest, NotFound
 from versionstore.ids import new_hex_id
 from versionstore.models import Job
@@ -229,6 +230,9 @@ class PointInTimeRestore:
                 return  # cancelled meanwhile
         job.status, job.completed_at, job.progress = "completed", time.time(), progress
         await self.meta.save_job(job)
+        counts = {k: v for k, v in progress.items() if k != "failures"}
+        await AuditLog(self.meta).record(f"job:{KIND}", "pitr_finish", cloud=job.cloud, target=job.id,
+                                         outcome="failed" if progress.get("failed") else "ok", detail=counts)
 
     async def _restore_one(self, selection: Selection, item: dict[str, Any], job_id: str) -> str | None:
         if selection.target == selection.cloud:

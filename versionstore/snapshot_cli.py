@@ -19,6 +19,33 @@ Command = Callable[..., argparse.ArgumentParser]
 Service = Any  # versionstore.snapshots.Snapshots (imported lazily: keeps `--help` fast)
 
 
+def _audit_name(args: argparse.Namespace) -> str | None:
+    """The audit action of a command that changes something (None for reads and dry runs)."""
+    if args.command == "snapshot":
+        return {"create": "snapshot_create", "delete": "snapshot_delete",
+                "pin": "snapshot_unpin" if getattr(args, "off", False) else "snapshot_pin"}.get(args.snapshot_command)
+    return "pitr_start" if args.command == "restore" and args.run else None
+
+
+async def _audited(meta: Any, args: argparse.Namespace, run: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a command; a changing one is audited (actor `cli`) whatever its outcome."""
+    from versionstore.console.audit import AuditLog
+
+    action = _audit_name(args)
+    if action is None:
+        return await run()
+    target = getattr(args, "id", None)
+    try:
+        result = await run()
+    except ApiError as exc:
+        await AuditLog(meta).record("cli", action, cloud=args.cloud, target=target, outcome="failed", detail={"error": exc.message})
+        raise
+    found = result if isinstance(result, dict) else {}
+    await AuditLog(meta).record("cli", action, cloud=args.cloud, target=target or found.get("id") or found.get("job"),
+                                outcome="failed" if found.get("status") == "failed" else "ok")
+    return result
+
+
 def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         from versionstore import bootstrap
@@ -38,7 +65,7 @@ def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Cal
                 if await meta.get_cloud(args.cloud) is None:
                     raise ApiError(f"no product environment named {args.cloud!r}")
                 service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
-                result = await action(Snapshots(service), args)
+                result = await _audited(meta, args, lambda: action(Snapshots(service), args))
                 for line in result if isinstance(result, list) else [result]:
                     print(json.dumps(line, indent=None if isinstance(result, list) else 2, default=str))
             finally:
