@@ -1645,7 +1645,9 @@ class MetadataStore:
             if not cursor.rowcount:
                 return None
             cursor = await db.execute(f"SELECT {_PURGE_COLUMNS} FROM scheduled_purges WHERE id = ?", (purge_id,))
-            purge = _purge(await cursor.fetchone())
+            row = await cursor.fetchone()
+            assert row is not None  # updated just now, in this transaction
+            purge = _purge(row)
             cursor = await db.execute("SELECT 1 FROM assets WHERE pk = ? AND asset_id = ?", (purge.asset_pk, purge.asset_id))
             if await cursor.fetchone() is None:
                 raise ValueError(f"asset {purge.asset_id} no longer exists; its versions cannot come back")
@@ -1681,7 +1683,9 @@ class MetadataStore:
             if not cursor.rowcount:
                 return None
             cursor = await db.execute(f"SELECT {_PURGE_COLUMNS} FROM scheduled_purges WHERE id = ?", (purge_id,))
-            purge = _purge(await cursor.fetchone())
+            row = await cursor.fetchone()
+            assert row is not None  # updated just now, in this transaction
+            purge = _purge(row)
             await db.execute("DELETE FROM purge_holds WHERE purge_id = ?", (purge_id,))
             await db.execute(
                 "DELETE FROM assets WHERE pk = ? AND status = 'deleted' AND NOT EXISTS (SELECT 1 FROM versions WHERE asset_pk = ?)",
