@@ -1639,15 +1639,9 @@ class MetadataStore:
         back exactly as they were. None if it is no longer scheduled; ValueError (nothing
         changed) if its asset is gone meanwhile."""
         async with self.transaction() as db:
-            cursor = await db.execute(
-                "UPDATE scheduled_purges SET state = 'undone', finished_at = ? WHERE id = ? AND state = 'scheduled'", (now, purge_id)
-            )
-            if not cursor.rowcount:
+            purge = await self._leave_scheduled(db, purge_id, "undone", now, due=False)
+            if purge is None:
                 return None
-            cursor = await db.execute(f"SELECT {_PURGE_COLUMNS} FROM scheduled_purges WHERE id = ?", (purge_id,))
-            row = await cursor.fetchone()
-            assert row is not None  # updated just now, in this transaction
-            purge = _purge(row)
             cursor = await db.execute("SELECT 1 FROM assets WHERE pk = ? AND asset_id = ?", (purge.asset_pk, purge.asset_id))
             if await cursor.fetchone() is None:
                 raise ValueError(f"asset {purge.asset_id} no longer exists; its versions cannot come back")
@@ -1668,25 +1662,33 @@ class MetadataStore:
                     "WHERE id = ?",
                     (item["snapshot_id"],),
                 )
-            await db.execute("DELETE FROM purge_holds WHERE purge_id = ?", (purge_id,))
-        return replace(purge, state="undone", finished_at=now)
+        return purge
+
+    @staticmethod
+    async def _leave_scheduled(db: Transaction, purge_id: str, state: str, now: float, *, due: bool) -> ScheduledPurge | None:
+        """Inside a transaction: move a purge from 'scheduled' to `state` (conditional: one
+        caller wins; `due`: only once purge_at has come), drop its hold, and return it."""
+        condition = " AND purge_at <= ?" if due else ""
+        cursor = await db.execute(
+            f"UPDATE scheduled_purges SET state = ?, finished_at = ? WHERE id = ? AND state = 'scheduled'{condition}",
+            (state, now, purge_id, *((now,) if due else ())),
+        )
+        if not cursor.rowcount:
+            return None
+        cursor = await db.execute(f"SELECT {_PURGE_COLUMNS} FROM scheduled_purges WHERE id = ?", (purge_id,))
+        row = await cursor.fetchone()
+        assert row is not None  # updated just now, in this transaction
+        await db.execute("DELETE FROM purge_holds WHERE purge_id = ?", (purge_id,))
+        return _purge(row)
 
     async def finish_purge(self, purge_id: str, now: float) -> ScheduledPurge | None:
         """Make a due purge final: drop its hold (the caller then releases the revisions
         nothing else references) and a deleted asset left without versions. None if another
         process finished or undid it first."""
         async with self.transaction() as db:
-            cursor = await db.execute(
-                "UPDATE scheduled_purges SET state = 'purged', finished_at = ? WHERE id = ? AND state = 'scheduled' AND purge_at <= ?",
-                (now, purge_id, now),
-            )
-            if not cursor.rowcount:
+            purge = await self._leave_scheduled(db, purge_id, "purged", now, due=True)
+            if purge is None:
                 return None
-            cursor = await db.execute(f"SELECT {_PURGE_COLUMNS} FROM scheduled_purges WHERE id = ?", (purge_id,))
-            row = await cursor.fetchone()
-            assert row is not None  # updated just now, in this transaction
-            purge = _purge(row)
-            await db.execute("DELETE FROM purge_holds WHERE purge_id = ?", (purge_id,))
             await db.execute(
                 "DELETE FROM assets WHERE pk = ? AND status = 'deleted' AND NOT EXISTS (SELECT 1 FROM versions WHERE asset_pk = ?)",
                 (purge.asset_pk, purge.asset_pk),

@@ -50,24 +50,13 @@ def _run(action: Callable[[Any, argparse.Namespace], Any]) -> Callable[[argparse
     def command(args: argparse.Namespace) -> int:
         from versionstore import bootstrap
         from versionstore.cli import store_config
-        from versionstore.service import VersionService
-        from versionstore.targets import BackupTargets
 
         config = store_config(args.data_dir, args.metadata, create=False)
 
         async def run() -> None:
-            meta = await bootstrap.open_metadata(config)
-            primary = bootstrap.open_primary(config)
-            targets = BackupTargets(meta, bootstrap.open_backup(config))
-            config.spool_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                result = await action(VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes), args)
-                for line in result:
+            async with bootstrap.opened_service(config) as service:
+                for line in await action(service, args):
                     print(json.dumps(line, default=str))
-            finally:
-                await targets.close()
-                await primary.close()
-                await meta.close()
 
         asyncio.run(run())
         return 0

@@ -50,28 +50,17 @@ def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Cal
     def command(args: argparse.Namespace) -> int:
         from versionstore import bootstrap
         from versionstore.cli import store_config
-        from versionstore.service import VersionService
         from versionstore.snapshots import Snapshots
-        from versionstore.targets import BackupTargets
 
         config = store_config(args.data_dir, args.metadata, create=False)
 
         async def run() -> None:
-            meta = await bootstrap.open_metadata(config)
-            primary = bootstrap.open_primary(config)
-            targets = BackupTargets(meta, bootstrap.open_backup(config))
-            config.spool_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                if await meta.get_cloud(args.cloud) is None:
+            async with bootstrap.opened_service(config) as service:
+                if await service.meta.get_cloud(args.cloud) is None:
                     raise ApiError(f"no product environment named {args.cloud!r}")
-                service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
-                result = await _audited(meta, args, lambda: action(Snapshots(service), args))
+                result = await _audited(service.meta, args, lambda: action(Snapshots(service), args))
                 for line in result if isinstance(result, list) else [result]:
                     print(json.dumps(line, indent=None if isinstance(result, list) else 2, default=str))
-            finally:
-                await targets.close()
-                await primary.close()
-                await meta.close()
 
         asyncio.run(run())
         return 0
