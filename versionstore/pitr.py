@@ -229,10 +229,11 @@ class PointInTimeRestore:
             if not await self.meta.save_job(job):
                 return  # cancelled meanwhile
         job.status, job.completed_at, job.progress = "completed", time.time(), progress
-        await self.meta.save_job(job)
+        # Audited before the job reads as completed, so whoever sees it completed finds the record.
         counts = {k: v for k, v in progress.items() if k != "failures"}
         await AuditLog(self.meta).record(f"job:{KIND}", "pitr_finish", cloud=job.cloud, target=job.id,
                                          outcome="failed" if progress.get("failed") else "ok", detail=counts)
+        await self.meta.save_job(job)
 
     async def _restore_one(self, selection: Selection, item: dict[str, Any], job_id: str) -> str | None:
         if selection.target == selection.cloud:
