@@ -1,5 +1,5 @@
 """Command line: `versionstore serve`, `cloud create|list|set|status`, `verify`, `gc`, `migrate`,
-`metadata copy`, `initial-backup`, `staff add|list|disable|enable|reset-password`, `audit verify|export`,
+`metadata copy`, `initial-backup`, `staff add|list|disable|enable|reset-password`, `audit verify|export`, `purge list|undo|run`,
 and (snapshot_cli.py) `snapshot create|list|show|delete|pin`, `retention simulate` and `restore`.
 
 `initial-backup` is versionstore/backup_client.py (also scripts/initial_backup.py), which
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from versionstore import bootstrap, ids, logs, migration
+from versionstore import bootstrap, ids, logs, migration, protection_cli
 from versionstore.config import DATA_DIR_VARIABLE, METADATA_URL_VARIABLE, Config, ConfigError, StartupError, data_dir_from
 from versionstore.errors import ApiError
 from versionstore.metadata import sqlite_path
@@ -163,6 +163,10 @@ def _serve(args: argparse.Namespace) -> int:
 async def _cloud_create(meta: MetadataRepository, args: argparse.Namespace) -> None:
     cloud = await create_cloud(meta, args.name, args.api_key, args.api_secret, args.auto_backup == "on")
     print(cloudinary_url(cloud, args.url), flush=True)
+    if protection := await protection_cli.apply_cloud_options(meta, cloud, args):
+        from versionstore.console.audit import AuditLog
+
+        await AuditLog(meta).record("cli", "settings", cloud=cloud.name, target=cloud.name, detail=protection)
     print(backup_state(cloud), file=sys.stderr)  # stdout stays the URL alone, for scripts
 
 
@@ -185,23 +189,28 @@ async def _cloud_set(meta: MetadataRepository, args: argparse.Namespace) -> None
                   f"{migration.target_name(job.params['to'])}; the running server copies the history, then switches")
         elif job is not None:
             print(f"backup migration {job.id} cancelled")
+    protection = await protection_cli.apply_cloud_options(meta, cloud, args)
     updated = await _existing(meta, args.name)
     from versionstore.console.audit import AuditLog
 
     bucket = args.backup_bucket.split("?", 1)[0] if args.backup_bucket else None  # without store options
     await AuditLog(meta).record("cli", "settings", cloud=args.name, target=args.name,
-                                detail={"auto_backup": args.auto_backup, "backup_bucket": bucket})
+                                detail={"auto_backup": args.auto_backup, "backup_bucket": bucket, **protection})
     print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}"
-          f"\tbackup_target={migration.target_name(updated.backup_target)}")
+          f"\tbackup_target={migration.target_name(updated.backup_target)}\tpurge_delay_days={updated.purge_delay_days}")
 
 
 async def _cloud_status(meta: MetadataRepository, args: argparse.Namespace) -> None:
+    from versionstore import protection
     from versionstore.disk_space import space_report
     from versionstore.http.backup_views import backup_status
 
     config = Config.from_env(data_dir_from(args.data_dir), metadata_url=args.metadata)
     space = space_report(config.data_dir, config.min_free_bytes)
-    status = await backup_status(meta, await _existing(meta, args.name), space, (config.primary_url, config.backup_url))
+    cloud = await _existing(meta, args.name)
+    status = await backup_status(meta, cloud, space, (config.primary_url, config.backup_url))
+    status["auto_backup"] = cloud.auto_backup
+    status["protection"] = await protection.status(meta, cloud)
     print(json.dumps(status, indent=2))
 
 
@@ -435,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
         help="keep a restorable revision of every upload (an upload's own backup parameter wins)",
     )
     create.add_argument("--url", default=DEFAULT_URL, help="service URL for the printed CLOUDINARY_URL")
+    protection_cli.add_cloud_options(create, setting=False)
     _data_dir_option(create, creates=True)
     listing = _command(cloud_sub, "list", "list environments: name, API key, automatic backup, backup target",
                        _on_store(_cloud_list))
@@ -447,8 +457,10 @@ def parser() -> argparse.ArgumentParser:
         help="keep backups in s3://bucket[/prefix] or gs://bucket[/prefix] (needs the marker object), or 'default' "
         "(default: unchanged)",
     )
+    protection_cli.add_cloud_options(setting, setting=True)
     _data_dir_option(setting, creates=False)
-    status = _command(cloud_sub, "status", "backup target, health, pending revisions and migration, as JSON",
+    status = _command(cloud_sub, "status", "backup on/off, target, health, pending revisions, migration and deletion "
+                      "protection, as JSON",
                       _on_store(_cloud_status))
     status.add_argument("name", help="environment name")
     _data_dir_option(status, creates=False)
@@ -498,6 +510,7 @@ def parser() -> argparse.ArgumentParser:
 
     snapshot_cli.register(sub, _command, _data_dir_option)
     drill_cli.register(sub, _command, _data_dir_option)
+    protection_cli.register(sub, _command, _data_dir_option)
 
 
     migrate = _command(sub, "migrate", "apply the schema migrations the metadata database lacks (serve does it too)",

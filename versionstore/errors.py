@@ -50,3 +50,8 @@ class Unavailable(ApiError):
     browsers and scripts, never parsed by an SDK) answers 503; elsewhere it is a per-item error."""
 
     status = 503
+
+
+class AppendOnlyRefused(Forbidden):
+    """A request made with an environment's append-only key tried to delete or replace
+    history (versionstore/http/append_only.py); the dispatcher audits it as refused."""

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, fields, replace
+from dataclasses import asdict, astuple, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from versionstore.models import (
     Cloud,
     Job,
     PendingRevision,
+    ScheduledPurge,
     SessionState,
     UploadPart,
     UploadSession,
@@ -41,7 +42,11 @@ _ASSET_COLUMNS = [*(f.name for f in fields(Asset) if f.name != "detached"), "det
 _VERSION_COLUMNS = [f.name for f in fields(Version)]
 
 
-_CLOUD_SELECT = "SELECT name, api_key, api_secret, auto_backup, created_at, backup_target FROM clouds"
+#: With the environment's deletion protection (schema migration 13; no row: none).
+_CLOUD_SELECT = (
+    "SELECT name, api_key, api_secret, auto_backup, created_at, backup_target, "
+    "COALESCE(p.purge_delay_days, 0), p.append_key, p.append_secret FROM clouds LEFT JOIN cloud_protection p ON p.cloud = name"
+)
 
 
 _SESSION_COLUMNS = "cloud, upload_id, resource_type, public_id, total, claimed, state, created_at, updated_at"
@@ -53,7 +58,7 @@ def _session(row: Sequence[Any]) -> UploadSession:
 
 
 def _cloud(row: Sequence[Any]) -> Cloud:
-    return Cloud(row[0], row[1], row[2], bool(row[3]), row[4], row[5])
+    return Cloud(row[0], row[1], row[2], bool(row[3]), row[4], row[5], int(row[6]), row[7], row[8])
 
 
 _JOB_COLUMNS = [f.name for f in fields(Job)]
@@ -171,6 +176,10 @@ def _name_taken(exc: sqlite3.IntegrityError) -> bool:
     return isinstance(exc, IntegrityError) and exc.table == "assets"
 
 
+#: A scheduled purge's revision (schema migration 13): referenced until the purge is undone or done.
+_PURGE_HOLD = "SELECT 1 FROM purge_holds WHERE cloud = ? AND digest = ?"
+_PURGE_COLUMNS = "id, cloud, asset_pk, asset_id, public_id, versions, items, actor, state, scheduled_at, purge_at, finished_at"
+_ITEM_COLUMNS = "snapshot_id, cloud, asset_pk, asset_id, resource_type, type, public_id, version_id, digest, bytes, covered"
 _HAS_REVISION = "EXISTS (SELECT 1 FROM versions WHERE asset_pk = ? AND backed_up = 1)"
 
 
@@ -516,8 +525,9 @@ class MetadataStore:
             # A snapshot's reference holds the revision too (docs/snapshots.md), whatever
             # happens to version rows: the one place every blob deletion asks.
             sql = ("SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1 UNION ALL "
-                   "SELECT 1 FROM snapshot_items WHERE cloud = ? AND digest = ? AND covered = 1 LIMIT 1")
-            return await self._one(sql, (cloud, digest, cloud, digest)) is not None
+                   "SELECT 1 FROM snapshot_items WHERE cloud = ? AND digest = ? AND covered = 1 UNION ALL "
+                   f"{_PURGE_HOLD} LIMIT 1")
+            return await self._one(sql, (cloud, digest, cloud, digest, cloud, digest)) is not None
         sql = "SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live' LIMIT 1"
         return await self._one(sql, (cloud, digest)) is not None
 
@@ -1225,7 +1235,8 @@ class MetadataStore:
             "original": ["SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live'"],
             # A snapshot's item holds its revision as a version does (docs/snapshots.md).
             "revision": ["SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1",
-                         "SELECT 1 FROM snapshot_items WHERE cloud = ? AND digest = ? AND covered = 1"],
+                         "SELECT 1 FROM snapshot_items WHERE cloud = ? AND digest = ? AND covered = 1",
+                         _PURGE_HOLD],  # a scheduled purge holds it until undone or done
             "pending": ["SELECT 1 FROM backup_pending WHERE cloud = ? AND digest = ?"],
         }[role]
         row = await self._one(
@@ -1635,6 +1646,160 @@ class MetadataStore:
             for table in ("backup_health", "blob_checks", "alert_state", "alert_settings", "drill_schedules"):
                 await db.execute(f"DELETE FROM {table} WHERE cloud = ?", (cloud,))
         return True
+    # --- deletion protection (versionstore/protection.py, schema migration 13) ---------------
+    # Set by the operator's CLI only. A scheduled purge moves the deleted versions' rows (and
+    # the snapshot items they lose) into one scheduled_purges row and holds their revisions in
+    # purge_holds; undo puts the rows back, the purge job drops the hold and the rows stay gone.
+    # Both leave 'scheduled' by an UPDATE conditional on it: one process wins.
+
+    async def set_protection(
+        self, cloud: str, *, purge_delay_days: int | None = None, append_key: tuple[str, str] | None = None
+    ) -> None:
+        """Change the environment's purge delay and/or (re)issue its append-only key pair."""
+        async with self.transaction() as db:
+            await db.execute("INSERT INTO cloud_protection (cloud) VALUES (?) ON CONFLICT (cloud) DO NOTHING", (cloud,))
+            if purge_delay_days is not None:
+                await db.execute("UPDATE cloud_protection SET purge_delay_days = ? WHERE cloud = ?", (purge_delay_days, cloud))
+            if append_key is not None:
+                await db.execute(
+                    "UPDATE cloud_protection SET append_key = ?, append_secret = ? WHERE cloud = ?", (*append_key, cloud)
+                )
+
+    async def schedule_purge(
+        self, purge_id: str, asset: Asset, version_ids: Sequence[str], actor: str, now: float, purge_at: float
+    ) -> ScheduledPurge | None:
+        """Like delete_versions (never the current version of a live asset, checked in the
+        statement), but the rows are kept in a scheduled purge and the asset row stays.
+        None when no version was removed."""
+        async with self.transaction() as db:
+            taken: list[dict[str, Any]] = []
+            for version_id in version_ids:
+                cursor = await db.execute(
+                    f"{_VERSION_SELECT} WHERE asset_pk = ? AND version_id = ? "
+                    "AND NOT EXISTS (SELECT 1 FROM assets WHERE pk = ? AND status = 'live' AND version_id = ?)",
+                    (asset.pk, version_id, asset.pk, version_id),
+                )
+                row = await cursor.fetchone()
+                if row is None:
+                    continue
+                await db.execute("DELETE FROM versions WHERE asset_pk = ? AND version_id = ?", (asset.pk, version_id))
+                taken.append(asdict(_version(row)))
+            if not taken:
+                return None
+            removed = [v["version_id"] for v in taken]
+            marks = ", ".join("?" * len(removed))
+            cursor = await db.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM snapshot_items WHERE asset_pk = ? AND version_id IN ({marks})", (asset.pk, *removed)
+            )
+            names = _ITEM_COLUMNS.split(", ")
+            items = [dict(zip(names, r, strict=True)) for r in await cursor.fetchall()]
+            await self._drop_snapshot_items(db, asset.pk or 0, removed)
+            purge = ScheduledPurge(
+                purge_id, asset.cloud, asset.pk or 0, asset.asset_id, asset.public_id, taken, items,
+                actor, "scheduled", now, purge_at,
+            )
+            await db.execute(
+                f"INSERT INTO scheduled_purges ({_PURGE_COLUMNS}) VALUES ({', '.join('?' * 12)})",
+                (purge.id, purge.cloud, purge.asset_pk, purge.asset_id, purge.public_id, json.dumps(taken), json.dumps(items),
+                 actor, purge.state, now, purge_at, None),
+            )
+            for digest in sorted({v["digest"] for v in taken if v["backed_up"]}):
+                await db.execute("INSERT INTO purge_holds (purge_id, cloud, digest) VALUES (?, ?, ?)", (purge_id, asset.cloud, digest))
+        return purge
+
+    async def get_purge(self, purge_id: str) -> ScheduledPurge | None:
+        row = await self._one(f"SELECT {_PURGE_COLUMNS} FROM scheduled_purges WHERE id = ?", (purge_id,))
+        return None if row is None else _purge(row)
+
+    async def list_purges(self, cloud: str | None, state: str | None, limit: int) -> list[ScheduledPurge]:
+        """Newest first, one environment's or all, in one state or any."""
+        where, args = [], []
+        for column, value in (("cloud", cloud), ("state", state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._all(
+            f"SELECT {_PURGE_COLUMNS} FROM scheduled_purges{clause} ORDER BY scheduled_at DESC, id LIMIT ?", (*args, limit)
+        )
+        return [_purge(r) for r in rows]
+
+    async def count_scheduled_purges(self, cloud: str) -> int:
+        row = await self._one("SELECT COUNT(*) FROM scheduled_purges WHERE cloud = ? AND state = 'scheduled'", (cloud,))
+        return int(row[0])
+
+    async def due_purges(self, now: float, limit: int) -> list[ScheduledPurge]:
+        rows = await self._all(
+            f"SELECT {_PURGE_COLUMNS} FROM scheduled_purges WHERE state = 'scheduled' AND purge_at <= ? ORDER BY purge_at, id LIMIT ?",
+            (now, limit),
+        )
+        return [_purge(r) for r in rows]
+
+    async def undo_purge(self, purge_id: str, now: float) -> ScheduledPurge | None:
+        """Put a scheduled purge's versions (and snapshot items whose snapshot still exists)
+        back exactly as they were. None if it is no longer scheduled; ValueError (nothing
+        changed) if its asset is gone meanwhile."""
+        async with self.transaction() as db:
+            purge = await self._leave_scheduled(db, purge_id, "undone", now, due=False)
+            if purge is None:
+                return None
+            cursor = await db.execute("SELECT 1 FROM assets WHERE pk = ? AND asset_id = ?", (purge.asset_pk, purge.asset_id))
+            if await cursor.fetchone() is None:
+                raise ValueError(f"asset {purge.asset_id} no longer exists; its versions cannot come back")
+            for values in purge.versions:
+                await db.execute(_VERSION_INSERT, (purge.cloud, purge.asset_pk, *astuple(Version(**values))))
+            for item in purge.items:
+                cursor = await db.execute("SELECT 1 FROM snapshots WHERE id = ?", (item["snapshot_id"],))
+                if await cursor.fetchone() is None:
+                    continue  # the snapshot was deleted meanwhile
+                await db.execute(
+                    f"INSERT INTO snapshot_items ({_ITEM_COLUMNS}) VALUES ({', '.join('?' * 11)}) "
+                    "ON CONFLICT (snapshot_id, asset_pk) DO NOTHING",
+                    tuple(item[c] for c in _ITEM_COLUMNS.split(", ")),
+                )
+                await db.execute(
+                    "UPDATE snapshots SET removed_items = removed_items - "
+                    f"((SELECT COUNT(*) FROM snapshot_items i WHERE i.snapshot_id = snapshots.id) - asset_count), {_SNAPSHOT_COUNTS} "
+                    "WHERE id = ?",
+                    (item["snapshot_id"],),
+                )
+        return purge
+
+    @staticmethod
+    async def _leave_scheduled(db: Transaction, purge_id: str, state: str, now: float, *, due: bool) -> ScheduledPurge | None:
+        """Inside a transaction: move a purge from 'scheduled' to `state` (conditional: one
+        caller wins; `due`: only once purge_at has come), drop its hold, and return it."""
+        condition = " AND purge_at <= ?" if due else ""
+        cursor = await db.execute(
+            f"UPDATE scheduled_purges SET state = ?, finished_at = ? WHERE id = ? AND state = 'scheduled'{condition}",
+            (state, now, purge_id, *((now,) if due else ())),
+        )
+        if not cursor.rowcount:
+            return None
+        cursor = await db.execute(f"SELECT {_PURGE_COLUMNS} FROM scheduled_purges WHERE id = ?", (purge_id,))
+        row = await cursor.fetchone()
+        assert row is not None  # updated just now, in this transaction
+        await db.execute("DELETE FROM purge_holds WHERE purge_id = ?", (purge_id,))
+        return _purge(row)
+
+    async def finish_purge(self, purge_id: str, now: float) -> ScheduledPurge | None:
+        """Make a due purge final: drop its hold (the caller then releases the revisions
+        nothing else references) and a deleted asset left without versions. None if another
+        process finished or undid it first."""
+        async with self.transaction() as db:
+            purge = await self._leave_scheduled(db, purge_id, "purged", now, due=True)
+            if purge is None:
+                return None
+            await db.execute(
+                "DELETE FROM assets WHERE pk = ? AND status = 'deleted' AND NOT EXISTS (SELECT 1 FROM versions WHERE asset_pk = ?)",
+                (purge.asset_pk, purge.asset_pk),
+            )
+        return purge
+
+def _purge(row: Sequence[Any]) -> ScheduledPurge:
+    values = list(row)
+    values[5], values[6] = json.loads(values[5]), json.loads(values[6])
+    return ScheduledPurge(*values)
 
 
 # --- staff, sessions, audit: row helpers -----------------------------------------------------

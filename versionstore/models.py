@@ -15,6 +15,12 @@ class Cloud:
     #: Where revisions go: None for the operator's default backup store, else a customer
     #: bucket URL (s3://bucket/prefix, gs://bucket/prefix) that holds the marker object.
     backup_target: str | None = None
+    #: Deletion protection (versionstore/protection.py), set by the operator's CLI only:
+    #: days an irreversible deletion waits before its bytes go (0: at once, as Cloudinary),
+    #: and the append-only key pair (None: none issued).
+    purge_delay_days: int = 0
+    append_key: str | None = None
+    append_secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,3 +180,23 @@ class UploadPart:
     first: int
     end: int
     file: str
+
+
+@dataclass(frozen=True)
+class ScheduledPurge:
+    """An irreversible version deletion held back by the environment's purge delay: the rows
+    it removed (`versions`, as Version fields; `items`, the snapshot items they lost) wait here
+    until an admin undoes it or the purge job makes it final at `purge_at`."""
+
+    id: str
+    cloud: str
+    asset_pk: int
+    asset_id: str
+    public_id: str
+    versions: list[dict[str, Any]]
+    items: list[dict[str, Any]]
+    actor: str
+    state: str  # scheduled | undone | purged
+    scheduled_at: float
+    purge_at: float
+    finished_at: float | None = None

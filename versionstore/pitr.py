@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from versionstore import layout
+from versionstore.console.audit import AuditLog
 from versionstore.errors import BadRequest, NotFound
 from versionstore.ids import new_hex_id
 from versionstore.models import Job
@@ -228,6 +229,10 @@ class PointInTimeRestore:
             if not await self.meta.save_job(job):
                 return  # cancelled meanwhile
         job.status, job.completed_at, job.progress = "completed", time.time(), progress
+        # Audited before the job reads as completed, so whoever sees it completed finds the record.
+        counts = {k: v for k, v in progress.items() if k != "failures"}
+        await AuditLog(self.meta).record(f"job:{KIND}", "pitr_finish", cloud=job.cloud, target=job.id,
+                                         outcome="failed" if progress.get("failed") else "ok", detail=counts)
         await self.meta.save_job(job)
 
     async def _restore_one(self, selection: Selection, item: dict[str, Any], job_id: str) -> str | None:

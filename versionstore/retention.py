@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from versionstore.alerts import RETENTION
+from versionstore.console.audit import AuditLog
 from versionstore.errors import BadRequest
 from versionstore.snapshot_records import ScheduleRow, Snapshot
 from versionstore.snapshots import SCHEDULED, Snapshots, check_prefix
@@ -211,9 +212,11 @@ async def apply(snapshots: Snapshots, cloud: str, policy: dict[str, Any], now: f
         if snapshot.pending_deletion and snapshot.expires_at is not None and snapshot.expires_at <= now:
             await snapshots.delete(cloud, snapshot_id, by_retention=True)
             outcome.removed.append(snapshot_id)
+            await _audit(snapshots, "snapshot_delete", cloud, snapshot_id, {"why": "retention policy"})
         elif not snapshot.pending_deletion:
             await snapshots.meta.update_snapshot(cloud, snapshot_id, pending_deletion=True, expires_at=now + grace)
             outcome.marked.append(snapshot_id)
+            await _audit(snapshots, "snapshot_expiring", cloud, snapshot_id, {"expires_at": now + grace})
     for snapshot_id in decision.keep:
         if by_id[snapshot_id].pending_deletion:  # the policy changed: no longer due
             await snapshots.meta.update_snapshot(cloud, snapshot_id, pending_deletion=False, expires_at=None)
@@ -222,7 +225,13 @@ async def apply(snapshots: Snapshots, cloud: str, policy: dict[str, Any], now: f
         if failed.type == SCHEDULED and failed.status == "failed" and newest is not None and failed.created_at < newest:
             await snapshots.delete(cloud, failed.id, by_retention=True)
             outcome.removed.append(failed.id)
+            await _audit(snapshots, "snapshot_delete", cloud, failed.id, {"why": "failed, and a newer scheduled one completed"})
     return outcome
+
+
+async def _audit(snapshots: Snapshots, action: str, cloud: str, target: str, detail: dict[str, Any], outcome: str = "ok") -> None:
+    """What the retention job does is audited like a person's action (actor `job:retention`)."""
+    await AuditLog(snapshots.meta).record("job:retention", action, cloud=cloud, target=target, outcome=outcome, detail=detail)
 
 
 async def simulate(snapshots: Snapshots, cloud: str, policy: dict[str, Any], now: float) -> dict[str, Any]:
@@ -270,6 +279,8 @@ async def tick(snapshots: Snapshots, now: float, grace: float = DEFAULT_GRACE) -
             created_by=schedule_label(row.schedule), now=now,
         )
         taken.append(snapshot)
+        await _audit(snapshots, "snapshot_create", row.cloud, snapshot.id, {"created_by": snapshot.created_by},
+                     outcome="failed" if snapshot.status == "failed" else "ok")
         try:
             await apply(snapshots, row.cloud, row.policy, now, grace)
         except Exception as exc:  # one environment's failure must not stop the others' runs

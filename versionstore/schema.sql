@@ -401,6 +401,45 @@ CREATE TABLE snapshot_schedules (
 -- without it the planner takes a cloud index and sorts every row for each page.
 CREATE INDEX assets_cloud_pk ON assets (cloud, pk);
 
+-- migration 13
+-- Deletion protection (versionstore/protection.py, docs/design.md). Per environment, set only
+-- by the operator's CLI: a purge delay in days (0: off, Cloudinary's semantics) and a second,
+-- append-only key pair that may upload, restore, list and download but never delete.
+CREATE TABLE cloud_protection (
+    cloud            TEXT PRIMARY KEY,
+    purge_delay_days INTEGER NOT NULL DEFAULT 0,
+    append_key       TEXT UNIQUE,
+    append_secret    TEXT
+);
+-- An irreversible deletion held back: the versions' rows moved here (JSON, with the snapshot
+-- items they lost) until an admin undoes it or the purge job makes it final at purge_at.
+-- state moves scheduled -> undone | purged, by an UPDATE conditional on 'scheduled'.
+CREATE TABLE scheduled_purges (
+    id           TEXT PRIMARY KEY,
+    cloud        TEXT NOT NULL,
+    asset_pk     INTEGER NOT NULL,
+    asset_id     TEXT NOT NULL,
+    public_id    TEXT NOT NULL,
+    versions     TEXT NOT NULL,
+    items        TEXT NOT NULL,
+    actor        TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('scheduled', 'undone', 'purged')),
+    scheduled_at REAL NOT NULL,
+    purge_at     REAL NOT NULL,
+    finished_at  REAL
+);
+CREATE INDEX scheduled_purges_due ON scheduled_purges (state, purge_at);
+CREATE INDEX scheduled_purges_cloud ON scheduled_purges (cloud, scheduled_at);
+-- While a purge is scheduled its revisions stay referenced: one row per digest, removed when
+-- the purge is undone or done (MetadataStore.digest_in_use and digest_referenced ask here).
+CREATE TABLE purge_holds (
+    purge_id TEXT NOT NULL,
+    cloud    TEXT NOT NULL,
+    digest   TEXT NOT NULL,
+    PRIMARY KEY (purge_id, digest)
+);
+CREATE INDEX purge_holds_digest ON purge_holds (cloud, digest);
+
 -- migration 15
 -- Restore drills and alerts (docs/snapshots.md). A drill is a `snapshot_drill` job (its
 -- report is the job's progress); its schedule is kept like the snapshot schedule (claimed by a

@@ -21,11 +21,11 @@ from typing import Any
 from versionstore import layout, media, verify
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from versionstore.claims import ORIGINAL, PENDING, REVISION, Claims
-from versionstore.errors import BadRequest, Conflict, NotFound, Unavailable
+from versionstore.errors import AppendOnlyRefused, BadRequest, Conflict, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks
 from versionstore.metadata import AssetChanged, WriteExpired
-from versionstore.models import Asset, Cloud, RestoreFailure, Version
+from versionstore.models import Asset, Cloud, RestoreFailure, ScheduledPurge, Version
 from versionstore.repository import MetadataRepository
 from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable
 from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 #: process name locks make this rare (a tags update meeting an upload); it is what keeps
 #: several processes on one database correct.
 WRITE_ATTEMPTS = 10
+DAY = 86400.0
 
 
 class RevisionCorrupt(Exception):
@@ -64,6 +65,8 @@ class UploadRequest:
     metadata: dict[str, str] | None = None
     #: A point-in-time restore into another environment: where the bytes came from.
     restored_from: str | None = None
+    #: Made with an append-only key: refuse to replace a current version nobody backed up.
+    keep_history: bool = False
 
 
 @dataclass
@@ -84,6 +87,8 @@ class RestoreOutcome:
 class DeleteVersionsOutcome:
     deleted: list[str] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
+    #: Set when the environment's purge delay held the deletion back (protection.py).
+    scheduled_purge: ScheduledPurge | None = None
 
 
 class VersionService:
@@ -138,6 +143,7 @@ class VersionService:
         existing = await self.meta.get_asset(*name)
         if existing is not None and existing.live and not request.overwrite:
             return await self._existing(existing)
+        await self._check_keeps_history(request, existing)  # early: before any byte is written
         backed_up = cloud.auto_backup if request.backup is None else request.backup
         width, height = media.dimensions(spooled.head, fmt)
         filename = _stem(request.filename)
@@ -182,6 +188,7 @@ class VersionService:
                     current = await self.meta.get_asset(*name)
                     if current is not None and current.live and not request.overwrite:
                         raise _Superseded(current)
+                    await self._check_keeps_history(request, current)  # again, on the row as it is now
                     asset, version = new_version(current)
                     try:
                         saved = await self.meta.save_version(asset, version, pending=pending, done_writes=done_writes)
@@ -245,6 +252,18 @@ class VersionService:
         if replaced is not None and replaced.digest != spooled.digest:
             await self._release_primary(cloud.name, replaced.digest)
         return UploadResult(asset, version, overwritten=replaced is not None and replaced.live)
+
+    async def _check_keeps_history(self, request: UploadRequest, current: Asset | None) -> None:
+        """An append-only key may overwrite a live asset only when its current version is a
+        revision (restorable after the overwrite); else the overwrite would lose it."""
+        if not request.keep_history or current is None or not current.live:
+            return
+        found = await self.meta.version_of(current.cloud, current.asset_id, current.version_id)
+        if found is None or not found[1].backed_up:
+            raise AppendOnlyRefused(
+                f"This API key is append-only: it cannot overwrite {current.public_id}, whose current version is not "
+                "backed up (use the environment's main key, or upload under another public_id)"
+            )
 
     async def _existing(self, asset: Asset) -> UploadResult:
         """`overwrite=false` onto a live asset: its current version, unchanged."""
@@ -339,8 +358,12 @@ class VersionService:
             return
         raise Conflict(f"Resource {asset.public_id} kept changing during the deletion; retry")
 
-    async def delete_versions(self, cloud: str, asset_id: str, version_ids: Sequence[str]) -> DeleteVersionsOutcome:
-        """Irreversibly delete backed-up versions; bytes go once nothing references them."""
+    async def delete_versions(
+        self, cloud: str, asset_id: str, version_ids: Sequence[str], *, actor: str = "api"
+    ) -> DeleteVersionsOutcome:
+        """Irreversibly delete backed-up versions; bytes go once nothing references them.
+        Under a purge delay the versions leave the history at once but their rows and bytes
+        wait in a scheduled purge (protection.py) that an admin can undo."""
         asset = await self.meta.get_asset_by_id(cloud, asset_id)
         if asset is None:
             raise NotFound(f"Resource not found - {asset_id}")
@@ -359,6 +382,17 @@ class VersionService:
                     )
                 else:
                     wanted.append(version_id)
+            environment = await self.meta.get_cloud(cloud)
+            if environment is not None and environment.purge_delay_days > 0 and wanted:
+                now = time.time()
+                purge = await self.meta.schedule_purge(
+                    new_hex_id(), asset, wanted, actor, now, now + environment.purge_delay_days * DAY
+                )
+                outcome.scheduled_purge = purge
+                outcome.deleted = [v["version_id"] for v in purge.versions] if purge else []
+                changed = [v for v in wanted if v not in outcome.deleted]
+                outcome.failures += [{"version_id": v, "error": "Version changed meanwhile; retry"} for v in changed]
+                return outcome
             async with self.claims.releasing(cloud, [by_id[v].digest for v in wanted]):
                 # The store refuses the current version of a live asset itself, whatever was read here.
                 outcome.deleted = await self.meta.delete_versions(asset.pk or 0, wanted)

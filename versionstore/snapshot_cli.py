@@ -20,6 +20,33 @@ Command = Callable[..., argparse.ArgumentParser]
 Service = Any  # versionstore.snapshots.Snapshots (imported lazily: keeps `--help` fast)
 
 
+def _audit_name(args: argparse.Namespace) -> str | None:
+    """The audit action of a command that changes something (None for reads and dry runs)."""
+    if args.command == "snapshot":
+        return {"create": "snapshot_create", "delete": "snapshot_delete",
+                "pin": "snapshot_unpin" if getattr(args, "off", False) else "snapshot_pin"}.get(args.snapshot_command)
+    return "pitr_start" if args.command == "restore" and args.run else None
+
+
+async def _audited(meta: Any, args: argparse.Namespace, run: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a command; a changing one is audited (actor `cli`) whatever its outcome."""
+    from versionstore.console.audit import AuditLog
+
+    action = _audit_name(args)
+    if action is None:
+        return await run()
+    target = getattr(args, "id", None)
+    try:
+        result = await run()
+    except ApiError as exc:
+        await AuditLog(meta).record("cli", action, cloud=args.cloud, target=target, outcome="failed", detail={"error": exc.message})
+        raise
+    found = result if isinstance(result, dict) else {}
+    await AuditLog(meta).record("cli", action, cloud=args.cloud, target=target or found.get("id") or found.get("job"),
+                                outcome="failed" if found.get("status") == "failed" else "ok")
+    return result
+
+
 def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         from versionstore import bootstrap
@@ -27,30 +54,19 @@ def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Cal
         from versionstore.cli import store_config
         from versionstore.egress import EgressPolicy
         from versionstore.http.notify import one_shot_alert_sender
-        from versionstore.service import VersionService
         from versionstore.snapshots import Snapshots
-        from versionstore.targets import BackupTargets
 
         config = store_config(args.data_dir, args.metadata, create=False)
 
         async def run() -> None:
-            meta = await bootstrap.open_metadata(config)
-            primary = bootstrap.open_primary(config)
-            targets = BackupTargets(meta, bootstrap.open_backup(config))
-            config.spool_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                if await meta.get_cloud(args.cloud) is None:
+            async with bootstrap.opened_service(config) as service:
+                if await service.meta.get_cloud(args.cloud) is None:
                     raise ApiError(f"no product environment named {args.cloud!r}")
-                service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
                 # A failure raises the alarm as in the server, POST to the alert URL included.
-                alerts = Alerts(meta, one_shot_alert_sender(EgressPolicy(config.fetch_allow), config.poll_interval))
-                result = await action(Snapshots(service, alerts), args)
+                alerts = Alerts(service.meta, one_shot_alert_sender(EgressPolicy(config.fetch_allow), config.poll_interval))
+                result = await _audited(service.meta, args, lambda: action(Snapshots(service, alerts), args))
                 for line in result if isinstance(result, list) else [result]:
                     print(json.dumps(line, indent=None if isinstance(result, list) else 2, default=str))
-            finally:
-                await targets.close()
-                await primary.close()
-                await meta.close()
 
         asyncio.run(run())
         return 0

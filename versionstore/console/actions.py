@@ -3,7 +3,7 @@ action checks the member's role and environment, and is audited whatever its out
 
 from dataclasses import dataclass
 
-from versionstore import verify
+from versionstore import protection, verify
 from versionstore.console.audit import AuditLog
 from versionstore.console.records import StaffMember
 from versionstore.errors import BadRequest, Forbidden, NotFound
@@ -83,10 +83,11 @@ class ConsoleActions:
             await self.audit.record(actor(member), "delete_version", cloud=asset.cloud, target=f"{asset.asset_id} {asset.public_id}",
                                     address=address, outcome="refused", detail={"version_id": version_id, "why": "confirmation mismatch"})
             raise BadRequest("Type the public ID exactly to confirm the irreversible deletion")
-        outcome = await self.service.delete_versions(asset.cloud, asset.asset_id, [version_id])
+        outcome = await self.service.delete_versions(asset.cloud, asset.asset_id, [version_id], actor=actor(member))
         await self.audit.record(
             actor(member), "delete_version", cloud=asset.cloud, target=f"{asset.asset_id} {asset.public_id}", address=address,
             outcome="ok" if outcome.deleted else "failed",
             detail={"version_id": version_id, "via": "console", "failures": outcome.failures},
         )
+        await protection.record_scheduled(self.audit, actor(member), outcome.scheduled_purge, address, "console")
         return outcome

@@ -8,8 +8,9 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from versionstore import ids, metadata_fields, queries, verify
-from versionstore.errors import BadRequest, NotFound
+from versionstore import ids, metadata_fields, protection, queries, verify
+from versionstore.console.audit import AuditLog
+from versionstore.errors import BadRequest, Forbidden, NotFound
 from versionstore.http import render
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic, check_signed
@@ -191,11 +192,13 @@ async def delete_backed_up_versions(request: web.Request, cloud: Cloud, match: d
     """Irreversible. Partial failures are reported in a 200 body (Node rejects 207)."""
     params = await _params(request, cloud)
     version_ids = _ids(params, "version_ids", "Missing required parameter - version_ids", MAX_VERSION_IDS)
-    outcome = await request.app[SERVICE].delete_versions(cloud.name, match["asset_id"], version_ids)
+    actor = f"api_key:{cloud.api_key}"
+    outcome = await request.app[SERVICE].delete_versions(cloud.name, match["asset_id"], version_ids, actor=actor)
     await record_api(
         request, cloud, "delete_version", match["asset_id"], outcome="ok" if outcome.deleted else "failed",
         detail={"deleted": outcome.deleted, "failures": outcome.failures},
     )
+    await protection.record_scheduled(AuditLog(request.app[META]), actor, outcome.scheduled_purge, request.remote, "api")
     body: dict[str, Any] = {"asset_id": match["asset_id"], "deleted_version_ids": outcome.deleted}
     if outcome.failures:
         body["failures"] = outcome.failures
@@ -259,7 +262,7 @@ async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, s
     for required in ("asset_id", "version_id"):
         if not params.get(required):
             raise BadRequest(f"Missing required parameter - {required}")
-    check_signed(params, cloud, purpose="download_backup")  # the same check as every signed endpoint
+    check_signed(params, cloud, purpose="download_backup", request=request)  # the same check as every signed endpoint
     asset_id, version_id = str(params["asset_id"]), str(params["version_id"])
     if not (ids.is_hex_id(asset_id) and ids.is_hex_id(version_id)):
         raise BadRequest("Illegal id")
@@ -286,11 +289,14 @@ def _ascii(name: str) -> str:
 
 
 async def settings(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
-    """GET reads, PUT/POST changes `auto_backup` (docs/api.md)."""
+    """GET reads, PUT/POST changes `auto_backup` (docs/api.md). Deletion protection is shown
+    but only the operator's CLI changes it: a leaked key must not be able to switch it off."""
     params = await _params(request, cloud)
     meta = request.app[META]
+    if request.method != "GET" and {"purge_delay_days", "append_only_key"} & set(params):
+        raise Forbidden("Deletion protection is changed by the operator only: versionstore cloud set NAME --purge-delay-days N")
     if request.method != "GET" and "auto_backup" in params:
         await meta.set_auto_backup(cloud.name, bool(as_bool(params["auto_backup"])))
         await record_api(request, cloud, "settings", cloud.name, detail={"auto_backup": bool(as_bool(params["auto_backup"]))})
         cloud = await meta.get_cloud(cloud.name) or cloud
-    return web.json_response({"cloud_name": cloud.name, "auto_backup": cloud.auto_backup})
+    return web.json_response({"cloud_name": cloud.name, "auto_backup": cloud.auto_backup, **await protection.status(meta, cloud)})

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import bootstrap, drills, initial_backup, logs, migration, pitr, retention, verify
+from versionstore import bootstrap, drills, initial_backup, logs, migration, pitr, protection, retention, verify
 from versionstore.alerts import Alerts
 from versionstore.chunks import ChunkAssembler
 from versionstore.claims import Claims
@@ -221,6 +221,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(chunks.run_sweeper(), name="chunk session sweeper"),
             asyncio.create_task(retention.run_schedules(Snapshots(service, alerts), config.poll_interval), name="snapshot schedules"),
             asyncio.create_task(drills.run_schedules(service, config.poll_interval, runner.wake.set), name="drill schedules"),
+            asyncio.create_task(protection.run_purges(service, config.poll_interval), name="scheduled purges"),
         ]
         if config.verify_interval > 0:
             scheduled = verify.schedule(meta, runner.wake.set, config.verify_interval, rate_mb_s=config.verify_rate or None)

@@ -6,6 +6,7 @@ from typing import Any
 from aiohttp import web
 
 from versionstore.console.audit import AuditLog, as_json
+from versionstore.http import append_only
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import query_params
 from versionstore.http.keys import META
@@ -16,10 +17,13 @@ _FILTERS = ("actor", "action", "outcome")
 
 
 async def record_api(
-    request: web.Request, cloud: Cloud, action: str, target: str | None, *, outcome: str = "ok", detail: dict[str, Any] | None = None
+    request: web.Request, cloud: Cloud, action: str, target: str | None, *, outcome: str = "ok", detail: dict[str, Any] | None = None,
+    key: str | None = None,
 ) -> None:
+    """`key`: the API key that made the request when it was not the main one (append-only)."""
+    who = key or (cloud.append_key if append_only.used(request) else None) or cloud.api_key
     await AuditLog(request.app[META]).record(
-        f"api_key:{cloud.api_key}", action, cloud=cloud.name, target=target, outcome=outcome, address=request.remote,
+        f"api_key:{who}", action, cloud=cloud.name, target=target, outcome=outcome, address=request.remote,
         detail={"via": "api", **(detail or {})},
     )
 

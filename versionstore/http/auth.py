@@ -1,7 +1,8 @@
 """Who is calling: Basic auth (Admin API, also accepted on uploads) and signed parameters.
 
 A product environment's credentials only open that environment; a key of another one is
-refused like a wrong key (401), without saying which environment it belongs to.
+refused like a wrong key (401), without saying which environment it belongs to. Its
+append-only key pair (protection.py) is accepted too, under the route's policy (append_only.py).
 """
 
 import base64
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from versionstore import signing
 from versionstore.errors import BadRequest, Unauthorized
+from versionstore.http import append_only as append_only_key
 from versionstore.http.budget import Lease
 from versionstore.http.keys import UNAUTH_BUDGET
 from versionstore.models import Cloud
@@ -49,30 +51,46 @@ def check_basic(request: web.Request, cloud: Cloud) -> None:
     if credentials is None:
         raise Unauthorized("Must supply api_key")
     key, secret = credentials
-    if not hmac.compare_digest(key, cloud.api_key):
-        raise Unauthorized(f"Invalid api_key {key}")
-    if not hmac.compare_digest(secret, cloud.api_secret):
+    expected, append_only = _secret_for(cloud, key)
+    if not hmac.compare_digest(secret, expected):
         raise Unauthorized("api_secret mismatch")
+    if append_only:
+        append_only_key.proved(request)
     request[_BASIC_OK] = cloud.name
 
 
-def check_signed(params: Params, cloud: Cloud, *, purpose: str, optional_skip: bool = False) -> None:
+def _secret_for(cloud: Cloud, key: str) -> tuple[str, bool]:
+    """The secret of the key pair `key` names (main or append-only), and whether it is the
+    append-only one; Unauthorized for any other key."""
+    if hmac.compare_digest(key, cloud.api_key):
+        return cloud.api_secret, False
+    if cloud.append_key is not None and cloud.append_secret is not None and hmac.compare_digest(key, cloud.append_key):
+        return cloud.append_secret, True
+    raise Unauthorized(f"Invalid api_key {key}")
+
+
+def check_signed(
+    params: Params, cloud: Cloud, *, purpose: str, optional_skip: bool = False, request: web.Request | None = None
+) -> None:
     """Signed parameters: api_key, a fresh timestamp and a signature over the rest, carrying
     nothing that belongs to another purpose (purposes.py). The one check for every signed
-    endpoint, download_backup included."""
+    endpoint, download_backup included. Signed with the append-only key, the request's route
+    policy applies (append_only.py); without `request` (an early check before the body is
+    read) the final check_upload_auth applies it."""
     api_key = params.get("api_key")
     if not api_key:
         raise Unauthorized("Must supply api_key")
-    if not hmac.compare_digest(str(api_key), cloud.api_key):
-        raise Unauthorized(f"Invalid api_key {api_key}")
+    secret, append_only = _secret_for(cloud, str(api_key))
     check_fresh(params.get("timestamp"))
     signature = str(params.get("signature") or "")
     if not signature:
         raise BadRequest("Missing required parameter - signature")
     check_purpose(purpose, params)
-    ok, to_sign = signing.verify(params, cloud.api_secret, signature, optional_skip=optional_skip)
+    ok, to_sign = signing.verify(params, secret, signature, optional_skip=optional_skip)
     if not ok:
         raise Unauthorized(f"Invalid Signature {signature}. String to sign - '{to_sign}'.")
+    if append_only and request is not None:
+        append_only_key.proved(request)
 
 
 def check_fresh(timestamp: object) -> None:
@@ -96,7 +114,7 @@ def check_upload_auth(
     if basic_credentials(request) is not None:
         check_basic(request, cloud)
     else:
-        check_signed(params, cloud, purpose=purpose, optional_skip=optional_skip)
+        check_signed(params, cloud, purpose=purpose, optional_skip=optional_skip, request=request)
 
 
 def pre_auth_lease(request: web.Request, cloud: Cloud) -> Lease:

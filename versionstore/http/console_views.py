@@ -19,7 +19,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from versionstore import drills, ids, initial_backup, migration, signing, verify
+from versionstore import drills, ids, initial_backup, migration, protection, signing, verify
 from versionstore.console import bulk_restore
 from versionstore.console import find as finding
 from versionstore.console.actions import ConsoleActions, actor, require
@@ -386,6 +386,23 @@ async def operations_page(request: web.Request) -> web.Response:
     return _page("operations.html", request, {"status": status, "jobs": jobs, "started": request.query.get("job"), "failing": failing})
 
 
+async def purges_page(request: web.Request) -> web.Response:
+    """Deletions the purge delay holds back (protection.py), each with an undo; admins only."""
+    cloud = await _cloud(request, "admin")
+    found = await request.config_dict[META].list_purges(cloud.name, "scheduled", 500)
+    return _page("purges.html", request, {
+        "purges": [protection.as_json(p) for p in found], "delay_days": cloud.purge_delay_days, "message": request.query.get("done"),
+    })
+
+
+async def undo_purge(request: web.Request) -> web.StreamResponse:
+    cloud = await _cloud(request, "admin")
+    purge_id = request.match_info["purge_id"]
+    undone = await protection.undo(request.config_dict[META], purge_id, cloud.name, actor(_member(request)), _address(request))
+    done = f"Deletion of {undone.public_id} undone: {len(undone.versions)} version(s) are back."
+    raise web.HTTPSeeOther(f"{PREFIX}/{cloud.name}/purges?" + urlencode({"done": done}))
+
+
 # --- setup -------------------------------------------------------------------------------------
 
 
@@ -426,6 +443,8 @@ def setup(app: web.Application) -> None:
     add("GET", cloud + "/operations", operations_page)
     add("POST", cloud + "/bulk-restore", bulk_restore_start)
     add("GET", cloud + "/audit", cloud_audit_redirect)
+    add("GET", cloud + "/purges", purges_page)
+    add("POST", cloud + "/purges/{purge_id:[0-9a-f]{32}}/undo", undo_purge)
     add("GET", asset, asset_page)
     add("GET", asset + "/compare", compare_page)
     add("POST", asset + "/restore", restore)

@@ -10,14 +10,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from versionstore.errors import NotFound, Unauthorized
+from versionstore.errors import AppendOnlyRefused, NotFound, Unauthorized
 from versionstore.http import admin_views as admin
+from versionstore.http import append_only, drill_views, purge_views, snapshot_views
 from versionstore.http import audit_views as audit
 from versionstore.http import backup_views as backup
-from versionstore.http import drill_views, snapshot_views
 from versionstore.http import library_views as library
 from versionstore.http import operations_views as operations
 from versionstore.http import upload_views as upload
+from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
 from versionstore.http.keys import META, RATE_LIMIT, ROUTE, error_response
 from versionstore.http.ratelimit import RateLimitExceeded, is_admin_call
@@ -75,6 +76,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET|PUT|POST|DELETE", r"versionstore/backup", backup.backup),
     ("GET", r"versionstore/jobs/(?P<job_id>[0-9a-f]{32})", backup.job),
     ("GET", r"versionstore/audit", audit.audit),
+    ("GET", r"versionstore/purges", purge_views.purges),
     *snapshot_views.ROUTES,  # snapshots, their schedule and retention, point-in-time restore
     *drill_views.ROUTES,  # restore drills, their schedule, failure alerts
 ]
@@ -127,14 +129,20 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             continue
         allowed_here = True
         request[ROUTE] = route
+        request[append_only.POLICY] = append_only.policy(request.method, route)
         if request.method in methods:
             cloud = await request.app[META].get_cloud(match["cloud"])
             if cloud is None:
                 raise Unauthorized(f"Invalid cloud_name {match['cloud']}")
             groups = {k: v for k, v in found.groupdict().items() if v is not None}
-            if not is_admin_call(rest):
-                return await handler(request, cloud, groups)
-            return await _rate_limited(request, cloud, handler, groups)
+            try:
+                if not is_admin_call(rest):
+                    return await handler(request, cloud, groups)
+                return await _rate_limited(request, cloud, handler, groups)
+            except AppendOnlyRefused as refused:
+                await record_api(request, cloud, "append_only_refused", route, outcome="refused",
+                                 detail={"method": request.method, "error": refused.message}, key=cloud.append_key)
+                raise
     raise NotFound("Method not supported for this path" if allowed_here else f"Not found - {rest}")
 
 

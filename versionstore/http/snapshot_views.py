@@ -14,13 +14,15 @@ import base64
 import binascii
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from versionstore import pitr, retention
-from versionstore.errors import BadRequest, Conflict, NotFound, Unauthorized
-from versionstore.http import render
+from versionstore.errors import ApiError, BadRequest, Conflict, NotFound, Unauthorized
+from versionstore.http import append_only, render
+from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
 from versionstore.http.keys import ALERTS, JOBS, META, SERVICE
@@ -34,6 +36,22 @@ SNAP = r"(?P<snapshot_id>[0-9a-f]{32})"
 
 def _snapshots(request: web.Request) -> Snapshots:
     return Snapshots(request.app[SERVICE], request.app[ALERTS])
+
+
+async def _audited(
+    request: web.Request, cloud: Cloud, action: str, target: str | None, run: Callable[[], Awaitable[Any]],
+    detail: dict[str, Any] | None = None,
+) -> Any:
+    """Run a changing action and audit it (actor: the API key), refused or failed too."""
+    try:
+        result = await run()
+    except ApiError as exc:
+        await record_api(request, cloud, action, target, outcome="failed", detail={**(detail or {}), "error": exc.message})
+        raise
+    target = target or getattr(result, "id", None)
+    await record_api(request, cloud, action, target, outcome="failed" if getattr(result, "status", None) == "failed" else "ok",
+                     detail=detail)
+    return result
 
 
 async def _body(snapshots: Snapshots, snapshot: Snapshot, unique_bytes: bool = True) -> dict[str, Any]:
@@ -63,7 +81,8 @@ async def snapshots(request: web.Request, cloud: Cloud, match: dict[str, str]) -
     params = await admin_params(request)
     service = _snapshots(request)
     if request.method == "POST":
-        created = await service.create(cloud.name, note=params.get("note"), prefix=params.get("prefix") or "")
+        created = await _audited(request, cloud, "snapshot_create", None,
+                                 lambda: service.create(cloud.name, note=params.get("note"), prefix=params.get("prefix") or ""))
         return web.json_response(await _body(service, created))
     limit = as_int(params.get("max_results"), "max_results", 50, 1, 500)
     found = await request.app[META].list_snapshots(cloud.name, limit + 1, _decode(params.get("next_cursor")))
@@ -78,7 +97,8 @@ async def snapshot(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     check_basic(request, cloud)
     service = _snapshots(request)
     if request.method == "DELETE":
-        deleted = await service.delete(cloud.name, match["snapshot_id"])
+        deleted = await _audited(request, cloud, "snapshot_delete", match["snapshot_id"],
+                                 lambda: service.delete(cloud.name, match["snapshot_id"]))
         return web.json_response({"deleted": deleted.id})
     return web.json_response(await _body(service, await service.get(cloud.name, match["snapshot_id"])))
 
@@ -99,7 +119,9 @@ async def items(request: web.Request, cloud: Cloud, match: dict[str, str]) -> we
 async def pin(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     check_basic(request, cloud)
     service = _snapshots(request)
-    pinned = await service.pin(cloud.name, match["snapshot_id"], request.method == "POST")
+    action = "snapshot_pin" if request.method == "POST" else "snapshot_unpin"
+    pinned = await _audited(request, cloud, action, match["snapshot_id"],
+                            lambda: service.pin(cloud.name, match["snapshot_id"], request.method == "POST"))
     return web.json_response(await _body(service, pinned))
 
 
@@ -121,12 +143,15 @@ async def schedule(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     check_basic(request, cloud)
     meta = request.app[META]
     if request.method == "DELETE":
-        await meta.delete_schedule(cloud.name)
+        await _audited(request, cloud, "schedule_delete", cloud.name, lambda: meta.delete_schedule(cloud.name))
         return web.json_response(_schedule_body(None))
     if request.method in ("PUT", "POST"):
         params = await admin_params(request)
         raw: dict[str, Any] = {name: params[name] for name in ("every", "at", "weekday", "prefix") if name in params}
-        await retention.set_schedule(_snapshots(request), cloud.name, raw, _policy_params(params), time.time())
+        policy = _policy_params(params)
+        await _audited(request, cloud, "schedule_set", cloud.name,
+                       lambda: retention.set_schedule(_snapshots(request), cloud.name, raw, policy, time.time()),
+                       detail={"schedule": raw, "policy": policy})
     return web.json_response(_schedule_body(await meta.get_schedule(cloud.name)))
 
 
@@ -181,10 +206,14 @@ async def restore(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
     notification_url = str(params.get("notification_url") or "") or None
     if notification_url and not notification_url.startswith(("http://", "https://")):
         raise BadRequest("notification_url must be an http(s) URL")
-    job_params = pitr.job_params(selection, str(params.get("missing") or "leave"), bool(as_bool(params.get("overwrite_unbacked"), False)))
+    missing, overwrite_unbacked = str(params.get("missing") or "leave"), bool(as_bool(params.get("overwrite_unbacked"), False))
+    append_only.check(request, missing == "delete" or overwrite_unbacked, "restore with missing=delete or overwrite_unbacked")
+    job_params = pitr.job_params(selection, missing, overwrite_unbacked)
     job = await pitr.start(request.app[META], selection, job_params, notification_url)
     if job is None:
+        await record_api(request, cloud, "pitr_start", None, outcome="failed", detail={**job_params, "error": "already running"})
         raise Conflict("A point-in-time restore of this environment is already running")
+    await record_api(request, cloud, "pitr_start", job.id, detail=job_params)
     request.app[JOBS].wake.set()
     return web.json_response(render.job(job))
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from versionstore import ids, metadata_fields
 from versionstore.chunks import parse_content_range
 from versionstore.errors import BadRequest, NotFound
-from versionstore.http import render
+from versionstore.http import append_only, render
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_signed, check_upload_auth, pre_auth_lease
 from versionstore.http.budget import Lease
@@ -186,6 +186,7 @@ async def _upload_request(
         public_id=public_id,
         overwrite=bool(as_bool(params.get("overwrite"), True)),
         backup=as_bool(params.get("backup")),
+        keep_history=append_only.used(request),
         filename=filename,
         tags=as_bounded_list(params["tags"], "tags", MAX_TAGS) if "tags" in params else None,
         context=parse_pipe_map(params["context"]) if "context" in params else None,
@@ -246,10 +247,12 @@ async def rename(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     to_id = ids.check_public_id(str(params.get("to_public_id") or ""), "to_public_id")
     type_ = str(params.get("type") or "upload")
     to_type = ids.check_delivery_type(str(params.get("to_type") or type_))
+    overwrite = bool(as_bool(params.get("overwrite"), False))
+    append_only.check(request, overwrite, "rename with overwrite (it takes the name from another asset)")
     asset = await _live_asset(request, cloud, match["rt"], type_, from_id)
     if asset is None:
         raise NotFound(f"Resource not found - {from_id}")
-    renamed = await request.app[SERVICE].rename(asset, to_type, to_id, bool(as_bool(params.get("overwrite"), False)))
+    renamed = await request.app[SERVICE].rename(asset, to_type, to_id, overwrite)
     return web.json_response(render.resource(renamed))
 
 
