@@ -14,11 +14,13 @@ from versionstore.models import (
     Asset,
     BackupHealth,
     Cloud,
+    Downloadable,
     Job,
     PendingRevision,
     UploadPart,
     UploadSession,
     Version,
+    VersionsKey,
 )
 from versionstore.queries import AssetQuery
 from versionstore.snapshot_records import PointInTimeRow, ScheduleRow, Snapshot, SnapshotItem
@@ -166,3 +168,6 @@ class MetadataRepository(Protocol):
     async def claim_schedule_run(self, cloud: str, due: float, next_run_at: float, now: float) -> bool: ...
     async def point_in_time(self, cloud: str, prefix: str, at: float, after_pk: int, limit: int) -> list[PointInTimeRow]: ...
     async def snapshot_selection(self, cloud: str, snapshot_id: str, prefix: str, after_pk: int, limit: int) -> list[PointInTimeRow]: ...
+    async def downloadable(self, cloud: str, asset_id: str, version_id: str) -> Downloadable | None: ...
+    async def get_asset_keyed(self, cloud: str, resource_type: str, type_: str, public_id: str) -> tuple[Asset, VersionsKey] | None: ...
+    async def get_asset_by_id_keyed(self, cloud: str, asset_id: str) -> tuple[Asset, VersionsKey] | None: ...
