@@ -181,19 +181,17 @@ _HAS_REVISION = "EXISTS (SELECT 1 FROM versions WHERE asset_pk = ? AND backed_up
 
 _ASSET_SELECT = f"SELECT {', '.join(_ASSET_COLUMNS)} FROM assets"
 _VERSION_SELECT = f"SELECT {', '.join(_VERSION_COLUMNS)} FROM versions"
-_VERSION_OF = (
-    f"SELECT COALESCE(a.detached_from, a.public_id), {', '.join('v.' + c for c in _VERSION_COLUMNS)} "
-    "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?"
-)
+_VERSION_OF_COLUMNS = f"COALESCE(a.detached_from, a.public_id), {', '.join('v.' + c for c in _VERSION_COLUMNS)}"
+_VERSION_OF_WHERE = "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?"
+_VERSION_OF = f"SELECT {_VERSION_OF_COLUMNS} {_VERSION_OF_WHERE}"
 #: version_of, with the checks download_backup makes on the same revision (pending_digests,
 #: bad_revisions) and the environment's target generation as extra columns.
 _DOWNLOADABLE = (
-    f"SELECT COALESCE(a.detached_from, a.public_id), {', '.join('v.' + c for c in _VERSION_COLUMNS)}, "
+    f"SELECT {_VERSION_OF_COLUMNS}, "
     "EXISTS (SELECT 1 FROM backup_pending p WHERE p.cloud = a.cloud AND p.digest = v.digest), "
     "(SELECT b.outcome FROM blob_checks b WHERE b.cloud = a.cloud AND b.digest = v.digest AND b.store = 'backup' "
     "AND b.outcome IN ('missing', 'corrupt')), "
-    "COALESCE((SELECT g.value FROM generations g WHERE g.name = ?), 0) "
-    "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?"
+    f"COALESCE((SELECT g.value FROM generations g WHERE g.name = ?), 0) {_VERSION_OF_WHERE}"
 )
 #: An asset row `a`'s VersionsKey as columns (their placeholder, first: the generation's name).
 _VERSIONS_KEY_COLUMNS = (
