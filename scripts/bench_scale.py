@@ -419,10 +419,11 @@ async def generate(conn: asyncpg.Connection, n: int) -> dict[str, float]:
         await conn.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
     for name, _ in indexes:
         await conn.execute(f"DROP INDEX {name}")
-    for number, statement in enumerate(GENERATE):
+    for statement in GENERATE:
         started = time.perf_counter()
         await conn.execute(statement.replace("{n}", str(n)))
-        steps[f"insert {number}"] = time.perf_counter() - started
+        table = statement.split("INSERT INTO ", 1)[-1].split()[0] if "INSERT INTO" in statement else "setval"
+        steps[table] = time.perf_counter() - started
     started = time.perf_counter()
     for table, name, definition in constraints:
         await conn.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
