@@ -285,3 +285,13 @@ async def test_the_read_path_statements_answer_what_their_parts_do(repo: Metadat
     assert await repo.get_asset_by_id_keyed(CLOUD, saved.asset_id) == (current, key)
     assert await repo.get_asset_keyed(CLOUD, "image", "upload", "none") is None
     assert await repo.get_asset_by_id_keyed("other-cloud", saved.asset_id) is None
+
+
+def test_no_sql_calls_json_each() -> None:
+    """PostgreSQL has no `json_each` since its compatibility function was removed (issue 11):
+    SQL calling it would run on SQLite and fail on PostgreSQL."""
+    package = Path(MetadataStore.__module__.replace(".", "/")).parent
+    root = Path(__file__).resolve().parent.parent / package
+    sources = [*root.rglob("*.py"), root / "schema.sql"]
+    assert len(sources) > 20
+    assert [str(p) for p in sources if "json_each(" in p.read_text()] == []
