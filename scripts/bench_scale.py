@@ -1,30 +1,51 @@
 #!/usr/bin/env python3
-"""Scale-out benchmark: the read path on PostgreSQL vs SQLite, and the hot queries at scale.
+"""Scale-out benchmark: the read path on PostgreSQL vs SQLite, the hot queries at scale, and
+what a second server process adds.
 
-Part 1 (one run, interleaved): two `versionstore serve` processes, one on SQLite, one on a
+Part 1, read path (interleaved rounds in one run): `versionstore serve` on SQLite and on a
 throwaway PostgreSQL cluster, each with the same asset of 10 versions; a concurrent client
-calls `resources/...?versions=true` and `download_backup` on each in turn. Reported: req/s,
-p50, and the PostgreSQL/SQLite ratio (the issue's target is >= 0.8).
+(wrk when installed, else aiohttp) calls `resources/...?versions=true` and `download_backup`
+on each in turn. Reported: req/s, p50, the CPU per request of the server's processes (and of
+the PostgreSQL cluster, for PostgreSQL), and the PostgreSQL/SQLite ratios of both (target
+>= 0.8); under outside load the CPU ratio is the steadier one.
+`--baseline DIR` serves the same backends a second time from another checkout of the code
+(e.g. `git worktree add /tmp/base <commit>`), in the same rounds: before/after in one run.
 
-Part 2: N assets (`--assets`, default 10M; --quick 200k) generated in PostgreSQL with
-generate_series (one version each, 1% deleted), then EXPLAIN ANALYZE and the p50 of the hot
-queries: an asset's versions (`versions=true`), the asset by name, and the first page of
-`search status=deleted`; with table and index bytes per asset, projected to 100M.
+Part 2, at scale: N assets (`--assets`, default 10M; --quick 200k) generated in PostgreSQL
+with generate_series, in the shape the service writes (bench_library_size.py's library: 1-3
+versions each, 5% deleted, 0-2 tags of 1,000 plus `xyz` on 0.5%, a context entry on half,
+folders of 100; the side tables and every index of schema.sql). Then the hot reads, called
+through MetadataStore as the service calls them: p50 of each, and EXPLAIN ANALYZE of the exact
+statements they sent; the table and index bytes per asset, projected to 100M assets.
 
-The client shares the machine with the servers: ratios are indicative; on a shared machine,
-say so. Needs initdb/pg_ctl (PATH or /usr/lib/postgresql/*/bin).
+Part 3, workers (`--workers-compare`): `serve --workers 2` vs 1 on SQLite (`--workers-pg`:
+on PostgreSQL too): the read path, and 8 concurrent 64 MiB uploads (`--uploads`,
+`--upload-mib`), interleaved.
+
+The client shares the machine's cores with the servers (and PostgreSQL): ratios are
+indicative; the machine's load is printed and ratios are refused under heavy outside load
+unless --allow-load. Needs initdb/pg_ctl (PATH or /usr/lib/postgresql/*/bin).
+
+    .venv/bin/python scripts/bench_scale.py --quick --allow-load              # a smoke run
+    .venv/bin/python scripts/bench_scale.py --skip-scale --baseline /tmp/base # part 1, before/after
+    .venv/bin/python scripts/bench_scale.py --skip-read-path --assets 10000000
+    .venv/bin/python scripts/bench_scale.py --skip-read-path --skip-scale --workers-compare
 """
+
+from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,34 +55,56 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
-from benchlib import download_backup_url  # noqa: E402
+import psutil  # noqa: E402
+from benchlib import (  # noqa: E402
+    MiB,
+    add_load_option,
+    check_load,
+    curl_json,
+    download_backup_url,
+    watch_load,
+    write_random_file,
+)
 
 from tests.servers import PostgresServer, free_port, wait_http_ready  # noqa: E402
 
 CLOUD, KEY, SECRET = "bench", "111222333444555", "benchsecret"
 BASIC = "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()
+WRK_LUA = """
+done = function(summary, latency, requests)
+  io.write(string.format("WRKJSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"p50_us\\": %d, \\"non2xx\\": %d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), summary.errors.status))
+end
+"""
 
 
 def log(message: str) -> None:
     print(message, flush=True)
 
 
+# --- servers ----------------------------------------------------------------------------------
+
+
 class Serve:
-    def __init__(self, tmp: Path, name: str, metadata_url: str | None) -> None:
-        self.data = tmp / name
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "VERSIONSTORE_VERIFY_INTERVAL": "0"}
+    """`versionstore serve` from the code at `root`, on its own data directory and database."""
+
+    def __init__(self, tmp: Path, name: str, metadata_url: str | None, *, root: Path = ROOT, workers: int = 1) -> None:
+        self.name = name
+        self.data = tmp / name.replace(" ", "_")
+        self.env = {**os.environ, "PYTHONPATH": str(root), "VERSIONSTORE_VERIFY_INTERVAL": "0"}
         if metadata_url:
             self.env["VERSIONSTORE_METADATA_URL"] = metadata_url
-        self.name = name
+        self.workers = workers
         self.port = free_port()
-        self.log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115
+        self.log = open(tmp / f"{name.replace(' ', '_')}.log", "wb")  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         cli = [sys.executable, "-m", "versionstore"]
         subprocess.run([*cli, "cloud", "create", CLOUD, "--api-key", KEY, "--api-secret", SECRET, "--data-dir", str(self.data)],
                        env=self.env, check=True, capture_output=True)
-        self.proc = subprocess.Popen([*cli, "serve", "--data-dir", str(self.data), "--port", str(self.port)],
+        self.proc = subprocess.Popen([*cli, "serve", "--data-dir", str(self.data), "--port", str(self.port),
+                                      "--workers", str(self.workers)],
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         if not wait_http_ready(self.proc, f"{self.base}/healthz"):
             raise RuntimeError(f"{self.name} did not start; see {self.log.name}")
@@ -70,11 +113,53 @@ class Serve:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def api(self) -> str:
+        return f"{self.base}/v1_1/{CLOUD}"
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=90)
         self.log.close()
+
+    def cpu(self, pg: PostgresServer | None) -> tuple[float, float]:
+        """CPU seconds so far of this server's processes, and of the PostgreSQL cluster when it
+        uses one (only one server is driven at a time: the cluster's time is this server's)."""
+        assert self.proc is not None
+        database = 0.0
+        if pg is not None and "VERSIONSTORE_METADATA_URL" in self.env:
+            database = tree_cpu(int((pg.data / "postmaster.pid").read_text().split()[0]))
+        return tree_cpu(self.proc.pid), database
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def start_all(servers: Sequence[Serve]) -> None:
+    for serve in servers:
+        serve.start()
+
+
+def stop_all(servers: Sequence[Serve]) -> None:
+    for serve in servers:
+        try:
+            serve.stop()
+        except Exception as exc:  # keep stopping the others
+            log(f"warning: stopping {serve.name}: {exc}")
+
+
+# --- load generation ---------------------------------------------------------------------------
 
 
 async def make_versions(serve: Serve, count: int) -> dict[str, str]:
@@ -85,13 +170,13 @@ async def make_versions(serve: Serve, count: int) -> dict[str, str]:
             form.add_field("public_id", "bench/v10")
             form.add_field("backup", "true")
             form.add_field("file", f"version {n} {os.urandom(8).hex()}".encode(), filename="v.txt")
-            async with session.post(f"{serve.base}/v1_1/{CLOUD}/raw/upload", data=form) as resp:
+            async with session.post(f"{serve.api}/raw/upload", data=form) as resp:
                 body = await resp.json()
                 assert resp.status == 200, body
         return {"asset_id": body["asset_id"], "version_id": body["version_id"]}
 
 
-async def hammer(url: str, seconds: float, concurrency: int, headers: dict[str, str]) -> dict[str, float]:
+async def hammer_aiohttp(url: str, seconds: float, concurrency: int, headers: dict[str, str]) -> dict[str, float]:
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
@@ -108,137 +193,457 @@ async def hammer(url: str, seconds: float, concurrency: int, headers: dict[str, 
         begun = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - begun
-    return {"rps": len(latencies) / elapsed, "p50_ms": statistics.median(latencies) * 1000}
+    return {"rps": len(latencies) / elapsed, "p50_ms": statistics.median(latencies) * 1000, "requests": len(latencies)}
 
 
-def download_url(serve: Serve, ids: dict[str, str]) -> str:
-    return download_backup_url(f"{serve.base}/v1_1/{CLOUD}", ids["asset_id"], ids["version_id"], KEY, SECRET)
+async def hammer_wrk(url: str, seconds: float, concurrency: int, headers: dict[str, str], lua: Path) -> dict[str, float]:
+    argv = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(lua)]
+    for key, value in headers.items():
+        argv += ["-H", f"{key}: {value}"]
+    proc = await asyncio.create_subprocess_exec(*argv, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    line = next((ln for ln in out.decode().splitlines() if ln.startswith("WRKJSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (rc={proc.returncode}): {out.decode()}\n{err.decode()}")
+    data = json.loads(line[len("WRKJSON "):])
+    if data["non2xx"]:
+        raise RuntimeError(f"wrk saw {data['non2xx']} non-2xx answers from {url}")
+    return {"rps": data["requests"] / (data["duration_us"] / 1e6), "p50_ms": data["p50_us"] / 1000, "requests": data["requests"]}
 
 
-async def read_path(tmp: Path, pg: PostgresServer, args: argparse.Namespace) -> dict[str, Any]:
-    servers = [Serve(tmp, "sqlite", None), Serve(tmp, "postgresql", pg.url(pg.new_database(migrated=False)))]
+Hammer = Callable[[str, float, int, dict[str, str]], Awaitable[dict[str, float]]]
+
+
+def hammer_for(args: argparse.Namespace, tmp: Path) -> Hammer:
+    if args.client == "aiohttp" or (args.client == "auto" and shutil.which("wrk") is None):
+        log("client: aiohttp (in this process)")
+        return hammer_aiohttp
+    lua = tmp / "report.lua"
+    lua.write_text(WRK_LUA)
+    log("client: wrk, one thread")
+    return lambda url, seconds, concurrency, headers: hammer_wrk(url, seconds, concurrency, headers, lua)
+
+
+async def read_rounds(
+    servers: Sequence[Serve], args: argparse.Namespace, hammer: Hammer, pg: PostgresServer
+) -> dict[str, dict[str, float]]:
+    """Interleaved rounds of both read cases on every server; {case: {server: median req/s}},
+    and {case + " CPU": {server: median CPU µs per request}} (the server's processes and, on
+    PostgreSQL, the cluster's): throughput under outside load says little, CPU per request
+    says what a CPU-bound machine would do."""
+    ids = {s.name: await make_versions(s, 10) for s in servers}
+    cases: dict[str, Callable[[Serve], tuple[str, dict[str, str]]]] = {
+        "versions=true": lambda s: (f"{s.api}/resources/raw/upload/bench/v10?versions=true", {"Authorization": BASIC}),
+        "download_backup": lambda s: (
+            download_backup_url(s.api, ids[s.name]["asset_id"], ids[s.name]["version_id"], KEY, SECRET), {}),
+    }
+    for s in servers:  # warm up: connections, prepared statements, caches
+        for case in cases.values():
+            await hammer(*case(s)[:1], 1, args.concurrency, case(s)[1])
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
-    try:
-        for serve in servers:
-            serve.start()
-        ids = {s.name: await make_versions(s, 10) for s in servers}
-        cases = {
-            "versions=true": lambda s: (f"{s.base}/v1_1/{CLOUD}/resources/raw/upload/bench/v10?versions=true", {"Authorization": BASIC}),
-            "download_backup": lambda s: (download_url(s, ids[s.name]), {}),
-        }
-        for s in servers:  # warm up
-            for case in cases.values():
-                await hammer(*case(s)[:1], 1, args.concurrency, case(s)[1])
-        for run in range(args.runs):
-            for case_name, case in cases.items():
-                for s in servers:
-                    url, headers = case(s)
-                    figures = await hammer(url, args.seconds, args.concurrency, headers)
-                    results.setdefault(case_name, {}).setdefault(s.name, []).append(figures)
-                    log(f"  run {run + 1} {case_name:>16} {s.name:>10}: {figures['rps']:7.0f} req/s  p50 {figures['p50_ms']:6.2f} ms")
-    finally:
-        for s in servers:
-            s.stop()
+    for run in range(args.runs):
+        for case_name, case in cases.items():
+            for s in servers:
+                url, headers = case(s)
+                server, database = s.cpu(pg)
+                figures = await hammer(url, args.seconds, args.concurrency, headers)
+                server_after, database_after = s.cpu(pg)
+                requests = max(1, figures["requests"])
+                figures["db_cpu_us"] = (database_after - database) / requests * 1e6
+                figures["cpu_us"] = (server_after - server) / requests * 1e6 + figures["db_cpu_us"]
+                results.setdefault(case_name, {}).setdefault(s.name, []).append(figures)
+                log(f"  run {run + 1} {case_name:>16} {s.name:>22}: {figures['rps']:7.0f} req/s  p50 {figures['p50_ms']:6.2f} ms  "
+                    f"CPU {figures['cpu_us']:5.0f} µs/request (database {figures['db_cpu_us']:4.0f})")
     summary = {}
-    for case_name, by_backend in results.items():
-        rps = {b: statistics.median(r["rps"] for r in runs) for b, runs in by_backend.items()}
-        summary[case_name] = {**rps, "ratio": rps["postgresql"] / rps["sqlite"]}
-        log(f"{case_name}: PostgreSQL/SQLite = {summary[case_name]['ratio']:.2f} "
-            f"({rps['postgresql']:.0f} vs {rps['sqlite']:.0f} req/s)")
+    for case, by in results.items():
+        summary[case] = {name: statistics.median(r["rps"] for r in runs) for name, runs in by.items()}
+        summary[f"{case} CPU"] = {name: statistics.median(r["cpu_us"] for r in runs) for name, runs in by.items()}
     return summary
 
 
-GENERATE = """
-INSERT INTO clouds (name, api_key, api_secret, created_at) VALUES ('scale', 'scalekey', 's', 0);
-INSERT INTO assets (pk, cloud, asset_id, resource_type, type, public_id, status, digest, format, bytes, version,
-                    version_id, created_at, uploaded_at, deleted_at)
-SELECT g, 'scale', 'a' || g, 'image', 'upload', 'lib/' || g, CASE WHEN g % 100 = 0 THEN 'deleted' ELSE 'live' END,
-       md5(g::text), 'jpg', 1000 + g % 5000, 1700000000 + g, 'v' || g, 1700000000 + g, 1700000000 + g,
-       CASE WHEN g % 100 = 0 THEN 1700000000 + g END
-FROM generate_series(1, {n}) AS g;
-INSERT INTO versions (pk, cloud, asset_pk, version_id, version, digest, bytes, format, backed_up, created_at)
-SELECT g, 'scale', g, 'v' || g, 1700000000 + g, md5(g::text), 1000 + g % 5000, 'jpg', 1, 1700000000 + g
-FROM generate_series(1, {n}) AS g;
-SELECT setval(pg_get_serial_sequence('assets', 'pk'), {n} + 1, false);
-SELECT setval(pg_get_serial_sequence('versions', 'pk'), {n} + 1, false);
-ANALYZE;
-"""
+def ratio_lines(summary: dict[str, dict[str, float]], pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """`top / bottom` of each pair for each case; for CPU per request the inverse (bottom's
+    cost over top's), so every ratio reads as "top's throughput relative to bottom's"."""
+    lines = []
+    for case_name, rate in summary.items():
+        cpu = case_name.endswith(" CPU")
+        unit = "µs/request" if cpu else "MB/s" if "uploads" in case_name else "req/s"
+        for top, bottom in pairs:
+            if top in rate and bottom in rate:
+                ratio = rate[bottom] / rate[top] if cpu else rate[top] / rate[bottom]
+                lines.append(f"{case_name}: {top} / {bottom} = {ratio:.2f} ({rate[top]:.0f} vs {rate[bottom]:.0f} {unit})")
+    return lines
 
-HOT_QUERIES = {
-    # MetadataStore.versions: what versions=true reads
-    "versions=true": ("SELECT version_id, version, digest, bytes FROM versions WHERE asset_pk = $1 ORDER BY version, pk",
-                      lambda n, i: [(i * 7919) % n + 1]),
-    "asset by name": ("SELECT pk, generation FROM assets WHERE cloud = 'scale' AND resource_type = 'image' AND type = 'upload' "
-                      "AND public_id = $1", lambda n, i: [f"lib/{(i * 7919) % n + 1}"]),
-    # search expression=status=deleted, first page in the default order (newest first)
-    "search status=deleted": ("SELECT pk, public_id FROM assets WHERE cloud = 'scale' AND (status = $1) "
-                              "ORDER BY created_at DESC, pk DESC LIMIT 11", lambda n, i: ["deleted"]),
-}
+
+# --- part 1: the read path ---------------------------------------------------------------------
+
+
+async def read_path(tmp: Path, pg: PostgresServer, args: argparse.Namespace, hammer: Hammer) -> tuple[dict[str, Any], list[str]]:
+    roots = [("", ROOT)] + ([(" (baseline)", Path(args.baseline).resolve())] if args.baseline else [])
+    servers = []
+    for suffix, root in roots:
+        servers.append(Serve(tmp, f"sqlite{suffix}", None, root=root))
+        servers.append(Serve(tmp, f"postgresql{suffix}", pg.url(pg.new_database(migrated=False)), root=root))
+    try:
+        start_all(servers)
+        summary = await read_rounds(servers, args, hammer, pg)
+    finally:
+        stop_all(servers)
+    pairs = [("postgresql", "sqlite")]
+    if args.baseline:
+        pairs += [("postgresql (baseline)", "sqlite (baseline)"), ("postgresql", "postgresql (baseline)"),
+                  ("sqlite", "sqlite (baseline)")]
+    return summary, ratio_lines(summary, pairs)
+
+
+# --- part 3: --workers 2 vs 1 ---------------------------------------------------------------------
+
+
+async def upload_round(serve: Serve, files: list[Path], timeout: float) -> float:
+    """Every file uploaded at once (curl, Basic auth, backup on); seconds until the last answered."""
+    for path in files:  # new leading bytes: a new digest, so every round stores every byte
+        with open(path, "r+b") as handle:
+            handle.write(os.urandom(32))
+    started = time.perf_counter()
+    procs = [
+        await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--max-time", str(timeout), "-u", f"{KEY}:{SECRET}", "-F", f"file=@{path};type=application/octet-stream",
+            "-F", f"public_id=bench/upload-{n}", "-F", "backup=true", "-o", "-", "-w", "\n%{http_code}", f"{serve.api}/raw/upload",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        for n, path in enumerate(files)
+    ]
+    outcomes = [await proc.communicate() for proc in procs]
+    elapsed = time.perf_counter() - started
+    for proc, (out, err) in zip(procs, outcomes, strict=True):
+        result, body = curl_json(subprocess.CompletedProcess([], proc.returncode or 0, out, err))
+        if not result.get("backup"):
+            raise RuntimeError(f"upload without backup: {body[:300]}")
+    return elapsed
+
+
+async def workers_compare(tmp: Path, pg: PostgresServer, args: argparse.Namespace, hammer: Hammer) -> tuple[dict[str, Any], list[str]]:
+    servers = [Serve(tmp, "sqlite w1", None), Serve(tmp, "sqlite w2", None, workers=2)]
+    if args.workers_pg:
+        servers += [Serve(tmp, f"postgresql w{n}", pg.url(pg.new_database(migrated=False)), workers=n) for n in (1, 2)]
+    files = [tmp / f"upload-{n}.bin" for n in range(args.uploads)]
+    for path in files:
+        write_random_file(path, args.upload_mib * MiB)
+    try:
+        start_all(servers)
+        summary = await read_rounds(servers, args, hammer, pg)
+        seconds: dict[str, list[float]] = {}
+        for run in range(args.runs):
+            for s in servers:
+                elapsed = await upload_round(s, files, args.upload_timeout)
+                seconds.setdefault(s.name, []).append(elapsed)
+                log(f"  run {run + 1} {args.uploads} x {args.upload_mib} MiB uploads {s.name:>14}: {elapsed:6.2f} s "
+                    f"({args.uploads * args.upload_mib * MiB / 1e6 / elapsed:6.1f} MB/s)")
+    finally:
+        stop_all(servers)
+    key = f"{args.uploads} concurrent {args.upload_mib} MiB uploads"
+    summary[key] = {name: args.uploads * args.upload_mib * MiB / 1e6 / statistics.median(t) for name, t in seconds.items()}
+    pairs = [("sqlite w2", "sqlite w1"), ("postgresql w2", "postgresql w1")]
+    return summary, ratio_lines(summary, pairs)
+
+
+# --- part 2: at scale ----------------------------------------------------------------------------
+
+#: The library, in the shape of bench_library_size.py's (which checks its rows against rows the
+#: service wrote): asset g has 1 + g % 3 versions, the last one current; 5% deleted (with their
+#: versions kept, as a delete with backup leaves them); 0-2 tags of 1,000 plus `xyz` on 0.5%;
+#: `{"k": "v<g % 100>"}` on odd assets; folders `f<g / 100>/`; created over the year before
+#: 2023-11-14 in row order. Hex ids and digests, JSON text written as json.dumps writes it.
+_CURRENT = "g % 3"
+GENERATE = [
+    "INSERT INTO clouds (name, api_key, api_secret, auto_backup, created_at) VALUES ('scale', 'scalekey', 's', 1, 0)",
+    f"""
+    INSERT INTO assets (pk, cloud, asset_id, resource_type, type, public_id, status, digest, format, bytes, width, height,
+                        version, version_id, original_filename, tags, context, metadata, created_at, uploaded_at,
+                        deleted_at, generation, detached_from, md5)
+    SELECT g, 'scale', md5('a' || g), 'image', 'upload', 'f' || (g / 100) || '/a' || g,
+           CASE WHEN g % 20 = 7 THEN 'deleted' ELSE 'live' END,
+           md5('d' || g || ':' || {_CURRENT}) || md5('D' || g || ':' || {_CURRENT}), 'jpg', 1000 + (g * 3 + {_CURRENT}) % 5000,
+           NULL, NULL, (c + {_CURRENT} * 60)::bigint, md5('v' || g || ':' || {_CURRENT}), 'photo' || g,
+           '[' || concat_ws(', ', CASE WHEN g % 3 >= 1 THEN '"tag' || (g * 7919) % 1000 || '"' END,
+                                 CASE WHEN g % 3 = 2 THEN '"tag' || (g * 7919 + 104729) % 1000 || '"' END,
+                                 CASE WHEN g % 200 = 3 THEN '"xyz"' END) || ']',
+           CASE WHEN g % 2 = 1 THEN '{{"k": "v' || g % 100 || '"}}' ELSE '{{}}' END, '{{}}',
+           c, c + {_CURRENT} * 60, CASE WHEN g % 20 = 7 THEN c + {_CURRENT} * 60 + 1 END,
+           {_CURRENT} + CASE WHEN g % 20 = 7 THEN 1 ELSE 0 END, NULL, md5('m' || g || ':' || {_CURRENT})
+    FROM (SELECT g, 1668384000 + 31536000.0 * g / {{n}} AS c FROM generate_series(1::bigint, {{n}}) AS g) AS s
+    """,
+    """
+    INSERT INTO versions (cloud, asset_pk, version_id, version, digest, bytes, format, backed_up, restored_from, created_at,
+                          backup_job, width, height, original_filename, md5)
+    SELECT 'scale', g, md5('v' || g || ':' || v), (c + v * 60)::bigint, md5('d' || g || ':' || v) || md5('D' || g || ':' || v),
+           1000 + (g * 3 + v) % 5000, 'jpg', 1, NULL, c + v * 60, NULL, NULL, NULL, 'photo' || g, md5('m' || g || ':' || v)
+    FROM (SELECT g, 1668384000 + 31536000.0 * g / {n} AS c FROM generate_series(1::bigint, {n}) AS g) AS s
+    CROSS JOIN LATERAL generate_series(0, g % 3) AS v
+    ORDER BY g, v
+    """,
+    """
+    INSERT INTO asset_tags (cloud, tag, asset_pk, created_at)
+    SELECT 'scale', t, g, 1668384000 + 31536000.0 * g / {n}
+    FROM generate_series(1::bigint, {n}) AS g
+    CROSS JOIN LATERAL (VALUES (CASE WHEN g % 3 >= 1 THEN 'tag' || (g * 7919) % 1000 END),
+                               (CASE WHEN g % 3 = 2 THEN 'tag' || (g * 7919 + 104729) % 1000 END),
+                               (CASE WHEN g % 200 = 3 THEN 'xyz' END)) AS tags (t)
+    WHERE t IS NOT NULL
+    """,
+    "INSERT INTO asset_context (cloud, key, value, asset_pk) "
+    "SELECT 'scale', 'k', 'v' || g % 100, g FROM generate_series(1::bigint, {n}) AS g WHERE g % 2 = 1",
+    "SELECT setval(pg_get_serial_sequence('assets', 'pk'), {n} + 1, false)",
+]
+LIBRARY_TABLES = ["assets", "versions", "asset_tags", "asset_context"]
+
+
+async def generate(conn: asyncpg.Connection, n: int) -> dict[str, float]:
+    """The library, loaded with its secondary indexes and unique constraints dropped and then
+    re-created from their own definitions (the end state is schema.sql's); seconds per step."""
+    steps: dict[str, float] = {}
+    indexes = await conn.fetch(
+        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+        "WHERE c.relname = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+        LIBRARY_TABLES,
+    )
+    # Unique and primary keys no foreign key depends on (the assets pk stays: rows come in its order).
+    constraints = await conn.fetch(
+        "SELECT k.conrelid::regclass::text, k.conname, pg_get_constraintdef(k.oid) FROM pg_constraint k "
+        "JOIN pg_class c ON c.oid = k.conrelid WHERE c.relname = ANY($1::text[]) AND k.contype IN ('u', 'p') "
+        "AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = k.conindid)",
+        LIBRARY_TABLES,
+    )
+    await conn.execute("SET session_replication_role = replica")  # no foreign-key triggers during the load
+    await conn.execute("SET maintenance_work_mem = '1GB'")
+    for table, name, _ in constraints:
+        await conn.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+    for name, _ in indexes:
+        await conn.execute(f"DROP INDEX {name}")
+    for statement in GENERATE:
+        started = time.perf_counter()
+        await conn.execute(statement.replace("{n}", str(n)))
+        table = statement.split("INSERT INTO ", 1)[-1].split()[0] if "INSERT INTO" in statement else "setval"
+        steps[table] = time.perf_counter() - started
+    started = time.perf_counter()
+    for table, name, definition in constraints:
+        await conn.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
+    for _, definition in indexes:
+        await conn.execute(definition)
+    steps["indexes"] = time.perf_counter() - started
+    await conn.execute("SET session_replication_role = DEFAULT")
+    started = time.perf_counter()
+    for table in LIBRARY_TABLES:
+        await conn.execute(f"VACUUM (ANALYZE) {table}")  # what autovacuum does to a settled table
+    steps["vacuum analyze"] = time.perf_counter() - started
+    return steps
+
+
+class Recording:
+    """A gateway that notes the statements sent through it (for EXPLAIN) and passes them on."""
+
+    def __init__(self, gate: Any) -> None:
+        self.gate = gate
+        self.seen: list[tuple[str, list[Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.gate, name)
+
+    async def one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        self.seen.append((sql, list(args)))
+        return await self.gate.one(sql, args)
+
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        self.seen.append((sql, list(args)))
+        return list(await self.gate.all(sql, args))
+
+    async def scan(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        self.seen.append((sql, list(args)))
+        return list(await self.gate.scan(sql, args))
+
+
+def hot_reads(n: int) -> dict[str, Callable[[Any, int], Awaitable[Any]]]:
+    """The reads the service makes on its hot paths, as it makes them (i varies the asset)."""
+    from versionstore import queries
+
+    def asset(i: int) -> int:
+        return (i * 7919) % n + 1
+
+    def search(expression: str | Callable[[int], str], sort_by: object = None) -> Callable[[Any, int], Awaitable[Any]]:
+        async def call(meta: Any, i: int) -> Any:  # a search request: its page, then its count
+            query = queries.search_query(expression(i) if callable(expression) else expression, sort_by, 50)
+            found = await meta.find_assets("scale", query.page(51, None))
+            return found, await meta.count_assets("scale", query, queries.COUNT_CEILING + 1)
+
+        return call
+
+    middle = n // 2
+    deep = queries.listing_query("image", "upload", [], None, 500, by_public_id=False)
+    return {
+        "versions of an asset (versions=true)": lambda meta, i: meta.versions(asset(i)),
+        "asset by name": lambda meta, i: meta.get_asset("scale", "image", "upload", f"f{asset(i) // 100}/a{asset(i)}"),
+        "download_backup's read": lambda meta, i: meta.downloadable(
+            "scale", _md5(f"a{asset(i)}"), _md5(f"v{asset(i)}:{asset(i) % 3}")),
+        "search status=deleted, newest first": search("status=deleted", [{"created_at": "desc"}]),
+        "search tags=xyz": search("tags=xyz"),
+        "search public_id prefix (a folder)": search(lambda i: f"public_id=f{asset(i) // 100}/*"),
+        "listing, deep keyset page of 500": lambda meta, i: meta.find_assets(
+            "scale", deep.page(501, (1668384000 + 31536000.0 * (middle + i) / n, middle + i))),
+    }
+
+
+def _md5(text: str) -> str:
+    import hashlib
+
+    return hashlib.md5(text.encode()).hexdigest()
 
 
 async def at_scale(pg: PostgresServer, args: argparse.Namespace) -> dict[str, Any]:
+    from versionstore.dialect import placeholders
     from versionstore.metadata import MetadataStore
+    from versionstore.pg import PgGateway
 
     name = pg.new_database(migrated=False)
     url = pg.url(name)
-    await (await MetadataStore.open(url)).close()
+    gate = Recording(await PgGateway.open(url))
+    meta = MetadataStore(gate)
     conn = await asyncpg.connect(url)
     try:
         started = time.perf_counter()
-        await conn.execute(GENERATE.format(n=args.assets))
-        log(f"generated {args.assets} assets and versions in {time.perf_counter() - started:.0f} s")
-        report: dict[str, Any] = {"assets": args.assets, "queries": {}}
-        for label, (sql, params) in HOT_QUERIES.items():
-            plan = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *params(args.assets, 1))
-            times = []
-            for i in range(200):
+        steps = await generate(conn, args.assets)
+        total = time.perf_counter() - started
+        log(f"generated {args.assets:,} assets in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in steps.items())})")
+        await check_library(meta, conn)
+        report: dict[str, Any] = {"assets": args.assets, "generate_seconds": total, "steps": steps, "queries": {}}
+        for label, read in hot_reads(args.assets).items():
+            for i in range(20):  # warm: the connection's prepared statements, the pages touched
+                await read(meta, i)
+            times, calls = [], []
+            for i in range(args.samples):
+                gate.seen.clear()
                 t = time.perf_counter()
-                await conn.fetch(sql, *params(args.assets, i))
+                await read(meta, i)
                 times.append((time.perf_counter() - t) * 1000)
-            report["queries"][label] = {"p50_ms": statistics.median(times), "plan": [r[0] for r in plan]}
-            log(f"{label}: p50 {statistics.median(times):.3f} ms\n    " + "\n    ".join(r[0] for r in plan))
-        sizes = await conn.fetch(
-            "SELECT relname, pg_table_size(oid), pg_indexes_size(oid) FROM pg_class WHERE relname IN ('assets', 'versions')"
-        )
-        report["bytes_per_asset"] = {r[0]: {"table": r[1] / args.assets, "indexes": r[2] / args.assets} for r in sizes}
-        total = sum(v["table"] + v["indexes"] for v in report["bytes_per_asset"].values())
-        report["projected_100m_gib"] = total * 100e6 / (1 << 30)
-        log(f"bytes per asset (one version): {json.dumps(report['bytes_per_asset'])}; projected at 100M assets: "
-            f"{report['projected_100m_gib']:.0f} GiB (tables and indexes)")
+                calls.append(list(gate.seen))
+            # The database's own time per call (its statements' Execution Time), which the
+            # client-side figure adds scheduling to on a busy machine.
+            executed = []
+            for call in calls[:: max(1, len(calls) // 40)]:
+                total = 0.0
+                for sql, sql_args in call:
+                    plan = await conn.fetch("EXPLAIN (ANALYZE, TIMING OFF) " + placeholders(sql), *sql_args)
+                    total += next(float(r[0].split()[2]) for r in plan if r[0].startswith("Execution Time"))
+                executed.append(total)
+            plans = []
+            for sql, sql_args in gate.seen:
+                plans.append([r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + placeholders(sql), *sql_args)])
+            p50 = statistics.median(times)
+            report["queries"][label] = {"p50_ms": p50, "p99_ms": sorted(times)[int(len(times) * 0.99)],
+                                        "executed_p50_ms": statistics.median(executed),
+                                        "statements": [sql for sql, _ in gate.seen], "plans": plans}
+            log(f"{label}: p50 {p50:.3f} ms, p99 {report['queries'][label]['p99_ms']:.3f} ms through MetadataStore "
+                f"({len(gate.seen)} statement(s)); in the database p50 {statistics.median(executed):.3f} ms")
+            for (sql, _), plan in zip(gate.seen, plans, strict=True):
+                log(f"    {sql}\n      " + "\n      ".join(plan))
+        report["sizes"] = await sizes(conn, args.assets)
         return report
     finally:
         await conn.close()
+        await meta.close()
         pg.drop_database(name)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200k assets, 1 run of 2 s per case (a smoke check)")
+async def check_library(meta: Any, conn: asyncpg.Connection) -> None:
+    """The generated rows read back through MetadataStore as rows the service wrote would."""
+    from versionstore import queries
+
+    g = 5  # three versions, two tags, a context entry
+    asset = await meta.get_asset("scale", "image", "upload", f"f0/a{g}")
+    versions = await meta.versions(g)
+    assert asset is not None and asset.live and len(versions) == 3 and versions[-1].version_id == asset.version_id, (asset, versions)
+    assert asset.tags and asset.context == {"k": f"v{g}"} and asset.digest == versions[-1].digest, asset
+    side = await conn.fetch("SELECT tag, created_at FROM asset_tags WHERE asset_pk = $1 ORDER BY tag", g)
+    assert [(r[0], r[1]) for r in side] == [(t, asset.created_at) for t in sorted(asset.tags)], "asset_tags out of step"
+    deleted = await meta.find_assets("scale", queries.search_query("status=deleted", None, 5).page(5, None))
+    assert len(deleted) == 5 and all(not a.live and a.deleted_at for a in deleted)
+    found = await meta.downloadable("scale", asset.asset_id, asset.version_id)
+    assert found is not None and found.version.digest == asset.digest and not found.pending, found
+    log(f"   generated rows read back through MetadataStore (asset f0/a{g}, its versions, tags, deleted, download)")
+
+
+async def sizes(conn: asyncpg.Connection, n: int) -> dict[str, Any]:
+    rows = await conn.fetch(
+        "SELECT c.relname, c.reltuples::bigint, pg_table_size(c.oid), pg_indexes_size(c.oid) FROM pg_class c "
+        "WHERE c.relname = ANY($1::text[]) ORDER BY c.relname", LIBRARY_TABLES,
+    )
+    per_asset = {r[0]: {"rows": r[1] / n, "table": r[2] / n, "indexes": r[3] / n} for r in rows}
+    total = sum(v["table"] + v["indexes"] for v in per_asset.values())
+    out = {"per_asset": per_asset, "bytes_per_asset": total, "projected_100m_gib": total * 100e6 / (1 << 30),
+           "database_bytes": await conn.fetchval("SELECT pg_database_size(current_database())")}
+    for table, v in per_asset.items():
+        log(f"  {table:>14}: {v['rows']:.2f} rows, {v['table']:.0f} B table + {v['indexes']:.0f} B indexes per asset")
+    log(f"bytes per asset: {total:.0f}; projected at 100M assets: {out['projected_100m_gib']:.0f} GiB (tables and indexes); "
+        f"database now {out['database_bytes'] / (1 << 30):.1f} GiB")
+    return out
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="200k assets, 1 run of 2 s per case, 16 MiB uploads (a smoke check)")
     parser.add_argument("--assets", type=int, help="assets generated for part 2 (default 10M; --quick 200k)")
+    parser.add_argument("--samples", type=int, default=200, help="calls per hot read in part 2")
     parser.add_argument("--runs", type=int, help="interleaved runs per case (default 3; --quick 1)")
     parser.add_argument("--seconds", type=float, help="seconds per run (default 10; --quick 2)")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--client", choices=("auto", "wrk", "aiohttp"), default="auto")
+    parser.add_argument("--baseline", help="part 1: also serve from the checkout in this directory (before/after in one run)")
     parser.add_argument("--skip-read-path", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--workers-compare", action="store_true", help="part 3: serve --workers 2 vs 1")
+    parser.add_argument("--workers-pg", action="store_true", help="part 3 on PostgreSQL too")
+    parser.add_argument("--uploads", type=int, default=8, help="part 3: concurrent uploads")
+    parser.add_argument("--upload-mib", type=int, help="part 3: MiB per upload (default 64; --quick 16)")
+    parser.add_argument("--upload-timeout", type=float, default=600)
     parser.add_argument("--json", help="also write the results to this file")
+    add_load_option(parser)
     args = parser.parse_args()
     args.assets = args.assets or (200_000 if args.quick else 10_000_000)
     args.runs = args.runs or (1 if args.quick else 3)
     args.seconds = args.seconds or (2.0 if args.quick else 10.0)
+    args.upload_mib = args.upload_mib or (16 if args.quick else 64)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    watch_load()
     pg = PostgresServer()
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+    ratios: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp_dir:
+        tmp = Path(tmp_dir)
         try:
             pg.start()
+            hammer = hammer_for(args, tmp)
             if not args.skip_read_path:
-                results["read_path"] = asyncio.run(read_path(Path(tmp), pg, args))
+                results["read_path"], lines = asyncio.run(read_path(tmp, pg, args, hammer))
+                ratios += lines
+            if args.workers_compare:
+                results["workers"], lines = asyncio.run(workers_compare(tmp, pg, args, hammer))
+                ratios += lines
             if not args.skip_scale:
                 results["at_scale"] = asyncio.run(at_scale(pg, args))
         finally:
             pg.stop()
+    ok = check_load(args.allow_load)
+    if ok:
+        for line in ratios:
+            log(line)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -296,3 +296,39 @@ async def test_drill_schedules_alert_state_and_scratch_environments(repo: Metada
         await db.execute("DELETE FROM assets WHERE pk = ?", (saved.pk,))
     assert await repo.drop_environment(scratch) and await repo.get_cloud(scratch) is None
     assert await repo.drill_environments() == []
+
+
+async def test_the_read_path_statements_answer_what_their_parts_do(repo: MetadataStore, repo_url: str) -> None:
+    """downloadable and the keyed asset reads (one statement each, issue 11) agree with
+    version_of, pending_digests, bad_revisions, the generations and versions_signature."""
+    saved = await repo.save_version(*asset("r"))
+    second, v2 = next_version(saved, 2)
+    await repo.save_version(second, v2, pending=True)
+    assert saved.pk is not None
+    assert await repo.downloadable(CLOUD, saved.asset_id, "no-such-version") is None
+    assert await repo.downloadable("other-cloud", saved.asset_id, saved.version_id) is None
+    first = await repo.downloadable(CLOUD, saved.asset_id, saved.version_id)
+    assert first is not None and (first.public_id, first.version) == await repo.version_of(CLOUD, saved.asset_id, saved.version_id)
+    assert (first.pending, first.bad, first.target_generation) == (False, None, 0)
+    pending = await repo.downloadable(CLOUD, saved.asset_id, v2.version_id)
+    assert pending is not None and pending.pending and pending.version == v2
+    await repo.record_checks(CLOUD, first.version.digest, {"backup": ("corrupt", "flipped bits"), "primary": ("missing", None)})
+    await repo.save_health(BackupHealth(CLOUD, "failing", "down", time.time(), time.time()))
+    bad = await repo.downloadable(CLOUD, saved.asset_id, saved.version_id)
+    assert bad is not None and bad.bad == "corrupt" and bad.target_generation == await repo.generation(f"targets:{CLOUD}") > 0
+    key = (*await repo.versions_signature(saved.pk), await repo.revisions_generation(), await repo.verify_generation())
+    current = await repo.get_asset(CLOUD, "image", "upload", "r")
+    assert await repo.get_asset_keyed(CLOUD, "image", "upload", "r") == (current, key)
+    assert await repo.get_asset_by_id_keyed(CLOUD, saved.asset_id) == (current, key)
+    assert await repo.get_asset_keyed(CLOUD, "image", "upload", "none") is None
+    assert await repo.get_asset_by_id_keyed("other-cloud", saved.asset_id) is None
+
+
+def test_no_sql_calls_json_each() -> None:
+    """PostgreSQL has no `json_each` since its compatibility function was removed (issue 11):
+    SQL calling it would run on SQLite and fail on PostgreSQL."""
+    package = Path(MetadataStore.__module__.replace(".", "/")).parent
+    root = Path(__file__).resolve().parent.parent / package
+    sources = [*root.rglob("*.py"), root / "schema.sql"]
+    assert len(sources) > 20
+    assert [str(p) for p in sources if "json_each(" in p.read_text()] == []

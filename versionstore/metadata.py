@@ -24,6 +24,7 @@ from versionstore.models import (
     Asset,
     BackupHealth,
     Cloud,
+    Downloadable,
     Job,
     PendingRevision,
     ScheduledPurge,
@@ -31,6 +32,7 @@ from versionstore.models import (
     UploadPart,
     UploadSession,
     Version,
+    VersionsKey,
 )
 from versionstore.queries import SORT_FIELDS, AssetQuery, Filter, SortKey
 from versionstore.snapshot_records import PointInTimeRow, ScheduleRow, Snapshot, SnapshotItem
@@ -151,6 +153,10 @@ def _asset(row: Sequence[Any]) -> Asset:
 _BACKED_UP = _VERSION_COLUMNS.index("backed_up")
 
 
+def _versions_key(row: Sequence[Any]) -> VersionsKey:
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+
 def _version(row: Sequence[Any]) -> Version:
     # Positional (columns are selected in field order): this runs once per row of a
     # `versions=true` listing, where building a dict per row was a third of the CPU time.
@@ -185,10 +191,24 @@ _HAS_REVISION = "EXISTS (SELECT 1 FROM versions WHERE asset_pk = ? AND backed_up
 
 _ASSET_SELECT = f"SELECT {', '.join(_ASSET_COLUMNS)} FROM assets"
 _VERSION_SELECT = f"SELECT {', '.join(_VERSION_COLUMNS)} FROM versions"
-_VERSION_OF = (
-    f"SELECT COALESCE(a.detached_from, a.public_id), {', '.join('v.' + c for c in _VERSION_COLUMNS)} "
-    "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?"
+_VERSION_OF_COLUMNS = f"COALESCE(a.detached_from, a.public_id), {', '.join('v.' + c for c in _VERSION_COLUMNS)}"
+_VERSION_OF_WHERE = "FROM versions v JOIN assets a ON a.pk = v.asset_pk WHERE a.cloud = ? AND a.asset_id = ? AND v.version_id = ?"
+_VERSION_OF = f"SELECT {_VERSION_OF_COLUMNS} {_VERSION_OF_WHERE}"
+#: version_of, with the checks download_backup makes on the same revision (pending_digests,
+#: bad_revisions) and the environment's target generation as extra columns.
+_DOWNLOADABLE = (
+    f"SELECT {_VERSION_OF_COLUMNS}, "
+    "EXISTS (SELECT 1 FROM backup_pending p WHERE p.cloud = a.cloud AND p.digest = v.digest), "
+    "(SELECT b.outcome FROM blob_checks b WHERE b.cloud = a.cloud AND b.digest = v.digest AND b.store = 'backup' "
+    "AND b.outcome IN ('missing', 'corrupt')), "
+    f"COALESCE((SELECT g.value FROM generations g WHERE g.name = ?), 0) {_VERSION_OF_WHERE}"
 )
+#: An asset row `a`'s VersionsKey as columns (their placeholder, first: the generation's name).
+_VERSIONS_KEY_COLUMNS = (
+    "(SELECT COUNT(*) FROM versions v WHERE v.asset_pk = a.pk), (SELECT COALESCE(MAX(v.pk), 0) FROM versions v WHERE v.asset_pk = a.pk), "
+    "COALESCE((SELECT g.value FROM generations g WHERE g.name = ?), 0), (SELECT COALESCE(MAX(b.outcome_seq), 0) FROM blob_checks b)"
+)
+_KEYED_ASSET_SELECT = f"SELECT {', '.join('a.' + c for c in _ASSET_COLUMNS)}, {_VERSIONS_KEY_COLUMNS} FROM assets a"
 _VERSION_INSERT = (
     f"INSERT INTO versions (cloud, asset_pk, {', '.join(_VERSION_COLUMNS)}) "
     f"VALUES (?, ?, {', '.join('?' * len(_VERSION_COLUMNS))})"
@@ -1554,6 +1574,33 @@ class MetadataStore:
             (snapshot_id, cloud, len(prefix), prefix, after_pk, limit),
         )
         return [_pit_row(r) for r in rows]
+
+    # --- the read path in one statement (issue 11: PostgreSQL answers each statement with a
+    # --- round trip, so a request reads what it needs at once) --------------------------------
+
+    async def downloadable(self, cloud: str, asset_id: str, version_id: str) -> Downloadable | None:
+        """A version and all `download_backup` decides on, read together: the asset's name,
+        whether the revision is pending or its backup copy bad, the target generation. None
+        when the asset has no such version."""
+        row = await self._one(_DOWNLOADABLE, (target_generation(cloud), cloud, asset_id, version_id))
+        if row is None:
+            return None
+        return Downloadable(row[0], _version(row[1:-3]), bool(row[-3]), row[-2], int(row[-1]))
+
+    async def get_asset_keyed(self, cloud: str, resource_type: str, type_: str, public_id: str) -> tuple[Asset, VersionsKey] | None:
+        """get_asset, and in the same statement what a rendering of the asset's versions is
+        valid for (VersionsKey: versions_signature, revisions_generation, verify_generation):
+        the `versions=true` read."""
+        row = await self._one(
+            f"{_KEYED_ASSET_SELECT} WHERE a.cloud = ? AND a.resource_type = ? AND a.type = ? AND a.public_id = ?",
+            (REVISIONS, cloud, resource_type, type_, public_id),
+        )
+        return None if row is None else (_asset(row[:-4]), _versions_key(row[-4:]))
+
+    async def get_asset_by_id_keyed(self, cloud: str, asset_id: str) -> tuple[Asset, VersionsKey] | None:
+        """get_asset_by_id and the asset's versions_key in one statement."""
+        row = await self._one(f"{_KEYED_ASSET_SELECT} WHERE a.cloud = ? AND a.asset_id = ?", (REVISIONS, cloud, asset_id))
+        return None if row is None else (_asset(row[:-4]), _versions_key(row[-4:]))
 
 
     # --- restore drills and alerts (versionstore/drills.py, versionstore/alerts.py) ----------

@@ -200,3 +200,22 @@ class ScheduledPurge:
     scheduled_at: float
     purge_at: float
     finished_at: float | None = None
+
+
+#: (count, highest row id) of an asset's version rows, revisions_generation, verify_generation:
+#: what a rendering of the asset's versions (`restorable` flags included) depends on.
+VersionsKey = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Downloadable:
+    """A version as `download_backup` needs it, read in one statement (one snapshot, one
+    round trip on PostgreSQL): its asset's name, whether its revision still waits for the
+    backup target, the last bad outcome of its backup copy, and the environment's target
+    generation (so the target check needs no read of its own)."""
+
+    public_id: str
+    version: Version
+    pending: bool
+    bad: str | None
+    target_generation: int

@@ -6,6 +6,11 @@ checks itself (the asset generation compare-and-set, UPDATEs conditional on the 
 leave, unique indexes), and the few units of work that read, decide and then write hold a
 transaction-scoped advisory lock on what they decide about (`lock`).
 
+Reads: point reads (`one`, `all`) run on their own few connections (`PointReads`), without
+the pool's per-use bookkeeping; scans and transactions use asyncpg's pool. The hot requests
+send one statement each (docs/design.md, "Metadata on PostgreSQL"): here every statement is a
+round trip.
+
 Migrations: `schema_migrations` records the blocks of schema.sql applied (translated by
 versionstore/dialect.py); a session advisory lock makes processes that start together apply
 each block exactly once, one after the other.
@@ -16,7 +21,7 @@ import functools
 import re
 import time
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -93,18 +98,87 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.reset()
 
 
+class PointReads:
+    """Connections for single statements outside a transaction (`one`, `all`): a
+    queue of slots, each an open connection or None (not opened yet, or dropped after a
+    failure). asyncpg's pool does more per use than a point read needs (a proxy object, a
+    reset, an inactivity timer armed and cancelled): a measured share of a read's cost, and
+    the read path is mostly point reads (docs/scale-out.md, "Cost at scale"). A statement the
+    database refused leaves its connection usable (its implicit transaction ended with it);
+    one cut short otherwise (cancelled, the socket lost) drops its connection, and the slot
+    opens a new one on its next use (so reads resume by themselves once the database is back)."""
+
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], size: int) -> None:
+        self._connect = connect
+        self._size = size
+        self._slots: asyncio.Queue[asyncpg.Connection | None] = asyncio.Queue()
+        for _ in range(size):
+            self._slots.put_nowait(None)
+        self._open: set[asyncpg.Connection] = set()
+        self._closed = False
+
+    async def fetch(self, query: str, args: Sequence[Any], *, first: bool = False) -> Any:
+        """The rows of `query` (with `first`: its first row, or None)."""
+        conn = await self._slots.get()
+        if self._closed:
+            self._slots.put_nowait(conn)
+            raise asyncpg.InterfaceError("the metadata database connections are closed")
+        try:
+            if conn is None:
+                conn = await self._connect()
+                self._open.add(conn)
+            result = await (conn.fetchrow(query, *args) if first else conn.fetch(query, *args))
+        except asyncpg.PostgresError:
+            self._give_back(conn)
+            raise
+        except BaseException:
+            if conn is not None:
+                self._open.discard(conn)
+                conn.terminate()
+            self._slots.put_nowait(None)
+            raise
+        self._slots.put_nowait(conn)
+        return result
+
+    def _give_back(self, conn: asyncpg.Connection | None) -> None:
+        if conn is not None and conn.is_closed():
+            self._open.discard(conn)
+            conn = None
+        self._slots.put_nowait(conn)
+
+    async def close(self) -> None:
+        """Close each connection once it is given back; reads asked for later fail."""
+        self._closed = True
+        for _ in range(self._size):
+            conn = await self._slots.get()
+            if conn is not None:
+                self._open.discard(conn)
+                await conn.close()
+        for _ in range(self._size):
+            self._slots.put_nowait(None)  # whoever still waits for a slot sees _closed
+
+    def terminate(self) -> None:
+        for conn in self._open:
+            conn.terminate()
+        self._open.clear()
+
+
 class PgGateway:
     caches_misses = False
 
-    def __init__(self, pool: asyncpg.Pool, applied: list[int]) -> None:
+    def __init__(self, pool: asyncpg.Pool, reads: PointReads, applied: list[int]) -> None:
         self._pool = pool
+        self._reads = reads
         self._commits = 0
         self.applied = applied
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = POOL_SIZE) -> "PgGateway":
+        """`pool_size` connections at most: half for transactions (asyncpg's pool), half for
+        point reads (PointReads)."""
+        readers = max(1, pool_size // 2)
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, reset=_reset)
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=max(1, pool_size - readers), reset=_reset)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StartupError(f"cannot open the metadata database {redacted(url)}: {type(exc).__name__}: {exc}") from None
         try:
@@ -112,14 +186,15 @@ class PgGateway:
         except BaseException:
             await pool.close()
             raise
-        return cls(pool, applied)
+        return cls(pool, PointReads(functools.partial(asyncpg.connect, url), readers), applied)
 
     async def close(self) -> None:
         """Wait for connections in use to be released, at most CLOSE_SECONDS (a task that never
         gives its connection back must not keep the process from exiting), then cut them."""
         try:
-            await asyncio.wait_for(self._pool.close(), CLOSE_SECONDS)
+            await asyncio.wait_for(asyncio.gather(self._reads.close(), self._pool.close()), CLOSE_SECONDS)
         except TimeoutError:
+            self._reads.terminate()
             self._pool.terminate()
 
     @asynccontextmanager
@@ -140,29 +215,15 @@ class PgGateway:
         return self._commits, int(time.monotonic() / CACHE_SECONDS)
 
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        row = await self._pool.fetchrow(placeholders(sql), *args)
+        row = await self._reads.fetch(placeholders(sql), args, first=True)
         return None if row is None else tuple(row)
 
     async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return [tuple(r) for r in await self._reads.fetch(placeholders(sql), args)]
+
+    async def scan(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """A read whose cost grows with the library: on the pool, so it never holds up point reads."""
         return [tuple(r) for r in await self._pool.fetch(placeholders(sql), *args)]
-
-    scan = all
-
-
-#: SQLite functions still used by SQL outside this change (the search compiler and the tag
-#: listings use `json_each` over the JSON text columns), given to PostgreSQL with SQLite's
-#: shape (`key`, `value` as text; array elements have no key) so that SQL runs unchanged
-#: until it is rewritten portably. Installed (replaced) at every open, outside the migrations.
-COMPAT_FUNCTIONS = """
-CREATE OR REPLACE FUNCTION json_each(doc text) RETURNS TABLE (key text, value text)
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT NULL::text, e FROM json_array_elements_text(
-        CASE WHEN json_typeof(doc::json) = 'array' THEN doc::json ELSE '[]'::json END) AS e
-    UNION ALL
-    SELECT o.key, o.value FROM json_each_text(
-        CASE WHEN json_typeof(doc::json) = 'object' THEN doc::json ELSE '{}'::json END) AS o
-$$;
-"""
 
 
 async def migrate(pool: asyncpg.Pool) -> list[int]:
@@ -183,7 +244,6 @@ async def migrate(pool: asyncpg.Pool) -> list[int]:
                     await conn.execute(schema_block(block))
                     await conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)", number, time.time())
                 applied.append(number)
-            await conn.execute(COMPAT_FUNCTIONS)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     return applied

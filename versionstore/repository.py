@@ -15,12 +15,14 @@ from versionstore.models import (
     Asset,
     BackupHealth,
     Cloud,
+    Downloadable,
     Job,
     PendingRevision,
     ScheduledPurge,
     UploadPart,
     UploadSession,
     Version,
+    VersionsKey,
 )
 from versionstore.queries import AssetQuery
 from versionstore.snapshot_records import PointInTimeRow, ScheduleRow, Snapshot, SnapshotItem
@@ -195,3 +197,6 @@ class MetadataRepository(Protocol):
     async def due_purges(self, now: float, limit: int) -> list[ScheduledPurge]: ...
     async def undo_purge(self, purge_id: str, now: float) -> ScheduledPurge | None: ...
     async def finish_purge(self, purge_id: str, now: float) -> ScheduledPurge | None: ...
+    async def downloadable(self, cloud: str, asset_id: str, version_id: str) -> Downloadable | None: ...
+    async def get_asset_keyed(self, cloud: str, resource_type: str, type_: str, public_id: str) -> tuple[Asset, VersionsKey] | None: ...
+    async def get_asset_by_id_keyed(self, cloud: str, asset_id: str) -> tuple[Asset, VersionsKey] | None: ...

@@ -732,23 +732,23 @@ class VersionService:
 
     async def version_for_download(self, cloud: Cloud, asset_id: str, version_id: str) -> tuple[str, Version, BlobStore, str]:
         """(public_id, version, store, revision key) of a restorable version."""
-        found = await self.meta.version_of(cloud.name, asset_id, version_id)
-        if found is None or not found[1].backed_up:
+        found = await self.meta.downloadable(cloud.name, asset_id, version_id)  # one statement: the read path's cost
+        if found is None or not found.version.backed_up:
             if found is None and await self.meta.get_asset_by_id(cloud.name, asset_id) is None:
                 raise NotFound(f"Resource not found - {asset_id}")
             raise NotFound(f"Version not found - {version_id}")
-        public_id, version = found
-        if await self.meta.pending_digests(cloud.name, [version.digest]):
+        version = found.version
+        if found.pending:
             raise NotFound(f"Version {version_id} is not restorable yet: its backup is pending")
-        if bad := (await self.meta.bad_revisions(cloud.name, [version.digest])).get(version.digest):
-            raise NotFound(f"Version {version_id} is not restorable: its backup copy was found {bad} (see `versionstore verify`)")
+        if found.bad:
+            raise NotFound(f"Version {version_id} is not restorable: its backup copy was found {found.bad} (see `versionstore verify`)")
         try:
-            store = await self.targets.usable(cloud, inline=True)
+            store = await self.targets.usable(cloud, inline=True, generation=found.target_generation)
         except TargetUnavailable as exc:
             raise Unavailable(f"Backup target unavailable: {exc.message}") from None
         except BlobStoreError as exc:
             raise Unavailable(f"Backup target unavailable: {exc}") from None
-        return public_id, version, store, layout.revision_key(cloud.name, version.digest)
+        return found.public_id, version, store, layout.revision_key(cloud.name, version.digest)
 
 
 def _failure(reason: str, message: str) -> RestoreOutcome:

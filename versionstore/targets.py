@@ -127,11 +127,13 @@ class BackupTargets:
         #: cloud -> the target generation the caches above (and the marker checks) belong to.
         self._seen: dict[str, int] = {}
 
-    async def _refresh(self, cloud: str) -> None:
+    async def _refresh(self, cloud: str, generation: int | None = None) -> None:
         """Drop what this process cached about an environment's target (health, marker checks)
         once any process, or the CLI, has recorded a change of its health: several processes
-        see a lost marker or a failing bucket within one request of each other."""
-        generation = await self.meta.generation(target_generation(cloud))
+        see a lost marker or a failing bucket within one request of each other. `generation`:
+        the target generation when the caller has just read it (no second read)."""
+        if generation is None:
+            generation = await self.meta.generation(target_generation(cloud))
         if self._seen.get(cloud) != generation:
             self._seen[cloud] = generation
             self._healthy.discard(cloud)
@@ -149,15 +151,15 @@ class BackupTargets:
             self._stores[(target, inline)] = resilient(self._raw[target], policy)
         return self._stores[(target, inline)]
 
-    async def usable(self, cloud: Cloud, *, inline: bool = False) -> BlobStore:
-        """The environment's current target store, after the marker check."""
-        return await self.target_store(cloud.name, cloud.backup_target, inline=inline)
+    async def usable(self, cloud: Cloud, *, inline: bool = False, generation: int | None = None) -> BlobStore:
+        """The environment's current target store, after the marker check (`generation`: see _refresh)."""
+        return await self.target_store(cloud.name, cloud.backup_target, inline=inline, generation=generation)
 
-    async def target_store(self, cloud: str, target: str | None, *, inline: bool = False) -> BlobStore:
+    async def target_store(self, cloud: str, target: str | None, *, inline: bool = False, generation: int | None = None) -> BlobStore:
         """One target of an environment (None: the default store), e.g. a migration's source
         or destination, after the marker check; TargetUnavailable when it may not be used."""
         store = self.store(target, inline=inline)
-        await self._refresh(cloud)
+        await self._refresh(cloud, generation)
         if target is not None and not await self._marker_present(target, cloud):
             message = f"marker object {marker_url(parse_store_url(target), cloud)} is missing"
             await self.record_failure(cloud, MARKER_MISSING, message)

@@ -18,7 +18,7 @@ from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
 from versionstore.http.keys import META, SERVICE, VERSIONS_CACHE
 from versionstore.media import content_type
-from versionstore.models import Asset, Cloud, RestoreFailure
+from versionstore.models import Asset, Cloud, RestoreFailure, VersionsKey
 from versionstore.params import Params, as_bool, as_bounded_list, as_int, field_updates
 
 MAX_IDS = 100  # per request, for restore, delete and by-id listings
@@ -46,11 +46,16 @@ async def ping(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web
 # --- single resources ----------------------------------------------------------------------
 
 
-async def _render_resource(request: web.Request, asset: Asset, params: Params) -> web.Response:
+async def _render_resource(request: web.Request, found: tuple[Asset, VersionsKey] | Asset | None, name: str) -> web.Response:
+    """One resource; with its versions when `found` carries their key (get_asset_keyed: the
+    asset and the key in one statement, then the versions JSON from the cache)."""
+    if found is None:
+        raise NotFound(f"Resource not found - {name}")
     meta = request.app[META]
-    if not as_bool(params.get("versions"), False):
-        return web.json_response(render.resource(asset, await meta.backup_bytes(asset.pk or 0)))
-    versions_json, backup_bytes = await request.app[VERSIONS_CACHE].get(meta, asset.cloud, asset.pk or 0)
+    if isinstance(found, Asset):
+        return web.json_response(render.resource(found, await meta.backup_bytes(found.pk or 0)))
+    asset, key = found
+    versions_json, backup_bytes = await request.app[VERSIONS_CACHE].get(meta, asset.cloud, asset.pk or 0, key)
     head = render.dumps(render.resource(asset, backup_bytes))
     return web.Response(body=b"".join((head[:-1], b',"versions":', versions_json, b"}")), content_type="application/json",
                         charset="utf-8")
@@ -58,18 +63,17 @@ async def _render_resource(request: web.Request, asset: Asset, params: Params) -
 
 async def resource(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _params(request, cloud)
-    asset = await request.app[META].get_asset(cloud.name, match["rt"], match["type"], match["public_id"])
-    if asset is None:
-        raise NotFound(f"Resource not found - {match['public_id']}")
-    return await _render_resource(request, asset, params)
+    meta, name = request.app[META], (cloud.name, match["rt"], match["type"], match["public_id"])
+    found = await meta.get_asset_keyed(*name) if as_bool(params.get("versions"), False) else await meta.get_asset(*name)
+    return await _render_resource(request, found, match["public_id"])
 
 
 async def resource_by_asset_id(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _params(request, cloud)
-    asset = await request.app[META].get_asset_by_id(cloud.name, match["asset_id"])
-    if asset is None:
-        raise NotFound(f"Resource not found - {match['asset_id']}")
-    return await _render_resource(request, asset, params)
+    meta, asset_id = request.app[META], match["asset_id"]
+    versions = as_bool(params.get("versions"), False)
+    found = await meta.get_asset_by_id_keyed(cloud.name, asset_id) if versions else await meta.get_asset_by_id(cloud.name, asset_id)
+    return await _render_resource(request, found, asset_id)
 
 
 async def update(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:

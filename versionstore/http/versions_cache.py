@@ -1,26 +1,24 @@
 """Rendered `versions` arrays, reused while an asset's set of versions is unchanged.
 
 Versions are immutable rows, so the JSON of an asset's history only changes when a version
-is added or deleted, which `MetadataRepository.versions_signature` detects with one indexed count,
-or when a pending revision reaches its target (`restorable` flips), which bumps
-`MetadataRepository.revisions_generation` (a counter in the database, bumped in the same
-transaction, so a change made by any process counts), or when verify finds a revision missing or corrupt (or
-repaired), which moves `MetadataRepository.verify_generation` (kept in the database, so a change
-made by `versionstore verify` in another process counts too).
-A 1,000-version history then costs one query and a string copy instead of 1,000 row
-conversions. While nothing at all was committed since an entry was checked
-(`MetadataRepository.data_version` unchanged, which covers commits by other processes too), the
-entry is served without even those queries. The cache is bounded by the total size of what
-it holds.
+is added or deleted, when a pending revision reaches its target (`restorable` flips), or when
+verify finds a revision missing or corrupt (or repaired). The caller reads the asset's
+`VersionsKey` in the statement that reads the asset (`MetadataRepository.get_asset_keyed`):
+the versions' count and highest row id, and two counters kept in the database and bumped in
+the transactions that change those flags. Any change, made by any process or the CLI, moves
+the key, so an entry is never served stale and the hit costs no statement of its own (on
+PostgreSQL every statement is a round trip). A 1,000-version history then costs a string copy
+instead of 1,000 row conversions. The cache is bounded by the total size of what it holds.
 """
 
 from collections import OrderedDict
 
 from versionstore.http import render
+from versionstore.models import VersionsKey
 from versionstore.repository import MetadataRepository
 
-#: (versions_signature + generations, JSON bytes, backup_bytes, data_version when last checked)
-_Entry = tuple[tuple[int, int, int, int], bytes, int, object]
+#: (the key the JSON was rendered at, JSON bytes, backup_bytes)
+_Entry = tuple[VersionsKey, bytes, int]
 
 
 class VersionsJsonCache:
@@ -29,16 +27,10 @@ class VersionsJsonCache:
         self._size = 0
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
 
-    async def get(self, meta: MetadataRepository, cloud: str, asset_pk: int) -> tuple[bytes, int]:
-        """(JSON array of the asset's versions, backup_bytes)."""
-        checked = meta.data_version()
+    async def get(self, meta: MetadataRepository, cloud: str, asset_pk: int, key: VersionsKey) -> tuple[bytes, int]:
+        """(JSON array of the asset's versions, backup_bytes), as of `key`."""
         hit = self._entries.get(asset_pk)
-        if hit is not None and hit[3] == checked:
-            self._entries.move_to_end(asset_pk)
-            return hit[1], hit[2]
-        signature = (*await meta.versions_signature(asset_pk), await meta.revisions_generation(), await meta.verify_generation())
-        if hit is not None and hit[0] == signature:
-            self._entries[asset_pk] = (*hit[:3], checked)
+        if hit is not None and hit[0] == key:
             self._entries.move_to_end(asset_pk)
             return hit[1], hit[2]
         versions = await meta.versions(asset_pk)
@@ -47,7 +39,7 @@ class VersionsJsonCache:
         bad = await meta.bad_revisions(cloud, revisions)
         text = render.dumps([render.version(v, v.digest in pending, bad.get(v.digest)) for v in versions])
         backup_bytes = await meta.backup_bytes(asset_pk)  # only on a miss: one definition of the sum
-        self._store(asset_pk, (signature, text, backup_bytes, checked))
+        self._store(asset_pk, (key, text, backup_bytes))
         return text, backup_bytes
 
     def _store(self, asset_pk: int, entry: _Entry) -> None:

@@ -1,0 +1,110 @@
+"""The read path in statements (issue 11): on PostgreSQL each statement is a round trip, so
+the hot reads (`versions=true`, `download_backup`) send as few as they can, on both backends.
+
+Counted on the real app over HTTP: the store's point reads and scans are wrapped to note the
+statements they send, the environment lookup aside (it is cached, and re-read at most once a
+second on PostgreSQL, so whether a request pays it depends on the clock)."""
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import BASIC_HEADERS, CLOUD, METADATA_BACKENDS, Api, sign
+from versionstore.config import Config
+from versionstore.http.app import create_app
+from versionstore.http.keys import META
+from versionstore.metadata import MetadataStore
+
+
+class Statements:
+    def __init__(self, meta: Any) -> None:
+        self.sent: list[str] = []
+        for name in ("_one", "_all", "_scan"):
+            setattr(meta, name, self._noting(getattr(meta, name)))
+
+    def _noting(self, read: Callable[[str, Sequence[Any]], Awaitable[Any]]) -> Callable[[str, Sequence[Any]], Awaitable[Any]]:
+        async def noted(sql: str, args: Sequence[Any] = ()) -> Any:
+            if not sql.startswith("SELECT name, api_key, api_secret"):
+                self.sent.append(sql)
+            return await read(sql, args)
+
+        return noted
+
+    async def of(self, request: Awaitable[Any]) -> list[str]:
+        self.sent.clear()
+        await request
+        return list(self.sent)
+
+
+async def _ok(response: Any) -> None:
+    assert response.status == 200, await response.text()
+    await response.read()
+
+
+async def test_a_download_reads_its_version_and_every_check_in_one_statement(api: Api, client: TestClient) -> None:
+    up = await api.upload(b"revision bytes", public_id="cost/d")
+    count = Statements(client.app[META])
+    params = sign({"asset_id": up["asset_id"], "version_id": up["version_id"]})
+
+    async def download() -> None:
+        await _ok(await client.get(f"/v1_1/{CLOUD}/download_backup", params=params))
+
+    await download()
+    assert len(await count.of(download())) == 1
+
+
+async def test_versions_true_reads_the_asset_and_what_its_cached_versions_depend_on_in_one_statement(
+    api: Api, client: TestClient
+) -> None:
+    for n in range(3):
+        await api.upload(f"version {n}".encode(), public_id="cost/v")
+    count = Statements(client.app[META])
+
+    async def versions(path: str) -> dict[str, Any]:
+        response = await client.get(f"/v1_1/{CLOUD}/resources/{path}", params={"versions": "true"}, headers=BASIC_HEADERS)
+        assert response.status == 200, await response.text()
+        body: dict[str, Any] = await response.json()
+        return body
+
+    first = await versions("image/upload/cost/v")
+    assert len(first["versions"]) == 3
+    assert len(await count.of(versions("image/upload/cost/v"))) == 1
+    assert len(await count.of(versions(first["asset_id"]))) == 1
+
+
+async def test_a_version_added_through_another_process_shows_in_versions_at_once(
+    aiohttp_client: Any, client: TestClient, config: Config
+) -> None:
+    """Two apps on one database stand for two `serve` processes: the second one's cached
+    versions JSON is keyed on what the statement reads, never on time, so it cannot lag."""
+    other: TestClient = await aiohttp_client(create_app(config))
+    await Api(client).upload(b"first", public_id="cost/shared")
+
+    async def listed(via: TestClient) -> list[str]:
+        body = await Api(via).admin("GET", "resources/image/upload/cost/shared", params={"versions": "true"})
+        return [v["version_id"] for v in body["versions"]]
+
+    before = await listed(other)
+    added = await Api(client).upload(b"second", public_id="cost/shared")
+    assert await listed(other) == [*before, added["version_id"]]
+
+
+@pytest.mark.skipif("postgresql" not in METADATA_BACKENDS, reason="VERSIONSTORE_TEST_METADATA=sqlite")
+async def test_point_reads_survive_a_read_cut_short_and_a_refused_statement(postgres_url: str) -> None:
+    """PostgreSQL's point reads have their own few connections (versionstore/pg.py): one cut
+    short is dropped (not handed to the next read mid-statement), one the database refused is
+    reused, and many reads at once share them."""
+    meta = await MetadataStore.open(postgres_url)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(meta._one("SELECT pg_sleep(30)"), 0.3)
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await meta._one("SELECT 1 FROM no_such_table")
+        answers = await asyncio.gather(*(meta._one("SELECT ?::bigint", (n,)) for n in range(40)))
+        assert answers == [(n,) for n in range(40)]
+    finally:
+        await asyncio.wait_for(meta.close(), 5)
