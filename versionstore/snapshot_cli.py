@@ -1,7 +1,8 @@
 """`versionstore snapshot create|list|show|delete|pin`, `retention simulate`, `restore --at T`.
 
-Each command opens the data directory's metadata and stores like `versionstore verify`, acts,
-and prints JSON (one object, or one per line for lists). `restore` prints the dry-run diff;
+Each command opens the service like `versionstore verify` (`bootstrap.open_service`: metadata,
+stores, claims with their lease heartbeat), acts, and prints JSON (one object, or one per line
+for lists). `restore` prints the dry-run diff;
 with `--run` it queues the `point_in_time_restore` job that the running server performs.
 """
 
@@ -23,28 +24,18 @@ def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Cal
     def command(args: argparse.Namespace) -> int:
         from versionstore import bootstrap
         from versionstore.cli import store_config
-        from versionstore.service import VersionService
         from versionstore.snapshots import Snapshots
-        from versionstore.targets import BackupTargets
 
         config = store_config(args.data_dir, args.metadata, create=False)
 
         async def run() -> None:
-            meta = await bootstrap.open_metadata(config)
-            primary = bootstrap.open_primary(config)
-            targets = BackupTargets(meta, bootstrap.open_backup(config))
-            config.spool_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                if await meta.get_cloud(args.cloud) is None:
+            # With the lease heartbeat: a deletion's release journal stays this run's until it ends.
+            async with bootstrap.open_service(config) as service:
+                if await service.meta.get_cloud(args.cloud) is None:
                     raise ApiError(f"no product environment named {args.cloud!r}")
-                service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
                 result = await action(Snapshots(service), args)
                 for line in result if isinstance(result, list) else [result]:
                     print(json.dumps(line, indent=None if isinstance(result, list) else 2, default=str))
-            finally:
-                await targets.close()
-                await primary.close()
-                await meta.close()
 
         asyncio.run(run())
         return 0
