@@ -571,6 +571,20 @@ class MetadataStore:
             parts = await self._parts(db, cloud, upload_id)
         return session, added, parts
 
+    async def replace_upload_part(self, cloud: str, upload_id: str, old_file: str, part: UploadPart) -> list[UploadPart] | None:
+        """A retried chunk's copy takes the place of the recorded copy of the same range (which
+        its process cannot read: another machine's spool), while the session is open; returns
+        all parts, or None when the session or that copy changed meanwhile."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE upload_parts SET file = ? WHERE cloud = ? AND upload_id = ? AND first_byte = ? AND end_byte = ? "
+                "AND file = ? AND EXISTS (SELECT 1 FROM upload_sessions s WHERE s.cloud = ? AND s.upload_id = ? AND s.state = 'open')",
+                (part.file, cloud, upload_id, part.first, part.end, old_file, cloud, upload_id),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return await self._parts(db, cloud, upload_id)
+
     @staticmethod
     async def _parts(db: Transaction, cloud: str, upload_id: str) -> list[UploadPart]:
         cursor = await db.execute(
