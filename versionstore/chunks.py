@@ -18,7 +18,9 @@ its own private file, and is refused at step 2 once the session is assembling or
 Several processes: the parts live in the data directory's spool and the sessions in the shared
 database, so the chunks of one upload may reach different `--workers` of one machine. Servers
 on several machines need a shared spool (or sticky routing); a part recorded by a server whose
-spool this one cannot see is refused with a 409 that says so, never assembled short.
+spool this one cannot see is refused with a 409 that says so, never assembled short; the
+client's retry of a chunk on a server that cannot read the recorded copy of its range replaces
+that copy, so the server holding the other parts can finish.
 """
 
 import asyncio
