@@ -193,6 +193,33 @@ async def test_a_chunk_on_another_machines_spool_is_a_clear_error_not_a_short_fi
     assert await download(a, final) == data
 
 
+async def test_a_retried_chunk_replaces_a_copy_on_another_machines_spool(
+    two: tuple[TestClient, TestClient], shared: Config
+) -> None:
+    """The first chunk on machine A, the last on machine B (a balancer without sticky
+    routing): B answers 409. The client retries the last chunk on A, which holds the first:
+    B's copy of that range, recorded but on B's disk, is replaced by A's, and A completes the
+    upload (before, the recorded copy stayed and every retry answered 409 again)."""
+    a, b = two
+    data = secrets.token_bytes(MIN + 77)
+    upload_id = secrets.token_hex(8)
+    chunks = shared.spool_dir / "chunks"
+    first = await ok(await send_chunk(a, upload_id, data[:MIN], 0, len(data)))
+    on_a = {path: path.read_bytes() for path in chunks.glob("*.chunk")}
+    for path in on_a:  # A's disk, which B cannot see
+        path.chmod(0o644)
+        path.unlink()
+    response = await send_chunk(b, upload_id, data[MIN:], MIN, len(data), public_id=first["public_id"])
+    assert response.status == 409, await response.json()
+    for path in set(chunks.glob("*.chunk")):  # B's disk, which A cannot see
+        path.chmod(0o644)
+        path.unlink()
+    for path, content in on_a.items():
+        path.write_bytes(content)
+    final = await ok(await send_chunk(a, upload_id, data[MIN:], MIN, len(data), public_id=first["public_id"]))
+    assert await download(a, final) == data
+
+
 async def test_a_job_runs_in_one_process_and_moves_when_its_holder_dies(shared: Config) -> None:
     """Two runners on one database, separate connections and owners: the job runs once while
     its holder renews the lease; when the holder stops dead (no release, like SIGKILL) the

@@ -1,10 +1,16 @@
 """Snapshots over HTTP: consistent point-in-time lists of (asset, version), what they keep, and
 what irreversible deletion does to them (docs/snapshots.md, docs/design.md)."""
 
+import asyncio
+import time
+
+import pytest
 
 from tests.conftest import CLOUD
 from tests.test_semantics import blob_files
+from versionstore.claims import REVISION, Claims
 from versionstore.http.keys import SERVICE
+from versionstore.snapshots import Snapshots
 
 SNAPS = "versionstore/snapshots"
 
@@ -123,6 +129,35 @@ async def test_a_revision_a_snapshot_references_is_never_collected(api, client, 
     assert any(p.name == digest for p in blob_files(config, "backup"))
     # Deleting the snapshot releases it: now nothing references the bytes.
     await api.admin("DELETE", f"{SNAPS}/{snap['id']}")
+    assert not any(p.name == digest for p in blob_files(config, "backup"))
+
+
+async def test_a_snapshot_deletion_stopped_before_its_releases_leaves_them_to_orphan_collection(api, client, config):
+    """The revisions a snapshot's deletion frees are journaled in the deletion's own
+    transaction: a process that stops between that commit and the release (here cancelled
+    while another process's deletion claim holds the digest) leaves them to the write journal's
+    orphan collection, instead of in the backup store until a full walk."""
+    await api.upload(b"kept by the snapshot only", public_id="j/a")
+    snap = await api.admin("POST", SNAPS, json={})
+    await api.upload(b"newer", public_id="j/a")
+    service = client.app[SERVICE]
+    digest = (await api.admin("GET", f"{SNAPS}/{snap['id']}/items"))["items"][0]["blake3"]
+    async with service.meta.transaction() as db:  # only the snapshot's item references the revision now
+        await db.execute("DELETE FROM versions WHERE digest = ?", (digest,))
+    other_process = Claims(service.meta, owner="another-host:1:0")
+    async with other_process.deleting(CLOUD, digest, REVISION) as free:
+        assert free is False  # the snapshot's item still holds it
+        deletion = asyncio.create_task(Snapshots(service).delete(CLOUD, snap["id"]))
+        deadline = time.monotonic() + 10
+        while await service.meta.get_snapshot(CLOUD, snap["id"]) is not None:  # committed; the release waits
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        deletion.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await deletion
+    assert any(p.name == digest for p in blob_files(config, "backup"))
+    await service.collect_expired_writes()  # what every process does every few seconds
     assert not any(p.name == digest for p in blob_files(config, "backup"))
 
 

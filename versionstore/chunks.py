@@ -18,7 +18,9 @@ its own private file, and is refused at step 2 once the session is assembling or
 Several processes: the parts live in the data directory's spool and the sessions in the shared
 database, so the chunks of one upload may reach different `--workers` of one machine. Servers
 on several machines need a shared spool (or sticky routing); a part recorded by a server whose
-spool this one cannot see is refused with a 409 that says so, never assembled short.
+spool this one cannot see is refused with a 409 that says so, never assembled short; the
+client's retry of a chunk on a server that cannot read the recorded copy of its range replaces
+that copy, so the server holding the other parts can finish.
 """
 
 import asyncio
@@ -192,8 +194,10 @@ class ChunkAssembler:
         except BaseException:
             published.unlink(missing_ok=True)
             raise
-        if not added:  # the same range again (a retry): the first copy stays
-            published.unlink(missing_ok=True)
+        if not added:  # the same range again (a retry): the first copy stays, if this process can read it
+            parts = await self._take_over_unreadable(cloud, upload_id, part, parts) or parts
+            if part not in parts:
+                published.unlink(missing_ok=True)
         covered = _covered(parts)
         progress = Progress(session, sum(end - start for start, end in covered))
         if session.total is None or covered != [(0, session.total)]:
@@ -203,6 +207,18 @@ class ChunkAssembler:
         if claimed is None:
             raise BadRequest(f"Upload {upload_id} is being assembled; its chunks cannot change")
         return replace(progress, parts=claimed, token=token)
+
+    async def _take_over_unreadable(self, cloud: str, upload_id: str, part: UploadPart, parts: list[UploadPart]) -> list[UploadPart] | None:
+        """A retry of a range whose recorded copy is not in this spool (a server on another
+        machine received it; assembling here answered 409) replaces that copy with its own, so
+        the server the client retries on can finish the upload. Else the session would wait
+        for a part no server that holds the others can read."""
+        recorded = next((p for p in parts if (p.first, p.end) == (part.first, part.end)), None)
+        if recorded is None or await asyncio.to_thread((self.directory / recorded.file).exists):
+            return None
+        log.info("upload %s/%s: chunk %d-%d recorded on another server's spool; this retry's copy replaces it",
+                 cloud, upload_id, part.first, part.end)
+        return await self.meta.replace_upload_part(cloud, upload_id, recorded.file, part)
 
     @staticmethod
     def _publish(received: Path, published: Path) -> None:

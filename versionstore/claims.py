@@ -111,6 +111,14 @@ class Claims:
         that dies between the commit and the release leaves the blobs to orphan collection."""
         ids = [i for digest in dict.fromkeys(digests) for i in await self.meta.begin_writes(
             cloud, digest, [(RELEASE, None)], self.owner, self.lease_until())]
+        async with self.released(ids):
+            yield
+
+    @asynccontextmanager
+    async def released(self, ids: Sequence[int]) -> AsyncIterator[None]:
+        """Around the releases of journaled `release` rows (`releasing`'s, or those a metadata
+        change wrote in its own transaction, like a snapshot's deletion): removed when the body
+        ends normally, expired at once otherwise, so orphan collection checks their digests."""
         try:
             yield
         except BaseException:

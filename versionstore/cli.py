@@ -223,21 +223,15 @@ def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from versionstore import verify
-    from versionstore.service import VersionService
-    from versionstore.targets import BackupTargets
 
     if not 0 < args.sample <= 1 or args.rate < 0:
         raise ConfigError("--sample must be in (0, 1] and --rate >= 0")
     config = store_config(args.data_dir, args.metadata, create=False)
 
     async def run() -> int:
-        meta = await bootstrap.open_metadata(config)
-        primary = bootstrap.open_primary(config)
-        targets = BackupTargets(meta, bootstrap.open_backup(config))
-        service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes)
-        config.spool_dir.mkdir(parents=True, exist_ok=True)
         problems = 0
-        try:
+        async with bootstrap.open_service(config) as service:  # repairs write: leases renewed throughout
+            meta = service.meta
             clouds = [await _existing(meta, args.cloud)] if args.cloud else await meta.list_clouds()
             for cloud in clouds:
                 total = (await meta.revision_totals(cloud.name))[1] * args.sample
@@ -246,10 +240,6 @@ def _verify(args: argparse.Namespace) -> int:
                     report = await scrubber.run(cloud)
                 print(json.dumps({"cloud_name": cloud.name, **report.as_dict()}, indent=2))
                 problems += report.problem_count
-        finally:
-            await targets.close()
-            await primary.close()
-            await meta.close()
         return 1 if problems else 0
 
     return asyncio.run(run())
@@ -334,34 +324,19 @@ def _gc(args: argparse.Namespace) -> int:
     """`versionstore gc`: settle the write journal's expired rows now (what every server does
     every few seconds); with `--full`, also walk every blob of the stores, paced, and remove
     those no metadata references. Safe while servers run: it takes the same claims."""
-    from versionstore.claims import Claims
-    from versionstore.service import VersionService
-    from versionstore.targets import BackupTargets
-
     if args.rate < 0:
         raise ConfigError("--rate must be >= 0")
     config = store_config(args.data_dir, args.metadata, create=False)
 
     async def run() -> None:
-        meta = await bootstrap.open_metadata(config)
-        primary = bootstrap.open_primary(config)
-        targets = BackupTargets(meta, bootstrap.open_backup(config))
-        claims = Claims(meta, lease=config.lease_seconds)
-        service = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes, claims)
-        heartbeat = asyncio.create_task(claims.run_heartbeat())
-        try:
-            await claims.expire_dead_owners()
+        async with bootstrap.open_service(config) as service:
+            await service.claims.expire_dead_owners()
             print(f"journal: {await service.collect_expired_writes()} expired blob write(s) settled", flush=True)
             if args.full:
-                clouds = [await _existing(meta, args.cloud)] if args.cloud else await meta.list_clouds()
+                clouds = [await _existing(service.meta, args.cloud)] if args.cloud else await service.meta.list_clouds()
                 for cloud in clouds:
                     removed = await service.collect_orphans(cloud, rate=args.rate or None)
                     print(f"{cloud.name}: {removed} unreferenced blob(s) removed", flush=True)
-        finally:
-            heartbeat.cancel()
-            await targets.close()
-            await primary.close()
-            await meta.close()
 
     asyncio.run(run())
     return 0

@@ -604,6 +604,20 @@ class MetadataStore:
             parts = await self._parts(db, cloud, upload_id)
         return session, added, parts
 
+    async def replace_upload_part(self, cloud: str, upload_id: str, old_file: str, part: UploadPart) -> list[UploadPart] | None:
+        """A retried chunk's copy takes the place of the recorded copy of the same range (which
+        its process cannot read: another machine's spool), while the session is open; returns
+        all parts, or None when the session or that copy changed meanwhile."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE upload_parts SET file = ? WHERE cloud = ? AND upload_id = ? AND first_byte = ? AND end_byte = ? "
+                "AND file = ? AND EXISTS (SELECT 1 FROM upload_sessions s WHERE s.cloud = ? AND s.upload_id = ? AND s.state = 'open')",
+                (part.file, cloud, upload_id, part.first, part.end, old_file, cloud, upload_id),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return await self._parts(db, cloud, upload_id)
+
     @staticmethod
     async def _parts(db: Transaction, cloud: str, upload_id: str) -> list[UploadPart]:
         cursor = await db.execute(
@@ -1460,15 +1474,21 @@ class MetadataStore:
         )
         return int(rows[0][0])
 
-    async def delete_snapshot(self, cloud: str, snapshot_id: str) -> list[str]:
-        """Delete a snapshot and its items; returns the digests only it referenced (no backed-up
-        version, no other snapshot: usually none), for the caller to release."""
+    async def delete_snapshot(self, cloud: str, snapshot_id: str, owner: str, lease_until: float) -> list[tuple[int, str]]:
+        """Delete a snapshot and its items. The revisions it may have been the last reference
+        of (covered items whose digest no backed-up version names: usually none) are journaled
+        in the same transaction as releases (role `release`, `owner`'s lease) and returned as
+        (journal id, digest): the caller releases each under its deletion claim, which checks
+        every reference again (another snapshot's item, a write in flight), then removes the
+        row. Another snapshot's items are not ruled out here: two deletions committing at once
+        on PostgreSQL would each see the other's items and release neither. A process that
+        dies before its releases leaves the rows to orphan collection."""
+        now = time.time()
+        journaled: list[tuple[int, str]] = []
         async with self.transaction() as db:
             cursor = await db.execute(
                 "SELECT DISTINCT s.digest FROM snapshot_items s WHERE s.snapshot_id = ? AND s.covered = 1 "
-                "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.cloud = s.cloud AND v.digest = s.digest AND v.backed_up = 1) "
-                "AND NOT EXISTS (SELECT 1 FROM snapshot_items o WHERE o.cloud = s.cloud AND o.digest = s.digest "
-                "AND o.snapshot_id <> s.snapshot_id)",
+                "AND NOT EXISTS (SELECT 1 FROM versions v WHERE v.cloud = s.cloud AND v.digest = s.digest AND v.backed_up = 1)",
                 (snapshot_id,),
             )
             digests = [r[0] for r in await cursor.fetchall()]
@@ -1476,7 +1496,16 @@ class MetadataStore:
             cursor = await db.execute("DELETE FROM snapshots WHERE cloud = ? AND id = ?", (cloud, snapshot_id))
             if not cursor.rowcount:
                 return []
-        return digests
+            for digest in digests:
+                cursor = await db.execute(
+                    "INSERT INTO inflight_writes (cloud, digest, role, target, owner, started_at, lease_until) "
+                    "VALUES (?, ?, 'release', NULL, ?, ?, ?) RETURNING id",
+                    (cloud, digest, owner, now, lease_until),
+                )
+                row = await cursor.fetchone()
+                assert row is not None
+                journaled.append((int(row[0]), digest))
+        return journaled
 
     async def update_snapshot(self, cloud: str, snapshot_id: str, **columns: Any) -> bool:
         """Set plain columns (pinned, expires_at, pending_deletion, note); False when not found."""

@@ -54,7 +54,7 @@ def _run(action: Callable[[Any, argparse.Namespace], Any]) -> Callable[[argparse
         config = store_config(args.data_dir, args.metadata, create=False)
 
         async def run() -> None:
-            async with bootstrap.opened_service(config) as service:
+            async with bootstrap.open_service(config) as service:
                 for line in await action(service, args):
                     print(json.dumps(line, default=str))
 

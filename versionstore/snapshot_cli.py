@@ -1,7 +1,8 @@
 """`versionstore snapshot create|list|show|delete|pin`, `retention simulate`, `restore --at T`.
 
-Each command opens the data directory's metadata and stores like `versionstore verify`, acts,
-and prints JSON (one object, or one per line for lists). `restore` prints the dry-run diff;
+Each command opens the service like `versionstore verify` (`bootstrap.open_service`: metadata,
+stores, claims with their lease heartbeat), acts, and prints JSON (one object, or one per line
+for lists). `restore` prints the dry-run diff;
 with `--run` it queues the `point_in_time_restore` job that the running server performs.
 """
 
@@ -59,7 +60,8 @@ def _run(action: Callable[[Service, argparse.Namespace], Awaitable[Any]]) -> Cal
         config = store_config(args.data_dir, args.metadata, create=False)
 
         async def run() -> None:
-            async with bootstrap.opened_service(config) as service:
+            # With the lease heartbeat: a deletion's release journal stays this run's until it ends.
+            async with bootstrap.open_service(config) as service:
                 if await service.meta.get_cloud(args.cloud) is None:
                     raise ApiError(f"no product environment named {args.cloud!r}")
                 # A failure raises the alarm as in the server, POST to the alert URL included.

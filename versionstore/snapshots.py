@@ -85,9 +85,15 @@ class Snapshots:
             raise Forbidden(f"Snapshot {snapshot_id} is pinned; unpin it first")
         if not by_retention and snapshot.type != MANUAL:
             raise Forbidden(f"Snapshot {snapshot_id} is scheduled: its retention policy removes it, not a user")
-        for digest in await self.meta.delete_snapshot(cloud, snapshot_id):
-            # Only what no version and no other snapshot referenced; checked again under the lock.
-            await self.service.release_revision(cloud, digest)
+        claims = self.service.claims
+        # The revisions only this snapshot may have held are journaled in the deletion's own
+        # transaction: a crash before their release leaves them to orphan collection.
+        journal = await self.meta.delete_snapshot(cloud, snapshot_id, claims.owner, claims.lease_until())
+        async with claims.released([write_id for write_id, _ in journal]):
+            for _, digest in journal:
+                # Under the digest's deletion claim, every reference is checked again (another
+                # snapshot's item, a version, an upload of the same bytes in any process).
+                await self.service.release_revision(cloud, digest)
         return snapshot
 
     async def pin(self, cloud: str, snapshot_id: str, pinned: bool) -> Snapshot:

@@ -1,10 +1,17 @@
-"""Several service processes on one data directory, driven by the official SDK.
+"""Several service processes on one installation, driven by the official SDK.
 
 `versionstore serve --workers 3` (one port, a supervising parent) and three separate `serve`
-processes on one data dir: uploads to one public_id from all at once, restores, deletions and
-version deletions; the chunks of one upload sent to three different processes; workers
-SIGKILLed mid-upload and mid-job. Afterwards: the job finished in another process within the
-lease, no duplicate versions, and every listed version downloads byte-identical.
+processes: uploads to one public_id from all at once, restores, deletions and version
+deletions, each through another process; the chunks of one upload sent to three different
+processes; processes SIGKILLed mid-upload and mid-job. Afterwards: the job finished in another
+process within the lease, no duplicate versions, and every listed version downloads
+byte-identical.
+
+Each test runs on two deployments (`deployment`): the embedded default (SQLite and local
+stores in the data directory) and the scale-out one (PostgreSQL metadata, primary and backup
+stores in S3). The processes share one data directory, which on the scale-out deployment holds
+only the spool: the shared spool directory docs/scale-out.md requires for chunks of one upload
+to reach different processes.
 """
 
 import contextlib
@@ -17,18 +24,21 @@ import sqlite3
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cloudinary
 import cloudinary.api
+import cloudinary.exceptions
 import cloudinary.uploader
 import pytest
 
-from tests.e2e.conftest import CLOUD, ServerProcess, cli, configure_sdk
+from tests.e2e.conftest import API_KEY, API_SECRET, CLOUD, ServerProcess, cli, configure_sdk
 from tests.e2e.test_sdk import download, fetch, versions
+from tests.test_blobstore_contract import make_s3_bucket
 
 LEASE = 2.0
 ENV = {
@@ -36,6 +46,57 @@ ENV = {
     "VERSIONSTORE_POLL_INTERVAL": "0.1",
     "VERSIONSTORE_JOURNAL_SWEEP_INTERVAL": "0.5",
 }
+
+
+@dataclass
+class Deployment:
+    """Where the processes keep their metadata and blobs, and a way to read the metadata as an
+    operator would (`rows`: every value as text, NULL as "")."""
+
+    name: str
+    data_dir: Path
+    env: dict[str, str]
+    rows: Callable[[str], list[list[str]]]
+
+
+def _sqlite_rows(path: Path) -> Callable[[str], list[list[str]]]:
+    def rows(statement: str) -> list[list[str]]:
+        db = sqlite3.connect(path, timeout=30)
+        try:
+            with db:
+                return [["" if v is None else str(v) for v in row] for row in db.execute(statement).fetchall()]
+        finally:
+            db.close()
+
+    return rows
+
+
+@pytest.fixture(params=["sqlite-local", "postgres-s3"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment]:
+    """One environment created by the CLI on the deployment; PostgreSQL and moto are the
+    session's servers, with a fresh database and fresh buckets per test."""
+    data_dir = tmp_path / "data"
+    if request.param == "sqlite-local":
+        found = Deployment(request.param, data_dir, {}, _sqlite_rows(data_dir / "metadata.sqlite3"))
+        cli("cloud", "create", CLOUD, "--api-key", API_KEY, "--api-secret", API_SECRET, data_dir=data_dir)
+        yield found
+        return
+    postgres, moto = request.getfixturevalue("postgres"), request.getfixturevalue("moto_server")
+    database = postgres.new_database()
+    env = {"VERSIONSTORE_METADATA_URL": postgres.url(database), **moto.client_env()}
+    for role in ("primary", "backup"):
+        bucket = f"vs-{role}-{secrets.token_hex(6)}"
+        make_s3_bucket(moto.url, bucket)
+        env[f"VERSIONSTORE_{role.upper()}_STORE"] = f"s3://{bucket}/vs?endpoint_url={moto.url}&region=us-east-1"
+
+    def rows(statement: str) -> list[list[str]]:
+        return [line.split("|") for line in postgres.sql(statement, database).splitlines()]
+
+    cli("cloud", "create", CLOUD, "--api-key", API_KEY, "--api-secret", API_SECRET, data_dir=data_dir, env=env)
+    try:
+        yield Deployment(request.param, data_dir, env, rows)
+    finally:
+        postgres.drop_database(database)
 
 
 def children(pid: int) -> set[int]:
@@ -56,10 +117,8 @@ def sha(data: bytes) -> str:
 
 
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[ServerProcess]:
-    data_dir = tmp_path / "data"
-    cli("cloud", "create", CLOUD, "--api-key", "key123", "--api-secret", "secret456", data_dir=data_dir)
-    server = ServerProcess(data_dir, tmp_path, {**ENV, "VERSIONSTORE_WORKERS": "3"})
+def workers(deployment: Deployment, tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(deployment.data_dir, tmp_path, {**ENV, **deployment.env, "VERSIONSTORE_WORKERS": "3"})
     server.start()
     configure_sdk(server.base_url)
     try:
@@ -170,58 +229,64 @@ def test_workers_share_one_port_and_one_history(workers: ServerProcess) -> None:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
-def test_a_job_whose_worker_is_killed_finishes_in_another(workers: ServerProcess) -> None:
+def test_a_job_whose_worker_is_killed_finishes_in_another(workers: ServerProcess, deployment: Deployment) -> None:
     """A verify job read-throttled to take seconds; its worker is SIGKILLed mid-job; another
     worker takes it over once the lease has passed and completes it."""
     for i in range(8):
         cloudinary.uploader.upload(secrets.token_bytes(150_000), public_id=f"job/{i}.bin", resource_type="raw")
-    db = sqlite3.connect(workers.data_dir / "metadata.sqlite3", timeout=30)
-    job_id = secrets.token_hex(16)
-    with db:
-        db.execute(
-            "INSERT INTO jobs (id, cloud, kind, status, params, created_at) VALUES (?, ?, 'verify', 'pending', ?, ?)",
-            (job_id, CLOUD, json.dumps({"rate_mb_s": 0.25}), time.time()),
-        )
-
-    def holder() -> str | None:
-        row = db.execute("SELECT owner, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row[0] if row and row[0] and row[1] == "active" else None
-
-    first_owner = wait_for(holder, 20, "a worker to claim the job")
+    job_id = start_slow_verify(deployment)
+    first_owner = wait_for(lambda: job_holder(deployment, job_id), 20, "a worker to claim the job")
     victim = int(first_owner.split(":")[1])
     assert victim in children(workers.pid)
     time.sleep(0.5)
     os.kill(victim, signal.SIGKILL)
-    killed_at = time.monotonic()
+    assert_taken_over_and_completed(deployment, job_id, first_owner, time.monotonic())
 
+
+def start_slow_verify(deployment: Deployment) -> str:
+    """A verify job of the environment, read-throttled to take seconds, queued as an operator
+    would through the database (any process's runner takes it)."""
+    job_id = secrets.token_hex(16)
+    deployment.rows(
+        "INSERT INTO jobs (id, cloud, kind, status, params, created_at) "
+        f"VALUES ('{job_id}', '{CLOUD}', 'verify', 'pending', '{json.dumps({'rate_mb_s': 0.25})}', {time.time()})"
+    )
+    return job_id
+
+
+def job_holder(deployment: Deployment, job_id: str) -> str | None:
+    found = deployment.rows(f"SELECT owner, status FROM jobs WHERE id = '{job_id}'")
+    return found[0][0] if found and found[0][0] and found[0][1] == "active" else None
+
+
+def assert_taken_over_and_completed(deployment: Deployment, job_id: str, first_owner: str, killed_at: float) -> None:
+    """Another process took the job over within the lease (plus a collector pass) and
+    completed it, every revision checked once, none found damaged."""
     def taken_over() -> str | None:
-        owner = db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+        owner = deployment.rows(f"SELECT owner FROM jobs WHERE id = '{job_id}'")[0][0]
         return owner if owner and owner != first_owner else None
 
-    second_owner = wait_for(taken_over, LEASE + 10, "another worker to take the job over")
+    second_owner = wait_for(taken_over, LEASE + 10, "another process to take the job over")
     assert time.monotonic() - killed_at < LEASE + 5
-    assert int(second_owner.split(":")[1]) != victim
-    status = wait_for(
-        lambda: (row := db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()) and row[0] in ("completed", "failed")
-        and row[0], 60, "the job to finish",
-    )
-    assert status == "completed"
-    progress = json.loads(db.execute("SELECT progress FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+    assert second_owner.split(":")[1] != first_owner.split(":")[1]
+
+    def finished() -> str | None:
+        status = deployment.rows(f"SELECT status FROM jobs WHERE id = '{job_id}'")[0][0]
+        return status if status in ("completed", "failed") else None
+
+    assert wait_for(finished, 60, "the job to finish") == "completed"
+    progress = json.loads(deployment.rows(f"SELECT progress FROM jobs WHERE id = '{job_id}'")[0][0])
     assert progress["revisions"] == 8 and progress["problems"] == 0
-    db.close()
 
 
 @pytest.fixture
-def three(tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    data_dir = tmp_path / "data"
-    cli("cloud", "create", CLOUD, "--api-key", "key123", "--api-secret", "secret456", data_dir=data_dir)
-    servers = []
+def three(deployment: Deployment, tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    servers = [ServerProcess(deployment.data_dir, tmp_path / f"s{index}", {**ENV, **deployment.env}) for index in range(3)]
     try:
-        for index in range(3):
-            server = ServerProcess(data_dir, tmp_path / f"s{index}", ENV)
+        for server in servers:
             server.log_dir.mkdir()
-            server.start()
-            servers.append(server)
+        with ThreadPoolExecutor(3) as pool:  # started at once: the start-up is most of the test's time
+            list(pool.map(ServerProcess.start, servers))
         configure_sdk(servers[0].base_url)
         yield servers
     finally:
@@ -232,7 +297,8 @@ def three(tmp_path: Path) -> Iterator[list[ServerProcess]]:
 
 def test_three_processes_one_upload_in_chunks_and_one_name(three: list[ServerProcess]) -> None:
     """Each chunk of one upload to a different process (the SDK's own chunk call, pointed at
-    each server in turn), and uploads to one public_id from all three at once."""
+    each server in turn), uploads to one public_id from all three at once, then a deletion, a
+    restore and a version deletion each through another process."""
     chunk = 5 << 20
     data = secrets.token_bytes(3 * chunk + 4321)
     upload_id = secrets.token_hex(8)
@@ -252,4 +318,92 @@ def test_three_processes_one_upload_in_chunks_and_one_name(three: list[ServerPro
     results = upload_many_at_once(public_id, payloads, [server.base_url for server in three])
     assert len({r["asset_id"] for r in results}) == 1
     by_version = {r["version_id"]: p for r, p in zip(results, payloads, strict=True)}
-    assert len(assert_history_intact(public_id, by_version)) == 9
+    listed = assert_history_intact(public_id, by_version)
+    assert len(listed) == 9
+
+    configure_sdk(three[1].base_url)
+    cloudinary.api.delete_resources([public_id], resource_type="raw")
+    configure_sdk(three[2].base_url)
+    first = listed[0]["version_id"]
+    restored = cloudinary.api.restore([public_id], resource_type="raw", versions=[first])[public_id]
+    assert restored["bytes"] == len(by_version[first])
+    by_version[restored["version_id"]] = by_version[first]
+    configure_sdk(three[0].base_url)
+    gone = [v["version_id"] for v in listed[1:4]]
+    deleted = cloudinary.api.delete_backed_up_assets(results[0]["asset_id"], gone)
+    assert sorted(deleted["deleted_version_ids"]) == sorted(gone)
+    for version_id in gone:
+        del by_version[version_id]
+    for server in three:  # every process sees the same history
+        configure_sdk(server.base_url)
+        assert len(assert_history_intact(public_id, by_version)) == 9 - 3 + 1
+
+
+def test_three_processes_one_killed_mid_job_and_one_mid_upload(three: list[ServerProcess], deployment: Deployment) -> None:
+    """A process SIGKILLed while it runs a job: the job finishes in one of the others within
+    the lease. A process SIGKILLed while it receives an upload: the others serve an intact
+    history (the cut-off upload's blobs are the write journal's to collect), and so does the
+    process once started again."""
+    for i in range(8):
+        cloudinary.uploader.upload(secrets.token_bytes(150_000), public_id=f"job/{i}.bin", resource_type="raw")
+    job_id = start_slow_verify(deployment)
+    first_owner = wait_for(lambda: job_holder(deployment, job_id), 20, "a process to claim the job")
+    holder = next(server for server in three if server.pid == int(first_owner.split(":")[1]))
+    time.sleep(0.5)
+    holder.kill()
+    assert_taken_over_and_completed(deployment, job_id, first_owner, time.monotonic())
+    holder.start()
+
+    public_id = f"killed/{secrets.token_hex(4)}.bin"
+    first = secrets.token_bytes(5000)
+    configure_sdk(three[0].base_url)
+    uploaded = dict(cloudinary.uploader.upload(first, public_id=public_id, resource_type="raw"))
+    by_version = {uploaded["version_id"]: first}
+    big = secrets.token_bytes(24 << 20)
+    victim = three[1]
+    killer = threading.Timer(0.15, victim.kill)
+    killer.start()
+    with contextlib.suppress(Exception):  # cut off by the kill (or first to finish: one more intact version)
+        cloudinary.uploader.upload(big, public_id=public_id, resource_type="raw", upload_prefix=victim.base_url)
+    killer.join()
+    configure_sdk(three[2].base_url)
+    listed = versions(public_id, resource_type="raw")
+    by_version.update({v["version_id"]: big for v in listed if v["version_id"] not in by_version})
+    assert_history_intact(public_id, by_version)
+    victim.start()  # started again on the same installation: the same history
+    configure_sdk(victim.base_url)
+    assert_history_intact(public_id, by_version)
+
+
+@pytest.mark.parametrize("deployment", ["postgres-s3"], indirect=True)
+def test_a_chunk_sent_to_a_process_without_the_shared_spool_is_refused_clearly(
+    three: list[ServerProcess], deployment: Deployment, tmp_path: Path
+) -> None:
+    """A process of the same installation on another machine (its own data directory, so
+    another spool) that receives the last chunk of an upload whose first chunk it cannot read
+    answers 409 naming the topology rule, and publishes nothing; the client's retry of that
+    chunk on a process that shares the spool completes the upload (docs/scale-out.md)."""
+    elsewhere = ServerProcess(tmp_path / "other-machine", tmp_path / "m", {**ENV, **deployment.env})
+    elsewhere.log_dir.mkdir()
+    elsewhere.start()
+    try:
+        chunk = 5 << 20
+        data = secrets.token_bytes(chunk + 999)
+        upload_id = secrets.token_hex(8)
+
+        def send(server: ServerProcess, start: int, end: int, **options: Any) -> dict[str, Any]:
+            headers = {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}", "X-Unique-Upload-Id": upload_id}
+            return dict(cloudinary.uploader.upload_large_part(
+                ("big.bin", data[start:end]), upload_prefix=server.base_url, http_headers=headers, **options))
+
+        first = send(three[0], 0, chunk)
+        with pytest.raises(cloudinary.exceptions.Error, match="shared spool directory or sticky routing"):
+            send(elsewhere, chunk, len(data), public_id=first["public_id"])
+        configure_sdk(three[0].base_url)
+        with pytest.raises(cloudinary.exceptions.NotFound):
+            cloudinary.api.resource(first["public_id"], resource_type="raw")
+        final = send(three[1], chunk, len(data), public_id=first["public_id"])
+        assert final["bytes"] == len(data)
+        assert download(final["asset_id"], final["version_id"])[2] == data
+    finally:
+        elsewhere.stop()

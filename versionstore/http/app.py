@@ -19,7 +19,6 @@ from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 from versionstore import bootstrap, drills, initial_backup, logs, migration, pitr, protection, retention, verify
 from versionstore.alerts import Alerts
 from versionstore.chunks import ChunkAssembler
-from versionstore.claims import Claims
 from versionstore.config import Config
 from versionstore.console import bulk_restore
 from versionstore.disk_space import is_disk_full, space_report
@@ -54,7 +53,6 @@ from versionstore.repository import MetadataRepository
 from versionstore.service import VersionService
 from versionstore.snapshots import Snapshots
 from versionstore.spool import remove_stale_parts
-from versionstore.targets import BackupTargets
 
 log = logging.getLogger("versionstore")
 
@@ -186,15 +184,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # A crash mid-upload left these; never another live process's upload (see remove_stale_parts).
     await asyncio.to_thread(remove_stale_parts, config.spool_dir)
     async with contextlib.AsyncExitStack() as opened:
-        meta = await bootstrap.open_metadata(config)
-        opened.push_async_callback(meta.close)
-        app[META] = meta
-        primary = bootstrap.open_primary(config)
-        opened.push_async_callback(primary.close)
-        targets = BackupTargets(meta, bootstrap.open_backup(config), marker_ttl=config.marker_ttl)
-        opened.push_async_callback(targets.close)
-        claims = Claims(meta, lease=config.lease_seconds)
-        service = app[SERVICE] = VersionService(meta, primary, targets, config.spool_dir, config.max_upload_bytes, claims)
+        service = app[SERVICE] = await opened.enter_async_context(bootstrap.open_service(config))
+        meta = app[META] = service.meta
+        claims = service.claims
         chunks = app[CHUNKS] = ChunkAssembler(meta, config, service.new_spool)
         await chunks.sweep()
         app[FETCHER] = guarded_session(app[EGRESS], auto_decompress=False)
@@ -213,8 +205,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         opened.push_async_callback(runner.close)
         runner.on_finish.append(notifier)
         drainer = PendingDrainer(service, interval=config.poll_interval, max_backoff=config.pending_retry_max)
-        background = [
-            asyncio.create_task(claims.run_heartbeat(), name="lease heartbeat"),
+        background = [  # the lease heartbeat is open_service's: it outlives these
             asyncio.create_task(_collect_orphans(service, config), name="orphan collection"),
             asyncio.create_task(drainer.run(), name="pending drainer"),
             asyncio.create_task(runner.run(), name="job runner"),
