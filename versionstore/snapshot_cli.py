@@ -23,10 +23,11 @@ Service = Any  # versionstore.snapshots.Snapshots (imported lazily: keeps `--hel
 
 def _audit_name(args: argparse.Namespace) -> str | None:
     """The audit action of a command that changes something (None for reads and dry runs)."""
-    if args.command == "snapshot":
+    command = getattr(args, "command", None)
+    if command == "snapshot":
         return {"create": "snapshot_create", "delete": "snapshot_delete",
                 "pin": "snapshot_unpin" if getattr(args, "off", False) else "snapshot_pin"}.get(args.snapshot_command)
-    return "pitr_start" if args.command == "restore" and args.run else None
+    return "pitr_start" if command == "restore" and args.run else None
 
 
 async def _audited(meta: Any, args: argparse.Namespace, run: Callable[[], Awaitable[Any]]) -> Any:

@@ -87,6 +87,17 @@ POLICIES: dict[str, str] = {
     "GET versionstore/retention/simulate": ALLOW,
     "POST versionstore/point_in_time_restore/preview": ALLOW,
     "POST versionstore/point_in_time_restore": CHECK,
+    "GET versionstore/drills": ALLOW,
+    "POST versionstore/drills": ALLOW,  # restores into its own scratch environment, then removes that
+    "GET versionstore/drills/{drill_id}": ALLOW,
+    "GET versionstore/drill_schedule": ALLOW,
+    "PUT versionstore/drill_schedule": REFUSE,  # stopping drills hides a damaged backup
+    "POST versionstore/drill_schedule": REFUSE,
+    "DELETE versionstore/drill_schedule": REFUSE,
+    "GET versionstore/alerts": ALLOW,
+    "PUT versionstore/alerts": REFUSE,  # redirecting or silencing failure alerts
+    "POST versionstore/alerts": REFUSE,
+    "DELETE versionstore/alerts": REFUSE,
 }
 
 PREFIX = "/v1_1/{cloud_name}/"
