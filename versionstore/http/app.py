@@ -26,6 +26,7 @@ from versionstore.disk_space import is_disk_full, space_report
 from versionstore.egress import EgressPolicy
 from versionstore.errors import ApiError
 from versionstore.http import metrics, render
+from versionstore.http.body_tap import close_tapped
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.fetch import guarded_session
 from versionstore.http.keys import (
@@ -275,6 +276,7 @@ def create_app(config: Config) -> web.Application:
     app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
     app[SCRAPE] = metrics.ScrapeTimeCollector(lambda: app[META])
     app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(close_tapped)  # http/body_tap.py: no reuse of a tapped connection
     app.on_startup.append(_settle_heap)
     app.on_cleanup.append(_unsettle_heap)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
