@@ -350,6 +350,32 @@ class Bench:
             self.results.sink_seconds.setdefault(name, []).append(elapsed)
             self.results.sink_cpu.setdefault(name, []).append(cpu)
 
+    def bench_upload(self) -> None:
+        size_mb = self.args.size_mib * MiB / 1e6
+        r = self.results
+        for i in range(self.args.runs):
+            cp = self.run_cp(i)
+            md5, md5_cpu = self.run_md5()
+            r.md5_seconds.append(md5)
+            r.md5_cpu.append(md5_cpu)
+            up, growth, baseline, cpu = self.run_upload(i)
+            r.cp_seconds.append(cp)
+            r.upload_seconds.append(up)
+            r.rss_growth.append(growth)
+            r.rss_baseline.append(baseline)
+            r.upload_server_cpu.append(cpu)
+            self.run_sinks(i)
+            limit = max(cp, md5)
+            log(f"  run {i + 1}: cp+sync {cp:6.2f}s ({size_mb / cp:7.1f} MB/s) | MD5 {md5:5.2f}s "
+                f"({size_mb / md5:6.1f} MB/s) | upload {up:6.2f}s ({size_mb / up:7.1f} MB/s, "
+                f"{limit / up:.2f}x of the limit) | server CPU {cpu:5.2f}s (MD5 {md5_cpu:.2f}s; loop "
+                f"{r.loop_user[-1]:.2f} user + {r.loop_system[-1]:.2f} sys, workers {r.workers_cpu[-1]:.2f}) | "
+                f"RSS +{growth / MiB:.1f} MiB (from {baseline / MiB:.1f} MiB) | load {r.load_avg[-1]:.1f}, "
+                f"others {r.others_share[-1]:.0%} of the CPUs")
+            for name in SINKS:
+                wall, sink_cpu = r.sink_seconds[name][-1], r.sink_cpu[name][-1]
+                log(f"         bare aiohttp /{name}: {wall:6.2f}s ({size_mb / wall:7.1f} MB/s), server CPU {sink_cpu:5.2f}s")
+
     def bench_hashes(self) -> None:
         """Single-thread speed of the upload path's two hashes (MD5 is the etag, BLAKE3 the
         content address), in memory: the ceiling each puts on an upload's throughput."""
@@ -550,6 +576,12 @@ class Bench:
             log(f"   bare aiohttp /{name} ({what}): best {best:.2f} s = {size_mb / best:.0f} MB/s (median "
                 f"{size_mb / mid:.0f} MB/s), server CPU {median(r.sink_cpu[name]) / gib:.2f} s/GiB; the upload "
                 f"reaches {best / upload_best:.2f}x of it")
+        # What no version of the service can go below here, beyond MD5: receiving the body as any
+        # aiohttp server does, and BLAKE3 (the content address) over it; the spool write comes on top.
+        blake3_s_per_gib = (1 << 30) / 1e6 / r.hash_mb_s["blake3"]
+        sink = median(r.sink_cpu["sink"]) / gib
+        log(f"   floor     : beyond MD5, the bare sink's {sink:.2f} s/GiB + BLAKE3's {blake3_s_per_gib:.2f} s/GiB (one "
+            f"thread, measured above) = {sink + blake3_s_per_gib:.2f} s/GiB before the spool file is written")
 
     def run(self) -> bool:
         log(f"temp dir {self.root} (data dir and test file on the same filesystem)")

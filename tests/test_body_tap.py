@@ -21,6 +21,8 @@ from tests.test_upload_stream import BOUNDARY, DELIMITER, TRICKY, body_with_file
 from versionstore.config import Config
 from versionstore.http import body_tap
 
+#: The thresholds the service runs with (read at import: tests.tap_everywhere patches them per test).
+TAP_MIN, BLOCK = body_tap.TAP_MIN, body_tap.BLOCK
 SMALL_BLOCK = 97  # prime: over the tests below, blocks end at every offset of the data
 FIRST_PAUSE = 0.2
 
@@ -159,9 +161,11 @@ async def test_too_large_while_tapped_drains_the_body_and_answers(client: TestCl
     await assert_nothing_stored(client, config)
 
 
-async def test_large_upload_with_the_default_blocks(client: TestClient) -> None:
+async def test_large_upload_with_the_default_blocks(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """Above TAP_MIN with the real block size: the SDKs' field order (the file last)."""
-    data = os.urandom(body_tap.TAP_MIN + body_tap.BLOCK + 12345)
+    monkeypatch.setattr(body_tap, "TAP_MIN", TAP_MIN)
+    monkeypatch.setattr(body_tap, "BLOCK", BLOCK)
+    data = os.urandom(TAP_MIN + BLOCK + 12345)
     body = body_with_file(data)
     status, headers, reply = await raw_post(client, body, [file_start(body) + 100], pause=0)
     assert status == 200, reply
@@ -171,8 +175,9 @@ async def test_large_upload_with_the_default_blocks(client: TestClient) -> None:
     assert [r["bytes"] for r in (await after.json())["resources"]] == [len(data)]
 
 
-async def test_small_upload_keeps_the_connection(client: TestClient) -> None:
+async def test_small_upload_keeps_the_connection(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """Below TAP_MIN nothing changes: aiohttp's path, keep-alive."""
+    monkeypatch.setattr(body_tap, "TAP_MIN", TAP_MIN)
     body = body_with_file(b"small")
     status, headers, _ = await raw_post(client, body, [])
     assert status == 200 and headers.get("connection") != "close", headers
