@@ -21,6 +21,7 @@ not start, 2 usage or configuration error (one line on stderr, no traceback), 13
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
@@ -121,7 +122,7 @@ def _say(line: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from versionstore.http.server import serve, serve_workers
+    from versionstore.http.server import run, serve, serve_workers
 
     config = store_config(
         args.data_dir, args.metadata, create=True, host=args.host, port=args.port, workers=args.workers,
@@ -151,9 +152,9 @@ def _serve(args: argparse.Namespace) -> int:
             _say(f"  export CLOUDINARY_URL='{cloudinary_url(demo, base_url)}'")
 
     if config.workers > 1:
-        serve_workers(config, config.workers, access_log=args.access_log, ready=ready)
+        serve_workers(config, config.workers, access_log=args.access_log, ready=ready, loop=args.loop)
     else:
-        asyncio.run(serve(config, access_log=args.access_log, ready=ready))
+        run(serve(config, access_log=args.access_log, ready=ready), args.loop)
     return 0
 
 
@@ -406,6 +407,8 @@ def parser() -> argparse.ArgumentParser:
         "--workers", type=int, metavar="N",
         help="service processes sharing the port, supervised by this one (default: $VERSIONSTORE_WORKERS, else 1)",
     )
+    serve.add_argument("--loop", choices=("asyncio", "uvloop"), default=os.environ.get("VERSIONSTORE_LOOP") or "asyncio",
+                       help="event loop implementation (default: $VERSIONSTORE_LOOP, else asyncio; docs/performance.md)")
 
     cloud = _command(sub, "cloud", "manage product environments")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")

@@ -2,7 +2,8 @@
 
 Two digests per upload: BLAKE3 is the content address (blob names, dedup, verification) and
 MD5 is Cloudinary's `etag`, which clients compare with a local MD5. The chunks received are
-collected as they are (no copy) and handed off once per ~4 MiB block to two worker threads:
+collected as they are (no copy), or lent as whole blocks by a caller that received them into
+its own buffers (`write_block`, http/body_tap.py), and handed off once per ~4 MiB block to two worker threads:
 one hashes with BLAKE3 and writes, the other hashes with MD5 (all three release the GIL).
 Both run beside the receipt of the next block; a block waits only for the previous block's
 two jobs, so the bytes reach each hasher and the file in order. An upload then costs about the
@@ -51,7 +52,7 @@ class Hashes:
     def update_md5(self, data: bytes | memoryview) -> None:
         self._md5.update(data)
 
-    def update_md5_all(self, chunks: Sequence[bytes]) -> None:
+    def update_md5_all(self, chunks: Sequence[bytes | memoryview]) -> None:
         for chunk in chunks:
             self._md5.update(chunk)  # releases the GIL for inputs over 2 KiB
 
@@ -99,7 +100,7 @@ class SpoolFile:
         self.hashes = Hashes()
         self._writing: asyncio.Future[None] | None = None
         self._md5_task: asyncio.Future[None] | None = None
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
         # Whether a worker is writing a block, and whether the file was discarded meanwhile:
         # then the worker removes it when its block is done (`discard` never waits for it).
@@ -116,17 +117,28 @@ class SpoolFile:
         os.rename(staging, self.path)
 
     async def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            raise TooLarge(f"File size too large. Got {self.size}. Maximum is {self.limit}.")
-        if len(self.head) < HEAD:
-            self.head += data[: HEAD - len(self.head)]
+        self._count(data)
         # Collect the chunks as they are (no concatenation: copying on the event loop was
         # the upload path's largest cost) and hand them off per block.
         self._pending.append(data)
         self._pending_size += len(data)
         if self._pending_size >= HANDOFF:
             await self._flush()
+
+    async def write_block(self, block: memoryview) -> None:
+        """Hand `block` to the workers now, without a copy. The caller lends it: it must not
+        change until the next `write_block` or `finish` returns (which first waits for the
+        workers to be done with it), so a caller alternating two buffers never waits for more."""
+        self._count(block)
+        self._pending.append(block)
+        await self._flush()
+
+    def _count(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise TooLarge(f"File size too large. Got {self.size}. Maximum is {self.limit}.")
+        if len(self.head) < HEAD:
+            self.head += bytes(data[: HEAD - len(self.head)])
 
     async def _flush(self) -> None:
         chunks, self._pending, self._pending_size = self._pending, [], 0
@@ -142,7 +154,7 @@ class SpoolFile:
                 setattr(self, name, None)
                 await task
 
-    def _write_chunks(self, chunks: list[bytes]) -> None:
+    def _write_chunks(self, chunks: list[bytes | memoryview]) -> None:
         with self._state:
             if self._discarded:
                 return
@@ -186,7 +198,7 @@ class SpoolFile:
         self._lock.close()
 
 
-def _started(work: Callable[[list[bytes]], None], chunks: list[bytes]) -> asyncio.Future[None]:
+def _started(work: Callable[[list[bytes | memoryview]], None], chunks: list[bytes | memoryview]) -> asyncio.Future[None]:
     """`work(chunks)` on a worker thread; a failure nobody awaits any more (the upload was
     discarded) is not logged as never retrieved."""
     future = asyncio.ensure_future(asyncio.to_thread(work, chunks))

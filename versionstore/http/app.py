@@ -25,6 +25,7 @@ from versionstore.disk_space import is_disk_full, space_report
 from versionstore.egress import EgressPolicy
 from versionstore.errors import ApiError
 from versionstore.http import metrics, render
+from versionstore.http.body_tap import close_tapped
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.fetch import guarded_session
 from versionstore.http.keys import (
@@ -276,6 +277,7 @@ def create_app(config: Config) -> web.Application:
     app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
     app[SCRAPE] = metrics.ScrapeTimeCollector(lambda: app[META])
     app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(close_tapped)  # http/body_tap.py: no reuse of a tapped connection
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)
     app.router.add_route("GET", "/readyz", _readyz)

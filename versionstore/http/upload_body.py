@@ -8,7 +8,8 @@ aiohttp's MultipartReader reads the part headers and the small fields. The body 
 (the bulk of every upload) is read by `file_part_chunks` straight from the request stream: the
 chunks the socket delivered are passed on as they are, and the delimiter is found with one
 `bytes.find` per chunk (aiohttp's part reader copies every byte twice into a search window and
-was the event loop's largest cost, docs/performance.md).
+was the event loop's largest cost, docs/performance.md). A large body's file part skips even
+that: http/body_tap.py receives it into the spool's own blocks (`spool_tapped_part`).
 """
 
 import asyncio
@@ -22,6 +23,7 @@ from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
 
 from versionstore.errors import BadRequest
+from versionstore.http.body_tap import delimiter_prefix, spool_tapped
 from versionstore.http.budget import Lease
 from versionstore.http.inputs import BodyAllowance, multipart_reader, next_part, read_field
 from versionstore.http.keys import CONFIG, UNAUTH_BUDGET
@@ -64,8 +66,8 @@ async def file_part_chunks(
     the rest goes back to the stream and one more `read_chunk` lets aiohttp's reader see its own
     end of part, so the parts after it read as before.
     """
-    delimiter = b"\r\n--" + parse_mimetype(reader.headers[hdrs.CONTENT_TYPE]).parameters["boundary"].encode()
-    if hdrs.CONTENT_LENGTH in part.headers or hdrs.CONTENT_TRANSFER_ENCODING in part.headers or b"\r" in delimiter[1:]:
+    delimiter = _file_delimiter(reader, part)
+    if delimiter is None:
         async for data in part_chunks(part):
             yield data
         return
@@ -75,6 +77,27 @@ async def file_part_chunks(
             yield data
     if await part.read_chunk(_SNIFF):  # sees the delimiter at once: the part is at its end
         raise AssertionError("the part reader found data after the delimiter")
+
+
+def _file_delimiter(reader: MultipartReader, part: BodyPartReader) -> bytes | None:
+    """CRLF + `--boundary`, which ends the file part, or None when the part must go through
+    aiohttp's reader (a Content-Length or Content-Transfer-Encoding of its own, which no SDK
+    sends, or a boundary with a CR in it, which HTTP headers cannot carry)."""
+    delimiter = b"\r\n--" + parse_mimetype(reader.headers[hdrs.CONTENT_TYPE]).parameters["boundary"].encode()
+    if hdrs.CONTENT_LENGTH in part.headers or hdrs.CONTENT_TRANSFER_ENCODING in part.headers or b"\r" in delimiter[1:]:
+        return None
+    return delimiter
+
+
+async def spool_tapped_part(request: web.Request, reader: MultipartReader, part: BodyPartReader, spool: SpoolFile) -> bool:
+    """The file part's body into `spool` through http/body_tap.py when the body is large enough;
+    False (nothing read) when it is not, or when the part needs aiohttp's reader."""
+    delimiter = _file_delimiter(reader, part)
+    if delimiter is None or not await spool_tapped(request, delimiter, spool):
+        return False
+    if await part.read_chunk(_SNIFF):  # sees the delimiter at once: the part is at its end
+        raise AssertionError("the part reader found data after the delimiter")
+    return True
 
 
 @contextmanager
@@ -111,18 +134,10 @@ async def _until_delimiter(content: StreamReader, delimiter: bytes) -> AsyncIter
                 warnings.simplefilter("ignore", DeprecationWarning)
                 content.unread_data(chunk[end:])
             return
-        keep = _delimiter_prefix(chunk, delimiter)
+        keep = delimiter_prefix(chunk, delimiter)
         held = chunk[len(chunk) - keep :] if keep else b""
         if keep < len(chunk):
             yield chunk if not keep else chunk[: len(chunk) - keep]
-
-
-def _delimiter_prefix(chunk: bytes, delimiter: bytes) -> int:
-    """Length of the end of `chunk` that is a proper prefix of `delimiter` (0 if none). The
-    delimiter holds its only CR at the start, so only the last CR can begin one: one look,
-    however many CRs a hostile body puts there."""
-    at = chunk.rfind(b"\r", max(0, len(chunk) - len(delimiter) + 1))
-    return len(chunk) - at if at >= 0 and delimiter.startswith(chunk[at:]) else 0
 
 
 async def charged(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
@@ -200,6 +215,8 @@ async def read_multipart(
                     raise BadRequest("Invalid data URI: only base64 data URIs are supported")
                 chunks = part_chunks(part, rest)
                 await _spool_base64(charged(chunks, lease) if lease.open else chunks, spool)
+            elif part.filename is not None and not lease.open and await spool_tapped_part(request, reader, part, spool):
+                pass  # a large body, received straight into the spool's blocks
             else:
                 if part.filename is None:
                     chunks = part_chunks(part, first)

@@ -1,0 +1,183 @@
+"""A large file part is received into the spool's own blocks (http/body_tap.py): wherever the
+socket and the blocks split the body, the stored bytes are exactly the part's, the parts after it
+still read, a bad or cut body stores nothing and leaves no spool file, and the connection is
+closed after the response (aiohttp's parser never saw the tapped bytes).
+
+The requests are written on a raw socket with a Content-Length, in pieces with pauses between
+them, so the server reads them apart (aiohttp's client would send an iterator chunked, which is
+never tapped). Most tests shrink the tap's thresholds so that small bodies cross many blocks."""
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import BASIC_HEADERS, CLOUD
+from tests.test_upload_stream import BOUNDARY, DELIMITER, TRICKY, body_with_file
+from versionstore.config import Config
+from versionstore.http import body_tap
+
+#: The thresholds the service runs with (read at import: tests.tap_everywhere patches them per test).
+TAP_MIN, BLOCK = body_tap.TAP_MIN, body_tap.BLOCK
+SMALL_BLOCK = 97  # prime: over the tests below, blocks end at every offset of the data
+FIRST_PAUSE = 0.2
+
+
+@pytest.fixture
+def tap_all(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every Content-Length body with a byte left at its file part is tapped."""
+    monkeypatch.setattr(body_tap, "TAP_MIN", 1)
+    yield
+
+
+@pytest.fixture
+def small_blocks(tap_all: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(body_tap, "BLOCK", SMALL_BLOCK)
+    yield
+
+
+async def raw_post(
+    client: TestClient, body: bytes, cuts: list[int], pause: float = 0.01, length: int | None = None, half_close: bool = False
+) -> tuple[int, dict[str, str], bytes]:
+    """POST `body` to the upload endpoint, split at `cuts`; (status, headers, body) of the answer,
+    or (0, {}, b"") when the server closed the connection without one. The server gets a longer
+    pause after the first piece, to reach the file part while the rest is still on its way (it
+    gets there once the second piece is in: aiohttp's reader of the field before it reads ahead)."""
+    assert client.server.host is not None and client.server.port is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    head = (
+        f"POST /v1_1/{CLOUD}/raw/upload HTTP/1.1\r\nHost: {client.server.host}\r\n"
+        f"Authorization: {BASIC_HEADERS['Authorization']}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\n\r\n"
+    )
+    try:
+        writer.write(head.encode())
+        start = 0
+        for cut in [*cuts, len(body)]:
+            writer.write(body[start:cut])
+            await writer.drain()
+            await asyncio.sleep(FIRST_PAUSE if start == 0 else pause)
+            start = cut
+        if half_close:
+            writer.write_eof()
+    except ConnectionError:
+        pass  # the server answered early and closed: the answer is read below
+    try:
+        status_line = await reader.readline()
+        if not status_line:
+            return 0, {}, b""
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        reply = await reader.readexactly(int(headers["content-length"]))
+        return int(status_line.split()[1]), headers, reply
+    finally:
+        writer.close()
+
+
+def file_start(body: bytes) -> int:
+    return body.index(b"octet-stream\r\n\r\n") + len(b"octet-stream\r\n\r\n")
+
+
+async def assert_nothing_stored(client: TestClient, config: Config) -> None:
+    listing = await client.get(f"/v1_1/{CLOUD}/resources/raw", headers=BASIC_HEADERS)
+    assert (await listing.json())["resources"] == []
+    for _ in range(100):  # a worker may still finish its block (milliseconds)
+        if not list((config.data_dir / "spool").glob("*.part")):
+            break
+        await asyncio.sleep(0.05)
+    assert not list((config.data_dir / "spool").glob("*.part"))
+
+
+async def test_tapped_upload_keeps_its_bytes_wherever_blocks_and_reads_end(client: TestClient, small_blocks: None) -> None:
+    """Padding shifts the data against the blocks, so the delimiter and every prefix of it in the
+    data straddle a block end somewhere; the parts after the file still read."""
+    for pad in range(len(DELIMITER) + 3):
+        data = b"p" * pad + TRICKY * 3
+        body = body_with_file(data)
+        start = file_start(body)
+        status, headers, reply = await raw_post(client, body, [start + 5, start + 150, start + 333])
+        assert status == 200, (pad, reply)
+        assert headers.get("connection") == "close", headers  # it was tapped
+        result = json.loads(reply)
+        assert (result["bytes"], result["etag"], result["tags"]) == (len(data), hashlib.md5(data).hexdigest(), ["after"]), pad
+
+
+async def test_tapped_upload_split_at_every_byte_around_the_delimiter(client: TestClient, small_blocks: None) -> None:
+    data = os.urandom(3000) + TRICKY
+    body = body_with_file(data)
+    start = file_start(body)
+    end = start + len(data)
+    for cut in range(end - 4, end + len(DELIMITER) + 4):
+        status, headers, reply = await raw_post(client, body, [start + 1, start + 100, cut])
+        assert status == 200 and headers.get("connection") == "close", (cut, reply)
+        assert hashlib.md5(data).hexdigest().encode() in reply, cut
+
+
+async def test_body_ending_inside_the_tapped_part_is_400_and_stores_nothing(client: TestClient, config: Config, small_blocks: None) -> None:
+    """The Content-Length is honest but the multipart body stops inside the file part."""
+    body = body_with_file(TRICKY)
+    truncated = body[: body.index(TRICKY) + len(TRICKY) + 3]
+    status, headers, reply = await raw_post(client, truncated, [file_start(truncated) + 2, file_start(truncated) + 60])
+    assert status == 400 and b"Malformed multipart body" in reply, reply
+    assert headers.get("connection") == "close"
+    await assert_nothing_stored(client, config)
+
+
+async def test_client_stopping_mid_body_stores_nothing(client: TestClient, config: Config, small_blocks: None) -> None:
+    """The client promised more than it sends and shuts its side: no version, no spool file, and
+    the server goes on serving."""
+    body = body_with_file(os.urandom(5000))
+    status, _, _ = await raw_post(client, body[:3000], [file_start(body) + 2, file_start(body) + 60], length=len(body), half_close=True)
+    assert status in (0, 400)
+    await assert_nothing_stored(client, config)
+    health = await client.get("/healthz")
+    assert health.status == 200
+
+
+async def test_second_file_part_after_a_tapped_one_is_refused(client: TestClient, config: Config, small_blocks: None) -> None:
+    body = body_with_file(os.urandom(2000))
+    second = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="b.bin"\r\n\r\nxx\r\n--{BOUNDARY}--\r\n'
+    body = body[: body.rindex(f"--{BOUNDARY}--".encode())] + second.encode()
+    status, headers, reply = await raw_post(client, body, [file_start(body) + 2, file_start(body) + 60])
+    assert status == 400 and b"More than one file part" in reply, reply
+    assert headers.get("connection") == "close"
+    await assert_nothing_stored(client, config)
+
+
+async def test_too_large_while_tapped_drains_the_body_and_answers(client: TestClient, config: Config, tap_all: None) -> None:
+    """The refusal comes mid-body: the rest is read and dropped, the client gets its 400."""
+    data = bytes(range(256)) * ((config.max_upload_bytes + (1 << 20)) // 256)
+    body = body_with_file(data)
+    status, headers, reply = await raw_post(client, body, [file_start(body) + 2], pause=0)
+    assert status == 400 and b"File size too large" in reply, reply
+    assert headers.get("connection") == "close"
+    await assert_nothing_stored(client, config)
+
+
+async def test_large_upload_with_the_default_blocks(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above TAP_MIN with the real block size: the SDKs' field order (the file last)."""
+    monkeypatch.setattr(body_tap, "TAP_MIN", TAP_MIN)
+    monkeypatch.setattr(body_tap, "BLOCK", BLOCK)
+    data = os.urandom(TAP_MIN + BLOCK + 12345)
+    body = body_with_file(data)
+    status, headers, reply = await raw_post(client, body, [file_start(body) + 100], pause=0)
+    assert status == 200, reply
+    assert headers.get("connection") == "close"
+    assert hashlib.md5(data).hexdigest().encode() in reply
+    after = await client.get(f"/v1_1/{CLOUD}/resources/raw", headers=BASIC_HEADERS)  # a new connection
+    assert [r["bytes"] for r in (await after.json())["resources"]] == [len(data)]
+
+
+async def test_small_upload_keeps_the_connection(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below TAP_MIN nothing changes: aiohttp's path, keep-alive."""
+    monkeypatch.setattr(body_tap, "TAP_MIN", TAP_MIN)
+    body = body_with_file(b"small")
+    status, headers, _ = await raw_post(client, body, [])
+    assert status == 200 and headers.get("connection") != "close", headers
