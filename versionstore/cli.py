@@ -494,9 +494,10 @@ def parser() -> argparse.ArgumentParser:
         "--rate", type=float, default=200.0, metavar="BLOBS/s", help="with --full: examine at most this many blobs a second (0: unpaced)"
     )
     _data_dir_option(collect, creates=False)
-    from versionstore import snapshot_cli
+    from versionstore import archive_cli, snapshot_cli
 
     snapshot_cli.register(sub, _command, _data_dir_option)
+    archive_cli.register(sub, _command, _data_dir_option)
 
 
     migrate = _command(sub, "migrate", "apply the schema migrations the metadata database lacks (serve does it too)",

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import bootstrap, initial_backup, logs, migration, pitr, retention, verify
+from versionstore import archives, bootstrap, initial_backup, logs, migration, pitr, retention, verify
 from versionstore.chunks import ChunkAssembler
 from versionstore.claims import Claims
 from versionstore.config import Config
@@ -204,6 +204,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             verify.KIND: verify.VerifyJob(service, rate=config.verify_rate * 1e6 or None).run,
             bulk_restore.KIND: bulk_restore.BulkRestore(service).run,
             pitr.KIND: pitr.PointInTimeRestore(service).run,
+            archives.EXPORT: archives.ArchiveExport(service).run,
+            archives.IMPORT: archives.ArchiveImport(service).run,
         }
         runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval, owner=claims.owner, lease=config.lease_seconds)
         opened.push_async_callback(runner.close)
@@ -233,6 +235,8 @@ async def _stop(tasks: list["asyncio.Task[None]"]) -> None:
 async def _describe_job(meta: MetadataRepository, job: Job) -> dict[str, Any]:
     if job.kind == initial_backup.KIND:
         return await initial_backup.describe(meta, job)
+    if job.kind in archives.KINDS and (cloud := await meta.get_cloud(job.cloud)) is not None:
+        return {**render.job(job), **archives.describe(job, cloud, time.time())}  # download_url: a path on this service
     return render.job(job)
 
 

@@ -12,11 +12,11 @@ from aiohttp import web
 
 from versionstore.errors import NotFound, Unauthorized
 from versionstore.http import admin_views as admin
+from versionstore.http import archive_views, snapshot_views
 from versionstore.http import audit_views as audit
 from versionstore.http import backup_views as backup
 from versionstore.http import library_views as library
 from versionstore.http import operations_views as operations
-from versionstore.http import snapshot_views
 from versionstore.http import upload_views as upload
 from versionstore.http.auth import check_basic
 from versionstore.http.keys import META, RATE_LIMIT, ROUTE, error_response
@@ -76,6 +76,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", r"versionstore/jobs/(?P<job_id>[0-9a-f]{32})", backup.job),
     ("GET", r"versionstore/audit", audit.audit),
     *snapshot_views.ROUTES,  # snapshots, their schedule and retention, point-in-time restore
+    *archive_views.ROUTES,  # archives: export as a tar, import, the signed download
 ]
 
 
