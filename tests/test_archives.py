@@ -14,8 +14,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import blake3
 import pytest
+from aiohttp import web
 
-from tests.conftest import CLOUD, sign
+from tests.conftest import BASIC_HEADERS, CLOUD, sign
 from versionstore.archive_format import MANIFEST, is_safe, member_name
 from versionstore.config import Config
 from versionstore.http.keys import META
@@ -30,12 +31,18 @@ HOSTILE = ["../../etc/passwd", "/abs/olute", "a//b/./c", "dir\\back", "ctl\x01\x
 
 @pytest.fixture
 def config(tmp_path: Path, metadata_url: str | None) -> Config:
-    return Config(data_dir=tmp_path / "data", max_upload_bytes=64 << 20, poll_interval=0.05, metadata_url=metadata_url)
+    # the notification receiver below listens on loopback, which the egress policy denies by default
+    return Config(data_dir=tmp_path / "data", max_upload_bytes=64 << 20, poll_interval=0.05, fetch_allow=("127.0.0.1",),
+                  metadata_url=metadata_url)
 
 
 async def wait_for(api: Any, path: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Poll a job of the demo environment, or of `other` with its `headers`."""
+    cloud = OTHER if headers is OTHER_HEADERS else CLOUD
     for _ in range(600):
-        job = await api.admin("GET", path, headers=headers or {})
+        response = await api.client.get(f"/v1_1/{cloud}/{path}", headers=headers or BASIC_HEADERS)
+        job = await response.json()
+        assert response.status == 200, job
         if job["status"] not in ("pending", "active"):
             return job
         await asyncio.sleep(0.05)
@@ -144,8 +151,8 @@ async def test_point_in_time_export_under_a_prefix_and_the_signed_link(api, clie
     await api.upload(b"later", public_id="lib/later")
     done, body = await export(api, at=at, prefix="lib/")
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-        assert [m.name for m in tar.getmembers()] == [MANIFEST, "image/upload/lib/a"]
-        assert tar.extractfile("image/upload/lib/a").read() == b"old a"  # type: ignore[union-attr]
+        assert [m.name for m in tar.getmembers()] == [MANIFEST, "image/upload/lib/a.bin"]
+        assert tar.extractfile("image/upload/lib/a.bin").read() == b"old a"  # type: ignore[union-attr]
 
     url = urlsplit(done["download_url"])
     query = dict(parse_qsl(url.query))
@@ -204,6 +211,27 @@ async def test_a_damaged_archive_is_refused_and_nothing_is_imported(api, client,
     assert await meta.get_asset(OTHER, "image", "upload", "lib/plain") is None
     records = await api.client.get(f"/v1_1/{OTHER}/versionstore/audit", headers=OTHER_HEADERS, params={"action": "archive_import_start"})
     assert [r["outcome"] for r in (await records.json())["records"]] == ["refused"]
+
+
+async def test_a_finished_export_is_announced_with_its_download_link(api, aiohttp_server):
+    received: list[dict[str, Any]] = []
+
+    async def receiver(request: web.Request) -> web.Response:
+        received.append(json.loads(await request.text()))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", receiver)
+    server = await aiohttp_server(app)
+    await api.upload(b"announce me", public_id="hook/a")
+    job = await api.admin("POST", "versionstore/archives", json={"at": time.time(), "notification_url": str(server.make_url("/hook"))})
+    for _ in range(400):
+        if received:
+            break
+        await asyncio.sleep(0.05)
+    assert len(received) == 1 and received[0]["archive_id"] == job["archive_id"] and received[0]["status"] == "completed"
+    response = await api.client.get(received[0]["download_url"])
+    assert response.status == 200 and blake3.blake3(await response.read()).hexdigest() == received[0]["digest"]
 
 
 async def test_export_selection_errors_and_unknown_archives(api):

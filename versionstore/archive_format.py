@@ -35,7 +35,7 @@ ENTRY_FIELDS = (
 )
 
 RESOURCE_TYPES = ("image", "video", "raw")
-Progress = Callable[[int], None]
+Progress = Callable[[int], object]
 T = TypeVar("T")
 
 
@@ -173,9 +173,10 @@ def _entry_problem(entry: dict[str, Any]) -> str | None:
         return "blake3 and md5 must be hex digests"
     if not (isinstance(entry["tags"], list) and all(isinstance(t, str) for t in entry["tags"])):
         return "tags must be a list of strings"
-    for name in ("context", "metadata"):
-        if not (isinstance(entry[name], dict) and all(isinstance(v, str) for v in entry[name].values())):
-            return f"{name} must map names to strings"
+    if not (isinstance(entry["context"], dict) and all(isinstance(v, str) for v in entry["context"].values())):
+        return "context must map names to strings"
+    if not isinstance(entry["metadata"], dict):
+        return "metadata must be an object"
     if not all(isinstance(entry[k], str) for k in ("asset_id", "version_id")) or not isinstance(entry["created_at"], (int, float)):
         return "asset_id, version_id and created_at are needed"
     return None

@@ -5,9 +5,8 @@ only), then writes the tar to a temp file in the spool directory (pass 2: the ma
 then each original read from the backup store and checked against its BLAKE3 on the way),
 and publishes it at the end with one create-only `put_file` under
 `<cloud>/archives/<job id>.tar` in the default backup store (every process can serve it). A
-killed export starts over into the same temp file when its job resumes: nothing partial is
-ever published, and the tar is deterministic (times come from the data and the job), so a
-re-run publishes the same bytes.
+killed export starts over into a new temp file of the same name when its job resumes: nothing
+partial is ever published, and a copy a killed run had published (never announced) is replaced.
 
 Import checks the whole archive first (`archive_format.verify`: manifest, every member's
 BLAKE3 and MD5, nothing extra, nothing missing, no truncation), so a tampered archive is
@@ -21,11 +20,12 @@ adds nothing twice. docs/snapshots.md describes the format.
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlencode
 
 from versionstore import archive_format as fmt
@@ -42,18 +42,6 @@ from versionstore.spool import Spooled
 EXPORT, IMPORT = "archive_export", "archive_import"
 KINDS = (EXPORT, IMPORT)
 SAVE_EVERY = 2.0  # seconds between cursor saves while importing
-
-Progress = Callable[[int], None]
-
-
-def archive_key(cloud: str, job_id: str) -> str:
-    return f"{cloud}/archives/{job_id}.tar"
-
-
-def upload_key(cloud: str, job_id: str) -> str:
-    """Where an archive sent for import waits for its job (not a revision: never served)."""
-    return f"{cloud}/archive-imports/{job_id}.tar"
-
 
 @dataclass(frozen=True)
 class Written:
@@ -107,7 +95,7 @@ async def _selected(service: VersionService, selection: pitr.Selection) -> Async
 
 
 async def write_archive(
-    service: VersionService, selection: pitr.Selection, out: Path, created_at: float, progress: Progress | None = None,
+    service: VersionService, selection: pitr.Selection, out: Path, created_at: float, progress: fmt.Progress | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> Written:
     """The selection's archive at `out` (overwritten). Bounded memory: the manifest is spooled
@@ -141,12 +129,14 @@ async def write_archive(
 
 
 async def _write_tar(
-    service: VersionService, cloud_name: str, out: Path, entries_path: Path, header: dict[str, Any], progress: Progress | None
+    service: VersionService, cloud_name: str, out: Path, entries_path: Path, header: dict[str, Any], progress: fmt.Progress | None
 ) -> tuple[str, int]:
     cloud = await service.meta.get_cloud(cloud_name)
     assert cloud is not None
     store = await service.targets.usable(cloud)
-    with out.open("wb") as handle, entries_path.open("rb") as entries:
+    # A new file, never the old one reopened: a killed run may have published it (a hard link).
+    await asyncio.to_thread(out.unlink, missing_ok=True)
+    with out.open("xb") as handle, entries_path.open("rb") as entries:
         writer = fmt.TarWriter(handle)
         first = fmt.header_line(header)
         size = len(first) + entries_path.stat().st_size
@@ -166,14 +156,20 @@ async def _write_tar(
             if actual != entry["blake3"]:
                 raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} hashes to {actual} in backup storage")
         digest = await asyncio.to_thread(writer.close)
-        await asyncio.to_thread(handle.flush)
+        await asyncio.to_thread(_durable, handle)
     return digest, writer.size
+
+
+def _durable(handle: IO[bytes]) -> None:
+    """Bytes on disk before the archive is published under its key."""
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 # --- import ---------------------------------------------------------------------------------------
 
 
-async def verify_file(path: Path, progress: Progress | None = None) -> fmt.Manifest:
+async def verify_file(path: Path, progress: fmt.Progress | None = None) -> fmt.Manifest:
     """Check a whole archive file; ArchiveInvalid says what is wrong."""
 
     def run() -> fmt.Manifest:
@@ -184,7 +180,7 @@ async def verify_file(path: Path, progress: Progress | None = None) -> fmt.Manif
 
 
 async def apply_archive(
-    service: VersionService, cloud: Cloud, path: Path, skip: int = 0, progress: Progress | None = None,
+    service: VersionService, cloud: Cloud, path: Path, skip: int = 0, progress: fmt.Progress | None = None,
     after_entry: Callable[[int, dict[str, int]], Any] | None = None,
 ) -> dict[str, int]:
     """Every entry of a verified archive as the newest version of its public_id in `cloud`,
@@ -254,6 +250,14 @@ async def _audit(service: VersionService, job: Job, action: str, outcome: str, d
     await AuditLog(service.meta).record(f"job:{job.id}", action, cloud=job.cloud, target=job.id, outcome=outcome, detail=detail)
 
 
+async def _publish(store: BlobStore, key: str, path: Path) -> None:
+    """Create-only; a key already there is a killed run's archive, never announced (its job did
+    not complete) and maybe not the same bytes (tags or pending backups changed since): replaced."""
+    if not await store.put_file(key, path):
+        await store.delete(key)
+        await store.put_file(key, path)
+
+
 class ArchiveExport:
     """The `archive_export` job: write, then publish; a restart writes again from the start."""
 
@@ -266,14 +270,14 @@ class ArchiveExport:
         temp = self.service.spool_dir / f"archive-{job.id}.tar.tmp"  # the same name on a rerun: no leftovers
         try:
             written = await write_archive(self.service, selection, temp, job.created_at)
-            await self.service.targets.store(None).put_file(archive_key(job.cloud, job.id), temp)
+            await _publish(self.service.targets.store(None), layout.archive_key(job.cloud, job.id), temp)
         except fmt.ArchiveInvalid as exc:
             await self._fail(job, str(exc))
             return
         finally:
             temp.unlink(missing_ok=True)
         job.progress = {
-            "key": archive_key(job.cloud, job.id), "digest": written.digest, "size": written.size, "count": written.count,
+            "key": layout.archive_key(job.cloud, job.id), "digest": written.digest, "size": written.size, "count": written.count,
             "bytes": written.bytes, "skipped": written.skipped,
         }
         job.status, job.completed_at = "completed", time.time()
@@ -300,7 +304,7 @@ class ArchiveImport:
         cloud = await self.service.meta.get_cloud(job.cloud)
         assert cloud is not None
         store = self.service.targets.store(None)
-        key = upload_key(job.cloud, job.id)
+        key = layout.archive_upload_key(job.cloud, job.id)
         skip = int(job.cursor.get("applied", 0))
         base = {k: int(job.progress.get(k, 0)) if skip else 0 for k in ("imported", "unchanged")}
         last_save = time.monotonic()

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from versionstore import archives, pitr
+from versionstore import archives, layout, pitr
 from versionstore.archive_format import ArchiveInvalid
 from versionstore.errors import BadRequest, Conflict, NotFound
 from versionstore.http import render
@@ -74,7 +74,7 @@ async def import_(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
             await record_api(request, cloud, "archive_import_start", None, outcome="refused", detail={"error": str(exc)})
             raise BadRequest(f"Archive refused: {exc}") from None
         job_id = new_hex_id()
-        await service.targets.store(None).put_file(archives.upload_key(cloud.name, job_id), spooled.path)
+        await service.targets.store(None).put_file(layout.archive_upload_key(cloud.name, job_id), spooled.path)
     finally:
         spooled.path.unlink(missing_ok=True)
         with contextlib.suppress(Exception):
@@ -83,7 +83,7 @@ async def import_(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
               "source_cloud": manifest.header.get("cloud")}
     job = await archives.start(service, cloud.name, archives.IMPORT, params, notification_url, job_id)
     if job is None:
-        await service.targets.store(None).delete(archives.upload_key(cloud.name, job_id))
+        await service.targets.store(None).delete(layout.archive_upload_key(cloud.name, job_id))
         raise Conflict("An archive import into this environment is already running")
     await record_api(request, cloud, "archive_import_start", job.id, detail=params)
     request.app[JOBS].wake.set()
