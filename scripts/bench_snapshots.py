@@ -208,7 +208,7 @@ async def _archive_runs(root: Path, files: int, size: int, runs: int) -> dict[st
             extracted = root / f"x-{run}"
             extracted.mkdir()
             times["tar_xf_b3"].append(_timed(["tar", "-xf", str(tarred), "-C", str(extracted)]) + _b3sum(extracted))
-            target = await service.meta.create_cloud(f"import{run}", "k", "s", True)
+            target = await service.meta.create_cloud(f"import{run}", f"k{run}", "s", True)
             started = time.perf_counter()
             await archives.verify_file(out)
             await archives.apply_archive(service, target, out)

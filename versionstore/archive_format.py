@@ -15,6 +15,7 @@ import hashlib
 import json
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
@@ -37,6 +38,7 @@ ENTRY_FIELDS = (
 RESOURCE_TYPES = ("image", "video", "raw")
 Progress = Callable[[int], object]
 T = TypeVar("T")
+_MD5_THREAD = ThreadPoolExecutor(1, thread_name_prefix="archive-md5")
 
 
 class ArchiveInvalid(Exception):
@@ -215,7 +217,8 @@ class ArchiveReader:
     Blocking calls, one at a time (from one worker thread or several in turn). Every
     difference, truncation included, raises ArchiveInvalid."""
 
-    def __init__(self, handle: IO[bytes]) -> None:
+    def __init__(self, handle: IO[bytes], *, hashed: bool = True) -> None:
+        self.hashed = hashed  # False: members are only read; the caller compares their digests
         self._tar = _tar_errors(lambda: tarfile.open(fileobj=handle, mode="r|", bufsize=READ))
         first = _tar_errors(self._tar.next)
         if first is None or first.name != MANIFEST or not first.isreg():
@@ -246,7 +249,7 @@ class ArchiveReader:
             raise ArchiveInvalid(f"{info.name}: {info.size} bytes of type {info.type!r}, the manifest says a file of {entry['bytes']}")
         source = self._tar.extractfile(info)
         assert source is not None
-        self._current = Member(entry, source, progress)
+        self._current = Member(entry, source, progress, self.hashed)
         return self._current
 
     def close(self) -> None:
@@ -272,10 +275,12 @@ def _tar_errors(call: Callable[[], T]) -> T:
 
 
 class Member:
-    """One member read through its hashes: what the caller reads is what gets checked."""
+    """One member read through its hashes (MD5 on a second thread, beside BLAKE3): what the
+    caller reads is what gets checked. Unhashed, the caller compares the digests it computed
+    while writing the bytes somewhere (`compare`)."""
 
-    def __init__(self, entry: dict[str, Any], source: IO[bytes], progress: Progress | None) -> None:
-        self.entry, self.source, self.left, self.progress = entry, source, int(entry["bytes"]), progress
+    def __init__(self, entry: dict[str, Any], source: IO[bytes], progress: Progress | None, hashed: bool = True) -> None:
+        self.entry, self.source, self.left, self.progress, self.hashed = entry, source, int(entry["bytes"]), progress, hashed
         self.blake3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.md5 = hashlib.md5(usedforsecurity=False)
         self._checked = False
@@ -285,8 +290,10 @@ class Member:
         if self.left and not data:
             raise ArchiveInvalid(f"{self.entry['path']}: truncated")
         self.left -= len(data)
-        self.blake3.update(data)
-        self.md5.update(data)
+        if self.hashed and data:
+            md5 = _MD5_THREAD.submit(self.md5.update, data)  # hashlib and blake3 release the GIL
+            self.blake3.update(data)
+            md5.result()
         if self.progress is not None:
             self.progress(len(data))
         return data
@@ -298,10 +305,14 @@ class Member:
         while self.read():
             pass
         self._checked = True
-        entry, actual = self.entry, self.blake3.hexdigest()
-        if actual != entry["blake3"]:
-            raise ArchiveInvalid(f"{entry['path']}: BLAKE3 {actual} does not match the manifest's {entry['blake3']}")
-        if entry["md5"] is not None and (md5 := self.md5.hexdigest()) != entry["md5"]:
-            raise ArchiveInvalid(f"{entry['path']}: MD5 {md5} does not match the manifest's {entry['md5']}")
+        if self.hashed:
+            self.compare(self.blake3.hexdigest(), self.md5.hexdigest())
+
+    def compare(self, actual_blake3: str, actual_md5: str) -> None:
+        entry = self.entry
+        if actual_blake3 != entry["blake3"]:
+            raise ArchiveInvalid(f"{entry['path']}: BLAKE3 {actual_blake3} does not match the manifest's {entry['blake3']}")
+        if entry["md5"] is not None and actual_md5 != entry["md5"]:
+            raise ArchiveInvalid(f"{entry['path']}: MD5 {actual_md5} does not match the manifest's {entry['md5']}")
 
 

@@ -188,7 +188,7 @@ async def apply_archive(
     counts = {"imported": 0, "unchanged": 0}
     handle = await asyncio.to_thread(path.open, "rb")
     try:
-        reader = await asyncio.to_thread(fmt.ArchiveReader, handle)
+        reader = await asyncio.to_thread(lambda: fmt.ArchiveReader(handle, hashed=False))  # the spool hashes what it writes
         source = reader.manifest.header["cloud"]
         index = 0
         while (member := await asyncio.to_thread(reader.next_member, progress)) is not None:
@@ -208,14 +208,13 @@ async def _apply_one(service: VersionService, cloud: Cloud, source: str, member:
     entry = member.entry
     current = await service.meta.get_asset(cloud.name, entry["resource_type"], entry["type"], entry["public_id"])
     if current is not None and current.live and current.digest == entry["blake3"]:
-        await asyncio.to_thread(member.check)
         return "unchanged"
     spool = service.new_spool()
     try:
         while block := await asyncio.to_thread(member.read):
             await spool.write(block)
-        await asyncio.to_thread(member.check)  # before anything is written: the bytes are the manifest's
         spooled = await spool.finish()
+        member.compare(spooled.digest, spooled.md5 or "")  # before any store or row names it: the manifest's bytes
     except BaseException:
         spool.discard()
         raise
