@@ -213,7 +213,7 @@ async def _apply_one(service: VersionService, cloud: Cloud, source: str, member:
     try:
         while block := await asyncio.to_thread(member.read):
             await spool.write(block)
-        spooled = await spool.finish()
+        spooled = await spool.finish(sync=False)  # the upload makes it durable before any store links it
         member.compare(spooled.digest, spooled.md5 or "")  # before any store or row names it: the manifest's bytes
     except BaseException:
         spool.discard()
