@@ -170,6 +170,8 @@ async def test_point_in_time_export_under_a_prefix_and_the_signed_link(api, clie
     assert other.status == 400
     unsigned = await api.client.get(url.path, params={"archive_id": query["archive_id"]})
     assert unsigned.status == 401
+    foreign = await api.client.get(url.path, params={**query, "api_key": "Ú\u00b9"})  # non-ASCII: was a 500
+    assert foreign.status == 401
     # And a signed archive link is no upload signature either.
     upload = await api.client.post(f"/v1_1/{CLOUD}/image/upload", data={**query, "file": "data:,x"})
     assert upload.status == 400

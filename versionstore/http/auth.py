@@ -63,7 +63,7 @@ def check_signed(params: Params, cloud: Cloud, *, purpose: str, optional_skip: b
     api_key = params.get("api_key")
     if not api_key:
         raise Unauthorized("Must supply api_key")
-    if not hmac.compare_digest(str(api_key), cloud.api_key):
+    if not hmac.compare_digest(str(api_key).encode(), cloud.api_key.encode()):  # str: ASCII only (a 500 otherwise)
         raise Unauthorized(f"Invalid api_key {api_key}")
     check_fresh(params.get("timestamp"))
     signature = str(params.get("signature") or "")
