@@ -24,6 +24,12 @@ as indicative).
 
     .venv/bin/python scripts/bench_snapshots.py            # 100,000 assets, 3 runs; restore 2,000 x 64 KiB
     .venv/bin/python scripts/bench_snapshots.py --quick    # 20,000 assets, 1 run; restore 300 x 64 KiB
+
+Archives (issue 12 targets: export >= 0.8x `tar -cf` of the same files, import >= 0.8x `tar -xf`
+plus BLAKE3 of the extracted files), interleaved runs, medians, with the load guard:
+
+    .venv/bin/python scripts/bench_snapshots.py --archive [--quick]   # 2 GiB of originals (quick: 512 MiB)
+    .venv/bin/python scripts/bench_snapshots.py --archive-rss 10      # RSS growth of `serve` over a 10 GiB export
 """
 
 from __future__ import annotations
@@ -32,16 +38,18 @@ import argparse
 import asyncio
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import add_load_option, check_load, watch_load  # noqa: E402
+from benchlib import MiB, add_load_option, check_load, log, watch_load  # noqa: E402
 
 from versionstore import pitr  # noqa: E402
 from versionstore.ids import new_hex_id  # noqa: E402
@@ -179,8 +187,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--restore-assets", type=int, help="assets restored and drilled (default 2,000; --quick 300; 0: skip)")
     parser.add_argument("--restore-kib", type=int, default=64, help="size of each restored asset in KiB")
+    parser.add_argument("--archive", action="store_true", help="archive export and import against tar (and BLAKE3)")
+    parser.add_argument("--archive-rss", type=float, metavar="GIB", help="serve's RSS growth over an export of GIB GiB")
     add_load_option(parser)
     args = parser.parse_args()
+    if args.archive:
+        return archive_bench(args)
+    if args.archive_rss:
+        return archive_rss(args.archive_rss)
     watch_load()
     assets, runs = (20_000, 1) if args.quick else (args.assets, args.runs)
     restore_assets = args.restore_assets if args.restore_assets is not None else 300 if args.quick else 2_000
@@ -196,6 +210,145 @@ def main() -> int:
     if restored is not None:
         print_restore(restored, restore_assets, args.restore_kib << 10)
     return 0
+
+
+# --- archives (--archive, --archive-rss) -----------------------------------------------------------
+
+
+async def _archive_service(root: Path) -> Any:
+    from versionstore import bootstrap
+    from versionstore.config import Config
+    from versionstore.service import VersionService
+    from versionstore.targets import BackupTargets
+
+    config = Config(data_dir=root / "data")
+    config.spool_dir.mkdir(parents=True, exist_ok=True)
+    meta = await bootstrap.open_metadata(config)
+    targets = BackupTargets(meta, bootstrap.open_backup(config))
+    return VersionService(meta, bootstrap.open_primary(config), targets, config.spool_dir, config.max_upload_bytes), config
+
+
+async def _archive_library(service: Any, files: int, size: int) -> list[Path]:
+    """`files` distinct random originals of `size` bytes, uploaded with backup; their revision files."""
+    import os
+
+    from versionstore import layout
+    from versionstore.service import UploadRequest
+
+    cloud = await service.meta.create_cloud(CLOUD, "k", "s", True)
+    paths = []
+    for i in range(files):
+        spool = service.new_spool()
+        for _ in range(size // MiB):
+            await spool.write(os.urandom(MiB))
+        spooled = await spool.finish()
+        result = await service.upload(UploadRequest(cloud=cloud, resource_type="raw", public_id=f"lib/{i:05d}.bin", backup=True), spooled)
+        local = service.targets.default.local_path(layout.revision_key(CLOUD, result.version.digest))
+        paths.append(Path(local))
+    return paths
+
+
+def _timed(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - started
+
+
+def _b3sum(directory: Path) -> float:
+    """Seconds to BLAKE3 every file under `directory` (b3sum, else Python's blake3)."""
+    import shutil
+
+    started = time.perf_counter()
+    files = [str(p) for p in directory.rglob("*") if p.is_file()]
+    if shutil.which("b3sum"):
+        subprocess.run(["b3sum", "--no-mmap", *files], check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - started
+    import blake3
+
+    for name in files:
+        hasher = blake3.blake3()
+        with open(name, "rb") as handle:
+            while block := handle.read(MiB):
+                hasher.update(block)
+    return time.perf_counter() - started
+
+
+async def _archive_runs(root: Path, files: int, size: int, runs: int) -> dict[str, list[float]]:
+    import shutil
+
+    from versionstore import archives
+
+    service, _config = await _archive_service(root)
+    times: dict[str, list[float]] = {"tar_cf": [], "export": [], "tar_xf_b3": [], "import": []}
+    try:
+        paths = await _archive_library(service, files, size)
+        log(f"library: {files} originals of {size // MiB} MiB")
+        for run in range(runs):
+            tarred = root / f"plain-{run}.tar"
+            times["tar_cf"].append(_timed(["tar", "-cf", str(tarred), "-C", "/", *[str(p)[1:] for p in paths]]))
+            out = root / f"archive-{run}.tar"
+            started = time.perf_counter()
+            await archives.write_archive(service, pitr.Selection(CLOUD, "", time.time()), out, time.time())
+            times["export"].append(time.perf_counter() - started)
+            extracted = root / f"x-{run}"
+            extracted.mkdir()
+            times["tar_xf_b3"].append(_timed(["tar", "-xf", str(tarred), "-C", str(extracted)]) + _b3sum(extracted))
+            target = await service.meta.create_cloud(f"import{run}", f"k{run}", "s", True)
+            started = time.perf_counter()
+            await archives.verify_file(out)
+            await archives.apply_archive(service, target, out)
+            times["import"].append(time.perf_counter() - started)
+            shutil.rmtree(extracted)
+            tarred.unlink()
+            out.unlink()
+    finally:
+        await service.targets.close()
+        await service.primary.close()
+        await service.meta.close()
+    return times
+
+
+def archive_bench(args: argparse.Namespace) -> int:
+    files, size, runs = (64, 8 * MiB, 3) if args.quick else (256, 8 * MiB, 3)
+    watch_load()
+    with tempfile.TemporaryDirectory(prefix="bench-archives-") as tmp:
+        times = asyncio.run(_archive_runs(Path(tmp), files, size, runs))
+    if not check_load(args.allow_load):
+        return 1
+    total = files * size
+    med = {name: statistics.median(values) for name, values in times.items()}
+    print(f"archives: {files} x {size // MiB} MiB ({total / MiB:.0f} MiB), {runs} interleaved runs, medians:")
+    for name, value in med.items():
+        print(f"  {name:10s} {value:7.3f} s   {total / MiB / value:8.1f} MiB/s")
+    print(f"  export / tar -cf           {med['tar_cf'] / med['export']:.2f}x  (target >= 0.8)")
+    print(f"  import / (tar -xf + b3sum) {med['tar_xf_b3'] / med['import']:.2f}x  (target >= 0.8)")
+    return 0
+
+
+def archive_rss(gib: float) -> int:
+    """The e2e test's measurement (tests/e2e/test_archive_jobs.py) at `gib` GiB."""
+    import contextlib
+
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import API_KEY, API_SECRET
+    from tests.conftest import CLOUD as TEST_CLOUD
+    from tests.e2e.conftest import ServerProcess, cli, configure_sdk
+    from tests.e2e.test_archive_jobs import RSS_LIMIT, export_rss
+
+    with tempfile.TemporaryDirectory(prefix="bench-archive-rss-") as tmp:
+        data_dir = Path(tmp) / "data"
+        cli("cloud", "create", TEST_CLOUD, "--api-key", API_KEY, "--api-secret", API_SECRET, data_dir=data_dir)
+        server = ServerProcess(data_dir, Path(tmp))
+        server.start()
+        configure_sdk(server.base_url)
+        try:
+            growth, exported, downloaded = export_rss(server, int(gib * (1 << 30)))
+        finally:
+            with contextlib.suppress(Exception):
+                server.stop()
+    print(f"{gib:g} GiB archive: serve RSS growth {growth / MiB:.1f} MiB (limit {RSS_LIMIT / MiB:.0f}), "
+          f"export {exported:.1f} s, download {downloaded:.1f} s")
+    return 0 if growth < RSS_LIMIT else 1
 
 
 if __name__ == "__main__":

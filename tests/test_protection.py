@@ -126,7 +126,8 @@ async def test_no_api_key_can_change_protection(api, client):
 
 
 SAMPLES = {"rt": "image", "type": "upload", "asset_id": "ab" * 16, "public_id": "x", "tag": "t", "field": "f",
-           "date": "2026-01-01", "job_id": "cd" * 16, "snapshot_id": "ef" * 16, "drill_id": "12" * 16}
+           "date": "2026-01-01", "job_id": "cd" * 16, "snapshot_id": "ef" * 16, "drill_id": "12" * 16,
+           "archive_id": "34" * 16}
 
 
 def _path(pattern: str) -> str:

@@ -484,9 +484,10 @@ def parser() -> argparse.ArgumentParser:
         "--rate", type=float, default=200.0, metavar="BLOBS/s", help="with --full: examine at most this many blobs a second (0: unpaced)"
     )
     _data_dir_option(collect, creates=False)
-    from versionstore import drill_cli, snapshot_cli
+    from versionstore import archive_cli, drill_cli, snapshot_cli
 
     snapshot_cli.register(sub, _command, _data_dir_option)
+    archive_cli.register(sub, _command, _data_dir_option)
     drill_cli.register(sub, _command, _data_dir_option)
     protection_cli.register(sub, _command, _data_dir_option)
 

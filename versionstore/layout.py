@@ -3,6 +3,8 @@
     <cloud_name>/blobs/ab/cd/<blake3 hex>      backup store: write-once revisions
     <cloud_name>/originals/ab/cd/<blake3 hex>  primary store: current originals
     <cloud_name>/pending/ab/cd/<blake3 hex>    primary store: revisions waiting for their backup target
+    <cloud_name>/archives/<job id>.tar         default backup store: a published archive export
+    <cloud_name>/archive-imports/<job id>.tar  default backup store: an archive waiting for its import job
     .wellknown/cloudinary/<cloud_name>         customer bucket root: the marker that allows its use
 
 Blobs are namespaced per environment: no cross-tenant dedup (see docs/design.md).
@@ -37,6 +39,16 @@ def marker_key(cloud: str) -> str:
 def probe_key(cloud: str, token: str) -> str:
     """Where setting a bucket proves write, read and delete access (then removes it)."""
     return f"{cloud}/probe/{token}"
+
+
+def archive_key(cloud: str, job_id: str) -> str:
+    """Default backup store: a published archive export (docs/snapshots.md)."""
+    return f"{cloud}/archives/{job_id}.tar"
+
+
+def archive_upload_key(cloud: str, job_id: str) -> str:
+    """Default backup store: an archive sent for import, waiting for its job (never served)."""
+    return f"{cloud}/archive-imports/{job_id}.tar"
 
 
 def revision_prefix(cloud: str) -> str:

@@ -45,9 +45,10 @@ VOCABULARY: dict[str, frozenset[str]] = {
     "context": frozenset({"context", "public_ids", "command", "type"}) | _NOTIFY,
     "metadata": frozenset({"metadata", "public_ids", "type", "clear_invalid"}) | _NOTIFY,
     "download_backup": frozenset({"asset_id", "version_id"}),
+    "download_archive": frozenset({"archive_id"}),
 }
 #: Purposes that accept nothing outside their vocabulary.
-CLOSED = frozenset({"download_backup"})
+CLOSED = frozenset({"download_backup", "download_archive"})
 _CLAIMED = frozenset().union(*VOCABULARY.values())
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import bootstrap, drills, initial_backup, logs, migration, pitr, protection, retention, verify
+from versionstore import archives, bootstrap, drills, initial_backup, logs, migration, pitr, protection, retention, verify
 from versionstore.alerts import Alerts
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
@@ -201,6 +201,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             bulk_restore.KIND: bulk_restore.BulkRestore(service).run,
             pitr.KIND: pitr.PointInTimeRestore(service).run,
             drills.KIND: drills.DrillJob(service, alerts).run,
+            archives.EXPORT: archives.ArchiveExport(service).run,
+            archives.IMPORT: archives.ArchiveImport(service).run,
         }
         runner = app[JOBS] = JobRunner(meta, handlers, poll_interval=config.poll_interval, owner=claims.owner, lease=config.lease_seconds)
         opened.push_async_callback(runner.close)
@@ -235,6 +237,8 @@ async def _describe_job(meta: MetadataRepository, job: Job) -> dict[str, Any]:
         from versionstore.http.drill_views import drill_body
 
         return drill_body(job)
+    if job.kind in archives.KINDS and (cloud := await meta.get_cloud(job.cloud)) is not None:
+        return {**render.job(job), **archives.describe(job, cloud, time.time())}  # download_url: a path on this service
     return render.job(job)
 
 

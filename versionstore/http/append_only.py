@@ -87,6 +87,10 @@ POLICIES: dict[str, str] = {
     "GET versionstore/retention/simulate": ALLOW,
     "POST versionstore/point_in_time_restore/preview": ALLOW,
     "POST versionstore/point_in_time_restore": CHECK,
+    "GET download_archive": ALLOW,
+    "POST versionstore/archives": ALLOW,
+    "POST versionstore/archives/import": ALLOW,  # adds versions, as a restore does
+    "GET versionstore/archives/{archive_id}": ALLOW,
     "GET versionstore/drills": ALLOW,
     "POST versionstore/drills": ALLOW,  # restores into its own scratch environment, then removes that
     "GET versionstore/drills/{drill_id}": ALLOW,

@@ -62,9 +62,10 @@ def check_basic(request: web.Request, cloud: Cloud) -> None:
 def _secret_for(cloud: Cloud, key: str) -> tuple[str, bool]:
     """The secret of the key pair `key` names (main or append-only), and whether it is the
     append-only one; Unauthorized for any other key."""
-    if hmac.compare_digest(key, cloud.api_key):
+    given = key.encode()  # bytes: compare_digest refuses non-ASCII str (a 500 otherwise)
+    if hmac.compare_digest(given, cloud.api_key.encode()):
         return cloud.api_secret, False
-    if cloud.append_key is not None and cloud.append_secret is not None and hmac.compare_digest(key, cloud.append_key):
+    if cloud.append_key is not None and cloud.append_secret is not None and hmac.compare_digest(given, cloud.append_key.encode()):
         return cloud.append_secret, True
     raise Unauthorized(f"Invalid api_key {key}")
 

@@ -15,7 +15,7 @@ from versionstore.errors import RateLimited
 
 WINDOW = 3600
 #: Upload API paths (signed or Basic) and the signed download are not Admin API calls.
-_NOT_ADMIN = ("image/", "video/", "raw/", "auto/", "download_backup")
+_NOT_ADMIN = ("image/", "video/", "raw/", "auto/", "download_backup", "download_archive")
 
 
 def is_admin_call(rest: str) -> bool:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from versionstore.errors import AppendOnlyRefused, NotFound, Unauthorized
 from versionstore.http import admin_views as admin
-from versionstore.http import append_only, drill_views, purge_views, snapshot_views
+from versionstore.http import append_only, archive_views, drill_views, purge_views, snapshot_views
 from versionstore.http import audit_views as audit
 from versionstore.http import backup_views as backup
 from versionstore.http import library_views as library
@@ -79,6 +79,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", r"versionstore/purges", purge_views.purges),
     *snapshot_views.ROUTES,  # snapshots, their schedule and retention, point-in-time restore
     *drill_views.ROUTES,  # restore drills, their schedule, failure alerts
+    *archive_views.ROUTES,  # archives: export as a tar, import, the signed download
 ]
 
 

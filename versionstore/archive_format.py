@@ -1,0 +1,318 @@
+"""The archive file format: a POSIX (pax) tar whose first member is `manifest.jsonl`.
+
+    manifest.jsonl                              line 1: the header, then one line per original
+    <resource_type>/<type>/<public_id>.<format> the original's bytes, in manifest order
+
+The manifest comes first so an importer can check every member while streaming, without
+seeking. Member names come from public IDs, which are hostile input: each path segment is
+escaped (no `..`, no absolute path, no empty segment, no control characters) and long or
+non-ASCII names go in pax headers. The name is only where the bytes are: an importer takes the
+public_id, digests and attributes from the manifest. This module is pure and blocking (run it
+in a worker thread); `archives.py` drives it.
+"""
+
+import hashlib
+import json
+import tarfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
+
+import blake3
+
+from versionstore.errors import BadRequest
+from versionstore.ids import DELIVERY_TYPES, check_public_id
+
+FORMAT = "versionstore-archive/1"
+MANIFEST = "manifest.jsonl"
+BLOCK = 512
+READ = 1 << 20
+#: A manifest line per original; one this large would list millions: refuse beyond it.
+MAX_MANIFEST = 512 << 20
+ENTRY_FIELDS = (
+    "path", "public_id", "resource_type", "type", "format", "asset_id", "version_id", "blake3", "md5", "bytes",
+    "created_at", "tags", "context", "metadata",
+)
+
+RESOURCE_TYPES = ("image", "video", "raw")
+Progress = Callable[[int], object]
+T = TypeVar("T")
+_MD5_THREAD = ThreadPoolExecutor(1, thread_name_prefix="archive-md5")
+
+
+class ArchiveInvalid(Exception):
+    """The archive is not one this version wrote, or not as its manifest says (tampered,
+    truncated, extra or missing members). The message says which member and why."""
+
+
+def _escaped(text: str) -> str:
+    return "".join(f"%{b:02X}" for b in text.encode())
+
+
+def _segment(text: str) -> str:
+    """One path segment, made safe and kept distinct: `%` itself is escaped, so every escape
+    is unambiguous; an empty segment becomes `%00` (no public_id holds a NUL)."""
+    if text in ("", ".", ".."):
+        return _escaped(text) if text else "%00"
+    return "".join(_escaped(ch) if ch in "%\\" or ord(ch) < 32 or ord(ch) == 127 else ch for ch in text)
+
+
+def member_name(resource_type: str, type_: str, public_id: str, fmt: str | None) -> str:
+    """`<resource_type>/<type>/<public_id>.<format>` with every segment made safe: the same
+    public_id always gives the same name, and no name leaves the archive's root."""
+    name = public_id if not fmt or public_id.endswith(f".{fmt}") else f"{public_id}.{fmt}"
+    return "/".join(_segment(part) for part in (resource_type, type_, *name.split("/")))
+
+
+def is_safe(name: str) -> bool:
+    parts = name.split("/")
+    return not name.startswith("/") and all(p not in ("", ".", "..") for p in parts) and "\\" not in name
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+class TarWriter:
+    """Writes pax members to a binary file and hashes (BLAKE3) everything it writes."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle = handle
+        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.size = 0
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self.handle.write(data)
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def _header(self, name: str, size: int, mtime: float) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, int(mtime), 0o644, "", ""
+        self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def _pad(self, size: int) -> None:
+        if size % BLOCK:
+            self._write(bytes(BLOCK - size % BLOCK))
+
+    def add_file(self, name: str, source: IO[bytes], size: int, mtime: float, progress: Progress | None = None) -> str:
+        """Copy exactly `size` bytes of `source` as one member; the BLAKE3 of what was copied
+        (the caller compares it with the revision's name)."""
+        self._header(name, size, mtime)
+        digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        left = size
+        while left:
+            data = source.read(min(READ, left))
+            if not data:
+                raise ArchiveInvalid(f"{name}: the source ended {left} bytes early")
+            digest.update(data)
+            self._write(data)
+            left -= len(data)
+            if progress is not None:
+                progress(len(data))
+        self._pad(size)
+        return digest.hexdigest()
+
+    def close(self) -> str:
+        """The end-of-archive blocks, padded to tar's record size; the archive's BLAKE3."""
+        self._write(bytes(2 * BLOCK))
+        if self.size % tarfile.RECORDSIZE:
+            self._write(bytes(tarfile.RECORDSIZE - self.size % tarfile.RECORDSIZE))
+        return self.hasher.hexdigest()
+
+
+def header_line(header: dict[str, Any]) -> bytes:
+    return (json.dumps(header, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+class Chain:
+    """`first`, then the rest of `rest`: the manifest member (header line, spooled entries)."""
+
+    def __init__(self, first: bytes, rest: IO[bytes]) -> None:
+        self.first, self.rest = first, rest
+
+    def read(self, size: int) -> bytes:
+        if self.first:
+            data, self.first = self.first[:size], self.first[size:]
+            return data
+        return self.rest.read(size)
+
+
+def entry_line(entry: dict[str, Any]) -> bytes:
+    return (json.dumps({k: entry[k] for k in ENTRY_FIELDS}, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+# --- reading and verifying ---------------------------------------------------------------------
+
+
+@dataclass
+class Manifest:
+    header: dict[str, Any]
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _hex(value: object, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and set(value) <= _HEX
+
+
+def _entry_problem(entry: dict[str, Any]) -> str | None:
+    """What makes an entry unusable, checked as the API checks the same fields: an archive
+    imports nothing an upload could not have made."""
+    if not isinstance(entry["bytes"], int) or entry["bytes"] < 0:
+        return "bytes must be a whole number"
+    if entry["resource_type"] not in RESOURCE_TYPES or entry["type"] not in DELIVERY_TYPES:
+        return f"bad resource_type or type {entry['resource_type']!r}/{entry['type']!r}"
+    if not isinstance(entry["public_id"], str):
+        return "public_id must be a string"
+    try:
+        check_public_id(entry["public_id"])
+    except BadRequest as exc:
+        return exc.message
+    if not _hex(entry["blake3"], 64) or not (entry["md5"] is None or _hex(entry["md5"], 32)):
+        return "blake3 and md5 must be hex digests"
+    if not (isinstance(entry["tags"], list) and all(isinstance(t, str) for t in entry["tags"])):
+        return "tags must be a list of strings"
+    if not (isinstance(entry["context"], dict) and all(isinstance(v, str) for v in entry["context"].values())):
+        return "context must map names to strings"
+    if not isinstance(entry["metadata"], dict):
+        return "metadata must be an object"
+    if not all(isinstance(entry[k], str) for k in ("asset_id", "version_id")) or not isinstance(entry["created_at"], (int, float)):
+        return "asset_id, version_id and created_at are needed"
+    return None
+
+
+def _parse_manifest(data: bytes, size: int) -> Manifest:
+    if len(data) != size:
+        raise ArchiveInvalid(f"{MANIFEST}: truncated")
+    try:
+        lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArchiveInvalid(f"{MANIFEST} is not JSON lines: {exc}") from None
+    if not lines or not isinstance(lines[0], dict) or lines[0].get("format") != FORMAT:
+        raise ArchiveInvalid(f"{MANIFEST}: not a {FORMAT} archive")
+    manifest = Manifest(lines[0], [])
+    seen: set[str] = set()
+    for number, entry in enumerate(lines[1:], start=2):
+        if not isinstance(entry, dict) or any(k not in entry for k in ENTRY_FIELDS):
+            raise ArchiveInvalid(f"{MANIFEST} line {number}: needs {', '.join(ENTRY_FIELDS)}")
+        path = entry["path"]
+        if not isinstance(path, str) or not is_safe(path) or path == MANIFEST or path in seen:
+            raise ArchiveInvalid(f"{MANIFEST} line {number}: unsafe or repeated path {path!r}")
+        problem = _entry_problem(entry)
+        if problem is not None:
+            raise ArchiveInvalid(f"{MANIFEST} line {number}: {problem}")
+        seen.add(path)
+        manifest.entries.append(entry)
+    if manifest.header.get("count") != len(manifest.entries):
+        raise ArchiveInvalid(f"{MANIFEST}: the header counts {manifest.header.get('count')} entries, it lists {len(manifest.entries)}")
+    return manifest
+
+
+class ArchiveReader:
+    """Streams an archive once, checking it against its manifest: the manifest first, then
+    exactly its members, each a regular file of the listed size whose BLAKE3 and MD5 match.
+    Blocking calls, one at a time (from one worker thread or several in turn). Every
+    difference, truncation included, raises ArchiveInvalid."""
+
+    def __init__(self, handle: IO[bytes], *, hashed: bool = True) -> None:
+        self.hashed = hashed  # False: members are only read; the caller compares their digests
+        self._tar = _tar_errors(lambda: tarfile.open(fileobj=handle, mode="r|", bufsize=READ))
+        first = _tar_errors(self._tar.next)
+        if first is None or first.name != MANIFEST or not first.isreg():
+            raise ArchiveInvalid(f"the first member must be {MANIFEST}")
+        if first.size > MAX_MANIFEST:
+            raise ArchiveInvalid(f"{MANIFEST} is larger than {MAX_MANIFEST} bytes")
+        source = self._tar.extractfile(first)
+        assert source is not None
+        self.manifest = _parse_manifest(_tar_errors(lambda: source.read(first.size)), first.size)
+        self._expected = {e["path"]: e for e in self.manifest.entries}
+        self._current: Member | None = None
+
+    def next_member(self, progress: Progress | None = None) -> "Member | None":
+        """The next member, unread; None at the end, once every listed member was seen."""
+        if self._current is not None:
+            self._current.check()
+        self._current = None
+        info = _tar_errors(self._tar.next)
+        if info is None:
+            if self._expected:
+                missing = next(iter(self._expected))
+                raise ArchiveInvalid(f"{missing}: in the manifest, not in the archive ({len(self._expected)} missing: truncated?)")
+            return None
+        entry = self._expected.pop(info.name, None)
+        if entry is None:
+            raise ArchiveInvalid(f"{info.name}: not in the manifest (or there twice)")
+        if not info.isreg() or info.size != entry["bytes"]:
+            raise ArchiveInvalid(f"{info.name}: {info.size} bytes of type {info.type!r}, the manifest says a file of {entry['bytes']}")
+        source = self._tar.extractfile(info)
+        assert source is not None
+        self._current = Member(entry, source, progress, self.hashed)
+        return self._current
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def verify(handle: IO[bytes], progress: Progress | None = None) -> Manifest:
+    """Read the whole archive, checking every member; its manifest."""
+    reader = ArchiveReader(handle)
+    try:
+        while (member := reader.next_member(progress)) is not None:
+            member.check()
+    finally:
+        reader.close()
+    return reader.manifest
+
+
+def _tar_errors(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ArchiveInvalid(f"not a complete tar archive: {exc}") from None
+
+
+class Member:
+    """One member read through its hashes (MD5 on a second thread, beside BLAKE3): what the
+    caller reads is what gets checked. Unhashed, the caller compares the digests it computed
+    while writing the bytes somewhere (`compare`)."""
+
+    def __init__(self, entry: dict[str, Any], source: IO[bytes], progress: Progress | None, hashed: bool = True) -> None:
+        self.entry, self.source, self.left, self.progress, self.hashed = entry, source, int(entry["bytes"]), progress, hashed
+        self.blake3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self._checked = False
+
+    def read(self, size: int = READ) -> bytes:
+        data = _tar_errors(lambda: self.source.read(min(size, self.left))) if self.left else b""
+        if self.left and not data:
+            raise ArchiveInvalid(f"{self.entry['path']}: truncated")
+        self.left -= len(data)
+        if self.hashed and data:
+            md5 = _MD5_THREAD.submit(self.md5.update, data)  # hashlib and blake3 release the GIL
+            self.blake3.update(data)
+            md5.result()
+        if self.progress is not None:
+            self.progress(len(data))
+        return data
+
+    def check(self) -> None:
+        """Read what is left, then compare both digests with the manifest's."""
+        if self._checked:
+            return
+        while self.read():
+            pass
+        self._checked = True
+        if self.hashed:
+            self.compare(self.blake3.hexdigest(), self.md5.hexdigest())
+
+    def compare(self, actual_blake3: str, actual_md5: str) -> None:
+        entry = self.entry
+        if actual_blake3 != entry["blake3"]:
+            raise ArchiveInvalid(f"{entry['path']}: BLAKE3 {actual_blake3} does not match the manifest's {entry['blake3']}")
+        if entry["md5"] is not None and actual_md5 != entry["md5"]:
+            raise ArchiveInvalid(f"{entry['path']}: MD5 {actual_md5} does not match the manifest's {entry['md5']}")
+
+

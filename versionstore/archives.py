@@ -1,0 +1,383 @@
+"""Archives: a snapshot or a point-in-time selection exported as a tar, and imported back.
+
+Export (the `archive_export` job) lists the selection into a spooled manifest (pass 1: metadata
+only), then writes the tar to a temp file in the spool directory (pass 2: the manifest first,
+then each original read from the backup store and checked against its BLAKE3 on the way),
+and publishes it at the end with one create-only `put_file` under
+`<cloud>/archives/<job id>.tar` in the default backup store (every process can serve it). A
+killed export starts over into a new temp file of the same name when its job resumes: nothing
+partial is ever published, and a copy a killed run had published (never announced) is replaced.
+
+Import checks the whole archive first (`archive_format.verify`: manifest, every member's
+BLAKE3 and MD5, nothing extra, nothing missing, no truncation), so a tampered archive is
+refused before anything is written. Only then does the `archive_import` job apply it,
+entry by entry, as new versions recording `restored_from: archive:<cloud>/<asset>/<version>`.
+That pass reads the stored copy again (proven by its BLAKE3) and resumes from its cursor after
+a kill; an entry whose bytes are already the asset's current ones is skipped, so a replay
+adds nothing twice. docs/snapshots.md describes the format.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlencode
+
+from versionstore import archive_format as fmt
+from versionstore import layout, pitr, signing
+from versionstore.blobstore import BlobStore
+from versionstore.console.audit import AuditLog
+from versionstore.errors import NotFound
+from versionstore.ids import new_hex_id
+from versionstore.models import Cloud, Job
+from versionstore.pitr import _existed as existed_at
+from versionstore.service import UploadRequest, VersionService
+from versionstore.spool import Spooled
+
+EXPORT, IMPORT = "archive_export", "archive_import"
+KINDS = (EXPORT, IMPORT)
+SAVE_EVERY = 2.0  # seconds between cursor saves while importing
+
+@dataclass(frozen=True)
+class Written:
+    digest: str
+    size: int
+    count: int
+    bytes: int
+    skipped: list[dict[str, Any]]
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+async def _selected(service: VersionService, selection: pitr.Selection) -> AsyncIterator[dict[str, Any]]:
+    """Each asset of the selection as it was: a manifest entry, or one with a `skipped` reason."""
+    meta = service.meta
+    cloud = await meta.get_cloud(selection.cloud)
+    if cloud is None:
+        raise NotFound(f"Environment not found - {selection.cloud}")
+    after = 0
+    while True:
+        if selection.snapshot_id is not None:
+            rows = await meta.snapshot_selection(selection.cloud, selection.snapshot_id, selection.prefix, after, pitr.PAGE)
+        else:
+            assert selection.at is not None
+            rows = await meta.point_in_time(selection.cloud, selection.prefix, selection.at, after, pitr.PAGE)
+        for row in rows:
+            if not existed_at(row, selection):
+                continue
+            assert row.at_version_id is not None
+            named = {"asset_id": row.asset_id, "public_id": row.public_id, "version_id": row.at_version_id}
+            if not row.at_backed_up:
+                yield {**named, "skipped": "not_backed_up"}
+                continue
+            try:
+                _, version, _, _ = await service.version_for_download(cloud, row.asset_id, row.at_version_id)
+            except NotFound as exc:  # pending, damaged or gone: listed as skipped (a target outage fails the job)
+                yield {**named, "skipped": exc.message}
+                continue
+            asset = await meta.get_asset_by_id(selection.cloud, row.asset_id)
+            yield {
+                **named, "resource_type": row.resource_type, "type": row.type, "format": version.format,
+                "path": fmt.member_name(row.resource_type, row.type, row.public_id, version.format),
+                "blake3": version.digest, "md5": version.md5, "bytes": version.bytes, "created_at": version.created_at,
+                "tags": asset.tags if asset else [], "context": asset.context if asset else {},
+                "metadata": asset.metadata if asset else {},
+            }
+        if len(rows) < pitr.PAGE:
+            return
+        after = rows[-1].asset_pk
+
+
+async def write_archive(
+    service: VersionService, selection: pitr.Selection, out: Path, created_at: float, progress: fmt.Progress | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> Written:
+    """The selection's archive at `out` (overwritten). Bounded memory: the manifest is spooled
+    to disk and originals are copied a MiB at a time."""
+    entries_path = out.with_name(out.name + ".manifest")
+    paths: set[str] = set()
+    skipped: list[dict[str, Any]] = []
+    count = total = 0
+    try:
+        with entries_path.open("wb") as entries:
+            async for entry in _selected(service, selection):
+                if "skipped" in entry:
+                    skipped.append(entry)
+                    continue
+                while entry["path"] in paths:  # two assets of one name (a deletion and a new upload)
+                    entry["path"] += f"~{entry['asset_id']}"
+                paths.add(entry["path"])
+                await asyncio.to_thread(entries.write, fmt.entry_line(entry))
+                count, total = count + 1, total + entry["bytes"]
+        header = {
+            "format": fmt.FORMAT, "cloud": selection.cloud, "snapshot_id": selection.snapshot_id, "at": selection.at,
+            "prefix": selection.prefix, "created_at": created_at, "count": count, "bytes": total,
+            "skipped": len(skipped),
+        }
+        if on_total is not None:
+            on_total(total)
+        digest, size = await _write_tar(service, selection.cloud, out, entries_path, header, progress)
+    finally:
+        entries_path.unlink(missing_ok=True)
+    return Written(digest, size, count, total, skipped[:100])
+
+
+async def _write_tar(
+    service: VersionService, cloud_name: str, out: Path, entries_path: Path, header: dict[str, Any], progress: fmt.Progress | None
+) -> tuple[str, int]:
+    cloud = await service.meta.get_cloud(cloud_name)
+    assert cloud is not None
+    store = await service.targets.usable(cloud)
+    # A new file, never the old one reopened: a killed run may have published it (a hard link).
+    await asyncio.to_thread(out.unlink, missing_ok=True)
+    with out.open("xb") as handle, entries_path.open("rb") as entries:
+        writer = fmt.TarWriter(handle)
+        first = fmt.header_line(header)
+        size = len(first) + entries_path.stat().st_size
+        chained = fmt.Chain(first, entries)
+        await asyncio.to_thread(writer.add_file, fmt.MANIFEST, chained, size, header["created_at"])  # type: ignore[arg-type]
+        entries.seek(0)
+        for line in entries:
+            entry = json.loads(line)
+            key = layout.revision_key(cloud_name, entry["blake3"])
+            async with service.local_copy(store, key, entry["blake3"], verify=False) as path:
+                if path is None:
+                    raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} is missing from backup storage")
+                with path.open("rb") as source:
+                    actual = await asyncio.to_thread(
+                        writer.add_file, entry["path"], source, entry["bytes"], entry["created_at"], progress
+                    )
+            if actual != entry["blake3"]:
+                raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} hashes to {actual} in backup storage")
+        digest = await asyncio.to_thread(writer.close)
+        await asyncio.to_thread(_durable, handle)
+    return digest, writer.size
+
+
+def _durable(handle: IO[bytes]) -> None:
+    """Bytes on disk before the archive is published under its key."""
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+
+async def verify_file(path: Path, progress: fmt.Progress | None = None) -> fmt.Manifest:
+    """Check a whole archive file; ArchiveInvalid says what is wrong."""
+
+    def run() -> fmt.Manifest:
+        with path.open("rb") as handle:
+            return fmt.verify(handle, progress)
+
+    return await asyncio.to_thread(run)
+
+
+async def apply_archive(
+    service: VersionService, cloud: Cloud, path: Path, skip: int = 0, progress: fmt.Progress | None = None,
+    after_entry: Callable[[int, dict[str, int]], Any] | None = None,
+) -> dict[str, int]:
+    """Every entry of a verified archive as the newest version of its public_id in `cloud`,
+    from entry `skip` on. Counts: imported, unchanged (already the current bytes)."""
+    counts = {"imported": 0, "unchanged": 0}
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        reader = await asyncio.to_thread(lambda: fmt.ArchiveReader(handle, hashed=False))  # the spool hashes what it writes
+        source = reader.manifest.header["cloud"]
+        index = 0
+        while (member := await asyncio.to_thread(reader.next_member, progress)) is not None:
+            index += 1
+            if index <= skip:
+                continue
+            counts[await _apply_one(service, cloud, source, member)] += 1
+            if after_entry is not None:
+                await after_entry(index, counts)
+        await asyncio.to_thread(reader.close)
+    finally:
+        await asyncio.to_thread(handle.close)
+    return counts
+
+
+async def _apply_one(service: VersionService, cloud: Cloud, source: str, member: fmt.Member) -> str:
+    entry = member.entry
+    current = await service.meta.get_asset(cloud.name, entry["resource_type"], entry["type"], entry["public_id"])
+    if current is not None and current.live and current.digest == entry["blake3"]:
+        return "unchanged"
+    spool = service.new_spool()
+    try:
+        while block := await asyncio.to_thread(member.read):
+            await spool.write(block)
+        spooled = await spool.finish(sync=False)  # the upload makes it durable before any store links it
+        member.compare(spooled.digest, spooled.md5 or "")  # before any store or row names it: the manifest's bytes
+    except BaseException:
+        spool.discard()
+        raise
+    request = UploadRequest(
+        cloud=cloud, resource_type=entry["resource_type"], type=entry["type"], public_id=entry["public_id"], backup=True,
+        filename=entry["path"].rsplit("/", 1)[-1], tags=list(entry["tags"]) or None, context=dict(entry["context"]) or None,
+        metadata=dict(entry["metadata"]) or None,
+        restored_from=f"archive:{source}/{entry['asset_id']}/{entry['version_id']}",
+    )
+    await service.upload(request, spooled)
+    return "imported"
+
+
+# --- the jobs -------------------------------------------------------------------------------------
+
+
+def selection_params(selection: pitr.Selection) -> dict[str, Any]:
+    return {"snapshot_id": selection.snapshot_id, "at": selection.at, "prefix": selection.prefix}
+
+
+async def start(service: VersionService, cloud: str, kind: str, params: dict[str, Any], notification_url: str | None,
+                job_id: str | None = None) -> Job | None:
+    """Queue an export or import; None when the environment already has one of that kind open."""
+    job = Job(
+        id=job_id or new_hex_id(), cloud=cloud, kind=kind, status="pending", params=params, created_at=time.time(),
+        notification_url=notification_url,
+    )
+    return await service.meta.create_job(job)
+
+
+async def _audit(service: VersionService, job: Job, action: str, outcome: str, detail: dict[str, Any]) -> None:
+    await AuditLog(service.meta).record(f"job:{job.id}", action, cloud=job.cloud, target=job.id, outcome=outcome, detail=detail)
+
+
+async def _publish(store: BlobStore, key: str, path: Path) -> None:
+    """Create-only; a key already there is a killed run's archive, never announced (its job did
+    not complete) and maybe not the same bytes (tags or pending backups changed since): replaced."""
+    if not await store.put_file(key, path):
+        await store.delete(key)
+        await store.put_file(key, path)
+
+
+class ArchiveExport:
+    """The `archive_export` job: write, then publish; a restart writes again from the start."""
+
+    def __init__(self, service: VersionService) -> None:
+        self.service = service
+
+    async def run(self, job: Job) -> None:
+        params = job.params
+        selection = pitr.Selection(job.cloud, params.get("prefix") or "", params.get("at"), params.get("snapshot_id"))
+        temp = self.service.spool_dir / f"archive-{job.id}.tar.tmp"  # the same name on a rerun: no leftovers
+        try:
+            written = await write_archive(self.service, selection, temp, job.created_at)
+            await _publish(self.service.targets.store(None), layout.archive_key(job.cloud, job.id), temp)
+        except fmt.ArchiveInvalid as exc:
+            await self._fail(job, str(exc))
+            return
+        finally:
+            temp.unlink(missing_ok=True)
+        job.progress = {
+            "key": layout.archive_key(job.cloud, job.id), "digest": written.digest, "size": written.size, "count": written.count,
+            "bytes": written.bytes, "skipped": written.skipped,
+        }
+        job.status, job.completed_at = "completed", time.time()
+        if await self.service.meta.save_job(job):
+            await _audit(self.service, job, "archive_export_finish", "ok", {"digest": written.digest, "count": written.count})
+
+    async def _fail(self, job: Job, error: str) -> None:
+        job.status, job.error, job.completed_at = "failed", error, time.time()
+        if await self.service.meta.save_job(job):
+            await _audit(self.service, job, "archive_export_finish", "failed", {"error": error})
+
+
+class _Stopped(Exception):
+    """The job's row is no longer open: stop without touching it."""
+
+
+class ArchiveImport:
+    """The `archive_import` job: apply a stored, already verified archive from its cursor."""
+
+    def __init__(self, service: VersionService) -> None:
+        self.service = service
+
+    async def run(self, job: Job) -> None:
+        cloud = await self.service.meta.get_cloud(job.cloud)
+        assert cloud is not None
+        store = self.service.targets.store(None)
+        key = layout.archive_upload_key(job.cloud, job.id)
+        skip = int(job.cursor.get("applied", 0))
+        base = {k: int(job.progress.get(k, 0)) if skip else 0 for k in ("imported", "unchanged")}
+        last_save = time.monotonic()
+
+        async def saved(index: int, counts: dict[str, int]) -> None:
+            nonlocal last_save
+            if time.monotonic() - last_save >= SAVE_EVERY:
+                job.cursor = {"applied": index}
+                job.progress = {k: base[k] + counts[k] for k in base}
+                last_save = time.monotonic()
+                if not await self.service.meta.save_job(job):
+                    raise _Stopped  # cancelled or finished elsewhere meanwhile
+
+        try:
+            async with self.service.local_copy(store, key, job.params["digest"], verify=True) as path:
+                if path is None:
+                    raise fmt.ArchiveInvalid("the uploaded archive is gone from storage")
+                counts = await apply_archive(self.service, cloud, path, skip, after_entry=saved)
+        except _Stopped:
+            return
+        except fmt.ArchiveInvalid as exc:
+            job.status, job.error, job.completed_at = "failed", str(exc), time.time()
+            if await self.service.meta.save_job(job):
+                await _audit(self.service, job, "archive_import_finish", "failed", {"error": str(exc)})
+            return
+        job.progress = {k: base[k] + counts[k] for k in base}
+        job.status, job.completed_at = "completed", time.time()
+        if await self.service.meta.save_job(job):
+            await _audit(self.service, job, "archive_import_finish", "ok", job.progress)
+            with contextlib.suppress(Exception):
+                await store.delete(key)  # applied: the uploaded copy has done its work
+
+
+async def spool_upload(service: VersionService, chunks: AsyncIterator[bytes], limit: int) -> Spooled:
+    """An archive sent for import, on local disk (the caller removes it)."""
+    spool = service.new_spool()
+    spool.limit = limit
+    try:
+        async for block in chunks:
+            await spool.write(block)
+        spooled = await spool.finish()
+    except BaseException:
+        spool.discard()
+        raise
+    return spooled
+
+
+# --- describing and downloading -------------------------------------------------------------------
+
+
+def download_query(cloud: Cloud, archive_id: str, now: float) -> dict[str, str]:
+    """The signed query of `download_archive` (one hour, like download_backup): its purpose's
+    vocabulary is `archive_id` alone, so the link opens nothing else (purposes.py)."""
+    params: dict[str, str] = {"archive_id": archive_id, "timestamp": str(int(now))}
+    params["signature"] = signing.sign(signing.string_to_sign(params), cloud.api_secret, "sha256")
+    params["api_key"] = cloud.api_key
+    return params
+
+
+def describe(job: Job, cloud: Cloud, now: float) -> dict[str, Any]:
+    """An archive job as the API shows it; a finished export has its signed `download_url`
+    (a path on this service, valid one hour from `now`)."""
+    body: dict[str, Any] = {"archive_id": job.id}
+    if job.kind == EXPORT and job.status == "completed":
+        body["download_url"] = f"/v1_1/{cloud.name}/download_archive?{urlencode(download_query(cloud, job.id, now))}"
+        body["digest"], body["size"] = job.progress.get("digest"), job.progress.get("size")
+    return body
+
+
+async def published(service: VersionService, cloud: str, archive_id: str) -> tuple[Job, BlobStore, str]:
+    """(job, store, key) of a finished export; NotFound otherwise."""
+    job = await service.meta.get_job(cloud, archive_id)
+    if job is None or job.kind != EXPORT:
+        raise NotFound(f"Archive not found - {archive_id}")
+    if job.status != "completed":
+        raise NotFound(f"Archive {archive_id} is {job.status}, not ready")
+    return job, service.targets.store(None), str(job.progress["key"])

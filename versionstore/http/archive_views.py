@@ -1,0 +1,130 @@
+"""Archives: export a snapshot or a point in time as a tar, import one (docs/snapshots.md).
+
+    POST /v1_1/<cloud>/versionstore/archives            snapshot_id | at (+ prefix), notification_url -> export job
+    POST /v1_1/<cloud>/versionstore/archives/import     the tar as the body -> 400 when it does not verify, else an import job
+    GET  /v1_1/<cloud>/versionstore/archives/<id>       the job, with a signed one-hour download_url once exported
+    GET  /v1_1/<cloud>/download_archive                 signed (archive_id, timestamp): the tar, with Range
+"""
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from versionstore import archives, layout, pitr
+from versionstore.archive_format import ArchiveInvalid
+from versionstore.errors import BadRequest, Conflict, NotFound
+from versionstore.http import render
+from versionstore.http.audit_views import record_api
+from versionstore.http.auth import check_basic, check_signed
+from versionstore.http.download import blob_response
+from versionstore.http.inputs import admin_params, query_params
+from versionstore.http.keys import JOBS, META, SERVICE
+from versionstore.ids import is_hex_id, new_hex_id
+from versionstore.models import Cloud, Job
+
+log = logging.getLogger(__name__)
+
+ARCHIVE = r"(?P<archive_id>[0-9a-f]{32})"
+
+
+def _body(request: web.Request, job: Job, cloud: Cloud) -> dict[str, Any]:
+    body = {**render.job(job), **archives.describe(job, cloud, time.time())}
+    if "download_url" in body:
+        body["download_url"] = str(request.url.origin()) + body["download_url"]
+    return body
+
+
+async def export(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    check_basic(request, cloud)
+    params = await admin_params(request)
+    selection = pitr.Selection(
+        cloud.name, str(params.get("prefix") or ""), pitr.parse_time(params.get("at")), str(params.get("snapshot_id") or "") or None
+    )
+    await pitr.check_selection(request.app[META], selection)
+    notification_url = str(params.get("notification_url") or "") or None
+    if notification_url and not notification_url.startswith(("http://", "https://")):
+        raise BadRequest("notification_url must be an http(s) URL")
+    job = await archives.start(request.app[SERVICE], cloud.name, archives.EXPORT, archives.selection_params(selection), notification_url)
+    if job is None:
+        raise Conflict("An archive export of this environment is already running")
+    await record_api(request, cloud, "archive_export_start", job.id, detail=archives.selection_params(selection))
+    request.app[JOBS].wake.set()
+    return web.json_response(_body(request, job, cloud))
+
+
+async def import_(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    """The body is spooled to disk (bounded memory, at most the upload limit), verified whole
+    (a tampered, truncated or padded archive is a 400 and nothing is kept), then stored and
+    applied by a job."""
+    check_basic(request, cloud)
+    service = request.app[SERVICE]
+    notification_url = request.query.get("notification_url") or None
+    if notification_url and not notification_url.startswith(("http://", "https://")):
+        raise BadRequest("notification_url must be an http(s) URL")
+    if await request.app[META].open_jobs(cloud.name, archives.IMPORT):
+        raise Conflict("An archive import into this environment is already running")
+    spooled = await archives.spool_upload(service, request.content.iter_chunked(1 << 20), service.max_bytes)
+    try:
+        try:
+            manifest = await archives.verify_file(spooled.path)
+        except ArchiveInvalid as exc:
+            await record_api(request, cloud, "archive_import_start", None, outcome="refused", detail={"error": str(exc)})
+            raise BadRequest(f"Archive refused: {exc}") from None
+        job_id = new_hex_id()
+        await service.targets.store(None).put_file(layout.archive_upload_key(cloud.name, job_id), spooled.path)
+    finally:
+        spooled.path.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            spooled.lock.close()
+    params = {"digest": spooled.digest, "size": spooled.size, "count": len(manifest.entries),
+              "source_cloud": manifest.header.get("cloud")}
+    job = await archives.start(service, cloud.name, archives.IMPORT, params, notification_url, job_id)
+    if job is None:
+        await service.targets.store(None).delete(layout.archive_upload_key(cloud.name, job_id))
+        raise Conflict("An archive import into this environment is already running")
+    await record_api(request, cloud, "archive_import_start", job.id, detail=params)
+    request.app[JOBS].wake.set()
+    return web.json_response(_body(request, job, cloud))
+
+
+async def one(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    check_basic(request, cloud)
+    job = await request.app[META].get_job(cloud.name, match["archive_id"])
+    if job is None or job.kind not in archives.KINDS:
+        raise NotFound(f"Archive not found - {match['archive_id']}")
+    return web.json_response(_body(request, job, cloud))
+
+
+async def download(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.StreamResponse:
+    """Signed query (valid for one hour); the published tar with Range, a full read proven
+    against the archive's BLAKE3 (the job's `digest`) on the way out."""
+    params = query_params(request)
+    if not params.get("archive_id"):
+        raise BadRequest("Missing required parameter - archive_id")
+    check_signed(params, cloud, purpose="download_archive")
+    archive_id = str(params["archive_id"])
+    if not is_hex_id(archive_id):
+        raise BadRequest("Illegal id")
+    job, store, key = await archives.published(request.app[SERVICE], cloud.name, archive_id)
+
+    async def report(outcome: str, detail: str) -> None:
+        log.error("archive %s of %s is %s: %s", archive_id, cloud.name, outcome, detail)
+
+    headers = {
+        "Content-Type": "application/x-tar",
+        "Content-Disposition": f'attachment; filename="{cloud.name}-{archive_id}.tar"',
+        "Cache-Control": "private, max-age=3600",
+        "ETag": f'"{str(job.progress["digest"])[:32]}"',
+    }
+    return await blob_response(request, store, key, int(job.progress["size"]), str(job.progress["digest"]), headers, report)
+
+
+ROUTES = [
+    ("GET", r"download_archive", download),
+    ("POST", r"versionstore/archives/import", import_),
+    ("POST", r"versionstore/archives", export),
+    ("GET", rf"versionstore/archives/{ARCHIVE}", one),
+]
