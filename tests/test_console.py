@@ -345,3 +345,14 @@ async def test_two_image_versions_side_by_side(client: TestClient, api: Api) -> 
     text = await page.text()
     assert page.status == 200 and text.count("preview.png") == 2 and "50 x 50" in text
     assert (await client.get(f"/console/{CLOUD}/assets/{first['asset_id']}/compare", params={"left": first["version_id"]})).status == 400
+
+
+async def test_operations_show_snapshots_and_point_in_time_restores(client: TestClient, api: Api) -> None:
+    await add_staff(client, "vic@example.com", "viewer")
+    await deleted_asset(api, "ops/one")
+    snapshot = await api.admin("POST", "versionstore/snapshots", json={"note": "before the import"})
+    restore = await api.admin("POST", "versionstore/point_in_time_restore", json={"at": time.time(), "prefix": "ops/"})
+    await sign_in(client, "vic@example.com")
+    operations = await (await client.get(f"/console/{CLOUD}/operations")).text()
+    assert f"snapshot-{snapshot['id']}" in operations and "before the import" in operations
+    assert f"job-{restore['id']}" in operations and "point_in_time_restore" in operations

@@ -19,7 +19,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from versionstore import drills, ids, initial_backup, migration, protection, signing, verify
+from versionstore import archives, drills, ids, initial_backup, migration, pitr, protection, signing, verify
 from versionstore.console import bulk_restore
 from versionstore.console import find as finding
 from versionstore.console.actions import ConsoleActions, actor, require
@@ -379,11 +379,20 @@ async def operations_page(request: web.Request) -> web.Response:
     meta, config = request.config_dict[META], request.config_dict[CONFIG]
     status = await backup_status(meta, cloud, space_report(config.data_dir, config.min_free_bytes), (config.primary_url, config.backup_url))
     jobs = []
-    for kind in (bulk_restore.KIND, initial_backup.KIND, migration.KIND, verify.KIND, drills.KIND):
+    for kind in OPERATION_KINDS:
         jobs += await meta.list_jobs(cloud.name, kind, 20)
     jobs.sort(key=lambda j: j.created_at, reverse=True)
     failing = [s for s in await meta.alert_states(cloud.name) if s.failing]  # snapshots, retention, drills (alerts.py)
-    return _page("operations.html", request, {"status": status, "jobs": jobs, "started": request.query.get("job"), "failing": failing})
+    snapshots = await meta.list_snapshots(cloud.name, 20)
+    return _page("operations.html", request, {
+        "status": status, "jobs": jobs, "started": request.query.get("job"), "failing": failing, "snapshots": snapshots,
+    })
+
+
+#: The jobs the operations page lists: restores (bulk, point in time), backups, verify, drills, archives.
+OPERATION_KINDS = (
+    bulk_restore.KIND, pitr.KIND, initial_backup.KIND, migration.KIND, verify.KIND, drills.KIND, archives.EXPORT, archives.IMPORT,
+)
 
 
 async def purges_page(request: web.Request) -> web.Response:
