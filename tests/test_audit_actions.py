@@ -76,3 +76,19 @@ def test_snapshot_and_restore_commands_are_audited_as_cli(tmp_path, capsys):
     assert got == [("cli", "snapshot_create", "ok"), ("cli", "snapshot_pin", "ok"), ("cli", "snapshot_delete", "failed"),
                    ("cli", "snapshot_unpin", "ok"), ("cli", "snapshot_delete", "ok"), ("cli", "pitr_start", "ok")]
     assert {r["target"] for r in records[:5]} == {created["id"]}
+
+
+async def test_drill_and_alert_settings_over_the_api_are_audited(api, client):
+    await api.upload(b"d", public_id="d/a")
+    await api.admin("POST", SNAPS, json={"note": "for the drill"})
+    drill = await api.admin("POST", "versionstore/drills", json={"sample_size": 1})
+    await api.admin("PUT", "versionstore/drill_schedule", json={"every": "daily", "at": "04:00", "sample_size": 1})
+    await api.admin("DELETE", "versionstore/drill_schedule")
+    await api.admin("PUT", "versionstore/alerts", json={"notification_url": "https://ops.example/hook"})
+    await api.admin("DELETE", "versionstore/alerts")
+    log = await _log(client.app[META])
+    for entry in [
+        (API, "drill_start", drill["id"], "ok"), (API, "drill_schedule_set", CLOUD, "ok"), (API, "drill_schedule_delete", CLOUD, "ok"),
+        (API, "alert_url_set", CLOUD, "ok"), (API, "alert_url_delete", CLOUD, "ok"),
+    ]:
+        assert entry in log, entry

@@ -14,6 +14,7 @@ from aiohttp import web
 from versionstore import drills
 from versionstore.errors import BadRequest, Conflict, NotFound
 from versionstore.http import render
+from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
 from versionstore.http.inputs import admin_params
 from versionstore.http.keys import JOBS, META
@@ -49,6 +50,7 @@ async def drill_list(request: web.Request, cloud: Cloud, match: dict[str, str]) 
         if job is None:
             raise Conflict("A drill of this environment is already running")
         request.app[JOBS].wake.set()
+        await record_api(request, cloud, "drill_start", job.id, detail={"snapshot_id": snapshot_id, "sample": sample})
         return web.json_response(drill_body(job))
     limit = as_int(params.get("max_results"), "max_results", 50, 1, 500)
     offset = as_int(params.get("next_cursor"), "next_cursor", 0, 0, 2**31)
@@ -72,8 +74,11 @@ async def schedule(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     meta = request.app[META]
     if request.method == "DELETE":
         await meta.delete_drill_schedule(cloud.name)
+        await record_api(request, cloud, "drill_schedule_delete", cloud.name)
     elif request.method in ("PUT", "POST"):
-        await drills.set_schedule(meta, cloud.name, dict(await admin_params(request)), time.time())
+        given = dict(await admin_params(request))
+        await drills.set_schedule(meta, cloud.name, given, time.time())
+        await record_api(request, cloud, "drill_schedule_set", cloud.name, detail={"schedule": given})
     row = await meta.get_drill_schedule(cloud.name)
     if row is None:
         return web.json_response({"schedule": None, "sample": None, "next_run_at": None, "last_run_at": None})
@@ -88,11 +93,14 @@ async def alerts(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     meta = request.app[META]
     if request.method == "DELETE":
         await meta.set_alert_url(cloud.name, None)
+        await record_api(request, cloud, "alert_url_delete", cloud.name)
     elif request.method in ("PUT", "POST"):
         params = await admin_params(request)
         if not params.get("notification_url"):
             raise BadRequest("Missing required parameter - notification_url (DELETE stops the alerts)")
-        await meta.set_alert_url(cloud.name, _url(params["notification_url"]))
+        url = _url(params["notification_url"])
+        await meta.set_alert_url(cloud.name, url)
+        await record_api(request, cloud, "alert_url_set", cloud.name, detail={"notification_url": url})
     states = [
         {"operation": s.operation, "failing": s.failing, "failures": s.failures, "last_error": s.last_error,
          "last_failure_at": render.iso(s.last_failure_at) if s.last_failure_at else None,
