@@ -186,7 +186,7 @@ def test_every_command_works_from_another_directory(tmp_path: Path) -> None:
     listed = _versionstore("cloud", "list", "--data-dir", "./rel", cwd=cwd)
     assert listed.stdout.startswith("acme\tapi_key=k1\tauto_backup=on"), listed
     changed = _versionstore("cloud", "set", "acme", "--auto-backup", "off", cwd=cwd, VERSIONSTORE_DATA_DIR="rel")
-    assert changed.stdout.strip() == "acme\tauto_backup=off\tbackup_target=default", changed
+    assert changed.stdout.strip() == "acme\tauto_backup=off\tbackup_target=default\tpurge_delay_days=0", changed
     status = _versionstore("cloud", "status", "acme", cwd=cwd, VERSIONSTORE_DATA_DIR="rel")
     assert status.returncode == 0 and '"target": "default"' in status.stdout, status
     port = free_port()
