@@ -12,11 +12,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import blake3
@@ -295,3 +297,13 @@ def download_digest(url: str, timeout: float = 60) -> tuple[int, int, str]:
     except urllib.error.HTTPError as exc:
         return exc.code, 0, ""
     return status, size, hasher.hexdigest()
+
+
+def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll `condition()` until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.conftest import API_KEY, API_SECRET, CLOUD
-from tests.e2e.conftest import ServerProcess, cli, configure_sdk, stream_upload
+from tests.e2e.conftest import ServerProcess, cli, configure_sdk, stream_upload, wait_for
 from tests.e2e.test_memory import RssSampler
 
 MiB = 1 << 20
@@ -44,21 +44,13 @@ def call(server: ServerProcess, method: str, path: str, body: bytes | None = Non
         return dict(json.loads(response.read()))
 
 
-def wait_until(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def finished(server: ServerProcess, archive_id: str, cloud: str = CLOUD, timeout: float = 120) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         job = call(server, "GET", f"versionstore/archives/{archive_id}", cloud=cloud)
         return job if job["status"] not in ("pending", "active") else None
 
-    job: dict[str, Any] = wait_until(done, timeout, f"archive job {archive_id}")
+    job: dict[str, Any] = wait_for(done, timeout, f"archive job {archive_id}")
     return job
 
 
@@ -110,7 +102,7 @@ def test_export_and_import_killed_mid_run_resume_and_finish(two_envs: ServerProc
     job = call(server, "POST", "versionstore/archives", json.dumps({"at": time.time()}).encode(),
                headers={"Content-Type": "application/json"})
     temp = spool_file(server, job["archive_id"])
-    wait_until(lambda: temp.exists() and temp.stat().st_size > 32 * MiB, 60, "the export to be under way")
+    wait_for(lambda: temp.exists() and temp.stat().st_size > 32 * MiB, 60, "the export to be under way")
     server.restart(crash=True)  # SIGKILL mid-export: the temp file is half written, nothing published
     done = finished(server, job["archive_id"])
     assert done["status"] == "completed", (done, server.log_tail())
@@ -130,7 +122,7 @@ def test_export_and_import_killed_mid_run_resume_and_finish(two_envs: ServerProc
         listed = call(server, "GET", "resources/raw/upload", cloud=OTHER)["resources"]
         return len(listed) >= 3
 
-    wait_until(some_applied, 60, "the import to be under way")
+    wait_for(some_applied, 60, "the import to be under way")
     server.restart(crash=True)  # SIGKILL mid-import
     done = finished(server, imported["archive_id"], cloud=OTHER)
     assert done["status"] == "completed", (done, server.log_tail())

@@ -204,7 +204,13 @@ def test_ctrl_c_stops_with_exit_130_and_a_partial_report(sdk: ServerProcess, tmp
     state = tmp_path / ".initial-backup-state.jsonl"
     env = {**os.environ, "CLOUDINARY_URL": cloudinary_url(sdk)}
     args = [sys.executable, str(SCRIPT), "--source", "src", "--folder", "sigint", "--concurrency", "1", "--report-json", "r.json"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A terminal's Ctrl-C: when the suite itself runs in the background (`cmd &` in a script), the
+    # shell ignores SIGINT and the child would inherit that; a handler here is reset to the default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (not state.exists() or state.read_bytes().count(b"\n") < 3):
         time.sleep(0.005)

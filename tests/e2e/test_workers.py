@@ -36,7 +36,7 @@ import cloudinary.exceptions
 import cloudinary.uploader
 import pytest
 
-from tests.e2e.conftest import API_KEY, API_SECRET, CLOUD, ServerProcess, cli, configure_sdk
+from tests.e2e.conftest import API_KEY, API_SECRET, CLOUD, ServerProcess, cli, configure_sdk, wait_for
 from tests.e2e.test_sdk import download, fetch, versions
 from tests.test_blobstore_contract import make_s3_bucket
 
@@ -102,14 +102,6 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deplo
 def children(pid: int) -> set[int]:
     return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
-
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def sha(data: bytes) -> str:
