@@ -6,11 +6,13 @@ fields per body, and while the request is not yet authenticated every byte held 
 its budget lease (see budget.py). Values the signature leaves out are dropped (params.drop_blank).
 """
 
+import functools
 import json
 from urllib.parse import parse_qsl
 
-from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from versionstore.errors import BadRequest, TooLarge
 from versionstore.http.budget import Lease
@@ -60,6 +62,26 @@ def decode(data: bytes | bytearray, charset: str, what: str) -> str:
         raise BadRequest(f"Invalid {charset} text in {what}") from None
 
 
+def media_type(request: web.Request) -> str:
+    """The request's media type, lower-cased, without parameters: what `request.content_type`
+    answers, without aiohttp's e-mail header parser, which caches nothing when every request
+    carries a new multipart boundary (docs/performance.md, "Per-request cost of an upload")."""
+    return request.headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0].strip().lower() or "application/octet-stream"
+
+
+def part_names(part: BodyPartReader) -> tuple[str | None, str | None]:
+    """A part's (name, filename), as `part.name` and `part.filename` answer them: aiohttp parses
+    the Content-Disposition anew for every part of every request (~0.1-0.3 ms each), while the
+    SDKs send the same few field headers every time, so the parse is cached per header."""
+    return _disposition(part.headers.get(hdrs.CONTENT_DISPOSITION))
+
+
+@functools.lru_cache(maxsize=256)  # bounded: a part header is at most aiohttp's 8 KiB line limit
+def _disposition(header: str | None) -> tuple[str | None, str | None]:
+    _, params = parse_content_disposition(header)
+    return content_disposition_filename(params, "name"), content_disposition_filename(params, "filename")
+
+
 async def read_field(part: BodyPartReader, allowance: BodyAllowance, first: bytes = b"") -> str:
     allowance.field()
     data = bytearray(first)
@@ -67,8 +89,12 @@ async def read_field(part: BodyPartReader, allowance: BodyAllowance, first: byte
         allowance.charge(len(chunk))
         data += chunk
         if len(data) > FIELD_LIMIT:
-            raise BadRequest(f"Field {part.name!r} is larger than {FIELD_LIMIT} bytes")
-    return decode(data, part.get_charset(default="utf-8"), f"field {part.name!r}")
+            raise BadRequest(f"Field {part_names(part)[0]!r} is larger than {FIELD_LIMIT} bytes")
+    charset = part.get_charset(default="utf-8")
+    try:
+        return data.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        return decode(data, charset, f"field {part_names(part)[0]!r}")  # raises the clear error
 
 
 async def multipart_reader(request: web.Request) -> MultipartReader:
@@ -107,8 +133,9 @@ async def _multipart_fields(request: web.Request, allowance: BodyAllowance, para
     """Text parts become parameters; file parts are read and ignored (no endpoint here takes one)."""
     reader = await multipart_reader(request)
     while (part := await next_part(reader)) is not None:
-        if part.filename is None:
-            merge_pairs([(part.name or "", await read_field(part, allowance))], params)
+        name, filename = part_names(part)
+        if filename is None:
+            merge_pairs([(name or "", await read_field(part, allowance))], params)
             continue
         while chunk := await part.read_chunk(_READ):
             allowance.skip(len(chunk))
@@ -119,7 +146,7 @@ async def admin_params(request: web.Request, lease: Lease | None = None) -> Para
     if not request.body_exists:
         return drop_blank(params)
     allowance = BodyAllowance(request.app[CONFIG].max_body_bytes, lease)
-    ctype = request.content_type
+    ctype = media_type(request)
     if ctype == "application/json":
         raw = await _read_all(request, allowance)
         if raw.strip():

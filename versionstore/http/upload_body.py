@@ -25,7 +25,7 @@ from aiohttp.helpers import parse_mimetype
 from versionstore.errors import BadRequest
 from versionstore.http.body_tap import delimiter_prefix, spool_tapped
 from versionstore.http.budget import Lease
-from versionstore.http.inputs import BodyAllowance, multipart_reader, next_part, read_field
+from versionstore.http.inputs import BodyAllowance, multipart_reader, next_part, part_names, read_field
 from versionstore.http.keys import CONFIG, UNAUTH_BUDGET
 from versionstore.params import Params, drop_blank, merge_pairs
 from versionstore.spool import Spooled, SpoolFile
@@ -188,8 +188,9 @@ async def read_multipart(
     spool: SpoolFile | None = None
     try:
         while (part := await next_part(reader)) is not None:
-            if part.name != "file":
-                fields.append((part.name or "", await read_field(part, allowance)))
+            name, filename = part_names(part)
+            if name != "file":
+                fields.append((name or "", await read_field(part, allowance)))
                 continue
             if body.spooled or body.file_url or body.handled_file:
                 raise BadRequest("More than one file part")
@@ -197,17 +198,17 @@ async def read_multipart(
             if before_file is not None:
                 before_file(body.params)
             if on_file is not None:
-                await on_file(body.params, part.filename, file_part_chunks(request.content, reader, part, request.transport))
+                await on_file(body.params, filename, file_part_chunks(request.content, reader, part, request.transport))
                 body.handled_file = True
                 continue
-            body.filename = part.filename
-            first = await part.read_chunk(_SNIFF) if part.filename is None else b""
+            body.filename = filename
+            first = await part.read_chunk(_SNIFF) if filename is None else b""
             lease.take(len(first))
-            if part.filename is None and first.lower().startswith((b"http://", b"https://")):
+            if filename is None and first.lower().startswith((b"http://", b"https://")):
                 body.file_url = (await read_field(part, allowance, first)).strip()
                 continue
             spool = new_spool()
-            if part.filename is None and first.startswith(b"data:"):
+            if filename is None and first.startswith(b"data:"):
                 more = await part.read_chunk(1024)
                 lease.take(len(more))
                 meta, sep, rest = (first + more).partition(b",")
@@ -215,10 +216,10 @@ async def read_multipart(
                     raise BadRequest("Invalid data URI: only base64 data URIs are supported")
                 chunks = part_chunks(part, rest)
                 await _spool_base64(charged(chunks, lease) if lease.open else chunks, spool)
-            elif part.filename is not None and not lease.open and await spool_tapped_part(request, reader, part, spool):
+            elif filename is not None and not lease.open and await spool_tapped_part(request, reader, part, spool):
                 pass  # a large body, received straight into the spool's blocks
             else:
-                if part.filename is None:
+                if filename is None:
                     chunks = part_chunks(part, first)
                 else:  # nothing read yet: the fast path
                     chunks = file_part_chunks(request.content, reader, part, request.transport)

@@ -18,7 +18,7 @@ from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_signed, check_upload_auth, pre_auth_lease
 from versionstore.http.budget import Lease
 from versionstore.http.fetch import fetch_to_spool
-from versionstore.http.inputs import admin_params
+from versionstore.http.inputs import admin_params, media_type
 from versionstore.http.keys import CHUNKS, CONFIG, EGRESS, FETCHER, META, SERVICE
 from versionstore.http.upload_body import UploadBody, charged, read_multipart
 from versionstore.media import extension
@@ -36,7 +36,7 @@ async def upload(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
         return await _upload_chunk(request, cloud, match["rt"], upload_id, content_range)
     lease = pre_auth_lease(request, cloud)
     try:
-        if request.content_type == "multipart/form-data":
+        if media_type(request) == "multipart/form-data":
             body = await read_multipart(request, service.new_spool, before_file=_early_auth(cloud, lease), lease=lease)
         else:
             body = UploadBody(params=await admin_params(request, lease))
@@ -102,7 +102,7 @@ async def _upload_chunk(request: web.Request, cloud: Cloud, rt: str, upload_id: 
     chunks = request.app[CHUNKS]
     chunk = parse_content_range(content_range)
     chunks.check(upload_id, chunk)
-    if request.content_type != "multipart/form-data":
+    if media_type(request) != "multipart/form-data":
         raise BadRequest("Chunked uploads must be multipart/form-data")
     received: list[Path] = []
     filenames: list[str | None] = []
