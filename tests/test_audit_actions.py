@@ -92,3 +92,19 @@ async def test_drill_and_alert_settings_over_the_api_are_audited(api, client):
         (API, "alert_url_set", CLOUD, "ok"), (API, "alert_url_delete", CLOUD, "ok"),
     ]:
         assert entry in log, entry
+
+
+def test_drill_commands_are_audited_as_cli(tmp_path, capsys):
+    data = str(tmp_path)
+    _library(tmp_path)
+    assert main(["snapshot", "create", "m", "--data-dir", data]) == 0
+    capsys.readouterr()
+    assert main(["drill", "run", "m", "--sample", "1", "--queue", "--data-dir", data]) == 0
+    drill = json.loads(capsys.readouterr().out)
+    assert main(["drill", "schedule", "m", "--every", "daily", "--data-dir", data]) == 0
+    assert main(["drill", "schedule", "m", "--off", "--data-dir", data]) == 0
+    capsys.readouterr()
+    assert main(["audit", "export", "--cloud", "m", "--data-dir", data]) == 0
+    got = [(r["actor"], r["action"], r["target"]) for r in map(json.loads, capsys.readouterr().out.splitlines())]
+    assert got[1:] == [("cli", "drill_start", drill["drill"]), ("cli", "drill_schedule_set", "m"),
+                       ("cli", "drill_schedule_delete", "m")]

@@ -31,6 +31,7 @@ async def _start(snapshots: Service, args: argparse.Namespace) -> Any:
     job = await drills.start(meta, args.cloud, drills.job_params(sample, snapshot_id=args.snapshot, created_by="cli"))
     if job is None:
         raise ApiError(f"a drill of {args.cloud} is already running")
+    await _audit(meta, args.cloud, "drill_start", job.id, {"snapshot_id": args.snapshot, "sample": args.sample or args.fraction})
     if args.queue:
         return {"drill": job.id, "status": job.status, "note": "the running server performs it: versionstore drill show"}
     await JobRunner(meta, {drills.KIND: drills.DrillJob(snapshots.service, snapshots.alerts).run}).run_here(job)
@@ -63,12 +64,21 @@ async def _schedule(snapshots: Service, args: argparse.Namespace) -> Any:
     meta = snapshots.meta
     if args.off:
         await meta.delete_drill_schedule(args.cloud)
+        await _audit(meta, args.cloud, "drill_schedule_delete", args.cloud)
     elif args.every:
         raw = {"every": args.every, "at": args.at, "weekday": args.weekday, "sample_size": args.sample,
                "sample_fraction": args.fraction}
         await drills.set_schedule(meta, args.cloud, raw, time.time())
+        await _audit(meta, args.cloud, "drill_schedule_set", args.cloud, {"schedule": raw})
     row = await meta.get_drill_schedule(args.cloud)
     return {"schedule": None} if row is None else {"schedule": row.schedule, "sample": row.sample, "next_run_at": row.next_run_at}
+
+
+async def _audit(meta: Any, cloud: str, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
+    """The same audit record the API writes for this change, by the actor `cli`."""
+    from versionstore.console.audit import AuditLog
+
+    await AuditLog(meta).record("cli", action, cloud=cloud, target=target, detail=detail)
 
 
 def _sample_options(parser: argparse.ArgumentParser) -> None:

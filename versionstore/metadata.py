@@ -1159,13 +1159,6 @@ class MetadataStore:
         """A trivial query that reads a table, run off the event loop (the readiness probe)."""
         await self._scan("SELECT 1 FROM clouds LIMIT 1")
 
-    def data_version(self) -> object:
-        """Equal values mean nothing that cached rows depend on was written in between: the
-        gateway's cache epoch (SQLite: `PRAGMA data_version`, moved by any commit of any
-        connection or process; PostgreSQL: our own commits at once, other processes' within
-        a second, versionstore/pg.py)."""
-        return self._gate.cache_epoch()
-
     # --- several processes: the write journal, claims, leases and generations -----------------
     # (docs/design.md, "Processes, claims and leases"). Every claim is a conditional write; a
     # holder's lease is renewed by its process's heartbeat (renew_leases). Checks that must see
