@@ -251,7 +251,8 @@ class Bench:
                  "--auto-backup", "on" if auto_backup else "off", data_dir=data_dir)
         port = free_port()
         server = Server(name, [self.python, "-m", "versionstore", "serve", "--data-dir", str(data_dir),
-                               "--host", "127.0.0.1", "--port", str(port)], port, self.root / f"{name}.log",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.args.server_workers)],
+                        port, self.root / f"{name}.log",
                         stop_timeout=30.0)
         self.servers.append(server)
         server.start()
@@ -689,6 +690,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--files", type=int, help="number of files (overrides --scale; sizes follow the same mix)")
     parser.add_argument("--seed", type=int, default=20261125, help="seed of the sizes, the bytes and the changed files")
     parser.add_argument("--skip-restic", action="store_true", help="skip the restic column")
+    parser.add_argument("--server-workers", type=int, default=1,
+                        help="`serve --workers N` for the servers (default 1; their CPU is summed over the processes)")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache before timed runs")
     parser.add_argument("--load-concurrency", type=int, default=4,
                         help="concurrent curl uploads that load the library into the job's server (setup)")

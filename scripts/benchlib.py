@@ -280,8 +280,8 @@ class Server:
         return self.proc.pid
 
     def cpu(self) -> float:
-        """User + system CPU seconds of the process so far."""
-        return process_cpu(psutil.Process(self.pid))
+        """User + system CPU seconds of the process and its worker processes (`--workers`) so far."""
+        return _tree_cpu(psutil.Process(self.pid))
 
 
 class RssSampler(threading.Thread):
