@@ -298,12 +298,14 @@ class MetadataStore:
             )
         return cloud
 
-    async def get_cloud(self, name: str) -> Cloud | None:
+    async def get_cloud(self, name: str, epoch: object | None = None) -> Cloud | None:
         """Read on every request (so CLI changes apply at once), cached until the gateway's
         epoch moves: on SQLite at any commit of any connection (PRAGMA data_version), on
         PostgreSQL at our own commits and at least once a second; a missing environment is
-        cached only where the epoch sees every commit (SQLite)."""
-        epoch = self._gate.cache_epoch()
+        cached only where the epoch sees every commit (SQLite). `epoch`: what the caller's
+        `commit_epoch()` just returned (a request reads it once), None to read it here."""
+        if epoch is None:
+            epoch = self._gate.cache_epoch()
         if epoch != self._clouds_version:
             self._clouds.clear()
             self._clouds_version = epoch

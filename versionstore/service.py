@@ -733,9 +733,13 @@ class VersionService:
 
     # --- reads ------------------------------------------------------------------------------
 
-    async def version_for_download(self, cloud: Cloud, asset_id: str, version_id: str) -> tuple[str, Version, BlobStore, str]:
-        """(public_id, version, store, revision key) of a restorable version."""
-        key, epoch = (cloud.name, asset_id, version_id), self.meta.commit_epoch()
+    async def version_for_download(
+        self, cloud: Cloud, asset_id: str, version_id: str, epoch: object | None = None
+    ) -> tuple[str, Version, BlobStore, str]:
+        """(public_id, version, store, revision key) of a restorable version. `epoch`: the
+        metadata's `commit_epoch()` read for this request (what was read under it is reused
+        until anything commits, epoch_cache.py); None reads everything afresh."""
+        key = (cloud.name, asset_id, version_id)
         found = self._downloadables.get(key, epoch)
         if found is None:
             found = await self.meta.downloadable(cloud.name, asset_id, version_id)  # one statement: the read path's cost

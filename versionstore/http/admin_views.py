@@ -17,7 +17,7 @@ from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic, check_signed
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
-from versionstore.http.keys import META, RESOURCE_BODIES, SERVICE, VERSIONS_CACHE
+from versionstore.http.keys import EPOCH, META, RESOURCE_BODIES, SERVICE, VERSIONS_CACHE
 from versionstore.media import content_type
 from versionstore.models import Asset, Cloud, RestoreFailure, VersionsKey
 from versionstore.params import Params, as_bool, as_bounded_list, as_int, field_updates
@@ -52,8 +52,7 @@ async def _resource(
 ) -> web.Response:
     """One resource's JSON, `read` and rendered once and then reused until anything commits
     (versionstore/epoch_cache.py): a hit costs no statement and no rendering."""
-    meta, bodies = request.app[META], request.app[RESOURCE_BODIES]
-    epoch = meta.commit_epoch()
+    bodies, epoch = request.app[RESOURCE_BODIES], request[EPOCH]
     body = bodies.get(key, epoch)
     if body is None:
         body = await _render_resource(request, await read(), name)
@@ -287,7 +286,7 @@ async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, s
     if not (ids.is_hex_id(asset_id) and ids.is_hex_id(version_id)):
         raise BadRequest("Illegal id")
     service = request.app[SERVICE]
-    public_id, version, store, key = await service.version_for_download(cloud, asset_id, version_id)
+    public_id, version, store, key = await service.version_for_download(cloud, asset_id, version_id, request[EPOCH])
     name = public_id.rsplit("/", 1)[-1]
     if version.format and not name.endswith(f".{version.format}"):
         name = f"{name}.{version.format}"

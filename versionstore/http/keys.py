@@ -37,6 +37,9 @@ SCRAPE = web.AppKey("scrape", metrics.ScrapeTimeCollector)
 ALERTS = web.AppKey("alerts", Alerts)
 #: Request key: the canonical path of the route `routes.dispatch` matched (metrics, logs).
 ROUTE = web.RequestKey("route", str)
+#: Request key: the metadata's `commit_epoch()` as `routes.dispatch` read it, once per request;
+#: what the request reuses from caches keyed on it is current as of the request's start.
+EPOCH: web.RequestKey[object | None] = web.RequestKey("epoch")
 
 
 def error_response(status: int, message: str) -> web.Response:

@@ -20,7 +20,7 @@ from versionstore.http import operations_views as operations
 from versionstore.http import upload_views as upload
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
-from versionstore.http.keys import META, RATE_LIMIT, ROUTE, error_response
+from versionstore.http.keys import EPOCH, META, RATE_LIMIT, ROUTE, error_response
 from versionstore.http.ratelimit import RateLimitExceeded, is_admin_call
 from versionstore.models import Cloud
 
@@ -132,7 +132,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         request[ROUTE] = route
         request[append_only.POLICY] = append_only.policy(request.method, route)
         if request.method in methods:
-            cloud = await request.app[META].get_cloud(match["cloud"])
+            meta = request.app[META]
+            epoch = request[EPOCH] = meta.commit_epoch()
+            cloud = await meta.get_cloud(match["cloud"], epoch)
             if cloud is None:
                 raise Unauthorized(f"Invalid cloud_name {match['cloud']}")
             groups = {k: v for k, v in found.groupdict().items() if v is not None}
