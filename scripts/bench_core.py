@@ -59,11 +59,13 @@ from benchlib import (
     children_cpu,
     curl_json,
     download_backup_url,
+    fold_profile,
     free_port,
     interrupt_on_sigterm,
     log,
     machine_busy,
     median,
+    print_profile,
     process_cpu,
     remove_temp_dir,
     run_bench,
@@ -214,6 +216,7 @@ class Bench:
         self.results = Results()
         self.servers: list[Server] = []
         self.service: Server | None = None
+        self.against: Server | None = None  # --against: the same service from another source tree
         self.bare: Server | None = None
         self.lua = self.work / "report.lua"
         self.lua.write_text(WRK_LUA)
@@ -230,15 +233,15 @@ class Bench:
              API_SECRET, "--data-dir", str(self.data_dir)],
             check=True, stdout=subprocess.DEVNULL,
         )
-        port = free_port()
-        self.service = Server(
-            "versionstore", [self.python, "-m", "versionstore", "serve", "--data-dir", str(self.data_dir),
-                             "--host", "127.0.0.1", "--port", str(port)]
-            + (["--loop", self.args.loop] if self.args.loop else []),
-            port, self.root / "service.log",
-        )
+        self.service = self.service_server("versionstore", self.root / "service.log")
         self.servers.append(self.service)
         self.service.start()
+        if self.args.against:  # a second process on the same data dir, running the other tree's code
+            tree = Path(self.args.against).resolve()
+            self.against = self.service_server("versionstore@against", self.root / "against.log")
+            self.against.env, self.against.cwd = {"PYTHONPATH": str(tree)}, tree
+            self.servers.append(self.against)
+            self.against.start()
         bare_port = free_port()
         bare_script = self.work / "bare_server.py"
         bare_script.write_text(BARE_SERVER)
@@ -248,10 +251,20 @@ class Bench:
         self.servers.append(self.bare)
         self.bare.start()
 
+    def service_server(self, name: str, log_path: Path) -> Server:
+        port = free_port()
+        argv = [self.python, "-m", "versionstore", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
+                "--port", str(port)] + (["--loop", self.args.loop] if self.args.loop else [])
+        return Server(name, argv, port, log_path)
+
     @property
     def base(self) -> str:
         assert self.service is not None
-        return f"http://127.0.0.1:{self.service.port}/v1_1/{CLOUD}"
+        return self.base_of(self.service)
+
+    @staticmethod
+    def base_of(server: Server) -> str:
+        return f"http://127.0.0.1:{server.port}/v1_1/{CLOUD}"
 
     # -- 1 & 2: large upload vs cp --
 
@@ -448,27 +461,64 @@ class Bench:
             f"{small['bytes']} B (10 versions) and {many['bytes']} B ({self.args.many_versions} versions)")
         assert self.service is not None
         auth = {"Authorization": BASIC}
-        cases = {
-            "bare": (f"http://127.0.0.1:{self.bare.port}/ping", {}, self.bare),
-            "versions_10": (f"{self.base}/resources/raw/upload/bench/v10?versions=true", auth, self.service),
-            f"versions_{self.args.many_versions}": (
-                f"{self.base}/resources/raw/upload/bench/v-many?versions=true", auth, self.service),
-            "download_backup": (self.download_url(small["asset_id"], small["version_id"]), {}, self.service),
-        }
+        cases = {"bare": (f"http://127.0.0.1:{self.bare.port}/ping", {}, self.bare)}
+        for suffix, server in (("", self.service), ("@against", self.against)):
+            if server is None:
+                continue
+            base = self.base_of(server)
+            cases.update({
+                f"versions_10{suffix}": (f"{base}/resources/raw/upload/bench/v10?versions=true", auth, server),
+                f"versions_{self.args.many_versions}{suffix}": (
+                    f"{base}/resources/raw/upload/bench/v-many?versions=true", auth, server),
+                f"download_backup{suffix}": (
+                    download_backup_url(base, small["asset_id"], small["version_id"], API_KEY, API_SECRET), {}, server),
+            })
         # Warm up each endpoint (connections, caches), then interleave the measured runs so
         # that drift (thermal, page cache, noisy neighbours) hits every case alike.
         for url, headers, _ in cases.values():
             self.wrk(url, headers, self.args.warmup)
         for i in range(self.args.runs):
             for name, (url, headers, server) in cases.items():
-                cpu_before = server.cpu()
+                proc = psutil.Process(server.pid)
+                cpu_before, loop_before = server.cpu(), sum(thread_cpu(proc).get(server.pid, (0.0, 0.0)))
                 data = self.wrk(url, headers, self.args.duration)
-                # Server CPU per request: steadier than req/s when the machine is shared.
-                data["cpu_us"] = (server.cpu() - cpu_before) / max(data["requests"], 1) * 1e6
+                # Server CPU per request: steadier than req/s when the machine is shared; and
+                # the event loop thread's share (the rest is worker threads).
+                requests = max(data["requests"], 1)
+                data["cpu_us"] = (server.cpu() - cpu_before) / requests * 1e6
+                data["loop_cpu_us"] = (sum(thread_cpu(proc).get(server.pid, (0.0, 0.0))) - loop_before) / requests * 1e6
                 self.results.wrk.setdefault(name, []).append(data)
                 log(f"  run {i + 1} {name:>16}: {data['rps']:8.0f} req/s  p50 {data['p50_us'] / 1000:7.2f} ms  "
-                    f"p99 {data['p99_us'] / 1000:7.2f} ms  server CPU {data['cpu_us']:5.0f} us/req  errors {data['errors']}")
+                    f"p99 {data['p99_us'] / 1000:7.2f} ms  server CPU {data['cpu_us']:5.0f} us/req "
+                    f"(loop thread {data['loop_cpu_us']:3.0f})  errors {data['errors']}")
+        if self.args.profile:
+            self.profile_reads(cases)
         return info
+
+    def profile_reads(self, cases: dict[str, tuple[str, dict[str, str], Server]]) -> None:
+        """--profile DIR: one more wrk run per case with py-spy sampling the server (raw folded
+        stacks in DIR/<case>.txt), and the functions where the request's CPU goes."""
+        out_dir = Path(self.args.profile)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy") or str(Path(self.python).parent / "py-spy")
+        duration = self.args.duration
+        for name, (url, headers, server) in cases.items():  # the bare handler too: aiohttp's own share
+            out = out_dir / f"{name.replace('@', '-')}.txt"
+            argv = [spy, "record", "-p", str(server.pid), "-r", str(self.args.profile_rate), "-d", str(duration),
+                    "--nonblocking", "--format", "raw", "--nolineno", "-o", str(out)]
+            sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.5)  # py-spy attaches before the load starts
+            proc = psutil.Process(server.pid)
+            loop_before = thread_cpu(proc).get(server.pid, (0.0, 0.0))
+            data = self.wrk(url, headers, duration)
+            loop_after = thread_cpu(proc).get(server.pid, (0.0, 0.0))
+            request_us = (sum(loop_after) - sum(loop_before)) / max(data["requests"], 1) * 1e6
+            _, err = sampler.communicate(timeout=duration + 60)
+            if sampler.returncode != 0 or not out.exists():
+                raise RuntimeError(f"py-spy failed (rc={sampler.returncode}): {err.decode(errors='replace')[-2000:]}")
+            log(f"  profile {name}: {data['rps']:.0f} req/s under py-spy, {request_us:.0f} us of event-loop thread CPU "
+                f"per request; {out}")
+            print_profile(fold_profile(out, within="_run_once"), request_us, self.args.profile_top)
 
     # -- report --
 
@@ -489,14 +539,15 @@ class Bench:
         log("=" * 78)
         if not check_load(a.allow_load):  # ratios measured beside heavy outside load mean nothing
             return False
-        ok &= self.report_upload()
-        log(f"   hashes    : MD5 {r.hash_mb_s['md5']:.0f} MB/s, BLAKE3 {r.hash_mb_s['blake3']:.0f} MB/s "
-            "(one thread each, 64 MiB in memory; the upload runs MD5 beside BLAKE3 + write)")
-        growth = median([g / MiB for g in r.rss_growth])
-        peak = max(g / MiB for g in r.rss_growth)
-        log(f"2. service RSS growth during the upload: median {growth:.1f} MiB, max {peak:.1f} MiB "
-            f"(baseline {median([b / MiB for b in r.rss_baseline]):.1f} MiB)   target < 100 MiB: "
-            f"{verdict(peak < TARGETS['rss_growth_mib'])}")
+        if r.upload_seconds:
+            ok &= self.report_upload()
+            log(f"   hashes    : MD5 {r.hash_mb_s['md5']:.0f} MB/s, BLAKE3 {r.hash_mb_s['blake3']:.0f} MB/s "
+                "(one thread each, 64 MiB in memory; the upload runs MD5 beside BLAKE3 + write)")
+            growth = median([g / MiB for g in r.rss_growth])
+            peak = max(g / MiB for g in r.rss_growth)
+            log(f"2. service RSS growth during the upload: median {growth:.1f} MiB, max {peak:.1f} MiB "
+                f"(baseline {median([b / MiB for b in r.rss_baseline]):.1f} MiB)   target < 100 MiB: "
+                f"{verdict(peak < TARGETS['rss_growth_mib'])}")
         if r.wrk:
             log(f"3. wrk -t{a.threads} -c{a.connections} -d{a.duration}s (wrk and the servers share "
                 f"{os.cpu_count()} CPUs)")
@@ -509,6 +560,8 @@ class Bench:
                 cpu = median([d["cpu_us"] for d in runs])
                 if name == "bare":
                     note = "(baseline)"
+                elif name.endswith("@against"):
+                    note = f"(--against {a.against}: not judged)"
                 elif name.startswith("versions_") and name != "versions_10":
                     note = f"p99 < 100 ms: {verdict(p99 < TARGETS['p99_1000_ms'])}"
                 else:
@@ -586,12 +639,13 @@ class Bench:
     def run(self) -> bool:
         log(f"temp dir {self.root} (data dir and test file on the same filesystem)")
         self.start_servers()
-        self.make_big_file()
-        log("[0] hash speeds")
-        self.bench_hashes()
-        log(f"[1/2] upload vs cp, {self.args.runs} run(s) each, interleaved")
-        self.bench_upload()
-        self.big.unlink()
+        if not self.args.skip_upload:
+            self.make_big_file()
+            log("[0] hash speeds")
+            self.bench_hashes()
+            log(f"[1/2] upload vs cp, {self.args.runs} run(s) each, interleaved")
+            self.bench_upload()
+            self.big.unlink()
         info: dict[str, Any] = {}
         if not self.args.skip_reads:
             log("[3] read path under wrk")
@@ -617,6 +671,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="event loop of the service (`serve --loop`) and of the bare servers (default: the "
                              "service's own default, asyncio for the bare servers)")
     parser.add_argument("--skip-reads", action="store_true", help="rows 1 and 2 only (no wrk runs)")
+    parser.add_argument("--skip-upload", action="store_true", help="row 3 only (the read path; no upload, no big file)")
+    parser.add_argument("--against", metavar="TREE",
+                        help="also serve the same data dir from another source tree (PYTHONPATH=TREE, e.g. a `git archive` "
+                             "of the commit before a change) and measure its read path interleaved with this one's")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after the measured runs, one wrk run per service case under py-spy: raw folded stacks in "
+                             "DIR/<case>.txt and the top functions (indicative: sampling costs the server CPU)")
+    parser.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second (default 500)")
+    parser.add_argument("--profile-top", type=int, default=25, help="functions listed per profile (default 25)")
     add_load_option(parser)
     args = parser.parse_args(argv)
     quick = args.quick

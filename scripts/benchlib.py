@@ -238,6 +238,54 @@ def download_backup_url(base: str, asset_id: str, version_id: str, api_key: str,
             f"&timestamp={timestamp}&signature={signature}&api_key={api_key}")
 
 
+# --- profiles ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Folded:
+    """A py-spy `--format raw` profile folded by function: samples in all, samples whose
+    innermost Python frame is the function (self), and samples with it anywhere on the stack
+    (inclusive; a recursive function counts once per sample)."""
+
+    samples: int
+    own: dict[str, int]
+    inclusive: dict[str, int]
+
+
+def fold_profile(path: Path, within: str = "") -> Folded:
+    """Read a py-spy raw profile (`frame;frame;... count` per line, frames `name (file:line)`),
+    keeping only the stacks that contain `within` (e.g. the event loop's `_run_once`: py-spy
+    counts threads blocked on a queue as busy)."""
+    samples, own, inclusive = 0, {}, {}  # type: ignore[var-annotated]
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit() or within not in stack:
+            continue
+        count = int(count_text)
+        frames = [_function(frame) for frame in stack.split(";")]
+        samples += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for name in set(frames):
+            inclusive[name] = inclusive.get(name, 0) + count
+    return Folded(samples, own, inclusive)
+
+
+def _function(frame: str) -> str:
+    """`name (path/file.py:123)` -> `name (path/file.py)`: one entry per function."""
+    name, sep, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0].rstrip(')')})" if sep else frame
+
+
+def print_profile(folded: Folded, request_us: float, top: int = 20) -> None:
+    """The `top` functions by self and by inclusive samples, each share also as microseconds of
+    the request's CPU (`request_us`: the server's CPU per request in the profiled run)."""
+    for title, counts in (("self", folded.own), ("inclusive", folded.inclusive)):
+        log(f"   top {top} functions by {title} samples ({folded.samples} samples, {request_us:.0f} us of CPU per request):")
+        for name, count in sorted(counts.items(), key=lambda item: -item[1])[:top]:
+            share = count / max(folded.samples, 1)
+            log(f"     {share:6.1%} {share * request_us:6.1f} us  {name}")
+
+
 # --- processes --------------------------------------------------------------------------------
 
 
@@ -253,10 +301,16 @@ class Server:
     health: str = "/healthz"
     stop_timeout: float = 10.0
     proc: subprocess.Popen[bytes] | None = None
+    #: Variables added to this process's environment for the child, and its working directory
+    #: (`python -m` imports from the working directory first: another tree needs both).
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                     cwd=self.cwd)
         out.close()
         if wait_http_ready(self.proc, f"http://127.0.0.1:{self.port}{self.health}", timeout, interval=0.1):
             return

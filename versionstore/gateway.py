@@ -68,7 +68,8 @@ class Transaction(Protocol):
 
 
 class Gateway(Protocol):
-    #: Whether a cached "no such row" may be trusted until `cache_epoch()` moves.
+    #: Whether `cache_epoch()` moves at every commit of every connection and process: then a
+    #: cached row, or a cached "no such row", may be trusted until it moves.
     caches_misses: bool
     #: Migration numbers this open applied (empty when the schema was current).
     applied: list[int]

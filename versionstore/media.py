@@ -2,6 +2,7 @@
 
 import mimetypes
 import struct
+from functools import lru_cache
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png", "image"),
@@ -48,6 +49,7 @@ def dimensions(head: bytes, fmt: str | None) -> tuple[int | None, int | None]:
     return None, None
 
 
+@lru_cache(maxsize=1024)
 def content_type(fmt: str | None) -> str:
     if fmt:
         guessed = mimetypes.guess_type(f"x.{fmt}")[0]

@@ -139,11 +139,22 @@ def _detached_name(asset_id: str) -> str:
     return f"\x1fdetached/{asset_id}"
 
 
+def _json_column(text: str) -> Any:
+    """A JSON column's value. Most assets have no tags, context or metadata, and json.loads
+    of "[]" or "{}" was a visible share of decoding a row (orjson would be faster for the
+    rest, but it turns integers beyond 64 bits into floats)."""
+    if text == "[]":
+        return []
+    if text == "{}":
+        return {}
+    return json.loads(text)
+
+
 def _asset(row: Sequence[Any]) -> Asset:
     values = dict(zip(_ASSET_COLUMNS, row, strict=True))
-    values["tags"] = json.loads(values["tags"])
-    values["context"] = json.loads(values["context"])
-    values["metadata"] = json.loads(values["metadata"])
+    values["tags"] = _json_column(values["tags"])
+    values["context"] = _json_column(values["context"])
+    values["metadata"] = _json_column(values["metadata"])
     detached_from = values.pop("detached_from")
     if detached_from is not None:
         values["public_id"], values["detached"] = detached_from, True
@@ -287,12 +298,14 @@ class MetadataStore:
             )
         return cloud
 
-    async def get_cloud(self, name: str) -> Cloud | None:
+    async def get_cloud(self, name: str, epoch: object | None = None) -> Cloud | None:
         """Read on every request (so CLI changes apply at once), cached until the gateway's
         epoch moves: on SQLite at any commit of any connection (PRAGMA data_version), on
         PostgreSQL at our own commits and at least once a second; a missing environment is
-        cached only where the epoch sees every commit (SQLite)."""
-        epoch = self._gate.cache_epoch()
+        cached only where the epoch sees every commit (SQLite). `epoch`: what the caller's
+        `commit_epoch()` just returned (a request reads it once), None to read it here."""
+        if epoch is None:
+            epoch = self._gate.cache_epoch()
         if epoch != self._clouds_version:
             self._clouds.clear()
             self._clouds_version = epoch
@@ -1158,6 +1171,14 @@ class MetadataStore:
     async def ping(self) -> None:
         """A trivial query that reads a table, run off the event loop (the readiness probe)."""
         await self._scan("SELECT 1 FROM clouds LIMIT 1")
+
+    def commit_epoch(self) -> object | None:
+        """The gateway's cache epoch where it moves at every commit of every connection and
+        process (SQLite: `PRAGMA data_version`), else None (PostgreSQL sees other processes'
+        commits only within a second). While it returns the value it returned before a read,
+        nothing that read saw has changed: what never may lag another process (a rendered
+        `versions` listing, a download's checks) is cached on it (versionstore/epoch_cache.py)."""
+        return self._gate.cache_epoch() if self._gate.caches_misses else None
 
     # --- several processes: the write journal, claims, leases and generations -----------------
     # (docs/design.md, "Processes, claims and leases"). Every claim is a conditional write; a

@@ -26,7 +26,7 @@ def merge_pairs(pairs: Iterable[tuple[str, str]], into: Params | None = None) ->
     out: Params = {} if into is None else into
     indexed: dict[str, list[tuple[int, str]]] = {}
     for key, value in pairs:
-        match = _ARRAY_KEY.match(key)
+        match = _ARRAY_KEY.match(key) if "[" in key else None  # most keys are plain: no regex
         if match is None:
             out[key] = value
         elif match["index"] == "":

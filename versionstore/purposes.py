@@ -52,9 +52,12 @@ CLOSED = frozenset({"download_backup", "download_archive"})
 _CLAIMED = frozenset().union(*VOCABULARY.values())
 
 
+_OWN = {purpose: names | COMMON for purpose, names in VOCABULARY.items()}
+
+
 def foreign_parameter(purpose: str, params: Mapping[str, object]) -> str | None:
     """The first parameter (sorted) this purpose must not carry, or None."""
-    own = VOCABULARY[purpose] | COMMON
+    own = _OWN[purpose]
     for name in sorted(params):
         if name in own:
             continue

@@ -21,11 +21,12 @@ from typing import Any
 from versionstore import layout, media, verify
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from versionstore.claims import ORIGINAL, PENDING, REVISION, Claims
+from versionstore.epoch_cache import EpochCache
 from versionstore.errors import AppendOnlyRefused, BadRequest, Conflict, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
 from versionstore.locks import KeyedLocks
 from versionstore.metadata import AssetChanged, WriteExpired
-from versionstore.models import Asset, Cloud, RestoreFailure, ScheduledPurge, Version
+from versionstore.models import Asset, Cloud, Downloadable, RestoreFailure, ScheduledPurge, Version
 from versionstore.repository import MetadataRepository
 from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable
 from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
@@ -112,6 +113,8 @@ class VersionService:
         self._field_updates = KeyedLocks()
         #: Set when a revision is queued as pending, so the drainer need not wait for its tick.
         self.pending_added = asyncio.Event()
+        #: (cloud, asset_id, version_id): what `download_backup` read, until anything commits.
+        self._downloadables: EpochCache[tuple[str, str, str], Downloadable] = EpochCache(4096)
 
     def new_spool(self) -> SpoolFile:
         return SpoolFile(self.spool_dir, self.max_bytes)
@@ -730,9 +733,18 @@ class VersionService:
 
     # --- reads ------------------------------------------------------------------------------
 
-    async def version_for_download(self, cloud: Cloud, asset_id: str, version_id: str) -> tuple[str, Version, BlobStore, str]:
-        """(public_id, version, store, revision key) of a restorable version."""
-        found = await self.meta.downloadable(cloud.name, asset_id, version_id)  # one statement: the read path's cost
+    async def version_for_download(
+        self, cloud: Cloud, asset_id: str, version_id: str, epoch: object | None = None
+    ) -> tuple[str, Version, BlobStore, str]:
+        """(public_id, version, store, revision key) of a restorable version. `epoch`: the
+        metadata's `commit_epoch()` read for this request (what was read under it is reused
+        until anything commits, epoch_cache.py); None reads everything afresh."""
+        key = (cloud.name, asset_id, version_id)
+        found = self._downloadables.get(key, epoch)
+        if found is None:
+            found = await self.meta.downloadable(cloud.name, asset_id, version_id)  # one statement: the read path's cost
+            if found is not None:
+                self._downloadables.put(key, epoch, found)
         if found is None or not found.version.backed_up:
             if found is None and await self.meta.get_asset_by_id(cloud.name, asset_id) is None:
                 raise NotFound(f"Resource not found - {asset_id}")

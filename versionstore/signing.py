@@ -45,8 +45,15 @@ def string_to_sign(
     return "&".join(sorted(pairs))
 
 
+#: The constructors themselves: hashlib.new() looks the name up on every call (signed downloads
+#: check a signature per request).
+_HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
+
+
 def sign(to_sign: str, secret: str, algorithm: str = "sha1") -> str:
-    return hashlib.new(algorithm, (to_sign + secret).encode()).hexdigest()
+    data = (to_sign + secret).encode()
+    make = _HASHES.get(algorithm)
+    return make(data).hexdigest() if make is not None else hashlib.new(algorithm, data).hexdigest()
 
 
 def verify(

@@ -2,7 +2,8 @@
 
 import asyncio
 import time
-from functools import partial
+from collections.abc import Awaitable, Callable
+from functools import lru_cache, partial
 from typing import Any
 from urllib.parse import quote
 
@@ -16,7 +17,7 @@ from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic, check_signed
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
-from versionstore.http.keys import META, SERVICE, VERSIONS_CACHE
+from versionstore.http.keys import EPOCH, META, RESOURCE_BODIES, SERVICE, VERSIONS_CACHE
 from versionstore.media import content_type
 from versionstore.models import Asset, Cloud, RestoreFailure, VersionsKey
 from versionstore.params import Params, as_bool, as_bounded_list, as_int, field_updates
@@ -46,34 +47,48 @@ async def ping(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web
 # --- single resources ----------------------------------------------------------------------
 
 
-async def _render_resource(request: web.Request, found: tuple[Asset, VersionsKey] | Asset | None, name: str) -> web.Response:
+async def _resource(
+    request: web.Request, key: tuple[object, ...], name: str, read: Callable[[], Awaitable[tuple[Asset, VersionsKey] | Asset | None]]
+) -> web.Response:
+    """One resource's JSON, `read` and rendered once and then reused until anything commits
+    (versionstore/epoch_cache.py): a hit costs no statement and no rendering."""
+    bodies, epoch = request.app[RESOURCE_BODIES], request[EPOCH]
+    body = bodies.get(key, epoch)
+    if body is None:
+        body = await _render_resource(request, await read(), name)
+        bodies.put(key, epoch, body)
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+
+async def _render_resource(request: web.Request, found: tuple[Asset, VersionsKey] | Asset | None, name: str) -> bytes:
     """One resource; with its versions when `found` carries their key (get_asset_keyed: the
     asset and the key in one statement, then the versions JSON from the cache)."""
     if found is None:
         raise NotFound(f"Resource not found - {name}")
     meta = request.app[META]
     if isinstance(found, Asset):
-        return web.json_response(render.resource(found, await meta.backup_bytes(found.pk or 0)))
+        return render.dumps(render.resource(found, await meta.backup_bytes(found.pk or 0)))
     asset, key = found
     versions_json, backup_bytes = await request.app[VERSIONS_CACHE].get(meta, asset.cloud, asset.pk or 0, key)
     head = render.dumps(render.resource(asset, backup_bytes))
-    return web.Response(body=b"".join((head[:-1], b',"versions":', versions_json, b"}")), content_type="application/json",
-                        charset="utf-8")
+    return b"".join((head[:-1], b',"versions":', versions_json, b"}"))
 
 
 async def resource(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _params(request, cloud)
     meta, name = request.app[META], (cloud.name, match["rt"], match["type"], match["public_id"])
-    found = await meta.get_asset_keyed(*name) if as_bool(params.get("versions"), False) else await meta.get_asset(*name)
-    return await _render_resource(request, found, match["public_id"])
+    if as_bool(params.get("versions"), False):
+        return await _resource(request, ("versions", *name), match["public_id"], partial(meta.get_asset_keyed, *name))
+    return await _resource(request, ("asset", *name), match["public_id"], partial(meta.get_asset, *name))
 
 
 async def resource_by_asset_id(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
     params = await _params(request, cloud)
     meta, asset_id = request.app[META], match["asset_id"]
-    versions = as_bool(params.get("versions"), False)
-    found = await meta.get_asset_by_id_keyed(cloud.name, asset_id) if versions else await meta.get_asset_by_id(cloud.name, asset_id)
-    return await _render_resource(request, found, asset_id)
+    if as_bool(params.get("versions"), False):
+        return await _resource(request, ("versions_of", cloud.name, asset_id), asset_id,
+                               partial(meta.get_asset_by_id_keyed, cloud.name, asset_id))
+    return await _resource(request, ("asset_of", cloud.name, asset_id), asset_id, partial(meta.get_asset_by_id, cloud.name, asset_id))
 
 
 async def update(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -271,18 +286,24 @@ async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, s
     if not (ids.is_hex_id(asset_id) and ids.is_hex_id(version_id)):
         raise BadRequest("Illegal id")
     service = request.app[SERVICE]
-    public_id, version, store, key = await service.version_for_download(cloud, asset_id, version_id)
+    public_id, version, store, key = await service.version_for_download(cloud, asset_id, version_id, request[EPOCH])
     name = public_id.rsplit("/", 1)[-1]
     if version.format and not name.endswith(f".{version.format}"):
         name = f"{name}.{version.format}"
     headers = {
         "Content-Type": content_type(version.format),
-        "Content-Disposition": f"attachment; filename=\"{_ascii(name)}\"; filename*=UTF-8''{quote(name)}",
+        "Content-Disposition": _disposition(name),
         "Cache-Control": "private, max-age=3600",
         "ETag": f'"{version.digest[:32]}"',
     }
     report = partial(verify.record_read_failure, request.app[META], cloud.name, version.digest)
     return await blob_response(request, store, key, version.bytes, version.digest, headers, report)
+
+
+@lru_cache(maxsize=4096)
+def _disposition(name: str) -> str:
+    """The attachment header of a file name (the same few names are downloaded again and again)."""
+    return f"attachment; filename=\"{_ascii(name)}\"; filename*=UTF-8''{quote(name)}"
 
 
 def _ascii(name: str) -> str:

@@ -23,6 +23,7 @@ from versionstore.config import Config
 from versionstore.console import bulk_restore
 from versionstore.disk_space import is_disk_full, space_report
 from versionstore.egress import EgressPolicy
+from versionstore.epoch_cache import EpochCache
 from versionstore.errors import ApiError
 from versionstore.http import metrics, render
 from versionstore.http.body_tap import close_tapped
@@ -37,6 +38,7 @@ from versionstore.http.keys import (
     JOBS,
     META,
     RATE_LIMIT,
+    RESOURCE_BODIES,
     ROUTE,
     SCRAPE,
     SERVICE,
@@ -277,6 +279,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[EGRESS] = EgressPolicy(config.fetch_allow)
     app[VERSIONS_CACHE] = VersionsJsonCache()
+    app[RESOURCE_BODIES] = EpochCache[tuple[object, ...], bytes](16 << 20, len)  # bounded by bytes held
     app[UNAUTH_BUDGET] = UnauthBudget(config.unauth_budget_bytes, config.max_body_bytes)
     app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
     app[SCRAPE] = metrics.ScrapeTimeCollector(lambda: app[META])

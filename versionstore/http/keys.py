@@ -11,6 +11,7 @@ from versionstore.alerts import Alerts
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
 from versionstore.egress import EgressPolicy
+from versionstore.epoch_cache import EpochCache
 from versionstore.http import metrics
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.ratelimit import AdminRateLimit
@@ -25,6 +26,8 @@ SERVICE = web.AppKey("service", VersionService)
 CHUNKS = web.AppKey("chunks", ChunkAssembler)
 FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
 VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
+#: Rendered resource bodies (with or without `versions`), reused until anything commits.
+RESOURCE_BODIES: web.AppKey[EpochCache[tuple[object, ...], bytes]] = web.AppKey("resource_bodies")
 JOBS = web.AppKey("jobs", JobRunner)
 UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
 EGRESS = web.AppKey("egress", EgressPolicy)
@@ -34,6 +37,9 @@ SCRAPE = web.AppKey("scrape", metrics.ScrapeTimeCollector)
 ALERTS = web.AppKey("alerts", Alerts)
 #: Request key: the canonical path of the route `routes.dispatch` matched (metrics, logs).
 ROUTE = web.RequestKey("route", str)
+#: Request key: the metadata's `commit_epoch()` as `routes.dispatch` read it, once per request;
+#: what the request reuses from caches keyed on it is current as of the request's start.
+EPOCH: web.RequestKey[object | None] = web.RequestKey("epoch")
 
 
 def error_response(status: int, message: str) -> web.Response:

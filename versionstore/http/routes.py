@@ -20,7 +20,7 @@ from versionstore.http import operations_views as operations
 from versionstore.http import upload_views as upload
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
-from versionstore.http.keys import META, RATE_LIMIT, ROUTE, error_response
+from versionstore.http.keys import EPOCH, META, RATE_LIMIT, ROUTE, error_response
 from versionstore.http.ratelimit import RateLimitExceeded, is_admin_call
 from versionstore.models import Cloud
 
@@ -111,11 +111,26 @@ def canonical(pattern: str) -> str:
 
 
 # The table indexed by first segment, in table order: a request tries the few routes that can
-# match instead of every pattern (a `resources/...` call walked ~38 regexes before this).
-_BY_FIRST: dict[str, list[tuple[set[str], re.Pattern[str], Handler, str]]] = {}
+# match instead of every pattern (a `resources/...` call walked ~38 regexes before this); and by
+# first segment and method, which is what an answered request walks (the first route in table
+# order that matches and takes the method answers). The first index only decides between "not
+# found" and "method not supported".
+_Route = tuple[set[str], re.Pattern[str], Handler, str]
+_BY_FIRST: dict[str, list[_Route]] = {}
+_BY_METHOD: dict[tuple[str, str], list[_Route]] = {}
 for _route, (_methods, _compiled, _handler) in zip(ROUTES, _COMPILED, strict=True):
     for _segment in _first_segments(_route[1]):
         _BY_FIRST.setdefault(_segment, []).append((_methods, _compiled, _handler, canonical(_route[1])))
+        for _method in _methods:
+            _BY_METHOD.setdefault((_segment, _method), []).append(_BY_FIRST[_segment][-1])
+
+
+def _answering(first: str, method: str, rest: str) -> tuple[_Route, re.Match[str]] | None:
+    """The first route in table order that matches `rest` and takes `method`, and its match."""
+    for entry in _BY_METHOD.get((first, method), ()):
+        if (found := entry[1].match(rest)) is not None:
+            return entry, found
+    return None
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -123,28 +138,30 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if match is None:
         raise NotFound("Not found")
     rest = match["rest"]
-    allowed_here = False
-    for methods, pattern, handler, route in _BY_FIRST.get(rest.split("/", 1)[0], ()):
-        found = pattern.match(rest)
-        if found is None:
-            continue
-        allowed_here = True
-        request[ROUTE] = route
-        request[append_only.POLICY] = append_only.policy(request.method, route)
-        if request.method in methods:
-            cloud = await request.app[META].get_cloud(match["cloud"])
-            if cloud is None:
-                raise Unauthorized(f"Invalid cloud_name {match['cloud']}")
-            groups = {k: v for k, v in found.groupdict().items() if v is not None}
-            try:
-                if not is_admin_call(rest):
-                    return await handler(request, cloud, groups)
-                return await _rate_limited(request, cloud, handler, groups)
-            except AppendOnlyRefused as refused:
-                await record_api(request, cloud, "append_only_refused", route, outcome="refused",
-                                 detail={"method": request.method, "error": refused.message}, key=cloud.append_key)
-                raise
-    raise NotFound("Method not supported for this path" if allowed_here else f"Not found - {rest}")
+    first = rest.split("/", 1)[0]
+    answering = _answering(first, request.method, rest)
+    if answering is None:
+        matching = [route for _, pattern, _, route in _BY_FIRST.get(first, ()) if pattern.match(rest)]
+        if matching:
+            request[ROUTE] = matching[-1]  # the metrics label the old full walk gave a refused method
+        raise NotFound("Method not supported for this path" if matching else f"Not found - {rest}")
+    (_, _, handler, route), found = answering
+    request[ROUTE] = route
+    request[append_only.POLICY] = append_only.policy(request.method, route)
+    meta = request.app[META]
+    epoch = request[EPOCH] = meta.commit_epoch()
+    cloud = await meta.get_cloud(match["cloud"], epoch)
+    if cloud is None:
+        raise Unauthorized(f"Invalid cloud_name {match['cloud']}")
+    groups = {k: v for k, v in found.groupdict().items() if v is not None}
+    try:
+        if not is_admin_call(rest):
+            return await handler(request, cloud, groups)
+        return await _rate_limited(request, cloud, handler, groups)
+    except AppendOnlyRefused as refused:
+        await record_api(request, cloud, "append_only_refused", route, outcome="refused",
+                         detail={"method": request.method, "error": refused.message}, key=cloud.append_key)
+        raise
 
 
 async def _rate_limited(request: web.Request, cloud: Cloud, handler: Handler, groups: dict[str, str]) -> web.StreamResponse:
