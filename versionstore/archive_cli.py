@@ -50,7 +50,7 @@ async def _import(snapshots: Service, args: argparse.Namespace) -> Any:
         with _bar(args, "verify", path.stat().st_size) as bar:
             manifest = await archives.verify_file(path, bar.update)
         with _bar(args, "import", int(manifest.header.get("bytes") or 0)) as bar:
-            counts = await archives.apply_archive(snapshots.service, cloud, path, progress=bar.update)
+            counts = await archives.apply_archive(snapshots.service, cloud, path, progress=bar.update, verified=manifest)
     except ArchiveInvalid as exc:
         raise ApiError(f"archive refused, nothing imported: {exc}") from None
     return {"file": str(path), "source_cloud": manifest.header.get("cloud"), **counts}
