@@ -1,8 +1,8 @@
 """Archive removal (docs/snapshots.md, "Removal") on both metadata backends, with an injected
 clock (no sleeping): a prepared archive expires `keep_days` after it was written and is then
 removed once, audited, by any number of processes; DELETE removes one now; an import's uploaded
-tar goes once its job has ended; an export's temp file left by a kill goes once its job is no
-longer open; and an import without valid credentials is answered before any body byte is
+tar goes once its job has ended; an export's temp file, or a CLI import's staging directory,
+left by a kill goes once its job or process is gone; and an import without valid credentials is answered before any body byte is
 spooled."""
 
 import asyncio
@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import API_KEY, CLOUD
 from tests.test_archives import OTHER, OTHER_HEADERS, export, other_env, post_import, wait_for
-from versionstore import archives, layout
+from versionstore import archives, layout, staging
 from versionstore.archive_records import IMPORT_FILE, ArchiveFile
 from versionstore.config import Config
 from versionstore.console.audit import AuditLog
@@ -146,8 +146,17 @@ async def test_an_export_temp_file_is_removed_once_its_job_is_no_longer_open(api
         files[job_id] = [temp, temp.with_name(temp.name + ".manifest")]
         for path in files[job_id]:
             path.write_bytes(b"half an archive")
-    assert await archives.remove_stale_exports(service) == 2
+    assert await archives.remove_stale_files(service) == 2
     assert all(p.exists() for p in files[held.id]) and not any(p.exists() for p in files[ended])
+
+    # A CLI import's staging directory: kept while its process holds it, removed once it is gone.
+    live, dead = (staging.PrivateDirectory(service.spool_dir, archives.IMPORT_STAGING) for _ in range(2))
+    for directory in (live, dead):
+        (directory.path / "staged.part").write_bytes(b"staged bytes")
+    dead._lock.close()  # what a killed process leaves: the directory, its lock free
+    assert await archives.remove_stale_files(service) == 1
+    assert (live.path / "staged.part").exists() and not dead.path.exists()
+    live.remove()
 
 
 @pytest.mark.parametrize("credentials", ["none", "bad_secret"])

@@ -25,11 +25,12 @@ Removal: a published archive is recorded (`archive_files`) before it is stored, 
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from versionstore.ids import new_hex_id
 from versionstore.models import Cloud, Job
 from versionstore.repository import MetadataRepository
 from versionstore.service import UploadRequest, VersionService
-from versionstore.spool import Spooled
+from versionstore.spool import Spooled, make_durable
 
 log = logging.getLogger(__name__)
 
@@ -186,19 +187,22 @@ def export_temp(spool_dir: Path, job_id: str) -> Path:
     return spool_dir / f"archive-{job_id}.tar.tmp"
 
 
-async def remove_stale_exports(service: VersionService) -> int:
-    """Remove export temp files (and their spooled manifests) whose job is no longer open: a
-    kill left them, and the job failed or finished elsewhere since. An open job's file is
-    left to it: its run, or its rerun after a kill, writes the same name again and removes it.
-    Listed before the open jobs are read, so a file of a job that starts meanwhile is kept."""
+async def remove_stale_files(service: VersionService) -> int:
+    """Remove what a killed archive job or import left in the spool: an import's staging
+    directory whose process is gone (`import_file`), and export temp files (and their spooled
+    manifests) whose job is no longer open (it failed or finished elsewhere since). An open
+    job's file is left to it: its run, or its rerun after a kill, writes the same name again
+    and removes it. Listed before the open jobs are read, so a file of a job that starts
+    meanwhile is kept."""
+    removed = await asyncio.to_thread(staging.remove_stale, service.spool_dir, IMPORT_STAGING)
     found = await asyncio.to_thread(lambda: list(service.spool_dir.glob("archive-*.tar.tmp*")))
     if not found:
-        return 0
+        return removed
     open_ids = {job.id for job in await service.meta.open_jobs(kind=EXPORT)}
     stale = [p for p in found if p.name.removeprefix("archive-").split(".", 1)[0] not in open_ids]
     for path in stale:
         await asyncio.to_thread(path.unlink, missing_ok=True)
-    return len(stale)
+    return removed + len(stale)
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -234,7 +238,7 @@ async def apply_archive(
         while (member := await asyncio.to_thread(reader.next_member, progress)) is not None:
             index += 1
             if index > skip:
-                await batch.add(index, source, member)
+                await batch.add(index, source, member.entry, functools.partial(_staged, service, member))
         await batch.commit()
         await asyncio.to_thread(reader.close)
     finally:
@@ -259,11 +263,15 @@ class Batch:
                  after_entry: Callable[[int, dict[str, int]], Any] | None) -> None:
         self.service, self.cloud, self.counts, self.after_entry = service, cloud, counts, after_entry
         self.items: list[tuple[UploadRequest, Spooled]] = []
+        #: Each staged file's fsync, started as soon as it is written: the device writes one
+        #: while the next is staged, and the batch waits for all of them before any link.
+        self.flushing: list[asyncio.Future[None]] = []
         self.names: set[tuple[str, str, str]] = set()
         self.size = self.unchanged = self.last = 0
 
-    async def add(self, index: int, source: str, member: fmt.Member) -> None:
-        entry = member.entry
+    async def add(self, index: int, source: str, entry: dict[str, Any], stage: Callable[[], Awaitable[Spooled]]) -> None:
+        """Entry `index` of the archive; `stage()` gives its bytes, checked against the manifest
+        (not called for an unchanged entry)."""
         name = (entry["resource_type"], entry["type"], entry["public_id"])
         if name in self.names:
             await self.commit()
@@ -273,21 +281,22 @@ class Batch:
         if current is not None and current.live and current.digest == entry["blake3"]:
             self.unchanged += 1
         else:
-            # The MD5 is the manifest's, which verification proved for the bytes this BLAKE3 names.
-            spooled = await asyncio.to_thread(staging.stage, self.service.spool_dir, member.read, entry["md5"])
+            spooled = await stage()
             self.items.append((_request(self.cloud, source, entry), spooled))
             self.size += spooled.size
-            member.compare(spooled.digest, spooled.md5 or "")  # before any store or row names it: the manifest's bytes
+            if not spooled.synced:
+                self.flushing.append(asyncio.ensure_future(make_durable(spooled)))
         if self.size >= BATCH_BYTES or len(self.items) >= BATCH_ENTRIES:
             await self.commit()
 
     async def commit(self) -> None:
         items, self.items = self.items, []
+        flushing, self.flushing = self.flushing, []
         try:
-            await self.service.upload_batch(items)  # consumes the files
+            await asyncio.gather(*flushing)
+            await self.service.upload_batch([(request, replace(spooled, synced=True)) for request, spooled in items])  # consumes the files
         finally:
-            for _, spooled in items:
-                spooled.lock.close()
+            _release(items)
         self.counts["imported"] += len(items)
         self.counts["unchanged"] += self.unchanged
         last, self.names, self.size, self.unchanged, self.last = self.last, set(), 0, 0, 0
@@ -296,10 +305,82 @@ class Batch:
 
     def discard(self) -> None:
         """Remove staged files no commit consumed (a failure, a kill of the job's task)."""
+        for flush in self.flushing:
+            flush.cancel()
         for _, spooled in self.items:
             spooled.path.unlink(missing_ok=True)
-            spooled.lock.close()
+        _release(self.items)
         self.items = []
+
+
+def _release(items: list[tuple[UploadRequest, Spooled]]) -> None:
+    """Close the staged files' lock handles (their files are consumed or removed)."""
+    for _, spooled in items:
+        if spooled.lock is not None:
+            spooled.lock.close()
+
+
+async def _staged(service: VersionService, member: fmt.Member) -> Spooled:
+    """A member's bytes in a new spool file, hashed (BLAKE3) as they are written and compared
+    with the manifest before any store or row names them. The MD5 is the manifest's, which
+    verification proved for the bytes this BLAKE3 names."""
+    spooled = await asyncio.to_thread(staging.stage, service.spool_dir, member.read, member.entry["md5"])
+    try:
+        member.compare(spooled.digest, spooled.md5 or "")
+    except fmt.ArchiveInvalid:
+        spooled.path.unlink(missing_ok=True)
+        if spooled.lock is not None:
+            spooled.lock.close()
+        raise
+    return spooled
+
+
+IMPORT_STAGING = "archive-import-"
+
+
+async def import_file(
+    service: VersionService, cloud: Cloud, path: Path, progress: fmt.Progress | None = None
+) -> tuple[fmt.Manifest, dict[str, int]]:
+    """Import an archive file in one read (the CLI's `archive import`): every member verified
+    as `verify_file` does (BLAKE3 and MD5, nothing extra or missing) while its bytes are
+    staged in a private directory and flushed to the device; only once the whole archive
+    verified are the staged blobs committed, batch by batch (`Batch`). An archive that does not
+    verify leaves nothing. Disk: up to the archive's size of staged bytes until committed."""
+    directory = await asyncio.to_thread(staging.PrivateDirectory, service.spool_dir, IMPORT_STAGING)
+    staged: list[tuple[dict[str, Any], Spooled]] = []
+
+    def read_and_stage() -> fmt.Manifest:
+        flushing = []
+        with path.open("rb") as handle:
+            reader = fmt.ArchiveReader(handle)
+            try:
+                while (member := reader.next_member(progress)) is not None:
+                    entry = member.entry  # the member hashes what it reads; check() compares it with the manifest
+                    spooled = staging.stage(directory.path, member.read, entry["md5"], digest=entry["blake3"], lock=False)
+                    member.check()
+                    staged.append((entry, spooled))
+                    flushing.append(staging.flush_soon(spooled.path))
+            finally:
+                reader.close()
+        for flush in flushing:
+            flush.result()
+        return reader.manifest
+
+    try:
+        manifest = await asyncio.to_thread(read_and_stage)
+        counts = {"imported": 0, "unchanged": 0}
+        batch = Batch(service, cloud, counts, None)
+        source = manifest.header["cloud"]
+        for index, (entry, spooled) in enumerate(staged, start=1):
+            await batch.add(index, source, entry, functools.partial(_ready, replace(spooled, synced=True)))
+        await batch.commit()
+        return manifest, counts
+    finally:
+        await asyncio.to_thread(directory.remove)
+
+
+async def _ready(spooled: Spooled) -> Spooled:
+    return spooled
 
 
 def _request(cloud: Cloud, source: str, entry: dict[str, Any]) -> UploadRequest:

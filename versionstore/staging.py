@@ -13,17 +13,22 @@ import fcntl
 import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import blake3
 
+from versionstore.durable import fsync_path
 from versionstore.spool import HEAD, Spooled
 
 #: Bytes written between two background flushes of a file being written.
 SYNC_EVERY = 32 << 20
 _SYNC_THREADS = ThreadPoolExecutor(2, thread_name_prefix="background-sync")
+#: Writes the blocks of staged files (in order per file: one worker) beside their hashing.
+_WRITE_THREAD = ThreadPoolExecutor(1, thread_name_prefix="staged-write")
 
 
 class BackgroundSync:
@@ -58,39 +63,104 @@ def _advisory_datasync(fd: int) -> None:
         os.fdatasync(fd)
 
 
-def stage(directory: Path, read: Callable[[], bytes], md5: str | None) -> Spooled:
-    """Write what `read()` returns (until b"") to a new locked spool file. Blocking: run it in
-    a worker thread. The MD5 is `md5` when the caller knows it, else computed on the way. The
+def stage(directory: Path, read: Callable[[], bytes], md5: str | None, *, digest: str | None = None, lock: bool = True) -> Spooled:
+    """Write what `read()` returns (until b"") to a new spool file. Blocking: run it in a worker
+    thread. The MD5 is `md5` when the caller knows it, else computed on the way; the BLAKE3
+    likewise (`digest`: a caller whose `read` hashes what it returns, and checks it). Without
+    `lock` the file is not locked: for a private directory its owner locks as a whole. The
     file is not fsynced (`synced=False`): the batch makes it durable before linking it."""
     name = secrets.token_hex(12)
     staging, path = directory / f"{name}.new", directory / f"{name}.part"
     handle = open(staging, "xb", buffering=0)
-    lock = open(staging, "rb")
+    held = open(staging, "rb") if lock else None
+    writing: Future[None] | None = None
     try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if held is not None:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(staging, path)
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if digest is None else None
         md5_hasher = hashlib.md5(usedforsecurity=False) if md5 is None else None
         synced = BackgroundSync(handle.fileno())
         size, head = 0, b""
         while data := read():
-            hasher.update(data)
+            if hasher is not None:
+                hasher.update(data)
             if md5_hasher is not None:
                 md5_hasher.update(data)
-            view = memoryview(data)
-            while view:
-                view = view[handle.write(view) or 0 :]
+            # Written on another thread while the next block is read and hashed: at most one
+            # block in flight, so the file gets its blocks in order and memory stays two blocks.
+            if writing is not None:
+                writing.result()
+            writing = _WRITE_THREAD.submit(_write_all, handle, data)
             size += len(data)
             synced.wrote(len(data))
             if len(head) < HEAD:
                 head += data[: HEAD - len(head)]
+        if writing is not None:
+            writing.result()
         synced.finish(sync=False)
         handle.close()
     except BaseException:
+        if writing is not None:
+            writing.exception()  # the block in flight is done with the file before it closes
         handle.close()
         for leftover in (staging, path):
             leftover.unlink(missing_ok=True)
-        lock.close()
+        if held is not None:
+            held.close()
         raise
-    digest = hasher.hexdigest()
-    return Spooled(path, size, digest, head, synced=False, md5=md5 if md5_hasher is None else md5_hasher.hexdigest(), lock=lock)
+    return Spooled(
+        path, size, digest or (hasher.hexdigest() if hasher else ""), head, synced=False,
+        md5=md5 if md5_hasher is None else md5_hasher.hexdigest(), lock=held,
+    )
+
+
+def _write_all(handle: BinaryIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[handle.write(view) or 0 :]
+
+
+def flush_soon(path: Path) -> "Future[None]":
+    """The file's fsync, started now on a worker thread (a finished staged file: the device
+    writes it while the next one is staged); the caller waits for it before linking the file."""
+    return _SYNC_THREADS.submit(fsync_path, path)
+
+
+class PrivateDirectory:
+    """A directory of staged files only its owner uses (an archive import staging everything
+    before it commits): one lock for the directory instead of one open file per staged file.
+    Made under a hidden name and renamed once locked, so `remove_stale` never sees it unlocked
+    while its owner lives."""
+
+    def __init__(self, parent: Path, prefix: str) -> None:
+        name = f"{prefix}{secrets.token_hex(12)}"
+        making = parent / f".{name}.new"
+        making.mkdir()
+        self._lock = open(making / LOCK, "xb")
+        fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.path = parent / name
+        os.rename(making, self.path)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._lock.close()
+
+
+LOCK = "lock"
+
+
+def remove_stale(parent: Path, prefix: str) -> int:
+    """Remove private directories (`prefix*`) whose owner is gone (its lock is free). Blocking."""
+    removed = 0
+    for directory in parent.glob(f"{prefix}*"):
+        try:
+            with open(directory / LOCK, "rb") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(directory, ignore_errors=True)
+                removed += 1
+        except BlockingIOError:
+            continue  # its owner is alive
+        except FileNotFoundError:
+            shutil.rmtree(directory, ignore_errors=True)  # gone meanwhile, or never locked (renamed only once locked)
+    return removed

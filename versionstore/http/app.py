@@ -255,7 +255,7 @@ async def _collect_orphans(service: VersionService, config: Config) -> None:
             if settled:
                 log.info("orphan collection settled %d expired blob write(s)", settled)
             await asyncio.to_thread(remove_stale_parts, config.spool_dir)
-            await archives.remove_stale_exports(service)
+            await archives.remove_stale_files(service)
         except Exception:
             log.exception("orphan collection failed; retrying in %s s", config.journal_sweep_interval)
         await asyncio.sleep(config.journal_sweep_interval)
