@@ -16,7 +16,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, TypeVar
 
@@ -24,7 +24,7 @@ import blake3
 
 from versionstore.errors import BadRequest
 from versionstore.ids import DELIVERY_TYPES, check_public_id
-from versionstore.staging import BackgroundSync
+from versionstore.staging import BackgroundSync, write_soon
 
 FORMAT = "versionstore-archive/1"
 MANIFEST = "manifest.jsonl"
@@ -91,15 +91,25 @@ class TarWriter:
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.size = 0
         self.synced = BackgroundSync(handle.fileno())
-        self._buffer = bytearray(READ)
+        # Two buffers in turn: one is written (on the write thread) while the next is read
+        # and hashed into the other.
+        self._buffers = (bytearray(READ), bytearray(READ))
+        self._turn = 0
+        self._writing: Future[None] | None = None
 
     def _write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[self.handle.write(view) or 0 :]
         self.hasher.update(data)
+        self.drain()
+        self._writing = write_soon(self.handle, data)
         self.size += len(data)
         self.synced.wrote(len(data))
+
+    def drain(self) -> None:
+        """Wait for the write in flight: before a buffer is reused and before the file closes
+        (call it on every way out)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
 
     def _header(self, name: str, size: int, mtime: float) -> None:
         info = tarfile.TarInfo(name)
@@ -117,11 +127,13 @@ class TarWriter:
         digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
         left = size
         while left:
-            # Into one reused buffer: the bytes hashed are the bytes written, copied once.
-            got = source.readinto(memoryview(self._buffer)[: min(READ, left)])
+            # Into a reused buffer: the bytes hashed are the bytes written, copied once. The
+            # other buffer's write was waited for when this one's predecessor was handed on.
+            buffer, self._turn = self._buffers[self._turn], 1 - self._turn
+            got = source.readinto(memoryview(buffer)[: min(READ, left)])
             if not got:
                 raise ArchiveInvalid(f"{name}: the source ended {left} bytes early")
-            data = memoryview(self._buffer)[:got]
+            data = memoryview(buffer)[:got]
             digest.update(data)
             self._write(data)
             left -= got
@@ -136,6 +148,7 @@ class TarWriter:
         self._write(bytes(2 * BLOCK))
         if self.size % tarfile.RECORDSIZE:
             self._write(bytes(tarfile.RECORDSIZE - self.size % tarfile.RECORDSIZE))
+        self.drain()
         return self.hasher.hexdigest()
 
 

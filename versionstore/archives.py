@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlencode
 
 from versionstore import archive_format as fmt
@@ -159,26 +159,37 @@ async def _write_tar(
     await asyncio.to_thread(out.unlink, missing_ok=True)
     with out.open("xb", buffering=0) as handle, entries_path.open("rb") as entries:
         writer = fmt.TarWriter(handle)
-        first = fmt.header_line(header)
-        size = len(first) + entries_path.stat().st_size
-        chained = fmt.Chain(first, entries)
-        await asyncio.to_thread(writer.add_file, fmt.MANIFEST, chained, size, header["created_at"])
-        entries.seek(0)
-        for line in entries:
-            entry = json.loads(line)
-            key = layout.revision_key(cloud_name, entry["blake3"])
-            async with service.local_copy(store, key, entry["blake3"], verify=False) as path:
-                if path is None:
-                    raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} is missing from backup storage")
-                with path.open("rb", buffering=0) as source:
-                    actual = await asyncio.to_thread(
-                        writer.add_file, entry["path"], source, entry["bytes"], entry["created_at"], progress
-                    )
-            if actual != entry["blake3"]:
-                raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} hashes to {actual} in backup storage")
-        digest = await asyncio.to_thread(writer.close)
+        try:
+            digest = await _write_members(service, cloud_name, store, writer, entries_path, entries, header, progress)
+        finally:
+            writer.drain()  # no write in flight once the file closes
         await asyncio.to_thread(writer.synced.finish)  # on disk before the archive is published under its key
     return digest, writer.size
+
+
+async def _write_members(
+    service: VersionService, cloud_name: str, store: BlobStore, writer: fmt.TarWriter, entries_path: Path, entries: IO[bytes],
+    header: dict[str, Any], progress: fmt.Progress | None,
+) -> str:
+    """The manifest, then every original checked against its BLAKE3; the archive's BLAKE3."""
+    first = fmt.header_line(header)
+    size = len(first) + entries_path.stat().st_size
+    chained = fmt.Chain(first, entries)
+    await asyncio.to_thread(writer.add_file, fmt.MANIFEST, chained, size, header["created_at"])
+    entries.seek(0)
+    for line in entries:
+        entry = json.loads(line)
+        key = layout.revision_key(cloud_name, entry["blake3"])
+        async with service.local_copy(store, key, entry["blake3"], verify=False) as path:
+            if path is None:
+                raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} is missing from backup storage")
+            with path.open("rb", buffering=0) as source:
+                actual = await asyncio.to_thread(
+                    writer.add_file, entry["path"], source, entry["bytes"], entry["created_at"], progress
+                )
+        if actual != entry["blake3"]:
+            raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} hashes to {actual} in backup storage")
+    return await asyncio.to_thread(writer.close)
 
 
 def export_temp(spool_dir: Path, job_id: str) -> Path:

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import blake3
 
@@ -91,7 +91,7 @@ def stage(directory: Path, read: Callable[[], bytes], md5: str | None, *, digest
             # block in flight, so the file gets its blocks in order and memory stays two blocks.
             if writing is not None:
                 writing.result()
-            writing = _WRITE_THREAD.submit(_write_all, handle, data)
+            writing = write_soon(handle, data)
             size += len(data)
             synced.wrote(len(data))
             if len(head) < HEAD:
@@ -115,7 +115,13 @@ def stage(directory: Path, read: Callable[[], bytes], md5: str | None, *, digest
     )
 
 
-def _write_all(handle: BinaryIO, data: bytes) -> None:
+def write_soon(handle: IO[bytes], data: bytes | memoryview) -> "Future[None]":
+    """All of `data` written to `handle` on the write thread; the caller keeps `data` unchanged
+    and waits for the future before its next write to the file and before closing it."""
+    return _WRITE_THREAD.submit(_write_all, handle, data)
+
+
+def _write_all(handle: IO[bytes], data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[handle.write(view) or 0 :]
