@@ -17,8 +17,8 @@ import pytest
 
 from tests.conftest import API_KEY, CLOUD
 from tests.test_archives import OTHER, OTHER_HEADERS, export, other_env, post_import, wait_for
-from versionstore import archives, layout, staging
-from versionstore.archive_records import IMPORT_FILE, ArchiveFile
+from versionstore import archive_removal, archives, layout, staging
+from versionstore.archive_records import IMPORT_FILE, IMPORT_STAGING, ArchiveFile
 from versionstore.config import Config
 from versionstore.console.audit import AuditLog
 from versionstore.http.keys import META, SERVICE
@@ -54,13 +54,14 @@ async def test_an_export_expires_keep_days_after_it_was_written_and_is_removed_o
     assert expires_at == pytest.approx(seconds(done["completed_at"]) + 2 * DAY, abs=5)
     assert stored(client, key)
     service = client.app[SERVICE]
-    assert await archives.remove_due(service, expires_at - 60) == 0
+    assert await archive_removal.remove_due(service, expires_at - 60) == 0
     assert stored(client, key)
 
     # Three processes' loops at once past the expiry: the file goes, and one of them records it.
-    results = await asyncio.gather(*(archives.remove_due(service, expires_at + 1) for _ in range(3)))
+    results = await asyncio.gather(*(archive_removal.remove_due(service, expires_at + 1) for _ in range(3)))
     assert sum(results) == 1 and not stored(client, key)
-    assert await removals(client) == [(archives.REMOVAL_ACTOR, done["archive_id"], {"kind": "export", "key": key, "reason": "expired"})]
+    expired = {"kind": "export", "key": key, "reason": "expired"}
+    assert await removals(client) == [(archive_removal.REMOVAL_ACTOR, done["archive_id"], expired)]
     described = await api.admin("GET", f"versionstore/archives/{done['archive_id']}")
     assert seconds(described["removed_at"]) == pytest.approx(expires_at + 1, abs=1) and "download_url" not in described
     link = urlsplit(done["download_url"])
@@ -72,7 +73,7 @@ async def test_keep_days_defaults_to_the_servers_setting_and_is_checked(api, cli
     await api.upload(b"default", public_id="exp/b")
     done, _ = await export(api, at=time.time())
     assert seconds(done["expires_at"]) == pytest.approx(seconds(done["completed_at"]) + 3 * DAY, abs=5)  # config.archive_keep_days
-    for bad in (0, -1, archives.MAX_KEEP_DAYS + 1, "soon"):
+    for bad in (0, -1, archive_removal.MAX_KEEP_DAYS + 1, "soon"):
         answer = await api.admin("POST", "versionstore/archives", expect=400, json={"at": time.time(), "keep_days": bad})
         assert "keep_days" in answer["error"]["message"]
 
@@ -120,9 +121,9 @@ async def test_an_imports_uploaded_tar_goes_when_its_job_ends_and_leftovers_are_
         await meta.register_archive_file(ArchiveFile(job_id, OTHER, IMPORT_FILE, key, now, None))
         await _put(key, client)
         leftovers[name] = key
-    assert await archives.remove_due(service, now) == 1
+    assert await archive_removal.remove_due(service, now) == 1
     assert not stored(client, leftovers["ended"]) and stored(client, leftovers["jobless"])
-    assert await archives.remove_due(service, now + archives.ORPHAN_AGE + 1) == 1
+    assert await archive_removal.remove_due(service, now + archive_removal.ORPHAN_AGE + 1) == 1
     assert not stored(client, leftovers["jobless"])
 
 
@@ -142,19 +143,19 @@ async def test_an_export_temp_file_is_removed_once_its_job_is_no_longer_open(api
     ended = new_hex_id()  # a kill's leftover whose job failed or finished elsewhere since
     files = {}
     for job_id in (held.id, ended):
-        temp = archives.export_temp(service.spool_dir, job_id)
+        temp = archive_removal.export_temp(service.spool_dir, job_id)
         files[job_id] = [temp, temp.with_name(temp.name + ".manifest")]
         for path in files[job_id]:
             path.write_bytes(b"half an archive")
-    assert await archives.remove_stale_files(service) == 2
+    assert await archive_removal.remove_stale_files(service) == 2
     assert all(p.exists() for p in files[held.id]) and not any(p.exists() for p in files[ended])
 
     # A CLI import's staging directory: kept while its process holds it, removed once it is gone.
-    live, dead = (staging.PrivateDirectory(service.spool_dir, archives.IMPORT_STAGING) for _ in range(2))
+    live, dead = (staging.PrivateDirectory(service.spool_dir, IMPORT_STAGING) for _ in range(2))
     for directory in (live, dead):
         (directory.path / "staged.part").write_bytes(b"staged bytes")
     dead._lock.close()  # what a killed process leaves: the directory, its lock free
-    assert await archives.remove_stale_files(service) == 1
+    assert await archive_removal.remove_stale_files(service) == 1
     assert (live.path / "staged.part").exists() and not dead.path.exists()
     live.remove()
 

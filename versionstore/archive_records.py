@@ -2,7 +2,11 @@
 
 from dataclasses import dataclass
 
+#: The job kinds of an archive export and import.
+EXPORT, IMPORT = "archive_export", "archive_import"
 EXPORT_FILE, IMPORT_FILE = "export", "import"
+#: A CLI import's private staging directory in the spool: `<prefix><random>/`.
+IMPORT_STAGING = "archive-import-"
 
 
 @dataclass(frozen=True)

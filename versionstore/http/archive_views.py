@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from versionstore import archives, layout, pitr
+from versionstore import archive_removal, archives, layout, pitr
 from versionstore.archive_format import ArchiveInvalid
 from versionstore.archive_records import IMPORT_FILE, ArchiveFile
 from versionstore.errors import BadRequest, Conflict, NotFound
@@ -49,7 +49,7 @@ async def export(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     notification_url = str(params.get("notification_url") or "") or None
     if notification_url and not notification_url.startswith(("http://", "https://")):
         raise BadRequest("notification_url must be an http(s) URL")
-    keep = archives.keep_days(params.get("keep_days"), request.app[CONFIG].archive_keep_days)
+    keep = archive_removal.keep_days(params.get("keep_days"), request.app[CONFIG].archive_keep_days)
     job_params = {**archives.selection_params(selection), "keep_days": keep}
     job = await archives.start(request.app[SERVICE], cloud.name, archives.EXPORT, job_params, notification_url)
     if job is None:
@@ -79,7 +79,7 @@ async def import_(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
             raise BadRequest(f"Archive refused: {exc}") from None
         job_id = new_hex_id()
         key = layout.archive_upload_key(cloud.name, job_id)
-        # The row before the file; the file goes once the job has ended (archives.remove_due).
+        # The row before the file; the file goes once the job has ended (archive_removal.remove_due).
         await service.meta.register_archive_file(ArchiveFile(job_id, cloud.name, IMPORT_FILE, key, time.time(), None))
         await service.targets.store(None).put_file(key, spooled.path)
     finally:
@@ -90,7 +90,7 @@ async def import_(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
               "source_cloud": manifest.header.get("cloud")}
     job = await archives.start(service, cloud.name, archives.IMPORT, params, notification_url, job_id)
     if job is None:
-        await archives.remove_file(service, ArchiveFile(job_id, cloud.name, IMPORT_FILE, key, time.time(), None), time.time())
+        await archive_removal.remove_file(service, ArchiveFile(job_id, cloud.name, IMPORT_FILE, key, time.time(), None), time.time())
         raise Conflict("An archive import into this environment is already running")
     await record_api(request, cloud, "archive_import_start", job.id, detail=params)
     request.app[JOBS].wake.set()
@@ -116,10 +116,10 @@ async def remove(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     if job.open:
         raise Conflict(f"Archive {job.id} is {job.status}: wait for its job to end")
     found = await service.meta.get_archive_file(cloud.name, job.id)
-    record = archives.file_of(job, found)
+    record = archive_removal.file_of(job, found)
     if found is None and record is not None:
         await service.meta.register_archive_file(record)  # an export from before archive files were recorded
-    if record is not None and record.removed_at is None and await archives.remove_file(service, record, time.time()):
+    if record is not None and record.removed_at is None and await archive_removal.remove_file(service, record, time.time()):
         await record_api(request, cloud, "archive_remove", job.id, detail={"kind": record.kind, "key": record.key})
     return web.json_response(await _body(request, job, cloud))
 
