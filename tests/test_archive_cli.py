@@ -27,6 +27,9 @@ def test_archive_export_then_import_and_a_tampered_file(tmp_path, capsys):
     tampered.write_bytes(out.read_bytes().replace(b"content 2", b"content 3"))
     assert main(["archive", "import", "--cloud", "n", str(tampered), "--no-progress", "--data-dir", data]) == 2
     assert "archive refused, nothing imported: image/upload/m/a: BLAKE3" in capsys.readouterr().err
+    # Nothing of it was kept: its staged bytes went with their directory, no store has a blob.
+    assert not list((tmp_path / "spool").iterdir())
+    assert not [p for store in ("primary", "backup") for p in (tmp_path / store / "n").rglob("*") if p.is_file()]
     assert main(["archive", "import", "--cloud", "n", str(out), "--no-progress", "--data-dir", data]) == 0
     assert json.loads(capsys.readouterr().out) == {"file": str(out), "source_cloud": "m", "imported": 1, "unchanged": 0}
     assert main(["archive", "import", "--cloud", "n", str(out), "--no-progress", "--data-dir", data]) == 0

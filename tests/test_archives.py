@@ -249,3 +249,44 @@ def test_member_names_stay_inside_the_archive_and_are_distinct():
     for name in names:
         assert is_safe(name) and name.startswith("image/upload/"), name
     assert member_name("raw", "upload", "notes.txt", "txt") == "raw/upload/notes.txt"
+
+
+async def test_an_import_failing_mid_batch_leaves_no_version_no_blob_and_no_staged_file(api, client, tmp_path):
+    """The batched import: entries are staged, then written and committed together. A failure
+    while a batch is staged (here: reading the archive fails after its third entry) leaves
+    nothing of that batch: no version, no blob in either store, no spool file; the import
+    can then be run again and completes."""
+    from versionstore import archives
+    from versionstore.http.keys import SERVICE
+
+    for number in range(6):
+        await api.upload(f"batched {number} ".encode() * 20000, public_id=f"batch/{number}")
+    _, body = await export(api, at=time.time())
+    path = tmp_path / "archive.tar"
+    path.write_bytes(body)
+    await other_env(client)
+    service, meta = client.app[SERVICE], client.app[META]
+    other = await meta.get_cloud(OTHER)
+    spool_before = set(service.spool_dir.iterdir())
+    read = 0
+
+    def failing(size: int) -> None:
+        nonlocal read
+        read += size
+        if read > 2 * 20000 * len(b"batched 0 "):
+            raise OSError("the disk holding the archive failed")
+
+    manifest = await archives.verify_file(path)
+    with pytest.raises(OSError):
+        await archives.apply_archive(service, other, path, progress=failing, verified=manifest)
+    for number in range(6):
+        assert await meta.get_asset(OTHER, "image", "upload", f"batch/{number}") is None
+    for store in ("primary", "backup"):
+        assert not (service.spool_dir.parent / store / OTHER).exists() or not any(
+            p.is_file() for p in (service.spool_dir.parent / store / OTHER).rglob("*")), store
+    assert set(service.spool_dir.iterdir()) == spool_before
+
+    counts = await archives.apply_archive(service, other, path, verified=manifest)
+    assert counts == {"imported": 6, "unchanged": 0}
+    again = await archives.apply_archive(service, other, path, verified=manifest)
+    assert again == {"imported": 0, "unchanged": 6}

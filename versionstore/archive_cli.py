@@ -1,8 +1,9 @@
 """`versionstore archive export|import`: archives on the store directly, with progress bars.
 
 `export` writes the selection's tar to a local file (like the `archive_export` job, without
-publishing it); `import` verifies a whole archive file first (nothing is written when it does
-not verify) and then applies it, like the `archive_import` job. Both print a JSON summary.
+publishing it); `import` reads an archive file once, verifying every member while staging its
+bytes, and commits them only once all of it verified (nothing is written when it does not:
+`archives.import_file`). Both print a JSON summary.
 """
 
 import argparse
@@ -47,10 +48,8 @@ async def _import(snapshots: Service, args: argparse.Namespace) -> Any:
     cloud = await snapshots.meta.get_cloud(args.cloud)
     assert cloud is not None  # _run checked it
     try:
-        with _bar(args, "verify", path.stat().st_size) as bar:
-            manifest = await archives.verify_file(path, bar.update)
-        with _bar(args, "import", int(manifest.header.get("bytes") or 0)) as bar:
-            counts = await archives.apply_archive(snapshots.service, cloud, path, progress=bar.update)
+        with _bar(args, "verify and stage", path.stat().st_size) as bar:
+            manifest, counts = await archives.import_file(snapshots.service, cloud, path, bar.update)
     except ArchiveInvalid as exc:
         raise ApiError(f"archive refused, nothing imported: {exc}") from None
     return {"file": str(path), "source_cloud": manifest.header.get("cloud"), **counts}

@@ -13,21 +13,25 @@ in a worker thread); `archives.py` drives it.
 
 import hashlib
 import json
+import os
 import tarfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import blake3
 
 from versionstore.errors import BadRequest
 from versionstore.ids import DELIVERY_TYPES, check_public_id
+from versionstore.staging import BackgroundSync, write_soon
 
 FORMAT = "versionstore-archive/1"
 MANIFEST = "manifest.jsonl"
 BLOCK = 512
-READ = 1 << 20
+#: Bytes per read and hash step: large enough that per-call costs (a thread hand-off for MD5,
+#: a system call) vanish beside the hashing, small enough to keep memory bounded.
+READ = 4 << 20
 #: A manifest line per original; one this large would list millions: refuse beyond it.
 MAX_MANIFEST = 512 << 20
 ENTRY_FIELDS = (
@@ -73,18 +77,39 @@ def is_safe(name: str) -> bool:
 # --- writing ------------------------------------------------------------------------------------
 
 
+class Source(Protocol):
+    def readinto(self, buffer: memoryview) -> int | None: ...
+
+
 class TarWriter:
-    """Writes pax members to a binary file and hashes (BLAKE3) everything it writes."""
+    """Writes pax members to a binary file and hashes (BLAKE3) everything it writes. The file
+    is flushed to the device in the background as it grows (`BackgroundSync`), so the fsync
+    before it is published finds little left to write."""
 
     def __init__(self, handle: IO[bytes]) -> None:
         self.handle = handle
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.size = 0
+        self.synced = BackgroundSync(handle.fileno())
+        # Two buffers in turn: one is written (on the write thread) while the next is read
+        # and hashed into the other.
+        self._buffers = (bytearray(READ), bytearray(READ))
+        self._turn = 0
+        self._writing: Future[None] | None = None
 
     def _write(self, data: bytes | memoryview) -> None:
-        self.handle.write(data)
         self.hasher.update(data)
+        self.drain()
+        self._writing = write_soon(self.handle, data)
         self.size += len(data)
+        self.synced.wrote(len(data))
+
+    def drain(self) -> None:
+        """Wait for the write in flight: before a buffer is reused and before the file closes
+        (call it on every way out)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
 
     def _header(self, name: str, size: int, mtime: float) -> None:
         info = tarfile.TarInfo(name)
@@ -95,29 +120,35 @@ class TarWriter:
         if size % BLOCK:
             self._write(bytes(BLOCK - size % BLOCK))
 
-    def add_file(self, name: str, source: IO[bytes], size: int, mtime: float, progress: Progress | None = None) -> str:
+    def add_file(self, name: str, source: Source, size: int, mtime: float, progress: Progress | None = None) -> str:
         """Copy exactly `size` bytes of `source` as one member; the BLAKE3 of what was copied
         (the caller compares it with the revision's name)."""
         self._header(name, size, mtime)
         digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
         left = size
         while left:
-            data = source.read(min(READ, left))
-            if not data:
+            # Into a reused buffer: the bytes hashed are the bytes written, copied once. The
+            # other buffer's write was waited for when this one's predecessor was handed on.
+            buffer, self._turn = self._buffers[self._turn], 1 - self._turn
+            got = source.readinto(memoryview(buffer)[: min(READ, left)])
+            if not got:
                 raise ArchiveInvalid(f"{name}: the source ended {left} bytes early")
+            data = memoryview(buffer)[:got]
             digest.update(data)
             self._write(data)
-            left -= len(data)
+            left -= got
             if progress is not None:
-                progress(len(data))
+                progress(got)
         self._pad(size)
         return digest.hexdigest()
 
     def close(self) -> str:
-        """The end-of-archive blocks, padded to tar's record size; the archive's BLAKE3."""
+        """The end-of-archive blocks, padded to tar's record size; the archive's BLAKE3. The
+        caller makes the file durable (`synced.finish`) before it names it anywhere."""
         self._write(bytes(2 * BLOCK))
         if self.size % tarfile.RECORDSIZE:
             self._write(bytes(tarfile.RECORDSIZE - self.size % tarfile.RECORDSIZE))
+        self.drain()
         return self.hasher.hexdigest()
 
 
@@ -136,6 +167,11 @@ class Chain:
             data, self.first = self.first[:size], self.first[size:]
             return data
         return self.rest.read(size)
+
+    def readinto(self, buffer: memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def entry_line(entry: dict[str, Any]) -> bytes:
@@ -219,24 +255,30 @@ class ArchiveReader:
 
     def __init__(self, handle: IO[bytes], *, hashed: bool = True) -> None:
         self.hashed = hashed  # False: members are only read; the caller compares their digests
-        self._tar = _tar_errors(lambda: tarfile.open(fileobj=handle, mode="r|", bufsize=READ))
-        first = _tar_errors(self._tar.next)
+        # A file on disk: tarfile reads the headers and seeks over the data, which members read
+        # with positioned reads (no copies through tarfile's stream buffers).
+        self._fd = handle.fileno()
+        self._tar = _tar_errors(lambda: tarfile.open(fileobj=handle, mode="r:"))
+        first = self._next_info()
         if first is None or first.name != MANIFEST or not first.isreg():
             raise ArchiveInvalid(f"the first member must be {MANIFEST}")
         if first.size > MAX_MANIFEST:
             raise ArchiveInvalid(f"{MANIFEST} is larger than {MAX_MANIFEST} bytes")
-        source = self._tar.extractfile(first)
-        assert source is not None
-        self.manifest = _parse_manifest(_tar_errors(lambda: source.read(first.size)), first.size)
+        self.manifest = _parse_manifest(_tar_errors(lambda: os.pread(self._fd, first.size, first.offset_data)), first.size)
         self._expected = {e["path"]: e for e in self.manifest.entries}
         self._current: Member | None = None
+
+    def _next_info(self) -> tarfile.TarInfo | None:
+        info = _tar_errors(self._tar.next)
+        self._tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header it read: memory bounded per member, not per archive
+        return info
 
     def next_member(self, progress: Progress | None = None) -> "Member | None":
         """The next member, unread; None at the end, once every listed member was seen."""
         if self._current is not None:
             self._current.check()
         self._current = None
-        info = _tar_errors(self._tar.next)
+        info = self._next_info()
         if info is None:
             if self._expected:
                 missing = next(iter(self._expected))
@@ -247,9 +289,7 @@ class ArchiveReader:
             raise ArchiveInvalid(f"{info.name}: not in the manifest (or there twice)")
         if not info.isreg() or info.size != entry["bytes"]:
             raise ArchiveInvalid(f"{info.name}: {info.size} bytes of type {info.type!r}, the manifest says a file of {entry['bytes']}")
-        source = self._tar.extractfile(info)
-        assert source is not None
-        self._current = Member(entry, source, progress, self.hashed)
+        self._current = Member(entry, self._fd, info.offset_data, progress, self.hashed)
         return self._current
 
     def close(self) -> None:
@@ -279,17 +319,19 @@ class Member:
     caller reads is what gets checked. Unhashed, the caller compares the digests it computed
     while writing the bytes somewhere (`compare`)."""
 
-    def __init__(self, entry: dict[str, Any], source: IO[bytes], progress: Progress | None, hashed: bool = True) -> None:
-        self.entry, self.source, self.left, self.progress, self.hashed = entry, source, int(entry["bytes"]), progress, hashed
+    def __init__(self, entry: dict[str, Any], fd: int, offset: int, progress: Progress | None, hashed: bool = True) -> None:
+        self.entry, self.left, self.progress, self.hashed = entry, int(entry["bytes"]), progress, hashed
+        self.fd, self.offset = fd, offset
         self.blake3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.md5 = hashlib.md5(usedforsecurity=False)
         self._checked = False
 
     def read(self, size: int = READ) -> bytes:
-        data = _tar_errors(lambda: self.source.read(min(size, self.left))) if self.left else b""
+        data = _tar_errors(lambda: os.pread(self.fd, min(size, self.left), self.offset)) if self.left else b""
         if self.left and not data:
             raise ArchiveInvalid(f"{self.entry['path']}: truncated")
         self.left -= len(data)
+        self.offset += len(data)
         if self.hashed and data:
             md5 = _MD5_THREAD.submit(self.md5.update, data)  # hashlib and blake3 release the GIL
             self.blake3.update(data)
@@ -299,8 +341,9 @@ class Member:
         return data
 
     def check(self) -> None:
-        """Read what is left, then compare both digests with the manifest's."""
-        if self._checked:
+        """Read what is left, then compare both digests with the manifest's. Unhashed, there is
+        nothing to compare: the rest is not read (tarfile checks that it is there)."""
+        if self._checked or not self.hashed:
             return
         while self.read():
             pass

@@ -10,36 +10,45 @@ partial is ever published, and a copy a killed run had published (never announce
 
 Import checks the whole archive first (`archive_format.verify`: manifest, every member's
 BLAKE3 and MD5, nothing extra, nothing missing, no truncation), so a tampered archive is
-refused before anything is written. Only then does the `archive_import` job apply it,
-entry by entry, as new versions recording `restored_from: archive:<cloud>/<asset>/<version>`.
-That pass reads the stored copy again (proven by its BLAKE3) and resumes from its cursor after
-a kill; an entry whose bytes are already the asset's current ones is skipped, so a replay
-adds nothing twice. docs/snapshots.md describes the format.
+refused before anything is written. Only then does the `archive_import` job apply it, as new
+versions recording `restored_from: archive:<cloud>/<asset>/<version>`, in batches: each entry's
+bytes staged (hashed with BLAKE3 against the manifest), then the batch's blobs made durable
+together and committed in one transaction (`VersionService.upload_batch`). That pass reads the
+stored copy again (proven by its BLAKE3) and resumes from its cursor (moved past committed
+batches only) after a kill; an entry whose bytes are already the asset's current ones is
+skipped, so a replay adds nothing twice.
+
+A published archive is recorded (`archive_files`) before it is stored; archive_removal.py
+removes it `keep_days` after it was written, and an import's uploaded tar once its job has
+ended. docs/snapshots.md describes the format.
 """
 
 import asyncio
 import contextlib
+import functools
 import json
-import os
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlencode
 
 from versionstore import archive_format as fmt
-from versionstore import layout, pitr, signing
+from versionstore import archive_records, layout, pitr, signing, staging
+from versionstore.archive_records import EXPORT_FILE, IMPORT_FILE, IMPORT_STAGING, ArchiveFile
+from versionstore.archive_removal import DAY, DEFAULT_KEEP_DAYS, export_temp, remove_file
 from versionstore.blobstore import BlobStore
 from versionstore.console.audit import AuditLog
 from versionstore.errors import NotFound
 from versionstore.ids import new_hex_id
 from versionstore.models import Cloud, Job
-from versionstore.pitr import _existed as existed_at
+from versionstore.repository import MetadataRepository
 from versionstore.service import UploadRequest, VersionService
-from versionstore.spool import Spooled
+from versionstore.spool import Spooled, make_durable
 
-EXPORT, IMPORT = "archive_export", "archive_import"
+EXPORT, IMPORT = archive_records.EXPORT, archive_records.IMPORT  # the job kinds (also archive_removal's)
 KINDS = (EXPORT, IMPORT)
 SAVE_EVERY = 2.0  # seconds between cursor saves while importing
 
@@ -69,7 +78,7 @@ async def _selected(service: VersionService, selection: pitr.Selection) -> Async
             assert selection.at is not None
             rows = await meta.point_in_time(selection.cloud, selection.prefix, selection.at, after, pitr.PAGE)
         for row in rows:
-            if not existed_at(row, selection):
+            if not pitr.existed_at(row, selection):
                 continue
             assert row.at_version_id is not None
             named = {"asset_id": row.asset_id, "public_id": row.public_id, "version_id": row.at_version_id}
@@ -99,7 +108,7 @@ async def write_archive(
     on_total: Callable[[int], None] | None = None,
 ) -> Written:
     """The selection's archive at `out` (overwritten). Bounded memory: the manifest is spooled
-    to disk and originals are copied a MiB at a time."""
+    to disk and originals are copied a block (`archive_format.READ`) at a time."""
     entries_path = out.with_name(out.name + ".manifest")
     paths: set[str] = set()
     skipped: list[dict[str, Any]] = []
@@ -136,34 +145,39 @@ async def _write_tar(
     store = await service.targets.usable(cloud)
     # A new file, never the old one reopened: a killed run may have published it (a hard link).
     await asyncio.to_thread(out.unlink, missing_ok=True)
-    with out.open("xb") as handle, entries_path.open("rb") as entries:
+    with out.open("xb", buffering=0) as handle, entries_path.open("rb") as entries:
         writer = fmt.TarWriter(handle)
-        first = fmt.header_line(header)
-        size = len(first) + entries_path.stat().st_size
-        chained = fmt.Chain(first, entries)
-        await asyncio.to_thread(writer.add_file, fmt.MANIFEST, chained, size, header["created_at"])  # type: ignore[arg-type]
-        entries.seek(0)
-        for line in entries:
-            entry = json.loads(line)
-            key = layout.revision_key(cloud_name, entry["blake3"])
-            async with service.local_copy(store, key, entry["blake3"], verify=False) as path:
-                if path is None:
-                    raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} is missing from backup storage")
-                with path.open("rb") as source:
-                    actual = await asyncio.to_thread(
-                        writer.add_file, entry["path"], source, entry["bytes"], entry["created_at"], progress
-                    )
-            if actual != entry["blake3"]:
-                raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} hashes to {actual} in backup storage")
-        digest = await asyncio.to_thread(writer.close)
-        await asyncio.to_thread(_durable, handle)
+        try:
+            digest = await _write_members(service, cloud_name, store, writer, entries_path, entries, header, progress)
+        finally:
+            writer.drain()  # no write in flight once the file closes
+        await asyncio.to_thread(writer.synced.finish)  # on disk before the archive is published under its key
     return digest, writer.size
 
 
-def _durable(handle: IO[bytes]) -> None:
-    """Bytes on disk before the archive is published under its key."""
-    handle.flush()
-    os.fsync(handle.fileno())
+async def _write_members(
+    service: VersionService, cloud_name: str, store: BlobStore, writer: fmt.TarWriter, entries_path: Path, entries: IO[bytes],
+    header: dict[str, Any], progress: fmt.Progress | None,
+) -> str:
+    """The manifest, then every original checked against its BLAKE3; the archive's BLAKE3."""
+    first = fmt.header_line(header)
+    size = len(first) + entries_path.stat().st_size
+    chained = fmt.Chain(first, entries)
+    await asyncio.to_thread(writer.add_file, fmt.MANIFEST, chained, size, header["created_at"])
+    entries.seek(0)
+    for line in entries:
+        entry = json.loads(line)
+        key = layout.revision_key(cloud_name, entry["blake3"])
+        async with service.local_copy(store, key, entry["blake3"], verify=False) as path:
+            if path is None:
+                raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} is missing from backup storage")
+            with path.open("rb", buffering=0) as source:
+                actual = await asyncio.to_thread(
+                    writer.add_file, entry["path"], source, entry["bytes"], entry["created_at"], progress
+                )
+        if actual != entry["blake3"]:
+            raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} hashes to {actual} in backup storage")
+    return await asyncio.to_thread(writer.close)
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -181,51 +195,173 @@ async def verify_file(path: Path, progress: fmt.Progress | None = None) -> fmt.M
 
 async def apply_archive(
     service: VersionService, cloud: Cloud, path: Path, skip: int = 0, progress: fmt.Progress | None = None,
-    after_entry: Callable[[int, dict[str, int]], Any] | None = None,
+    after_entry: Callable[[int, dict[str, int]], Any] | None = None, verified: fmt.Manifest | None = None,
 ) -> dict[str, int]:
     """Every entry of a verified archive as the newest version of its public_id in `cloud`,
-    from entry `skip` on. Counts: imported, unchanged (already the current bytes)."""
+    from entry `skip` on, in batches (`Batch`). Counts: imported, unchanged (already the
+    current bytes). `verified`: the manifest `verify_file` read, which this file must still
+    have (else the file was proven by its digest, as the import job's is)."""
     counts = {"imported": 0, "unchanged": 0}
     handle = await asyncio.to_thread(path.open, "rb")
+    batch = Batch(service, cloud, counts, after_entry)
     try:
-        reader = await asyncio.to_thread(lambda: fmt.ArchiveReader(handle, hashed=False))  # the spool hashes what it writes
+        reader = await asyncio.to_thread(lambda: fmt.ArchiveReader(handle, hashed=False))  # staging hashes what it writes
+        if verified is not None and reader.manifest != verified:
+            raise fmt.ArchiveInvalid(f"{fmt.MANIFEST} changed since the archive was verified")
         source = reader.manifest.header["cloud"]
         index = 0
         while (member := await asyncio.to_thread(reader.next_member, progress)) is not None:
             index += 1
-            if index <= skip:
-                continue
-            counts[await _apply_one(service, cloud, source, member)] += 1
-            if after_entry is not None:
-                await after_entry(index, counts)
+            if index > skip:
+                await batch.add(index, source, member.entry, functools.partial(_staged, service, member))
+        await batch.commit()
         await asyncio.to_thread(reader.close)
     finally:
+        batch.discard()
         await asyncio.to_thread(handle.close)
     return counts
 
 
-async def _apply_one(service: VersionService, cloud: Cloud, source: str, member: fmt.Member) -> str:
-    entry = member.entry
-    current = await service.meta.get_asset(cloud.name, entry["resource_type"], entry["type"], entry["public_id"])
-    if current is not None and current.live and current.digest == entry["blake3"]:
-        return "unchanged"
-    spool = service.new_spool()
+#: An import's batch: entries whose blobs are written, made durable together and committed in
+#: one transaction. Bounded, so the staged bytes stay bounded and a kill loses little work.
+BATCH_BYTES = 256 << 20
+BATCH_ENTRIES = 256
+
+
+class Batch:
+    """Entries of an archive staged for one `VersionService.upload_batch`. An entry whose bytes
+    are already its asset's current ones is `unchanged` (a replayed stretch adds nothing
+    twice); a name seen again commits the batch first (its later version comes later). The
+    cursor (`after_entry`) moves only past committed entries."""
+
+    def __init__(self, service: VersionService, cloud: Cloud, counts: dict[str, int],
+                 after_entry: Callable[[int, dict[str, int]], Any] | None) -> None:
+        self.service, self.cloud, self.counts, self.after_entry = service, cloud, counts, after_entry
+        self.items: list[tuple[UploadRequest, Spooled]] = []
+        #: Each staged file's fsync, started as soon as it is written: the device writes one
+        #: while the next is staged, and the batch waits for all of them before any link.
+        self.flushing: list[asyncio.Future[None]] = []
+        self.names: set[tuple[str, str, str]] = set()
+        self.size = self.unchanged = self.last = 0
+
+    async def add(self, index: int, source: str, entry: dict[str, Any], stage: Callable[[], Awaitable[Spooled]]) -> None:
+        """Entry `index` of the archive; `stage()` gives its bytes, checked against the manifest
+        (not called for an unchanged entry)."""
+        name = (entry["resource_type"], entry["type"], entry["public_id"])
+        if name in self.names:
+            await self.commit()
+        self.names.add(name)
+        self.last = index
+        current = await self.service.meta.get_asset(self.cloud.name, *name)
+        if current is not None and current.live and current.digest == entry["blake3"]:
+            self.unchanged += 1
+        else:
+            spooled = await stage()
+            self.items.append((_request(self.cloud, source, entry), spooled))
+            self.size += spooled.size
+            if not spooled.synced:
+                self.flushing.append(asyncio.ensure_future(make_durable(spooled)))
+        if self.size >= BATCH_BYTES or len(self.items) >= BATCH_ENTRIES:
+            await self.commit()
+
+    async def commit(self) -> None:
+        items, self.items = self.items, []
+        flushing, self.flushing = self.flushing, []
+        try:
+            await asyncio.gather(*flushing)
+            await self.service.upload_batch([(request, replace(spooled, synced=True)) for request, spooled in items])  # consumes the files
+        finally:
+            _release(items)
+        self.counts["imported"] += len(items)
+        self.counts["unchanged"] += self.unchanged
+        last, self.names, self.size, self.unchanged, self.last = self.last, set(), 0, 0, 0
+        if self.after_entry is not None and last:
+            await self.after_entry(last, self.counts)
+
+    def discard(self) -> None:
+        """Remove staged files no commit consumed (a failure, a kill of the job's task)."""
+        for flush in self.flushing:
+            flush.cancel()
+        for _, spooled in self.items:
+            spooled.path.unlink(missing_ok=True)
+        _release(self.items)
+        self.items = []
+
+
+def _release(items: list[tuple[UploadRequest, Spooled]]) -> None:
+    """Close the staged files' lock handles (their files are consumed or removed)."""
+    for _, spooled in items:
+        if spooled.lock is not None:
+            spooled.lock.close()
+
+
+async def _staged(service: VersionService, member: fmt.Member) -> Spooled:
+    """A member's bytes in a new spool file, hashed (BLAKE3) as they are written and compared
+    with the manifest before any store or row names them. The MD5 is the manifest's, which
+    verification proved for the bytes this BLAKE3 names."""
+    spooled = await asyncio.to_thread(staging.stage, service.spool_dir, member.read, member.entry["md5"])
     try:
-        while block := await asyncio.to_thread(member.read):
-            await spool.write(block)
-        spooled = await spool.finish(sync=False)  # the upload makes it durable before any store links it
-        member.compare(spooled.digest, spooled.md5 or "")  # before any store or row names it: the manifest's bytes
-    except BaseException:
-        spool.discard()
+        member.compare(spooled.digest, spooled.md5 or "")
+    except fmt.ArchiveInvalid:
+        spooled.path.unlink(missing_ok=True)
+        if spooled.lock is not None:
+            spooled.lock.close()
         raise
-    request = UploadRequest(
+    return spooled
+
+
+async def import_file(
+    service: VersionService, cloud: Cloud, path: Path, progress: fmt.Progress | None = None
+) -> tuple[fmt.Manifest, dict[str, int]]:
+    """Import an archive file in one read (the CLI's `archive import`): every member verified
+    as `verify_file` does (BLAKE3 and MD5, nothing extra or missing) while its bytes are
+    staged in a private directory and flushed to the device; only once the whole archive
+    verified are the staged blobs committed, batch by batch (`Batch`). An archive that does not
+    verify leaves nothing. Disk: up to the archive's size of staged bytes until committed."""
+    directory = await asyncio.to_thread(staging.PrivateDirectory, service.spool_dir, IMPORT_STAGING)
+    staged: list[tuple[dict[str, Any], Spooled]] = []
+
+    def read_and_stage() -> fmt.Manifest:
+        flushing = []
+        with path.open("rb") as handle:
+            reader = fmt.ArchiveReader(handle)
+            try:
+                while (member := reader.next_member(progress)) is not None:
+                    entry = member.entry  # the member hashes what it reads; check() compares it with the manifest
+                    spooled = staging.stage(directory.path, member.read, entry["md5"], digest=entry["blake3"], lock=False)
+                    member.check()
+                    staged.append((entry, spooled))
+                    flushing.append(staging.flush_soon(spooled.path))
+            finally:
+                reader.close()
+        for flush in flushing:
+            flush.result()
+        return reader.manifest
+
+    try:
+        manifest = await asyncio.to_thread(read_and_stage)
+        counts = {"imported": 0, "unchanged": 0}
+        batch = Batch(service, cloud, counts, None)
+        source = manifest.header["cloud"]
+        for index, (entry, spooled) in enumerate(staged, start=1):
+            await batch.add(index, source, entry, functools.partial(_ready, replace(spooled, synced=True)))
+        await batch.commit()
+        return manifest, counts
+    finally:
+        await asyncio.to_thread(directory.remove)
+
+
+async def _ready(spooled: Spooled) -> Spooled:
+    return spooled
+
+
+def _request(cloud: Cloud, source: str, entry: dict[str, Any]) -> UploadRequest:
+    return UploadRequest(
         cloud=cloud, resource_type=entry["resource_type"], type=entry["type"], public_id=entry["public_id"], backup=True,
         filename=entry["path"].rsplit("/", 1)[-1], tags=list(entry["tags"]) or None, context=dict(entry["context"]) or None,
         metadata=dict(entry["metadata"]) or None,
         restored_from=f"archive:{source}/{entry['asset_id']}/{entry['version_id']}",
     )
-    await service.upload(request, spooled)
-    return "imported"
 
 
 # --- the jobs -------------------------------------------------------------------------------------
@@ -260,23 +396,29 @@ async def _publish(store: BlobStore, key: str, path: Path) -> None:
 class ArchiveExport:
     """The `archive_export` job: write, then publish; a restart writes again from the start."""
 
-    def __init__(self, service: VersionService) -> None:
+    def __init__(self, service: VersionService, clock: Callable[[], float] = time.time) -> None:
         self.service = service
+        self.clock = clock
 
     async def run(self, job: Job) -> None:
         params = job.params
         selection = pitr.Selection(job.cloud, params.get("prefix") or "", params.get("at"), params.get("snapshot_id"))
-        temp = self.service.spool_dir / f"archive-{job.id}.tar.tmp"  # the same name on a rerun: no leftovers
+        temp = export_temp(self.service.spool_dir, job.id)  # the same name on a rerun: no leftovers
+        key = layout.archive_key(job.cloud, job.id)
         try:
             written = await write_archive(self.service, selection, temp, job.created_at)
-            await _publish(self.service.targets.store(None), layout.archive_key(job.cloud, job.id), temp)
+            now = self.clock()
+            expires_at = now + int(params.get("keep_days") or DEFAULT_KEEP_DAYS) * DAY
+            # The row before the file: a published archive always has its expiry.
+            await self.service.meta.register_archive_file(ArchiveFile(job.id, job.cloud, EXPORT_FILE, key, now, expires_at))
+            await _publish(self.service.targets.store(None), key, temp)
         except fmt.ArchiveInvalid as exc:
             await self._fail(job, str(exc))
             return
         finally:
             temp.unlink(missing_ok=True)
         job.progress = {
-            "key": layout.archive_key(job.cloud, job.id), "digest": written.digest, "size": written.size, "count": written.count,
+            "key": key, "digest": written.digest, "size": written.size, "count": written.count,
             "bytes": written.bytes, "skipped": written.skipped,
         }
         job.status, job.completed_at = "completed", time.time()
@@ -328,13 +470,19 @@ class ArchiveImport:
             job.status, job.error, job.completed_at = "failed", str(exc), time.time()
             if await self.service.meta.save_job(job):
                 await _audit(self.service, job, "archive_import_finish", "failed", {"error": str(exc)})
+                await self._drop_upload(job, key)
             return
         job.progress = {k: base[k] + counts[k] for k in base}
         job.status, job.completed_at = "completed", time.time()
         if await self.service.meta.save_job(job):
             await _audit(self.service, job, "archive_import_finish", "ok", job.progress)
-            with contextlib.suppress(Exception):
-                await store.delete(key)  # applied: the uploaded copy has done its work
+            await self._drop_upload(job, key)
+
+    async def _drop_upload(self, job: Job, key: str) -> None:
+        """The uploaded copy has done its work; if this fails (or a kill comes first), the
+        removal loop takes it, its job having ended."""
+        with contextlib.suppress(Exception):
+            await remove_file(self.service, ArchiveFile(job.id, job.cloud, IMPORT_FILE, key, job.created_at, None), time.time())
 
 
 async def spool_upload(service: VersionService, chunks: AsyncIterator[bytes], limit: int) -> Spooled:
@@ -363,14 +511,29 @@ def download_query(cloud: Cloud, archive_id: str, now: float) -> dict[str, str]:
     return params
 
 
-def describe(job: Job, cloud: Cloud, now: float) -> dict[str, Any]:
-    """An archive job as the API shows it; a finished export has its signed `download_url`
-    (a path on this service, valid one hour from `now`)."""
+def describe(job: Job, cloud: Cloud, now: float, record: ArchiveFile | None = None) -> dict[str, Any]:
+    """An archive job as the API shows it; a finished export has its `expires_at` and, until
+    it is removed (`removed_at`), its signed `download_url` (a path on this service, valid
+    one hour from `now`)."""
     body: dict[str, Any] = {"archive_id": job.id}
     if job.kind == EXPORT and job.status == "completed":
-        body["download_url"] = f"/v1_1/{cloud.name}/download_archive?{urlencode(download_query(cloud, job.id, now))}"
         body["digest"], body["size"] = job.progress.get("digest"), job.progress.get("size")
+        if record is not None and record.expires_at is not None:
+            body["expires_at"] = _iso(record.expires_at)
+        if record is not None and record.removed_at is not None:
+            body["removed_at"] = _iso(record.removed_at)
+        else:
+            body["download_url"] = f"/v1_1/{cloud.name}/download_archive?{urlencode(download_query(cloud, job.id, now))}"
     return body
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")  # as the API's other times
+
+
+async def described(meta: MetadataRepository, job: Job, cloud: Cloud, now: float) -> dict[str, Any]:
+    """`describe` with the archive's file record (expiry, removal) read."""
+    return describe(job, cloud, now, await meta.get_archive_file(cloud.name, job.id))
 
 
 async def published(service: VersionService, cloud: str, archive_id: str) -> tuple[Job, BlobStore, str]:
@@ -380,4 +543,7 @@ async def published(service: VersionService, cloud: str, archive_id: str) -> tup
         raise NotFound(f"Archive not found - {archive_id}")
     if job.status != "completed":
         raise NotFound(f"Archive {archive_id} is {job.status}, not ready")
+    record = await service.meta.get_archive_file(cloud, archive_id)
+    if record is not None and record.removed_at is not None:
+        raise NotFound(f"Archive {archive_id} was removed")
     return job, service.targets.store(None), str(job.progress["key"])

@@ -78,29 +78,44 @@ class Claims:
         waited for). When the body leaves normally after a commit that took the rows
         (`ticket.commit_ids()`), nothing is left to do; otherwise the rows expire at once and
         orphan collection removes whatever blob nothing references."""
-        ticket = WriteTicket(await self._begin(cloud, digest, roles))
-        try:
-            yield ticket
-        except BaseException:
-            await asyncio.shield(self._end(ticket, expire=True))
-            raise
-        await self._end(ticket, expire=not ticket.settled)
+        async with self.writing_many(cloud, [digest], roles) as tickets:
+            yield tickets[0]
 
-    async def _begin(self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]]) -> list[int]:
+    @asynccontextmanager
+    async def writing_many(
+        self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]]
+    ) -> AsyncIterator[list[WriteTicket]]:
+        """`writing` of several digests, journaled in one transaction (a batched import): one
+        ticket per digest, in order."""
+        tickets = [WriteTicket(ids) for ids in await self._begin(cloud, digests, roles)]
+        try:
+            yield tickets
+        except BaseException:
+            await asyncio.shield(self._end(tickets, expire=True))
+            raise
+        await self._end(tickets, expire=None)
+
+    async def _begin(self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]]) -> list[list[int]]:
         revision = any(role == REVISION for role, _ in roles)
         while True:
-            ids = await self.meta.begin_writes(cloud, digest, roles, self.owner, self.lease_until())
+            ids = await self.meta.begin_writes_many(cloud, digests, roles, self.owner, self.lease_until())
             now = time.time()
-            if not await self.meta.deletion_claimed(cloud, digest, now) and not (
-                revision and await self.meta.switch_claimed(cloud, now)
-            ):
+            blocked = revision and await self.meta.switch_claimed(cloud, now)
+            for digest in digests:
+                blocked = blocked or await self.meta.deletion_claimed(cloud, digest, now)
+            if not blocked:
                 return ids
-            await self.meta.end_writes(ids, expire=False)  # nothing written yet: just withdraw
+            await self.meta.end_writes([i for some in ids for i in some], expire=False)  # nothing written yet: withdraw
             await asyncio.sleep(WAIT_STEP)
 
-    async def _end(self, ticket: WriteTicket, *, expire: bool) -> None:
-        remaining = [i for i in ticket.ids if i not in ticket._handed] if ticket.committed else ticket.ids
-        await self.meta.end_writes(remaining, expire=expire)
+    async def _end(self, tickets: Sequence[WriteTicket], *, expire: bool | None) -> None:
+        """Drop (or expire) the rows no commit took; `expire=None`: as each ticket says."""
+        by_expiry: dict[bool, list[int]] = {True: [], False: []}
+        for ticket in tickets:
+            remaining = [i for i in ticket.ids if i not in ticket._handed] if ticket.committed else ticket.ids
+            by_expiry[not ticket.settled if expire is None else expire].extend(remaining)
+        for expiring, ids in by_expiry.items():
+            await self.meta.end_writes(ids, expire=expiring)
 
     # --- blob deletions ---------------------------------------------------------------------
 
@@ -109,8 +124,9 @@ class Claims:
         """Around a metadata change that drops references to these digests and the release of
         their blobs after it: journaled (role `release`, this process's lease), so a process
         that dies between the commit and the release leaves the blobs to orphan collection."""
-        ids = [i for digest in dict.fromkeys(digests) for i in await self.meta.begin_writes(
-            cloud, digest, [(RELEASE, None)], self.owner, self.lease_until())]
+        unique = list(dict.fromkeys(digests))
+        journaled = await self.meta.begin_writes_many(cloud, unique, [(RELEASE, None)], self.owner, self.lease_until()) if unique else []
+        ids = [i for some in journaled for i in some]
         async with self.released(ids):
             yield
 

@@ -127,6 +127,9 @@ class Config:
     lease_seconds: float = 30.0
     #: Seconds between two passes of orphan collection over the write journal's expired rows.
     journal_sweep_interval: float = 10.0
+    #: Days a prepared archive export stays downloadable before it is removed, unless its
+    #: request asked for another `keep_days` (docs/snapshots.md, "Removal").
+    archive_keep_days: int = 7
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -157,6 +160,7 @@ class Config:
             "workers": _env_int("VERSIONSTORE_WORKERS", cls.workers),
             "lease_seconds": _env_float("VERSIONSTORE_LEASE_SECONDS", cls.lease_seconds),
             "journal_sweep_interval": _env_float("VERSIONSTORE_JOURNAL_SWEEP_INTERVAL", cls.journal_sweep_interval),
+            "archive_keep_days": _env_int("VERSIONSTORE_ARCHIVE_KEEP_DAYS", cls.archive_keep_days),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]

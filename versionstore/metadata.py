@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from versionstore import queries
+from versionstore.archive_records import ArchiveFile
 from versionstore.console.records import AuditRecord, ConsoleSession, StaffMember
 from versionstore.drill_records import SCRATCH_MARK, AlertState, DrillScheduleRow
 from versionstore.gateway import Gateway, IntegrityError, SqliteGateway, Transaction, migrations
@@ -421,42 +422,53 @@ class MetadataStore:
         the name free. Otherwise AssetChanged, and nothing (version, queue entry) is written.
         `done_writes` are the journal rows of the blob writes this commit names: removed in the
         same transaction, which fails (WriteExpired) if orphan collection took any of them."""
-        values = _asset_row(asset)
+        return (await self.save_versions([(asset, version, pending)], done_writes=done_writes))[0]
+
+    async def save_versions(
+        self, items: Sequence[tuple[Asset, Version, bool]], *, done_writes: Sequence[int] = ()
+    ) -> list[Asset]:
+        """`save_version` of several (asset, version, pending) in one transaction (a batched
+        import: one commit, one fsync): all of them, or AssetChanged and none."""
         try:
             async with self.transaction() as db:
                 await self._finish_writes(db, done_writes)
-                if pending:
-                    await self._bump(db, REVISIONS)
-                    await db.execute(
-                        "INSERT INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?) "
-                        "ON CONFLICT (cloud, digest) DO NOTHING",
-                        (asset.cloud, version.digest, version.bytes, version.created_at, version.created_at),
-                    )
-                if asset.pk is None:
-                    del values["pk"]
-                    cursor = await db.execute(
-                        f"INSERT INTO assets ({', '.join(values)}, generation) VALUES ({', '.join('?' * len(values))}, 0) RETURNING pk",
-                        tuple(values.values()),
-                    )
-                    (pk,) = await cursor.fetchone()
-                    asset.pk, asset.generation = int(pk), 0
-                else:
-                    pk = values.pop("pk")
-                    cursor = await db.execute(
-                        f"UPDATE assets SET {', '.join(f'{k} = ?' for k in values)}, generation = generation + 1 "
-                        "WHERE pk = ? AND generation = ?",
-                        (*values.values(), pk, asset.generation),
-                    )
-                    if not cursor.rowcount:
-                        raise AssetChanged(asset.asset_id)
-                    asset.generation += 1
-                await db.execute(_VERSION_INSERT, (asset.cloud, asset.pk, *astuple(version)))
-                await _write_labels(db, asset)
+                for asset, version, pending in items:
+                    await self._append_version(db, asset, version, pending)
         except sqlite3.IntegrityError as exc:
             if not _name_taken(exc):
                 raise
-            raise AssetChanged(asset.asset_id) from None
-        return asset
+            raise AssetChanged(items[0][0].asset_id) from None
+        return [asset for asset, _, _ in items]
+
+    async def _append_version(self, db: Transaction, asset: Asset, version: Version, pending: bool) -> None:
+        values = _asset_row(asset)
+        if pending:
+            await self._bump(db, REVISIONS)
+            await db.execute(
+                "INSERT INTO backup_pending (cloud, digest, bytes, queued_at, next_attempt_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (cloud, digest) DO NOTHING",
+                (asset.cloud, version.digest, version.bytes, version.created_at, version.created_at),
+            )
+        if asset.pk is None:
+            del values["pk"]
+            cursor = await db.execute(
+                f"INSERT INTO assets ({', '.join(values)}, generation) VALUES ({', '.join('?' * len(values))}, 0) RETURNING pk",
+                tuple(values.values()),
+            )
+            (pk,) = await cursor.fetchone()
+            asset.pk, asset.generation = int(pk), 0
+        else:
+            pk = values.pop("pk")
+            cursor = await db.execute(
+                f"UPDATE assets SET {', '.join(f'{k} = ?' for k in values)}, generation = generation + 1 "
+                "WHERE pk = ? AND generation = ?",
+                (*values.values(), pk, asset.generation),
+            )
+            if not cursor.rowcount:
+                raise AssetChanged(asset.asset_id)
+            asset.generation += 1
+        await db.execute(_VERSION_INSERT, (asset.cloud, asset.pk, *astuple(version)))
+        await _write_labels(db, asset)
 
     async def update_fields(
         self, asset: Asset, *, tags: list[str] | None = None, context: dict[str, str] | None = None,
@@ -1223,18 +1235,26 @@ class MetadataStore:
         self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]], owner: str, lease_until: float
     ) -> list[int]:
         """Journal blob writes about to start, one row per (role, target); returns their ids."""
+        return (await self.begin_writes_many(cloud, [digest], roles, owner, lease_until))[0]
+
+    async def begin_writes_many(
+        self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]], owner: str, lease_until: float
+    ) -> list[list[int]]:
+        """`begin_writes` of several digests in one transaction: the ids per digest, in order."""
         now = time.time()
-        ids = []
+        ids: list[list[int]] = []
         async with self.transaction() as db:
-            for role, target in roles:
-                cursor = await db.execute(
-                    "INSERT INTO inflight_writes (cloud, digest, role, target, owner, started_at, lease_until) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                    (cloud, digest, role, target, owner, now, lease_until),
-                )
-                row = await cursor.fetchone()
-                assert row is not None
-                ids.append(int(row[0]))
+            for digest in digests:
+                ids.append([])
+                for role, target in roles:
+                    cursor = await db.execute(
+                        "INSERT INTO inflight_writes (cloud, digest, role, target, owner, started_at, lease_until) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                        (cloud, digest, role, target, owner, now, lease_until),
+                    )
+                    row = await cursor.fetchone()
+                    assert row is not None
+                    ids[-1].append(int(row[0]))
         return ids
 
     async def end_writes(self, ids: Sequence[int], *, expire: bool) -> None:
@@ -1885,6 +1905,48 @@ class MetadataStore:
                 (purge.asset_pk, purge.asset_pk),
             )
         return purge
+
+    # --- archive files and their removal (versionstore/archives.py, schema migration 16) -------
+
+    async def register_archive_file(self, record: ArchiveFile) -> None:
+        """Record a tar an archive job is about to store, before it is stored (so no file is
+        ever left without its row); a rerun's registration replaces the earlier one."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO archive_files (job_id, cloud, kind, store_key, registered_at, expires_at, removed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (job_id) DO UPDATE SET store_key = excluded.store_key, "
+                "registered_at = excluded.registered_at, expires_at = excluded.expires_at, removed_at = NULL",
+                (record.job_id, record.cloud, record.kind, record.key, record.registered_at, record.expires_at),
+            )
+
+    async def get_archive_file(self, cloud: str, job_id: str) -> ArchiveFile | None:
+        row = await self._one(f"{_ARCHIVE_FILE_SELECT} WHERE a.cloud = ? AND a.job_id = ?", (cloud, job_id))
+        return None if row is None else ArchiveFile(*row)
+
+    async def due_archive_files(self, now: float, orphaned_before: float, limit: int) -> list[ArchiveFile]:
+        """Files to remove at `now`: an export's past its `expires_at`, any file whose job
+        failed, an import's whose job completed, and one whose job never came to exist
+        (registered before `orphaned_before`: a crash between storing it and creating the job)."""
+        rows = await self._all(
+            f"{_ARCHIVE_FILE_SELECT} LEFT JOIN jobs j ON j.id = a.job_id WHERE a.removed_at IS NULL AND (a.expires_at <= ? "
+            "OR j.status = 'failed' OR (a.kind = 'import' AND j.status = 'completed') "
+            "OR (j.id IS NULL AND a.registered_at <= ?)) ORDER BY a.registered_at, a.job_id LIMIT ?",
+            (now, orphaned_before, limit),
+        )
+        return [ArchiveFile(*row) for row in rows]
+
+    async def mark_archive_removed(self, job_id: str, now: float) -> bool:
+        """Record the file's removal; False when another process (or request) recorded it first."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE archive_files SET removed_at = ? WHERE job_id = ? AND removed_at IS NULL", (now, job_id)
+            )
+            return cursor.rowcount == 1
+
+_ARCHIVE_FILE_SELECT = (
+    "SELECT a.job_id, a.cloud, a.kind, a.store_key, a.registered_at, a.expires_at, a.removed_at FROM archive_files a"
+)
+
 
 def _purge(row: Sequence[Any]) -> ScheduledPurge:
     values = list(row)

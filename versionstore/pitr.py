@@ -108,7 +108,9 @@ async def dry_run(meta: MetadataRepository, selection: Selection, limit: int = 1
     return {"counts": counts, **{name: getattr(total, name) for name in counts}}
 
 
-def _existed(row: PointInTimeRow, selection: Selection) -> bool:
+def existed_at(row: PointInTimeRow, selection: Selection) -> bool:
+    """Whether the row's asset was in the selection at its time (or snapshot): it had a version
+    then and was not deleted before it. Shared by the restore's diff and archive exports."""
     if row.at_version_id is None:
         return False
     # Deleted before T (and not uploaded again since): not there at T.
@@ -125,7 +127,7 @@ async def _diff(meta: MetadataRepository, selection: Selection, rows: list[Point
             "asset_id": row.asset_id, "resource_type": row.resource_type, "type": row.type, "public_id": row.public_id,
         }
         current = await _current(meta, selection, row)
-        if not _existed(row, selection):
+        if not existed_at(row, selection):
             if current is not None and current.live:
                 diff.did_not_exist.append({**entry, "version_id": current.version_id, "backed_up": current.backed_up})
             continue

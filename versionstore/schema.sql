@@ -467,3 +467,20 @@ CREATE TABLE alert_state (
     last_success_at REAL,
     PRIMARY KEY (cloud, operation)
 );
+
+-- migration 16
+-- Archive files in the default backup store and when each goes (docs/snapshots.md, "Removal"):
+-- an export's published tar once `expires_at` passed (archive_keep_days after it was
+-- written), an import's uploaded tar once its job has ended. The row is written before the
+-- file, so no file is ever left without one; `removed_at` is set once, by whichever process
+-- (or DELETE versionstore/archives/<id>) removed the file.
+CREATE TABLE archive_files (
+    job_id        TEXT PRIMARY KEY,
+    cloud         TEXT NOT NULL,
+    kind          TEXT NOT NULL CHECK (kind IN ('export', 'import')),
+    store_key     TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    expires_at    REAL,
+    removed_at    REAL
+);
+CREATE INDEX archive_files_kept ON archive_files (expires_at) WHERE removed_at IS NULL;

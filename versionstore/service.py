@@ -10,6 +10,7 @@ This module does not know about HTTP.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 #: several processes on one database correct.
 WRITE_ATTEMPTS = 10
 DAY = 86400.0
+#: Blobs of a batch put into the stores at once: their directory fsyncs overlap.
+PUT_CONCURRENCY = 8
 
 
 class RevisionCorrupt(Exception):
@@ -148,38 +151,9 @@ class VersionService:
             return await self._existing(existing)
         await self._check_keeps_history(request, existing)  # early: before any byte is written
         backed_up = cloud.auto_backup if request.backup is None else request.backup
-        width, height = media.dimensions(spooled.head, fmt)
-        filename = _stem(request.filename)
 
         def new_version(existing: Asset | None) -> tuple[Asset, Version]:
-            """The asset row and version row this upload commits, given the row as read."""
-            now = time.time()
-            version = Version(
-                version_id=new_hex_id(), version=self._next_version_number(existing, now), digest=spooled.digest,
-                bytes=spooled.size, format=fmt, backed_up=backed_up, restored_from=request.restored_from, created_at=now, width=width,
-                height=height, original_filename=filename or (existing.original_filename if existing else None),
-                md5=spooled.md5,
-            )
-            if existing is None:
-                asset = Asset(
-                    pk=None, cloud=cloud.name, asset_id=new_hex_id(), resource_type=resource_type, type=request.type,
-                    public_id=public_id, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size,
-                    width=width, height=height, version=version.version, version_id=version.version_id,
-                    original_filename=version.original_filename, created_at=now, uploaded_at=now, md5=spooled.md5,
-                )
-            else:
-                asset = replace(
-                    existing, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size, width=width,
-                    height=height, version=version.version, version_id=version.version_id,
-                    original_filename=version.original_filename, uploaded_at=now, deleted_at=None, md5=spooled.md5,
-                )
-            if request.tags is not None:
-                asset.tags = request.tags
-            if request.context is not None:
-                asset.context = request.context
-            if request.metadata is not None:
-                asset.metadata = request.metadata
-            return asset, version
+            return _new_rows(request, spooled, existing, resource_type, public_id, fmt, backed_up)
 
         async def commit(done_writes: list[int], pending: bool = False) -> tuple[Asset, Version, Asset | None]:
             """Build the rows from a fresh read, taken while no tags update of this asset runs
@@ -338,6 +312,91 @@ class VersionService:
         if pending:
             self.pending_added.set()
         return ("pending" if pending else "backed_up") if marked else "already"
+
+    # --- batched uploads (an archive import) ------------------------------------------------
+
+    async def upload_batch(self, items: Sequence[tuple[UploadRequest, Spooled]]) -> list[UploadResult]:
+        """Uploads into one environment, each to a distinct, given name (no `auto`), backed up
+        and overwriting, written and committed together: every blob first (journaled in one
+        transaction; the files' fsyncs run at once and all end before any store links one),
+        then one metadata transaction naming them all: one commit for the batch, not two
+        per upload. When the backup target cannot take revisions now, each goes through
+        `upload` (which queues it as pending). The spool files are consumed."""
+        if not items:
+            return []
+        try:
+            cloud = await self.meta.get_cloud(items[0][0].cloud.name)
+            if cloud is None or await self.targets.for_upload(cloud) is None:
+                return [await self.upload(request, spooled) for request, spooled in items]
+            batch = []
+            for request, spooled in items:
+                assert request.public_id and request.resource_type != "auto" and request.overwrite
+                batch.append((request, spooled, media.sniff(spooled.head, request.filename)[0]))
+            async with contextlib.AsyncExitStack() as held:
+                for name in sorted({(cloud.name, r.resource_type, r.type, r.public_id or "") for r, _, _ in batch}):
+                    await held.enter_async_context(self._names.hold(name))
+                return await self._write_and_commit_batch(cloud, batch)
+        finally:
+            for _, spooled in items:
+                spooled.path.unlink(missing_ok=True)
+
+    async def _write_and_commit_batch(self, cloud: Cloud, batch: list[tuple[UploadRequest, Spooled, str | None]]) -> list[UploadResult]:
+        files = {spooled.digest: spooled for _, spooled, _ in batch}
+        existing = [await self.meta.get_asset(cloud.name, r.resource_type, r.type, r.public_id or "") for r, _, _ in batch]
+        replacing = [e.digest for e, (_, s, _) in zip(existing, batch, strict=True) if e is not None and e.live and e.digest != s.digest]
+        roles = [(ORIGINAL, None), (REVISION, cloud.backup_target), (PENDING, None)]
+        pending: set[str] = set()
+
+        async def put(digest: str) -> None:
+            path = files[digest].path
+            await self.primary.put_file(layout.original_key(cloud.name, digest), path)
+            if not await self._put_revision(cloud.name, digest, path):
+                await self.primary.put_file(layout.pending_key(cloud.name, digest), path)
+                pending.add(digest)
+
+        async with self.claims.releasing(cloud.name, replacing):
+            try:
+                async with self.claims.writing_many(cloud.name, list(files), roles) as tickets:
+                    await asyncio.gather(*(make_durable(spooled) for spooled in files.values()))
+                    await _bounded(put, list(files), PUT_CONCURRENCY)
+                    committed = await self._commit_batch(cloud, batch, pending, [i for t in tickets for i in t.commit_ids()])
+                    for ticket in tickets:
+                        ticket.committed = True
+            except WriteExpired:
+                raise Conflict("A batch of uploads stalled past its lease; retry") from None
+            if pending:
+                self.pending_added.set()
+            for (_, _, replaced), (_, spooled, _) in zip(committed, batch, strict=True):
+                if replaced is not None and replaced.live and replaced.digest != spooled.digest:
+                    await self._release_primary(cloud.name, replaced.digest)
+        return [UploadResult(asset, version, overwritten=replaced is not None and replaced.live) for asset, version, replaced in committed]
+
+    async def _commit_batch(
+        self, cloud: Cloud, batch: list[tuple[UploadRequest, Spooled, str | None]], pending: set[str], done_writes: list[int]
+    ) -> list[tuple[Asset, Version, Asset | None]]:
+        """Every row of the batch from a fresh read, compare-and-set in one transaction (read
+        again, all of them, if another process changed one meanwhile). The blobs are written."""
+        for _attempt in range(WRITE_ATTEMPTS):
+            names = [(cloud.name, r.resource_type, r.type, r.public_id or "") for r, _, _ in batch]
+            seen = [await self.meta.get_asset(*name) for name in names]
+            keys = sorted({(cloud.name, a.asset_id if a else name) for a, name in zip(seen, names, strict=True)}, key=repr)
+            async with contextlib.AsyncExitStack() as held:
+                for key in keys:
+                    await held.enter_async_context(self._field_updates.hold(key))
+                rows = []
+                for (request, spooled, fmt), name in zip(batch, names, strict=True):
+                    current = await self.meta.get_asset(*name)
+                    await self._check_keeps_history(request, current)
+                    asset, version = _new_rows(request, spooled, current, request.resource_type, name[3], fmt, True)
+                    rows.append((asset, version, current))
+                try:
+                    await self.meta.save_versions(
+                        [(asset, version, version.digest in pending) for asset, version, _ in rows], done_writes=done_writes
+                    )
+                except AssetChanged:
+                    continue
+                return rows
+        raise Conflict("Resources of a batch kept changing during the upload; retry")
 
     # --- deletion ---------------------------------------------------------------------------
 
@@ -761,6 +820,58 @@ class VersionService:
         except BlobStoreError as exc:
             raise Unavailable(f"Backup target unavailable: {exc}") from None
         return found.public_id, version, store, layout.revision_key(cloud.name, version.digest)
+
+
+async def _bounded(work: Callable[[str], Awaitable[None]], keys: Sequence[str], limit: int) -> None:
+    """`work(key)` for every key, at most `limit` at a time; the first failure cancels the rest."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(key: str) -> None:
+        async with gate:
+            await work(key)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for key in keys:
+                group.create_task(one(key))
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+
+
+def _new_rows(
+    request: UploadRequest, spooled: Spooled, existing: Asset | None, resource_type: str, public_id: str, fmt: str | None,
+    backed_up: bool,
+) -> tuple[Asset, Version]:
+    """The asset row and version row an upload commits, given the asset's row as read."""
+    now = time.time()
+    width, height = media.dimensions(spooled.head, fmt)
+    filename = _stem(request.filename)
+    version = Version(
+        version_id=new_hex_id(), version=VersionService._next_version_number(existing, now), digest=spooled.digest,
+        bytes=spooled.size, format=fmt, backed_up=backed_up, restored_from=request.restored_from, created_at=now, width=width,
+        height=height, original_filename=filename or (existing.original_filename if existing else None),
+        md5=spooled.md5,
+    )
+    if existing is None:
+        asset = Asset(
+            pk=None, cloud=request.cloud.name, asset_id=new_hex_id(), resource_type=resource_type, type=request.type,
+            public_id=public_id, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size,
+            width=width, height=height, version=version.version, version_id=version.version_id,
+            original_filename=version.original_filename, created_at=now, uploaded_at=now, md5=spooled.md5,
+        )
+    else:
+        asset = replace(
+            existing, status="live", digest=spooled.digest, format=fmt, bytes=spooled.size, width=width,
+            height=height, version=version.version, version_id=version.version_id,
+            original_filename=version.original_filename, uploaded_at=now, deleted_at=None, md5=spooled.md5,
+        )
+    if request.tags is not None:
+        asset.tags = request.tags
+    if request.context is not None:
+        asset.context = request.context
+    if request.metadata is not None:
+        asset.metadata = request.metadata
+    return asset, version
 
 
 def _failure(reason: str, message: str) -> RestoreOutcome:

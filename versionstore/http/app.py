@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 
-from versionstore import archives, bootstrap, drills, initial_backup, logs, migration, pitr, protection, retention, verify
+from versionstore import archive_removal, archives, bootstrap, drills, initial_backup, logs, migration, pitr, protection, retention, verify
 from versionstore.alerts import Alerts
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
@@ -218,6 +218,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(retention.run_schedules(Snapshots(service, alerts), config.poll_interval), name="snapshot schedules"),
             asyncio.create_task(drills.run_schedules(service, config.poll_interval, runner.wake.set), name="drill schedules"),
             asyncio.create_task(protection.run_purges(service, config.poll_interval), name="scheduled purges"),
+            asyncio.create_task(archive_removal.run_removals(service), name="archive removals"),
         ]
         if config.verify_interval > 0:
             scheduled = verify.schedule(meta, runner.wake.set, config.verify_interval, rate_mb_s=config.verify_rate or None)
@@ -240,7 +241,7 @@ async def _describe_job(meta: MetadataRepository, job: Job) -> dict[str, Any]:
 
         return drill_body(job)
     if job.kind in archives.KINDS and (cloud := await meta.get_cloud(job.cloud)) is not None:
-        return {**render.job(job), **archives.describe(job, cloud, time.time())}  # download_url: a path on this service
+        return {**render.job(job), **await archives.described(meta, job, cloud, time.time())}  # download_url: a path here
     return render.job(job)
 
 
@@ -256,6 +257,7 @@ async def _collect_orphans(service: VersionService, config: Config) -> None:
             if settled:
                 log.info("orphan collection settled %d expired blob write(s)", settled)
             await asyncio.to_thread(remove_stale_parts, config.spool_dir)
+            await archive_removal.remove_stale_files(service)
         except Exception:
             log.exception("orphan collection failed; retrying in %s s", config.journal_sweep_interval)
         await asyncio.sleep(config.journal_sweep_interval)

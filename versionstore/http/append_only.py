@@ -91,6 +91,7 @@ POLICIES: dict[str, str] = {
     "POST versionstore/archives": ALLOW,
     "POST versionstore/archives/import": ALLOW,  # adds versions, as a restore does
     "GET versionstore/archives/{archive_id}": ALLOW,
+    "DELETE versionstore/archives/{archive_id}": REFUSE,  # removes a prepared archive
     "GET versionstore/drills": ALLOW,
     "POST versionstore/drills": ALLOW,  # restores into its own scratch environment, then removes that
     "GET versionstore/drills/{drill_id}": ALLOW,

@@ -3,6 +3,7 @@
     POST /v1_1/<cloud>/versionstore/archives            snapshot_id | at (+ prefix), notification_url -> export job
     POST /v1_1/<cloud>/versionstore/archives/import     the tar as the body -> 400 when it does not verify, else an import job
     GET  /v1_1/<cloud>/versionstore/archives/<id>       the job, with a signed one-hour download_url once exported
+    DELETE /v1_1/<cloud>/versionstore/archives/<id>     remove the archive's file now (refused with the append-only key)
     GET  /v1_1/<cloud>/download_archive                 signed (archive_id, timestamp): the tar, with Range
 """
 
@@ -13,15 +14,16 @@ from typing import Any
 
 from aiohttp import web
 
-from versionstore import archives, layout, pitr
+from versionstore import archive_removal, archives, layout, pitr
 from versionstore.archive_format import ArchiveInvalid
+from versionstore.archive_records import IMPORT_FILE, ArchiveFile
 from versionstore.errors import BadRequest, Conflict, NotFound
 from versionstore.http import render
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic, check_signed
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
-from versionstore.http.keys import JOBS, META, SERVICE
+from versionstore.http.keys import CONFIG, JOBS, META, SERVICE
 from versionstore.ids import is_hex_id, new_hex_id
 from versionstore.models import Cloud, Job
 
@@ -30,8 +32,8 @@ log = logging.getLogger(__name__)
 ARCHIVE = r"(?P<archive_id>[0-9a-f]{32})"
 
 
-def _body(request: web.Request, job: Job, cloud: Cloud) -> dict[str, Any]:
-    body = {**render.job(job), **archives.describe(job, cloud, time.time())}
+async def _body(request: web.Request, job: Job, cloud: Cloud) -> dict[str, Any]:
+    body = {**render.job(job), **await archives.described(request.app[META], job, cloud, time.time())}
     if "download_url" in body:
         body["download_url"] = str(request.url.origin()) + body["download_url"]
     return body
@@ -47,12 +49,14 @@ async def export(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     notification_url = str(params.get("notification_url") or "") or None
     if notification_url and not notification_url.startswith(("http://", "https://")):
         raise BadRequest("notification_url must be an http(s) URL")
-    job = await archives.start(request.app[SERVICE], cloud.name, archives.EXPORT, archives.selection_params(selection), notification_url)
+    keep = archive_removal.keep_days(params.get("keep_days"), request.app[CONFIG].archive_keep_days)
+    job_params = {**archives.selection_params(selection), "keep_days": keep}
+    job = await archives.start(request.app[SERVICE], cloud.name, archives.EXPORT, job_params, notification_url)
     if job is None:
         raise Conflict("An archive export of this environment is already running")
-    await record_api(request, cloud, "archive_export_start", job.id, detail=archives.selection_params(selection))
+    await record_api(request, cloud, "archive_export_start", job.id, detail=job_params)
     request.app[JOBS].wake.set()
-    return web.json_response(_body(request, job, cloud))
+    return web.json_response(await _body(request, job, cloud))
 
 
 async def import_(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -74,7 +78,10 @@ async def import_(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
             await record_api(request, cloud, "archive_import_start", None, outcome="refused", detail={"error": str(exc)})
             raise BadRequest(f"Archive refused: {exc}") from None
         job_id = new_hex_id()
-        await service.targets.store(None).put_file(layout.archive_upload_key(cloud.name, job_id), spooled.path)
+        key = layout.archive_upload_key(cloud.name, job_id)
+        # The row before the file; the file goes once the job has ended (archive_removal.remove_due).
+        await service.meta.register_archive_file(ArchiveFile(job_id, cloud.name, IMPORT_FILE, key, time.time(), None))
+        await service.targets.store(None).put_file(key, spooled.path)
     finally:
         spooled.path.unlink(missing_ok=True)
         with contextlib.suppress(Exception):
@@ -83,11 +90,11 @@ async def import_(request: web.Request, cloud: Cloud, match: dict[str, str]) -> 
               "source_cloud": manifest.header.get("cloud")}
     job = await archives.start(service, cloud.name, archives.IMPORT, params, notification_url, job_id)
     if job is None:
-        await service.targets.store(None).delete(layout.archive_upload_key(cloud.name, job_id))
+        await archive_removal.remove_file(service, ArchiveFile(job_id, cloud.name, IMPORT_FILE, key, time.time(), None), time.time())
         raise Conflict("An archive import into this environment is already running")
     await record_api(request, cloud, "archive_import_start", job.id, detail=params)
     request.app[JOBS].wake.set()
-    return web.json_response(_body(request, job, cloud))
+    return web.json_response(await _body(request, job, cloud))
 
 
 async def one(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -95,7 +102,26 @@ async def one(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.
     job = await request.app[META].get_job(cloud.name, match["archive_id"])
     if job is None or job.kind not in archives.KINDS:
         raise NotFound(f"Archive not found - {match['archive_id']}")
-    return web.json_response(_body(request, job, cloud))
+    return web.json_response(await _body(request, job, cloud))
+
+
+async def remove(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
+    """Remove an archive's file now (an export's published tar, an ended import's uploaded
+    one); the job's record stays, with `removed_at`. Refused while the job runs."""
+    check_basic(request, cloud)
+    service = request.app[SERVICE]
+    job = await service.meta.get_job(cloud.name, match["archive_id"])
+    if job is None or job.kind not in archives.KINDS:
+        raise NotFound(f"Archive not found - {match['archive_id']}")
+    if job.open:
+        raise Conflict(f"Archive {job.id} is {job.status}: wait for its job to end")
+    found = await service.meta.get_archive_file(cloud.name, job.id)
+    record = archive_removal.file_of(job, found)
+    if found is None and record is not None:
+        await service.meta.register_archive_file(record)  # an export from before archive files were recorded
+    if record is not None and record.removed_at is None and await archive_removal.remove_file(service, record, time.time()):
+        await record_api(request, cloud, "archive_remove", job.id, detail={"kind": record.kind, "key": record.key})
+    return web.json_response(await _body(request, job, cloud))
 
 
 async def download(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.StreamResponse:
@@ -127,4 +153,5 @@ ROUTES = [
     ("POST", r"versionstore/archives/import", import_),
     ("POST", r"versionstore/archives", export),
     ("GET", rf"versionstore/archives/{ARCHIVE}", one),
+    ("DELETE", rf"versionstore/archives/{ARCHIVE}", remove),
 ]

@@ -1,0 +1,115 @@
+"""Archive removal (docs/snapshots.md, "Removal"): a prepared archive expires `keep_days` after
+it was written, an import's uploaded tar goes once its job has ended, and what a killed export
+or CLI import left in the spool goes once its job or process is gone. Every file is recorded
+(`archive_files`) before it is stored; removal deletes the file first and then records it with a
+compare-and-set, so several processes may run it at once and exactly one audits each removal.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from versionstore import staging
+from versionstore.archive_records import EXPORT, EXPORT_FILE, IMPORT_STAGING, ArchiveFile
+from versionstore.console.audit import AuditLog
+from versionstore.errors import BadRequest
+from versionstore.models import Job
+from versionstore.service import VersionService
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+#: Days a prepared archive stays downloadable unless its export asked otherwise (`keep_days`).
+DEFAULT_KEEP_DAYS = 7
+MAX_KEEP_DAYS = 3650
+#: An import's stored tar whose job never came to exist this long after (a crash between
+#: storing it and creating the job) is removed.
+ORPHAN_AGE = DAY
+REMOVE_BATCH = 100
+REMOVAL_INTERVAL = 60.0
+REMOVAL_ACTOR = "job:archive_removal"
+
+
+def keep_days(value: object, default: int) -> int:
+    """The `keep_days` of an export: a whole number of days from 1 to MAX_KEEP_DAYS."""
+    if value is None or value == "":
+        return default
+    try:
+        days = int(str(value))
+    except ValueError:
+        days = 0
+    if not 1 <= days <= MAX_KEEP_DAYS:
+        raise BadRequest(f"keep_days must be a whole number of days from 1 to {MAX_KEEP_DAYS}")
+    return days
+
+
+def file_of(job: Job, record: ArchiveFile | None) -> ArchiveFile | None:
+    """The file an ended archive job keeps: its record, or for an export written before
+    archive files were recorded, one made from the job (its `key`)."""
+    if record is None and job.kind == EXPORT and job.status == "completed":
+        return ArchiveFile(job.id, job.cloud, EXPORT_FILE, str(job.progress["key"]), job.completed_at or job.created_at, None)
+    return record
+
+
+async def remove_file(service: VersionService, record: ArchiveFile, now: float) -> bool:
+    """Delete an archive's file (a missing one is no error), then record that; True for the one
+    caller, in any process, that recorded it (and so audits it)."""
+    await service.targets.store(None).delete(record.key)
+    return await service.meta.mark_archive_removed(record.job_id, now)
+
+
+async def remove_due(service: VersionService, now: float) -> int:
+    """Remove every archive file due at `now` (expired exports, tars of ended imports); safe
+    in several processes at once. Returns how many this call removed."""
+    audit = AuditLog(service.meta)
+    removed = 0
+    while True:
+        due = await service.meta.due_archive_files(now, now - ORPHAN_AGE, REMOVE_BATCH)
+        for record in due:
+            if await remove_file(service, record, now):
+                reason = "expired" if record.expires_at is not None and record.expires_at <= now else "job_ended"
+                await audit.record(REMOVAL_ACTOR, "archive_removed", cloud=record.cloud, target=record.job_id,
+                                   detail={"kind": record.kind, "key": record.key, "reason": reason})
+                removed += 1
+        if len(due) < REMOVE_BATCH:
+            return removed
+
+
+async def run_removals(service: VersionService, interval: float = REMOVAL_INTERVAL, clock: Callable[[], float] = time.time) -> None:
+    """The server's loop around `remove_due` (at start, then every `interval` seconds: an
+    expiry is counted in days); runs until cancelled."""
+    while True:
+        try:
+            await remove_due(service, clock())
+        except Exception:
+            log.exception("removing archive files failed; trying again at the next tick")
+        await asyncio.sleep(interval)
+
+
+# --- what a kill leaves in the spool ------------------------------------------------------------
+
+
+def export_temp(spool_dir: Path, job_id: str) -> Path:
+    """Where the export job writes its archive before publishing it (and, beside it, the
+    spooled manifest `<temp>.manifest`)."""
+    return spool_dir / f"archive-{job_id}.tar.tmp"
+
+
+async def remove_stale_files(service: VersionService) -> int:
+    """Remove what a killed archive job or import left in the spool: an import's staging
+    directory whose process is gone (`import_file`), and export temp files (and their spooled
+    manifests) whose job is no longer open (it failed or finished elsewhere since). An open
+    job's file is left to it: its run, or its rerun after a kill, writes the same name again
+    and removes it. Listed before the open jobs are read, so a file of a job that starts
+    meanwhile is kept."""
+    removed = await asyncio.to_thread(staging.remove_stale, service.spool_dir, IMPORT_STAGING)
+    found = await asyncio.to_thread(lambda: list(service.spool_dir.glob("archive-*.tar.tmp*")))
+    if not found:
+        return removed
+    open_ids = {job.id for job in await service.meta.open_jobs(kind=EXPORT)}
+    stale = [p for p in found if p.name.removeprefix("archive-").split(".", 1)[0] not in open_ids]
+    for path in stale:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+    return removed + len(stale)
