@@ -537,7 +537,7 @@ async def at_scale(pg: PostgresServer | None, tmp: Path, args: argparse.Namespac
     """Part 2 on a new database of `args.assets` generated assets, or (`--database-url`) on one
     a previous `--keep` run left, as it is. With --keep the new database is not dropped."""
     from versionstore.metadata import MetadataStore
-    from versionstore.pg import PgGateway
+    from versionstore.pg import SERVER_SETTINGS, PgGateway
 
     name = None
     if args.database_url:
@@ -548,7 +548,7 @@ async def at_scale(pg: PostgresServer | None, tmp: Path, args: argparse.Namespac
         url = pg.url(name)
     gate = Recording(await PgGateway.open(url))
     meta = MetadataStore(gate)
-    conn = await asyncpg.connect(url)
+    conn = await asyncpg.connect(url, server_settings=SERVER_SETTINGS)  # EXPLAIN plans as the service's connections do
     try:
         report: dict[str, Any] = {"assets": args.assets, "queries": {}}
         if name is not None:
