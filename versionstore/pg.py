@@ -65,10 +65,11 @@ def _count(status: str) -> int:
 
 async def small_reads(conn: asyncpg.Connection) -> asyncpg.Connection:
     """`conn`, reading its socket at most READ_SIZE bytes at a time. asyncio's selector
-    transport asks for 256 KiB per read: above glibc's mmap threshold, so each read of a reply
-    (a few hundred bytes on the read path) mapped a fresh buffer, faulted it in and unmapped
-    it: about 40 µs of CPU per round trip, a third of a point read's client cost (measured in
-    docs/scale-out.md). 64 KiB comes from the heap; a large result takes a few more reads.
+    transport asks for 256 KiB per read: above glibc's mmap threshold (until the process frees
+    a larger mapped block), so each read of a reply (a few hundred bytes on the read path)
+    mapped a fresh buffer, resized it and unmapped it: three system calls, about 40 µs of CPU
+    per round trip, a third of a point read's client cost (measured in docs/scale-out.md).
+    64 KiB comes from the heap; a large result takes a few more reads.
     Transports without the setting (uvloop's, which reads into its own buffer) are left alone."""
     transport: Any = getattr(conn, "_transport", None)
     if isinstance(getattr(transport, "max_size", None), int):
