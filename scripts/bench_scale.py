@@ -16,7 +16,13 @@ with generate_series, in the shape the service writes (bench_library_size.py's l
 versions each, 5% deleted, 0-2 tags of 1,000 plus `xyz` on 0.5%, a context entry on half,
 folders of 100; the side tables and every index of schema.sql). Then the hot reads, called
 through MetadataStore as the service calls them: p50 of each, and EXPLAIN ANALYZE of the exact
-statements they sent; the table and index bytes per asset, projected to 100M assets.
+statements they sent; the table and index bytes per asset, projected to 100M assets; then the
+p50 of `versions=true` and of `search status=deleted` (following next_cursor) over HTTP, one
+request at a time, against a `versionstore serve` on the generated database. The cluster runs
+with wal_level=minimal, so the load (one transaction) skips the WAL. `--nice` runs it under
+`nice -n 19 ionice -c3` on a machine others use; `--keep` leaves the cluster and the database
+(the URL and the stop command are printed) and `--database-url URL` measures that database
+again without generating it.
 
 Part 3, workers (`--workers-compare`): `serve --workers 2` vs 1 on SQLite (`--workers-pg`:
 on PostgreSQL too): the read path, and 8 concurrent 64 MiB uploads (`--uploads`,
@@ -28,7 +34,8 @@ unless --allow-load. Needs initdb/pg_ctl (PATH or /usr/lib/postgresql/*/bin).
 
     .venv/bin/python scripts/bench_scale.py --quick --allow-load              # a smoke run
     .venv/bin/python scripts/bench_scale.py --skip-scale --baseline /tmp/base # part 1, before/after
-    .venv/bin/python scripts/bench_scale.py --skip-read-path --assets 10000000
+    .venv/bin/python scripts/bench_scale.py --skip-read-path --assets 10000000 --shared-buffers 2GB --keep
+    .venv/bin/python scripts/bench_scale.py --skip-read-path --assets 10000000 --database-url postgresql://...
     .venv/bin/python scripts/bench_scale.py --skip-read-path --skip-scale --workers-compare
 """
 
@@ -62,6 +69,7 @@ from benchlib import (  # noqa: E402
     check_load,
     curl_json,
     download_backup_url,
+    interrupt_on_sigterm,
     watch_load,
     write_random_file,
 )
@@ -79,7 +87,7 @@ end
 
 
 def log(message: str) -> None:
-    print(message, flush=True)
+    print(f"{time.strftime('%H:%M:%S', time.gmtime())} {message}", flush=True)
 
 
 # --- servers ----------------------------------------------------------------------------------
@@ -88,8 +96,10 @@ def log(message: str) -> None:
 class Serve:
     """`versionstore serve` from the code at `root`, on its own data directory and database."""
 
-    def __init__(self, tmp: Path, name: str, metadata_url: str | None, *, root: Path = ROOT, workers: int = 1) -> None:
+    def __init__(self, tmp: Path, name: str, metadata_url: str | None, *, root: Path = ROOT, workers: int = 1,
+                 create_cloud: bool = True) -> None:
         self.name = name
+        self.create_cloud = create_cloud
         self.data = tmp / name.replace(" ", "_")
         self.env = {**os.environ, "PYTHONPATH": str(root), "VERSIONSTORE_VERIFY_INTERVAL": "0"}
         if metadata_url:
@@ -101,8 +111,9 @@ class Serve:
 
     def start(self) -> None:
         cli = [sys.executable, "-m", "versionstore"]
-        subprocess.run([*cli, "cloud", "create", CLOUD, "--api-key", KEY, "--api-secret", SECRET, "--data-dir", str(self.data)],
-                       env=self.env, check=True, capture_output=True)
+        if self.create_cloud:
+            subprocess.run([*cli, "cloud", "create", CLOUD, "--api-key", KEY, "--api-secret", SECRET, "--data-dir", str(self.data)],
+                           env=self.env, check=True, capture_output=True)
         self.proc = subprocess.Popen([*cli, "serve", "--data-dir", str(self.data), "--port", str(self.port),
                                       "--workers", str(self.workers)],
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -243,7 +254,7 @@ async def read_rounds(
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for run in range(args.runs):
         for case_name, case in cases.items():
-            for s in servers:
+            for s in servers if run % 2 == 0 else servers[::-1]:  # whichever runs first tends to look costlier
                 url, headers = case(s)
                 server, database = s.cpu(pg)
                 figures = await hammer(url, args.seconds, args.concurrency, headers)
@@ -399,8 +410,23 @@ LIBRARY_TABLES = ["assets", "versions", "asset_tags", "asset_context"]
 
 async def generate(conn: asyncpg.Connection, n: int) -> dict[str, float]:
     """The library, loaded with its secondary indexes and unique constraints dropped and then
-    re-created from their own definitions (the end state is schema.sql's); seconds per step."""
+    re-created from their own definitions (the end state is schema.sql's); seconds per step.
+    One transaction that starts by truncating the tables: on a cluster with wal_level=minimal
+    (main() starts it so) the rows and the index builds then skip the WAL."""
     steps: dict[str, float] = {}
+    async with conn.transaction():
+        await _load(conn, n, steps)
+    await conn.execute("SET session_replication_role = DEFAULT")
+    started = time.perf_counter()
+    for table in LIBRARY_TABLES:
+        log(f"   vacuum analyze {table}")
+        await conn.execute(f"VACUUM (ANALYZE) {table}")  # what autovacuum does to a settled table
+    steps["vacuum analyze"] = time.perf_counter() - started
+    return steps
+
+
+async def _load(conn: asyncpg.Connection, n: int, steps: dict[str, float]) -> None:
+    await conn.execute(f"TRUNCATE {', '.join(LIBRARY_TABLES)} CASCADE")
     indexes = await conn.fetch(
         "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
         "WHERE c.relname = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
@@ -420,22 +446,20 @@ async def generate(conn: asyncpg.Connection, n: int) -> dict[str, float]:
     for name, _ in indexes:
         await conn.execute(f"DROP INDEX {name}")
     for statement in GENERATE:
+        table = statement.split("INSERT INTO ", 1)[-1].split()[0] if "INSERT INTO" in statement else "setval"
+        log(f"   {table}: loading")
         started = time.perf_counter()
         await conn.execute(statement.replace("{n}", str(n)))
-        table = statement.split("INSERT INTO ", 1)[-1].split()[0] if "INSERT INTO" in statement else "setval"
         steps[table] = time.perf_counter() - started
+        log(f"   {table}: {steps[table]:.0f} s")
     started = time.perf_counter()
     for table, name, definition in constraints:
+        log(f"   constraint {name}")
         await conn.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
-    for _, definition in indexes:
+    for name, definition in indexes:
+        log(f"   index {name}")
         await conn.execute(definition)
     steps["indexes"] = time.perf_counter() - started
-    await conn.execute("SET session_replication_role = DEFAULT")
-    started = time.perf_counter()
-    for table in LIBRARY_TABLES:
-        await conn.execute(f"VACUUM (ANALYZE) {table}")  # what autovacuum does to a settled table
-    steps["vacuum analyze"] = time.perf_counter() - started
-    return steps
 
 
 class Recording:
@@ -468,26 +492,38 @@ def hot_reads(n: int) -> dict[str, Callable[[Any, int], Awaitable[Any]]]:
     def asset(i: int) -> int:
         return (i * 7919) % n + 1
 
-    def search(expression: str | Callable[[int], str], sort_by: object = None) -> Callable[[Any, int], Awaitable[Any]]:
+    def created(g: int) -> float:
+        return 1668384000 + 31536000.0 * g / n
+
+    def search(expression: str | Callable[[int], str], sort_by: object = None,
+               after: Callable[[int], tuple[Any, ...]] | None = None) -> Callable[[Any, int], Awaitable[Any]]:
         async def call(meta: Any, i: int) -> Any:  # a search request: its page, then its count
             query = queries.search_query(expression(i) if callable(expression) else expression, sort_by, 50)
-            found = await meta.find_assets("scale", query.page(51, None))
+            found = await meta.find_assets("scale", query.page(51, after(i) if after else None))
             return found, await meta.count_assets("scale", query, queries.COUNT_CEILING + 1)
 
         return call
 
+    def deleted_in_the_middle(i: int) -> tuple[Any, ...]:  # a deleted asset's (created_at, pk): a deep next_cursor
+        g = middle - middle % 20 + 7 - 20 * i
+        return created(g), g
+
     middle = n // 2
     deep = queries.listing_query("image", "upload", [], None, 500, by_public_id=False)
     return {
-        "versions of an asset (versions=true)": lambda meta, i: meta.versions(asset(i)),
+        "versions=true's read (the asset with its versions key)": lambda meta, i: meta.get_asset_keyed(
+            "scale", "image", "upload", f"f{asset(i) // 100}/a{asset(i)}"),
+        "versions of an asset (a versions=true cache miss)": lambda meta, i: meta.versions(asset(i)),
         "asset by name": lambda meta, i: meta.get_asset("scale", "image", "upload", f"f{asset(i) // 100}/a{asset(i)}"),
         "download_backup's read": lambda meta, i: meta.downloadable(
             "scale", _md5(f"a{asset(i)}"), _md5(f"v{asset(i)}:{asset(i) % 3}")),
         "search status=deleted, newest first": search("status=deleted", [{"created_at": "desc"}]),
+        "search status=deleted, newest first, a deep keyset page": search(
+            "status=deleted", [{"created_at": "desc"}], deleted_in_the_middle),
         "search tags=xyz": search("tags=xyz"),
         "search public_id prefix (a folder)": search(lambda i: f"public_id=f{asset(i) // 100}/*"),
         "listing, deep keyset page of 500": lambda meta, i: meta.find_assets(
-            "scale", deep.page(501, (1668384000 + 31536000.0 * (middle + i) / n, middle + i))),
+            "scale", deep.page(501, (created(middle + i), middle + i))),
     }
 
 
@@ -497,59 +533,133 @@ def _md5(text: str) -> str:
     return hashlib.md5(text.encode()).hexdigest()
 
 
-async def at_scale(pg: PostgresServer, args: argparse.Namespace) -> dict[str, Any]:
-    from versionstore.dialect import placeholders
+async def at_scale(pg: PostgresServer | None, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Part 2 on a new database of `args.assets` generated assets, or (`--database-url`) on one
+    a previous `--keep` run left, as it is. With --keep the new database is not dropped."""
     from versionstore.metadata import MetadataStore
-    from versionstore.pg import PgGateway
+    from versionstore.pg import SERVER_SETTINGS, PgGateway
 
-    name = pg.new_database(migrated=False)
-    url = pg.url(name)
+    name = None
+    if args.database_url:
+        url = args.database_url
+    else:
+        assert pg is not None
+        name = pg.new_database(migrated=False)
+        url = pg.url(name)
     gate = Recording(await PgGateway.open(url))
     meta = MetadataStore(gate)
-    conn = await asyncpg.connect(url)
+    conn = await asyncpg.connect(url, server_settings=SERVER_SETTINGS)  # EXPLAIN plans as the service's connections do
     try:
-        started = time.perf_counter()
-        steps = await generate(conn, args.assets)
-        total = time.perf_counter() - started
-        log(f"generated {args.assets:,} assets in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in steps.items())})")
+        report: dict[str, Any] = {"assets": args.assets, "queries": {}}
+        if name is not None:
+            log(f"generating {args.assets:,} assets in {url}")
+            started = time.perf_counter()
+            steps = await generate(conn, args.assets)
+            report["generate_seconds"] = total = time.perf_counter() - started
+            report["steps"] = steps
+            log(f"generated {args.assets:,} assets in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in steps.items())})")
         await check_library(meta, conn)
-        report: dict[str, Any] = {"assets": args.assets, "generate_seconds": total, "steps": steps, "queries": {}}
         for label, read in hot_reads(args.assets).items():
-            for i in range(20):  # warm: the connection's prepared statements, the pages touched
-                await read(meta, i)
-            times, calls = [], []
-            for i in range(args.samples):
-                gate.seen.clear()
-                t = time.perf_counter()
-                await read(meta, i)
-                times.append((time.perf_counter() - t) * 1000)
-                calls.append(list(gate.seen))
-            # The database's own time per call (its statements' Execution Time), which the
-            # client-side figure adds scheduling to on a busy machine.
-            executed = []
-            for call in calls[:: max(1, len(calls) // 40)]:
-                total = 0.0
-                for sql, sql_args in call:
-                    plan = await conn.fetch("EXPLAIN (ANALYZE, TIMING OFF) " + placeholders(sql), *sql_args)
-                    total += next(float(r[0].split()[2]) for r in plan if r[0].startswith("Execution Time"))
-                executed.append(total)
-            plans = []
-            for sql, sql_args in gate.seen:
-                plans.append([r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + placeholders(sql), *sql_args)])
-            p50 = statistics.median(times)
-            report["queries"][label] = {"p50_ms": p50, "p99_ms": sorted(times)[int(len(times) * 0.99)],
-                                        "executed_p50_ms": statistics.median(executed),
-                                        "statements": [sql for sql, _ in gate.seen], "plans": plans}
-            log(f"{label}: p50 {p50:.3f} ms, p99 {report['queries'][label]['p99_ms']:.3f} ms through MetadataStore "
-                f"({len(gate.seen)} statement(s)); in the database p50 {statistics.median(executed):.3f} ms")
-            for (sql, _), plan in zip(gate.seen, plans, strict=True):
-                log(f"    {sql}\n      " + "\n      ".join(plan))
+            report["queries"][label] = await measure_read(label, read, meta, gate, conn, args.samples)
         report["sizes"] = await sizes(conn, args.assets)
+        if args.http_samples:
+            report["http"] = await over_http(tmp, url, args.assets, args.http_samples)
         return report
     finally:
         await conn.close()
         await meta.close()
-        pg.drop_database(name)
+        if name is not None:
+            if args.keep:
+                log(f"kept the database: {url}")
+            else:
+                assert pg is not None
+                pg.drop_database(name)
+
+
+async def measure_read(label: str, read: Callable[[Any, int], Awaitable[Any]], meta: Any, gate: Recording,
+                       conn: asyncpg.Connection, samples: int) -> dict[str, Any]:
+    """p50/p99 of `read` through MetadataStore, the database's own execution time of the
+    statements it sent, and their plans (EXPLAIN ANALYZE, BUFFERS) for the last call."""
+    from versionstore.dialect import placeholders
+
+    for i in range(20):  # warm: the connection's prepared statements, the pages touched
+        await read(meta, i)
+    times, calls = [], []
+    for i in range(samples):
+        gate.seen.clear()
+        t = time.perf_counter()
+        await read(meta, i)
+        times.append((time.perf_counter() - t) * 1000)
+        calls.append(list(gate.seen))
+    # The database's own time per call (its statements' Execution Time), which the
+    # client-side figure adds scheduling to on a busy machine.
+    executed = []
+    for call in calls[:: max(1, len(calls) // 40)]:
+        total = 0.0
+        for sql, sql_args in call:
+            plan = await conn.fetch("EXPLAIN (ANALYZE, TIMING OFF) " + placeholders(sql), *sql_args)
+            total += next(float(r[0].split()[2]) for r in plan if r[0].startswith("Execution Time"))
+        executed.append(total)
+    plans = []
+    for sql, sql_args in gate.seen:
+        plans.append([r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + placeholders(sql), *sql_args)])
+    p50 = statistics.median(times)
+    result = {"p50_ms": p50, "p99_ms": sorted(times)[int(len(times) * 0.99)], "executed_p50_ms": statistics.median(executed),
+              "statements": [sql for sql, _ in gate.seen], "plans": plans}
+    log(f"{label}: p50 {p50:.3f} ms, p99 {result['p99_ms']:.3f} ms through MetadataStore "
+        f"({len(gate.seen)} statement(s)); in the database p50 {statistics.median(executed):.3f} ms")
+    for (sql, _), plan in zip(gate.seen, plans, strict=True):
+        log(f"    {sql}\n      " + "\n      ".join(plan))
+    return result
+
+
+async def over_http(tmp: Path, url: str, n: int, samples: int) -> dict[str, Any]:
+    """p50 of `versions=true` and of `search status=deleted` (newest first, each page the next
+    keyset page of the one before: `next_cursor`) over HTTP, one request at a time, against a
+    `versionstore serve` on the generated database (the `scale` environment GENERATE made)."""
+    serve = Serve(tmp, "serve at scale", url, create_cloud=False)
+    serve.start()
+    auth = "Basic " + base64.b64encode(b"scalekey:s").decode()
+    api = f"{serve.base}/v1_1/scale"
+    results: dict[str, Any] = {}
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": auth}) as session:
+
+            async def versions(i: int) -> None:
+                g = (i * 7919) % n + 1
+                g += g % 20 == 7  # a live asset (every 20th, from the 7th, is deleted)
+                async with session.get(f"{api}/resources/image/upload/f{g // 100}/a{g}?versions=true") as resp:
+                    body = await resp.json()
+                    assert resp.status == 200 and len(body["versions"]) == 1 + g % 3, (resp.status, body)
+
+            cursor: list[str | None] = [None]
+
+            async def search(i: int) -> None:
+                query: dict[str, Any] = {"expression": "status=deleted", "sort_by": [{"created_at": "desc"}], "max_results": 50}
+                if cursor[0]:
+                    query["next_cursor"] = cursor[0]
+                async with session.post(f"{api}/resources/search", json=query) as resp:
+                    body = await resp.json()
+                    assert resp.status == 200 and body["resources"], (resp.status, body)
+                cursor[0] = body.get("next_cursor")  # after the last page: the first again
+
+            for label, call in (("versions=true", versions), ("search status=deleted, next keyset page", search)):
+                for i in range(20):
+                    await call(i)
+                times = []
+                cpu = serve.cpu(None)[0]
+                for i in range(samples):
+                    t = time.perf_counter()
+                    await call(20 + i)
+                    times.append((time.perf_counter() - t) * 1000)
+                cpu_ms = (serve.cpu(None)[0] - cpu) / samples * 1000  # less load-sensitive than the wall clock
+                results[label] = {"p50_ms": statistics.median(times), "p99_ms": sorted(times)[int(len(times) * 0.99)],
+                                  "serve_cpu_ms": cpu_ms}
+                log(f"over HTTP, {label}: p50 {results[label]['p50_ms']:.2f} ms, p99 {results[label]['p99_ms']:.2f} ms "
+                    f"({samples} requests one at a time; serve's CPU {cpu_ms:.2f} ms per request)")
+    finally:
+        serve.stop()
+    return results
 
 
 async def check_library(meta: Any, conn: asyncpg.Connection) -> None:
@@ -607,6 +717,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--upload-mib", type=int, help="part 3: MiB per upload (default 64; --quick 16)")
     parser.add_argument("--upload-timeout", type=float, default=600)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--nice", action="store_true",
+                        help="start PostgreSQL under `nice -n 19 ionice -c3` (a long part 2 on a machine others use)")
+    parser.add_argument("--shared-buffers", default="32MB", help="PostgreSQL's shared_buffers (default: the tests' 32MB)")
+    parser.add_argument("--keep", action="store_true",
+                        help="part 2: keep the generated database and leave the cluster running (its URL and how to stop it "
+                             "are printed), for --database-url")
+    parser.add_argument("--database-url", help="part 2 on this database (a --keep run's, generated with the same --assets): "
+                                               "no generation; the cluster is not started unless part 1 or 3 runs")
+    parser.add_argument("--http-samples", type=int, default=200,
+                        help="part 2: requests per read over HTTP to a serve on the generated database (0: none)")
     add_load_option(parser)
     args = parser.parse_args()
     args.assets = args.assets or (200_000 if args.quick else 10_000_000)
@@ -618,14 +738,24 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    interrupt_on_sigterm()  # `timeout` ends a run as Ctrl-C does: servers stopped, cluster too unless --keep
     watch_load()
-    pg = PostgresServer()
+    # wal_level=minimal: the generation's rows and index builds skip the WAL (see generate()).
+    options = (f"-c shared_buffers={args.shared_buffers} -c wal_level=minimal -c max_wal_senders=0 "
+               "-c max_wal_size=8GB -c checkpoint_timeout=1h")
+    needs_cluster = not args.skip_read_path or args.workers_compare or (not args.skip_scale and not args.database_url)
+    pg = PostgresServer(options=options, launcher=["nice", "-n", "19", "ionice", "-c3"] if args.nice else [])
+    if not needs_cluster:
+        shutil.rmtree(pg.root, ignore_errors=True)  # made by the constructor, never started
     results: dict[str, Any] = {}
     ratios: list[str] = []
+    keep = False
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp_dir:
         tmp = Path(tmp_dir)
         try:
-            pg.start()
+            if needs_cluster:
+                pg.start()
+                log(f"PostgreSQL cluster in {pg.data}, port {pg.port}")
             hammer = hammer_for(args, tmp)
             if not args.skip_read_path:
                 results["read_path"], lines = asyncio.run(read_path(tmp, pg, args, hammer))
@@ -634,9 +764,17 @@ def main() -> int:
                 results["workers"], lines = asyncio.run(workers_compare(tmp, pg, args, hammer))
                 ratios += lines
             if not args.skip_scale:
-                results["at_scale"] = asyncio.run(at_scale(pg, args))
+                keep = args.keep and not args.database_url
+                results["at_scale"] = asyncio.run(at_scale(pg if needs_cluster else None, tmp, args))
+        except KeyboardInterrupt:
+            log("interrupted")
+            raise
         finally:
-            pg.stop()
+            if keep:
+                log(f"kept the cluster; stop it with: {' '.join(pg._run_as)} {pg.bin / 'pg_ctl'} -D {pg.data} -m fast stop "
+                    f"&& rm -rf {pg.root}")
+            elif needs_cluster:
+                pg.stop()
     ok = check_load(args.allow_load)
     if ok:
         for line in ratios:

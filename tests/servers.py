@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 READY_TIMEOUT = 30.0
@@ -192,7 +193,11 @@ class PostgresServer:
     user = "vs"
     template = "vs_template"
 
-    def __init__(self) -> None:
+    def __init__(self, *, options: str = "", launcher: Sequence[str] = ()) -> None:
+        """`options`: more `-c name=value` settings for the server; `launcher`: a command prefix
+        for `pg_ctl start` (e.g. `nice -n 19 ionice -c3`: the server's processes inherit it)."""
+        self.options = options
+        self.launcher = list(launcher)
         self.bin = postgres_bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="vs-pg-"))
         self.data = self.root / "data"
@@ -208,20 +213,20 @@ class PostgresServer:
             shutil.chown(self.root, owner, owner)
         self.root.chmod(0o755)
 
-    def _tool(self, name: str, *args: str) -> None:
-        result = subprocess.run([*self._run_as, str(self.bin / name), *args], capture_output=True, text=True, timeout=120)
+    def _tool(self, name: str, *args: str, launcher: Sequence[str] = ()) -> None:
+        result = subprocess.run([*launcher, *self._run_as, str(self.bin / name), *args], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise AssertionError(f"{name} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}\n{self.log_tail()}")
 
     def start(self) -> None:
         self._tool("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "--no-locale", "-E", "UTF8", "--no-sync")
         options = (f"-h 127.0.0.1 -k {self.root} -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                   "-c max_connections=200 -c shared_buffers=32MB")
+                   f"-c max_connections=200 -c shared_buffers=32MB {self.options}")
         for _attempt in range(3):
             self.port = free_port()
             try:
                 self._tool("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60",
-                           "-o", f"{options} -p {self.port}", "start")
+                           "-o", f"{options} -p {self.port}", "start", launcher=self.launcher)
                 break
             except AssertionError:
                 if _attempt == 2:

@@ -18,6 +18,7 @@ from versionstore.config import Config
 from versionstore.http.app import create_app
 from versionstore.http.keys import META
 from versionstore.metadata import MetadataStore
+from versionstore.pg import PgGateway
 
 
 class Statements:
@@ -145,3 +146,45 @@ async def test_point_reads_survive_a_read_cut_short_and_a_refused_statement(post
         assert answers == [(n,) for n in range(40)]
     finally:
         await asyncio.wait_for(meta.close(), 5)
+
+
+#: glibc's default mmap threshold: a read buffer this large or larger is mapped afresh.
+MMAP_THRESHOLD = 128 * 1024
+
+
+@pytest.mark.skipif("postgresql" not in METADATA_BACKENDS, reason="VERSIONSTORE_TEST_METADATA=sqlite")
+async def test_every_database_connection_reads_its_replies_into_reused_memory(postgres_url: str) -> None:
+    """asyncio reads a socket 256 KiB at a time: above glibc's mmap threshold, so a new
+    process mapped, resized and unmapped a buffer for every reply (three system calls, about
+    40 µs of CPU per round trip under strace's count and process_time; a third of a point
+    read's client cost). The connections of point reads, scans and transactions read less
+    than the threshold at a time."""
+    gate = await PgGateway.open(postgres_url)
+    try:
+        await asyncio.gather(*(gate.one("SELECT ?::bigint", (n,)) for n in range(8)))
+        await gate.scan("SELECT generate_series(1, ?)", (3,))
+        async with gate.transaction() as db:
+            await db.execute("SELECT 1")
+        connections = [*gate._reads._open, *(h._con for h in gate._pool._holders if h._con is not None)]
+        assert len(connections) >= 2
+        for conn in connections:
+            assert conn._transport.max_size < MMAP_THRESHOLD
+    finally:
+        await asyncio.wait_for(gate.close(), 5)
+
+
+@pytest.mark.skipif("postgresql" not in METADATA_BACKENDS, reason="VERSIONSTORE_TEST_METADATA=sqlite")
+async def test_every_database_connection_keeps_bounded_reads_in_one_process(postgres_url: str) -> None:
+    """At 10M assets PostgreSQL's default parallel_setup_cost (1000) let the planner start two
+    worker processes for the count of `tags=xyz` (1,001 index probes): 56-86 ms against 14-30
+    ms in one process (docs/scale-out.md). Every connection raises it, so a read bounded by a
+    LIMIT stays in one process while a whole-library aggregate may still use workers."""
+    gate = await PgGateway.open(postgres_url)
+    try:
+        seen = [*await asyncio.gather(*(gate.one("SELECT current_setting('parallel_setup_cost')") for _ in range(8)))]
+        seen += await gate.scan("SELECT current_setting('parallel_setup_cost')")
+        async with gate.transaction() as db:
+            seen.append(await (await db.execute("SELECT current_setting('parallel_setup_cost')")).fetchone())
+        assert {row[0] for row in seen} == {"10000"}
+    finally:
+        await asyncio.wait_for(gate.close(), 5)

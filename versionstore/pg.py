@@ -37,6 +37,14 @@ MIGRATION_LOCK = 0x76657273696F6E
 CACHE_SECONDS = 1.0
 POOL_SIZE = 10
 CLOSE_SECONDS = 10.0
+#: Bytes asked of the socket per read on a database connection (see small_reads).
+READ_SIZE = 64 * 1024
+#: Session settings of every connection. PostgreSQL's parallel_setup_cost (1000) let the planner
+#: start two worker processes for a search's bounded count at 10M assets (`tags=xyz`: 1,001
+#: index probes, 56-86 ms with workers, 14-30 ms without, docs/scale-out.md); at 10000 the
+#: bounded reads (a LIMIT, the count's ceiling) stay in one process, and whole-library
+#: aggregates (usage_totals: 53 s with workers, 71 s without) still get workers.
+SERVER_SETTINGS = {"parallel_setup_cost": "10000"}
 
 
 def redacted(url: str) -> str:
@@ -53,6 +61,24 @@ def _count(status: str) -> int:
     """Rows an INSERT/UPDATE/DELETE touched, from its status ('UPDATE 3', 'INSERT 0 1')."""
     last = status.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else 0
+
+
+async def small_reads(conn: asyncpg.Connection) -> asyncpg.Connection:
+    """`conn`, reading its socket at most READ_SIZE bytes at a time. asyncio's selector
+    transport asks for 256 KiB per read: above glibc's mmap threshold (until the process frees
+    a larger mapped block), so each read of a reply (a few hundred bytes on the read path)
+    mapped a fresh buffer, resized it and unmapped it: three system calls, about 40 µs of CPU
+    per round trip, a third of a point read's client cost (measured in docs/scale-out.md).
+    64 KiB comes from the heap; a large result takes a few more reads.
+    Transports without the setting (uvloop's, which reads into its own buffer) are left alone."""
+    transport: Any = getattr(conn, "_transport", None)
+    if isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = READ_SIZE
+    return conn
+
+
+async def _connect(url: str) -> asyncpg.Connection:
+    return await small_reads(await asyncpg.connect(url, server_settings=SERVER_SETTINGS))
 
 
 class PgCursor:
@@ -178,7 +204,9 @@ class PgGateway:
         point reads (PointReads)."""
         readers = max(1, pool_size // 2)
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=max(1, pool_size - readers), reset=_reset)
+            pool = await asyncpg.create_pool(
+                url, min_size=1, max_size=max(1, pool_size - readers), reset=_reset, init=small_reads, server_settings=SERVER_SETTINGS
+            )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StartupError(f"cannot open the metadata database {redacted(url)}: {type(exc).__name__}: {exc}") from None
         try:
@@ -186,7 +214,7 @@ class PgGateway:
         except BaseException:
             await pool.close()
             raise
-        return cls(pool, PointReads(functools.partial(asyncpg.connect, url), readers), applied)
+        return cls(pool, PointReads(functools.partial(_connect, url), readers), applied)
 
     async def close(self) -> None:
         """Wait for connections in use to be released, at most CLOSE_SECONDS (a task that never
