@@ -23,9 +23,9 @@ from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestHandler
 
 from versionstore.errors import BadRequest
-from versionstore.spool import SpoolFile
+from versionstore.spool import IN_FLIGHT, SpoolFile
 
-#: One block; two are in use per tapped upload (one filling, one with the spool's workers).
+#: One block; IN_FLIGHT + 1 are in use per tapped upload (one filling, the others with the spool's workers).
 BLOCK = 4 << 20
 #: Bodies with less left than this after the part headers take aiohttp's path (no new connection
 #: per upload, no 8 MiB of blocks for a small file).
@@ -130,10 +130,10 @@ class BodyTap(asyncio.BufferedProtocol):
     # -- the spool's side --
 
     async def spool(self, content: StreamReader, delimiter: bytes, spool: SpoolFile, held: bytes) -> None:
-        """Blocks in turn: while the spool's workers hash and write one, the other fills. A block
-        is handed over only once the one before is done (`SpoolFile.write_block`)."""
+        """Blocks in turn: while the spool's workers hash and write the last ones, the next fills.
+        A block is filled again only once the workers are done with it (`SpoolFile.write_block`)."""
         size = max(BLOCK, 4 * len(delimiter))  # a block always has room beyond a delimiter prefix carried over
-        blocks = (bytearray(size), bytearray(size))
+        blocks = tuple(bytearray(size) for _ in range(IN_FLIGHT + 1))
         turn, start = 0, len(held)
         blocks[0][:start] = held
         while True:
@@ -148,7 +148,7 @@ class BodyTap(asyncio.BufferedProtocol):
                 raise BadRequest("Malformed multipart body: the body ended inside the file part")
             keep = delimiter_prefix(block, delimiter, filled)
             await spool.write_block(memoryview(block)[: filled - keep])  # the other block is free after this
-            turn ^= 1
+            turn = (turn + 1) % len(blocks)
             blocks[turn][:keep] = block[filled - keep : filled]
             start = keep
 
