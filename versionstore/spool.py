@@ -5,10 +5,12 @@ MD5 is Cloudinary's `etag`, which clients compare with a local MD5. The chunks r
 collected as they are (no copy), or lent as whole blocks by a caller that received them into
 its own buffers (`write_block`, http/body_tap.py), and handed off once per ~4 MiB block to two worker threads:
 one hashes with BLAKE3 and writes, the other hashes with MD5 (all three release the GIL).
-Both run beside the receipt of the next block; a block waits only for the previous block's
-two jobs, so the bytes reach each hasher and the file in order. An upload then costs about the
-slowest of receiving, MD5, and BLAKE3 + write, not their sum: on two cores MD5, the serial
-hash, sets the pace. Memory per upload is bounded by two blocks.
+Both run beside the receipt of the next blocks; each worker takes the blocks in order (a
+block's job starts once the block before is done in that lane), with up to `IN_FLIGHT` blocks
+handed over, so the bytes reach each hasher and the file in order and neither worker idles
+while the other finishes. An upload then costs about the slowest of receiving, MD5, and
+BLAKE3 + write, not their sum: on two cores MD5, the serial hash, sets the pace. Memory per
+upload is bounded by `IN_FLIGHT + 1` blocks.
 
 The written bytes are also flushed to the device while the upload is still arriving (an
 `fdatasync` on a third thread per `SYNC_EVERY` bytes, never waited for by the receipt): the
@@ -37,7 +39,7 @@ from versionstore.errors import TooLarge
 
 BLOCK = 1 << 20
 #: Bytes collected before a hand-off to the worker threads: two thread jobs per block, so
-#: larger blocks mean fewer hand-offs; two blocks in flight bound the memory of an upload.
+#: larger blocks mean fewer hand-offs; IN_FLIGHT blocks in flight bound the memory of an upload.
 HANDOFF = 4 << 20
 #: Blocks handed to the workers at once. Two: a worker that finishes a block finds the next one
 #: waiting instead of idling until the other worker is also done (the lock-step of one block in

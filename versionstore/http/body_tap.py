@@ -1,11 +1,11 @@
-"""A large file part received straight into two reused buffers (`recv_into`), not through aiohttp.
+"""A large file part received straight into a few reused buffers (`recv_into`), not through aiohttp.
 
 aiohttp's HTTP parser turns every socket read into a new bytes object and copies the body into
 another one per read; for an upload that is most of the event loop's CPU (docs/performance.md,
 "Upload path"). For the rest of a body with a Content-Length (no chunked transfer coding, no
 content coding), `BodyTap` takes the connection over as an `asyncio.BufferedProtocol`: the
-kernel copies the bytes into one of two blocks, the spool hashes and writes a block on its
-worker threads while the other fills, and the delimiter is searched in place. At the delimiter
+kernel copies the bytes into one of `IN_FLIGHT + 1` blocks, the spool hashes and writes the
+others on its worker threads while one fills, and the delimiter is searched in place. At the delimiter
 the rest of the body (the parts after the file, the closing boundary) goes to aiohttp's request
 stream as it arrives, where the multipart reader reads it as before.
 
