@@ -23,7 +23,6 @@ stops every server itself on 127.0.0.1 with free ports, and removes everything o
 
     .venv/bin/python scripts/bench_core.py            # full: 1 GiB, 3 runs, 10 s wrk runs
     .venv/bin/python scripts/bench_core.py --quick    # 128 MiB, 1 run, 3 s wrk runs
-    .venv/bin/python scripts/bench_core.py --quick --skip-reads --loop uvloop   # rows 1-2, service on uvloop
 
 Requires `wrk` (`apt-get update && apt-get install -y wrk`) and `curl`.
 """
@@ -108,8 +107,7 @@ WRK_LUA = textwrap.dedent(
 # `versionstore serve` (access log off); and two bare upload sinks, the ceiling of any aiohttp
 # server on this machine for row 1's curl upload (the same multipart body): `/sink` reads the
 # body with `request.content.readany()` and drops it, `/sink-md5` also runs MD5 over it on one
-# worker thread (4 MiB hand-offs, the next block received while the last one is hashed). The
-# event loop is picked by argv[2] (asyncio or uvloop), as `serve --loop` picks the service's.
+# worker thread (4 MiB hand-offs, the next block received while the last one is hashed).
 BARE_SERVER = textwrap.dedent(
     """
     import asyncio
@@ -150,11 +148,7 @@ BARE_SERVER = textwrap.dedent(
     app.router.add_post("/sink", sink)
     app.router.add_post("/sink-md5", sink_md5)
     app.router.add_get("/{tail:.*}", handler)
-    loop = None
-    if len(sys.argv) > 2 and sys.argv[2] == "uvloop":
-        import uvloop
-        loop = uvloop.new_event_loop()
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None, loop=loop)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
     """
 )
 
@@ -245,7 +239,7 @@ class Bench:
         bare_port = free_port()
         bare_script = self.work / "bare_server.py"
         bare_script.write_text(BARE_SERVER)
-        self.bare = Server("bare-aiohttp", [self.python, str(bare_script), str(bare_port), self.args.loop or "asyncio"],
+        self.bare = Server("bare-aiohttp", [self.python, str(bare_script), str(bare_port)],
                            bare_port,
                            self.root / "bare.log", health="/ping")
         self.servers.append(self.bare)
@@ -254,7 +248,7 @@ class Bench:
     def service_server(self, name: str, log_path: Path) -> Server:
         port = free_port()
         argv = [self.python, "-m", "versionstore", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
-                "--port", str(port)] + (["--loop", self.args.loop] if self.args.loop else [])
+                "--port", str(port)]
         return Server(name, argv, port, log_path)
 
     @property
@@ -667,9 +661,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tmp-dir", default=None, help="where the temp dir goes (default: $TMPDIR or /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data) afterwards")
     parser.add_argument("--json", help="also write the raw results to this file")
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"),
-                        help="event loop of the service (`serve --loop`) and of the bare servers (default: the "
-                             "service's own default, asyncio for the bare servers)")
     parser.add_argument("--skip-reads", action="store_true", help="rows 1 and 2 only (no wrk runs)")
     parser.add_argument("--skip-upload", action="store_true", help="row 3 only (the read path; no upload, no big file)")
     parser.add_argument("--against", metavar="TREE",

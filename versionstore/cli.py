@@ -21,7 +21,6 @@ not start, 2 usage or configuration error (one line on stderr, no traceback), 13
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
@@ -152,9 +151,9 @@ def _serve(args: argparse.Namespace) -> int:
             _say(f"  export CLOUDINARY_URL='{cloudinary_url(demo, base_url)}'")
 
     if config.workers > 1:
-        serve_workers(config, config.workers, access_log=args.access_log, ready=ready, loop=args.loop)
+        serve_workers(config, config.workers, access_log=args.access_log, ready=ready)
     else:
-        run(serve(config, access_log=args.access_log, ready=ready), args.loop)
+        run(serve(config, access_log=args.access_log, ready=ready))
     return 0
 
 
@@ -407,8 +406,6 @@ def parser() -> argparse.ArgumentParser:
         "--workers", type=int, metavar="N",
         help="service processes sharing the port, supervised by this one (default: $VERSIONSTORE_WORKERS, else 1)",
     )
-    serve.add_argument("--loop", choices=("asyncio", "uvloop"), default=os.environ.get("VERSIONSTORE_LOOP") or "asyncio",
-                       help="event loop implementation (default: $VERSIONSTORE_LOOP, else asyncio; docs/performance.md)")
 
     cloud = _command(sub, "cloud", "manage product environments")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")

@@ -11,9 +11,6 @@ migrations once, and forks N worker processes that accept on the inherited socke
 spreads connections among them). It prints the banner once all are listening, restarts a
 worker that dies, and on SIGTERM/SIGINT stops them all. The workers share the database (SQLite
 in WAL) and the stores; what keeps them correct together is in versionstore/claims.py.
-
-`serve --loop` picks the event loop implementation (`run`): asyncio's own or uvloop
-(docs/performance.md, "Upload path").
 """
 
 import asyncio
@@ -39,22 +36,14 @@ from versionstore.repository import MetadataRepository
 
 #: Seconds in-flight requests get to finish after SIGTERM/SIGINT (aiohttp's run_app default).
 SHUTDOWN_TIMEOUT = 60.0
-#: Event loop implementations `serve --loop` accepts; the first is the default.
-LOOPS = ("asyncio", "uvloop")
 
 T = TypeVar("T")
 
 
-def run(main: Coroutine[Any, Any, T], loop: str = LOOPS[0]) -> T:
-    """`asyncio.run(main)` on the named event loop implementation (one of LOOPS)."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    elif loop != "asyncio":
-        raise StartupError(f"unknown event loop {loop!r} (one of: {', '.join(LOOPS)})")
-    with asyncio.Runner(loop_factory=factory) as runner:
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)`: asyncio's own event loop. (uvloop was measured and dropped: less CPU
+    per request but a p99 four to five times worse on the quiet machine, docs/performance.md.)"""
+    with asyncio.Runner() as runner:
         return runner.run(main)
 
 
@@ -147,7 +136,6 @@ def serve_workers(
     *,
     access_log: bool,
     ready: Callable[[MetadataRepository, str], Awaitable[None]] | None = None,
-    loop: str = LOOPS[0],
 ) -> None:
     """Run `workers` service processes on one port and supervise them until SIGTERM/SIGINT."""
     config.check()
@@ -159,7 +147,7 @@ def serve_workers(
         raise StartupError(f"cannot start: {one_line(exc)}") from None
     # Metric values in files every worker writes, summed at scrape time (docs/operations.md).
     prepare_multiprocess(config.metrics_dir or config.data_dir / "metrics")
-    supervisor = _Supervisor(config, sock, access_log, loop)
+    supervisor = _Supervisor(config, sock, access_log)
     try:
         supervisor.start(workers)
         if ready is not None:
@@ -188,9 +176,8 @@ class _Supervisor:
     """Forks the workers (from a parent with no threads and no event loop running), restarts
     the ones that die, stops them all on SIGTERM/SIGINT."""
 
-    def __init__(self, config: Config, sock: socket.socket, access_log: bool, loop: str) -> None:
+    def __init__(self, config: Config, sock: socket.socket, access_log: bool) -> None:
         self.config = config
-        self.loop = loop
         self.sock = sock
         self.access_log = access_log
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
@@ -228,7 +215,7 @@ class _Supervisor:
                         os.write(ready_fd, b"1")
                         os.close(ready_fd)
 
-                run(serve(self.config, access_log=self.access_log, sock=self.sock, listening=listening), self.loop)
+                run(serve(self.config, access_log=self.access_log, sock=self.sock, listening=listening))
             except StartupError as exc:
                 print(f"error: worker {slot}: {exc}", file=sys.stderr, flush=True)
                 code = 1
