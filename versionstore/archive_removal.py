@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from versionstore import staging
+from versionstore import staging, ticks
 from versionstore.archive_records import EXPORT, EXPORT_FILE, IMPORT_STAGING, ArchiveFile
 from versionstore.console.audit import AuditLog
 from versionstore.errors import BadRequest
@@ -80,12 +80,7 @@ async def remove_due(service: VersionService, now: float) -> int:
 async def run_removals(service: VersionService, interval: float = REMOVAL_INTERVAL, clock: Callable[[], float] = time.time) -> None:
     """The server's loop around `remove_due` (at start, then every `interval` seconds: an
     expiry is counted in days); runs until cancelled."""
-    while True:
-        try:
-            await remove_due(service, clock())
-        except Exception:
-            log.exception("removing archive files failed; trying again at the next tick")
-        await asyncio.sleep(interval)
+    await ticks.every(interval, lambda: remove_due(service, clock()), log, "removing archive files")
 
 
 # --- what a kill leaves in the spool ------------------------------------------------------------

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from versionstore import pitr, retention
+from versionstore import pitr, retention, ticks
 from versionstore.alerts import DRILL, Alerts
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from versionstore.drill_records import SCRATCH_MARK, DrillScheduleRow
@@ -412,12 +412,7 @@ async def tick(service: VersionService, now: float, wake: Callable[[], None] | N
 async def run_schedules(service: VersionService, interval: float, wake: Callable[[], None],
                         clock: Callable[[], float] = time.time) -> None:
     """The server's loop around `tick`; runs until cancelled."""
-    while True:
-        try:
-            await tick(service, clock(), wake)
-        except Exception:
-            log.exception("drill schedule failed; trying again at the next tick")
-        await asyncio.sleep(interval)
+    await ticks.every(interval, lambda: tick(service, clock(), wake), log, "drill schedule")
 
 
 def describe(job: Job) -> dict[str, Any]:

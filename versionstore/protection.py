@@ -12,13 +12,13 @@ both changed only by the operator's CLI (a key that leaked must not be able to s
 Every step is audited: purge_scheduled, purge_undone, purged.
 """
 
-import asyncio
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from typing import Any
 
+from versionstore import ticks
 from versionstore.console.audit import AuditLog
 from versionstore.errors import BadRequest, NotFound
 from versionstore.models import Cloud, ScheduledPurge
@@ -122,9 +122,4 @@ async def run_due(service: VersionService, now: float, actor: str = "job:purge")
 
 async def run_purges(service: VersionService, interval: float, clock: Callable[[], float] = time.time) -> None:
     """The server's loop around `run_due`; runs until cancelled."""
-    while True:
-        try:
-            await run_due(service, clock())
-        except Exception:
-            log.exception("purging due deletions failed; trying again at the next tick")
-        await asyncio.sleep(interval)
+    await ticks.every(interval, lambda: run_due(service, clock()), log, "purging due deletions")

@@ -16,7 +16,6 @@ a restart or a second process neither loses nor doubles a run; a run missed whil
 was down is taken once at the next tick.
 """
 
-import asyncio
 import logging
 import re
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from versionstore import ticks
 from versionstore.alerts import RETENTION
 from versionstore.console.audit import AuditLog
 from versionstore.errors import BadRequest
@@ -292,9 +292,4 @@ async def tick(snapshots: Snapshots, now: float, grace: float = DEFAULT_GRACE) -
 
 async def run_schedules(snapshots: Snapshots, interval: float, clock: Callable[[], float] = time.time) -> None:
     """The server's loop around `tick`; runs until cancelled."""
-    while True:
-        try:
-            await tick(snapshots, clock())
-        except Exception:
-            log.exception("snapshot schedule failed; trying again at the next tick")
-        await asyncio.sleep(interval)
+    await ticks.every(interval, lambda: tick(snapshots, clock()), log, "snapshot schedule")
