@@ -58,8 +58,12 @@ def test_the_rate_limit_counts_per_environment_per_clock_hour() -> None:
         limit.hit("a")
     assert refused.value.status == 420
     now[0] = 10800.0  # the next hour
-    assert limit.hit("a")["X-FeatureRateLimit-Remaining"] == "1"
-    assert limit.used("a") == 1
+    headers = limit.hit("a")
+    assert headers["X-FeatureRateLimit-Remaining"] == "1"
+    assert headers["X-FeatureRateLimit-Reset"] == "Thu, 01 Jan 1970 04:00:00 GMT"  # made once an hour, never stale
+    limit.limit = 5
+    assert limit.hit("a")["X-FeatureRateLimit-Limit"] == "5"
+    assert limit.used("a") == 2
     off = AdminRateLimit(0, clock=lambda: now[0])
     assert off.hit("a") == {} and off.used("a") == 1
 

@@ -17,10 +17,14 @@ OPTIONALLY_UNSIGNED = ("notification_url", "batch_id")
 def is_blank(value: object) -> bool:
     """Left out of the string to sign (None, "", [], [""]), so it must also mean "absent" to
     every handler: otherwise an unsigned empty value could change what a request does."""
+    if type(value) is str:  # nearly every parameter: no need to flatten it
+        return not value
     return value is None or _flat(value) == ""
 
 
 def _flat(value: object) -> str:
+    if type(value) is str:
+        return value
     if isinstance(value, (list, tuple)):
         return ",".join(_flat(v) for v in value)
     if value is True:
@@ -33,13 +37,16 @@ def _flat(value: object) -> str:
 def string_to_sign(
     params: Mapping[str, object], version: int = 2, skip: Iterable[str] = ()
 ) -> str:
-    excluded = UNSIGNED_KEYS | frozenset(skip)
+    excluded = UNSIGNED_KEYS.union(skip) if skip else UNSIGNED_KEYS
     pairs = []
     for key, value in params.items():
-        if key in excluded or is_blank(value):
+        if key in excluded or value is None:
             continue
-        text = f"{key}={_flat(value)}"
-        if version >= 2:
+        flat = _flat(value)
+        if not flat:  # blank (is_blank)
+            continue
+        text = f"{key}={flat}"
+        if version >= 2 and "&" in text:
             text = text.replace("&", "%26")
         pairs.append(text)
     return "&".join(sorted(pairs))
@@ -68,11 +75,12 @@ def verify(
     if optional_skip:
         skips.append(OPTIONALLY_UNSIGNED)
     primary = string_to_sign(params, 2)
+    offered = signature.lower()
     for skip in skips:
         for version in (2, 1):
             to_sign = primary if version == 2 and not skip else string_to_sign(params, version, skip)
             candidate = sign(to_sign, secret, algorithm)
-            if hmac.compare_digest(candidate, signature.lower()):
+            if hmac.compare_digest(candidate, offered):
                 return True, primary
     return False, primary
 

@@ -17,6 +17,8 @@ from versionstore.blobstore import BlobInfo, BlobNotFound
 from versionstore.durable import fsync_path
 
 CHUNK = 1 << 20
+#: Local paths `local_path` keeps (dropped all at once when full).
+_LOCAL_PATHS = 4096
 
 
 class LocalBlobStore:
@@ -26,6 +28,7 @@ class LocalBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._root_str = str(self.root)
         self._root_prefix = self._root_str + os.sep
+        self._local_paths: dict[str, str] = {}  # key -> _safe(key): a download asks for the same few again and again
 
     def _safe(self, key: str) -> str:
         # Lexical normalisation on strings: keys with ".." or an absolute path cannot leave
@@ -131,7 +134,13 @@ class LocalBlobStore:
             yield key
 
     def local_path(self, key: str) -> str | None:
-        return self._safe(key)
+        path = self._local_paths.get(key)
+        if path is None:
+            path = self._safe(key)  # a pure function of the key (join and normpath cost a download microseconds)
+            if len(self._local_paths) >= _LOCAL_PATHS:
+                self._local_paths.clear()
+            self._local_paths[key] = path
+        return path
 
     async def close(self) -> None:
         pass

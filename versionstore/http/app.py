@@ -82,34 +82,10 @@ os.register_at_fork(after_in_child=_new_id_prefix)
 async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every failure leaves as `{"error": {"message": ...}}` with a status both SDKs accept.
     Also the request's id (`X-Request-Id`, in every log line) and its metrics: one middleware,
-    not three, because each layer costs the read path."""
+    one coroutine, because each layer costs the read path (docs/performance.md)."""
     started = time.perf_counter()
     request_id = logs.accepted_id(request.headers.get("X-Request-Id"), _new_request_id)
     logs.REQUEST_ID.set(request_id)
-    try:
-        response = await _answered(request, handler)
-    except web.HTTPException as exc:  # a redirect: errors became responses in _answered
-        metrics.observe(request, _route(request), exc.status, None, time.perf_counter() - started)
-        raise
-    except BaseException:  # cancelled: the client went away before the answer (nginx's 499)
-        metrics.observe(request, _route(request), 499, None, time.perf_counter() - started)
-        raise
-    if not response.prepared:
-        response.headers["X-Request-Id"] = request_id
-    metrics.observe(request, _route(request), response.status, response, time.perf_counter() - started)
-    return response
-
-
-def _route(request: web.Request) -> str:
-    """The canonical route (never the raw URL: labels stay bounded); `unmatched` for 404s."""
-    route: str | None = request.get(ROUTE)
-    if route is not None:
-        return route
-    resource = request.match_info.route.resource
-    return "unmatched" if resource is None or resource.canonical.startswith("/v1_1/") else resource.canonical
-
-
-async def _answered(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -122,13 +98,31 @@ async def _answered(request: web.Request, handler: Callable[[web.Request], Await
     except web.HTTPRequestEntityTooLarge as exc:
         response = error_response(400, f"Request body too large: {exc.text}")
     except web.HTTPException as exc:
-        if exc.status < 400:
+        if exc.status < 400:  # a redirect: aiohttp answers it
+            close_tapped(request, exc)
+            metrics.observe(request, _route(request), exc.status, None, time.perf_counter() - started)
             raise
         status = exc.status if exc.status in (400, 401, 403, 404) else 404 if exc.status == 405 else 400
         response = error_response(status, exc.reason)
     except Exception as exc:
         response = _unexpected(request, exc)
+    except BaseException:  # cancelled: the client went away before the answer (nginx's 499)
+        metrics.observe(request, _route(request), 499, None, time.perf_counter() - started)
+        raise
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    close_tapped(request, response)
+    metrics.observe(request, _route(request), response.status, response, time.perf_counter() - started)
     return response
+
+
+def _route(request: web.Request) -> str:
+    """The canonical route (never the raw URL: labels stay bounded); `unmatched` for 404s."""
+    route: str | None = request.get(ROUTE)
+    if route is not None:
+        return route
+    resource = request.match_info.route.resource
+    return "unmatched" if resource is None or resource.canonical.startswith("/v1_1/") else resource.canonical
 
 
 # What a client can break while we read its body: a bad Content-Encoding, a truncated or
@@ -286,7 +280,6 @@ def create_app(config: Config) -> web.Application:
     app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
     app[SCRAPE] = metrics.ScrapeTimeCollector(lambda: app[META])
     app.cleanup_ctx.append(_resources)
-    app.on_response_prepare.append(close_tapped)  # http/body_tap.py: no reuse of a tapped connection
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)
     app.router.add_route("GET", "/readyz", _readyz)

@@ -34,11 +34,16 @@ _PASS = 64 * 1024  # bytes per read once the file part has ended (only the end o
 TAPPED: web.RequestKey[bool] = web.RequestKey("body_tapped", bool)
 
 
-async def close_tapped(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: the connection of a tapped request is not reused (module doc)."""
+def close_tapped(request: web.Request, response: web.StreamResponse) -> None:
+    """The connection of a tapped request is not reused (module doc). Called by the request
+    middleware (app.py) with every answer, also one a handler streamed itself: aiohttp reads
+    `keep_alive` from the response after it was sent, so the connection still closes then,
+    only without the header. A middleware call, not an `on_response_prepare` hook: a hook
+    costs every response of the read path a signal and two coroutines."""
     if request.get(TAPPED):
         response.force_close()  # aiohttp closes the connection after the response ...
-        response.headers[hdrs.CONNECTION] = "close"  # ... and the hook runs after the headers were made
+        if not response.prepared:
+            response.headers[hdrs.CONNECTION] = "close"  # ... and says so
 
 
 def _tappable(request: web.Request) -> RequestHandler | None:

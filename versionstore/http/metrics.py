@@ -89,6 +89,8 @@ def _body_length(response: web.StreamResponse | None) -> int:
         return 0
     if response.prepared:
         return response.body_length  # streamed by the handler: what was written
+    if isinstance(response, web.Response) and type(body := response.body) is bytes:
+        return len(body)  # what content_length answers, without its isinstance check against an ABC
     return response.content_length or 0
 
 

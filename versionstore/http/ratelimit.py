@@ -31,6 +31,8 @@ class AdminRateLimit:
         self.limit = limit
         self._clock = clock
         self._counts: dict[str, tuple[int, int]] = {}  # cloud -> (window start, calls in it)
+        #: The headers that change once an hour, made once (formatdate showed in profiles).
+        self._fixed: tuple[tuple[int, int], dict[str, str]] = ((-1, -1), {})
 
     def hit(self, cloud: str) -> dict[str, str]:
         """Count one call; the headers to send. Raises RateLimited (with them) past the limit."""
@@ -43,10 +45,10 @@ class AdminRateLimit:
             self._counts[cloud] = (window, used + 1)
             return {}
         reset = window + WINDOW
-        headers = {
-            "X-FeatureRateLimit-Limit": str(self.limit),
-            "X-FeatureRateLimit-Reset": formatdate(reset, usegmt=True),
-        }
+        if self._fixed[0] != (window, self.limit):
+            fixed = {"X-FeatureRateLimit-Limit": str(self.limit), "X-FeatureRateLimit-Reset": formatdate(reset, usegmt=True)}
+            self._fixed = ((window, self.limit), fixed)
+        headers = dict(self._fixed[1])
         if used >= self.limit:
             headers["X-FeatureRateLimit-Remaining"] = "0"
             headers["Retry-After"] = str(max(1, int(reset - now)))
