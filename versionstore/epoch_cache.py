@@ -1,10 +1,9 @@
 """Values read from the metadata store, reused until anything commits.
 
-On SQLite `MetadataRepository.commit_epoch()` (the WAL-index header, `gateway.WalIndexEpoch`;
-`PRAGMA data_version` when the header cannot be read) moves whenever any connection of any
-process (our writer, another `serve` worker, the CLI) commits, so a value read while it showed
-E is current for as long as it still shows E: no TTL, no lag, and a hit costs that one read
-instead of the statement, the row's decoding and the rendering. On
+On SQLite `MetadataRepository.commit_epoch()` (`PRAGMA data_version`) moves whenever any
+connection of any process (our writer, another `serve` worker, the CLI) commits, so a value
+read while it showed E is current for as long as it still shows E: no TTL, no lag, and a hit
+costs that one pragma instead of the statement, the row's decoding and the rendering. On
 PostgreSQL the epoch does not see other processes' commits at once, `commit_epoch()` is None
 and nothing is cached here. One epoch covers every entry, so the first read under a new epoch
 drops them all: a server that takes writes all the time simply misses.

@@ -13,17 +13,11 @@ SQLite (the embedded default):
   more than the query under load (measured in docs/performance.md). WAL readers never wait.
 - Scans keep a worker-thread connection.
 - One writer at a time (BEGIN IMMEDIATE), in this process and across processes.
-- The cache epoch (`cache_epoch`, what the read path's caches key on) is the WAL-index header
-  read from the `-shm` file, the value SQLite itself compares to see another connection's
-  commit (`WalIndexEpoch`); `PRAGMA data_version` when that header cannot be read.
 """
 
 import asyncio
-import mmap
-import os
 import re
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import resources
@@ -105,103 +99,13 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
-#: sqlite's wal.c: the shared-memory index starts with two copies of its 48-byte header
-#: (WalIndexHdr: iVersion, unused, iChange, isInit, bigEndCksum, szPage, mxFrame, nPage,
-#: aFrameCksum[2], aSalt[2], aCksum[2]), in the machine's byte order.
-_HEADER = 48
-_INDEX_VERSION = (3007000).to_bytes(4, sys.byteorder)
-
-
-class WalIndexEpoch:
-    """The WAL-index header of a database in WAL mode, read from its `-shm` file: what moves
-    at every commit of every connection of every process, for a 96-byte memory read instead of
-    a statement (docs/performance.md, "The read path, fourth round").
-
-    Why it is exact. A writer commits by appending frames to the -wal file and then writing this
-    header (its `iChange` counts commits, `mxFrame` is the last committed frame; a checkpoint
-    that restarts the log writes new salts), copy 1 first, then copy 0, before it releases its
-    lock: so once a commit has returned, the header differs from every header before it. Frames
-    of a transaction that has not committed (or rolled back) are not in the header. A reader
-    starting a transaction, and `PRAGMA data_version`, learn of other connections' commits in
-    exactly this way: by comparing this header with the one they saw last (wal.c,
-    walIndexReadHdr). The file is mapped, as SQLite maps it, so the read sees SQLite's writes.
-
-    Why it is safe. While this process has the database open, its connections hold the shared
-    lock that keeps any other process from re-initialising (truncating) the file. Those are
-    POSIX locks, which a process loses when it closes *any* descriptor of the file: so this
-    process opens the file once, however many gateways it has on the database, and the
-    descriptor and the mapping (which holds a copy of it) stay open until the last of them has
-    closed its connections (SqliteGateway.close), even when the header cannot be mapped.
-
-    `read()` is None, and the caller asks SQLite instead, when the two copies differ (a writer
-    is between them), when the header is not initialised (recovery pending) or not of the
-    version described here."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._users = 1
-        self._mapped: mmap.mmap | None = None
-        try:
-            if os.fstat(fd).st_size >= 2 * _HEADER:
-                self._mapped = mmap.mmap(fd, 2 * _HEADER, mmap.MAP_SHARED, mmap.PROT_READ)
-        except OSError:
-            pass  # read() is then always None
-
-    @classmethod
-    def open(cls, database: Path) -> "WalIndexEpoch | None":
-        """The header of `database`, shared by every gateway of this process on that file (a
-        second descriptor could only be closed at the cost of the first one's locks)."""
-        shm = f"{database}-shm"
-        try:
-            stat = os.stat(shm)
-            known = _WAL_INDEXES.get((stat.st_dev, stat.st_ino))
-            if known is not None:
-                known._users += 1
-                return known
-            fd = os.open(shm, os.O_RDONLY)
-        except OSError:
-            return None
-        stat = os.fstat(fd)
-        opened = _WAL_INDEXES[(stat.st_dev, stat.st_ino)] = cls(fd)
-        return opened
-
-    def read(self) -> bytes | None:
-        if self._mapped is None:
-            return None
-        both = self._mapped[: 2 * _HEADER]
-        header = both[:_HEADER]
-        if header != both[_HEADER:] or header[12] != 1 or header[:4] != _INDEX_VERSION:
-            return None
-        return header
-
-    def close(self) -> None:
-        """Called by each gateway once its connections are closed; the last one closes the file
-        (class doc)."""
-        self._users -= 1
-        if self._users > 0:
-            return
-        for key in [key for key, known in _WAL_INDEXES.items() if known is self]:
-            del _WAL_INDEXES[key]
-        if self._mapped is not None:
-            self._mapped.close()
-        os.close(self._fd)
-
-
-#: (device, inode) of a -shm file -> its one WalIndexEpoch in this process.
-_WAL_INDEXES: dict[tuple[int, int], WalIndexEpoch] = {}
-
-
 class SqliteGateway:
     caches_misses = True
 
-    def __init__(
-        self, writer: aiosqlite.Connection, scanner: aiosqlite.Connection, reader: sqlite3.Connection, applied: list[int],
-        wal_index: WalIndexEpoch | None = None,
-    ) -> None:
+    def __init__(self, writer: aiosqlite.Connection, scanner: aiosqlite.Connection, reader: sqlite3.Connection, applied: list[int]) -> None:
         self._writer = writer
         self._scanner = scanner
         self._reader = reader
-        self._wal_index = wal_index
         self._write_lock = asyncio.Lock()
         self.applied = applied
 
@@ -237,16 +141,12 @@ class SqliteGateway:
         scanner = await _connect(path)
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("PRAGMA busy_timeout = 10000")
-        reader.execute("PRAGMA data_version").fetchone()  # the -shm file exists once a connection has read
-        return cls(writer, scanner, reader, applied, WalIndexEpoch.open(path))
+        return cls(writer, scanner, reader, applied)
 
     async def close(self) -> None:
         self._reader.close()
         await self._scanner.close()
         await self._writer.close()
-        if self._wal_index is not None:  # last: closing it drops this process's locks on the file (WalIndexEpoch)
-            self._wal_index.close()
-            self._wal_index = None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -267,12 +167,8 @@ class SqliteGateway:
         """Nothing to do: BEGIN IMMEDIATE already serialises every writer."""
 
     def cache_epoch(self) -> object:
-        """Moves at every commit of any connection (our writer, another process, the CLI): the
-        WAL-index header (WalIndexEpoch, one `pread`), else `PRAGMA data_version` (a statement,
-        several times the cost). The two kinds of value never compare equal, so switching
-        between them only drops what was cached."""
-        if self._wal_index is not None and (header := self._wal_index.read()) is not None:
-            return header
+        """`PRAGMA data_version` changes whenever another connection (our writer, the CLI)
+        commits, and costs less than the row look-up a cache saves."""
         return self._reader.execute("PRAGMA data_version").fetchone()[0]
 
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Any:

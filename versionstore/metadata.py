@@ -301,7 +301,7 @@ class MetadataStore:
 
     async def get_cloud(self, name: str, epoch: object | None = None) -> Cloud | None:
         """Read on every request (so CLI changes apply at once), cached until the gateway's
-        epoch moves: on SQLite at any commit of any connection (the WAL-index header), on
+        epoch moves: on SQLite at any commit of any connection (PRAGMA data_version), on
         PostgreSQL at our own commits and at least once a second; a missing environment is
         cached only where the epoch sees every commit (SQLite). `epoch`: what the caller's
         `commit_epoch()` just returned (a request reads it once), None to read it here."""
@@ -1186,8 +1186,8 @@ class MetadataStore:
 
     def commit_epoch(self) -> object | None:
         """The gateway's cache epoch where it moves at every commit of every connection and
-        process (SQLite: the WAL-index header, gateway.WalIndexEpoch), else None (PostgreSQL
-        sees other processes' commits only within a second). While it returns the value it returned before a read,
+        process (SQLite: `PRAGMA data_version`), else None (PostgreSQL sees other processes'
+        commits only within a second). While it returns the value it returned before a read,
         nothing that read saw has changed: what never may lag another process (a rendered
         `versions` listing, a download's checks) is cached on it (versionstore/epoch_cache.py)."""
         return self._gate.cache_epoch() if self._gate.caches_misses else None
