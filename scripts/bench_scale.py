@@ -102,6 +102,7 @@ class Serve:
     def __init__(self, tmp: Path, name: str, metadata_url: str | None, *, root: Path = ROOT, workers: int = 1,
                  create_cloud: bool = True) -> None:
         self.name = name
+        self.root = root
         self.create_cloud = create_cloud
         self.data = tmp / name.replace(" ", "_")
         self.env = {**os.environ, "PYTHONPATH": str(root), "VERSIONSTORE_VERIFY_INTERVAL": "0"}
@@ -113,13 +114,19 @@ class Serve:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Run from `root` (`python -m` puts the working directory first on the path: run from
+        another checkout, a baseline server would run this checkout's code)."""
         cli = [sys.executable, "-m", "versionstore"]
+        loaded = subprocess.run([sys.executable, "-c", "import versionstore; print(versionstore.__file__)"],
+                                env=self.env, cwd=self.root, check=True, capture_output=True, text=True).stdout.strip()
+        if not Path(loaded).resolve().is_relative_to(self.root.resolve()):
+            raise RuntimeError(f"{self.name}: versionstore would be loaded from {loaded}, not from {self.root}")
         if self.create_cloud:
             subprocess.run([*cli, "cloud", "create", CLOUD, "--api-key", KEY, "--api-secret", SECRET, "--data-dir", str(self.data)],
-                           env=self.env, check=True, capture_output=True)
+                           env=self.env, cwd=self.root, check=True, capture_output=True)
         self.proc = subprocess.Popen([*cli, "serve", "--data-dir", str(self.data), "--port", str(self.port),
                                       "--workers", str(self.workers)],
-                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     env=self.env, cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         if not wait_http_ready(self.proc, f"{self.base}/healthz"):
             raise RuntimeError(f"{self.name} did not start; see {self.log.name}")
 

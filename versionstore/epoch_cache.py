@@ -6,9 +6,9 @@ read while it showed E is current for as long as it still shows E: no TTL, no la
 costs that one pragma instead of the statement, the row's decoding and the rendering. On
 PostgreSQL (versionstore/pg_commits.py) every write transaction notifies at its COMMIT and each
 process listens: the epoch moves at this process's commits at once, at another's as its
-notification is delivered (a few hundred microseconds), on reconnecting, and at least every
-second (pg.CACHE_SECONDS: a lost notification lags no longer); while no connection listens
-`commit_epoch()` is None and nothing is cached here. One epoch covers every entry, so the
+notification is delivered, on reconnecting, and at least every second (pg.CACHE_SECONDS: a
+lost notification lags no longer); while no connection listens `commit_epoch()` is None and
+nothing is cached here. One epoch covers every entry, so the
 first read under a new epoch drops them all: a server that takes writes all the time (or on
 PostgreSQL, any server once a second) simply misses.
 

@@ -20,6 +20,7 @@ until then.
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -36,6 +37,8 @@ RETRY_FIRST = 0.1
 RETRY_LAST = 5.0
 #: What a lost or refused connection raises.
 _LOST = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+log = logging.getLogger(__name__)
 
 
 class CommitListener:
@@ -114,7 +117,9 @@ class CommitListener:
                 try:
                     await self._listen()
                     wait = RETRY_FIRST
-                except _LOST:
+                except Exception as exc:  # whatever it is, keep trying: meanwhile nothing is cached
+                    if wait == RETRY_FIRST:
+                        log.warning("commit listener cannot connect (caches off until it does): %s: %s", type(exc).__name__, exc)
                     await asyncio.sleep(wait)
                     wait = min(2 * wait, RETRY_LAST)
                 continue
@@ -132,7 +137,8 @@ class CommitListener:
             return
         try:
             await asyncio.wait_for(conn.fetchval("SELECT 1"), PROBE_TIMEOUT)
-        except _LOST:
+        except Exception as exc:
+            log.warning("commit listener did not answer its probe, reconnecting: %s: %s", type(exc).__name__, exc)
             conn.terminate()
             if self._conn is conn:
                 self._conn = None
