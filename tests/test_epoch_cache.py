@@ -197,8 +197,19 @@ async def test_nothing_is_cached_while_the_listener_is_cut_off_and_a_reconnect_s
         pid = gate._listener.pid
         names = await killer.fetch("SELECT application_name FROM pg_stat_activity WHERE pid = $1", pid)
         assert [r[0] for r in names] == ["versionstore commit listener"]
+        reconnect = asyncio.Event()  # held until the test has seen the gap
+        connect = gate._listener._connect
+
+        async def held() -> asyncpg.Connection:
+            await reconnect.wait()
+            return await connect()
+
+        gate._listener._connect = held
         assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
         await until(lambda: gate.commit_epoch() is None, 5, "no epoch once the listener is gone")
+        await asyncio.sleep(0.2)
+        assert gate.commit_epoch() is None
+        reconnect.set()
         after = await until(gate.commit_epoch, 5, "listening again")
         assert isinstance(after, tuple) and after[2] == before[2] + 1  # the generation
         assert gate._listener.pid not in (None, pid)
@@ -229,11 +240,13 @@ async def test_closing_leaves_no_listening_connection(postgres_url: str) -> None
 
 class FreezingRelay:
     """A TCP relay to the database whose open connections can be frozen: their bytes stop
-    flowing, their sockets stay open (a peer that vanished without a reset); new connections
-    flow."""
+    flowing, their sockets stay open (a peer that vanished without a reset). New connections
+    wait while `accepting` is clear."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
+        self.accepting = asyncio.Event()
+        self.accepting.set()
         self._frozen: list[asyncio.Event] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -246,6 +259,7 @@ class FreezingRelay:
             frozen.set()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.accepting.wait()
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         frozen = asyncio.Event()
         self._frozen.append(frozen)
@@ -283,8 +297,10 @@ async def test_a_listener_that_died_silently_is_found_by_its_probe_and_replaced(
     try:
         await listener.start()
         assert listener.listening and listener.generation == 1
+        relay.accepting.clear()
         relay.freeze()
         await until(lambda: not listener.listening, 3, "the probe finds the frozen connection")
+        relay.accepting.set()
         await until(lambda: listener.listening, 5, "a new connection listens")
         assert listener.generation == 2
     finally:
