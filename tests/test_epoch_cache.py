@@ -147,6 +147,30 @@ async def test_each_write_transaction_notifies_once_at_commit_and_nothing_else_d
 
 
 @pg_only
+async def test_a_transaction_cancelled_mid_statement_is_rolled_back_and_the_pool_keeps_working(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Transactions are begun and committed by hand (the COMMIT carries the notification), not
+    by asyncpg's transaction object: one cut short mid-statement still leaves nothing behind,
+    and its connection goes back to the pool cleanly."""
+    gate = await PgGateway.open(postgres_url)
+    try:
+
+        async def slow() -> None:
+            async with gate.transaction() as db:
+                await _insert(db, "cancelled")
+                await db.execute("SELECT pg_sleep(30)")
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(slow(), 0.3)
+        await _add_cloud(gate, "after")
+        assert await gate.all("SELECT name FROM clouds") == [("after",)]
+        assert not [r.getMessage() for r in caplog.records if "active transaction" in r.getMessage()]
+    finally:
+        await gate.close()
+
+
+@pg_only
 async def test_each_migration_notifies(postgres: Any) -> None:
     """A schema block may rewrite rows other processes hold in their caches."""
     database = postgres.new_database(migrated=False)
