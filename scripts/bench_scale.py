@@ -10,6 +10,9 @@ the PostgreSQL cluster, for PostgreSQL), and the PostgreSQL/SQLite ratios of bot
 >= 0.8); under outside load the CPU ratio is the steadier one.
 `--baseline DIR` serves the same backends a second time from another checkout of the code
 (e.g. `git worktree add /tmp/base <commit>`), in the same rounds: before/after in one run.
+`--small-uploads` adds a write case (16 clients uploading 1 KiB files: commits per second);
+`--durable` runs the cluster with fsync and synchronous_commit on, as in production (the
+tests' settings skip the flush, which is what concurrent commits queue for).
 
 Part 2, at scale: N assets (`--assets`, default 10M; --quick 200k) generated in PostgreSQL
 with generate_series, in the shape the service writes (bench_library_size.py's library: 1-3
@@ -99,6 +102,7 @@ class Serve:
     def __init__(self, tmp: Path, name: str, metadata_url: str | None, *, root: Path = ROOT, workers: int = 1,
                  create_cloud: bool = True) -> None:
         self.name = name
+        self.root = root
         self.create_cloud = create_cloud
         self.data = tmp / name.replace(" ", "_")
         self.env = {**os.environ, "PYTHONPATH": str(root), "VERSIONSTORE_VERIFY_INTERVAL": "0"}
@@ -110,13 +114,19 @@ class Serve:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Run from `root` (`python -m` puts the working directory first on the path: run from
+        another checkout, a baseline server would run this checkout's code)."""
         cli = [sys.executable, "-m", "versionstore"]
+        loaded = subprocess.run([sys.executable, "-c", "import versionstore; print(versionstore.__file__)"],
+                                env=self.env, cwd=self.root, check=True, capture_output=True, text=True).stdout.strip()
+        if not Path(loaded).resolve().is_relative_to(self.root.resolve()):
+            raise RuntimeError(f"{self.name}: versionstore would be loaded from {loaded}, not from {self.root}")
         if self.create_cloud:
             subprocess.run([*cli, "cloud", "create", CLOUD, "--api-key", KEY, "--api-secret", SECRET, "--data-dir", str(self.data)],
-                           env=self.env, check=True, capture_output=True)
+                           env=self.env, cwd=self.root, check=True, capture_output=True)
         self.proc = subprocess.Popen([*cli, "serve", "--data-dir", str(self.data), "--port", str(self.port),
                                       "--workers", str(self.workers)],
-                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     env=self.env, cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         if not wait_http_ready(self.proc, f"{self.base}/healthz"):
             raise RuntimeError(f"{self.name} did not start; see {self.log.name}")
 
@@ -207,6 +217,31 @@ async def hammer_aiohttp(url: str, seconds: float, concurrency: int, headers: di
     return {"rps": len(latencies) / elapsed, "p50_ms": statistics.median(latencies) * 1000, "requests": len(latencies)}
 
 
+async def small_uploads(serve: Serve, seconds: float, concurrency: int) -> dict[str, float]:
+    """`concurrency` clients uploading 1 KiB of new bytes each time, to new public ids, for
+    `seconds`: the write path's rate of metadata commits (`--small-uploads`)."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker(session: aiohttp.ClientSession, n: int) -> None:
+        while time.perf_counter() < deadline:
+            form = aiohttp.FormData()
+            form.add_field("public_id", f"bench/small-{n}-{os.urandom(6).hex()}")
+            form.add_field("file", os.urandom(1024), filename="s.bin")
+            started = time.perf_counter()
+            async with session.post(f"{serve.api}/raw/upload", data=form) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"upload: {resp.status} {body[:300]!r}")
+            latencies.append(time.perf_counter() - started)
+
+    async with aiohttp.ClientSession(headers={"Authorization": BASIC}) as session:
+        begun = time.perf_counter()
+        await asyncio.gather(*(worker(session, n) for n in range(concurrency)))
+        elapsed = time.perf_counter() - begun
+    return {"rps": len(latencies) / elapsed, "p50_ms": statistics.median(latencies) * 1000, "requests": len(latencies)}
+
+
 async def hammer_wrk(url: str, seconds: float, concurrency: int, headers: dict[str, str], lua: Path) -> dict[str, float]:
     argv = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(lua)]
     for key, value in headers.items():
@@ -243,21 +278,23 @@ async def read_rounds(
     PostgreSQL, the cluster's): throughput under outside load says little, CPU per request
     says what a CPU-bound machine would do."""
     ids = {s.name: await make_versions(s, 10) for s in servers}
-    cases: dict[str, Callable[[Serve], tuple[str, dict[str, str]]]] = {
-        "versions=true": lambda s: (f"{s.api}/resources/raw/upload/bench/v10?versions=true", {"Authorization": BASIC}),
-        "download_backup": lambda s: (
-            download_backup_url(s.api, ids[s.name]["asset_id"], ids[s.name]["version_id"], KEY, SECRET), {}),
+    cases: dict[str, Callable[[Serve, float], Awaitable[dict[str, float]]]] = {
+        "versions=true": lambda s, seconds: hammer(
+            f"{s.api}/resources/raw/upload/bench/v10?versions=true", seconds, args.concurrency, {"Authorization": BASIC}),
+        "download_backup": lambda s, seconds: hammer(
+            download_backup_url(s.api, ids[s.name]["asset_id"], ids[s.name]["version_id"], KEY, SECRET), seconds, args.concurrency, {}),
     }
+    if args.small_uploads:
+        cases["1 KiB uploads"] = lambda s, seconds: small_uploads(s, seconds, args.concurrency)
     for s in servers:  # warm up: connections, prepared statements, caches
         for case in cases.values():
-            await hammer(*case(s)[:1], 1, args.concurrency, case(s)[1])
+            await case(s, 1)
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for run in range(args.runs):
         for case_name, case in cases.items():
             for s in servers if run % 2 == 0 else servers[::-1]:  # whichever runs first tends to look costlier
-                url, headers = case(s)
                 server, database = s.cpu(pg)
-                figures = await hammer(url, args.seconds, args.concurrency, headers)
+                figures = await case(s, args.seconds)
                 server_after, database_after = s.cpu(pg)
                 requests = max(1, figures["requests"])
                 figures["db_cpu_us"] = (database_after - database) / requests * 1e6
@@ -278,7 +315,7 @@ def ratio_lines(summary: dict[str, dict[str, float]], pairs: Sequence[tuple[str,
     lines = []
     for case_name, rate in summary.items():
         cpu = case_name.endswith(" CPU")
-        unit = "µs/request" if cpu else "MB/s" if "uploads" in case_name else "req/s"
+        unit = "µs/request" if cpu else "MB/s" if "MiB uploads" in case_name else "req/s"
         for top, bottom in pairs:
             if top in rate and bottom in rate:
                 ratio = rate[bottom] / rate[top] if cpu else rate[top] / rate[bottom]
@@ -709,6 +746,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--client", choices=("auto", "wrk", "aiohttp"), default="auto")
     parser.add_argument("--baseline", help="part 1: also serve from the checkout in this directory (before/after in one run)")
+    parser.add_argument("--small-uploads", action="store_true",
+                        help="part 1: also a case of concurrent 1 KiB uploads (the write path's commits; req/s = uploads/s)")
+    parser.add_argument("--durable", action="store_true",
+                        help="the cluster with fsync and synchronous_commit on (the tests' cluster has them off), "
+                             "so commits cost what they cost in production")
     parser.add_argument("--skip-read-path", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--workers-compare", action="store_true", help="part 3: serve --workers 2 vs 1")
@@ -743,6 +785,8 @@ def main() -> int:
     # wal_level=minimal: the generation's rows and index builds skip the WAL (see generate()).
     options = (f"-c shared_buffers={args.shared_buffers} -c wal_level=minimal -c max_wal_senders=0 "
                "-c max_wal_size=8GB -c checkpoint_timeout=1h")
+    if args.durable:
+        options += " -c fsync=on -c synchronous_commit=on -c full_page_writes=on"
     needs_cluster = not args.skip_read_path or args.workers_compare or (not args.skip_scale and not args.database_url)
     pg = PostgresServer(options=options, launcher=["nice", "-n", "19", "ionice", "-c3"] if args.nice else [])
     if not needs_cluster:

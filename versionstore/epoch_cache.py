@@ -4,9 +4,13 @@ On SQLite `MetadataRepository.commit_epoch()` (`PRAGMA data_version`) moves when
 connection of any process (our writer, another `serve` worker, the CLI) commits, so a value
 read while it showed E is current for as long as it still shows E: no TTL, no lag, and a hit
 costs that one pragma instead of the statement, the row's decoding and the rendering. On
-PostgreSQL the epoch does not see other processes' commits at once, `commit_epoch()` is None
-and nothing is cached here. One epoch covers every entry, so the first read under a new epoch
-drops them all: a server that takes writes all the time simply misses.
+PostgreSQL (versionstore/pg_commits.py) every write transaction notifies at its COMMIT and each
+process listens: the epoch moves at this process's commits at once, at another's as its
+notification is delivered, on reconnecting, and at least every second (pg.CACHE_SECONDS: a
+lost notification lags no longer); while no connection listens `commit_epoch()` is None and
+nothing is cached here. One epoch covers every entry, so the
+first read under a new epoch drops them all: a server that takes writes all the time (or on
+PostgreSQL, any server once a second) simply misses.
 
 Use: read the epoch, then `get`; on a miss read (and derive) the value and `put` it under the
 epoch read *before* reading it. A value read across a commit is then stored under the older

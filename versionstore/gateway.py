@@ -68,9 +68,6 @@ class Transaction(Protocol):
 
 
 class Gateway(Protocol):
-    #: Whether `cache_epoch()` moves at every commit of every connection and process: then a
-    #: cached row, or a cached "no such row", may be trusted until it moves.
-    caches_misses: bool
     #: Migration numbers this open applied (empty when the schema was current).
     applied: list[int]
 
@@ -85,8 +82,9 @@ class Gateway(Protocol):
     async def lock(self, db: Transaction, key: str) -> None:
         """Inside a transaction: hold `key` until it ends (a read-then-decide unit of work)."""
 
-    def cache_epoch(self) -> object:
-        """Moves on whenever cached rows may be stale (see MetadataStore.get_cloud)."""
+    def commit_epoch(self) -> object | None:
+        """A value that moves at every commit of every connection and process (see
+        MetadataStore.commit_epoch), or None when it cannot tell (then nothing is cached)."""
 
     async def close(self) -> None: ...
 
@@ -100,8 +98,6 @@ async def _connect(path: Path) -> aiosqlite.Connection:
 
 
 class SqliteGateway:
-    caches_misses = True
-
     def __init__(self, writer: aiosqlite.Connection, scanner: aiosqlite.Connection, reader: sqlite3.Connection, applied: list[int]) -> None:
         self._writer = writer
         self._scanner = scanner
@@ -166,7 +162,7 @@ class SqliteGateway:
     async def lock(self, db: Transaction, key: str) -> None:
         """Nothing to do: BEGIN IMMEDIATE already serialises every writer."""
 
-    def cache_epoch(self) -> object:
+    def commit_epoch(self) -> object:
         """`PRAGMA data_version` changes whenever another connection (our writer, the CLI)
         commits, and costs less than the row look-up a cache saves."""
         return self._reader.execute("PRAGMA data_version").fetchone()[0]

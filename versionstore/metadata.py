@@ -20,6 +20,7 @@ from versionstore import queries
 from versionstore.archive_records import ArchiveFile
 from versionstore.console.records import AuditRecord, ConsoleSession, StaffMember
 from versionstore.drill_records import SCRATCH_MARK, AlertState, DrillScheduleRow
+from versionstore.epoch_cache import EpochCache
 from versionstore.gateway import Gateway, IntegrityError, SqliteGateway, Transaction, migrations
 from versionstore.models import (
     Asset,
@@ -45,6 +46,8 @@ _ASSET_COLUMNS = [*(f.name for f in fields(Asset) if f.name != "detached"), "det
 _VERSION_COLUMNS = [f.name for f in fields(Version)]
 
 
+#: Environments get_cloud keeps, found or missing (a name is a few dozen bytes).
+CLOUDS_CACHED = 4096
 #: With the environment's deletion protection (schema migration 13; no row: none).
 _CLOUD_SELECT = (
     "SELECT name, api_key, api_secret, auto_backup, created_at, backup_target, "
@@ -269,8 +272,9 @@ class MetadataStore:
         self.transaction = gateway.transaction
         #: Migration numbers applied when this store was opened.
         self.applied_migrations = gateway.applied
-        self._clouds: dict[str, Cloud | None] = {}
-        self._clouds_version: object = None
+        #: Environments by name, found (a 1-tuple of the Cloud) or not (of None): the name comes
+        #: from the request path, so the budget bounds what strangers' names can occupy.
+        self._clouds: EpochCache[str, tuple[Cloud | None]] = EpochCache(CLOUDS_CACHED)
 
     @classmethod
     async def open(cls, location: Path | str) -> "MetadataStore":
@@ -300,22 +304,20 @@ class MetadataStore:
         return cloud
 
     async def get_cloud(self, name: str, epoch: object | None = None) -> Cloud | None:
-        """Read on every request (so CLI changes apply at once), cached until the gateway's
-        epoch moves: on SQLite at any commit of any connection (PRAGMA data_version), on
-        PostgreSQL at our own commits and at least once a second; a missing environment is
-        cached only where the epoch sees every commit (SQLite). `epoch`: what the caller's
+        """Read on every request (so CLI changes apply at once), reused, found or missing,
+        while `commit_epoch()` stays where it was before the read (versionstore/epoch_cache.py:
+        a `cloud create` of another process shows at once on SQLite, within its notification's
+        delivery on PostgreSQL and at the latest pg.CACHE_SECONDS later). Without an epoch
+        (PostgreSQL's listener down) it is read every time. `epoch`: what the caller's
         `commit_epoch()` just returned (a request reads it once), None to read it here."""
         if epoch is None:
-            epoch = self._gate.cache_epoch()
-        if epoch != self._clouds_version:
-            self._clouds.clear()
-            self._clouds_version = epoch
-        if name not in self._clouds:
+            epoch = self._gate.commit_epoch()
+        hit = self._clouds.get(name, epoch)
+        if hit is None:
             row = await self._one(f"{_CLOUD_SELECT} WHERE name = ?", (name,))
-            if row is None and not self._gate.caches_misses:
-                return None
-            self._clouds[name] = None if row is None else _cloud(row)
-        return self._clouds[name]
+            hit = (None if row is None else _cloud(row),)
+            self._clouds.put(name, epoch, hit)
+        return hit[0]
 
     async def list_clouds(self) -> list[Cloud]:
         """The product environments (not the restore drills' scratch environments)."""
@@ -1185,12 +1187,14 @@ class MetadataStore:
         await self._scan("SELECT 1 FROM clouds LIMIT 1")
 
     def commit_epoch(self) -> object | None:
-        """The gateway's cache epoch where it moves at every commit of every connection and
-        process (SQLite: `PRAGMA data_version`), else None (PostgreSQL sees other processes'
-        commits only within a second). While it returns the value it returned before a read,
-        nothing that read saw has changed: what never may lag another process (a rendered
-        `versions` listing, a download's checks) is cached on it (versionstore/epoch_cache.py)."""
-        return self._gate.cache_epoch() if self._gate.caches_misses else None
+        """A value that moves at every commit of every connection and process: on SQLite
+        `PRAGMA data_version`, at once; on PostgreSQL (versionstore/pg.py, pg_commits.py) at
+        this process's commits at once and at another's as its notification is delivered, and
+        in any case every pg.CACHE_SECONDS; None while PostgreSQL's listener is not connected.
+        While it returns the value it returned before a read, nothing that read saw has
+        changed (up to that delivery): what is reused across requests (a rendered resource, a
+        download's checks, an environment) is cached on it (versionstore/epoch_cache.py)."""
+        return self._gate.commit_epoch()
 
     # --- several processes: the write journal, claims, leases and generations -----------------
     # (docs/design.md, "Processes, claims and leases"). Every claim is a conditional write; a

@@ -11,15 +11,23 @@ the pool's per-use bookkeeping; scans and transactions use asyncpg's pool. The h
 send one statement each (docs/design.md, "Metadata on PostgreSQL"): here every statement is a
 round trip.
 
+Caches: `commit_epoch()` moves at this process's commits, at other processes' (each write
+transaction sends a notification with its COMMIT, in the same round trip; one connection per
+process listens: versionstore/pg_commits.py), and at least every CACHE_SECONDS; None while
+nothing listens. What versionstore/epoch_cache.py keeps lags another process's commit by the
+notification's delivery, at most CACHE_SECONDS.
+
 Migrations: `schema_migrations` records the blocks of schema.sql applied (translated by
 versionstore/dialect.py); a session advisory lock makes processes that start together apply
 each block exactly once, one after the other.
 """
 
 import asyncio
+import contextlib
 import functools
 import re
 import time
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -30,10 +38,12 @@ import asyncpg
 from versionstore.config import StartupError
 from versionstore.dialect import placeholders, schema_block
 from versionstore.gateway import IntegrityError, Transaction, migrations
+from versionstore.pg_commits import CHANNEL, CommitListener
 
 #: pg_advisory_lock key of the migration lock ("versionstore" as an int).
 MIGRATION_LOCK = 0x76657273696F6E
-#: Seconds a cached row may lag a change committed by another process (see cache_epoch).
+#: Seconds a cached value may lag a change another process committed, even if its notification
+#: were lost (the time bucket of commit_epoch).
 CACHE_SECONDS = 1.0
 POOL_SIZE = 10
 CLOSE_SECONDS = 10.0
@@ -57,6 +67,22 @@ def _returns_rows(sql: str) -> bool:
     return sql.lstrip()[:4].upper() in ("SELE", "WITH") or "RETURNING" in sql.upper()
 
 
+@functools.lru_cache(maxsize=1024)
+def _verb(sql: str) -> str:
+    return sql.lstrip()[:6].upper()
+
+
+#: Statements whose rows (counted, or returned) say whether they changed anything.
+_COUNTED = ("INSERT", "UPDATE", "DELETE")
+
+
+def _wrote(sql: str, rows: int) -> bool:
+    """Whether a statement may have changed the database: not a SELECT, and not an
+    INSERT/UPDATE/DELETE that touched no row (others, e.g. WITH or DDL: assumed to)."""
+    verb = _verb(sql)
+    return verb != "SELECT" and (rows > 0 or verb not in _COUNTED)
+
+
 def _count(status: str) -> int:
     """Rows an INSERT/UPDATE/DELETE touched, from its status ('UPDATE 3', 'INSERT 0 1')."""
     last = status.rsplit(" ", 1)[-1]
@@ -77,8 +103,8 @@ async def small_reads(conn: asyncpg.Connection) -> asyncpg.Connection:
     return conn
 
 
-async def _connect(url: str) -> asyncpg.Connection:
-    return await small_reads(await asyncpg.connect(url, server_settings=SERVER_SETTINGS))
+async def _connect(url: str, **settings: str) -> asyncpg.Connection:
+    return await small_reads(await asyncpg.connect(url, server_settings={**SERVER_SETTINGS, **settings}))
 
 
 class PgCursor:
@@ -98,21 +124,36 @@ class PgTransaction:
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
+        #: Whether a statement may have changed something: then the COMMIT moves this
+        #: process's epoch (a transaction that only read, or updated no row, leaves its caches).
+        self.wrote = False
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> PgCursor:
         query = placeholders(sql)
         if _returns_rows(sql):
             rows = [tuple(r) for r in await self.conn.fetch(query, *parameters)]
+            self.wrote = self.wrote or _wrote(sql, len(rows))
             return PgCursor(len(rows), rows)
-        return PgCursor(_count(await self.conn.execute(query, *parameters)), [])
+        count = _count(await self.conn.execute(query, *parameters))
+        self.wrote = self.wrote or _wrote(sql, count)
+        return PgCursor(count, [])
 
     async def executemany(self, sql: str, parameters: Sequence[Sequence[Any]]) -> None:
+        self.wrote = True
         await self.conn.executemany(placeholders(sql), parameters)
 
 
 def _integrity(exc: asyncpg.IntegrityConstraintViolationError) -> IntegrityError:
     table = getattr(exc, "table_name", None) if isinstance(exc, asyncpg.UniqueViolationError) else None
     return IntegrityError(str(exc), table)
+
+
+async def _roll_back(conn: asyncpg.Connection) -> None:
+    """End a failed unit of work. A connection that cannot even roll back (cut, or a statement
+    cancelled mid-flight) is left to the pool, which resets or cuts it on release."""
+    if not conn.is_closed() and conn.is_in_transaction():
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await conn.execute("ROLLBACK")
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
@@ -189,58 +230,82 @@ class PointReads:
         self._open.clear()
 
 
-class PgGateway:
-    caches_misses = False
+def _commit_sql(instance: str) -> str:
+    """COMMIT, preceded (same round trip: a simple query of two statements) by this process's
+    notification if the transaction wrote: it has a transaction id only then."""
+    return f"SELECT pg_notify('{CHANNEL}', '{instance}') WHERE txid_current_if_assigned() IS NOT NULL; COMMIT"
 
-    def __init__(self, pool: asyncpg.Pool, reads: PointReads, applied: list[int]) -> None:
+
+class PgGateway:
+    def __init__(self, pool: asyncpg.Pool, reads: PointReads, listener: CommitListener, applied: list[int]) -> None:
         self._pool = pool
         self._reads = reads
+        self._listener = listener
+        self._commit = _commit_sql(listener.instance)
         self._commits = 0
         self.applied = applied
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = POOL_SIZE) -> "PgGateway":
         """`pool_size` connections at most: half for transactions (asyncpg's pool), half for
-        point reads (PointReads)."""
+        point reads (PointReads); and one that listens for other processes' commits."""
         readers = max(1, pool_size // 2)
+        instance = uuid.uuid4().hex
         try:
             pool = await asyncpg.create_pool(
                 url, min_size=1, max_size=max(1, pool_size - readers), reset=_reset, init=small_reads, server_settings=SERVER_SETTINGS
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StartupError(f"cannot open the metadata database {redacted(url)}: {type(exc).__name__}: {exc}") from None
+        listener = CommitListener(functools.partial(_connect, url, application_name="versionstore commit listener"), instance)
         try:
-            applied = await migrate(pool)
+            applied = await migrate(pool, instance)
+            await listener.start()
         except BaseException:
+            await listener.close()
             await pool.close()
             raise
-        return cls(pool, PointReads(functools.partial(_connect, url), readers), applied)
+        return cls(pool, PointReads(functools.partial(_connect, url), readers), listener, applied)
 
     async def close(self) -> None:
         """Wait for connections in use to be released, at most CLOSE_SECONDS (a task that never
         gives its connection back must not keep the process from exiting), then cut them."""
         try:
-            await asyncio.wait_for(asyncio.gather(self._reads.close(), self._pool.close()), CLOSE_SECONDS)
+            await asyncio.wait_for(asyncio.gather(self._listener.close(), self._reads.close(), self._pool.close()), CLOSE_SECONDS)
         except TimeoutError:
             self._reads.terminate()
             self._pool.terminate()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgTransaction]:
+        """One transaction on a pooled connection, rolled back on any exception. Its COMMIT
+        carries the notification that tells other processes' caches (pg_commits.py)."""
         async with self._pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            tx = PgTransaction(conn)
             try:
-                async with conn.transaction():
-                    yield PgTransaction(conn)
-            except asyncpg.IntegrityConstraintViolationError as exc:
-                raise _integrity(exc) from exc
-        self._commits += 1
+                yield tx
+                await conn.execute(self._commit)
+            except BaseException as exc:
+                await _roll_back(conn)
+                if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+                    raise _integrity(exc) from exc
+                raise
+        if tx.wrote:
+            self._commits += 1
 
     async def lock(self, db: Transaction, key: str) -> None:
         await db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(key.encode()),))
 
-    def cache_epoch(self) -> object:
-        """Our own commits invalidate at once; another process's within CACHE_SECONDS."""
-        return self._commits, int(time.monotonic() / CACHE_SECONDS)
+    def commit_epoch(self) -> object | None:
+        """Moves when this process commits (as COMMIT returns), when another process's commit
+        is heard (pg_commits.py: as its notification is delivered), when the listener
+        reconnects, and at least every CACHE_SECONDS (a lost notification lags no longer).
+        None while no connection listens: then nothing may be cached."""
+        listener = self._listener
+        if not listener.listening:
+            return None
+        return self._commits, listener.heard, listener.generation, int(time.monotonic() / CACHE_SECONDS)
 
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         row = await self._reads.fetch(placeholders(sql), args, first=True)
@@ -254,9 +319,10 @@ class PgGateway:
         return [tuple(r) for r in await self._pool.fetch(placeholders(sql), *args)]
 
 
-async def migrate(pool: asyncpg.Pool) -> list[int]:
+async def migrate(pool: asyncpg.Pool, instance: str) -> list[int]:
     """Apply the blocks of schema.sql this database lacks, each in its own transaction, under
-    an advisory lock; returns the numbers applied."""
+    an advisory lock; returns the numbers applied. Each block notifies like any write (a
+    block may rewrite rows other processes cache)."""
     applied = []
     async with pool.acquire() as conn:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
@@ -271,6 +337,7 @@ async def migrate(pool: asyncpg.Pool) -> list[int]:
                 async with conn.transaction():
                     await conn.execute(schema_block(block))
                     await conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)", number, time.time())
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, instance)
                 applied.append(number)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)

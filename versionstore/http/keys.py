@@ -38,7 +38,8 @@ ALERTS = web.AppKey("alerts", Alerts)
 #: Request key: the canonical path of the route `routes.dispatch` matched (metrics, logs).
 ROUTE = web.RequestKey("route", str)
 #: Request key: the metadata's `commit_epoch()` as `routes.dispatch` read it, once per request;
-#: what the request reuses from caches keyed on it is current as of the request's start.
+#: what the request reuses from caches keyed on it is current as of the request's start (on
+#: PostgreSQL: as of the other processes' commits heard by then, at most a second behind).
 EPOCH: web.RequestKey[object | None] = web.RequestKey("epoch")
 
 
