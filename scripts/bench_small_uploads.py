@@ -227,7 +227,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1,100", help="file sizes in KiB, comma-separated (default 1,100)")
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="one round of 100 uploads per phase")
-    parser.add_argument("--profile", type=float, metavar="SECONDS", help="then py-spy each tree's loop this long (-d)")
+    parser.add_argument("--profile", type=int, metavar="SECONDS", help="then py-spy each tree's loop this long (-d)")
     parser.add_argument("--profile-top", type=int, default=15, help="functions listed per profile (default 15)")
     parser.add_argument("--tmp-dir", help="where the data dirs go (default: the system's temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and logs")

@@ -52,9 +52,10 @@ VOLATILE = frozenset({"id", "time", "asset_id", "version_id", "version", "create
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """(reads small bodies whole, streams every body)."""
-    with running_server(tmp_path_factory.mktemp("fuzz-multipart")) as small:
-        with running_server(tmp_path_factory.mktemp("fuzz-multipart-stream"), {"VERSIONSTORE_SMALL_BODY_BYTES": "0"}) as stream:
-            yield small, stream
+    stream_env = {"VERSIONSTORE_SMALL_BODY_BYTES": "0"}
+    with (running_server(tmp_path_factory.mktemp("fuzz-multipart")) as small,
+          running_server(tmp_path_factory.mktemp("fuzz-multipart-stream"), stream_env) as stream):
+        yield small, stream
 
 
 def comparable(text: bytes) -> Any:
