@@ -212,8 +212,10 @@ async def read_multipart(
     own_lease = lease is None
     lease = request.app[UNAUTH_BUDGET].lease() if lease is None else lease
     try:
-        if spool_bytes is not None and on_file is None and (small := await _read_small(request, lease, before_file, spool_bytes)):
-            return small
+        if spool_bytes is not None and on_file is None:
+            small = await _read_small(request, lease, before_file, spool_bytes)
+            if small is not None:
+                return small
         telemetry.metrics().upload_bodies.labels("stream").inc()
         return await _read_streaming(request, new_spool, on_file, before_file, lease)
     finally:
@@ -262,8 +264,9 @@ async def _read_small(
             # fsynced in the same worker call once authenticated; before that, left to the consumer
             body.spooled = await spool_bytes(data, not lease.open)
     except BaseException:
-        if body.spooled is not None:
+        if body.spooled is not None:  # e.g. a second file part: the first one's file goes
             body.spooled.path.unlink(missing_ok=True)
+            body.spooled.lock.close()
         raise
     body.params = drop_blank(merge_pairs(fields))
     return body
