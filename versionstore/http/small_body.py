@@ -3,9 +3,10 @@
 Most uploads are small images, and for them aiohttp's `MultipartReader` was a third of the
 event loop's CPU per upload: a `readline` per header line, a header parser and a part reader
 per part, about 200 µs per part (docs/performance.md, "Per-upload cost of small files"). A body
-whose Content-Length is at most `Config.small_body_bytes` is read at once instead and cut at
-its delimiters with `bytes.find`; each part's header block goes through aiohttp's own header
-parser, cached per block, since the SDKs send the same field headers every time.
+of at most `Config.small_body_bytes` (by its Content-Length, or read that far when it is
+chunked) is read at once instead and cut at its delimiters with `bytes.find`; each part's
+header block goes through aiohttp's own header parser, cached per block, since the SDKs send
+the same field headers every time.
 
 Only bodies this module is sure aiohttp reads the same way take this path: `parts` answers
 None for anything else (a preamble or epilogue, a part header other than Content-Disposition
@@ -54,16 +55,33 @@ class Part:
 
 
 async def read_whole(request: web.Request, limit: int) -> bytes | None:
-    """The whole body when it is small enough, has a Content-Length and no content coding;
-    None (nothing read) otherwise."""
+    """The whole body when it is at most `limit` bytes and has no content coding; None (nothing
+    consumed) otherwise. A body with a Content-Length is judged by it; a chunked one (the
+    Node SDK sends every upload chunked) is read up to `limit` + 1 bytes and, when it turns out
+    longer, put back to stream."""
     length = request.content_length
-    if not length or length > limit or hdrs.CONTENT_ENCODING in request.headers or hdrs.TRANSFER_ENCODING in request.headers:
+    if limit <= 0 or hdrs.CONTENT_ENCODING in request.headers or (length is not None and not 0 < length <= limit):
         return None
+    if length is None:
+        return await _read_chunked(request, limit) if request.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked" else None
     try:
         return await request.content.readexactly(length)
     except asyncio.IncompleteReadError as short:  # the client stopped sending: the stream says so
         put_back(request, short.partial)
         return None
+
+
+async def _read_chunked(request: web.Request, limit: int) -> bytes | None:
+    held: list[bytes] = []
+    size = 0
+    while size <= limit and (data := await request.content.read(limit + 1 - size)):
+        held.append(data)
+        size += len(data)
+    whole = b"".join(held)
+    if size > limit or not whole:
+        put_back(request, whole)
+        return None
+    return whole
 
 
 def put_back(request: web.Request, data: bytes) -> None:
