@@ -71,19 +71,24 @@ METADATA_BACKENDS = [b for b in ("sqlite", "postgresql") if os.environ.get("VERS
 #: bounded (encodings, limits, loop lag), which happens before and apart from the metadata;
 #: doubling them would cost about 120 tests (half of the PostgreSQL share) and find nothing
 #: new. Every other module using `config` runs on both backends.
-SQLITE_ONLY_MODULES = {"test_hostile", "test_wire_encodings", "test_upload_body_errors"}
+SQLITE_ONLY_MODULES = {"test_hostile", "test_wire_encodings", "test_upload_body_errors", "test_small_body"}
+#: Modules whose every test runs once per multipart reader: small bodies read whole
+#: (http/small_body.py, the default) and every body streamed part by part.
+BOTH_READERS_MODULES = {"test_hostile", "test_wire_encodings", "test_upload_body_errors", "test_bad_input", "test_unauth_budget"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """`metadata_url` (through `config`) runs a test on each backend, unless the test
     parametrizes it itself or its module is SQLite-only."""
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in BOTH_READERS_MODULES and "body_reader" in metafunc.fixturenames:
+        metafunc.parametrize("body_reader", ["small", "stream"], indirect=True)
     if "metadata_url" not in metafunc.fixturenames:
         return
     for mark in metafunc.definition.iter_markers("parametrize"):
         names = mark.args[0]
         if "metadata_url" in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
             return
-    module = metafunc.module.__name__.rsplit(".", 1)[-1]
     backends = [b for b in METADATA_BACKENDS if b == "sqlite"] if module in SQLITE_ONLY_MODULES else METADATA_BACKENDS
     metafunc.parametrize("metadata_url", backends or ["sqlite"], indirect=True)
 
@@ -124,8 +129,16 @@ def metadata_url(request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture
-def config(tmp_path: Path, metadata_url: str | None) -> Config:
-    return Config(data_dir=tmp_path / "data", max_upload_bytes=64 << 20, metadata_url=metadata_url)
+def body_reader(request: pytest.FixtureRequest) -> str:
+    """How the app reads multipart upload bodies: `small` (the default: small ones whole) or
+    `stream` (every body part by part); both in BOTH_READERS_MODULES."""
+    return str(getattr(request, "param", "small"))
+
+
+@pytest.fixture
+def config(tmp_path: Path, metadata_url: str | None, body_reader: str) -> Config:
+    small_body_bytes = 0 if body_reader == "stream" else Config.small_body_bytes
+    return Config(data_dir=tmp_path / "data", max_upload_bytes=64 << 20, metadata_url=metadata_url, small_body_bytes=small_body_bytes)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 way when the part's headers have been read goes through http/body_tap.py, in small blocks. Run
 the body-parsing suites with it to check the tapped path on their hostile inputs:
 `pytest -p tests.tap_everywhere tests/test_hostile.py ...` (e2e servers run in their own
-process and keep the defaults)."""
+process and keep the defaults). Small bodies are read whole by http/small_body.py, not
+tapped, except in the `stream` runs of the modules conftest.BOTH_READERS_MODULES runs twice."""
 
 from collections.abc import Iterator
 

@@ -682,8 +682,9 @@ async def test_wrong_method_is_json_error(client: TestClient, untouched: Snapsho
 
 
 @pytest.fixture
-async def small(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient, Config]:
-    config = Config(data_dir=tmp_path / "small", max_upload_bytes=1024, max_body_bytes=4096)
+async def small(aiohttp_client: Any, tmp_path: Path, body_reader: str) -> tuple[TestClient, Config]:
+    config = Config(data_dir=tmp_path / "small", max_upload_bytes=1024, max_body_bytes=4096,
+                    small_body_bytes=0 if body_reader == "stream" else Config.small_body_bytes)
     app = create_app(config)
     test_client: TestClient = await aiohttp_client(app)
     await app[META].create_cloud(CLOUD, API_KEY, API_SECRET, auto_backup=True)

@@ -15,7 +15,7 @@ import pytest
 
 from versionstore import queries
 from versionstore.gateway import IntegrityError, migrations
-from versionstore.metadata import AssetChanged, MetadataStore
+from versionstore.metadata import AssetChanged, MetadataStore, WriteExpired
 from versionstore.models import Asset, BackupHealth, Job, SessionState, UploadPart, UploadSession, Version
 from versionstore.repository import MetadataRepository
 
@@ -332,3 +332,24 @@ def test_no_sql_calls_json_each() -> None:
     sources = [*root.rglob("*.py"), root / "schema.sql"]
     assert len(sources) > 20
     assert [str(p) for p in sources if "json_each(" in p.read_text()] == []
+
+
+async def test_journal_ids_name_their_rows_and_expired_ones_refuse_the_commit(repo: MetadataStore) -> None:
+    """`begin_writes_many` inserts many rows per statement: each id must still name the row of
+    its (digest, role, target), in order; `_finish_writes` deletes them in one statement and
+    refuses when any lease ran out."""
+    roles = [("original", None), ("revision", "b1"), ("pending", None)]
+    digests = ["d" * 64, "e" * 64]
+    ids = await repo.begin_writes_many("c", digests, roles, "owner", time.time() + 60)
+    for digest, row_ids in zip(digests, ids, strict=True):
+        for (role, target), write_id in zip(roles, row_ids, strict=True):
+            row = await repo._one("SELECT digest, role, target FROM inflight_writes WHERE id = ?", (write_id,))
+            assert tuple(row) == (digest, role, target)
+    async with repo.transaction() as db:
+        await MetadataStore._finish_writes(db, ids[0])
+    assert await repo._all("SELECT id FROM inflight_writes WHERE id IN (?, ?, ?)", ids[0]) == []
+    expired = (await repo.begin_writes_many("c", ["f" * 64], roles, "owner", time.time() - 1))[0]
+    with pytest.raises(WriteExpired):
+        async with repo.transaction() as db:
+            await MetadataStore._finish_writes(db, [*ids[1], *expired])
+    assert len(await repo._all("SELECT id FROM inflight_writes")) == 6  # rolled back: nothing removed

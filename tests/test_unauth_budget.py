@@ -27,8 +27,9 @@ MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return Config(data_dir=tmp_path / "data", max_upload_bytes=64 * MiB, max_body_bytes=1 * MiB, unauth_budget_bytes=3 * MiB)
+def config(tmp_path: Path, body_reader: str) -> Config:
+    return Config(data_dir=tmp_path / "data", max_upload_bytes=64 * MiB, max_body_bytes=1 * MiB, unauth_budget_bytes=3 * MiB,
+                  small_body_bytes=0 if body_reader == "stream" else Config.small_body_bytes)
 
 
 def many_fields(total: int) -> list[tuple[str, bytes]]:

@@ -77,6 +77,9 @@ class Config:
     #: Bytes all not-yet-authenticated requests together may hold (fields in memory, a file part
     #: sent before the signature on disk); one such request may hold at most max_body_bytes.
     unauth_budget_bytes: int = 64 << 20
+    #: Multipart upload bodies up to this many bytes (by their Content-Length) are read whole and
+    #: parsed in one pass (http/small_body.py); larger ones stream. 0 streams every body.
+    small_body_bytes: int = 256 << 10
     #: Seconds allowed to fetch a remote `file` URL.
     fetch_timeout: float = 300.0
     primary_store: str | None = None
@@ -137,6 +140,7 @@ class Config:
             "max_upload_bytes": _env_int("VERSIONSTORE_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             "max_body_bytes": _env_int("VERSIONSTORE_MAX_BODY_BYTES", cls.max_body_bytes),
             "unauth_budget_bytes": _env_int("VERSIONSTORE_UNAUTH_BUDGET_BYTES", cls.unauth_budget_bytes),
+            "small_body_bytes": _env_int("VERSIONSTORE_SMALL_BODY_BYTES", cls.small_body_bytes),
             "fetch_timeout": _env_float("VERSIONSTORE_FETCH_TIMEOUT", cls.fetch_timeout),
             "primary_store": os.environ.get("VERSIONSTORE_PRIMARY_STORE") or None,
             "backup_store": os.environ.get("VERSIONSTORE_BACKUP_STORE") or None,

@@ -93,6 +93,8 @@ _PENDING_SELECT = "SELECT cloud, digest, bytes, queued_at, attempts, next_attemp
 
 #: The generation that moves whenever a version's `restorable` may change (see revisions_generation).
 REVISIONS = "revisions"
+#: Rows per multi-row INSERT: 7,000 parameters, below SQLite's and PostgreSQL's 32,766/32,767.
+_ROWS_PER_INSERT = 1000
 
 
 def target_generation(cloud: str) -> str:
@@ -1229,11 +1231,15 @@ class MetadataStore:
         """Inside the commit naming the blobs: remove their journal rows, which must still be
         live. A lease that ran out never comes back (renew_leases only extends live ones), so
         orphan collection may delete such a write's blob and this commit cannot name it."""
-        now = time.time()
-        for write_id in ids:
-            cursor = await db.execute("DELETE FROM inflight_writes WHERE id = ? AND lease_until > ?", (write_id, now))
-            if cursor.rowcount != 1:
-                raise WriteExpired(f"the lease of blob write {write_id} ran out before its commit")
+        if not ids:
+            return
+        # One statement for all of them: each statement inside a SQLite transaction is a hop to
+        # the writer thread (docs/performance.md, "Small uploads without aiohttp's multipart reader").
+        wanted = sorted(set(ids))
+        marks = ", ".join("?" * len(wanted))
+        cursor = await db.execute(f"DELETE FROM inflight_writes WHERE id IN ({marks}) AND lease_until > ?", (*wanted, time.time()))
+        if cursor.rowcount != len(wanted):
+            raise WriteExpired(f"the lease of blob writes {wanted} ran out before their commit")
 
     async def begin_writes(
         self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]], owner: str, lease_until: float
@@ -1246,20 +1252,21 @@ class MetadataStore:
     ) -> list[list[int]]:
         """`begin_writes` of several digests in one transaction: the ids per digest, in order."""
         now = time.time()
-        ids: list[list[int]] = []
+        rows = [(cloud, digest, role, target, owner, now, lease_until) for digest in digests for role, target in roles]
+        new_ids: list[int] = []
         async with self.transaction() as db:
-            for digest in digests:
-                ids.append([])
-                for role, target in roles:
-                    cursor = await db.execute(
-                        "INSERT INTO inflight_writes (cloud, digest, role, target, owner, started_at, lease_until) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                        (cloud, digest, role, target, owner, now, lease_until),
-                    )
-                    row = await cursor.fetchone()
-                    assert row is not None
-                    ids[-1].append(int(row[0]))
-        return ids
+            # A few statements of many rows, not one per row (each is a hop to SQLite's writer
+            # thread). Ids are handed out in the order of the VALUES rows, whatever order
+            # RETURNING lists them in, so the sorted ids are the rows' ids in order.
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start : start + _ROWS_PER_INSERT]
+                cursor = await db.execute(
+                    "INSERT INTO inflight_writes (cloud, digest, role, target, owner, started_at, lease_until) VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)) + " RETURNING id",
+                    [value for row in chunk for value in row],
+                )
+                new_ids += sorted(int(row[0]) for row in await cursor.fetchall())
+        return [new_ids[i * len(roles) : (i + 1) * len(roles)] for i in range(len(digests))]
 
     async def end_writes(self, ids: Sequence[int], *, expire: bool) -> None:
         """Remove journal rows (the write is named by committed metadata, or was abandoned before

@@ -29,7 +29,7 @@ from versionstore.locks import KeyedLocks
 from versionstore.metadata import AssetChanged, WriteExpired
 from versionstore.models import Asset, Cloud, Downloadable, RestoreFailure, ScheduledPurge, Version
 from versionstore.repository import MetadataRepository
-from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable
+from versionstore.spool import Spooled, SpoolFile, hash_file, make_durable, spool_bytes
 from versionstore.targets import FAILING, BackupTargets, TargetUnavailable
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,10 @@ class VersionService:
 
     def new_spool(self) -> SpoolFile:
         return SpoolFile(self.spool_dir, self.max_bytes)
+
+    async def spool_bytes(self, data: bytes, sync: bool = True) -> Spooled:
+        """A small body already in memory, spooled in one worker-thread call (spool.spool_bytes)."""
+        return await spool_bytes(self.spool_dir, self.max_bytes, data, sync)
 
     # --- uploads ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import fcntl
 import hashlib
+import io
 import os
 import secrets
 import threading
@@ -130,14 +131,7 @@ class SpoolFile:
         self._state = threading.Lock()
         self._busy = 0
         self._discarded = False
-        # Unbuffered: blocks are already large, and Python's buffer would add a copy. Created
-        # and locked under a staging name, then renamed: a `.part` file is locked from its first
-        # moment until its upload is done with it (see remove_stale_parts).
-        staging = directory / f"{name}.new"
-        self._handle = open(staging, "xb", buffering=0)
-        self._lock = open(staging, "rb")
-        fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(staging, self.path)
+        self._handle, self._lock = _create(directory, name)
 
     async def write(self, data: bytes) -> None:
         self._count(data)
@@ -159,8 +153,7 @@ class SpoolFile:
 
     def _count(self, data: bytes | memoryview) -> None:
         self.size += len(data)
-        if self.size > self.limit:
-            raise TooLarge(f"File size too large. Got {self.size}. Maximum is {self.limit}.")
+        _check_size(self.size, self.limit)
         if len(self.head) < HEAD:
             self.head += bytes(data[: HEAD - len(self.head)])
 
@@ -248,6 +241,52 @@ class SpoolFile:
         self._handle.close()
         self.path.unlink(missing_ok=True)
         self._lock.close()
+
+
+def _check_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise TooLarge(f"File size too large. Got {size}. Maximum is {limit}.")
+
+
+def _create(directory: Path, name: str) -> tuple[io.FileIO, io.BufferedReader]:
+    """(an unbuffered write handle, a read handle holding the lock) of a new `NAME.part`.
+    Unbuffered: blocks are already large, and Python's buffer would add a copy. Created and
+    locked under a staging name, then renamed: a `.part` file is locked from its first moment
+    until its upload is done with it (see remove_stale_parts)."""
+    staging = directory / f"{name}.new"
+    handle = open(staging, "xb", buffering=0)
+    lock = open(staging, "rb")
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(staging, directory / f"{name}.part")
+    return handle, lock
+
+
+async def spool_bytes(directory: Path, limit: int, data: bytes, sync: bool) -> Spooled:
+    """A body already in memory (a small upload, http/small_body.py) as a spool file, in one
+    worker-thread call: create, write, both digests and, with `sync`, the fsync. `SpoolFile`
+    takes three thread hops and a file creation on the event loop for the same result, which
+    is most of the loop's spool cost for a 1 KiB upload (docs/performance.md)."""
+    _check_size(len(data), limit)
+    return await asyncio.to_thread(_spool_now, directory, data, sync)
+
+
+def _spool_now(directory: Path, data: bytes, sync: bool) -> Spooled:
+    name = secrets.token_hex(12)
+    path = directory / f"{name}.part"
+    handle, lock = _create(directory, name)
+    try:
+        with handle:
+            view = memoryview(data)
+            while view:
+                view = view[handle.write(view) :]
+            if sync:  # durable before any store links it and before any metadata names it
+                os.fsync(handle.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        lock.close()
+        raise
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return Spooled(path, len(data), blake3.blake3(data).hexdigest(), data[:HEAD], synced=sync, md5=md5, lock=lock)
 
 
 def _after(

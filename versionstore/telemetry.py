@@ -33,6 +33,7 @@ class Metrics:
     dedup_hits: Counter  # store
     snapshot_failures: Counter  # cloud, operation (snapshot, retention)
     drill_failures: Counter  # cloud
+    upload_bodies: Counter  # reader: small (read whole, http/small_body.py) or stream
 
 
 _current: Metrics | None = None
@@ -71,6 +72,8 @@ def _build() -> Metrics:
                                   "(operation=retention) that failed, by environment", ("cloud", "operation"), registry=registry),
         drill_failures=Counter("versionstore_drill_failures", "Restore drills that failed or found a mismatch, by environment",
                                ("cloud",), registry=registry),
+        upload_bodies=Counter("versionstore_upload_bodies", "Multipart upload bodies, by the reader that read them (small: "
+                              "read whole and split in one pass; stream: part by part)", ("reader",), registry=registry),
     )
 
 

@@ -159,6 +159,14 @@ def configure_sdk(base_url: str, cloud_name: str = CLOUD, api_key: str = API_KEY
     cloudinary.config(cloud_name=cloud_name, api_key=api_key, api_secret=api_secret, upload_prefix=base_url)
 
 
+def bodies_read(server: ServerProcess) -> dict[str, float]:
+    """`versionstore_upload_bodies_total` by reader (`small`, `stream`) from the server's /metrics."""
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    prefix = 'versionstore_upload_bodies_total{reader="'
+    return {line[len(prefix) :].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)}
+
+
 @contextlib.contextmanager
 def running_server(tmp: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     data_dir = tmp / "data"

@@ -9,7 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.e2e.conftest import API_KEY, API_SECRET, CLOUD, ServerProcess
+from tests.e2e.conftest import API_KEY, API_SECRET, CLOUD, ServerProcess, bodies_read
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 
@@ -20,6 +20,9 @@ def test_node_sdk_end_to_end(server: ServerProcess) -> None:
     run = subprocess.run(["node", "drive.js"], cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, f"{run.stderr}\nserver log:\n{server.log_tail()}"
     out = json.loads(run.stdout)
+    # The Node SDK's small uploads were read whole (http/small_body.py), its 12 MiB one streamed.
+    read = bodies_read(server)
+    assert read.get("small", 0) >= 2 and read.get("stream", 0) >= 1, read
 
     first, second = out["first"], out["second"]
     assert out["ping"]["status"] == "ok"

@@ -24,7 +24,7 @@ import cloudinary.uploader
 import cloudinary.utils
 import pytest
 
-from tests.e2e.conftest import API_KEY, API_SECRET, CLOUD, ServerProcess, cli, configure_sdk
+from tests.e2e.conftest import API_KEY, API_SECRET, CLOUD, ServerProcess, bodies_read, cli, configure_sdk
 
 HEX32 = 32
 
@@ -247,6 +247,24 @@ def test_data_uri_upload(sdk: ServerProcess) -> None:
     assert result["format"] == "png" and result["bytes"] == len(data)
     assert (result["width"], result["height"]) == (7, 3)
     assert download(result["asset_id"], result["version_id"])[2] == data
+
+
+def test_sdk_encodings_take_the_small_body_path(sdk: ServerProcess, file_server: Any) -> None:
+    """A file (with tags and context), a data URI and a remote URL from the SDK: every body is
+    read whole and split in one pass (http/small_body.py), and stores the same bytes."""
+    data = png(5, 4, salt=b"small-path") + os.urandom(2000)
+    url = file_server.add(f"small/{secrets.token_hex(4)}/photo.png", data)
+    before = bodies_read(sdk)
+    by_file = cloudinary.uploader.upload(io.BytesIO(data), public_id=uid(), tags=["a", "b"], context={"k": "v"},
+                                         backup=True, overwrite=True)
+    by_uri = cloudinary.uploader.upload("data:image/png;base64," + base64.b64encode(data).decode(), public_id=uid())
+    by_url = cloudinary.uploader.upload(url, public_id=uid(), resource_type="auto")
+    after = bodies_read(sdk)
+    assert after.get("small", 0) - before.get("small", 0) == 3 and after.get("stream", 0) == before.get("stream", 0)
+    for result in (by_file, by_uri, by_url):
+        assert result["bytes"] == len(data) and result["etag"] == hashlib.md5(data).hexdigest()
+        assert download(result["asset_id"], result["version_id"])[2] == data
+    assert by_file["tags"] == ["a", "b"]
 
 
 def test_remote_url_upload(sdk: ServerProcess, file_server: Any) -> None:

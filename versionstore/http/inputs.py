@@ -73,11 +73,12 @@ def part_names(part: BodyPartReader) -> tuple[str | None, str | None]:
     """A part's (name, filename), as `part.name` and `part.filename` answer them: aiohttp parses
     the Content-Disposition anew for every part of every request (~0.1-0.3 ms each), while the
     SDKs send the same few field headers every time, so the parse is cached per header."""
-    return _disposition(part.headers.get(hdrs.CONTENT_DISPOSITION))
+    return disposition(part.headers.get(hdrs.CONTENT_DISPOSITION))
 
 
 @functools.lru_cache(maxsize=256)  # bounded: a part header is at most aiohttp's 8 KiB line limit
-def _disposition(header: str | None) -> tuple[str | None, str | None]:
+def disposition(header: str | None) -> tuple[str | None, str | None]:
+    """(name, filename) of a Content-Disposition header, parsed as aiohttp parses it."""
     _, params = parse_content_disposition(header)
     return content_disposition_filename(params, "name"), content_disposition_filename(params, "filename")
 
@@ -89,12 +90,22 @@ async def read_field(part: BodyPartReader, allowance: BodyAllowance, first: byte
         allowance.charge(len(chunk))
         data += chunk
         if len(data) > FIELD_LIMIT:
-            raise BadRequest(f"Field {part_names(part)[0]!r} is larger than {FIELD_LIMIT} bytes")
-    charset = part.get_charset(default="utf-8")
+            raise _field_too_large(part_names(part)[0])
+    return field_text(part_names(part)[0], data, part.get_charset(default="utf-8"))  # part_names is cached
+
+
+def field_text(name: str | None, data: bytes | bytearray, charset: str) -> str:
+    """A whole field's bytes as text, as `read_field` answers (http/small_body.py's parts)."""
+    if len(data) > FIELD_LIMIT:
+        raise _field_too_large(name)
     try:
         return data.decode(charset)
     except (UnicodeDecodeError, LookupError):
-        return decode(data, charset, f"field {part_names(part)[0]!r}")  # raises the clear error
+        return decode(data, charset, f"field {name!r}")  # raises the clear error
+
+
+def _field_too_large(name: str | None) -> BadRequest:
+    return BadRequest(f"Field {name!r} is larger than {FIELD_LIMIT} bytes")
 
 
 async def multipart_reader(request: web.Request) -> MultipartReader:

@@ -22,16 +22,19 @@ from dataclasses import dataclass
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
 
+from versionstore import telemetry
 from versionstore.errors import BadRequest
+from versionstore.http import small_body
 from versionstore.http.body_tap import delimiter_prefix, spool_tapped
 from versionstore.http.budget import Lease
-from versionstore.http.inputs import BodyAllowance, multipart_reader, next_part, part_names, read_field
+from versionstore.http.inputs import BodyAllowance, field_text, multipart_reader, next_part, part_names, read_field
 from versionstore.http.keys import CONFIG, UNAUTH_BUDGET
 from versionstore.params import Params, drop_blank, merge_pairs
 from versionstore.spool import Spooled, SpoolFile
 
 READ_SIZE = 256 * 1024
 _SNIFF = 8192  # aiohttp asserts read_chunk(size) >= boundary length + 2 on parts without Content-Length
+_DATA_URI_MORE = 1024  # read after the first _SNIFF bytes of a data URI: its comma is within both
 #: Bytes the request stream may buffer before it stops reading the socket (aiohttp's default,
 #: 128 KiB, is less than one socket read and made every read pause and resume the transport).
 STREAM_BUFFER = 1 << 20
@@ -148,19 +151,45 @@ async def charged(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[b
         yield data
 
 
-async def _spool_base64(chunks: AsyncIterator[bytes], spool: SpoolFile) -> None:
-    pending = b""
+class _Base64:
+    """Base64 arriving in pieces: whitespace dropped, whole quartets decoded (strictly) as they
+    complete, the last one padded at the end."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        self.pending += b"".join(data.split())
+        usable = len(self.pending) - len(self.pending) % 4
+        decoded, self.pending = self.pending[:usable], self.pending[usable:]
+        return _decode(decoded) if decoded else b""
+
+    def end(self) -> bytes:
+        return _decode(self.pending + b"=" * (-len(self.pending) % 4)) if self.pending else b""
+
+
+def _decode(data: bytes) -> bytes:
     try:
-        async for data in chunks:
-            pending += b"".join(data.split())
-            usable = len(pending) - len(pending) % 4
-            if usable:
-                await spool.write(binascii.a2b_base64(pending[:usable], strict_mode=True))
-                pending = pending[usable:]
-        if pending:
-            await spool.write(binascii.a2b_base64(pending + b"=" * (-len(pending) % 4), strict_mode=True))
+        return binascii.a2b_base64(data, strict_mode=True)
     except binascii.Error:
         raise BadRequest("Invalid data URI: bad base64") from None
+
+
+def _data_uri_payload(head: bytes) -> bytes:
+    """What follows the comma of a data URI's first bytes; a 400 unless it is base64."""
+    meta, sep, rest = head.partition(b",")
+    if not sep or b";base64" not in meta:
+        raise BadRequest("Invalid data URI: only base64 data URIs are supported")
+    return rest
+
+
+async def _spool_base64(chunks: AsyncIterator[bytes], spool: SpoolFile) -> None:
+    decoder = _Base64()
+    async for data in chunks:
+        if decoded := decoder.feed(data):
+            await spool.write(decoded)
+    if decoded := decoder.end():
+        await spool.write(decoded)
 
 
 async def read_multipart(
@@ -169,6 +198,7 @@ async def read_multipart(
     on_file: Callable[[Params, str | None, AsyncIterator[bytes]], Awaitable[None]] | None = None,
     before_file: Callable[[Params], None] | None = None,
     lease: Lease | None = None,
+    spool_bytes: Callable[[bytes, bool], Awaitable[Spooled]] | None = None,
 ) -> UploadBody:
     """Read every part; `on_file`, when given, consumes the file part's body itself (it gets the
     fields before it, its filename and its chunks).
@@ -176,9 +206,86 @@ async def read_multipart(
     `before_file` sees the fields that precede the file part (the SDKs send the file last),
     so a bad signature is refused before a large body is spooled to disk; it settles `lease`
     when it authenticates the request. Until then fields and spooled bytes are charged to it.
+    With `spool_bytes` (and no `on_file`) a small body is read whole and split in one pass
+    (http/small_body.py), with the same results and errors as the streaming reader.
     """
     own_lease = lease is None
     lease = request.app[UNAUTH_BUDGET].lease() if lease is None else lease
+    try:
+        if spool_bytes is not None and on_file is None:
+            small = await _read_small(request, lease, before_file, spool_bytes)
+            if small is not None:
+                return small
+        telemetry.metrics().upload_bodies.labels("stream").inc()
+        return await _read_streaming(request, new_spool, on_file, before_file, lease)
+    finally:
+        if own_lease:
+            lease.settle()
+
+
+async def _read_small(
+    request: web.Request, lease: Lease, before_file: Callable[[Params], None] | None,
+    spool_bytes: Callable[[bytes, bool], Awaitable[Spooled]],
+) -> UploadBody | None:
+    """A small body, read whole (charged whole to `lease` while it is open); None, with nothing
+    consumed, when it must stream instead."""
+    whole = await small_body.read_whole(request, request.app[CONFIG].small_body_bytes)
+    if whole is None:
+        return None
+    parts = small_body.parts(request, whole)
+    if parts is None or not small_body.charge(lease, len(whole)):
+        small_body.put_back(request, whole)
+        return None
+    telemetry.metrics().upload_bodies.labels("small").inc()
+    allowance = BodyAllowance(request.app[CONFIG].max_body_bytes, None)  # the lease holds the whole body
+    body = UploadBody(params={})
+    fields: list[tuple[str, str]] = []  # folded as in `_read_streaming`
+    try:
+        for part in parts:
+            name, data = part.head.name, part.data
+            if name != "file":
+                allowance.field()
+                allowance.charge(len(data))
+                fields.append((name or "", field_text(name, data, part.head.charset)))
+                continue
+            if body.spooled or body.file_url:
+                raise BadRequest("More than one file part")
+            body.params = drop_blank(merge_pairs(fields))
+            if before_file is not None:
+                before_file(body.params)
+            body.filename = part.head.filename
+            if body.filename is None and data[:8].lower().startswith((b"http://", b"https://")):
+                allowance.field()
+                allowance.charge(max(0, len(data) - _SNIFF))  # the streaming reader charges its first read to the lease
+                body.file_url = field_text(name, data, part.head.charset).strip()
+                continue
+            if body.filename is None and data.startswith(b"data:"):
+                data = _data_uri_bytes(data)
+            # fsynced in the same worker call once authenticated; before that, left to the consumer
+            body.spooled = await spool_bytes(data, not lease.open)
+    except BaseException:
+        if body.spooled is not None:  # e.g. a second file part: the first one's file goes
+            body.spooled.path.unlink(missing_ok=True)
+            body.spooled.lock.close()
+        raise
+    body.params = drop_blank(merge_pairs(fields))
+    return body
+
+
+def _data_uri_bytes(data: bytes) -> bytes:
+    """A data URI's bytes, decoded in the pieces the streaming reader sees for a small body."""
+    head = _SNIFF + _DATA_URI_MORE
+    decoder = _Base64()
+    return decoder.feed(_data_uri_payload(data[:head])) + decoder.feed(data[head:]) + decoder.end()
+
+
+async def _read_streaming(
+    request: web.Request,
+    new_spool: Callable[[], SpoolFile],
+    on_file: Callable[[Params, str | None, AsyncIterator[bytes]], Awaitable[None]] | None,
+    before_file: Callable[[Params], None] | None,
+    lease: Lease,
+) -> UploadBody:
     allowance = BodyAllowance(request.app[CONFIG].max_body_bytes, lease)
     reader = await multipart_reader(request)
     body = UploadBody(params={})
@@ -209,12 +316,9 @@ async def read_multipart(
                 continue
             spool = new_spool()
             if filename is None and first.startswith(b"data:"):
-                more = await part.read_chunk(1024)
+                more = await part.read_chunk(_DATA_URI_MORE)
                 lease.take(len(more))
-                meta, sep, rest = (first + more).partition(b",")
-                if not sep or b";base64" not in meta:
-                    raise BadRequest("Invalid data URI: only base64 data URIs are supported")
-                chunks = part_chunks(part, rest)
+                chunks = part_chunks(part, _data_uri_payload(first + more))
                 await _spool_base64(charged(chunks, lease) if lease.open else chunks, spool)
             elif filename is not None and not lease.open and await spool_tapped_part(request, reader, part, spool):
                 pass  # a large body, received straight into the spool's blocks
@@ -232,8 +336,5 @@ async def read_multipart(
         if spool is not None:
             spool.discard()
         raise
-    finally:
-        if own_lease:
-            lease.settle()
     body.params = drop_blank(merge_pairs(fields))
     return body

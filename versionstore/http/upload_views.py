@@ -37,7 +37,9 @@ async def upload(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     lease = pre_auth_lease(request, cloud)
     try:
         if media_type(request) == "multipart/form-data":
-            body = await read_multipart(request, service.new_spool, before_file=_early_auth(cloud, lease), lease=lease)
+            body = await read_multipart(
+                request, service.new_spool, before_file=_early_auth(cloud, lease), lease=lease, spool_bytes=service.spool_bytes
+            )
         else:
             body = UploadBody(params=await admin_params(request, lease))
     finally:
@@ -78,13 +80,7 @@ async def _file_bytes(request: web.Request, body: UploadBody) -> Spooled:
             data = binascii.a2b_base64(payload)
         except (binascii.Error, ValueError):
             raise BadRequest("Invalid data URI: bad base64") from None
-        spool = service.new_spool()
-        try:
-            await spool.write(data)
-            body.spooled = await spool.finish()
-        except BaseException:
-            spool.discard()  # e.g. too large: leave nothing in spool/
-            raise
+        body.spooled = await service.spool_bytes(data)  # too large: refused before anything is written
     else:
         config = request.app[CONFIG]
         fetcher, egress = request.app[FETCHER], request.app[EGRESS]
