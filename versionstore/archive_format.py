@@ -323,7 +323,9 @@ class Member:
         self.entry, self.left, self.progress, self.hashed = entry, int(entry["bytes"]), progress, hashed
         self.fd, self.offset = fd, offset
         self.blake3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        # No MD5 to check (a version older than MD5s): none computed here, the importer's
+        # staging computes the one the new version records.
+        self.md5 = hashlib.md5(usedforsecurity=False) if entry["md5"] is not None else None
         self._checked = False
 
     def read(self, size: int = READ) -> bytes:
@@ -333,12 +335,28 @@ class Member:
         self.left -= len(data)
         self.offset += len(data)
         if self.hashed and data:
-            md5 = _MD5_THREAD.submit(self.md5.update, data)  # hashlib and blake3 release the GIL
+            md5 = _MD5_THREAD.submit(self.md5.update, data) if self.md5 is not None else None  # both release the GIL
             self.blake3.update(data)
-            md5.result()
+            if md5 is not None:
+                md5.result()
         if self.progress is not None:
             self.progress(len(data))
         return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        """The next bytes into `buffer` (at most its length), unhashed: for a caller that hashes
+        what it reads itself (staging.Stager) and then `compare`s. One copy, no allocation."""
+        want = min(len(buffer), self.left)
+        if not want:
+            return 0
+        got = _tar_errors(lambda: os.preadv(self.fd, [buffer[:want]], self.offset))
+        if not got:
+            raise ArchiveInvalid(f"{self.entry['path']}: truncated")
+        self.left -= got
+        self.offset += got
+        if self.progress is not None:
+            self.progress(got)
+        return got
 
     def check(self) -> None:
         """Read what is left, then compare both digests with the manifest's. Unhashed, there is
@@ -349,13 +367,15 @@ class Member:
             pass
         self._checked = True
         if self.hashed:
-            self.compare(self.blake3.hexdigest(), self.md5.hexdigest())
+            self.compare(self.blake3.hexdigest(), self.md5.hexdigest() if self.md5 is not None else None)
 
-    def compare(self, actual_blake3: str, actual_md5: str) -> None:
+    def compare(self, actual_blake3: str, actual_md5: str | None) -> None:
+        """The digests of the bytes read against the manifest's (`actual_md5` None: no MD5 was
+        computed here, as for an entry without one)."""
         entry = self.entry
         if actual_blake3 != entry["blake3"]:
             raise ArchiveInvalid(f"{entry['path']}: BLAKE3 {actual_blake3} does not match the manifest's {entry['blake3']}")
-        if entry["md5"] is not None and actual_md5 != entry["md5"]:
+        if entry["md5"] is not None and actual_md5 is not None and actual_md5 != entry["md5"]:  # None: not computed here
             raise ArchiveInvalid(f"{entry['path']}: MD5 {actual_md5} does not match the manifest's {entry['md5']}")
 
 
