@@ -11,8 +11,10 @@ removes a crash's leftovers and never a live one.
 """
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import secrets
 import shutil
@@ -67,11 +69,19 @@ def _advisory_datasync(fd: int) -> None:
 
 #: Bytes per block a Stager reads, hashes and writes (as archive_format.READ).
 STAGE_BLOCK = 4 << 20
-#: Buffers a Stager rotates: the reader fills one while the others are in (or wait for) the
-#: MD5 and write lanes, so the reader runs up to RING - 1 blocks ahead of the slower lane.
-RING = 4
+#: Block writes of staged files in flight at once. Positioned writes, so their order does not
+#: matter; with O_DIRECT each waits for the device, and several keep its queue busy.
+WRITES_IN_FLIGHT = 3
+#: Buffers a Stager rotates: the reader fills one while the others are hashed (MD5) or written,
+#: so the reader runs ahead of the slower lane by up to RING - 1 blocks.
+RING = WRITES_IN_FLIGHT + 3
+#: O_DIRECT writes need offsets, lengths and memory aligned to the device's block size; 4 KiB
+#: covers every common one (the buffers are page-aligned, the last block is padded and the file
+#: truncated back to its size).
+ALIGN = 4096
 #: MD5s the blocks of staged files in order (one worker), beside their BLAKE3 and their write.
 _MD5_THREAD = ThreadPoolExecutor(1, thread_name_prefix="staged-md5")
+_BLOCK_WRITERS = ThreadPoolExecutor(WRITES_IN_FLIGHT, thread_name_prefix="staged-write")
 
 
 @dataclass
@@ -106,103 +116,136 @@ class Staged:
 
 
 class _File:
-    """A file being staged, as its write lane sees it."""
+    """A file being staged: its block writes (positioned, on the writer threads) and, once the
+    last is submitted, its end: truncated to its size, fsynced and closed on a sync thread."""
 
-    def __init__(self, handle: IO[bytes]) -> None:
-        self.handle = handle
-        self.synced = BackgroundSync(handle.fileno())
-        self.error: BaseException | None = None
+    def __init__(self, fd: int, direct: bool) -> None:
+        self.fd, self.direct = fd, direct
+        self.writes: list[Future[None]] = []
 
-    def write(self, data: memoryview) -> None:
-        if self.error is not None:
-            return
+    def write(self, data: memoryview, offset: int) -> "Future[None]":
+        written = _BLOCK_WRITERS.submit(_pwrite_all, self.fd, data, offset)
+        self.writes.append(written)
+        return written
+
+    def finish(self, size: int) -> "Future[None]":
+        return _SYNC_THREADS.submit(self._end, size)
+
+    def abort(self) -> None:
+        """Close it without making it durable (it is about to be removed)."""
+        for written in self.writes:
+            written.exception()
+        os.close(self.fd)
+
+    def _end(self, size: int) -> None:
         try:
-            _write_all(self.handle, data)
-            self.synced.wrote(len(data))
-        except BaseException as error:
-            self.error = error
-            raise
-
-    def finish(self, durable: "Future[None]") -> None:
-        """After the file's last block: its fsync and close on a sync thread, then `durable`."""
-        _SYNC_THREADS.submit(self._sync_and_close).add_done_callback(lambda done: _settle(durable, done))
-
-    def _sync_and_close(self) -> None:
-        try:
-            if self.error is not None:
-                raise self.error
-            self.synced.finish(sync=True)
+            for written in self.writes:
+                written.result()
+            if self.direct and size % ALIGN:
+                os.ftruncate(self.fd, size)  # the padding of the last block goes
+            os.fsync(self.fd)
         finally:
-            self.handle.close()
+            for written in self.writes:
+                written.exception()  # none still writes when the file closes
+            os.close(self.fd)
 
 
-def _settle(target: "Future[None]", done: "Future[None]") -> None:
-    error = done.exception()
-    if error is not None:
-        target.set_exception(error)
-    else:
-        target.set_result(None)
+def _fill(readinto: Callable[[memoryview], int], view: memoryview) -> int:
+    """Read until `view` is full or the source ends (a short read mid-file would leave the next
+    O_DIRECT write unaligned)."""
+    filled = 0
+    while filled < len(view) and (got := readinto(view[filled:])):
+        filled += got
+    return filled
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
 
 
 class Stager:
     """Stages files one after another (an archive import's members), each block read once into
     one of RING reused buffers and hashed with BLAKE3 on the caller's thread, with MD5 on the
-    MD5 lane and written on the write lane, both in order: the reader never waits for the MD5
-    of the block it just read (the serial hash sets the pace on two cores: its lane always has
-    the next block waiting) nor for a write, and memory stays RING blocks. Files are named and
-    locked like spool files (`<random>.part`); without `lock` a private directory's owner
-    locks them as a whole. Blocking: run it in one worker thread; `drain()` on every way out."""
+    MD5 lane (in order) and written by the block writers (positioned writes, several in
+    flight): the reader never waits for the MD5 of the block it just read (the serial hash
+    sets the pace on two cores: its lane always has the next block waiting) nor for a write,
+    and memory stays RING blocks. Files are written with O_DIRECT where the file system takes
+    it (a buffered write cost this VM ~1.3-2.3 s of system CPU per GiB, CPU that MD5 and
+    BLAKE3 need; docs/snapshots.md, "Cost"), else through the page cache. Named and locked
+    like spool files (`<random>.part`); without `lock` a private directory's owner locks them
+    as a whole. Blocking: run it in one worker thread at a time; `drain()` on every way out."""
 
-    def __init__(self, directory: Path, *, lock: bool = True) -> None:
-        self.directory, self.lock = directory, lock
-        self._buffers = [bytearray(STAGE_BLOCK) for _ in range(RING)]
+    def __init__(self, directory: Path, *, lock: bool = True, direct: bool = True) -> None:
+        self.directory, self.lock, self.direct = directory, lock, direct
+        self._buffers = [mmap.mmap(-1, STAGE_BLOCK) for _ in range(RING)]  # page-aligned
         self._lanes: list[list[Future[None]]] = [[] for _ in range(RING)]
         self._turn = 0
+
+    def _open(self, path: Path) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        if self.direct:
+            try:
+                return os.open(path, flags | os.O_DIRECT, 0o666)
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                self.direct = False  # this file system does not take it (tmpfs)
+        return os.open(path, flags, 0o666)
 
     def stage(self, readinto: Callable[[memoryview], int], size: int, *, md5: bool) -> Staged:
         """Exactly `size` bytes that `readinto` gives (it raises on a short source) in a new
         file, with its BLAKE3 and, with `md5`, its MD5. Not fsynced yet: see Staged.durable."""
         name = secrets.token_hex(12)
         staging, path = self.directory / f"{name}.new", self.directory / f"{name}.part"
-        handle = open(staging, "xb", buffering=0)
+        fd = self._open(staging)
         held = open(staging, "rb") if self.lock else None
-        file = _File(handle)
+        file = _File(fd, self.direct)
         hasher = blake3.blake3()  # one thread: the MD5 lane has the other core
         md5_hasher = hashlib.md5(usedforsecurity=False) if md5 else None
-        head, left = b"", size
+        head, offset = b"", 0
         try:
             if held is not None:
                 fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(staging, path)
-            while left:
+            while offset < size:
                 buffer = self._free_buffer()
-                got = readinto(memoryview(buffer)[: min(STAGE_BLOCK, left)])
+                got = _fill(readinto, memoryview(buffer)[: min(STAGE_BLOCK, size - offset)])
                 if not got:
-                    raise OSError(f"{path.name}: the source ended {left} bytes early")
+                    raise OSError(f"{path.name}: the source ended {size - offset} bytes early")
                 data = memoryview(buffer)[:got]
                 hasher.update(data)
-                lanes = [_WRITE_THREAD.submit(file.write, data)]
+                lanes = [file.write(self._padded(buffer, got), offset)]
                 if md5_hasher is not None:
                     lanes.append(_MD5_THREAD.submit(md5_hasher.update, data))
                 self._lanes[self._turn] = lanes
                 self._turn = (self._turn + 1) % RING
                 if len(head) < HEAD:
                     head += bytes(data[: HEAD - len(head)])
-                left -= got
+                offset += got
         except BaseException:
             self.drain()  # no block of this file in flight once it goes
-            handle.close()
+            file.abort()
             for leftover in (staging, path):
                 leftover.unlink(missing_ok=True)
             if held is not None:
                 held.close()
             raise
-        durable: Future[None] = Future()
-        _WRITE_THREAD.submit(file.finish, durable)
+        durable = file.finish(size)
         digest = _MD5_THREAD.submit(md5_hasher.hexdigest) if md5_hasher is not None else None
         return Staged(path, size, hasher.hexdigest(), head, digest, durable, held)
 
-    def _free_buffer(self) -> bytearray:
+    def _padded(self, buffer: mmap.mmap, got: int) -> memoryview:
+        """The block to write: with O_DIRECT a short last block is zero-padded to ALIGN (the
+        file is truncated back once written)."""
+        if not self.direct or got % ALIGN == 0:
+            return memoryview(buffer)[:got]
+        end = min(STAGE_BLOCK, -(-got // ALIGN) * ALIGN)
+        buffer[got:end] = bytes(end - got)
+        return memoryview(buffer)[:end]
+
+    def _free_buffer(self) -> mmap.mmap:
         """The next buffer, once both lanes are done with the block it held."""
         for lane in self._lanes[self._turn]:
             lane.result()
