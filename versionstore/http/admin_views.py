@@ -319,15 +319,15 @@ async def settings(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     be able to switch it off."""
     params = await _params(request, cloud)
     meta = request.app[META]
-    if request.method != "GET" and {"purge_delay_days", "append_only_key"} & set(params):
-        raise Forbidden("Deletion protection is changed by the operator only: versionstore cloud set NAME --purge-delay-days N")
     writing = request.method != "GET"
+    if writing and {"purge_delay_days", "append_only_key"} & set(params):
+        raise Forbidden("Deletion protection is changed by the operator only: versionstore cloud set NAME --purge-delay-days N")
     days = archive_removal.default_keep_days_value(params.get("archive_keep_days")) if writing else None  # before any change
-    if request.method != "GET" and "auto_backup" in params:
+    if writing and "auto_backup" in params:
         await meta.set_auto_backup(cloud.name, bool(as_bool(params["auto_backup"])))
         await record_api(request, cloud, "settings", cloud.name, detail={"auto_backup": bool(as_bool(params["auto_backup"]))})
         cloud = await meta.get_cloud(cloud.name) or cloud
-    if request.method != "GET" and "archive_keep_days" in params:
+    if writing and "archive_keep_days" in params:
         await meta.set_archive_keep_days(cloud.name, days)
         await record_api(request, cloud, "settings", cloud.name, detail={"archive_keep_days": days})
     archive = await archive_removal.settings(meta, cloud.name, request.app[CONFIG].archive_keep_days)
