@@ -38,7 +38,7 @@ def test_cloud_create_list_set(tmp_path, capsys):
         f"gen\tapi_key={_key(data, 'gen')}\tauto_backup=off\tbackup_target=default",
     ]
     assert main(["cloud", "set", "acme", "--auto-backup", "off", "--data-dir", data]) == 0
-    assert capsys.readouterr().out.strip() == "acme\tauto_backup=off\tbackup_target=default\tpurge_delay_days=0\tarchive_keep_days=default"
+    assert capsys.readouterr().out.strip() == "acme\tauto_backup=off\tbackup_target=default\tpurge_delay_days=0"
 
 
 def test_cloud_set_backup_bucket_checks_the_marker_then_queues_the_migration(tmp_path, capsys, moto_server, monkeypatch):

@@ -204,10 +204,8 @@ async def _cloud_set(meta: MetadataRepository, args: argparse.Namespace) -> None
     await AuditLog(meta).record("cli", "settings", cloud=args.name, target=args.name,
                                 detail={"auto_backup": args.auto_backup, "backup_bucket": bucket, **protection,
                                         **({"archive_keep_days": keep} if keeping else {})})
-    days = await meta.get_archive_keep_days(args.name)
     print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}"
-          f"\tbackup_target={migration.target_name(updated.backup_target)}\tpurge_delay_days={updated.purge_delay_days}"
-          f"\tarchive_keep_days={days if days is not None else 'default'}")
+          f"\tbackup_target={migration.target_name(updated.backup_target)}\tpurge_delay_days={updated.purge_delay_days}")
 
 
 async def _cloud_status(meta: MetadataRepository, args: argparse.Namespace) -> None:
