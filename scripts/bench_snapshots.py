@@ -30,6 +30,9 @@ plus BLAKE3 of the extracted files), interleaved runs, medians, with the load gu
 
     .venv/bin/python scripts/bench_snapshots.py --archive [--quick]   # 2 GiB of originals (quick: 512 MiB)
     .venv/bin/python scripts/bench_snapshots.py --archive-rss 10      # RSS growth of `serve` over a 10 GiB export
+    .venv/bin/python scripts/bench_snapshots.py --archive-timeline [--quick] [--py-spy OUT.svg]
+        # one import's timeline: CPU per thread group, bytes dirtied and written to disk, per 100 ms
+        # (and a py-spy profile of it); then the disk's and the hashes' bounds on the same bytes
 """
 
 from __future__ import annotations
@@ -189,12 +192,16 @@ def main() -> int:
     parser.add_argument("--restore-kib", type=int, default=64, help="size of each restored asset in KiB")
     parser.add_argument("--archive", action="store_true", help="archive export and import against tar (and BLAKE3)")
     parser.add_argument("--archive-rss", type=float, metavar="GIB", help="serve's RSS growth over an export of GIB GiB")
+    parser.add_argument("--archive-timeline", action="store_true", help="one archive import's timeline, then the bounds")
+    parser.add_argument("--py-spy", metavar="OUT", help="with --archive-timeline: py-spy's profile of the import (.svg, or .txt: folded)")
     add_load_option(parser)
     args = parser.parse_args()
     if args.archive:
         return archive_bench(args)
     if args.archive_rss:
         return archive_rss(args.archive_rss)
+    if args.archive_timeline:
+        return archive_timeline(args)
     watch_load()
     assets, runs = (20_000, 1) if args.quick else (args.assets, args.runs)
     restore_assets = args.restore_assets if args.restore_assets is not None else 300 if args.quick else 2_000
@@ -322,6 +329,88 @@ def archive_bench(args: argparse.Namespace) -> int:
     print(f"  export / tar -cf           {med['tar_cf'] / med['export']:.2f}x  (target >= 0.8)")
     print(f"  import / (tar -xf + b3sum) {med['tar_xf_b3'] / med['import']:.2f}x  (target >= 0.8)")
     return 0
+
+
+def archive_timeline(args: argparse.Namespace) -> int:
+    """Where an import's time goes: one import under `benchlib.Timeline` (and py-spy), then the
+    bounds on the same bytes: dd of them with and without `conv=fdatasync`, MD5 and BLAKE3."""
+    files, size = (64, 8 * MiB) if args.quick else (256, 8 * MiB)
+    watch_load()
+    with tempfile.TemporaryDirectory(prefix="bench-archive-timeline-") as tmp:
+        asyncio.run(_timeline_run(Path(tmp), files, size, args.py_spy))
+        print_bounds(Path(tmp), files * size)
+    check_load(allow_load=True)
+    return 0
+
+
+async def _timeline_run(root: Path, files: int, size: int, py_spy: str | None) -> None:
+    from benchlib import Timeline
+
+    from versionstore import archives
+
+    service, _config = await _archive_service(root)
+    try:
+        await _archive_library(service, files, size)
+        out = root / "archive.tar"
+        await archives.write_archive(service, pitr.Selection(CLOUD, "", time.time()), out, time.time())
+        target = await service.meta.create_cloud("timeline", "kt", "s", True)
+        for _ in range(2):  # the HTTP import's check of an uploaded archive (both hashes, no writes)
+            started = time.perf_counter()
+            await archives.verify_file(out)
+            print(f"verify_file: {time.perf_counter() - started:.3f} s")
+        spy = _start_py_spy(py_spy) if py_spy else None
+        timeline = Timeline()
+        timeline.start()
+        started = time.perf_counter()
+        await archives.import_file(service, target, out)
+        elapsed = time.perf_counter() - started
+        timeline.stop()
+        print(timeline.table())
+        print(f"import: {elapsed:.3f} s = {files * size / MiB / elapsed:.0f} MiB/s ({files} x {size // MiB} MiB)")
+        if spy is not None:
+            spy.wait()
+            print(f"py-spy profile: {py_spy}")
+        out.unlink()
+    finally:
+        await service.targets.close()
+        await service.primary.close()
+        await service.meta.close()
+
+
+def _start_py_spy(out: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling this process for 8 s (without pausing it), attached before it returns;
+    folded stacks for an OUT ending in .txt, else a flame graph."""
+    import os
+
+    kind = "raw" if out.endswith(".txt") else "flamegraph"
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()), "-d", "8",
+                            "--nonblocking", "--threads", "--rate", "200", "--format", kind, "-o", out],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return spy
+
+
+def print_bounds(root: Path, total: int) -> None:
+    """The floor under an import of `total` bytes on this machine: writing them (page cache, then
+    durably) and hashing them with MD5 and BLAKE3 in this process, one core each."""
+    import hashlib
+    import os
+
+    import blake3
+
+    target = root / "dd.bin"
+    for flags in ([], ["conv=fdatasync"]):
+        seconds = _timed(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={total // (4 * MiB)}", *flags, "status=none"])
+        print(f"  dd {total // MiB} MiB {' '.join(flags) or '(page cache)':18s} {seconds:6.3f} s  {total / MiB / seconds:7.0f} MiB/s")
+        target.unlink()
+    block = os.urandom(4 * MiB)
+    for name, hasher in (("md5", hashlib.md5(usedforsecurity=False)), ("blake3 (1 thread)", blake3.blake3()),
+                         ("blake3 (auto)", blake3.blake3(max_threads=blake3.blake3.AUTO))):
+        started = time.perf_counter()
+        for _ in range(total // len(block)):
+            hasher.update(block)
+        seconds = time.perf_counter() - started
+        print(f"  {name:21s} {total // MiB} MiB  {seconds:6.3f} s  {total / MiB / seconds:7.0f} MiB/s")
 
 
 def archive_rss(gib: float) -> int:

@@ -372,6 +372,102 @@ class RssSampler(threading.Thread):
         return int(self.peak - self.baseline)
 
 
+# --- a timeline of one process: CPU per thread, bytes written ---------------------------------
+
+
+def _thread_cpu() -> dict[int, float]:
+    """CPU seconds of each thread of this process so far (schedstat: nanoseconds)."""
+    found: dict[int, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            found[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _dirtied_bytes() -> int:
+    """Bytes this process wrote into the page cache so far (/proc/self/io write_bytes)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _device_written() -> int:
+    """Bytes written to the machine's disks so far (/proc/diskstats, whole devices only)."""
+    total = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        name = fields[2]
+        if name.startswith(("loop", "ram", "zram")) or not Path(f"/sys/block/{name}").exists():
+            continue
+        total += int(fields[9]) * 512
+    return total
+
+
+def _group(name: str) -> str:
+    """A thread's pool name without its number (`archive-md5_0` -> `archive-md5`)."""
+    head, _, tail = name.rpartition("_")
+    return head if head and tail.isdigit() else name
+
+
+class Timeline(threading.Thread):
+    """Every `interval` seconds: the CPU each group of this process's threads used (named by
+    Python's thread names; threads Python does not know, like BLAKE3's native pool, are
+    `native`), the bytes the process dirtied and the bytes the disks wrote. `table()` prints
+    one row per interval, in cores (1.00 = one CPU busy the whole interval) and MiB/s."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        super().__init__(daemon=True, name="timeline")
+        self.interval = interval
+        self.rows: list[tuple[float, dict[str, float], float, float]] = []
+        self.marks: list[tuple[float, str]] = []
+        self._stop_event = threading.Event()
+        self._t0 = time.monotonic()
+        self._last = (self._t0, _thread_cpu(), _dirtied_bytes(), _device_written())
+
+    def mark(self, label: str) -> None:
+        self.marks.append((time.monotonic() - self._t0, label))
+
+    def _sample(self) -> None:
+        now, cpu, dirtied, device = time.monotonic(), _thread_cpu(), _dirtied_bytes(), _device_written()
+        then, cpu_then, dirtied_then, device_then = self._last
+        names = {t.native_id: _group(t.name) for t in threading.enumerate() if t.native_id is not None}
+        used: dict[str, float] = {}
+        for tid, seconds in cpu.items():
+            group = names.get(tid, "native")
+            used[group] = used.get(group, 0.0) + (seconds - cpu_then.get(tid, 0.0)) / (now - then)
+        self.rows.append((now - self._t0, used, (dirtied - dirtied_then) / (now - then), (device - device_then) / (now - then)))
+        self._last = (now, cpu, dirtied, device)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self._sample()
+
+    def table(self) -> str:
+        totals: dict[str, float] = {}
+        for _, used, _, _ in self.rows:
+            for group, cores in used.items():
+                totals[group] = totals.get(group, 0.0) + cores
+        groups = [g for g, total in sorted(totals.items(), key=lambda kv: -kv[1]) if total * self.interval >= 0.02 and g != "timeline"]
+        lines = ["    t  " + " ".join(f"{g[:12]:>12s}" for g in groups) + "   all CPU  dirtied MiB/s  disk MiB/s"]
+        marks = list(self.marks)
+        for at, used, dirtied, device in self.rows:
+            while marks and marks[0][0] <= at:
+                lines.append(f"  -- {marks.pop(0)[1]}")
+            lines.append(f"{at:5.1f}  " + " ".join(f"{used.get(g, 0.0):12.2f}" for g in groups)
+                         + f"  {sum(v for k, v in used.items() if k != 'timeline'):8.2f}  {dirtied / MiB:13.0f}  {device / MiB:10.0f}")
+        seconds = {g: totals[g] * self.interval for g in groups}
+        lines.append("  CPU seconds: " + ", ".join(f"{g} {s:.2f}" for g, s in seconds.items()))
+        return "\n".join(lines)
+
+
 # --- a benchmark's lifecycle ------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import API_KEY, CLOUD
+from tests.conftest import API_KEY, BASIC_HEADERS, CLOUD
 from tests.test_archives import OTHER, OTHER_HEADERS, export, other_env, post_import, wait_for
 from versionstore import archive_removal, archives, layout, staging
 from versionstore.archive_records import IMPORT_FILE, IMPORT_STAGING, ArchiveFile
@@ -76,6 +76,38 @@ async def test_keep_days_defaults_to_the_servers_setting_and_is_checked(api, cli
     for bad in (0, -1, archive_removal.MAX_KEEP_DAYS + 1, "soon"):
         answer = await api.admin("POST", "versionstore/archives", expect=400, json={"at": time.time(), "keep_days": bad})
         assert "keep_days" in answer["error"]["message"]
+
+
+async def test_an_environments_keep_days_default_is_set_checked_audited_and_used(api, client):
+    """The environment's `archive_keep_days` (PUT versionstore/settings) is what an export
+    without `keep_days` gets; an export's own `keep_days` still wins; clearing it goes back to
+    the server's (VERSIONSTORE_ARCHIVE_KEEP_DAYS, 3 here). Bad values change nothing."""
+    meta = client.app[META]
+    settings = await api.admin("GET", "versionstore/settings")
+    assert (settings["archive_keep_days"], settings["server_archive_keep_days"]) == (None, 3)
+    assert (await api.admin("PUT", "versionstore/settings", json={"archive_keep_days": 30}))["archive_keep_days"] == 30
+    for bad in (0, -5, archive_removal.MAX_KEEP_DAYS + 1, "soon", 1.5):
+        answer = await api.admin("PUT", "versionstore/settings", expect=400, json={"archive_keep_days": bad, "auto_backup": False})
+        assert "archive_keep_days" in answer["error"]["message"]
+    settings = await api.admin("GET", "versionstore/settings")
+    assert (settings["archive_keep_days"], settings["auto_backup"]) == (30, True)  # the refused request changed nothing
+
+    await api.upload(b"kept by the environment's default", public_id="exp/env")
+    done, _ = await export(api, at=time.time())
+    assert seconds(done["expires_at"]) == pytest.approx(seconds(done["completed_at"]) + 30 * DAY, abs=5)
+    own, _ = await export(api, at=time.time(), keep_days=2)
+    assert seconds(own["expires_at"]) == pytest.approx(seconds(own["completed_at"]) + 2 * DAY, abs=5)
+    # Form-encoded, as the SDKs send it; `default` clears it (a blank is no parameter: no change).
+    for value, expected in (("", 30), ("default", None)):
+        response = await api.client.put(f"/v1_1/{CLOUD}/versionstore/settings", data={"archive_keep_days": value},
+                                        headers=BASIC_HEADERS)
+        assert response.status == 200 and (await response.json())["archive_keep_days"] == expected
+    back, _ = await export(api, at=time.time())
+    assert seconds(back["expires_at"]) == pytest.approx(seconds(back["completed_at"]) + 3 * DAY, abs=5)
+
+    changes = [r.detail async for r in AuditLog(meta).records() if r.action == "settings"]
+    assert [(d["archive_keep_days"], d["via"]) for d in changes] == [(30, "api"), (None, "api")]
+    assert await meta.get_archive_keep_days(CLOUD) is None
 
 
 async def test_delete_removes_an_archive_now_and_is_refused_while_its_job_runs(api, client):

@@ -4,6 +4,7 @@ byte-identical; a tampered, truncated, padded or inconsistent archive is refused
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import tarfile
@@ -290,3 +291,118 @@ async def test_an_import_failing_mid_batch_leaves_no_version_no_blob_and_no_stag
     assert counts == {"imported": 6, "unchanged": 0}
     again = await archives.apply_archive(service, other, path, verified=manifest)
     assert again == {"imported": 0, "unchanged": 6}
+
+
+class CountingMd5:
+    """hashlib.md5 that counts the bytes it hashes (`hashed`): the seam that pins how many MD5
+    passes an import makes, whatever the timing."""
+
+    hashed = 0
+    real = staticmethod(hashlib.md5)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._md5 = CountingMd5.real(*args, **kwargs)
+
+    def update(self, data: Any) -> None:
+        CountingMd5.hashed += len(memoryview(data).cast("B"))
+        self._md5.update(data)
+
+    def hexdigest(self) -> str:
+        return self._md5.hexdigest()
+
+
+def without_md5(body: bytes, public_id: str) -> bytes:
+    """The archive with one entry as a version older than MD5s wrote it: `md5` null."""
+    def change(name: str, data: bytes) -> list[tuple[str, bytes]]:
+        if name != MANIFEST:
+            return [(name, data)]
+        lines = [json.loads(line) for line in data.decode().splitlines()]
+        for line in lines[1:]:
+            if line["public_id"] == public_id:
+                line["md5"] = None
+        return [(name, "".join(json.dumps(line) + "\n" for line in lines).encode())]
+    return rebuild(body, change)
+
+
+async def md5_library(api: Any) -> tuple[bytes, int]:
+    """An exported archive of three originals, one of them without an MD5; their total size."""
+    sizes = 0
+    for number in range(3):
+        data = f"md5 once {number} ".encode() * 4000
+        sizes += len(data)
+        await api.upload(data, public_id=f"once/{number}")
+    _, body = await export(api, at=time.time())
+    return without_md5(body, "once/1"), sizes
+
+
+async def test_an_http_import_passes_each_members_bytes_through_md5_once(api, client, monkeypatch):
+    """The upload of the tar, its verification and the import job together hash every member
+    with MD5 once: no MD5 of the whole tar (nothing reads it), none again while staging (the
+    manifest's was verified), and an entry without one gets its MD5 from staging alone."""
+    body, sizes = await md5_library(api)
+    await other_env(client)
+    monkeypatch.setattr(hashlib, "md5", CountingMd5)
+    CountingMd5.hashed = 0
+    job = await post_import(api, body)
+    finished = await wait_for(api, f"versionstore/archives/{job['archive_id']}", OTHER_HEADERS)
+    assert finished["status"] == "completed" and finished["progress"]["imported"] == 3, finished
+    assert CountingMd5.hashed == sizes
+    monkeypatch.undo()
+    imported = await client.app[META].get_asset(OTHER, "image", "upload", "once/1")
+    assert imported is not None
+    version = (await client.app[META].versions(imported.pk or 0))[-1]
+    assert version.md5 == hashlib.md5(b"md5 once 1 " * 4000).hexdigest()  # computed for the entry without one
+
+
+async def test_a_cli_import_passes_each_members_bytes_through_md5_once(api, client, monkeypatch, tmp_path):
+    """`archive import` (archives.import_file): verification and staging share one MD5 pass."""
+    from versionstore import archives
+    from versionstore.http.keys import SERVICE
+
+    body, sizes = await md5_library(api)
+    path = tmp_path / "archive.tar"
+    path.write_bytes(body)
+    await other_env(client)
+    other = await client.app[META].get_cloud(OTHER)
+    assert other is not None
+    monkeypatch.setattr(hashlib, "md5", CountingMd5)
+    CountingMd5.hashed = 0
+    _, counts = await archives.import_file(client.app[SERVICE], other, path)
+    assert counts == {"imported": 3, "unchanged": 0}
+    assert CountingMd5.hashed == sizes
+    monkeypatch.undo()
+    imported = await client.app[META].get_asset(OTHER, "image", "upload", "once/1")
+    assert imported is not None
+    version = (await client.app[META].versions(imported.pk or 0))[-1]
+    assert version.md5 == hashlib.md5(b"md5 once 1 " * 4000).hexdigest()
+
+
+async def test_batches_commit_in_order_while_the_next_one_stages_and_the_cursor_follows_commits(api, client, tmp_path, monkeypatch):
+    """Small batches (two entries): each full batch commits in the background while the next
+    is staged. Commits still happen in archive order, and whenever the cursor moves to entry N,
+    every entry up to N is committed; a name seen again waits for the batch that writes it."""
+    from versionstore import archives
+    from versionstore.http.keys import SERVICE
+
+    monkeypatch.setattr(archives, "BATCH_ENTRIES", 2)
+    for number in range(5):
+        await api.upload(f"ordered {number} ".encode() * 3000, public_id=f"order/{number}")
+    _, body = await export(api, at=time.time())
+    path = tmp_path / "archive.tar"
+    path.write_bytes(body)
+    await other_env(client)
+    service, meta = client.app[SERVICE], client.app[META]
+    other = await meta.get_cloud(OTHER)
+    assert other is not None
+    manifest = await archives.verify_file(path)
+    names = [e["public_id"] for e in manifest.entries]
+    cursor: list[int] = []
+
+    async def after_entry(index: int, counts: dict[str, int]) -> None:
+        for public_id in names[:index]:
+            assert await meta.get_asset(OTHER, "image", "upload", public_id) is not None, (index, public_id)
+        cursor.append(index)
+
+    counts = await archives.apply_archive(service, other, path, after_entry=after_entry, verified=manifest)
+    assert counts == {"imported": 5, "unchanged": 0} and cursor == [2, 4, 5]
+    assert not list(service.spool_dir.glob("*.part"))  # every staged file became a blob

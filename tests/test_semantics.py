@@ -148,6 +148,7 @@ async def test_backup_override_beats_the_environment_setting(api, auto_backup, o
 async def test_settings_extension(api):
     assert await api.admin("GET", "versionstore/settings") == {
         "cloud_name": CLOUD, "auto_backup": True, "purge_delay_days": 0, "append_only_key": False, "scheduled_purges": 0,
+        "archive_keep_days": None, "server_archive_keep_days": 7,
     }
     assert (await api.admin("PUT", "versionstore/settings", data={"auto_backup": "false"}))["auto_backup"] is False
 

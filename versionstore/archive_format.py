@@ -11,6 +11,7 @@ public_id, digests and attributes from the manifest. This module is pure and blo
 in a worker thread); `archives.py` drives it.
 """
 
+import collections
 import hashlib
 import json
 import os
@@ -43,6 +44,8 @@ RESOURCE_TYPES = ("image", "video", "raw")
 Progress = Callable[[int], object]
 T = TypeVar("T")
 _MD5_THREAD = ThreadPoolExecutor(1, thread_name_prefix="archive-md5")
+#: Blocks a verifying reader may hand the MD5 lane before it waits for the oldest.
+MD5_AHEAD = 3
 
 
 class ArchiveInvalid(Exception):
@@ -316,14 +319,19 @@ def _tar_errors(call: Callable[[], T]) -> T:
 
 class Member:
     """One member read through its hashes (MD5 on a second thread, beside BLAKE3): what the
-    caller reads is what gets checked. Unhashed, the caller compares the digests it computed
-    while writing the bytes somewhere (`compare`)."""
+    caller reads is what gets checked. The MD5 lane takes the blocks in order and the reader
+    runs up to MD5_AHEAD blocks ahead of it, so the serial hash always has the next block
+    waiting. Unhashed, the caller compares the digests it computed while writing the bytes
+    somewhere (`compare`)."""
 
     def __init__(self, entry: dict[str, Any], fd: int, offset: int, progress: Progress | None, hashed: bool = True) -> None:
         self.entry, self.left, self.progress, self.hashed = entry, int(entry["bytes"]), progress, hashed
         self.fd, self.offset = fd, offset
-        self.blake3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.blake3 = blake3.blake3()  # one thread: the MD5 lane has the other core
+        # No MD5 to check (a version older than MD5s): none computed here, the importer's
+        # staging computes the one the new version records.
+        self.md5 = hashlib.md5(usedforsecurity=False) if entry["md5"] is not None else None
+        self._md5_pending: collections.deque[Future[None]] = collections.deque()
         self._checked = False
 
     def read(self, size: int = READ) -> bytes:
@@ -333,12 +341,34 @@ class Member:
         self.left -= len(data)
         self.offset += len(data)
         if self.hashed and data:
-            md5 = _MD5_THREAD.submit(self.md5.update, data)  # hashlib and blake3 release the GIL
+            if self.md5 is not None:  # both hashes release the GIL
+                self._md5_pending.append(_MD5_THREAD.submit(self.md5.update, data))
+                while len(self._md5_pending) > MD5_AHEAD:  # memory: MD5_AHEAD blocks
+                    self._md5_pending.popleft().result()
             self.blake3.update(data)
-            md5.result()
         if self.progress is not None:
             self.progress(len(data))
         return data
+
+    def _md5_hexdigest(self) -> str | None:
+        while self._md5_pending:
+            self._md5_pending.popleft().result()
+        return self.md5.hexdigest() if self.md5 is not None else None
+
+    def readinto(self, buffer: memoryview) -> int:
+        """The next bytes into `buffer` (at most its length), unhashed: for a caller that hashes
+        what it reads itself (staging.Stager) and then `compare`s. One copy, no allocation."""
+        want = min(len(buffer), self.left)
+        if not want:
+            return 0
+        got = _tar_errors(lambda: os.preadv(self.fd, [buffer[:want]], self.offset))
+        if not got:
+            raise ArchiveInvalid(f"{self.entry['path']}: truncated")
+        self.left -= got
+        self.offset += got
+        if self.progress is not None:
+            self.progress(got)
+        return got
 
     def check(self) -> None:
         """Read what is left, then compare both digests with the manifest's. Unhashed, there is
@@ -349,13 +379,15 @@ class Member:
             pass
         self._checked = True
         if self.hashed:
-            self.compare(self.blake3.hexdigest(), self.md5.hexdigest())
+            self.compare(self.blake3.hexdigest(), self._md5_hexdigest())
 
-    def compare(self, actual_blake3: str, actual_md5: str) -> None:
+    def compare(self, actual_blake3: str, actual_md5: str | None) -> None:
+        """The digests of the bytes read against the manifest's (`actual_md5` None: no MD5 was
+        computed here, as for an entry without one)."""
         entry = self.entry
         if actual_blake3 != entry["blake3"]:
             raise ArchiveInvalid(f"{entry['path']}: BLAKE3 {actual_blake3} does not match the manifest's {entry['blake3']}")
-        if entry["md5"] is not None and actual_md5 != entry["md5"]:
+        if entry["md5"] is not None and actual_md5 is not None and actual_md5 != entry["md5"]:  # None: not computed here
             raise ArchiveInvalid(f"{entry['path']}: MD5 {actual_md5} does not match the manifest's {entry['md5']}")
 
 

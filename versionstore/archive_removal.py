@@ -16,6 +16,7 @@ from versionstore.archive_records import EXPORT, EXPORT_FILE, IMPORT_STAGING, Ar
 from versionstore.console.audit import AuditLog
 from versionstore.errors import BadRequest
 from versionstore.models import Job
+from versionstore.repository import MetadataRepository
 from versionstore.service import VersionService
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ REMOVAL_INTERVAL = 60.0
 REMOVAL_ACTOR = "job:archive_removal"
 
 
-def keep_days(value: object, default: int) -> int:
-    """The `keep_days` of an export: a whole number of days from 1 to MAX_KEEP_DAYS."""
+def keep_days(value: object, default: int, name: str = "keep_days") -> int:
+    """The `keep_days` of an export (or the environment's default, `name`): a whole number of
+    days from 1 to MAX_KEEP_DAYS; `default` when not given."""
     if value is None or value == "":
         return default
     try:
@@ -41,8 +43,31 @@ def keep_days(value: object, default: int) -> int:
     except ValueError:
         days = 0
     if not 1 <= days <= MAX_KEEP_DAYS:
-        raise BadRequest(f"keep_days must be a whole number of days from 1 to {MAX_KEEP_DAYS}")
+        raise BadRequest(f"{name} must be a whole number of days from 1 to {MAX_KEEP_DAYS}")
     return days
+
+
+#: What clears an environment's `archive_keep_days` (back to the server's default). Not a blank:
+#: a blank parameter is no parameter (as Cloudinary's API treats them).
+UNSET = "default"
+
+
+async def default_keep_days(meta: MetadataRepository, cloud: str, server_default: int) -> int:
+    """The `keep_days` of an export that does not give one: the environment's setting, else the
+    server's (VERSIONSTORE_ARCHIVE_KEEP_DAYS)."""
+    return await meta.get_archive_keep_days(cloud) or server_default
+
+
+def default_keep_days_value(value: object) -> int | None:
+    """An environment's `archive_keep_days` as given to the settings: days, or None (UNSET:
+    back to the server's default). BadRequest otherwise."""
+    return None if value == UNSET else keep_days(value, 0, "archive_keep_days")
+
+
+async def settings(meta: MetadataRepository, cloud: str, server_default: int) -> dict[str, int | None]:
+    """What the settings extension and `cloud status` show: the environment's own default
+    (null: none, the server's applies) and the server's."""
+    return {"archive_keep_days": await meta.get_archive_keep_days(cloud), "server_archive_keep_days": server_default}
 
 
 def file_of(job: Job, record: ArchiveFile | None) -> ArchiveFile | None:

@@ -12,8 +12,9 @@ Import checks the whole archive first (`archive_format.verify`: manifest, every 
 BLAKE3 and MD5, nothing extra, nothing missing, no truncation), so a tampered archive is
 refused before anything is written. Only then does the `archive_import` job apply it, as new
 versions recording `restored_from: archive:<cloud>/<asset>/<version>`, in batches: each entry's
-bytes staged (hashed with BLAKE3 against the manifest), then the batch's blobs made durable
-together and committed in one transaction (`VersionService.upload_batch`). That pass reads the
+bytes staged (`staging.Stager`: hashed with BLAKE3 against the manifest, MD5 only for an
+entry without one), then the batch's blobs made durable together and committed in one
+transaction (`VersionService.upload_batch`) while the next batch is staged. That pass reads the
 stored copy again (proven by its BLAKE3) and resumes from its cursor (moved past committed
 batches only) after a kill; an entry whose bytes are already the asset's current ones is
 skipped, so a replay adds nothing twice.
@@ -29,7 +30,7 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -46,7 +47,7 @@ from versionstore.ids import new_hex_id
 from versionstore.models import Cloud, Job
 from versionstore.repository import MetadataRepository
 from versionstore.service import UploadRequest, VersionService
-from versionstore.spool import Spooled, make_durable
+from versionstore.spool import Spooled
 
 EXPORT, IMPORT = archive_records.EXPORT, archive_records.IMPORT  # the job kinds (also archive_removal's)
 KINDS = (EXPORT, IMPORT)
@@ -203,9 +204,10 @@ async def apply_archive(
     have (else the file was proven by its digest, as the import job's is)."""
     counts = {"imported": 0, "unchanged": 0}
     handle = await asyncio.to_thread(path.open, "rb")
+    stager = staging.Stager(service.spool_dir)
     batch = Batch(service, cloud, counts, after_entry)
     try:
-        reader = await asyncio.to_thread(lambda: fmt.ArchiveReader(handle, hashed=False))  # staging hashes what it writes
+        reader = await asyncio.to_thread(lambda: fmt.ArchiveReader(handle, hashed=False))  # the stager hashes what it writes
         if verified is not None and reader.manifest != verified:
             raise fmt.ArchiveInvalid(f"{fmt.MANIFEST} changed since the archive was verified")
         source = reader.manifest.header["cloud"]
@@ -213,11 +215,12 @@ async def apply_archive(
         while (member := await asyncio.to_thread(reader.next_member, progress)) is not None:
             index += 1
             if index > skip:
-                await batch.add(index, source, member.entry, functools.partial(_staged, service, member))
-        await batch.commit()
+                await batch.add(index, source, member.entry, functools.partial(_staged, stager, member))
+        await batch.flush()
         await asyncio.to_thread(reader.close)
     finally:
-        batch.discard()
+        await batch.discard()
+        await asyncio.to_thread(stager.drain)
         await asyncio.to_thread(handle.close)
     return counts
 
@@ -227,87 +230,119 @@ async def apply_archive(
 BATCH_BYTES = 256 << 20
 BATCH_ENTRIES = 256
 
+Stage = Callable[[], Awaitable[staging.Staged]]
+
 
 class Batch:
     """Entries of an archive staged for one `VersionService.upload_batch`. An entry whose bytes
     are already its asset's current ones is `unchanged` (a replayed stretch adds nothing
-    twice); a name seen again commits the batch first (its later version comes later). The
-    cursor (`after_entry`) moves only past committed entries."""
+    twice); a name seen again commits the batch first (its later version comes later). A full
+    batch is committed in the background while the next one is staged (at most two batches
+    staged, one committing); commits run one after the other, in order, and the cursor
+    (`after_entry`) moves only past committed entries."""
 
     def __init__(self, service: VersionService, cloud: Cloud, counts: dict[str, int],
-                 after_entry: Callable[[int, dict[str, int]], Any] | None) -> None:
+                 after_entry: Callable[[int, dict[str, int]], Any] | None, max_bytes: int = BATCH_BYTES) -> None:
         self.service, self.cloud, self.counts, self.after_entry = service, cloud, counts, after_entry
-        self.items: list[tuple[UploadRequest, Spooled]] = []
-        #: Each staged file's fsync, started as soon as it is written: the device writes one
-        #: while the next is staged, and the batch waits for all of them before any link.
-        self.flushing: list[asyncio.Future[None]] = []
+        self.max_bytes = max_bytes
+        self.items: list[tuple[UploadRequest, staging.Staged, str | None]] = []
         self.names: set[tuple[str, str, str]] = set()
         self.size = self.unchanged = self.last = 0
+        #: The batch being committed, and the names it writes.
+        self._committing: asyncio.Task[None] | None = None
+        self._committing_names: set[tuple[str, str, str]] = set()
 
-    async def add(self, index: int, source: str, entry: dict[str, Any], stage: Callable[[], Awaitable[Spooled]]) -> None:
+    async def add(self, index: int, source: str, entry: dict[str, Any], stage: Stage) -> None:
         """Entry `index` of the archive; `stage()` gives its bytes, checked against the manifest
         (not called for an unchanged entry)."""
         name = (entry["resource_type"], entry["type"], entry["public_id"])
         if name in self.names:
             await self.commit()
+        if name in self._committing_names:
+            await self._wait_committed()  # its current bytes are the ones that batch writes
         self.names.add(name)
         self.last = index
         current = await self.service.meta.get_asset(self.cloud.name, *name)
         if current is not None and current.live and current.digest == entry["blake3"]:
             self.unchanged += 1
         else:
-            spooled = await stage()
-            self.items.append((_request(self.cloud, source, entry), spooled))
-            self.size += spooled.size
-            if not spooled.synced:
-                self.flushing.append(asyncio.ensure_future(make_durable(spooled)))
-        if self.size >= BATCH_BYTES or len(self.items) >= BATCH_ENTRIES:
+            staged = await stage()
+            self.items.append((_request(self.cloud, source, entry), staged, entry["md5"]))
+            self.size += staged.size
+        if self.size >= self.max_bytes or len(self.items) >= BATCH_ENTRIES:
             await self.commit()
 
     async def commit(self) -> None:
+        """Start committing what is staged (once the batch before it is committed)."""
+        await self._wait_committed()
         items, self.items = self.items, []
-        flushing, self.flushing = self.flushing, []
+        unchanged, last, self._committing_names = self.unchanged, self.last, self.names
+        self.names, self.size, self.unchanged, self.last = set(), 0, 0, 0
+        self._committing = asyncio.ensure_future(self._commit(items, unchanged, last))
+
+    async def flush(self) -> None:
+        """Commit what is staged and wait for every commit."""
+        await self.commit()
+        await self._wait_committed()
+
+    async def _wait_committed(self) -> None:
+        if self._committing is not None:
+            committing, self._committing = self._committing, None
+            await committing
+            self._committing_names = set()
+
+    async def _commit(self, items: list[tuple[UploadRequest, staging.Staged, str | None]], unchanged: int, last: int) -> None:
         try:
-            await asyncio.gather(*flushing)
-            await self.service.upload_batch([(request, replace(spooled, synced=True)) for request, spooled in items])  # consumes the files
-        finally:
-            _release(items)
+            await asyncio.gather(*(asyncio.wrap_future(staged.durable) for _, staged, _ in items))
+            ready = [(request, staged.spooled(md5)) for request, staged, md5 in items]
+            await self.service.upload_batch(ready)  # consumes the files
+        except BaseException:
+            await asyncio.to_thread(_discard, items)
+            raise
+        _release(items)
         self.counts["imported"] += len(items)
-        self.counts["unchanged"] += self.unchanged
-        last, self.names, self.size, self.unchanged, self.last = self.last, set(), 0, 0, 0
+        self.counts["unchanged"] += unchanged
         if self.after_entry is not None and last:
             await self.after_entry(last, self.counts)
 
-    def discard(self) -> None:
-        """Remove staged files no commit consumed (a failure, a kill of the job's task)."""
-        for flush in self.flushing:
-            flush.cancel()
-        for _, spooled in self.items:
-            spooled.path.unlink(missing_ok=True)
-        _release(self.items)
-        self.items = []
+    async def discard(self) -> None:
+        """Remove staged files no commit consumed (a failure, a kill of the job's task). A
+        commit in flight is let finish (its batch verified; a failure removes its own files)."""
+        if self._committing is not None:
+            committing, self._committing = self._committing, None
+            with contextlib.suppress(Exception):
+                await committing
+        items, self.items = self.items, []
+        await asyncio.to_thread(_discard, items)
 
 
-def _release(items: list[tuple[UploadRequest, Spooled]]) -> None:
+def _discard(items: list[tuple[UploadRequest, staging.Staged, str | None]]) -> None:
+    for _, staged, _ in items:
+        staged.discard()
+
+
+def _release(items: list[tuple[UploadRequest, staging.Staged, str | None]]) -> None:
     """Close the staged files' lock handles (their files are consumed or removed)."""
-    for _, spooled in items:
-        if spooled.lock is not None:
-            spooled.lock.close()
+    for _, staged, _ in items:
+        if staged.lock is not None:
+            staged.lock.close()
 
 
-async def _staged(service: VersionService, member: fmt.Member) -> Spooled:
+async def _staged(stager: staging.Stager, member: fmt.Member) -> staging.Staged:
     """A member's bytes in a new spool file, hashed (BLAKE3) as they are written and compared
-    with the manifest before any store or row names them. The MD5 is the manifest's, which
-    verification proved for the bytes this BLAKE3 names."""
-    spooled = await asyncio.to_thread(staging.stage, service.spool_dir, member.read, member.entry["md5"])
+    with the manifest before any store or row names them. MD5 only for an entry without one:
+    verification proved the manifest's MD5 for the bytes this BLAKE3 names."""
+    entry = member.entry
+    staged = await asyncio.to_thread(stager.stage, member.readinto, entry["bytes"], md5=entry["md5"] is None)
     try:
-        member.compare(spooled.digest, spooled.md5 or "")
+        md5: str | None = None
+        if staged.md5 is not None:
+            md5 = await asyncio.wrap_future(staged.md5)
+        member.compare(staged.blake3, md5)
     except fmt.ArchiveInvalid:
-        spooled.path.unlink(missing_ok=True)
-        if spooled.lock is not None:
-            spooled.lock.close()
+        await asyncio.to_thread(staged.discard)
         raise
-    return spooled
+    return staged
 
 
 async def import_file(
@@ -315,44 +350,48 @@ async def import_file(
 ) -> tuple[fmt.Manifest, dict[str, int]]:
     """Import an archive file in one read (the CLI's `archive import`): every member verified
     as `verify_file` does (BLAKE3 and MD5, nothing extra or missing) while its bytes are
-    staged in a private directory and flushed to the device; only once the whole archive
-    verified are the staged blobs committed, batch by batch (`Batch`). An archive that does not
-    verify leaves nothing. Disk: up to the archive's size of staged bytes until committed."""
+    staged in a private directory (`staging.Stager`: one read, both hashes and the write on
+    their own threads, each file's fsync started once it is written); only once the whole
+    archive verified are the staged blobs committed, batch by batch (`Batch`). An archive that
+    does not verify leaves nothing. Disk: up to the archive's size of staged bytes until committed."""
     directory = await asyncio.to_thread(staging.PrivateDirectory, service.spool_dir, IMPORT_STAGING)
-    staged: list[tuple[dict[str, Any], Spooled]] = []
+    staged: list[tuple[fmt.Member, staging.Staged]] = []
 
     def read_and_stage() -> fmt.Manifest:
-        flushing = []
+        stager = staging.Stager(directory.path, lock=False)
         with path.open("rb") as handle:
-            reader = fmt.ArchiveReader(handle)
+            reader = fmt.ArchiveReader(handle, hashed=False)  # the stager hashes what it reads
             try:
                 while (member := reader.next_member(progress)) is not None:
-                    entry = member.entry  # the member hashes what it reads; check() compares it with the manifest
-                    spooled = staging.stage(directory.path, member.read, entry["md5"], digest=entry["blake3"], lock=False)
-                    member.check()
-                    staged.append((entry, spooled))
-                    flushing.append(staging.flush_soon(spooled.path))
+                    staged.append((member, stager.stage(member.readinto, member.entry["bytes"], md5=True)))
+                    member.compare(staged[-1][1].blake3, None)  # BLAKE3 at once: a tampered member ends the read
             finally:
+                stager.drain()
                 reader.close()
-        for flush in flushing:
-            flush.result()
+        for member, file in staged:  # each MD5 as its lane finishes it, each fsync
+            member.compare(file.blake3, file.md5.result() if file.md5 is not None else None)
+            file.durable.result()
         return reader.manifest
 
     try:
         manifest = await asyncio.to_thread(read_and_stage)
         counts = {"imported": 0, "unchanged": 0}
-        batch = Batch(service, cloud, counts, None)
+        # Everything is staged already: the batches bound a transaction, not the staged bytes.
+        batch = Batch(service, cloud, counts, None, max_bytes=1 << 62)
         source = manifest.header["cloud"]
-        for index, (entry, spooled) in enumerate(staged, start=1):
-            await batch.add(index, source, entry, functools.partial(_ready, replace(spooled, synced=True)))
-        await batch.commit()
+        try:
+            for index, (member, file) in enumerate(staged, start=1):
+                await batch.add(index, source, member.entry, functools.partial(_ready, file))
+            await batch.flush()
+        finally:
+            await batch.discard()
         return manifest, counts
     finally:
         await asyncio.to_thread(directory.remove)
 
 
-async def _ready(spooled: Spooled) -> Spooled:
-    return spooled
+async def _ready(staged: staging.Staged) -> staging.Staged:
+    return staged
 
 
 def _request(cloud: Cloud, source: str, entry: dict[str, Any]) -> UploadRequest:
@@ -486,8 +525,9 @@ class ArchiveImport:
 
 
 async def spool_upload(service: VersionService, chunks: AsyncIterator[bytes], limit: int) -> Spooled:
-    """An archive sent for import, on local disk (the caller removes it)."""
-    spool = service.new_spool()
+    """An archive sent for import, on local disk (the caller removes it). No MD5 of the whole
+    tar: nothing reads it, and verification hashes each member with MD5, once."""
+    spool = service.new_spool(md5=False)
     spool.limit = limit
     try:
         async for block in chunks:

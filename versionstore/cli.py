@@ -179,7 +179,11 @@ async def _cloud_list(meta: MetadataRepository, args: argparse.Namespace) -> Non
 
 
 async def _cloud_set(meta: MetadataRepository, args: argparse.Namespace) -> None:
+    from versionstore import archive_removal
+
     cloud = await _existing(meta, args.name)
+    keeping = args.archive_keep_days is not None
+    keep = archive_removal.default_keep_days_value(args.archive_keep_days) if keeping else None  # checked before any change
     if args.auto_backup is not None:
         await meta.set_auto_backup(args.name, args.auto_backup == "on")
     if args.backup_bucket is not None:
@@ -190,18 +194,21 @@ async def _cloud_set(meta: MetadataRepository, args: argparse.Namespace) -> None
         elif job is not None:
             print(f"backup migration {job.id} cancelled")
     protection = await protection_cli.apply_cloud_options(meta, cloud, args)
+    if keeping:
+        await meta.set_archive_keep_days(args.name, keep)
     updated = await _existing(meta, args.name)
     from versionstore.console.audit import AuditLog
 
     bucket = args.backup_bucket.split("?", 1)[0] if args.backup_bucket else None  # without store options
     await AuditLog(meta).record("cli", "settings", cloud=args.name, target=args.name,
-                                detail={"auto_backup": args.auto_backup, "backup_bucket": bucket, **protection})
+                                detail={"auto_backup": args.auto_backup, "backup_bucket": bucket, **protection,
+                                        **({"archive_keep_days": keep} if keeping else {})})
     print(f"{updated.name}\tauto_backup={'on' if updated.auto_backup else 'off'}"
           f"\tbackup_target={migration.target_name(updated.backup_target)}\tpurge_delay_days={updated.purge_delay_days}")
 
 
 async def _cloud_status(meta: MetadataRepository, args: argparse.Namespace) -> None:
-    from versionstore import protection
+    from versionstore import archive_removal, protection
     from versionstore.disk_space import space_report
     from versionstore.http.backup_views import backup_status
 
@@ -211,6 +218,7 @@ async def _cloud_status(meta: MetadataRepository, args: argparse.Namespace) -> N
     status = await backup_status(meta, cloud, space, (config.primary_url, config.backup_url))
     status["auto_backup"] = cloud.auto_backup
     status["protection"] = await protection.status(meta, cloud)
+    status.update(await archive_removal.settings(meta, cloud.name, config.archive_keep_days))
     print(json.dumps(status, indent=2))
 
 
@@ -433,6 +441,11 @@ def parser() -> argparse.ArgumentParser:
         "(default: unchanged)",
     )
     protection_cli.add_cloud_options(setting, setting=True)
+    setting.add_argument(
+        "--archive-keep-days", metavar="N",
+        help="days a prepared archive export is kept when its export does not say (1-3650), or 'default' for the "
+        "server's VERSIONSTORE_ARCHIVE_KEEP_DAYS (default: unchanged)",
+    )
     _data_dir_option(setting, creates=False)
     status = _command(cloud_sub, "status", "backup on/off, target, health, pending revisions, migration and deletion "
                       "protection, as JSON",

@@ -1764,7 +1764,7 @@ class MetadataStore:
             )
             if not cursor.rowcount:
                 return False
-            for table in ("backup_health", "blob_checks", "alert_state", "alert_settings", "drill_schedules"):
+            for table in ("backup_health", "blob_checks", "alert_state", "alert_settings", "drill_schedules", "archive_settings"):
                 await db.execute(f"DELETE FROM {table} WHERE cloud = ?", (cloud,))
         return True
     # --- deletion protection (versionstore/protection.py, schema migration 13) ---------------
@@ -1953,6 +1953,26 @@ class MetadataStore:
                 "UPDATE archive_files SET removed_at = ? WHERE job_id = ? AND removed_at IS NULL", (now, job_id)
             )
             return cursor.rowcount == 1
+
+    # --- per-environment archive settings (versionstore/archive_removal.py, schema migration 17) ---
+
+    async def get_archive_keep_days(self, cloud: str) -> int | None:
+        """The environment's default `keep_days` for archive exports; None: the server's."""
+        row = await self._one("SELECT keep_days FROM archive_settings WHERE cloud = ?", (cloud,))
+        return None if row is None else int(row[0])
+
+    async def set_archive_keep_days(self, cloud: str, days: int | None) -> None:
+        """Set the environment's default `keep_days`, or with None go back to the server's."""
+        async with self.transaction() as db:
+            if days is None:
+                await db.execute("DELETE FROM archive_settings WHERE cloud = ?", (cloud,))
+            else:
+                await db.execute(
+                    "INSERT INTO archive_settings (cloud, keep_days) VALUES (?, ?) "
+                    "ON CONFLICT (cloud) DO UPDATE SET keep_days = excluded.keep_days",
+                    (cloud, days),
+                )
+
 
 _ARCHIVE_FILE_SELECT = (
     "SELECT a.job_id, a.cloud, a.kind, a.store_key, a.registered_at, a.expires_at, a.removed_at FROM archive_files a"

@@ -484,3 +484,12 @@ CREATE TABLE archive_files (
     removed_at    REAL
 );
 CREATE INDEX archive_files_kept ON archive_files (expires_at) WHERE removed_at IS NULL;
+
+-- migration 17
+-- An environment's default for how long a prepared archive export is kept (docs/snapshots.md,
+-- "Removal"): used when an export does not give `keep_days`. No row: the server's
+-- VERSIONSTORE_ARCHIVE_KEEP_DAYS.
+CREATE TABLE archive_settings (
+    cloud     TEXT PRIMARY KEY,
+    keep_days INTEGER NOT NULL
+);

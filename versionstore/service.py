@@ -119,8 +119,9 @@ class VersionService:
         #: (cloud, asset_id, version_id): what `download_backup` read, until anything commits.
         self._downloadables: EpochCache[tuple[str, str, str], Downloadable] = EpochCache(4096)
 
-    def new_spool(self) -> SpoolFile:
-        return SpoolFile(self.spool_dir, self.max_bytes)
+    def new_spool(self, *, md5: bool = True) -> SpoolFile:
+        """A spool file for an upload; `md5=False` for bytes whose MD5 nobody reads."""
+        return SpoolFile(self.spool_dir, self.max_bytes, md5=md5)
 
     async def spool_bytes(self, data: bytes, sync: bool = True) -> Spooled:
         """A small body already in memory, spooled in one worker-thread call (spool.spool_bytes)."""
@@ -721,7 +722,7 @@ class VersionService:
                 raise RevisionCorrupt(f"{store.name}/{key} hashes to {actual}")
             yield path
             return
-        spool = self.new_spool()
+        spool = self.new_spool(md5=False)  # checked by its BLAKE3; nobody reads its MD5
         try:
             try:
                 async for chunk in store.read(key):

@@ -106,19 +106,23 @@ async def make_durable(spooled: Spooled) -> None:
 
 
 class SpoolFile:
-    """Append-only temp file with running BLAKE3 and MD5; `finish()` fsyncs and returns both."""
+    """Append-only temp file with running BLAKE3 and MD5; `finish()` fsyncs and returns both.
+    Without `md5` there is no MD5 lane (`Spooled.md5` is None): for bytes whose MD5 nobody
+    reads, like an archive sent for import (each member's MD5 is checked by verification) or a
+    blob copied from a remote store to be read locally."""
 
-    def __init__(self, directory: Path, limit: int) -> None:
+    def __init__(self, directory: Path, limit: int, *, md5: bool = True) -> None:
         name = secrets.token_hex(12)
         self.path = directory / f"{name}.part"
         self.limit = limit
         self.size = 0
         self.head = b""
         self.hashes = Hashes()
-        # Blocks handed to the workers and not yet done: (BLAKE3 + write, MD5) per block, oldest
-        # first. Each worker takes the blocks in order (a block's job starts when the block
-        # before is done in that lane), so neither waits for the other between blocks.
-        self._in_flight: collections.deque[tuple[asyncio.Future[None], asyncio.Future[None]]] = collections.deque()
+        self.with_md5 = md5
+        # Blocks handed to the workers and not yet done: (BLAKE3 + write, MD5 or None) per block,
+        # oldest first. Each worker takes the blocks in order (a block's job starts when the
+        # block before is done in that lane), so neither waits for the other between blocks.
+        self._in_flight: collections.deque[tuple[asyncio.Future[None], asyncio.Future[None] | None]] = collections.deque()
         self._syncing: asyncio.Future[None] | None = None
         self._unsynced = 0
         # A background flush's failure, raised by `finish`: Linux reports a writeback error to
@@ -163,7 +167,8 @@ class SpoolFile:
             while len(self._in_flight) >= IN_FLIGHT:  # bounded memory; a lent block is free again
                 await _both(self._in_flight.popleft())
             last = self._in_flight[-1] if self._in_flight else (None, None)
-            self._in_flight.append((_after(last[0], self._write_chunks, chunks), _after(last[1], self.hashes.update_md5_all, chunks)))
+            md5 = _after(last[1], self.hashes.update_md5_all, chunks) if self.with_md5 else None
+            self._in_flight.append((_after(last[0], self._write_chunks, chunks), md5))
             self._unsynced += sum(len(chunk) for chunk in chunks)
             if self._unsynced >= SYNC_EVERY and (self._syncing is None or self._syncing.done()):
                 # Flushes what earlier blocks wrote; the receipt never waits for it.
@@ -222,7 +227,8 @@ class SpoolFile:
         if self._sync_error is not None:
             raise self._sync_error
         await asyncio.to_thread(self._close, sync)
-        return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=self.hashes.md5, lock=self._lock)
+        md5 = self.hashes.md5 if self.with_md5 else None
+        return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=md5, lock=self._lock)
 
     def _close(self, sync: bool) -> None:
         if sync:  # durable before any store links it and before any metadata names it
@@ -306,14 +312,17 @@ def _after(
     return future
 
 
-async def _both(block: tuple[asyncio.Future[None], asyncio.Future[None]]) -> None:
-    """Wait for both lanes of a block; the first failure is raised after both are done."""
+async def _both(block: tuple[asyncio.Future[None], asyncio.Future[None] | None]) -> None:
+    """Wait for both lanes of a block (the MD5 lane may be off); the first failure is raised
+    after both are done."""
     first, second = block
     try:
         await first
     finally:
-        await asyncio.wait([second])
-    await second
+        if second is not None:
+            await asyncio.wait([second])
+    if second is not None:
+        await second
 
 
 def _started(work: Callable[[list[bytes | memoryview]], None], chunks: list[bytes | memoryview]) -> asyncio.Future[None]:

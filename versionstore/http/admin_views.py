@@ -10,7 +10,7 @@ from urllib.parse import quote
 from aiohttp import web
 from multidict import CIMultiDict
 
-from versionstore import ids, metadata_fields, protection, queries, verify
+from versionstore import archive_removal, ids, metadata_fields, protection, queries, verify
 from versionstore.console.audit import AuditLog
 from versionstore.errors import BadRequest, Forbidden, NotFound
 from versionstore.http import render
@@ -18,7 +18,7 @@ from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic, check_signed
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params, query_params
-from versionstore.http.keys import EPOCH, META, RESOURCE_BODIES, SERVICE, VERSIONS_CACHE
+from versionstore.http.keys import CONFIG, EPOCH, META, RESOURCE_BODIES, SERVICE, VERSIONS_CACHE
 from versionstore.media import content_type
 from versionstore.models import Asset, Cloud, RestoreFailure, VersionsKey
 from versionstore.params import Params, as_bool, as_bounded_list, as_int, field_updates
@@ -317,14 +317,23 @@ def _ascii(name: str) -> str:
 
 
 async def settings(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
-    """GET reads, PUT/POST changes `auto_backup` (docs/api.md). Deletion protection is shown
-    but only the operator's CLI changes it: a leaked key must not be able to switch it off."""
+    """GET reads, PUT/POST changes `auto_backup` and `archive_keep_days` (docs/api.md).
+    Deletion protection is shown but only the operator's CLI changes it: a leaked key must not
+    be able to switch it off."""
     params = await _params(request, cloud)
     meta = request.app[META]
-    if request.method != "GET" and {"purge_delay_days", "append_only_key"} & set(params):
+    writing = request.method != "GET"
+    if writing and {"purge_delay_days", "append_only_key"} & set(params):
         raise Forbidden("Deletion protection is changed by the operator only: versionstore cloud set NAME --purge-delay-days N")
-    if request.method != "GET" and "auto_backup" in params:
+    days = archive_removal.default_keep_days_value(params.get("archive_keep_days")) if writing else None  # before any change
+    if writing and "auto_backup" in params:
         await meta.set_auto_backup(cloud.name, bool(as_bool(params["auto_backup"])))
         await record_api(request, cloud, "settings", cloud.name, detail={"auto_backup": bool(as_bool(params["auto_backup"]))})
         cloud = await meta.get_cloud(cloud.name) or cloud
-    return web.json_response({"cloud_name": cloud.name, "auto_backup": cloud.auto_backup, **await protection.status(meta, cloud)})
+    if writing and "archive_keep_days" in params:
+        await meta.set_archive_keep_days(cloud.name, days)
+        await record_api(request, cloud, "settings", cloud.name, detail={"archive_keep_days": days})
+    archive = await archive_removal.settings(meta, cloud.name, request.app[CONFIG].archive_keep_days)
+    return web.json_response(
+        {"cloud_name": cloud.name, "auto_backup": cloud.auto_backup, **await protection.status(meta, cloud), **archive}
+    )

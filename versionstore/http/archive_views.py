@@ -49,7 +49,8 @@ async def export(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     notification_url = str(params.get("notification_url") or "") or None
     if notification_url and not notification_url.startswith(("http://", "https://")):
         raise BadRequest("notification_url must be an http(s) URL")
-    keep = archive_removal.keep_days(params.get("keep_days"), request.app[CONFIG].archive_keep_days)
+    default = await archive_removal.default_keep_days(request.app[META], cloud.name, request.app[CONFIG].archive_keep_days)
+    keep = archive_removal.keep_days(params.get("keep_days"), default)
     job_params = {**archives.selection_params(selection), "keep_days": keep}
     job = await archives.start(request.app[SERVICE], cloud.name, archives.EXPORT, job_params, notification_url)
     if job is None:
