@@ -73,6 +73,20 @@ async def other_env(client: Any) -> None:
     await client.app[META].create_cloud(OTHER, OTHER_KEY, OTHER_SECRET, auto_backup=True)
 
 
+async def exported_for_other(api: Any, client: Any, tmp_path: Path, prefix: str, count: int, repeat: int) -> tuple[Path, Any]:
+    """`count` uploads under `prefix/`, the library's archive written to a file, and the other
+    environment (made here) to import it into: (the archive's path, that environment)."""
+    for number in range(count):
+        await api.upload(f"{prefix} {number} ".encode() * repeat, public_id=f"{prefix}/{number}")
+    _, body = await export(api, at=time.time())
+    path = tmp_path / "archive.tar"
+    path.write_bytes(body)
+    await other_env(client)
+    other = await client.app[META].get_cloud(OTHER)
+    assert other is not None
+    return path, other
+
+
 async def post_import(api: Any, body: bytes, expect: int = 200) -> dict[str, Any]:
     response = await api.client.post(f"/v1_1/{OTHER}/versionstore/archives/import", data=body, headers=OTHER_HEADERS)
     answer = await response.json()
@@ -260,21 +274,15 @@ async def test_an_import_failing_mid_batch_leaves_no_version_no_blob_and_no_stag
     from versionstore import archives
     from versionstore.http.keys import SERVICE
 
-    for number in range(6):
-        await api.upload(f"batched {number} ".encode() * 20000, public_id=f"batch/{number}")
-    _, body = await export(api, at=time.time())
-    path = tmp_path / "archive.tar"
-    path.write_bytes(body)
-    await other_env(client)
+    path, other = await exported_for_other(api, client, tmp_path, "batch", 6, 20000)
     service, meta = client.app[SERVICE], client.app[META]
-    other = await meta.get_cloud(OTHER)
     spool_before = set(service.spool_dir.iterdir())
     read = 0
 
     def failing(size: int) -> None:
         nonlocal read
         read += size
-        if read > 2 * 20000 * len(b"batched 0 "):
+        if read > 2 * 20000 * len(b"batch 0 "):
             raise OSError("the disk holding the archive failed")
 
     manifest = await archives.verify_file(path)
@@ -385,15 +393,8 @@ async def test_batches_commit_in_order_while_the_next_one_stages_and_the_cursor_
     from versionstore.http.keys import SERVICE
 
     monkeypatch.setattr(archives, "BATCH_ENTRIES", 2)
-    for number in range(5):
-        await api.upload(f"ordered {number} ".encode() * 3000, public_id=f"order/{number}")
-    _, body = await export(api, at=time.time())
-    path = tmp_path / "archive.tar"
-    path.write_bytes(body)
-    await other_env(client)
+    path, other = await exported_for_other(api, client, tmp_path, "order", 5, 3000)
     service, meta = client.app[SERVICE], client.app[META]
-    other = await meta.get_cloud(OTHER)
-    assert other is not None
     manifest = await archives.verify_file(path)
     names = [e["public_id"] for e in manifest.entries]
     cursor: list[int] = []
