@@ -96,7 +96,7 @@ async def small_reads(conn: asyncpg.Connection) -> asyncpg.Connection:
     mapped a fresh buffer, resized it and unmapped it: three system calls, about 40 µs of CPU
     per round trip, a third of a point read's client cost (measured in docs/scale-out.md).
     64 KiB comes from the heap; a large result takes a few more reads.
-    Transports without the setting (uvloop's, which reads into its own buffer) are left alone."""
+    Transports without the setting (other event loops' own) are left alone."""
     transport: Any = getattr(conn, "_transport", None)
     if isinstance(getattr(transport, "max_size", None), int):
         transport.max_size = READ_SIZE

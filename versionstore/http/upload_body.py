@@ -107,7 +107,7 @@ async def spool_tapped_part(request: web.Request, reader: MultipartReader, part:
 def _larger_socket_reads(transport: asyncio.BaseTransport | None) -> Iterator[None]:
     """asyncio's selector transport reads at most `max_size` (256 KiB) per recv(); 1 MiB reads
     cut the event loop's CPU per uploaded GiB by about a tenth. Restored for the connection's
-    next request; transports without the attribute (uvloop) are left alone."""
+    next request; transports without the attribute (other event loops') are left alone."""
     before = getattr(transport, _MAX_SIZE, None)
     if not isinstance(before, int) or before >= SOCKET_READ:
         yield
