@@ -283,16 +283,21 @@ class PgGateway:
         async with self._pool.acquire() as conn:
             await conn.execute("BEGIN")
             tx = PgTransaction(conn)
+            committing = False
             try:
                 yield tx
+                committing = True
                 await conn.execute(self._commit)
             except BaseException as exc:
                 await _roll_back(conn)
                 if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
                     raise _integrity(exc) from exc
                 raise
-        if tx.wrote:
-            self._commits += 1
+            finally:
+                # Also when COMMIT itself was interrupted (it may have committed, and our own
+                # notification is not heard here): a needless move only drops cached values.
+                if tx.wrote and committing:
+                    self._commits += 1
 
     async def lock(self, db: Transaction, key: str) -> None:
         await db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(key.encode()),))
