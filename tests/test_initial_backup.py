@@ -160,3 +160,22 @@ async def test_counts_are_exact_when_a_batch_is_examined_again(api: Api, client:
     await initial_backup.InitialBackup(service).run(job)
     described = await initial_backup.describe(meta, job)
     assert described["processed_assets_count"] == 3 and described["already_backed_up_count"] == 0
+
+
+def test_the_batch_client_starts_without_the_service_modules() -> None:
+    """`versionstore initial-backup` (versionstore/launch.py) does not import the CLI's service
+    modules: their import was half of an unchanged library's re-run."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from versionstore.launch import main\n"
+        "try:\n"
+        "    main(['initial-backup', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('versionstore.cli', 'versionstore.metadata', 'versionstore.service') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out

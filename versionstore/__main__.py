@@ -1,3 +1,3 @@
-from versionstore.cli import main
+from versionstore.launch import main
 
 raise SystemExit(main())
