@@ -79,18 +79,26 @@ BOTH_READERS_MODULES = {"test_hostile", "test_wire_encodings", "test_upload_body
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """`metadata_url` (through `config`) runs a test on each backend, unless the test
-    parametrizes it itself or its module is SQLite-only."""
+    parametrizes it itself or its module is SQLite-only. In BOTH_READERS_MODULES a test runs
+    with each multipart reader; the reader does not depend on the metadata backend, so the
+    streaming reader runs on the first backend only."""
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    if module in BOTH_READERS_MODULES and "body_reader" in metafunc.fixturenames:
-        metafunc.parametrize("body_reader", ["small", "stream"], indirect=True)
-    if "metadata_url" not in metafunc.fixturenames:
+    readers = module in BOTH_READERS_MODULES and "body_reader" in metafunc.fixturenames
+    explicit = any(
+        "metadata_url" in (names.replace(" ", "").split(",") if isinstance(names, str) else names)
+        for names in (mark.args[0] for mark in metafunc.definition.iter_markers("parametrize"))
+    )
+    if "metadata_url" not in metafunc.fixturenames or explicit:
+        if readers:
+            metafunc.parametrize("body_reader", ["small", "stream"], indirect=True)
         return
-    for mark in metafunc.definition.iter_markers("parametrize"):
-        names = mark.args[0]
-        if "metadata_url" in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
-            return
     backends = [b for b in METADATA_BACKENDS if b == "sqlite"] if module in SQLITE_ONLY_MODULES else METADATA_BACKENDS
-    metafunc.parametrize("metadata_url", backends or ["sqlite"], indirect=True)
+    backends = backends or ["sqlite"]
+    if readers:
+        pairs = [("small", backend) for backend in backends] + [("stream", backends[0])]
+        metafunc.parametrize(("body_reader", "metadata_url"), pairs, indirect=True, ids=[f"{r}-{b}" for r, b in pairs])
+    else:
+        metafunc.parametrize("metadata_url", backends, indirect=True)
 
 
 @pytest.fixture(scope="session")
