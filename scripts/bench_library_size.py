@@ -293,18 +293,20 @@ class Driver:
         row = Row("listing, 500 per page, deep pages (keyset cursor)")
         pages = max(self.requests, min(200, self.library.size // 500))
         cursor = None
+        times: list[float] = []
         with stalls:
-            for page in range(pages):
+            for _ in range(pages):
                 params = {"max_results": "500", **({"next_cursor": cursor} if cursor else {})}
                 started = time.perf_counter()
                 body = await self.call("GET", "resources/image/upload", headers=BASIC, params=params)
-                if page >= pages // 2:
-                    row.times.append(time.perf_counter() - started)
+                times.append(time.perf_counter() - started)
                 cursor = body.get("next_cursor")
                 if not cursor:
                     break
             row.stall = stalls.worst
-        row.note = f"pages {pages // 2 + 1}-{page + 1}"
+        # The deep half of the pages actually fetched (a small library has fewer than `pages`).
+        row.times = times[len(times) // 2:]
+        row.note = f"pages {len(times) // 2 + 1}-{len(times)}"
         return row
 
 
