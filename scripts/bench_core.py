@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -148,7 +149,34 @@ BARE_SERVER = textwrap.dedent(
     app.router.add_post("/sink", sink)
     app.router.add_post("/sink-md5", sink_md5)
     app.router.add_get("/{tail:.*}", handler)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    workers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    if workers == 1:
+        web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    else:  # as `serve --workers N`: bind once, fork N processes accepting on the inherited socket
+        import os, signal, socket
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", int(sys.argv[1])))
+        sock.listen(128)
+        children = []
+        for _ in range(workers):
+            pid = os.fork()
+            if pid == 0:
+                web.run_app(app, sock=sock, print=None, access_log=None)
+                os._exit(0)
+            children.append(pid)
+        def stop(*_):
+            for pid in children:
+                os.kill(pid, signal.SIGINT)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        for pid in children:
+            while True:
+                try:
+                    os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
     """
 )
 
@@ -163,6 +191,23 @@ SINKS = ("sink", "sink-md5")
 def thread_cpu(proc: psutil.Process) -> dict[int, tuple[float, float]]:
     """(user, system) CPU seconds of each thread of `proc` so far (/proc/<pid>/task)."""
     return {t.id: (t.user_time, t.system_time) for t in proc.threads()}
+
+
+def loop_cpu(proc: psutil.Process) -> float:
+    """CPU seconds so far of the event-loop thread (the main thread) of `proc`, or with worker
+    processes (`--workers N`: children of `proc`), of theirs together."""
+    total = 0.0
+    for worker in proc.children() or [proc]:
+        try:
+            total += sum(thread_cpu(worker).get(worker.pid, (0.0, 0.0)))
+        except psutil.Error:
+            continue
+    return total
+
+
+def _suffix(args: argparse.Namespace, workers: int) -> str:
+    """The case-name suffix of a worker count: none for the first of --workers, else `@wN`."""
+    return "" if workers == args.workers[0] else f"@w{workers}"
 
 
 def fsync_path(path: Path) -> None:
@@ -212,6 +257,11 @@ class Bench:
         self.service: Server | None = None
         self.against: Server | None = None  # --against: the same service from another source tree
         self.bare: Server | None = None
+        # --workers N,M: the service and the bare handler with each number of processes (the
+        # first is `service`/`bare`; the others' cases are suffixed `@wN`).
+        self.services: dict[int, Server] = {}
+        self.bares: dict[int, Server] = {}
+        self.lag_file = self.root / "loop-lag.jsonl"
         self.lua = self.work / "report.lua"
         self.lua.write_text(WRK_LUA)
 
@@ -227,29 +277,69 @@ class Bench:
              API_SECRET, "--data-dir", str(self.data_dir)],
             check=True, stdout=subprocess.DEVNULL,
         )
-        self.service = self.service_server("versionstore", self.root / "service.log")
-        self.servers.append(self.service)
-        self.service.start()
+        for n in self.args.workers:
+            service = self.services[n] = self.service_server(f"versionstore{_suffix(self.args, n)}",
+                                                             self.root / f"service-w{n}.log", n)
+            self.servers.append(service)
+            service.start()
+        self.service = self.services[self.args.workers[0]]
         if self.args.against:  # a second process on the same data dir, running the other tree's code
             tree = Path(self.args.against).resolve()
-            self.against = self.service_server("versionstore@against", self.root / "against.log")
+            self.against = self.service_server("versionstore@against", self.root / "against.log", self.args.workers[0])
             self.against.env, self.against.cwd = {"PYTHONPATH": str(tree)}, tree
             self.servers.append(self.against)
             self.against.start()
-        bare_port = free_port()
         bare_script = self.work / "bare_server.py"
         bare_script.write_text(BARE_SERVER)
-        self.bare = Server("bare-aiohttp", [self.python, str(bare_script), str(bare_port)],
-                           bare_port,
-                           self.root / "bare.log", health="/ping")
-        self.servers.append(self.bare)
-        self.bare.start()
+        for n in self.args.workers:  # the baseline gets as many processes as the service, or the ratio is unfair
+            bare_port = free_port()
+            bare = self.bares[n] = Server(f"bare-aiohttp{_suffix(self.args, n)}",
+                                          [self.python, str(bare_script), str(bare_port), str(n)],
+                                          bare_port, self.root / f"bare-w{n}.log", health="/ping")
+            self.servers.append(bare)
+            bare.start()
+        self.bare = self.bares[self.args.workers[0]]
 
-    def service_server(self, name: str, log_path: Path) -> Server:
+    def service_server(self, name: str, log_path: Path, workers: int = 1) -> Server:
         port = free_port()
         argv = [self.python, "-m", "versionstore", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
                 "--port", str(port)]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
+        if self.args.loop_lag:  # the same command under the event-loop lag probe (scripts/loop_lag.py)
+            argv[1:3] = [str(Path(__file__).resolve().parent / "loop_lag.py"), str(self.lag_file), "versionstore"]
         return Server(name, argv, port, log_path)
+
+    def lag_signal(self, server: Server) -> list[int]:
+        """--loop-lag: ask the service's event loops (its workers' with --workers) to write what
+        they saw since the last signal; the pids asked."""
+        proc = psutil.Process(server.pid)
+        pids = [child.pid for child in proc.children()] or [server.pid]
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR1)
+        return pids
+
+    def lag_read(self, pids: list[int]) -> dict[str, Any]:
+        """The last record of each of `pids` in the lag file, merged: the largest lateness of the
+        millisecond timer, how often it was later than 1/5/20 ms, and the slow callbacks."""
+        time.sleep(0.3)  # the loops write at their next pass
+        last: dict[int, dict[str, Any]] = {}
+        for line in self.lag_file.read_text().splitlines():
+            record = json.loads(line)
+            if record["pid"] in pids:
+                last[record["pid"]] = record
+        merged: dict[str, Any] = {"late_max_ms": 0.0, "late_over_ms": {}, "slow_callbacks": {}, "ticks": 0}
+        for record in last.values():
+            merged["late_max_ms"] = max(merged["late_max_ms"], record["late_max_ms"])
+            merged["ticks"] += record["ticks"]
+            for limit, count in record["late_over_ms"].items():
+                merged["late_over_ms"][limit] = merged["late_over_ms"].get(limit, 0) + count
+            for what, slow in record["slow_callbacks"].items():
+                entry = merged["slow_callbacks"].setdefault(what, {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
+                entry["count"] += slow["count"]
+                entry["total_ms"] += slow["total_ms"]
+                entry["max_ms"] = max(entry["max_ms"], slow["max_ms"])
+        return merged
 
     @property
     def base(self) -> str:
@@ -455,8 +545,11 @@ class Bench:
             f"{small['bytes']} B (10 versions) and {many['bytes']} B ({self.args.many_versions} versions)")
         assert self.service is not None
         auth = {"Authorization": BASIC}
-        cases = {"bare": (f"http://127.0.0.1:{self.bare.port}/ping", {}, self.bare)}
-        for suffix, server in (("", self.service), ("@against", self.against)):
+        cases: dict[str, tuple[str, dict[str, str], Server]] = {}
+        for n, bare in self.bares.items():
+            cases[f"bare{_suffix(self.args, n)}"] = (f"http://127.0.0.1:{bare.port}/ping", {}, bare)
+        serving = [(_suffix(self.args, n), server) for n, server in self.services.items()]
+        for suffix, server in [*serving, ("@against", self.against)]:
             if server is None:
                 continue
             base = self.base_of(server)
@@ -474,20 +567,35 @@ class Bench:
         for i in range(self.args.runs):
             for name, (url, headers, server) in cases.items():
                 proc = psutil.Process(server.pid)
-                cpu_before, loop_before = server.cpu(), sum(thread_cpu(proc).get(server.pid, (0.0, 0.0)))
+                probed = self.args.loop_lag and not name.startswith("bare")
+                if probed:
+                    self.lag_signal(server)
+                cpu_before, loop_before = server.cpu(), loop_cpu(proc)
                 data = self.wrk(url, headers, self.args.duration)
                 # Server CPU per request: steadier than req/s when the machine is shared; and
                 # the event loop thread's share (the rest is worker threads).
                 requests = max(data["requests"], 1)
                 data["cpu_us"] = (server.cpu() - cpu_before) / requests * 1e6
-                data["loop_cpu_us"] = (sum(thread_cpu(proc).get(server.pid, (0.0, 0.0))) - loop_before) / requests * 1e6
+                data["loop_cpu_us"] = (loop_cpu(proc) - loop_before) / requests * 1e6
+                if probed:
+                    data["loop_lag"] = self.lag_read(self.lag_signal(server))
                 self.results.wrk.setdefault(name, []).append(data)
                 log(f"  run {i + 1} {name:>16}: {data['rps']:8.0f} req/s  p50 {data['p50_us'] / 1000:7.2f} ms  "
                     f"p99 {data['p99_us'] / 1000:7.2f} ms  server CPU {data['cpu_us']:5.0f} us/req "
                     f"(loop thread {data['loop_cpu_us']:3.0f})  errors {data['errors']}")
+                if probed:
+                    self.log_lag(data["loop_lag"], data["max_us"] / 1000)
         if self.args.profile:
             self.profile_reads(cases)
         return info
+
+    @staticmethod
+    def log_lag(lag: dict[str, Any], wrk_max_ms: float) -> None:
+        over = lag["late_over_ms"]
+        log(f"      loop lag: 1 ms timer late by up to {lag['late_max_ms']:.1f} ms (wrk's max latency {wrk_max_ms:.1f} ms); "
+            f"late > 1/5/20 ms {over.get('1', 0)}/{over.get('5', 0)}/{over.get('20', 0)} of {lag['ticks']} ticks")
+        for what, slow in sorted(lag["slow_callbacks"].items(), key=lambda kv: -kv[1]["total_ms"])[:5]:
+            log(f"        callback > 1 ms: {slow['count']:5d} x, {slow['total_ms']:8.1f} ms in all, max {slow['max_ms']:6.1f} ms  {what}")
 
     def profile_reads(self, cases: dict[str, tuple[str, dict[str, str], Server]]) -> None:
         """--profile DIR: one more wrk run per case with py-spy sampling the server (raw folded
@@ -500,13 +608,14 @@ class Bench:
             out = out_dir / f"{name.replace('@', '-')}.txt"
             argv = [spy, "record", "-p", str(server.pid), "-r", str(self.args.profile_rate), "-d", str(duration),
                     "--nonblocking", "--format", "raw", "--nolineno", "-o", str(out)]
+            if psutil.Process(server.pid).children():  # --workers N: sample the workers, not the supervisor
+                argv.append("--subprocesses")
             sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)  # py-spy attaches before the load starts
             proc = psutil.Process(server.pid)
-            loop_before = thread_cpu(proc).get(server.pid, (0.0, 0.0))
+            loop_before = loop_cpu(proc)
             data = self.wrk(url, headers, duration)
-            loop_after = thread_cpu(proc).get(server.pid, (0.0, 0.0))
-            request_us = (sum(loop_after) - sum(loop_before)) / max(data["requests"], 1) * 1e6
+            request_us = (loop_cpu(proc) - loop_before) / max(data["requests"], 1) * 1e6
             _, err = sampler.communicate(timeout=duration + 60)
             if sampler.returncode != 0 or not out.exists():
                 raise RuntimeError(f"py-spy failed (rc={sampler.returncode}): {err.decode(errors='replace')[-2000:]}")
@@ -544,16 +653,20 @@ class Bench:
                 f"{verdict(peak < TARGETS['rss_growth_mib'])}")
         if r.wrk:
             log(f"3. wrk -t{a.threads} -c{a.connections} -d{a.duration}s (wrk and the servers share "
-                f"{os.cpu_count()} CPUs)")
-            bare = median([d["rps"] for d in r.wrk["bare"]])
+                f"{os.cpu_count()} CPUs; service and bare handler with {a.workers[0]} process(es)"
+                + "".join(f", `@w{n}`: {n}" for n in a.workers[1:]) + ")")
             log(f"   {'case':<18}{'req/s':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}   targets")
             for name, runs in r.wrk.items():
+                workers = name.rpartition("@w")[2] if "@w" in name else ""
+                bare = median([d["rps"] for d in r.wrk["bare" + (f"@w{workers}" if workers else "")]])
                 rps = median([d["rps"] for d in runs])
                 p50 = median([d["p50_us"] / 1000 for d in runs])
                 p99 = median([d["p99_us"] / 1000 for d in runs])
                 cpu = median([d["cpu_us"] for d in runs])
-                if name == "bare":
+                if name.startswith("bare"):
                     note = "(baseline)"
+                elif workers or a.workers[0] > 1:
+                    note = f"({workers or a.workers[0]} processes, against a bare handler with as many: not judged)"
                 elif name.endswith("@against"):
                     note = f"(--against {a.against}: not judged)"
                 elif name.startswith("versions_") and name != "versions_10":
@@ -656,6 +769,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="seconds of wrk warm-up per endpoint (default 2; --quick 1)")
     parser.add_argument("--many-versions", type=int, help="versions of the large-history asset (default 1000; --quick 200)")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", default="1", metavar="N[,M...]",
+                        help="processes of the service (`serve --workers N`) AND of the bare handler (bound once, forked N "
+                             "times): `2` runs both with 2; `1,2` measures both counts interleaved in the same runs (the "
+                             "second's cases suffixed @w2). Rows with more than one process are reported, not judged")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--upload-timeout", type=int, default=600, help="curl --max-time for one upload")
     parser.add_argument("--tmp-dir", default=None, help="where the temp dir goes (default: $TMPDIR or /tmp)")
@@ -669,10 +786,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR",
                         help="after the measured runs, one wrk run per service case under py-spy: raw folded stacks in "
                              "DIR/<case>.txt and the top functions (indicative: sampling costs the server CPU)")
+    parser.add_argument("--loop-lag", action="store_true",
+                        help="run the service under scripts/loop_lag.py and print, per measured run, how late a 1 ms "
+                             "timer ran in its event loop and which callbacks held the loop over 1 ms (the probe costs "
+                             "the service a few percent: not for the judged figures)")
     parser.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second (default 500)")
     parser.add_argument("--profile-top", type=int, default=25, help="functions listed per profile (default 25)")
     add_load_option(parser)
     args = parser.parse_args(argv)
+    try:
+        args.workers = [int(n) for n in str(args.workers).split(",")]
+    except ValueError:
+        parser.error("--workers takes numbers: 2 or 1,2")
+    if any(n < 1 for n in args.workers) or len(set(args.workers)) != len(args.workers):
+        parser.error("--workers: distinct numbers of at least 1")
     quick = args.quick
     defaults = {"runs": (3, 1), "size_mib": (1024, 128), "duration": (10, 3), "warmup": (2, 1),
                 "many_versions": (1000, 200)}

@@ -15,10 +15,11 @@ from versionstore.console.audit import AuditLog
 from versionstore.errors import BadRequest, Forbidden, NotFound
 from versionstore.http import render
 from versionstore.http.audit_views import record_api
-from versionstore.http.auth import check_basic, check_signed
+from versionstore.http.auth import check_basic
 from versionstore.http.download import blob_response
-from versionstore.http.inputs import admin_params, query_params
+from versionstore.http.inputs import admin_params
 from versionstore.http.keys import CONFIG, EPOCH, META, RESOURCE_BODIES, SERVICE, VERSIONS_CACHE
+from versionstore.http.signed_queries import signed_query
 from versionstore.media import content_type
 from versionstore.models import Asset, Cloud, RestoreFailure, VersionsKey
 from versionstore.params import Params, as_bool, as_bounded_list, as_int, field_updates
@@ -280,11 +281,8 @@ async def restore_by_asset_ids(request: web.Request, cloud: Cloud, match: dict[s
 
 async def download_backup(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.StreamResponse:
     """Signed query (valid for one hour); streams the revision with Range support."""
-    params = query_params(request)
-    for required in ("asset_id", "version_id"):
-        if not params.get(required):
-            raise BadRequest(f"Missing required parameter - {required}")
-    check_signed(params, cloud, purpose="download_backup", request=request)  # the same check as every signed endpoint
+    # check_signed, the same check as every signed endpoint; once per query string and key pair
+    params = signed_query(request, cloud, purpose="download_backup", required=("asset_id", "version_id"))
     asset_id, version_id = str(params["asset_id"]), str(params["version_id"])
     if not (ids.is_hex_id(asset_id) and ids.is_hex_id(version_id)):
         raise BadRequest("Illegal id")

@@ -43,6 +43,7 @@ from versionstore.http.keys import (
     SCRAPE,
     SERVICE,
     UNAUTH_BUDGET,
+    VERIFIED_BLOBS,
     VERSIONS_CACHE,
     error_response,
 )
@@ -276,6 +277,7 @@ def create_app(config: Config) -> web.Application:
     app[EGRESS] = EgressPolicy(config.fetch_allow)
     app[VERSIONS_CACHE] = VersionsJsonCache()
     app[RESOURCE_BODIES] = EpochCache[tuple[object, ...], bytes](16 << 20, len)  # bounded by bytes held
+    app[VERIFIED_BLOBS] = EpochCache[tuple[str, str], bytes](16 << 20, len)
     app[UNAUTH_BUDGET] = UnauthBudget(config.unauth_budget_bytes, config.max_body_bytes)
     app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
     app[SCRAPE] = metrics.ScrapeTimeCollector(lambda: app[META])

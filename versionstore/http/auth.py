@@ -80,12 +80,12 @@ def _secret_for(cloud: Cloud, key: str) -> tuple[str, bool]:
 
 def check_signed(
     params: Params, cloud: Cloud, *, purpose: str, optional_skip: bool = False, request: web.Request | None = None
-) -> None:
+) -> bool:
     """Signed parameters: api_key, a fresh timestamp and a signature over the rest, carrying
     nothing that belongs to another purpose (purposes.py). The one check for every signed
     endpoint, download_backup included. Signed with the append-only key, the request's route
     policy applies (append_only.py); without `request` (an early check before the body is
-    read) the final check_upload_auth applies it."""
+    read) the final check_upload_auth applies it. True when the append-only key signed."""
     api_key = params.get("api_key")
     if not api_key:
         raise Unauthorized("Must supply api_key")
@@ -100,6 +100,7 @@ def check_signed(
         raise Unauthorized(f"Invalid Signature {signature}. String to sign - '{to_sign}'.")
     if append_only and request is not None:
         append_only_key.proved(request)
+    return append_only
 
 
 def check_fresh(timestamp: object) -> None:

@@ -5,7 +5,9 @@ A revision is named by the BLAKE3 of its bytes, so a download proves them on the
   a few hundred KiB from the page cache takes microseconds, while aiohttp's FileResponse
   queues each open/stat on a small thread pool, which under 64 concurrent downloads dominated
   the tail latency) and hashed before anything is sent; ranges of them are cut from the
-  verified whole.
+  verified whole. The proven bytes are kept (by path and digest, VERIFIED_BLOBS) until
+  anything commits: a repeated download sends the bytes already proven to be the digest's,
+  and re-reads the disk after the next commit (a verify that marks the revision is one).
 - Larger local blobs are read and hashed in a worker thread one chunk ahead of the socket
   (measured against the former sendfile in docs/performance.md), and other stores stream
   through the hash: in both, the last chunk is held back until every byte is proven, so on a
@@ -26,6 +28,7 @@ from aiohttp import web
 
 from versionstore.blobstore import BlobNotFound, BlobStore
 from versionstore.errors import ApiError, NotFound
+from versionstore.http.keys import EPOCH, VERIFIED_BLOBS
 from versionstore.verify import CORRUPT, INLINE_HASH, MISSING
 
 SMALL_BLOB = 256 * 1024
@@ -91,14 +94,26 @@ async def blob_response(
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     status = 206 if partial else 200
     if path is not None:
-        try:
-            whole = _read_small(path, size)
-        except FileNotFoundError:
-            raise await _missing(report, f"{path} is missing") from None
-        if (actual := blake3.blake3(whole).hexdigest()) != digest:
-            raise await _corrupt(report, f"{path} hashes to {actual}")
-        return web.Response(body=whole[start:stop], status=status, headers=headers)
+        whole = await _proven_small(request, path, size, digest, report)
+        return web.Response(body=whole if not partial else whole[start:stop], status=status, headers=headers)
     return await _streamed(request, store, key, (start, stop, partial), digest, status, headers, report)
+
+
+async def _proven_small(request: web.Request, path: str, size: int, digest: str, report: Report) -> bytes:
+    """The whole of a small local blob, proven to hash to `digest`: from VERIFIED_BLOBS while
+    nothing has committed since it was proven, else read, hashed and kept there."""
+    proven, epoch = request.app[VERIFIED_BLOBS], request.get(EPOCH)
+    whole = proven.get((path, digest), epoch)
+    if whole is not None:
+        return whole
+    try:
+        whole = _read_small(path, size)
+    except FileNotFoundError:
+        raise await _missing(report, f"{path} is missing") from None
+    if (actual := blake3.blake3(whole).hexdigest()) != digest:
+        raise await _corrupt(report, f"{path} hashes to {actual}")
+    proven.put((path, digest), epoch, whole)
+    return whole
 
 
 def _read_small(path: str, size: int) -> bytes:

@@ -28,6 +28,9 @@ FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
 VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
 #: Rendered resource bodies (with or without `versions`), reused until anything commits.
 RESOURCE_BODIES: web.AppKey[EpochCache[tuple[object, ...], bytes]] = web.AppKey("resource_bodies")
+#: Small local revisions' bytes, proven against their digest, by (path, digest): reused until
+#: anything commits (versionstore/http/download.py).
+VERIFIED_BLOBS: web.AppKey[EpochCache[tuple[str, str], bytes]] = web.AppKey("verified_blobs")
 JOBS = web.AppKey("jobs", JobRunner)
 UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
 EGRESS = web.AppKey("egress", EgressPolicy)
