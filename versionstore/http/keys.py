@@ -15,6 +15,7 @@ from versionstore.epoch_cache import EpochCache
 from versionstore.http import metrics
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.ratelimit import AdminRateLimit
+from versionstore.http.resource_rows import RenderedRows
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import JobRunner
 from versionstore.repository import MetadataRepository
@@ -28,6 +29,8 @@ FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
 VERSIONS_CACHE = web.AppKey("versions_cache", VersionsJsonCache)
 #: Rendered resource bodies (with or without `versions`), reused until anything commits.
 RESOURCE_BODIES: web.AppKey[EpochCache[tuple[object, ...], bytes]] = web.AppKey("resource_bodies")
+#: Listing and search items' JSON, reused while their rows read the same.
+RENDERED_ROWS = web.AppKey("rendered_rows", RenderedRows)
 JOBS = web.AppKey("jobs", JobRunner)
 UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
 EGRESS = web.AppKey("egress", EgressPolicy)
