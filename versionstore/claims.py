@@ -51,6 +51,9 @@ class WriteTicket:
     #: simply removed instead of left, expired, to orphan collection).
     settled: bool = False
     _handed: list[int] = field(default_factory=list)
+    #: `release` rows journaled with the write (`writing(releasing=...)`): the caller wraps the
+    #: releases after its commit in `released(release_ids)`.
+    release_ids: list[int] = field(default_factory=list)
 
     def commit_ids(self) -> list[int]:
         """Ids for save_version/mark_backed_up(done_writes=...); once they commit, the rows are gone."""
@@ -70,24 +73,33 @@ class Claims:
     # --- blob writes ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def writing(self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]]) -> AsyncIterator[WriteTicket]:
+    async def writing(
+        self, cloud: str, digest: str, roles: Sequence[tuple[str, str | None]], *, releasing: Sequence[str] = ()
+    ) -> AsyncIterator[WriteTicket]:
         """Journal a write of `digest`'s blobs in these (role, target) places for its duration.
 
         The journal row is committed first and the claims of others read second, so a deletion
         racing with this write either sees the row (and keeps the blob) or is seen here (and
         waited for). When the body leaves normally after a commit that took the rows
         (`ticket.commit_ids()`), nothing is left to do; otherwise the rows expire at once and
-        orphan collection removes whatever blob nothing references."""
-        async with self.writing_many(cloud, [digest], roles) as tickets:
+        orphan collection removes whatever blob nothing references.
+
+        `releasing`: digests the commit stops referencing, journaled as `releasing()` would but
+        in the same transaction as the write's rows (one commit, one fsync, instead of two).
+        Their rows outlive the body when it leaves normally (`ticket.release_ids`: the caller
+        releases under `released()`), and expire with the others when it raises."""
+        async with self.writing_many(cloud, [digest], roles, releasing=releasing) as tickets:
             yield tickets[0]
 
     @asynccontextmanager
     async def writing_many(
-        self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]]
+        self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]], *, releasing: Sequence[str] = ()
     ) -> AsyncIterator[list[WriteTicket]]:
         """`writing` of several digests, journaled in one transaction (a batched import): one
-        ticket per digest, in order."""
-        tickets = [WriteTicket(ids) for ids in await self._begin(cloud, digests, roles)]
+        ticket per digest, in order (the `releasing` rows on the first)."""
+        ids, release_ids = await self._begin(cloud, digests, roles, list(dict.fromkeys(releasing)))
+        tickets = [WriteTicket(some) for some in ids]
+        tickets[0].release_ids = release_ids
         try:
             yield tickets
         except BaseException:
@@ -95,17 +107,21 @@ class Claims:
             raise
         await self._end(tickets, expire=None)
 
-    async def _begin(self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]]) -> list[list[int]]:
+    async def _begin(
+        self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]], releasing: Sequence[str]
+    ) -> tuple[list[list[int]], list[int]]:
         revision = any(role == REVISION for role, _ in roles)
         while True:
-            ids = await self.meta.begin_writes_many(cloud, digests, roles, self.owner, self.lease_until())
+            ids = await self.meta.begin_writes_many(cloud, digests, roles, self.owner, self.lease_until(), releasing=releasing)
+            release_ids = ids.pop() if releasing else []
             now = time.time()
             blocked = revision and await self.meta.switch_claimed(cloud, now)
             for digest in digests:
                 blocked = blocked or await self.meta.deletion_claimed(cloud, digest, now)
             if not blocked:
-                return ids
-            await self.meta.end_writes([i for some in ids for i in some], expire=False)  # nothing written yet: withdraw
+                return ids, release_ids
+            withdrawn = [i for some in ids for i in some] + release_ids
+            await self.meta.end_writes(withdrawn, expire=False)  # nothing written or released yet: withdraw
             await asyncio.sleep(WAIT_STEP)
 
     async def _end(self, tickets: Sequence[WriteTicket], *, expire: bool | None) -> None:
@@ -114,6 +130,8 @@ class Claims:
         for ticket in tickets:
             remaining = [i for i in ticket.ids if i not in ticket._handed] if ticket.committed else ticket.ids
             by_expiry[not ticket.settled if expire is None else expire].extend(remaining)
+            if expire:
+                by_expiry[True].extend(ticket.release_ids)  # the release may not happen: orphan collection checks
         for expiring, ids in by_expiry.items():
             await self.meta.end_writes(ids, expire=expiring)
 

@@ -24,6 +24,7 @@ from versionstore.epoch_cache import EpochCache
 from versionstore.gateway import Gateway, IntegrityError, SqliteGateway, Transaction, migrations
 from versionstore.models import (
     Asset,
+    AssetRow,
     BackupHealth,
     Cloud,
     Downloadable,
@@ -156,15 +157,23 @@ def _json_column(text: str) -> Any:
     return json.loads(text)
 
 
+_TAGS, _CONTEXT, _METADATA, _PUBLIC_ID = (_ASSET_COLUMNS.index(c) for c in ("tags", "context", "metadata", "public_id"))
+#: Columns before and after the model's `detached` field (the row ends with `detached_from`).
+_BEFORE_DETACHED = [f.name for f in fields(Asset)].index("detached")
+
+
 def _asset(row: Sequence[Any]) -> Asset:
-    values = dict(zip(_ASSET_COLUMNS, row, strict=True))
-    values["tags"] = _json_column(values["tags"])
-    values["context"] = _json_column(values["context"])
-    values["metadata"] = _json_column(values["metadata"])
-    detached_from = values.pop("detached_from")
+    # Positional (columns are selected in field order, `detached` aside): this runs once per
+    # row of a listing page, where a dict per row and Asset(**values) were a visible share.
+    values = list(row)
+    values[_TAGS] = _json_column(values[_TAGS])
+    values[_CONTEXT] = _json_column(values[_CONTEXT])
+    values[_METADATA] = _json_column(values[_METADATA])
+    detached_from = values.pop()
     if detached_from is not None:
-        values["public_id"], values["detached"] = detached_from, True
-    return Asset(**values)
+        values[_PUBLIC_ID] = detached_from
+    values.insert(_BEFORE_DETACHED, detached_from is not None)
+    return Asset(*values)
 
 
 _BACKED_UP = _VERSION_COLUMNS.index("backed_up")
@@ -1248,11 +1257,15 @@ class MetadataStore:
         return (await self.begin_writes_many(cloud, [digest], roles, owner, lease_until))[0]
 
     async def begin_writes_many(
-        self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]], owner: str, lease_until: float
+        self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]], owner: str, lease_until: float,
+        *, releasing: Sequence[str] = (),
     ) -> list[list[int]]:
-        """`begin_writes` of several digests in one transaction: the ids per digest, in order."""
+        """`begin_writes` of several digests in one transaction: the ids per digest, in order.
+        With `releasing`, also the `release` rows of those digests (Claims.writing: one commit
+        for both journals), their ids as one more list, last."""
         now = time.time()
         rows = [(cloud, digest, role, target, owner, now, lease_until) for digest in digests for role, target in roles]
+        rows += [(cloud, digest, "release", None, owner, now, lease_until) for digest in releasing]
         new_ids: list[int] = []
         async with self.transaction() as db:
             # A few statements of many rows, not one per row (each is a hop to SQLite's writer
@@ -1266,7 +1279,8 @@ class MetadataStore:
                     [value for row in chunk for value in row],
                 )
                 new_ids += sorted(int(row[0]) for row in await cursor.fetchall())
-        return [new_ids[i * len(roles) : (i + 1) * len(roles)] for i in range(len(digests))]
+        per_digest = [new_ids[i * len(roles) : (i + 1) * len(roles)] for i in range(len(digests))]
+        return [*per_digest, new_ids[len(digests) * len(roles) :]] if releasing else per_digest
 
     async def end_writes(self, ids: Sequence[int], *, expire: bool) -> None:
         """Remove journal rows (the write is named by committed metadata, or was abandoned before
@@ -1972,6 +1986,18 @@ class MetadataStore:
                     "ON CONFLICT (cloud) DO UPDATE SET keep_days = excluded.keep_days",
                     (cloud, days),
                 )
+
+    # --- listing pages as rows (bigpage: a page reuses the rendering of rows it has seen) -----
+
+    async def find_asset_rows(self, cloud: str, query: AssetQuery) -> list[AssetRow]:
+        """find_assets' rows, not decoded: a caller keeps what it derived from a row for as
+        long as the row reads the same (versionstore/http/resource_rows.py)."""
+        return await self._scan(*select_sql(cloud, query))
+
+    @staticmethod
+    def asset_of_row(row: AssetRow) -> Asset:
+        """The asset a row of find_asset_rows holds."""
+        return _asset(row)
 
 
 _ARCHIVE_FILE_SELECT = (

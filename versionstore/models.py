@@ -219,3 +219,10 @@ class Downloadable:
     pending: bool
     bad: str | None
     target_generation: int
+
+
+#: One asset's row as the metadata store read it (plain values: str, int, float, None), for
+#: callers that reuse what they derived from a row while the row is unchanged (equal rows
+#: decode to equal assets: versionstore/http/resource_rows.py). Decode with
+#: `MetadataRepository.asset_of_row`.
+AssetRow = tuple[Any, ...]

@@ -182,19 +182,18 @@ class VersionService:
         roles: list[tuple[str, str | None]] = [(ORIGINAL, None)]
         if backed_up:
             roles += [(REVISION, cloud.backup_target), (PENDING, None)]
-        # The original this upload replaces is released after the commit: journaled, so a crash
-        # in between leaves it to orphan collection.
+        # The original this upload replaces is released after the commit: journaled (with the
+        # write, in one commit), so a crash in between leaves it to orphan collection.
         replacing = [existing.digest] if existing is not None and existing.live and existing.digest != spooled.digest else []
-        async with self.claims.releasing(cloud.name, replacing):
-            return await self._write_and_commit(cloud, spooled, roles, backed_up, public_id, commit)
+        return await self._write_and_commit(cloud, spooled, roles, backed_up, public_id, commit, replacing)
 
     async def _write_and_commit(
         self, cloud: Cloud, spooled: Spooled, roles: list[tuple[str, str | None]], backed_up: bool, public_id: str,
-        commit: Callable[..., Awaitable[tuple[Asset, Version, Asset | None]]],
+        commit: Callable[..., Awaitable[tuple[Asset, Version, Asset | None]]], replacing: list[str],
     ) -> UploadResult:
         """Blobs first (journaled), then the metadata commit, then the superseded original."""
         try:
-            async with self.claims.writing(cloud.name, spooled.digest, roles) as ticket:
+            async with self.claims.writing(cloud.name, spooled.digest, roles, releasing=replacing) as ticket:
                 # Blobs first, metadata second: a crash in between leaves only a journal row,
                 # from which orphan collection finds the blob. The spool file's fsync runs while
                 # a remote bucket receives the revision; local links wait for it (spool.make_durable).
@@ -231,8 +230,9 @@ class VersionService:
             return await self._existing(superseded.asset)
         except WriteExpired:
             raise Conflict(f"The upload of {public_id} stalled past its lease; retry") from None
-        if replaced is not None and replaced.digest != spooled.digest:
-            await self._release_primary(cloud.name, replaced.digest)
+        async with self.claims.released(ticket.release_ids):
+            if replaced is not None and replaced.digest != spooled.digest:
+                await self._release_primary(cloud.name, replaced.digest)
         return UploadResult(asset, version, overwritten=replaced is not None and replaced.live)
 
     async def _check_keeps_history(self, request: UploadRequest, current: Asset | None) -> None:

@@ -1,6 +1,5 @@
 """Admin API handlers (Basic auth) and the signed `download_backup`. Thin by design."""
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from functools import lru_cache, partial
@@ -18,10 +17,10 @@ from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic
 from versionstore.http.download import blob_response
 from versionstore.http.inputs import admin_params
-from versionstore.http.keys import CONFIG, EPOCH, META, RESOURCE_BODIES, SERVICE, VERSIONS_CACHE
+from versionstore.http.keys import CONFIG, EPOCH, META, RENDERED_ROWS, RESOURCE_BODIES, SERVICE, VERSIONS_CACHE
 from versionstore.http.signed_queries import signed_query
 from versionstore.media import content_type
-from versionstore.models import Asset, Cloud, RestoreFailure, VersionsKey
+from versionstore.models import Asset, AssetRow, Cloud, RestoreFailure, VersionsKey
 from versionstore.params import Params, as_bool, as_bounded_list, as_int, field_updates
 
 #: A resource's one header, made once (copied by web.Response): cheaper than content_type/charset.
@@ -115,19 +114,20 @@ async def page(
     request: web.Request, cloud: Cloud, params: Params, query: queries.AssetQuery, *, flat_context: bool = False
 ) -> dict[str, Any]:
     """One page of `query` from the position in `next_cursor`, with `fields`; `next_cursor`
-    (the last row's sort keys) when more may follow."""
+    (the last row's sort keys) when more may follow. Each row's JSON is reused from earlier
+    pages while the row reads the same (versionstore/http/resource_rows.py)."""
     query = query.page(query.limit, queries.decode_keyset(query, params.get("next_cursor")))
-    found = await request.app[META].find_assets(cloud.name, query.page(query.limit + 1, query.after))
+    meta = request.app[META]
+    found = await meta.find_asset_rows(cloud.name, query.page(query.limit + 1, query.after))
     fields = render.parse_fields(params.get("fields"))
     shown = found[: query.limit]
 
-    def rendered() -> list[dict[str, Any]]:
-        return [render.select(render.resource(a, flat_context=flat_context), fields) for a in shown]
+    def rendered(row: AssetRow) -> bytes:
+        return render.dumps(render.select(render.resource(meta.asset_of_row(row), flat_context=flat_context), fields))
 
-    # A long page is rendered in a worker thread, so the event loop keeps answering meanwhile.
-    body: dict[str, Any] = {"resources": await asyncio.to_thread(rendered) if len(shown) > 50 else rendered()}
+    body: dict[str, Any] = {"resources": await request.app[RENDERED_ROWS].render(shown, (flat_context, fields), rendered)}
     if len(found) > query.limit:
-        body["next_cursor"] = queries.encode_keyset(query, queries.sort_values(query, shown[-1]))
+        body["next_cursor"] = queries.encode_keyset(query, queries.sort_values(query, meta.asset_of_row(shown[-1])))
     return body
 
 
@@ -140,7 +140,7 @@ async def listing(
     Shared by every listing."""
     limit = as_int(params.get("max_results"), "max_results", 10, 1, 500)
     query = queries.listing_query(resource_type, type_, extra or [], params.get("direction"), limit, by_public_id=by_public_id)
-    return web.json_response(await page(request, cloud, params, query))
+    return web.Response(body=render.dumps(await page(request, cloud, params, query)), headers=_JSON)
 
 
 async def list_resources(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.Response:
@@ -176,7 +176,7 @@ async def search(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     body["total_count"] = min(counted, queries.COUNT_CEILING)
     body["total_count_exact"] = counted <= queries.COUNT_CEILING
     body["time"] = int((time.monotonic() - started) * 1000)
-    return web.json_response(body)
+    return web.Response(body=render.dumps(body), headers=_JSON)
 
 
 # --- deletion ------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from versionstore.http.keys import (
     JOBS,
     META,
     RATE_LIMIT,
+    RENDERED_ROWS,
     RESOURCE_BODIES,
     ROUTE,
     SCRAPE,
@@ -49,6 +50,7 @@ from versionstore.http.keys import (
 )
 from versionstore.http.notify import Notifier, alert_sender
 from versionstore.http.ratelimit import AdminRateLimit
+from versionstore.http.resource_rows import RenderedRows
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import Handler, JobRunner
 from versionstore.models import Job
@@ -276,6 +278,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[EGRESS] = EgressPolicy(config.fetch_allow)
     app[VERSIONS_CACHE] = VersionsJsonCache()
+    app[RENDERED_ROWS] = RenderedRows()
     app[RESOURCE_BODIES] = EpochCache[tuple[object, ...], bytes](16 << 20, len)  # bounded by bytes held
     app[VERIFIED_BLOBS] = EpochCache[tuple[str, str], bytes](16 << 20, len)
     app[UNAUTH_BUDGET] = UnauthBudget(config.unauth_budget_bytes, config.max_body_bytes)

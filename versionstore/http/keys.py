@@ -15,6 +15,7 @@ from versionstore.epoch_cache import EpochCache
 from versionstore.http import metrics
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.ratelimit import AdminRateLimit
+from versionstore.http.resource_rows import RenderedRows
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import JobRunner
 from versionstore.repository import MetadataRepository
@@ -31,6 +32,8 @@ RESOURCE_BODIES: web.AppKey[EpochCache[tuple[object, ...], bytes]] = web.AppKey(
 #: Small local revisions' bytes, proven against their digest, by (path, digest): reused until
 #: anything commits (versionstore/http/download.py).
 VERIFIED_BLOBS: web.AppKey[EpochCache[tuple[str, str], bytes]] = web.AppKey("verified_blobs")
+#: Listing and search items' JSON, reused while their rows read the same.
+RENDERED_ROWS = web.AppKey("rendered_rows", RenderedRows)
 JOBS = web.AppKey("jobs", JobRunner)
 UNAUTH_BUDGET = web.AppKey("unauth_budget", UnauthBudget)
 EGRESS = web.AppKey("egress", EgressPolicy)
