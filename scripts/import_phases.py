@@ -3,7 +3,7 @@ the last member was read, the import's tail, which overlaps nothing.
 
 Wraps, for the length of a `Phases` block, the steps an import waits for: each staged file's
 end (`staging._File._end`: its last writes, truncation and fsync), each link into a local
-store (`LocalBlobStore._put_file`) and the directory fsync inside it, each metadata write
+store (`LocalBlobStore._link`; `_put_file` in code before it) and each directory fsync, each metadata write
 transaction (BEGIN to COMMIT, its wait for the writer lock included) and point read. Each is
 recorded as a span (start, end, seconds since the block began); the progress callback marks
 the reading. `tail()` says, for the stretch from the last read to the end, how long each kind
@@ -106,6 +106,7 @@ def watching(phases: Phases, meta: Any) -> Iterator[None]:
     saved: list[tuple[Any, str, Any]] = [
         (staging._File, "_end", staging._File._end),
         (local.LocalBlobStore, "_put_file", local.LocalBlobStore._put_file),
+        (local.LocalBlobStore, "_link", getattr(local.LocalBlobStore, "_link", None)),
         (local, "fsync_path", local.fsync_path),
         (meta, "transaction", meta.transaction),
         (meta, "_one", meta._one),
@@ -113,7 +114,10 @@ def watching(phases: Phases, meta: Any) -> Iterator[None]:
         (staging.Stager, "stage", staging.Stager.stage),
     ]
     staging._File._end = timed("member fsync", staging._File._end)
-    local.LocalBlobStore._put_file = timed("link", local.LocalBlobStore._put_file)
+    if hasattr(local.LocalBlobStore, "_link"):  # put_files: links first, then each directory's fsync
+        local.LocalBlobStore._link = timed("link", local.LocalBlobStore._link)
+    else:
+        local.LocalBlobStore._put_file = timed("link", local.LocalBlobStore._put_file)
     local.fsync_path = timed("dir fsync", local.fsync_path)
     meta.transaction = timed_transaction
     meta._one = timed_async("sql read", meta._one)
@@ -124,7 +128,8 @@ def watching(phases: Phases, meta: Any) -> Iterator[None]:
     finally:
         phases.end = phases.now()
         for owner, name, original in saved:
-            setattr(owner, name, original)
+            if original is not None:
+                setattr(owner, name, original)
 
 
 async def timed_import(service: Any, target: Any, path: Path) -> Phases:
