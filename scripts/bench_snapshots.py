@@ -33,6 +33,8 @@ plus BLAKE3 of the extracted files), interleaved runs, medians, with the load gu
     .venv/bin/python scripts/bench_snapshots.py --archive-timeline [--quick] [--py-spy OUT.svg]
         # one import's timeline: CPU per thread group, bytes dirtied and written to disk, per 100 ms
         # (and a py-spy profile of it); then the disk's and the hashes' bounds on the same bytes
+    .venv/bin/python scripts/bench_snapshots.py --archive-tail [--quick] [--runs N]
+        # phase timings of N imports: the tail after the last member was read, and what is in it
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import import_phases  # noqa: E402
 from benchlib import MiB, add_load_option, check_load, log, watch_load  # noqa: E402
 
 from versionstore import pitr  # noqa: E402
@@ -193,6 +196,7 @@ def main() -> int:
     parser.add_argument("--archive", action="store_true", help="archive export and import against tar (and BLAKE3)")
     parser.add_argument("--archive-rss", type=float, metavar="GIB", help="serve's RSS growth over an export of GIB GiB")
     parser.add_argument("--archive-timeline", action="store_true", help="one archive import's timeline, then the bounds")
+    parser.add_argument("--archive-tail", action="store_true", help="archive imports' phase timings: what follows the last read")
     parser.add_argument("--py-spy", metavar="OUT", help="with --archive-timeline: py-spy's profile of the import (.svg, or .txt: folded)")
     add_load_option(parser)
     args = parser.parse_args()
@@ -202,6 +206,8 @@ def main() -> int:
         return archive_rss(args.archive_rss)
     if args.archive_timeline:
         return archive_timeline(args)
+    if args.archive_tail:
+        return archive_tail(args)
     watch_load()
     assets, runs = (20_000, 1) if args.quick else (args.assets, args.runs)
     restore_assets = args.restore_assets if args.restore_assets is not None else 300 if args.quick else 2_000
@@ -375,6 +381,38 @@ async def _timeline_run(root: Path, files: int, size: int, py_spy: str | None) -
         await service.targets.close()
         await service.primary.close()
         await service.meta.close()
+
+
+def archive_tail(args: argparse.Namespace) -> int:
+    """Phase timings of `--runs` imports of one archive (each into a new environment): how long
+    the import goes on after its last member was read, and what it waits for then
+    (scripts/import_phases.py)."""
+    files, size = (64, 8 * MiB) if args.quick else (256, 8 * MiB)
+    watch_load()
+    with tempfile.TemporaryDirectory(prefix="bench-archive-tail-") as tmp:
+        runs = asyncio.run(_tail_runs(Path(tmp), files, size, args.runs))
+    import_phases.print_phases(runs)
+    check_load(allow_load=True)
+    return 0
+
+
+async def _tail_runs(root: Path, files: int, size: int, runs: int) -> list[import_phases.Phases]:
+    from versionstore import archives
+
+    service, _config = await _archive_service(root)
+    measured = []
+    try:
+        await _archive_library(service, files, size)
+        out = root / "archive.tar"
+        await archives.write_archive(service, pitr.Selection(CLOUD, "", time.time()), out, time.time())
+        for run in range(runs):
+            target = await service.meta.create_cloud(f"tail{run}", f"kt{run}", "s", True)
+            measured.append(await import_phases.timed_import(service, target, out))
+    finally:
+        await service.targets.close()
+        await service.primary.close()
+        await service.meta.close()
+    return measured
 
 
 def _start_py_spy(out: str) -> subprocess.Popen[bytes]:

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from versionstore.errors import NotFound
 from versionstore.ids import new_hex_id
 from versionstore.models import Cloud, Job
 from versionstore.repository import MetadataRepository
-from versionstore.service import UploadRequest, VersionService
+from versionstore.service import BlobWrite, UploadRequest, VersionService
 from versionstore.spool import Spooled
 
 EXPORT, IMPORT = archive_records.EXPORT, archive_records.IMPORT  # the job kinds (also archive_removal's)
@@ -242,9 +243,12 @@ class Batch:
     (`after_entry`) moves only past committed entries."""
 
     def __init__(self, service: VersionService, cloud: Cloud, counts: dict[str, int],
-                 after_entry: Callable[[int, dict[str, int]], Any] | None, max_bytes: int = BATCH_BYTES) -> None:
+                 after_entry: Callable[[int, dict[str, int]], Any] | None, max_bytes: int = BATCH_BYTES,
+                 written: dict[str, BlobWrite] | None = None) -> None:
         self.service, self.cloud, self.counts, self.after_entry = service, cloud, counts, after_entry
         self.max_bytes = max_bytes
+        #: Blobs written ahead of their commit (`import_file`'s early links); each commit takes its own.
+        self.written = written
         self.items: list[tuple[UploadRequest, staging.Staged, str | None]] = []
         self.names: set[tuple[str, str, str]] = set()
         self.size = self.unchanged = self.last = 0
@@ -295,7 +299,7 @@ class Batch:
         try:
             await asyncio.gather(*(asyncio.wrap_future(staged.durable) for _, staged, _ in items))
             ready = [(request, staged.spooled(md5)) for request, staged, md5 in items]
-            await self.service.upload_batch(ready)  # consumes the files
+            await self.service.upload_batch(ready, self.written)  # consumes the files
         except BaseException:
             await asyncio.to_thread(_discard, items)
             raise
@@ -351,11 +355,17 @@ async def import_file(
     """Import an archive file in one read (the CLI's `archive import`): every member verified
     as `verify_file` does (BLAKE3 and MD5, nothing extra or missing) while its bytes are
     staged in a private directory (`staging.Stager`: one read, both hashes and the write on
-    their own threads, each file's fsync started once it is written); only once the whole
-    archive verified are the staged blobs committed, batch by batch (`Batch`). An archive that
-    does not verify leaves nothing. Disk: up to the archive's size of staged bytes until committed."""
+    their own threads, each file's fsync started once it is written). A member whose BLAKE3
+    matched has its blob journaled and linked into the stores as soon as its file is durable,
+    while the rest is still read (`_EarlyLinks`): blobs are content-addressed and checked, and
+    a blob is not a version. Only once the whole archive verified are the versions committed,
+    batch by batch (`Batch`), so the tail after the last read is the last member's links and
+    the metadata commits. An archive that does not verify leaves no version, and its blobs are
+    removed at once (`VersionService.abandon_blobs`; orphan collection if the process dies).
+    Disk: up to the archive's size of staged bytes until committed."""
     directory = await asyncio.to_thread(staging.PrivateDirectory, service.spool_dir, IMPORT_STAGING)
     staged: list[tuple[fmt.Member, staging.Staged]] = []
+    links = _EarlyLinks(service, cloud)
 
     def read_and_stage() -> fmt.Manifest:
         stager = staging.Stager(directory.path, lock=False)
@@ -363,8 +373,11 @@ async def import_file(
             reader = fmt.ArchiveReader(handle, hashed=False)  # the stager hashes what it reads
             try:
                 while (member := reader.next_member(progress)) is not None:
-                    staged.append((member, stager.stage(member.readinto, member.entry["bytes"], md5=True)))
-                    member.compare(staged[-1][1].blake3, None)  # BLAKE3 at once: a tampered member ends the read
+                    links.check()
+                    file = stager.stage(member.readinto, member.entry["bytes"], md5=True)
+                    staged.append((member, file))
+                    member.compare(file.blake3, None)  # BLAKE3 at once: a tampered member ends the read
+                    links.offer(member.entry, file)
             finally:
                 stager.drain()
                 reader.close()
@@ -374,10 +387,17 @@ async def import_file(
         return reader.manifest
 
     try:
-        manifest = await asyncio.to_thread(read_and_stage)
+        try:
+            manifest = await asyncio.to_thread(read_and_stage)
+            await links.finish()
+        except BaseException as exc:
+            failure = await links.stop()
+            if isinstance(exc, _LinkFailed) and failure is not None:
+                raise failure from None  # why the reading stopped
+            raise
         counts = {"imported": 0, "unchanged": 0}
         # Everything is staged already: the batches bound a transaction, not the staged bytes.
-        batch = Batch(service, cloud, counts, None, max_bytes=1 << 62)
+        batch = Batch(service, cloud, counts, None, max_bytes=1 << 62, written=links.written)
         source = manifest.header["cloud"]
         try:
             for index, (member, file) in enumerate(staged, start=1):
@@ -387,7 +407,86 @@ async def import_file(
             await batch.discard()
         return manifest, counts
     finally:
-        await asyncio.to_thread(directory.remove)
+        try:  # refused, failed, or blobs no commit named (entries found unchanged): settled now
+            await service.abandon_blobs(cloud, links.written)
+        finally:
+            await asyncio.to_thread(directory.remove)
+
+
+class _LinkFailed(Exception):
+    """Writing a staged member's blob failed: the import stops reading (the failure is raised)."""
+
+
+class _EarlyLinks:
+    """The blobs of `import_file`'s verified members, written (journaled, then linked into the
+    primary store and the backup target: `VersionService.write_blobs`) as each staged file
+    becomes durable, while the reader goes on: whatever arrived meanwhile goes in one journal
+    transaction, its links several at once. A member whose bytes are already its asset's
+    current ones is left to the commit (which finds it unchanged), a digest seen before is
+    written once. `written` holds the writes for the commits to take."""
+
+    def __init__(self, service: VersionService, cloud: Cloud) -> None:
+        self.service, self.cloud = service, cloud
+        self.written: dict[str, BlobWrite] = {}
+        self.failed = threading.Event()
+        self._loop = asyncio.get_running_loop()
+        self._arrivals: asyncio.Queue[tuple[dict[str, Any], staging.Staged] | None] = asyncio.Queue()
+        self._stopping = False
+        self._task = asyncio.ensure_future(self._run())
+
+    def offer(self, entry: dict[str, Any], staged: staging.Staged) -> None:
+        """A member whose BLAKE3 matched (from the reading thread)."""
+        self._loop.call_soon_threadsafe(self._arrivals.put_nowait, (entry, staged))
+
+    def check(self) -> None:
+        """From the reading thread: stop reading once writing a blob failed."""
+        if self.failed.is_set():
+            raise _LinkFailed("writing a member's blob failed")
+
+    async def finish(self) -> None:
+        """Wait until every member offered is written; raises the first failure."""
+        self._arrivals.put_nowait(None)
+        await self._task
+
+    async def stop(self) -> BaseException | None:
+        """Write nothing more; wait for the write in flight (its rows are in `written`). Its
+        failure, if writing failed."""
+        self._stopping = True
+        self._arrivals.put_nowait(None)
+        try:
+            await self._task
+        except Exception as exc:
+            return exc
+        return None
+
+    async def _run(self) -> None:
+        try:
+            ended = False
+            while not ended and (first := await self._arrivals.get()) is not None:
+                group = [first]
+                while not self._arrivals.empty():
+                    arrived = self._arrivals.get_nowait()
+                    if arrived is None:
+                        ended = True
+                        break
+                    group.append(arrived)
+                await asyncio.gather(*(asyncio.wrap_future(staged.durable) for _, staged in group))
+                if not self._stopping:
+                    await self._write(group)
+        except BaseException:
+            self.failed.set()
+            raise
+
+    async def _write(self, group: list[tuple[dict[str, Any], staging.Staged]]) -> None:
+        files: dict[str, Spooled] = {}
+        for entry, staged in group:
+            if staged.blake3 in self.written or staged.blake3 in files:
+                continue
+            current = await self.service.meta.get_asset(self.cloud.name, entry["resource_type"], entry["type"], entry["public_id"])
+            if current is not None and current.live and current.digest == staged.blake3:
+                continue
+            files[staged.blake3] = Spooled(staged.path, staged.size, staged.blake3, staged.head, synced=True)
+        self.written.update(await self.service.write_blobs(self.cloud, list(files.values())))
 
 
 async def _ready(staged: staging.Staged) -> staging.Staged:

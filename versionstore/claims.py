@@ -47,6 +47,9 @@ class WriteTicket:
 
     ids: list[int]
     committed: bool = False
+    #: What the rows journal: the digest and the (role, target) of each row, in order.
+    digest: str = ""
+    roles: list[tuple[str, str | None]] = field(default_factory=list)
     #: Set by a writer that checks the references itself after the write (then the rows are
     #: simply removed instead of left, expired, to orphan collection).
     settled: bool = False
@@ -97,15 +100,25 @@ class Claims:
     ) -> AsyncIterator[list[WriteTicket]]:
         """`writing` of several digests, journaled in one transaction (a batched import): one
         ticket per digest, in order (the `releasing` rows on the first)."""
-        ids, release_ids = await self._begin(cloud, digests, roles, list(dict.fromkeys(releasing)))
-        tickets = [WriteTicket(some) for some in ids]
-        tickets[0].release_ids = release_ids
+        tickets = await self.begin_writing(cloud, digests, roles, releasing=releasing)
         try:
             yield tickets
         except BaseException:
-            await asyncio.shield(self._end(tickets, expire=True))
+            await asyncio.shield(self.end_writing(tickets, expire=True))
             raise
-        await self._end(tickets, expire=None)
+        await self.end_writing(tickets, expire=None)
+
+    async def begin_writing(
+        self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]], *, releasing: Sequence[str] = ()
+    ) -> list[WriteTicket]:
+        """`writing_many` for writes that outlive one block (an archive import links each member
+        as it is read and commits them later): the caller ends every ticket (`end_writing`, or
+        `abandon` for writes that will never commit)."""
+        journaled, release_ids = await self._begin(cloud, digests, roles, list(dict.fromkeys(releasing)))
+        tickets = [WriteTicket(ids, digest=digest, roles=list(roles)) for digest, ids in zip(digests, journaled, strict=True)]
+        if tickets:
+            tickets[0].release_ids = release_ids
+        return tickets
 
     async def _begin(
         self, cloud: str, digests: Sequence[str], roles: Sequence[tuple[str, str | None]], releasing: Sequence[str]
@@ -124,7 +137,7 @@ class Claims:
             await self.meta.end_writes(withdrawn, expire=False)  # nothing written or released yet: withdraw
             await asyncio.sleep(WAIT_STEP)
 
-    async def _end(self, tickets: Sequence[WriteTicket], *, expire: bool | None) -> None:
+    async def end_writing(self, tickets: Sequence[WriteTicket], *, expire: bool | None) -> None:
         """Drop (or expire) the rows no commit took; `expire=None`: as each ticket says."""
         by_expiry: dict[bool, list[int]] = {True: [], False: []}
         for ticket in tickets:
@@ -134,6 +147,23 @@ class Claims:
                 by_expiry[True].extend(ticket.release_ids)  # the release may not happen: orphan collection checks
         for expiring, ids in by_expiry.items():
             await self.meta.end_writes(ids, expire=expiring)
+
+    async def abandon(
+        self, cloud: str, tickets: Sequence[WriteTicket], remove: Callable[[str, str, str, str | None], Awaitable[None]]
+    ) -> None:
+        """Settle now, as orphan collection would a lease later, writes that will never commit
+        (a refused archive import): their rows expired, then each blob that nothing else uses
+        (no version, no other live write) removed under its digest's deletion claim. A row
+        whose digest another process's deletion holds stays, expired, for orphan collection."""
+        live = [ticket for ticket in tickets if not ticket.committed]
+        await self.meta.end_writes([i for ticket in live for i in ticket.ids], expire=True)
+        settled = []
+        for ticket in live:
+            for write_id, (role, target) in zip(ticket.ids, ticket.roles, strict=True):
+                if await self._collect_one(remove, cloud, ticket.digest, role, target):
+                    settled.append(write_id)
+        if settled:
+            await self.meta.drop_expired_writes(settled)
 
     # --- blob deletions ---------------------------------------------------------------------
 

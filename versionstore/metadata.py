@@ -462,7 +462,8 @@ class MetadataStore:
                 "ON CONFLICT (cloud, digest) DO NOTHING",
                 (asset.cloud, version.digest, version.bytes, version.created_at, version.created_at),
             )
-        if asset.pk is None:
+        new = asset.pk is None
+        if new:
             del values["pk"]
             cursor = await db.execute(
                 f"INSERT INTO assets ({', '.join(values)}, generation) VALUES ({', '.join('?' * len(values))}, 0) RETURNING pk",
@@ -481,7 +482,7 @@ class MetadataStore:
                 raise AssetChanged(asset.asset_id)
             asset.generation += 1
         await db.execute(_VERSION_INSERT, (asset.cloud, asset.pk, *astuple(version)))
-        await _write_labels(db, asset)
+        await _write_labels(db, asset, fresh=new)
 
     async def update_fields(
         self, asset: Asset, *, tags: list[str] | None = None, context: dict[str, str] | None = None,
@@ -2155,10 +2156,13 @@ def _after(columns: list[str], descending: list[bool], values: list[Any]) -> tup
     return f"{first} {op}= ? AND ({first} {op} ? OR ({first} = ? AND {rest}))", [values[0]] * 3 + rest_values
 
 
-async def _write_labels(db: Transaction, asset: Asset) -> None:
-    """Make an asset's tag and context side rows what its row says (same transaction)."""
-    await db.execute("DELETE FROM asset_tags WHERE asset_pk = ?", (asset.pk,))
-    await db.execute("DELETE FROM asset_context WHERE asset_pk = ?", (asset.pk,))
+async def _write_labels(db: Transaction, asset: Asset, *, fresh: bool = False) -> None:
+    """Make an asset's tag and context side rows what its row says (same transaction). A
+    `fresh` row (just inserted: pks are never reused) has none to delete: two statements fewer
+    per new asset of a batched import's commit."""
+    if not fresh:
+        await db.execute("DELETE FROM asset_tags WHERE asset_pk = ?", (asset.pk,))
+        await db.execute("DELETE FROM asset_context WHERE asset_pk = ?", (asset.pk,))
     await _insert_labels(db, [(asset.pk or 0, asset.cloud, asset.created_at, asset.tags, asset.context)])
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from versionstore import layout, media, verify
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
-from versionstore.claims import ORIGINAL, PENDING, REVISION, Claims
+from versionstore.claims import ORIGINAL, PENDING, REVISION, Claims, WriteTicket
 from versionstore.epoch_cache import EpochCache
 from versionstore.errors import AppendOnlyRefused, BadRequest, Conflict, NotFound, Unavailable
 from versionstore.ids import new_hex_id, new_public_id
@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 #: several processes on one database correct.
 WRITE_ATTEMPTS = 10
 DAY = 86400.0
-#: Blobs of a batch put into the stores at once: their directory fsyncs overlap.
-PUT_CONCURRENCY = 8
 
 
 class RevisionCorrupt(Exception):
@@ -93,6 +91,16 @@ class DeleteVersionsOutcome:
     failures: list[dict[str, str]] = field(default_factory=list)
     #: Set when the environment's purge delay held the deletion back (protection.py).
     scheduled_purge: ScheduledPurge | None = None
+
+
+@dataclass
+class BlobWrite:
+    """A blob written into the stores ahead of the commit that will name it (an archive import
+    links each member once it is durable): its journal rows, and whether its revision waits in
+    the primary store for the backup target (`pending`)."""
+
+    ticket: WriteTicket
+    pending: bool = False
 
 
 class VersionService:
@@ -320,13 +328,18 @@ class VersionService:
 
     # --- batched uploads (an archive import) ------------------------------------------------
 
-    async def upload_batch(self, items: Sequence[tuple[UploadRequest, Spooled]]) -> list[UploadResult]:
+    async def upload_batch(
+        self, items: Sequence[tuple[UploadRequest, Spooled]], written: dict[str, BlobWrite] | None = None
+    ) -> list[UploadResult]:
         """Uploads into one environment, each to a distinct, given name (no `auto`), backed up
-        and overwriting, written and committed together: every blob first (journaled in one
-        transaction; the files' fsyncs run at once and all end before any store links one),
-        then one metadata transaction naming them all: one commit for the batch, not two
-        per upload. When the backup target cannot take revisions now, each goes through
-        `upload` (which queues it as pending). The spool files are consumed."""
+        and overwriting, written and committed together: every blob first (`write_blobs`:
+        journaled in one transaction, made durable, then put into both stores), then one
+        metadata transaction naming them all: one commit for the batch, not two per upload.
+        `written`: blobs some caller already wrote ahead of this commit (an archive import
+        links each member as soon as it is durable); the commit takes the rows of the digests
+        it names (they leave `written`), and writes the others first. When the backup target
+        cannot take revisions now, each goes through `upload` (which queues it as pending).
+        The spool files are consumed."""
         if not items:
             return []
         try:
@@ -340,35 +353,86 @@ class VersionService:
             async with contextlib.AsyncExitStack() as held:
                 for name in sorted({(cloud.name, r.resource_type, r.type, r.public_id or "") for r, _, _ in batch}):
                     await held.enter_async_context(self._names.hold(name))
-                return await self._write_and_commit_batch(cloud, batch)
+                return await self._write_and_commit_batch(cloud, batch, {} if written is None else written)
         finally:
             for _, spooled in items:
                 spooled.path.unlink(missing_ok=True)
 
-    async def _write_and_commit_batch(self, cloud: Cloud, batch: list[tuple[UploadRequest, Spooled, str | None]]) -> list[UploadResult]:
+    async def write_blobs(self, cloud: Cloud, files: Sequence[Spooled]) -> dict[str, BlobWrite]:
+        """The blobs of files a batch will commit, written before it: journaled (one
+        transaction), each made durable, then put into the primary store and the backup
+        target (or, when the target cannot take it now, the primary's pending copy), several at
+        once. Blobs before metadata: a commit naming them takes their rows (`upload_batch`);
+        `abandon_blobs` settles writes that will never commit. On a failure the rows expire
+        (orphan collection removes what nothing uses) and this raises."""
+        by_digest = {spooled.digest: spooled for spooled in files}
+        if not by_digest:
+            return {}
+        tickets = await self.claims.begin_writing(cloud.name, list(by_digest), _batch_roles(cloud))
+        written = {ticket.digest: BlobWrite(ticket) for ticket in tickets}
+        paths = {digest: spooled.path for digest, spooled in by_digest.items()}
+        try:
+            await asyncio.gather(*(make_durable(spooled) for spooled in by_digest.values()))
+            # Each store's links together: one directory fsync per directory, not one per blob.
+            _, pending = await asyncio.gather(
+                self.primary.put_files([(layout.original_key(cloud.name, digest), path) for digest, path in paths.items()]),
+                self._put_revisions(cloud.name, paths),
+            )
+            if pending:
+                await self.primary.put_files([(layout.pending_key(cloud.name, digest), paths[digest]) for digest in pending])
+                for digest in pending:
+                    written[digest].pending = True
+        except BaseException:
+            await asyncio.shield(self.claims.end_writing(tickets, expire=True))
+            raise
+        return written
+
+    async def _put_revisions(self, cloud_name: str, paths: dict[str, Path]) -> list[str]:
+        """`_put_revision` of several files in one `put_files`: the digests that must wait
+        (all of them when the target cannot take revisions now or the write failed)."""
+        cloud = await self.meta.get_cloud(cloud_name)  # fresh: a migration may have switched it
+        store = None if cloud is None else await self.targets.for_upload(cloud)
+        if cloud is None or store is None:
+            return list(paths)
+        try:
+            await store.put_files([(layout.revision_key(cloud.name, digest), path) for digest, path in paths.items()])
+        except BlobStoreError as exc:
+            await self.targets.record_failure(cloud.name, FAILING, f"{type(exc).__name__}: {exc}")
+            return list(paths)
+        if await self.targets.record_success(cloud.name):
+            await self.meta.retry_pending_now(cloud.name)
+            self.pending_added.set()
+        return []
+
+    async def abandon_blobs(self, cloud: Cloud, written: dict[str, BlobWrite]) -> None:
+        """Blobs written ahead of a commit that will not come (a refused archive, or entries a
+        commit found unchanged): each removed now unless something else uses it (`Claims.abandon`)."""
+        if written:
+            tickets = [blob.ticket for blob in written.values()]
+            written.clear()
+            await self.claims.abandon(cloud.name, tickets, self.remove_unreferenced)
+
+    async def _write_and_commit_batch(
+        self, cloud: Cloud, batch: list[tuple[UploadRequest, Spooled, str | None]], written: dict[str, BlobWrite]
+    ) -> list[UploadResult]:
         files = {spooled.digest: spooled for _, spooled, _ in batch}
         existing = [await self.meta.get_asset(cloud.name, r.resource_type, r.type, r.public_id or "") for r, _, _ in batch]
         replacing = [e.digest for e, (_, s, _) in zip(existing, batch, strict=True) if e is not None and e.live and e.digest != s.digest]
-        roles = [(ORIGINAL, None), (REVISION, cloud.backup_target), (PENDING, None)]
-        pending: set[str] = set()
-
-        async def put(digest: str) -> None:
-            path = files[digest].path
-            await self.primary.put_file(layout.original_key(cloud.name, digest), path)
-            if not await self._put_revision(cloud.name, digest, path):
-                await self.primary.put_file(layout.pending_key(cloud.name, digest), path)
-                pending.add(digest)
-
         async with self.claims.releasing(cloud.name, replacing):
+            fresh = await self.write_blobs(cloud, [spooled for digest, spooled in files.items() if digest not in written])
+            blobs = {digest: written.get(digest) or fresh[digest] for digest in files}
             try:
-                async with self.claims.writing_many(cloud.name, list(files), roles) as tickets:
-                    await asyncio.gather(*(make_durable(spooled) for spooled in files.values()))
-                    await _bounded(put, list(files), PUT_CONCURRENCY)
-                    committed = await self._commit_batch(cloud, batch, pending, [i for t in tickets for i in t.commit_ids()])
-                    for ticket in tickets:
-                        ticket.committed = True
-            except WriteExpired:
-                raise Conflict("A batch of uploads stalled past its lease; retry") from None
+                pending = {digest for digest, blob in blobs.items() if blob.pending}
+                done_writes = [i for blob in blobs.values() for i in blob.ticket.commit_ids()]
+                committed = await self._commit_batch(cloud, batch, pending, done_writes)
+            except BaseException as exc:
+                await asyncio.shield(self.claims.end_writing([blob.ticket for blob in fresh.values()], expire=True))
+                if isinstance(exc, WriteExpired):
+                    raise Conflict("A batch of uploads stalled past its lease; retry") from None
+                raise
+            for digest, blob in blobs.items():
+                blob.ticket.committed = True  # its rows went with the commit
+                written.pop(digest, None)
             if pending:
                 self.pending_added.set()
             for (_, _, replaced), (_, spooled, _) in zip(committed, batch, strict=True):
@@ -827,20 +891,9 @@ class VersionService:
         return found.public_id, version, store, layout.revision_key(cloud.name, version.digest)
 
 
-async def _bounded(work: Callable[[str], Awaitable[None]], keys: Sequence[str], limit: int) -> None:
-    """`work(key)` for every key, at most `limit` at a time; the first failure cancels the rest."""
-    gate = asyncio.Semaphore(limit)
-
-    async def one(key: str) -> None:
-        async with gate:
-            await work(key)
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            for key in keys:
-                group.create_task(one(key))
-    except ExceptionGroup as failed:
-        raise failed.exceptions[0] from None
+def _batch_roles(cloud: Cloud) -> list[tuple[str, str | None]]:
+    """Where a batched upload writes each blob: the original, the revision, or its pending copy."""
+    return [(ORIGINAL, None), (REVISION, cloud.backup_target), (PENDING, None)]
 
 
 def _new_rows(

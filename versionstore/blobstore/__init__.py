@@ -4,7 +4,8 @@ Two roles use it: the primary store (current originals) and the backup store (wr
 revisions). Keys come from `versionstore.layout`; backends never invent key names.
 """
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +45,12 @@ class BlobStore(Protocol):
         """
         ...
 
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[bool]:
+        """`put_file` of each (key, source), as one step: a local store links them all, then
+        makes each directory they went into durable once (one fsync per directory, not one
+        per blob; `put_each` for the others). All are durable when it returns."""
+        ...
+
     async def stat(self, key: str) -> BlobInfo | None: ...
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
@@ -63,6 +70,11 @@ class BlobStore(Protocol):
     async def close(self) -> None:
         """Release clients, connection pools and worker threads."""
         ...
+
+
+async def put_each(store: BlobStore, items: Sequence[tuple[str, Path]]) -> list[bool]:
+    """`put_files` as one `put_file` per item, all at once (a remote store: each is a request)."""
+    return list(await asyncio.gather(*(store.put_file(key, source) for key, source in items)))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -21,7 +21,7 @@ from google.auth.exceptions import GoogleAuthError, TransportError
 from google.cloud import storage  # type: ignore[import-untyped]  # the package ships no py.typed
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse  # type: ignore[import-untyped]
 
-from versionstore.blobstore import BlobInfo, BlobNotFound, BlobStoreError, PermanentStoreError, StoreURL, TransientStoreError
+from versionstore.blobstore import BlobInfo, BlobNotFound, BlobStoreError, PermanentStoreError, StoreURL, TransientStoreError, put_each
 
 T = TypeVar("T")
 
@@ -118,6 +118,9 @@ class GCSBlobStore:
             raise PermanentStoreError(f"{self.name}: {exc}") from exc
 
     # --- the BlobStore contract ----------------------------------------------------------------
+
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[bool]:
+        return await put_each(self, items)
 
     async def put_file(self, key: str, source: Path) -> bool:
         return await self._run(self._put_file, self._prefix + key, source)

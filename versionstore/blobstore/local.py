@@ -10,7 +10,7 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from versionstore.blobstore import BlobInfo, BlobNotFound
@@ -46,23 +46,41 @@ class LocalBlobStore:
         return await asyncio.to_thread(self._put_file, self._path(key), source)
 
     def _put_file(self, target: Path, source: Path) -> bool:
+        linked = self._link(target, source)
+        if linked:
+            fsync_path(target.parent)
+        return linked is not None
+
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[bool]:
+        return await asyncio.to_thread(self._put_files, [(self._path(key), source) for key, source in items])
+
+    def _put_files(self, items: list[tuple[Path, Path]]) -> list[bool]:
+        """Every link first, then each directory they went into fsynced once: on a journaling
+        file system the first fsync commits every new entry, and the others find theirs done."""
+        linked = [self._link(target, source) for target, source in items]
+        for directory in dict.fromkeys(target.parent for (target, _), done in zip(items, linked, strict=True) if done):
+            fsync_path(directory)
+        return [done is not None for done in linked]
+
+    def _link(self, target: Path, source: Path) -> bool | None:
+        """Publish `source` at `target` create-only: True when linked (its directory entry still
+        to be fsynced), False when copied (made durable already), None when already there."""
         if target.exists():
-            return False
+            return None
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             # link() is atomic and create-only: a racing writer of the same digest gets
             # EEXIST instead of replacing bytes someone may be reading.
             os.link(source, target)
         except FileExistsError:
-            return False
+            return None
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
-            return self._copy_then_link(target, source)
+            return False if self._copy_then_link(target, source) else None
         # Write protection: the inode is shared with the spool file (and maybe the other
         # store), all of which are immutable content by now.
         os.chmod(target, 0o444)
-        fsync_path(target.parent)
         return True
 
     def _copy_then_link(self, target: Path, source: Path) -> bool:

@@ -1,10 +1,10 @@
 """In-memory blob store for tests: the same contract, no disk."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from versionstore.blobstore import BlobInfo, BlobNotFound
+from versionstore.blobstore import BlobInfo, BlobNotFound, put_each
 
 
 class MemoryBlobStore:
@@ -12,6 +12,9 @@ class MemoryBlobStore:
 
     def __init__(self) -> None:
         self._blobs: dict[str, bytes] = {}
+
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[bool]:
+        return await put_each(self, items)
 
     async def put_file(self, key: str, source: Path) -> bool:
         if key in self._blobs:

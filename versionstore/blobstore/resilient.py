@@ -7,7 +7,7 @@ this wrapper decides what to do about them, so every backend behaves the same un
 import asyncio
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -116,6 +116,23 @@ class ResilientStore:
         if layout.is_revision_key(key):
             counters = metrics()
             (counters.revisions_written if written else counters.dedup_hits).labels(self.name).inc()
+        return written
+
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[bool]:
+        """Retried whole, like `put_file` (create-only: what landed before a retry is "already there")."""
+        if not items:
+            return []
+        timeout = self.policy.op_timeout + sum(source.stat().st_size for _, source in items) / self.policy.min_rate
+        try:
+            written = await self._retried("put", items[0][0], timeout, lambda: self.inner.put_files(items))
+        except BlobStoreError as exc:
+            self._count("put", "error", exc)
+            raise
+        counters = metrics()
+        for (key, _), done in zip(items, written, strict=True):
+            self._count("put", "written" if done else "existing")
+            if layout.is_revision_key(key):
+                (counters.revisions_written if done else counters.dedup_hits).labels(self.name).inc()
         return written
 
     async def stat(self, key: str) -> BlobInfo | None:

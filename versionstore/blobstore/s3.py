@@ -11,7 +11,7 @@ import base64
 import os
 import secrets
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +22,7 @@ from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
 from aiobotocore.session import AioSession  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, FlexibleChecksumError, HTTPClientError, IncompleteReadError  # type: ignore[import-untyped]
 
-from versionstore.blobstore import BlobInfo, BlobNotFound, BlobStoreError, PermanentStoreError, StoreURL, TransientStoreError
+from versionstore.blobstore import BlobInfo, BlobNotFound, BlobStoreError, PermanentStoreError, StoreURL, TransientStoreError, put_each
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -134,6 +134,9 @@ class S3BlobStore:
             return {}
         until = datetime.now(UTC) + timedelta(days=self.object_lock_days)
         return {"ObjectLockMode": "GOVERNANCE", "ObjectLockRetainUntilDate": until}
+
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[bool]:
+        return await put_each(self, items)
 
     async def put_file(self, key: str, source: Path) -> bool:
         """Racing writers of one key in this process queue behind the first, so its bytes are sent
