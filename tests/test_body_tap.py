@@ -3,9 +3,9 @@ socket and the blocks split the body, the stored bytes are exactly the part's, t
 still read, a bad or cut body stores nothing and leaves no spool file, and the connection is
 closed after the response (aiohttp's parser never saw the tapped bytes).
 
-The requests are written on a raw socket with a Content-Length, in pieces with pauses between
-them, so the server reads them apart (aiohttp's client would send an iterator chunked, which is
-never tapped). Most tests shrink the tap's thresholds so that small bodies cross many blocks."""
+The requests are written on a raw socket with a Content-Length, in pieces the server reads
+apart (aiohttp's client would send an iterator chunked, which is never tapped). Most tests
+shrink the tap's thresholds so that small bodies cross many blocks."""
 
 import asyncio
 import hashlib
@@ -17,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import BASIC_HEADERS, CLOUD
+from tests.server_reads import until_server_read
 from tests.test_upload_stream import BOUNDARY, DELIMITER, TRICKY, body_with_file
 from versionstore.config import Config
 from versionstore.http import body_tap
@@ -24,7 +25,6 @@ from versionstore.http import body_tap
 #: The thresholds the service runs with (read at import: tests.tap_everywhere patches them per test).
 TAP_MIN, BLOCK = body_tap.TAP_MIN, body_tap.BLOCK
 SMALL_BLOCK = 97  # prime: over the tests below, blocks end at every offset of the data
-FIRST_PAUSE = 0.2
 
 
 @pytest.fixture
@@ -51,9 +51,10 @@ async def raw_post(
     client: TestClient, body: bytes, cuts: list[int], pause: float = 0.01, length: int | None = None, half_close: bool = False
 ) -> tuple[int, dict[str, str], bytes]:
     """POST `body` to the upload endpoint, split at `cuts`; (status, headers, body) of the answer,
-    or (0, {}, b"") when the server closed the connection without one. The server gets a longer
-    pause after the first piece, to reach the file part while the rest is still on its way (it
-    gets there once the second piece is in: aiohttp's reader of the field before it reads ahead)."""
+    or (0, {}, b"") when the server closed the connection without one. The second piece goes once
+    the server has read the first and waits for more, so that it reaches the file part while the
+    rest is still on its way (it gets there once the second piece is in: aiohttp's reader of the
+    field before it reads ahead)."""
     assert client.server.host is not None and client.server.port is not None
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     head = (
@@ -68,7 +69,10 @@ async def raw_post(
         for cut in [*cuts, len(body)]:
             writer.write(body[start:cut])
             await writer.drain()
-            await asyncio.sleep(FIRST_PAUSE if start == 0 else pause)
+            if start == 0 and cut < len(body):
+                assert await until_server_read(client, cut), "the server did not wait for the second piece"
+            else:
+                await asyncio.sleep(pause)
             start = cut
         if half_close:
             writer.write_eof()

@@ -7,10 +7,13 @@ import re
 import time
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
+from argon2 import PasswordHasher
 from PIL import Image
 
 from tests.conftest import BASIC_HEADERS, CLOUD, Api
+from versionstore.console import passwords
 from versionstore.console import staff as staff_module
 from versionstore.console.audit import AuditLog
 from versionstore.console.sessions import Sessions
@@ -20,6 +23,17 @@ from versionstore.http.keys import META
 
 PASSWORD = "correct horse battery"
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+@pytest.fixture(autouse=True)
+def quick_password_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argon2id at its lowest cost in this module. Sign-in, lockout, sessions and roles do not
+    depend on the cost, and the production profile (64 MiB, 3 passes: about 0.1 s of CPU per
+    hash or check) was most of these tests' time. The CLI and the e2e console keep the
+    production profile; test_console_cli checks that a stored hash has it."""
+    quick = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    monkeypatch.setattr(passwords, "_HASHER", quick)
+    monkeypatch.setattr(passwords, "_DUMMY", quick.hash("an unknown account"))
 
 
 def png(width: int = 40, height: int = 30, colour: str = "red") -> bytes:

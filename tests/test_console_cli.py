@@ -38,6 +38,9 @@ def test_staff_commands_and_a_tampered_audit_record_named_by_verify(tmp_path: Pa
     assert exported[-1]["detail"]["auto_backup"] == "off" and exported[-1]["actor"] == "cli"
 
     with sqlite3.connect(data / "metadata.sqlite3") as db:
+        # argon2-cffi's RFC 9106 low-memory profile (tests/test_console.py runs a cheaper one)
+        (stored,) = db.execute("SELECT password_hash FROM staff WHERE email = 'sue@example.com'").fetchone()
+        assert stored.startswith("$argon2id$v=19$m=65536,t=3,p=4$"), stored
         db.execute("UPDATE audit_log SET detail = '{\"role\": \"admin\"}' WHERE seq = 1")
     tampered = run("audit", "verify", data_dir=data)
     assert tampered.returncode == 1

@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import BASIC_HEADERS, CLOUD
+from tests.server_reads import until_server_read
 from versionstore.config import Config
 
 BOUNDARY = "vsBOUNDARYvs"
@@ -45,10 +46,28 @@ async def pieces(body: bytes, cuts: list[int], pause: float) -> AsyncIterator[by
         await asyncio.sleep(pause)
 
 
-async def upload(client: TestClient, body: bytes, cuts: list[int], pause: float = 0.002) -> tuple[int, dict[str, object]]:
+async def read_apart(client: TestClient, body: bytes, cuts: list[int], apart: list[bool]) -> AsyncIterator[bytes]:
+    """`body` split at `cuts`; each piece is sent once the server has read the one before and
+    waits for more, so it reads them apart whatever the load (`apart` records that it did)."""
+    start = 0
+    for cut in [*cuts, len(body)]:
+        if 0 < start < len(body):
+            apart.append(await until_server_read(client, start))
+        yield body[start:cut]
+        start = max(start, min(cut, len(body)))
+
+
+async def upload(client: TestClient, body: bytes, cuts: list[int], pause: float | None = None) -> tuple[int, dict[str, object]]:
+    """POST `body` in pieces: read apart by the server (the default), or with `pause` seconds
+    after each piece (the server may then read several at once)."""
     headers = {**BASIC_HEADERS, "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-    response = await client.post(f"/v1_1/{CLOUD}/raw/upload", data=pieces(body, cuts, pause), headers=headers)
-    return response.status, await response.json()
+    apart: list[bool] = []
+    data = pieces(body, cuts, pause) if pause is not None else read_apart(client, body, cuts, apart)
+    response = await client.post(f"/v1_1/{CLOUD}/raw/upload", data=data, headers=headers)
+    status, reply = response.status, await response.json()
+    if status == 200:
+        assert all(apart), f"the server did not read the pieces apart: {apart}"
+    return status, reply
 
 
 async def test_file_part_split_at_every_byte_keeps_its_bytes(client: TestClient) -> None:
@@ -56,7 +75,7 @@ async def test_file_part_split_at_every_byte_keeps_its_bytes(client: TestClient)
     start = body.index(TRICKY)
     # every split inside the file data and its delimiter, and a few inside the part after it
     for cut in range(start - 2, start + len(TRICKY) + len(DELIMITER) + 8):
-        status, reply = await upload(client, body, [start, cut] if cut > start else [cut], pause=0.02)
+        status, reply = await upload(client, body, [start, cut] if cut > start else [cut])
         assert status == 200, (cut, reply)
         assert (reply["bytes"], reply["etag"], reply["tags"]) == (len(TRICKY), hashlib.md5(TRICKY).hexdigest(), ["after"]), cut
 

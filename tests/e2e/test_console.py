@@ -10,10 +10,12 @@ import io
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import cloudinary
 import cloudinary.api
@@ -151,10 +153,12 @@ def test_bulk_restore_of_search_results(page: Any, staff: dict[str, str], shots:
     for box in page.locator("input[name=asset_id]").all():
         box.check()
     page.click("#bulk-restore")
-    for _ in range(50):
-        if "completed" in page.inner_text("main table:last-of-type tbody tr:first-child"):
-            break
-        page.wait_for_timeout(200)
+    page.wait_for_url(re.compile(r"/operations\?job="))
+    job = parse_qs(urlparse(page.url).query)["job"][0]
+    deadline = time.monotonic() + 30
+    while (status := page.inner_text(f"#job-{job} td:nth-child(3)")) != "completed":  # the job's own row
+        assert status in ("pending", "active") and time.monotonic() < deadline, status
+        page.wait_for_timeout(100)
         page.reload()
     _shot(page, shots, "bulk-restore-done")
     assert all(cloudinary.api.resource(name)["placeholder"] is False for name in ("e2e-bulk/a", "e2e-bulk/b"))
