@@ -9,7 +9,17 @@ from argon2.exceptions import InvalidHashError, VerificationError
 #: argon2-cffi's RFC 9106 "low memory" profile: argon2id, 64 MiB, 3 passes.
 _HASHER = PasswordHasher()
 #: Checked when the account does not exist, so a wrong email costs the same time as a wrong password.
-_DUMMY = _HASHER.hash(secrets.token_urlsafe(16))
+#: Made on first use (`dummy_hash`; the server warms it at start): a full-cost hash at import
+#: taxed every CLI start that imports the console.
+_DUMMY: str | None = None
+
+
+def dummy_hash() -> str:
+    """The hash an unknown account's password is checked against (blocking: call off the loop)."""
+    global _DUMMY
+    if _DUMMY is None:
+        _DUMMY = _HASHER.hash(secrets.token_urlsafe(16))
+    return _DUMMY
 
 MIN_LENGTH = 12
 
@@ -36,7 +46,7 @@ async def hash_password(password: str) -> str:
 async def matches(encoded: str | None, password: str) -> bool:
     def check() -> bool:
         try:
-            return _HASHER.verify(encoded or _DUMMY, password) and encoded is not None
+            return _HASHER.verify(encoded or dummy_hash(), password) and encoded is not None
         except (VerificationError, InvalidHashError):
             return False
 

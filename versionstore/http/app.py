@@ -20,7 +20,7 @@ from versionstore import archive_removal, archives, bootstrap, drills, initial_b
 from versionstore.alerts import Alerts
 from versionstore.chunks import ChunkAssembler
 from versionstore.config import Config
-from versionstore.console import bulk_restore
+from versionstore.console import bulk_restore, passwords
 from versionstore.disk_space import is_disk_full, space_report
 from versionstore.egress import EgressPolicy
 from versionstore.epoch_cache import EpochCache
@@ -183,7 +183,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     config.spool_dir.mkdir(exist_ok=True)
     # A crash mid-upload left these; never another live process's upload (see remove_stale_parts).
     await asyncio.to_thread(remove_stale_parts, config.spool_dir)
+    # Warmed beside the start-up, so the first unknown-account sign-in costs what a wrong password does.
+    warming = asyncio.ensure_future(asyncio.to_thread(passwords.dummy_hash))
     async with contextlib.AsyncExitStack() as opened:
+        opened.push_async_callback(lambda: asyncio.wait([warming]))
         service = app[SERVICE] = await opened.enter_async_context(bootstrap.open_service(config))
         meta = app[META] = service.meta
         claims = service.claims
