@@ -19,10 +19,14 @@ import pytest
 
 from tests.conftest import CLOUD
 from tests.test_archives import AWKWARD, export, wait_for
-from versionstore import archive_removal, layout
+from versionstore import archive_removal, layout, protection
 from versionstore.archive_format import MANIFEST
+from versionstore.archive_records import EXPORT_FILE, ArchiveFile, MemberGone
 from versionstore.config import Config
 from versionstore.http.keys import META, SERVICE
+from versionstore.ids import new_hex_id
+
+DAY = 86400.0
 
 
 @pytest.fixture
@@ -123,6 +127,7 @@ async def test_a_revision_damaged_after_the_export_cuts_the_download_before_its_
     path = revision_path(client, big)
     damaged = bytearray(path.read_bytes())
     damaged[-1] ^= 1  # the last byte: only a whole read can tell
+    path.chmod(0o644)  # the bad block of the story; the service never opens blobs for writing
     path.write_bytes(bytes(damaged))
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("c/big"))
@@ -215,3 +220,27 @@ async def test_a_download_link_opens_its_archive_only(api, client):
     assert response.status in (400, 401, 403)
     done = await wait_for(api, f"versionstore/archives/{first['archive_id']}")
     assert done["status"] == "completed"
+
+
+async def test_a_delayed_deletion_withdraws_the_archive_when_its_purge_is_final(api, client):
+    meta, service = client.app[META], client.app[SERVICE]
+    await meta.set_protection(CLOUD, purge_delay_days=1)
+    old = await api.upload(b"purged later " * 100, public_id="p/a")
+    at = time.time()
+    await asyncio.sleep(0.05)
+    await api.upload(b"p/a now", public_id="p/a")
+    done, _ = await export(api, at=at)
+    await api.admin("DELETE", f"resources/backup/{old['asset_id']}", json={"version_ids": [old["version_id"]]})
+    assert "download_url" in await api.admin("GET", f"versionstore/archives/{done['archive_id']}")  # undoable still
+    assert await protection.run_due(service, time.time() + 2 * DAY) == 1
+    withdrawn = await api.admin("GET", f"versionstore/archives/{done['archive_id']}")
+    assert withdrawn["removed_reason"] == "content_deleted" and "download_url" not in withdrawn
+    assert not revision_path(client, blake3.blake3(b"purged later " * 100).hexdigest()).exists()
+
+
+async def test_an_archive_listing_a_version_deleted_meanwhile_is_not_recorded(client):
+    meta = client.app[META]
+    record = ArchiveFile(new_hex_id(), CLOUD, EXPORT_FILE, "k", time.time(), time.time() + DAY)
+    with pytest.raises(MemberGone):
+        await meta.register_archive_layout(record, [(new_hex_id(), "ab" * 32)])
+    assert await meta.get_archive_file(CLOUD, record.job_id) is None

@@ -111,7 +111,6 @@ class Layout:
         """The segments that end after `start`, in order (members wholly before it are
         skipped by their recorded offsets, their headers never re-made)."""
         manifest_head = fmt.member_header(fmt.MANIFEST, self.manifest_size, self.created_at)
-        position = 0
         for segment in (Segment(0, len(manifest_head), manifest_head), Segment(len(manifest_head), self.manifest_size, manifest=True)):
             if segment.start + segment.size > start:
                 yield segment
@@ -133,9 +132,9 @@ class Layout:
                     yield Segment(offset + head, size, path=path, blake3=digest)
                 yield from _zeros(offset + head + size, fmt.padding(size), start)
             position = end
-        yield from _zeros(position, fmt.end_blocks(position), start)
         if position + fmt.end_blocks(position) != self.size:
             raise fmt.ArchiveInvalid(f"archive layout: {position + fmt.end_blocks(position)} bytes, described as {self.size}")
+        yield from _zeros(position, fmt.end_blocks(position), start)
 
     def read_manifest(self, lo: int, hi: int) -> bytes:
         self.handle.seek(self.manifest_at + lo)

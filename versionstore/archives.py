@@ -1,12 +1,15 @@
 """Archives: a snapshot or a point-in-time selection exported as a tar, and imported back.
 
-Export (the `archive_export` job) lists the selection into a spooled manifest (pass 1: metadata
-only), then writes the tar to a temp file in the spool directory (pass 2: the manifest first,
-then each original read from the backup store and checked against its BLAKE3 on the way),
-and publishes it at the end with one create-only `put_file` under
-`<cloud>/archives/<job id>.tar` in the default backup store (every process can serve it). A
-killed export starts over into a new temp file of the same name when its job resumes: nothing
-partial is ever published, and a copy a killed run had published (never announced) is replaced.
+Export (the `archive_export` job) copies no bytes: it lists the selection into a spooled
+manifest (metadata only) and writes the archive's layout (archive_compose.py: the manifest and
+each member's place in the tar), then reads every original once through the environment's
+target, checked against its BLAKE3, while hashing the composed tar (its `digest`), records the
+archive and the revisions it lists (`register_archive_layout`: held from then on), and stores
+the layout with one create-only `put_file` under `<cloud>/archives/<job id>.layout` in the
+default backup store (every process can serve it). A download composes the tar from the
+revisions. A killed export describes again into a temp file of the same name when its job
+resumes: nothing partial is ever published, and a layout a killed run had stored (never
+announced) is replaced. The CLI's export composes the same bytes into a file.
 
 Import checks the whole archive first (`archive_format.verify`: manifest, every member's
 BLAKE3 and MD5, nothing extra, nothing missing, no truncation), so a tampered archive is
@@ -19,8 +22,8 @@ stored copy again (proven by its BLAKE3) and resumes from its cursor (moved past
 batches only) after a kill; an entry whose bytes are already the asset's current ones is
 skipped, so a replay adds nothing twice.
 
-A published archive is recorded (`archive_files`) before it is stored; archive_removal.py
-removes it `keep_days` after it was written, and an import's uploaded tar once its job has
+A prepared archive is recorded (`archive_files`) before it is stored; archive_removal.py
+removes it `keep_days` after it was written (or once an irreversible deletion withdrew it), and an import's uploaded tar once its job has
 ended. docs/snapshots.md describes the format.
 """
 
@@ -116,9 +119,7 @@ class Described:
     skipped: list[dict[str, Any]]
 
 
-async def describe_archive(
-    service: VersionService, selection: pitr.Selection, out: Path, created_at: float, on_total: Callable[[int], None] | None = None,
-) -> Described:
+async def describe_archive(service: VersionService, selection: pitr.Selection, out: Path, created_at: float) -> Described:
     """The selection's layout (archive_compose.py) at `out` (overwritten). Metadata only:
     the manifest is spooled to disk, then the layout written from it (bounded memory)."""
     entries_path = out.with_name(out.name + ".manifest")
@@ -141,8 +142,6 @@ async def describe_archive(
             "prefix": selection.prefix, "created_at": created_at, "count": count, "bytes": total,
             "skipped": len(skipped),
         }
-        if on_total is not None:
-            on_total(total)
         size, _ = await asyncio.to_thread(compose.write_layout, out, header, entries_path)
     finally:
         entries_path.unlink(missing_ok=True)
@@ -158,7 +157,9 @@ async def write_archive(
     durable. The same bytes a download of the same export serves."""
     described_at = out.with_name(out.name + ".layout")
     try:
-        described = await describe_archive(service, selection, described_at, created_at, on_total)
+        described = await describe_archive(service, selection, described_at, created_at)
+        if on_total is not None:
+            on_total(described.size)  # the progress counts every byte of the tar
         store = await _revisions(service, selection.cloud)
         await asyncio.to_thread(out.unlink, missing_ok=True)
         with described_at.open("rb") as layout_file, out.open("xb") as handle:
