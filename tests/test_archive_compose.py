@@ -85,14 +85,16 @@ async def test_an_export_stores_only_a_layout_and_its_download_is_the_golden_tar
     assert [p.name for p in archives_dir.iterdir()] == [Path(stored).name]  # no tar written anywhere
 
 
-@pytest.mark.parametrize("header", ["bytes=0-99", "mid-header", "mid-member", "last", "suffix", "open"])
+@pytest.mark.parametrize("header", ["bytes=0-99", "mid-header", "mid-member", "padding", "last", "suffix", "open"])
 async def test_range_reads_are_the_same_bytes_as_the_whole(api, client, header):
     await composed_library(api)
     done, body = await export(api, at=time.time())
     size = len(body)
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         big = next(m for m in tar.getmembers() if m.name.endswith("c/big"))
+        odd = next(m for m in tar.getmembers() if m.name.endswith("c/513"))
     ranges = {
+        "padding": (odd.offset_data + 514, odd.offset_data + 1200),  # from inside a member's padding
         "bytes=0-99": (0, 99), "mid-header": (big.offset + 100, big.offset + 700),
         "mid-member": (big.offset_data + 1000, big.offset_data + 2_500_000), "last": (size - 1, size - 1),
         "suffix": (size - 3000, size - 1), "open": (big.offset_data + 5, size - 1),

@@ -183,6 +183,8 @@ async def compose(
     for segment in segments:
         if segment.start >= stop:
             return
+        if segment.start + segment.size <= start:  # before the range (its member's padding is not)
+            continue
         lo, hi = max(start, segment.start) - segment.start, min(stop, segment.start + segment.size) - segment.start
         if segment.blake3:
             if before_member is not None:
