@@ -273,7 +273,14 @@ async def write_to(described: Layout, store: BlobStore, cloud: str, out: IO[byte
     """The whole tar written to `out` (the CLI's export), checked as it goes; its BLAKE3."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     async for chunk in compose(described, store, cloud, 0, described.size, whole=hasher):
-        await asyncio.to_thread(out.write, chunk)
+        await asyncio.to_thread(_write_all, out, chunk)
         if progress is not None:
             progress(len(chunk))
     return hasher.hexdigest()
+
+
+def _write_all(out: IO[bytes], data: bytes) -> None:
+    """All of `data` (an unbuffered file may take part of it per call)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) or 0 :]

@@ -30,7 +30,6 @@ ended. docs/snapshots.md describes the format.
 import asyncio
 import contextlib
 import functools
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -162,10 +161,16 @@ async def write_archive(
             on_total(described.size)  # the progress counts every byte of the tar
         store = await _revisions(service, selection.cloud)
         await asyncio.to_thread(out.unlink, missing_ok=True)
-        with described_at.open("rb") as layout_file, out.open("xb") as handle:
-            digest = await compose.write_to(compose.Layout(layout_file), store, selection.cloud, handle, progress)
-            await asyncio.to_thread(handle.flush)
-            await asyncio.to_thread(os.fsync, handle.fileno())
+        with described_at.open("rb") as layout_file, out.open("xb", buffering=0) as handle:
+            synced = staging.BackgroundSync(handle.fileno())  # flushed as it grows: the last fsync finds little
+
+            def wrote(size: int) -> None:
+                synced.wrote(size)
+                if progress is not None:
+                    progress(size)
+
+            digest = await compose.write_to(compose.Layout(layout_file), store, selection.cloud, handle, wrote)
+            await asyncio.to_thread(synced.finish)
     finally:
         described_at.unlink(missing_ok=True)
     return Written(digest, described.size, described.count, described.bytes, described.skipped)
