@@ -33,6 +33,7 @@ import blake3
 from versionstore import archive_format as fmt
 from versionstore import layout
 from versionstore.blobstore import BlobNotFound, BlobStore
+from versionstore.staging import write_soon
 from versionstore.verify import INLINE_HASH
 
 LAYOUT_FORMAT = "versionstore-archive-layout/1"
@@ -273,14 +274,8 @@ async def write_to(described: Layout, store: BlobStore, cloud: str, out: IO[byte
     """The whole tar written to `out` (the CLI's export), checked as it goes; its BLAKE3."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     async for chunk in compose(described, store, cloud, 0, described.size, whole=hasher):
-        await asyncio.to_thread(_write_all, out, chunk)
+        await asyncio.wrap_future(write_soon(out, chunk))  # all of it, on the write thread
         if progress is not None:
             progress(len(chunk))
     return hasher.hexdigest()
 
-
-def _write_all(out: IO[bytes], data: bytes) -> None:
-    """All of `data` (an unbuffered file may take part of it per call)."""
-    view = memoryview(data)
-    while view:
-        view = view[out.write(view) or 0 :]
