@@ -260,22 +260,16 @@ def _feed(hashers: list[Any], data: bytes) -> None:
         hasher.update(data)
 
 
-async def digest_of(described: Layout, store: BlobStore, cloud: str, progress: fmt.Progress | None = None) -> str:
-    """The export's check pass: every member read once and proven by its BLAKE3 while the
-    whole composed tar is hashed (in the same step), written nowhere; the archive's BLAKE3."""
+async def hashed(
+    described: Layout, store: BlobStore, cloud: str, out: IO[bytes] | None = None, progress: fmt.Progress | None = None,
+) -> str:
+    """The whole tar composed once, every member proven by its BLAKE3 while the tar is hashed
+    (in the same step); its BLAKE3. Written to `out` (the CLI's export), or nowhere (the export
+    job's check pass)."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     async for chunk in compose(described, store, cloud, 0, described.size, whole=hasher):
+        if out is not None:
+            await asyncio.wrap_future(write_soon(out, chunk))  # all of it, on the write thread
         if progress is not None:
             progress(len(chunk))
     return hasher.hexdigest()
-
-
-async def write_to(described: Layout, store: BlobStore, cloud: str, out: IO[bytes], progress: fmt.Progress | None = None) -> str:
-    """The whole tar written to `out` (the CLI's export), checked as it goes; its BLAKE3."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    async for chunk in compose(described, store, cloud, 0, described.size, whole=hasher):
-        await asyncio.wrap_future(write_soon(out, chunk))  # all of it, on the write thread
-        if progress is not None:
-            progress(len(chunk))
-    return hasher.hexdigest()
-

@@ -169,7 +169,7 @@ async def write_archive(
                 if progress is not None:
                     progress(size)
 
-            digest = await compose.write_to(compose.Layout(layout_file), store, selection.cloud, handle, wrote)
+            digest = await compose.hashed(compose.Layout(layout_file), store, selection.cloud, handle, wrote)
             await asyncio.to_thread(synced.finish)
     finally:
         described_at.unlink(missing_ok=True)
@@ -189,7 +189,7 @@ async def check_layout(service: VersionService, cloud: str, path: Path, progress
     whole tar's BLAKE3 computed; nothing written."""
     store = await _revisions(service, cloud)
     with path.open("rb") as layout_file:
-        return await compose.digest_of(compose.Layout(layout_file), store, cloud, progress)
+        return await compose.hashed(compose.Layout(layout_file), store, cloud, None, progress)
 
 
 def layout_members(path: Path) -> Iterator[tuple[str, str]]:
