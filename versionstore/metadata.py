@@ -1938,12 +1938,7 @@ class MetadataStore:
         """Record a tar an archive job is about to store, before it is stored (so no file is
         ever left without its row); a rerun's registration replaces the earlier one."""
         async with self.transaction() as db:
-            await db.execute(
-                "INSERT INTO archive_files (job_id, cloud, kind, store_key, registered_at, expires_at, removed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (job_id) DO UPDATE SET store_key = excluded.store_key, "
-                "registered_at = excluded.registered_at, expires_at = excluded.expires_at, removed_at = NULL, removed_reason = NULL",
-                (record.job_id, record.cloud, record.kind, record.key, record.registered_at, record.expires_at),
-            )
+            await self._upsert_archive_file(db, record)
 
     async def get_archive_file(self, cloud: str, job_id: str) -> ArchiveFile | None:
         row = await self._one(f"{_ARCHIVE_FILE_SELECT} WHERE a.cloud = ? AND a.job_id = ?", (cloud, job_id))
@@ -1988,7 +1983,6 @@ class MetadataStore:
                     (cloud, days),
                 )
 
-
     # --- composed archives: the revisions an export lists (archive_compose.py, schema migration 18) ---
 
     async def register_archive_layout(self, record: ArchiveFile, members: Iterable[tuple[str, str]]) -> None:
@@ -2013,12 +2007,16 @@ class MetadataStore:
             )
             if (gone := await cursor.fetchone()) is not None:
                 raise MemberGone(f"version {gone[0]} was deleted while the archive was prepared")
-            await db.execute(
-                "INSERT INTO archive_files (job_id, cloud, kind, store_key, registered_at, expires_at, removed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (job_id) DO UPDATE SET store_key = excluded.store_key, "
-                "registered_at = excluded.registered_at, expires_at = excluded.expires_at, removed_at = NULL, removed_reason = NULL",
-                (record.job_id, record.cloud, record.kind, record.key, record.registered_at, record.expires_at),
-            )
+            await self._upsert_archive_file(db, record)
+
+    @staticmethod
+    async def _upsert_archive_file(db: Transaction, record: ArchiveFile) -> None:
+        await db.execute(
+            "INSERT INTO archive_files (job_id, cloud, kind, store_key, registered_at, expires_at, removed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (job_id) DO UPDATE SET store_key = excluded.store_key, "
+            "registered_at = excluded.registered_at, expires_at = excluded.expires_at, removed_at = NULL, removed_reason = NULL",
+            (record.job_id, record.cloud, record.kind, record.key, record.registered_at, record.expires_at),
+        )
 
     @staticmethod
     async def _add_members(db: Transaction, record: ArchiveFile, batch: Sequence[tuple[str, str]]) -> None:
