@@ -1,7 +1,7 @@
 """Archives on a real `versionstore serve` process, with SDK uploads: an export and an import
 SIGKILLed mid-run resume after a restart and finish (the archive valid, nothing imported
-twice); a 2 GiB export keeps the server's RSS growth under 100 MiB while it is written and
-downloaded (10 GiB: `scripts/bench_snapshots.py --archive-rss`)."""
+twice); a 2 GiB export keeps the server's RSS growth under 100 MiB while it is prepared and
+downloaded (composed from the revisions) (10 GiB: `scripts/bench_snapshots.py --archive-rss`)."""
 
 import asyncio
 import base64
