@@ -301,12 +301,12 @@ async def _prepared(session: Any, base: str) -> tuple[float, str]:
     """An export job as the service runs it: (seconds from the POST to `completed`, its download URL)."""
     import aiohttp
 
-    auth = aiohttp.BasicAuth("k", "s")
+    auth = {"Authorization": aiohttp.BasicAuth("k", "s").encode()}
     started = time.perf_counter()
-    async with session.post(f"{base}/v1_1/{CLOUD}/versionstore/archives", json={"at": time.time()}, auth=auth) as response:
+    async with session.post(f"{base}/v1_1/{CLOUD}/versionstore/archives", json={"at": time.time()}, headers=auth) as response:
         job = await response.json()
     while True:
-        async with session.get(f"{base}/v1_1/{CLOUD}/versionstore/archives/{job['archive_id']}", auth=auth) as response:
+        async with session.get(f"{base}/v1_1/{CLOUD}/versionstore/archives/{job['archive_id']}", headers=auth) as response:
             job = await response.json()
         if job["status"] == "completed":
             return time.perf_counter() - started, job["download_url"]  # absolute: the body gives the origin
