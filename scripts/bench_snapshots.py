@@ -301,7 +301,7 @@ async def _prepared(session: Any, base: str) -> tuple[float, str]:
     """An export job as the service runs it: (seconds from the POST to `completed`, its download URL)."""
     import aiohttp
 
-    auth = {"Authorization": aiohttp.BasicAuth("k", "s").encode()}
+    auth = {"Authorization": aiohttp.encode_basic_auth("k", "s")}
     started = time.perf_counter()
     async with session.post(f"{base}/v1_1/{CLOUD}/versionstore/archives", json={"at": time.time()}, headers=auth) as response:
         job = await response.json()
