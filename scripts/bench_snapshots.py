@@ -26,7 +26,10 @@ as indicative).
     .venv/bin/python scripts/bench_snapshots.py --quick    # 20,000 assets, 1 run; restore 300 x 64 KiB
 
 Archives (issue 12 targets: export >= 0.8x `tar -cf` of the same files, import >= 0.8x `tar -xf`
-plus BLAKE3 of the extracted files), interleaved runs, medians, with the load guard:
+plus BLAKE3 of the extracted files), interleaved runs, medians, with the load guard. The export
+is measured as the service does it: the export job's preparation (POST to `completed`, served
+in-process), beside it that plus a full download to a file over HTTP (curl), and the CLI's
+`archive export -o FILE`:
 
     .venv/bin/python scripts/bench_snapshots.py --archive [--quick]   # 2 GiB of originals (quick: 512 MiB)
     .venv/bin/python scripts/bench_snapshots.py --archive-rss 10      # RSS growth of `serve` over a 10 GiB export
@@ -286,34 +289,80 @@ def _b3sum(directory: Path) -> float:
     return time.perf_counter() - started
 
 
+async def _served(config: Any) -> tuple[Any, str]:
+    """The app on a free loopback port in this process (its job loop runs the exports)."""
+    from aiohttp import web
+    from benchlib import free_port
+
+    from versionstore.http.app import create_app
+
+    runner = web.AppRunner(create_app(config))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def _prepared(session: Any, base: str) -> tuple[float, str]:
+    """An export job as the service runs it: (seconds from the POST to `completed`, its download URL)."""
+    import aiohttp
+
+    auth = {"Authorization": aiohttp.encode_basic_auth("k", "s")}
+    started = time.perf_counter()
+    async with session.post(f"{base}/v1_1/{CLOUD}/versionstore/archives", json={"at": time.time()}, headers=auth) as response:
+        job = await response.json()
+    while True:
+        async with session.get(f"{base}/v1_1/{CLOUD}/versionstore/archives/{job['archive_id']}", headers=auth) as response:
+            job = await response.json()
+        if job["status"] == "completed":
+            return time.perf_counter() - started, job["download_url"]  # absolute: the body gives the origin
+        assert job["status"] in ("pending", "active"), job
+        await asyncio.sleep(0.005)
+
+
 async def _archive_runs(root: Path, files: int, size: int, runs: int) -> dict[str, list[float]]:
     import shutil
 
+    import aiohttp
+
     from versionstore import archives
 
-    service, _config = await _archive_service(root)
-    times: dict[str, list[float]] = {"tar_cf": [], "export": [], "tar_xf_b3": [], "import": []}
+    service, config = await _archive_service(root)
+    times: dict[str, list[float]] = {"tar_cf": [], "prepare": [], "prepare_get": [], "export": [], "tar_xf_b3": [], "import": []}
+    runner = None
     try:
         paths = await _archive_library(service, files, size)
         log(f"library: {files} originals of {size // MiB} MiB")
-        for run in range(runs):
-            tarred = root / f"plain-{run}.tar"
-            times["tar_cf"].append(_timed(["tar", "-cf", str(tarred), "-C", "/", *[str(p)[1:] for p in paths]]))
-            out = root / f"archive-{run}.tar"
-            started = time.perf_counter()
-            await archives.write_archive(service, pitr.Selection(CLOUD, "", time.time()), out, time.time())
-            times["export"].append(time.perf_counter() - started)
-            extracted = root / f"x-{run}"
-            extracted.mkdir()
-            times["tar_xf_b3"].append(_timed(["tar", "-xf", str(tarred), "-C", str(extracted)]) + _b3sum(extracted))
-            target = await service.meta.create_cloud(f"import{run}", f"k{run}", "s", True)
-            started = time.perf_counter()
-            await archives.import_file(service, target, out)  # what `versionstore archive import` runs
-            times["import"].append(time.perf_counter() - started)
-            shutil.rmtree(extracted)
-            tarred.unlink()
-            out.unlink()
+        runner, base = await _served(config)
+        async with aiohttp.ClientSession() as session:
+            for run in range(runs):
+                tarred = root / f"plain-{run}.tar"
+                times["tar_cf"].append(_timed(["tar", "-cf", str(tarred), "-C", "/", *[str(p)[1:] for p in paths]]))
+                # The export job's preparation (what issue 12's 0.8x is judged on), then the same
+                # plus a full download to a file over HTTP (curl, no fsync: like tar -cf).
+                prepared, url = await _prepared(session, base)
+                times["prepare"].append(prepared)
+                fetched = root / f"fetched-{run}.tar"
+                download = await asyncio.to_thread(_timed, ["curl", "-sSf", "-o", str(fetched), url])
+                times["prepare_get"].append(prepared + download)
+                fetched.unlink()
+                out = root / f"archive-{run}.tar"
+                started = time.perf_counter()  # the CLI's `archive export -o FILE` (composed into the file, fsynced)
+                await archives.write_archive(service, pitr.Selection(CLOUD, "", time.time()), out, time.time())
+                times["export"].append(time.perf_counter() - started)
+                extracted = root / f"x-{run}"
+                extracted.mkdir()
+                times["tar_xf_b3"].append(_timed(["tar", "-xf", str(tarred), "-C", str(extracted)]) + _b3sum(extracted))
+                target = await service.meta.create_cloud(f"import{run}", f"k{run}", "s", True)
+                started = time.perf_counter()
+                await archives.import_file(service, target, out)  # what `versionstore archive import` runs
+                times["import"].append(time.perf_counter() - started)
+                shutil.rmtree(extracted)
+                tarred.unlink()
+                out.unlink()
     finally:
+        if runner is not None:
+            await runner.cleanup()
         await service.targets.close()
         await service.primary.close()
         await service.meta.close()
@@ -332,7 +381,9 @@ def archive_bench(args: argparse.Namespace) -> int:
     print(f"archives: {files} x {size // MiB} MiB ({total / MiB:.0f} MiB), {runs} interleaved runs, medians:")
     for name, value in med.items():
         print(f"  {name:10s} {value:7.3f} s   {total / MiB / value:8.1f} MiB/s")
-    print(f"  export / tar -cf           {med['tar_cf'] / med['export']:.2f}x  (target >= 0.8)")
+    print(f"  prepare / tar -cf          {med['tar_cf'] / med['prepare']:.2f}x  (target >= 0.8: the export job, start to completed)")
+    print(f"  prepare+get / tar -cf      {med['tar_cf'] / med['prepare_get']:.2f}x  (the job, then a full download to a file over HTTP)")
+    print(f"  CLI export / tar -cf       {med['tar_cf'] / med['export']:.2f}x  (archive export -o FILE, fsynced)")
     print(f"  import / (tar -xf + b3sum) {med['tar_xf_b3'] / med['import']:.2f}x  (target >= 0.8)")
     return 0
 

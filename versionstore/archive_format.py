@@ -19,13 +19,12 @@ import tarfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, TypeVar
 
 import blake3
 
 from versionstore.errors import BadRequest
 from versionstore.ids import DELIVERY_TYPES, check_public_id
-from versionstore.staging import BackgroundSync, write_soon
 
 FORMAT = "versionstore-archive/1"
 MANIFEST = "manifest.jsonl"
@@ -80,101 +79,27 @@ def is_safe(name: str) -> bool:
 # --- writing ------------------------------------------------------------------------------------
 
 
-class Source(Protocol):
-    def readinto(self, buffer: memoryview) -> int | None: ...
+def member_header(name: str, size: int, mtime: float) -> bytes:
+    """A member's pax header: always the same bytes for the same name, size and time (a
+    virtual archive re-makes its headers at every download, archive_compose.py)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, int(mtime), 0o644, "", ""
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-class TarWriter:
-    """Writes pax members to a binary file and hashes (BLAKE3) everything it writes. The file
-    is flushed to the device in the background as it grows (`BackgroundSync`), so the fsync
-    before it is published finds little left to write."""
+def padding(size: int) -> int:
+    """Zero bytes after a member of `size` bytes (to the next block)."""
+    return -size % BLOCK
 
-    def __init__(self, handle: IO[bytes]) -> None:
-        self.handle = handle
-        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        self.size = 0
-        self.synced = BackgroundSync(handle.fileno())
-        # Two buffers in turn: one is written (on the write thread) while the next is read
-        # and hashed into the other.
-        self._buffers = (bytearray(READ), bytearray(READ))
-        self._turn = 0
-        self._writing: Future[None] | None = None
 
-    def _write(self, data: bytes | memoryview) -> None:
-        self.hasher.update(data)
-        self.drain()
-        self._writing = write_soon(self.handle, data)
-        self.size += len(data)
-        self.synced.wrote(len(data))
-
-    def drain(self) -> None:
-        """Wait for the write in flight: before a buffer is reused and before the file closes
-        (call it on every way out)."""
-        if self._writing is not None:
-            writing, self._writing = self._writing, None
-            writing.result()
-
-    def _header(self, name: str, size: int, mtime: float) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = size, int(mtime), 0o644, "", ""
-        self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-
-    def _pad(self, size: int) -> None:
-        if size % BLOCK:
-            self._write(bytes(BLOCK - size % BLOCK))
-
-    def add_file(self, name: str, source: Source, size: int, mtime: float, progress: Progress | None = None) -> str:
-        """Copy exactly `size` bytes of `source` as one member; the BLAKE3 of what was copied
-        (the caller compares it with the revision's name)."""
-        self._header(name, size, mtime)
-        digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        left = size
-        while left:
-            # Into a reused buffer: the bytes hashed are the bytes written, copied once. The
-            # other buffer's write was waited for when this one's predecessor was handed on.
-            buffer, self._turn = self._buffers[self._turn], 1 - self._turn
-            got = source.readinto(memoryview(buffer)[: min(READ, left)])
-            if not got:
-                raise ArchiveInvalid(f"{name}: the source ended {left} bytes early")
-            data = memoryview(buffer)[:got]
-            digest.update(data)
-            self._write(data)
-            left -= got
-            if progress is not None:
-                progress(got)
-        self._pad(size)
-        return digest.hexdigest()
-
-    def close(self) -> str:
-        """The end-of-archive blocks, padded to tar's record size; the archive's BLAKE3. The
-        caller makes the file durable (`synced.finish`) before it names it anywhere."""
-        self._write(bytes(2 * BLOCK))
-        if self.size % tarfile.RECORDSIZE:
-            self._write(bytes(tarfile.RECORDSIZE - self.size % tarfile.RECORDSIZE))
-        self.drain()
-        return self.hasher.hexdigest()
+def end_blocks(size: int) -> int:
+    """Zero bytes that end an archive whose members fill `size` bytes: two blocks, then up to
+    tar's record size."""
+    return 2 * BLOCK + (-(size + 2 * BLOCK) % tarfile.RECORDSIZE)
 
 
 def header_line(header: dict[str, Any]) -> bytes:
     return (json.dumps(header, sort_keys=True, separators=(",", ":")) + "\n").encode()
-
-
-class Chain:
-    """`first`, then the rest of `rest`: the manifest member (header line, spooled entries)."""
-
-    def __init__(self, first: bytes, rest: IO[bytes]) -> None:
-        self.first, self.rest = first, rest
-
-    def read(self, size: int) -> bytes:
-        if self.first:
-            data, self.first = self.first[:size], self.first[size:]
-            return data
-        return self.rest.read(size)
-
-    def readinto(self, buffer: memoryview) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 def entry_line(entry: dict[str, Any]) -> bytes:

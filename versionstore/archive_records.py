@@ -22,3 +22,19 @@ class ArchiveFile:
     registered_at: float
     expires_at: float | None
     removed_at: float | None = None
+    #: Why it went before its time: `content_deleted` (a version it lists was deleted
+    #: irreversibly; set in that deletion's transaction, the file removed by the next pass).
+    removed_reason: str | None = None
+
+    @property
+    def removed(self) -> bool:
+        """No longer downloadable (removed, or withdrawn and waiting for its removal)."""
+        return self.removed_at is not None or self.removed_reason is not None
+
+
+#: The reason an irreversible version deletion gives the archives listing the version.
+CONTENT_DELETED = "content_deleted"
+
+
+class MemberGone(Exception):
+    """A version the archive lists was deleted while it was being prepared (the export fails)."""

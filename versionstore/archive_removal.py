@@ -80,9 +80,25 @@ def file_of(job: Job, record: ArchiveFile | None) -> ArchiveFile | None:
 
 async def remove_file(service: VersionService, record: ArchiveFile, now: float) -> bool:
     """Delete an archive's file (a missing one is no error), then record that; True for the one
-    caller, in any process, that recorded it (and so audits it)."""
+    caller, in any process, that recorded it (and so audits it). That caller then releases the
+    revisions a composed export listed: those nothing else references go (a crash first leaves
+    them to `versionstore gc --full`)."""
     await service.targets.store(None).delete(record.key)
-    return await service.meta.mark_archive_removed(record.job_id, now)
+    if not await service.meta.mark_archive_removed(record.job_id, now):
+        return False
+    if record.kind == EXPORT_FILE:
+        await release_members(service, record)
+    return True
+
+
+async def release_members(service: VersionService, record: ArchiveFile) -> None:
+    """Each revision a removed export listed, checked again under its deletion claim and
+    deleted when nothing else references it (`VersionService.release_revision`)."""
+    after = ""
+    while digests := await service.meta.archive_member_digests(record.job_id, after, REMOVE_BATCH):
+        for digest in digests:
+            await service.release_revision(record.cloud, digest)
+        after = digests[-1]
 
 
 async def remove_due(service: VersionService, now: float) -> int:
@@ -94,7 +110,9 @@ async def remove_due(service: VersionService, now: float) -> int:
         due = await service.meta.due_archive_files(now, now - ORPHAN_AGE, REMOVE_BATCH)
         for record in due:
             if await remove_file(service, record, now):
-                reason = "expired" if record.expires_at is not None and record.expires_at <= now else "job_ended"
+                reason = record.removed_reason or (
+                    "expired" if record.expires_at is not None and record.expires_at <= now else "job_ended"
+                )
                 await audit.record(REMOVAL_ACTOR, "archive_removed", cloud=record.cloud, target=record.job_id,
                                    detail={"kind": record.kind, "key": record.key, "reason": reason})
                 removed += 1
@@ -112,8 +130,8 @@ async def run_removals(service: VersionService, interval: float = REMOVAL_INTERV
 
 
 def export_temp(spool_dir: Path, job_id: str) -> Path:
-    """Where the export job writes its archive before publishing it (and, beside it, the
-    spooled manifest `<temp>.manifest`)."""
+    """Where the export job writes its layout before publishing it (and, beside it, the
+    spooled manifest `<temp>.manifest` and member lines `<temp>.members`)."""
     return spool_dir / f"archive-{job_id}.tar.tmp"
 
 

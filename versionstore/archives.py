@@ -1,12 +1,15 @@
 """Archives: a snapshot or a point-in-time selection exported as a tar, and imported back.
 
-Export (the `archive_export` job) lists the selection into a spooled manifest (pass 1: metadata
-only), then writes the tar to a temp file in the spool directory (pass 2: the manifest first,
-then each original read from the backup store and checked against its BLAKE3 on the way),
-and publishes it at the end with one create-only `put_file` under
-`<cloud>/archives/<job id>.tar` in the default backup store (every process can serve it). A
-killed export starts over into a new temp file of the same name when its job resumes: nothing
-partial is ever published, and a copy a killed run had published (never announced) is replaced.
+Export (the `archive_export` job) copies no bytes: it lists the selection into a spooled
+manifest (metadata only) and writes the archive's layout (archive_compose.py: the manifest and
+each member's place in the tar), then reads every original once through the environment's
+target, checked against its BLAKE3, while hashing the composed tar (its `digest`), records the
+archive and the revisions it lists (`register_archive_layout`: held from then on), and stores
+the layout with one create-only `put_file` under `<cloud>/archives/<job id>.layout` in the
+default backup store (every process can serve it). A download composes the tar from the
+revisions. A killed export describes again into a temp file of the same name when its job
+resumes: nothing partial is ever published, and a layout a killed run had stored (never
+announced) is replaced. The CLI's export composes the same bytes into a file.
 
 Import checks the whole archive first (`archive_format.verify`: manifest, every member's
 BLAKE3 and MD5, nothing extra, nothing missing, no truncation), so a tampered archive is
@@ -19,36 +22,37 @@ stored copy again (proven by its BLAKE3) and resumes from its cursor (moved past
 batches only) after a kill; an entry whose bytes are already the asset's current ones is
 skipped, so a replay adds nothing twice.
 
-A published archive is recorded (`archive_files`) before it is stored; archive_removal.py
-removes it `keep_days` after it was written, and an import's uploaded tar once its job has
+A prepared archive is recorded (`archive_files`) before it is stored; archive_removal.py
+removes it `keep_days` after it was written (or once an irreversible deletion withdrew it), and an import's uploaded tar once its job has
 ended. docs/snapshots.md describes the format.
 """
 
 import asyncio
 import contextlib
 import functools
-import json
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlencode
 
+from versionstore import archive_compose as compose
 from versionstore import archive_format as fmt
 from versionstore import archive_records, layout, pitr, signing, staging
-from versionstore.archive_records import EXPORT_FILE, IMPORT_FILE, IMPORT_STAGING, ArchiveFile
+from versionstore.archive_records import EXPORT_FILE, IMPORT_FILE, IMPORT_STAGING, ArchiveFile, MemberGone
 from versionstore.archive_removal import DAY, DEFAULT_KEEP_DAYS, export_temp, remove_file
-from versionstore.blobstore import BlobStore
+from versionstore.blobstore import BlobStore, BlobStoreError
 from versionstore.console.audit import AuditLog
-from versionstore.errors import NotFound
+from versionstore.errors import NotFound, Unavailable
 from versionstore.ids import new_hex_id
 from versionstore.models import Cloud, Job
 from versionstore.repository import MetadataRepository
 from versionstore.service import BlobWrite, UploadRequest, VersionService
-from versionstore.spool import Spooled
+from versionstore.spool import Spooled, hash_file
+from versionstore.targets import TargetUnavailable
 
 EXPORT, IMPORT = archive_records.EXPORT, archive_records.IMPORT  # the job kinds (also archive_removal's)
 KINDS = (EXPORT, IMPORT)
@@ -105,12 +109,19 @@ async def _selected(service: VersionService, selection: pitr.Selection) -> Async
         after = rows[-1].asset_pk
 
 
-async def write_archive(
-    service: VersionService, selection: pitr.Selection, out: Path, created_at: float, progress: fmt.Progress | None = None,
-    on_total: Callable[[int], None] | None = None,
-) -> Written:
-    """The selection's archive at `out` (overwritten). Bounded memory: the manifest is spooled
-    to disk and originals are copied a block (`archive_format.READ`) at a time."""
+@dataclass(frozen=True)
+class Described:
+    """A selection's archive described (its layout file written), not yet read."""
+
+    size: int
+    count: int
+    bytes: int
+    skipped: list[dict[str, Any]]
+
+
+async def describe_archive(service: VersionService, selection: pitr.Selection, out: Path, created_at: float) -> Described:
+    """The selection's layout (archive_compose.py) at `out` (overwritten). Metadata only:
+    the manifest is spooled to disk, then the layout written from it (bounded memory)."""
     entries_path = out.with_name(out.name + ".manifest")
     paths: set[str] = set()
     skipped: list[dict[str, Any]] = []
@@ -131,55 +142,62 @@ async def write_archive(
             "prefix": selection.prefix, "created_at": created_at, "count": count, "bytes": total,
             "skipped": len(skipped),
         }
-        if on_total is not None:
-            on_total(total)
-        digest, size = await _write_tar(service, selection.cloud, out, entries_path, header, progress)
+        size, _ = await asyncio.to_thread(compose.write_layout, out, header, entries_path)
     finally:
         entries_path.unlink(missing_ok=True)
-    return Written(digest, size, count, total, skipped[:100])
+    return Described(size, count, total, skipped[:100])
 
 
-async def _write_tar(
-    service: VersionService, cloud_name: str, out: Path, entries_path: Path, header: dict[str, Any], progress: fmt.Progress | None
-) -> tuple[str, int]:
+async def write_archive(
+    service: VersionService, selection: pitr.Selection, out: Path, created_at: float, progress: fmt.Progress | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> Written:
+    """The selection's archive written whole at `out` (the CLI's export): described, then
+    composed into the file (every original checked against its BLAKE3 on the way), made
+    durable. The same bytes a download of the same export serves."""
+    described_at = out.with_name(out.name + ".layout")
+    try:
+        described = await describe_archive(service, selection, described_at, created_at)
+        if on_total is not None:
+            on_total(described.size)  # the progress counts every byte of the tar
+        store = await _revisions(service, selection.cloud)
+        await asyncio.to_thread(out.unlink, missing_ok=True)
+        with described_at.open("rb") as layout_file, out.open("xb", buffering=0) as handle:
+            synced = staging.BackgroundSync(handle.fileno())  # flushed as it grows: the last fsync finds little
+
+            def wrote(size: int) -> None:
+                synced.wrote(size)
+                if progress is not None:
+                    progress(size)
+
+            digest = await compose.hashed(compose.Layout(layout_file), store, selection.cloud, handle, wrote)
+            await asyncio.to_thread(synced.finish)
+    finally:
+        described_at.unlink(missing_ok=True)
+    return Written(digest, described.size, described.count, described.bytes, described.skipped)
+
+
+async def _revisions(service: VersionService, cloud_name: str) -> BlobStore:
+    """The store the environment's revisions are read from (its backup target)."""
     cloud = await service.meta.get_cloud(cloud_name)
-    assert cloud is not None
-    store = await service.targets.usable(cloud)
-    # A new file, never the old one reopened: a killed run may have published it (a hard link).
-    await asyncio.to_thread(out.unlink, missing_ok=True)
-    with out.open("xb", buffering=0) as handle, entries_path.open("rb") as entries:
-        writer = fmt.TarWriter(handle)
-        try:
-            digest = await _write_members(service, cloud_name, store, writer, entries_path, entries, header, progress)
-        finally:
-            writer.drain()  # no write in flight once the file closes
-        await asyncio.to_thread(writer.synced.finish)  # on disk before the archive is published under its key
-    return digest, writer.size
+    if cloud is None:
+        raise NotFound(f"Environment not found - {cloud_name}")
+    return await service.targets.usable(cloud)
 
 
-async def _write_members(
-    service: VersionService, cloud_name: str, store: BlobStore, writer: fmt.TarWriter, entries_path: Path, entries: IO[bytes],
-    header: dict[str, Any], progress: fmt.Progress | None,
-) -> str:
-    """The manifest, then every original checked against its BLAKE3; the archive's BLAKE3."""
-    first = fmt.header_line(header)
-    size = len(first) + entries_path.stat().st_size
-    chained = fmt.Chain(first, entries)
-    await asyncio.to_thread(writer.add_file, fmt.MANIFEST, chained, size, header["created_at"])
-    entries.seek(0)
-    for line in entries:
-        entry = json.loads(line)
-        key = layout.revision_key(cloud_name, entry["blake3"])
-        async with service.local_copy(store, key, entry["blake3"], verify=False) as path:
-            if path is None:
-                raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} is missing from backup storage")
-            with path.open("rb", buffering=0) as source:
-                actual = await asyncio.to_thread(
-                    writer.add_file, entry["path"], source, entry["bytes"], entry["created_at"], progress
-                )
-        if actual != entry["blake3"]:
-            raise fmt.ArchiveInvalid(f"{entry['public_id']}: revision {entry['blake3']} hashes to {actual} in backup storage")
-    return await asyncio.to_thread(writer.close)
+async def check_layout(service: VersionService, cloud: str, path: Path, progress: fmt.Progress | None = None) -> str:
+    """The export's check pass over a layout file: every original read once and proven, the
+    whole tar's BLAKE3 computed; nothing written."""
+    store = await _revisions(service, cloud)
+    with path.open("rb") as layout_file:
+        return await compose.hashed(compose.Layout(layout_file), store, cloud, None, progress)
+
+
+def layout_members(path: Path) -> Iterator[tuple[str, str]]:
+    """(version_id, blake3) of every original a layout file lists (read lazily)."""
+    with path.open("rb") as layout_file:
+        for entry in compose.entries(layout_file):
+            yield entry["version_id"], entry["blake3"]
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -524,15 +542,16 @@ async def _audit(service: VersionService, job: Job, action: str, outcome: str, d
 
 
 async def _publish(store: BlobStore, key: str, path: Path) -> None:
-    """Create-only; a key already there is a killed run's archive, never announced (its job did
-    not complete) and maybe not the same bytes (tags or pending backups changed since): replaced."""
+    """Create-only; a key already there is a killed run's layout, never announced (its job did
+    not complete) and maybe not the same (tags or pending backups changed since): replaced."""
     if not await store.put_file(key, path):
         await store.delete(key)
         await store.put_file(key, path)
 
 
 class ArchiveExport:
-    """The `archive_export` job: write, then publish; a restart writes again from the start."""
+    """The `archive_export` job: describe, check, record, publish the layout; a restart
+    describes again from the start (nothing partial is published)."""
 
     def __init__(self, service: VersionService, clock: Callable[[], float] = time.time) -> None:
         self.service = service
@@ -542,26 +561,30 @@ class ArchiveExport:
         params = job.params
         selection = pitr.Selection(job.cloud, params.get("prefix") or "", params.get("at"), params.get("snapshot_id"))
         temp = export_temp(self.service.spool_dir, job.id)  # the same name on a rerun: no leftovers
-        key = layout.archive_key(job.cloud, job.id)
+        key = layout.archive_layout_key(job.cloud, job.id)
         try:
-            written = await write_archive(self.service, selection, temp, job.created_at)
+            described = await describe_archive(self.service, selection, temp, job.created_at)
+            digest = await check_layout(self.service, job.cloud, temp)
+            layout_digest = (await hash_file(temp))[0]
             now = self.clock()
             expires_at = now + int(params.get("keep_days") or DEFAULT_KEEP_DAYS) * DAY
-            # The row before the file: a published archive always has its expiry.
-            await self.service.meta.register_archive_file(ArchiveFile(job.id, job.cloud, EXPORT_FILE, key, now, expires_at))
+            # The row and the revisions it holds before the layout: a published archive always
+            # has its expiry, and its revisions are held (or it was withdrawn) from then on.
+            record = ArchiveFile(job.id, job.cloud, EXPORT_FILE, key, now, expires_at)
+            await self.service.meta.register_archive_layout(record, layout_members(temp))
             await _publish(self.service.targets.store(None), key, temp)
-        except fmt.ArchiveInvalid as exc:
+        except (fmt.ArchiveInvalid, MemberGone) as exc:
             await self._fail(job, str(exc))
             return
         finally:
             temp.unlink(missing_ok=True)
         job.progress = {
-            "key": key, "digest": written.digest, "size": written.size, "count": written.count,
-            "bytes": written.bytes, "skipped": written.skipped,
+            "key": key, "layout": layout_digest, "digest": digest, "size": described.size, "count": described.count,
+            "bytes": described.bytes, "skipped": described.skipped,
         }
         job.status, job.completed_at = "completed", time.time()
         if await self.service.meta.save_job(job):
-            await _audit(self.service, job, "archive_export_finish", "ok", {"digest": written.digest, "count": written.count})
+            await _audit(self.service, job, "archive_export_finish", "ok", {"digest": digest, "count": described.count})
 
     async def _fail(self, job: Job, error: str) -> None:
         job.status, job.error, job.completed_at = "failed", error, time.time()
@@ -652,15 +675,17 @@ def download_query(cloud: Cloud, archive_id: str, now: float) -> dict[str, str]:
 
 def describe(job: Job, cloud: Cloud, now: float, record: ArchiveFile | None = None) -> dict[str, Any]:
     """An archive job as the API shows it; a finished export has its `expires_at` and, until
-    it is removed (`removed_at`), its signed `download_url` (a path on this service, valid
-    one hour from `now`)."""
+    it is removed (`removed_at`; `removed_reason` when a version it lists was deleted
+    irreversibly), its signed `download_url` (a path on this service, valid one hour from `now`)."""
     body: dict[str, Any] = {"archive_id": job.id}
     if job.kind == EXPORT and job.status == "completed":
         body["digest"], body["size"] = job.progress.get("digest"), job.progress.get("size")
         if record is not None and record.expires_at is not None:
             body["expires_at"] = _iso(record.expires_at)
-        if record is not None and record.removed_at is not None:
-            body["removed_at"] = _iso(record.removed_at)
+        if record is not None and record.removed:
+            body["removed_at"] = _iso(record.removed_at or record.expires_at or now)
+            if record.removed_reason is not None:
+                body["removed_reason"] = record.removed_reason
         else:
             body["download_url"] = f"/v1_1/{cloud.name}/download_archive?{urlencode(download_query(cloud, job.id, now))}"
     return body
@@ -676,13 +701,58 @@ async def described(meta: MetadataRepository, job: Job, cloud: Cloud, now: float
 
 
 async def published(service: VersionService, cloud: str, archive_id: str) -> tuple[Job, BlobStore, str]:
-    """(job, store, key) of a finished export; NotFound otherwise."""
+    """(job, store, key) of a finished export that is still kept; NotFound otherwise. The key
+    is its layout (`progress["layout"]` is the layout's BLAKE3), or the tar an export made
+    before archives were composed."""
     job = await service.meta.get_job(cloud, archive_id)
     if job is None or job.kind != EXPORT:
         raise NotFound(f"Archive not found - {archive_id}")
     if job.status != "completed":
         raise NotFound(f"Archive {archive_id} is {job.status}, not ready")
-    record = await service.meta.get_archive_file(cloud, archive_id)
-    if record is not None and record.removed_at is not None:
-        raise NotFound(f"Archive {archive_id} was removed")
+    await still_kept(service, cloud, archive_id)
     return job, service.targets.store(None), str(job.progress["key"])
+
+
+def kept_check(service: VersionService, cloud: str, archive_id: str, every: float = 1.0) -> compose.BeforeMember:
+    """`still_kept` before a download's next member, at most every `every` seconds: an
+    archive withdrawn meanwhile (a takedown) stops being served within about that time."""
+    last = time.monotonic()
+
+    async def check() -> None:
+        nonlocal last
+        if time.monotonic() - last >= every:
+            last = time.monotonic()
+            await still_kept(service, cloud, archive_id)
+
+    return check
+
+
+async def still_kept(service: VersionService, cloud: str, archive_id: str) -> None:
+    """NotFound once the archive was removed or withdrawn (a download checks it again as it goes)."""
+    record = await service.meta.get_archive_file(cloud, archive_id)
+    if record is not None and record.removed:
+        raise NotFound(f"Archive {archive_id} was removed")
+
+
+@contextlib.asynccontextmanager
+async def opened_layout(service: VersionService, job: Job, store: BlobStore, key: str) -> AsyncIterator[compose.Layout]:
+    """A composed export's layout, read locally and proven by its BLAKE3."""
+    async with service.local_copy(store, key, str(job.progress["layout"]), verify=True) as path:
+        if path is None:
+            raise NotFound(f"Archive {job.id} was removed")
+        handle = await asyncio.to_thread(path.open, "rb")
+        try:
+            yield await asyncio.to_thread(compose.Layout, handle)
+        finally:
+            handle.close()
+
+
+async def revision_store(service: VersionService, cloud: Cloud) -> BlobStore:
+    """Where a download reads an archive's originals: the environment's target, as
+    `download_backup` reads a version (Unavailable when it cannot be used now)."""
+    try:
+        return await service.targets.usable(cloud, inline=True)
+    except TargetUnavailable as exc:
+        raise Unavailable(f"Backup target unavailable: {exc.message}") from None
+    except BlobStoreError as exc:
+        raise Unavailable(f"Backup target unavailable: {exc}") from None

@@ -3,7 +3,8 @@
     <cloud_name>/blobs/ab/cd/<blake3 hex>      backup store: write-once revisions
     <cloud_name>/originals/ab/cd/<blake3 hex>  primary store: current originals
     <cloud_name>/pending/ab/cd/<blake3 hex>    primary store: revisions waiting for their backup target
-    <cloud_name>/archives/<job id>.tar         default backup store: a published archive export
+    <cloud_name>/archives/<job id>.layout      default backup store: a prepared archive export's layout
+    <cloud_name>/archives/<job id>.tar         default backup store: an archive export from before layouts
     <cloud_name>/archive-imports/<job id>.tar  default backup store: an archive waiting for its import job
     .wellknown/cloudinary/<cloud_name>         customer bucket root: the marker that allows its use
 
@@ -41,9 +42,9 @@ def probe_key(cloud: str, token: str) -> str:
     return f"{cloud}/probe/{token}"
 
 
-def archive_key(cloud: str, job_id: str) -> str:
-    """Default backup store: a published archive export (docs/snapshots.md)."""
-    return f"{cloud}/archives/{job_id}.tar"
+def archive_layout_key(cloud: str, job_id: str) -> str:
+    """Default backup store: a prepared archive export's layout (archive_compose.py)."""
+    return f"{cloud}/archives/{job_id}.layout"
 
 
 def archive_upload_key(cloud: str, job_id: str) -> str:

@@ -11,13 +11,13 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, astuple, fields, replace
 from pathlib import Path
 from typing import Any
 
 from versionstore import queries
-from versionstore.archive_records import ArchiveFile
+from versionstore.archive_records import CONTENT_DELETED, ArchiveFile, MemberGone
 from versionstore.console.records import AuditRecord, ConsoleSession, StaffMember
 from versionstore.drill_records import SCRATCH_MARK, AlertState, DrillScheduleRow
 from versionstore.epoch_cache import EpochCache
@@ -210,6 +210,17 @@ def _name_taken(exc: sqlite3.IntegrityError) -> bool:
 
 #: A scheduled purge's revision (schema migration 13): referenced until the purge is undone or done.
 _PURGE_HOLD = "SELECT 1 FROM purge_holds WHERE cloud = ? AND digest = ?"
+#: A kept archive's member (schema migration 18): referenced until the archive is removed or
+#: withdrawn (an irreversible deletion of the version withdraws it: docs/design.md).
+_ARCHIVE_HOLD = (
+    "SELECT 1 FROM archive_members m JOIN archive_files f ON f.job_id = m.job_id WHERE m.cloud = ? AND m.digest = ? "
+    "AND f.removed_at IS NULL AND f.removed_reason IS NULL"
+)
+#: The advisory lock an archive's registration and a version's irreversible deletion share: one
+#: of the two sees the other (no archive keeps a version deleted while it was being recorded).
+_ARCHIVE_LOCK = "archive_members"
+#: Members per INSERT statement of an archive's registration (4 values each: within every limit).
+_MEMBER_BATCH = 200
 _PURGE_COLUMNS = "id, cloud, asset_pk, asset_id, public_id, versions, items, actor, state, scheduled_at, purge_at, finished_at"
 _ITEM_COLUMNS = "snapshot_id, cloud, asset_pk, asset_id, resource_type, type, public_id, version_id, digest, bytes, covered"
 _HAS_REVISION = "EXISTS (SELECT 1 FROM versions WHERE asset_pk = ? AND backed_up = 1)"
@@ -572,6 +583,7 @@ class MetadataStore:
                 if cursor.rowcount:
                     deleted.append(version_id)
             await self._drop_snapshot_items(db, asset_pk, deleted)  # irreversible means final: docs/design.md
+            await self._withdraw_archives(db, deleted, time.time())  # in archives too
             await db.execute(
                 "DELETE FROM assets WHERE pk = ? AND status = 'deleted' AND NOT EXISTS (SELECT 1 FROM versions WHERE asset_pk = ?)",
                 (asset_pk, asset_pk),
@@ -579,14 +591,15 @@ class MetadataStore:
         return deleted
 
     async def digest_referenced(self, cloud: str, digest: str, *, backup: bool) -> bool:
-        """Does any backed-up version or snapshot (backup store) or live asset (primary store) use it?"""
+        """Does any backed-up version, snapshot or kept archive (backup store) or live asset
+        (primary store) use it?"""
         if backup:
             # A snapshot's reference holds the revision too (docs/snapshots.md), whatever
             # happens to version rows: the one place every blob deletion asks.
             sql = ("SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1 UNION ALL "
                    "SELECT 1 FROM snapshot_items WHERE cloud = ? AND digest = ? AND covered = 1 UNION ALL "
-                   f"{_PURGE_HOLD} LIMIT 1")
-            return await self._one(sql, (cloud, digest, cloud, digest, cloud, digest)) is not None
+                   f"{_PURGE_HOLD} UNION ALL {_ARCHIVE_HOLD} LIMIT 1")
+            return await self._one(sql, (cloud, digest) * 4) is not None
         sql = "SELECT 1 FROM assets WHERE cloud = ? AND digest = ? AND status = 'live' LIMIT 1"
         return await self._one(sql, (cloud, digest)) is not None
 
@@ -1330,7 +1343,8 @@ class MetadataStore:
             # A snapshot's item holds its revision as a version does (docs/snapshots.md).
             "revision": ["SELECT 1 FROM versions WHERE cloud = ? AND digest = ? AND backed_up = 1",
                          "SELECT 1 FROM snapshot_items WHERE cloud = ? AND digest = ? AND covered = 1",
-                         _PURGE_HOLD],  # a scheduled purge holds it until undone or done
+                         _PURGE_HOLD,  # a scheduled purge holds it until undone or done
+                         _ARCHIVE_HOLD],  # so does a kept archive that lists it
             "pending": ["SELECT 1 FROM backup_pending WHERE cloud = ? AND digest = ?"],
         }[role]
         row = await self._one(
@@ -1926,6 +1940,7 @@ class MetadataStore:
             purge = await self._leave_scheduled(db, purge_id, "purged", now, due=True)
             if purge is None:
                 return None
+            await self._withdraw_archives(db, [v["version_id"] for v in purge.versions], now)  # final: in archives too
             await db.execute(
                 "DELETE FROM assets WHERE pk = ? AND status = 'deleted' AND NOT EXISTS (SELECT 1 FROM versions WHERE asset_pk = ?)",
                 (purge.asset_pk, purge.asset_pk),
@@ -1938,12 +1953,7 @@ class MetadataStore:
         """Record a tar an archive job is about to store, before it is stored (so no file is
         ever left without its row); a rerun's registration replaces the earlier one."""
         async with self.transaction() as db:
-            await db.execute(
-                "INSERT INTO archive_files (job_id, cloud, kind, store_key, registered_at, expires_at, removed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (job_id) DO UPDATE SET store_key = excluded.store_key, "
-                "registered_at = excluded.registered_at, expires_at = excluded.expires_at, removed_at = NULL",
-                (record.job_id, record.cloud, record.kind, record.key, record.registered_at, record.expires_at),
-            )
+            await self._upsert_archive_file(db, record)
 
     async def get_archive_file(self, cloud: str, job_id: str) -> ArchiveFile | None:
         row = await self._one(f"{_ARCHIVE_FILE_SELECT} WHERE a.cloud = ? AND a.job_id = ?", (cloud, job_id))
@@ -2000,9 +2010,76 @@ class MetadataStore:
         """The asset a row of find_asset_rows holds."""
         return _asset(row)
 
+    # --- composed archives: the revisions an export lists (archive_compose.py, schema migration 18) ---
+
+    async def register_archive_layout(self, record: ArchiveFile, members: Iterable[tuple[str, str]]) -> None:
+        """Record an export's layout before it is stored, with the (version_id, digest) of every
+        original it lists: from the commit on, those revisions are held while the archive is
+        kept (digest_in_use). MemberGone (nothing recorded) when a listed version no longer
+        exists: deleted since the export read it. A rerun's registration replaces the earlier one."""
+        async with self.transaction() as db:
+            await self._gate.lock(db, _ARCHIVE_LOCK)
+            await db.execute("DELETE FROM archive_members WHERE job_id = ?", (record.job_id,))
+            batch: list[tuple[str, str]] = []
+            for member in members:
+                batch.append(member)
+                if len(batch) == _MEMBER_BATCH:
+                    await self._add_members(db, record, batch)
+                    batch = []
+            await self._add_members(db, record, batch)
+            cursor = await db.execute(
+                "SELECT m.version_id FROM archive_members m WHERE m.job_id = ? AND NOT EXISTS (SELECT 1 FROM versions v "
+                "WHERE v.version_id = m.version_id AND v.digest = m.digest AND v.backed_up = 1) LIMIT 1",
+                (record.job_id,),
+            )
+            if (gone := await cursor.fetchone()) is not None:
+                raise MemberGone(f"version {gone[0]} was deleted while the archive was prepared")
+            await self._upsert_archive_file(db, record)
+
+    @staticmethod
+    async def _upsert_archive_file(db: Transaction, record: ArchiveFile) -> None:
+        await db.execute(
+            "INSERT INTO archive_files (job_id, cloud, kind, store_key, registered_at, expires_at, removed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (job_id) DO UPDATE SET store_key = excluded.store_key, "
+            "registered_at = excluded.registered_at, expires_at = excluded.expires_at, removed_at = NULL, removed_reason = NULL",
+            (record.job_id, record.cloud, record.kind, record.key, record.registered_at, record.expires_at),
+        )
+
+    @staticmethod
+    async def _add_members(db: Transaction, record: ArchiveFile, batch: Sequence[tuple[str, str]]) -> None:
+        if batch:
+            await db.execute(
+                "INSERT INTO archive_members (job_id, cloud, version_id, digest) VALUES "
+                + ", ".join("(?, ?, ?, ?)" for _ in batch) + " ON CONFLICT (job_id, version_id) DO NOTHING",
+                [value for version_id, digest in batch for value in (record.job_id, record.cloud, version_id, digest)],
+            )
+
+    async def _withdraw_archives(self, db: Transaction, version_ids: Sequence[str], now: float) -> None:
+        """Inside an irreversible deletion's transaction: every kept archive listing one of
+        these versions stops being downloadable at once and holds nothing any more
+        (`removed_reason`); the removal pass removes its layout (its expiry is now)."""
+        if not version_ids:
+            return
+        await self._gate.lock(db, _ARCHIVE_LOCK)
+        marks = ", ".join("?" * len(version_ids))
+        await db.execute(
+            "UPDATE archive_files SET removed_reason = ?, expires_at = ? WHERE removed_at IS NULL AND removed_reason IS NULL "
+            f"AND job_id IN (SELECT job_id FROM archive_members WHERE version_id IN ({marks}))",
+            (CONTENT_DELETED, now, *version_ids),
+        )
+
+    async def archive_member_digests(self, job_id: str, after: str, limit: int) -> list[str]:
+        """The distinct revisions an archive lists, in order, after `after` (a page)."""
+        rows = await self._all(
+            "SELECT DISTINCT digest FROM archive_members WHERE job_id = ? AND digest > ? ORDER BY digest LIMIT ?",
+            (job_id, after, limit),
+        )
+        return [row[0] for row in rows]
+
 
 _ARCHIVE_FILE_SELECT = (
-    "SELECT a.job_id, a.cloud, a.kind, a.store_key, a.registered_at, a.expires_at, a.removed_at FROM archive_files a"
+    "SELECT a.job_id, a.cloud, a.kind, a.store_key, a.registered_at, a.expires_at, a.removed_at, a.removed_reason "
+    "FROM archive_files a"
 )
 
 

@@ -493,3 +493,21 @@ CREATE TABLE archive_settings (
     cloud     TEXT PRIMARY KEY,
     keep_days INTEGER NOT NULL
 );
+
+-- migration 18
+-- The originals a prepared archive export lists (docs/snapshots.md, "Export"; docs/design.md):
+-- an export copies no bytes, its download is composed from these revisions, so they are held
+-- against deletion while the archive is kept (`digest_in_use`), written in the transaction
+-- that records its layout. An irreversible deletion of a listed version withdraws the archive
+-- in its own transaction (`removed_reason` 'content_deleted', expiry now): a takedown does not
+-- survive in an archive.
+CREATE TABLE archive_members (
+    job_id     TEXT NOT NULL,
+    cloud      TEXT NOT NULL,
+    version_id TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    PRIMARY KEY (job_id, version_id)
+);
+CREATE INDEX archive_members_version ON archive_members (version_id);
+CREATE INDEX archive_members_digest ON archive_members (cloud, digest);
+ALTER TABLE archive_files ADD COLUMN removed_reason TEXT;

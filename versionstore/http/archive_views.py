@@ -14,14 +14,15 @@ from typing import Any
 
 from aiohttp import web
 
-from versionstore import archive_removal, archives, layout, pitr
+from versionstore import archive_compose, archive_removal, archives, layout, pitr
 from versionstore.archive_format import ArchiveInvalid
 from versionstore.archive_records import IMPORT_FILE, ArchiveFile
+from versionstore.blobstore import BlobStoreError
 from versionstore.errors import BadRequest, Conflict, NotFound
 from versionstore.http import render
 from versionstore.http.audit_views import record_api
 from versionstore.http.auth import check_basic, check_signed
-from versionstore.http.download import blob_response
+from versionstore.http.download import abort, blob_response, byte_range
 from versionstore.http.inputs import admin_params, query_params
 from versionstore.http.keys import CONFIG, JOBS, META, SERVICE
 from versionstore.ids import is_hex_id, new_hex_id
@@ -126,8 +127,9 @@ async def remove(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
 
 
 async def download(request: web.Request, cloud: Cloud, match: dict[str, str]) -> web.StreamResponse:
-    """Signed query (valid for one hour); the published tar with Range, a full read proven
-    against the archive's BLAKE3 (the job's `digest`) on the way out."""
+    """Signed query (valid for one hour); the archive with Range, composed from its revisions
+    (archive_compose.py): each member read whole proven by its BLAKE3, a full read by the
+    archive's (the job's `digest`), a failure cutting the transfer before the last bytes."""
     params = query_params(request)
     if not params.get("archive_id"):
         raise BadRequest("Missing required parameter - archive_id")
@@ -135,7 +137,8 @@ async def download(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
     archive_id = str(params["archive_id"])
     if not is_hex_id(archive_id):
         raise BadRequest("Illegal id")
-    job, store, key = await archives.published(request.app[SERVICE], cloud.name, archive_id)
+    service = request.app[SERVICE]
+    job, store, key = await archives.published(service, cloud.name, archive_id)
 
     async def report(outcome: str, detail: str) -> None:
         log.error("archive %s of %s is %s: %s", archive_id, cloud.name, outcome, detail)
@@ -146,7 +149,33 @@ async def download(request: web.Request, cloud: Cloud, match: dict[str, str]) ->
         "Cache-Control": "private, max-age=3600",
         "ETag": f'"{str(job.progress["digest"])[:32]}"',
     }
-    return await blob_response(request, store, key, int(job.progress["size"]), str(job.progress["digest"]), headers, report)
+    size, digest = int(job.progress["size"]), str(job.progress["digest"])
+    if "layout" not in job.progress:  # an export from before archives were composed: its tar
+        return await blob_response(request, store, key, size, digest, headers, report)
+    span = byte_range(request, size)
+    if span is None:
+        return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+    start, stop, partial = span
+    revisions = await archives.revision_store(service, cloud)
+    async with archives.opened_layout(service, job, store, key) as described:
+        chunks = archive_compose.compose(
+            described, revisions, cloud.name, start, stop, digest, archives.kept_check(service, cloud.name, archive_id)
+        )
+        headers = {**headers, "Accept-Ranges": "bytes"}
+        if partial:
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        response = web.StreamResponse(status=206 if partial else 200, headers=headers)
+        response.content_length = stop - start
+        await response.prepare(request)
+        try:
+            async for chunk in chunks:
+                await response.write(chunk)
+        except (ArchiveInvalid, NotFound, BlobStoreError) as exc:  # a member damaged or gone, the archive withdrawn
+            await report("cut", str(exc))
+            abort(request)  # the client sees a truncated transfer, never wrong bytes
+            return response
+        await response.write_eof()
+    return response
 
 
 ROUTES = [

@@ -21,6 +21,7 @@ revision recorded missing or corrupt is refused before this module is reached.
 
 import asyncio
 import os
+import re
 from collections.abc import Awaitable, Callable
 
 import blake3
@@ -32,6 +33,7 @@ from versionstore.http.keys import EPOCH, VERIFIED_BLOBS
 from versionstore.verify import CORRUPT, INLINE_HASH, MISSING
 
 SMALL_BLOB = 256 * 1024
+_ZERO_SUFFIX = re.compile(r"bytes=-0+", re.ASCII | re.IGNORECASE)
 
 #: Called with ("missing" | "corrupt", detail) when the served bytes are not the revision's.
 Report = Callable[[str, str], Awaitable[None]]
@@ -51,6 +53,8 @@ def byte_range(request: web.Request, size: int) -> tuple[int, int, bool] | None:
         return 0, size, False
     if rng.start is None and rng.stop is None:
         return 0, size, False
+    if _ZERO_SUFFIX.fullmatch(request.headers.get("Range", "").strip()):
+        return None  # `bytes=-0`: the last zero bytes (aiohttp reads it as `bytes=0-`, the whole)
     start, stop = rng.start, rng.stop
     if start is not None and start < 0:
         start, stop = max(0, size + start), None
@@ -171,7 +175,7 @@ async def _local_streamed(
         handle.close()
     if actual != digest or sent + len(held) != size:
         await report(CORRUPT, f"{path} hashes to {actual}" if sent >= 0 else f"{path} is longer than {size} bytes")
-        _abort(request)
+        abort(request)
         return response
     await response.write(held)  # the last chunk, only now that every byte is proven
     await response.write_eof()
@@ -211,7 +215,7 @@ async def _streamed(
         await _hash(hasher, held)
     if (actual := hasher.hexdigest()) != digest:
         await report(CORRUPT, f"{store.name}/{key} read back as {actual}")
-        _abort(request)  # the last bytes are never sent: the client sees a truncated body
+        abort(request)  # the last bytes are never sent: the client sees a truncated body
         return response
     if held is not None:
         await response.write(held)
@@ -226,7 +230,8 @@ async def _hash(hasher: "blake3.blake3", data: bytes) -> None:
         hasher.update(data)
 
 
-def _abort(request: web.Request) -> None:
+def abort(request: web.Request) -> None:
+    """Close the connection now: the client sees a truncated body, never a clean end."""
     if request.protocol is not None:
         request.protocol.force_close()
     if request.transport is not None:
