@@ -23,6 +23,7 @@ from versionstore.config import Config
 from versionstore.console.audit import AuditLog
 from versionstore.http.keys import META, SERVICE
 from versionstore.ids import new_hex_id
+from versionstore.metadata import _job_row
 from versionstore.models import Job
 
 DAY = 86400.0
@@ -182,8 +183,11 @@ async def _put(key: str, client: Any) -> None:
 async def test_an_export_temp_file_is_removed_once_its_job_is_no_longer_open(api, client):
     service, meta = client.app[SERVICE], client.app[META]
     held = Job(id=new_hex_id(), cloud=CLOUD, kind=archives.EXPORT, status="active", params={"at": time.time()}, created_at=time.time())
-    assert await meta.create_job(held) is not None
-    assert await meta.claim_job(held.id, "another-process", time.time() + 3600)  # being written elsewhere: kept
+    # Inserted already held by another process, in one statement: created first and claimed
+    # second, this app's job runner (polling every 50 ms) could take it in between and run it.
+    row = {**_job_row(held), "owner": "another-process", "lease_until": time.time() + 3600}  # being written elsewhere: kept
+    async with meta.transaction() as db:
+        await db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
     ended = new_hex_id()  # a kill's leftover whose job failed or finished elsewhere since
     files = {}
     for job_id in (held.id, ended):
