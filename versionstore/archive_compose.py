@@ -22,6 +22,8 @@ bytes stream through `BlobStore.read`, one chunk ahead: memory stays bounded per
 
 import asyncio
 import json
+import mmap
+import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -267,9 +269,52 @@ async def hashed(
     (in the same step); its BLAKE3. Written to `out` (the CLI's export), or nowhere (the export
     job's check pass)."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if out is None and store.local_path(layout.revision_key(cloud, "0" * 64)) is not None:
+        return await _hashed_in_place(described, store, cloud, hasher, progress)
     async for chunk in compose(described, store, cloud, 0, described.size, whole=hasher):
         if out is not None:
             await asyncio.wrap_future(write_soon(out, chunk))  # all of it, on the write thread
         if progress is not None:
             progress(len(chunk))
     return hasher.hexdigest()
+
+
+async def _hashed_in_place(described: Layout, store: BlobStore, cloud: str, whole: Any, progress: fmt.Progress | None) -> str:
+    """`hashed` with nothing to write, on a local store: each member's file mapped once and
+    fed to both hashers (its own and the tar's) on a worker thread, where BLAKE3 uses every
+    core; chunked reads through the store cost the check pass ~4x the time on 512 MiB."""
+    for segment in described.segments(0):
+        if segment.blake3:
+            path = store.local_path(layout.revision_key(cloud, segment.blake3))
+            assert path is not None
+            await asyncio.to_thread(_prove_in_place, path, segment, whole)
+        elif segment.manifest:
+            for at in range(0, segment.size, MANIFEST_READ):
+                whole.update(await asyncio.to_thread(described.read_manifest, at, min(segment.size, at + MANIFEST_READ)))
+        else:
+            whole.update(segment.data)
+        if progress is not None:
+            progress(segment.size)
+    return str(whole.hexdigest())
+
+
+def _prove_in_place(path: str, segment: Segment, whole: Any) -> None:
+    """Feed a member's file to the tar's hasher and prove it against its BLAKE3 (MemberFailed
+    with the same reasons as a streamed read: missing, wrong size, wrong bytes)."""
+    checked = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed below, after the mapping)
+    except FileNotFoundError:
+        raise MemberFailed(f"{segment.path}: revision {segment.blake3} is missing from backup storage") from None
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size != segment.size:
+            raise MemberFailed(
+                f"{segment.path}: revision {segment.blake3} has {size - segment.size:+d} bytes against its size in backup storage"
+            )
+        if size:
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                checked.update(mapped)
+                whole.update(mapped)
+    if (actual := checked.hexdigest()) != segment.blake3:
+        raise MemberFailed(f"{segment.path}: revision {segment.blake3} hashes to {actual} in backup storage")
