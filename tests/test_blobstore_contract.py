@@ -177,6 +177,35 @@ async def test_local_blobs_are_read_only_and_keys_cannot_escape(tmp_path, source
         await store.put_file("../escape", source)
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["put_file", "put_files"])
+async def test_local_fan_out_directories_are_made_durable_before_a_link(tmp_path, source, monkeypatch, many):
+    """A blob under new fan-out directories (`aa/bb/`): every new directory's entry is fsynced in
+    its parent, not only the link's own directory (which would not survive a crash if the
+    directory holding it did not). The real fsyncs run; the paths they were given are recorded."""
+    from versionstore.blobstore import local
+
+    synced: list[Path] = []
+
+    def recording(path: Path | str) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    real = local.fsync_path
+    monkeypatch.setattr(local, "fsync_path", recording)
+    root = tmp_path / "store"
+    store = open_store(f"file://{root}")
+    if many:
+        await store.put_files([("x/aa/bb/k", source)])
+    else:
+        await store.put_file("x/aa/bb/k", source)
+    for new in (root / "x", root / "x" / "aa", root / "x" / "aa" / "bb"):
+        assert new.parent in synced, f"{new}'s entry was never made durable"
+    assert (root / "x" / "aa" / "bb") in synced  # the link's own directory, as before
+    synced.clear()
+    await store.put_file("x/aa/bb/k2", source)  # existing directories: only the link's directory
+    assert synced == [root / "x" / "aa" / "bb"]
+
+
 def test_unknown_store_urls_are_refused():
     with pytest.raises(ValueError):
         open_store("ftp://nowhere")

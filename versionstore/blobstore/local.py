@@ -67,7 +67,7 @@ class LocalBlobStore:
         to be fsynced), False when copied (made durable already), None when already there."""
         if target.exists():
             return None
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(target.parent)
         try:
             # link() is atomic and create-only: a racing writer of the same digest gets
             # EEXIST instead of replacing bytes someone may be reading.
@@ -163,3 +163,17 @@ class LocalBlobStore:
     async def close(self) -> None:
         pass
 
+
+
+def _make_dirs(directory: Path) -> None:
+    """`directory` and its missing parents, each new one's entry made durable (its parent
+    fsynced) before anything is linked into it: a link's directory fsync keeps the link through
+    a crash only if the directory's own entry survives too, which POSIX does not promise for a
+    directory created without one (a fan-out directory `ab/` or `ab/cd/` of a first digest)."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)  # a racing writer may have made it: its entry is fsynced all the same
+        fsync_path(new.parent)
