@@ -70,6 +70,7 @@ from benchlib import (
     remove_temp_dir,
     run_bench,
     stop_servers,
+    write_json,
     write_random_file,
 )
 
@@ -640,6 +641,7 @@ class Bench:
         log(f"SUMMARY (medians of {a.runs} run(s); machine: {os.cpu_count()} CPUs, "
             f"{psutil.virtual_memory().total / (1 << 30):.1f} GiB RAM)")
         log("=" * 78)
+        write_json(a.json, {"args": vars(a), "results": r.__dict__, "read_info": read_info})
         if not check_load(a.allow_load):  # ratios measured beside heavy outside load mean nothing
             return False
         if r.upload_seconds:
@@ -680,10 +682,6 @@ class Bench:
                 f"{TARGETS['p99_ms']:.0f} ms needs more than {a.connections / TARGETS['p99_ms'] * 1000:.0f} req/s: Little's law)")
         log("")
         log("ALL TARGETS MET" if ok else "SOME TARGETS MISSED")
-        if a.json:
-            payload = {"args": vars(a), "results": r.__dict__, "read_info": read_info}
-            Path(a.json).write_text(json.dumps(payload, indent=2, default=str))
-            log(f"raw results written to {a.json}")
         return ok
 
     def report_upload(self) -> bool:

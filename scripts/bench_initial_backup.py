@@ -92,6 +92,7 @@ from benchlib import (
     remove_temp_dir,
     run_bench,
     stop_servers,
+    write_json,
 )
 
 CLOUD = "demo"
@@ -520,6 +521,11 @@ class Bench:
     def report(self) -> bool:
         r = self.results
         ok = True
+        write_json(self.args.json, {
+            "args": vars(self.args), "library_bytes": r.library_bytes, "library_files": r.library_files,
+            "changed_files": r.changed_files, "changed_bytes": r.changed_bytes, "setup": r.setup,
+            "cold_cache": r.cold_cache, "skipped": r.skipped,
+            "runs": {t: {k: vars(m) for k, m in runs.items()} for t, runs in r.runs.items()}})
         if not check_load(self.args.allow_load):  # ratios beside heavy outside load mean nothing
             return False
         unchecked = 0
@@ -593,13 +599,6 @@ class Bench:
             log(f"ALL CHECKED TARGETS MET ({unchecked} not checked: a column was skipped)")
         else:
             log("ALL TARGETS MET")
-        if self.args.json:
-            payload = {"args": vars(self.args), "library_bytes": r.library_bytes, "library_files": r.library_files,
-                       "changed_files": r.changed_files, "changed_bytes": r.changed_bytes, "setup": r.setup,
-                       "cold_cache": r.cold_cache, "skipped": r.skipped,
-                       "runs": {t: {k: vars(m) for k, m in runs.items()} for t, runs in r.runs.items()}}
-            Path(self.args.json).write_text(json.dumps(payload, indent=2, default=str))
-            log(f"raw results written to {self.args.json}")
         return ok
 
     # -- the order of things --

@@ -51,7 +51,18 @@ import aiohttp
 import blake3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits next to this script
-from benchlib import Server, add_load_option, check_load, free_port, interrupt_on_sigterm, log, remove_temp_dir, stop_servers, watch_load
+from benchlib import (
+    Server,
+    add_load_option,
+    check_load,
+    free_port,
+    interrupt_on_sigterm,
+    log,
+    remove_temp_dir,
+    stop_servers,
+    watch_load,
+    write_json,
+)
 
 CLOUD = "bench"
 API_KEY = "benchkey"
@@ -226,9 +237,16 @@ class Stalls:
 @dataclass
 class Row:
     name: str
+    key: str  # stable across sizes and runs (the name may hold a folder): the --json rows' id
     times: list[float] = field(default_factory=list)
     stall: float = 0.0
     note: str = ""
+
+    def record(self) -> dict[str, Any]:
+        """The row in --json: p50/p99 and the worst /healthz in milliseconds, and every time."""
+        return {"key": self.key, "name": self.name, "p50_ms": percentile(self.times, 0.5) * 1000,
+                "p99_ms": percentile(self.times, 0.99) * 1000, "stall_ms": self.stall * 1000, "note": self.note,
+                "times_ms": [t * 1000 for t in self.times]}
 
 
 class Driver:
@@ -270,18 +288,19 @@ class Driver:
             return lambda i: self.call("POST", "resources/search", headers=BASIC, json=body)
 
         folder = f"f{self.library.size // FOLDER_SIZE // 2}/"
-        kinds: list[tuple[str, Any]] = [
-            ("upload: new version of an existing asset", upload),
-            ("destroy: live asset with backup", destroy),
-            ("search tags=xyz", search({"expression": "tags=xyz"})),
-            ("search all live, sort_by created_at desc", search({"sort_by": [{"created_at": "desc"}]})),
-            (f"search public_id prefix ({folder}*)", search({"expression": f"public_id={folder}*"})),
-            ("search status=deleted, created_at desc", search({"expression": "status=deleted", "sort_by": [{"created_at": "desc"}]})),
-            ("versions=true", lambda i: self.call(
+        kinds: list[tuple[str, str, Any]] = [
+            ("upload", "upload: new version of an existing asset", upload),
+            ("destroy", "destroy: live asset with backup", destroy),
+            ("search_tags", "search tags=xyz", search({"expression": "tags=xyz"})),
+            ("search_sorted", "search all live, sort_by created_at desc", search({"sort_by": [{"created_at": "desc"}]})),
+            ("search_prefix", f"search public_id prefix ({folder}*)", search({"expression": f"public_id={folder}*"})),
+            ("search_deleted", "search status=deleted, created_at desc",
+             search({"expression": "status=deleted", "sort_by": [{"created_at": "desc"}]})),
+            ("versions", "versions=true", lambda i: self.call(
                 "GET", f"resources/image/upload/{self.live[-1 - i]['public_id']}", headers=BASIC, params={"versions": "true"})),
         ]
-        for name, make in kinds:
-            row = Row(name)
+        for key, name, make in kinds:
+            row = Row(name, key)
             with stalls:
                 await self.timed(row, make, stalls)
             rows.append(row)
@@ -290,7 +309,7 @@ class Driver:
 
     async def deep_listing(self, stalls: Stalls) -> Row:
         """Pages of 500 followed by cursor; the deep pages are those after the first few."""
-        row = Row("listing, 500 per page, deep pages (keyset cursor)")
+        row = Row("listing, 500 per page, deep pages (keyset cursor)", "listing")
         pages = max(self.requests, min(200, self.library.size // 500))
         cursor = None
         times: list[float] = []
@@ -312,7 +331,7 @@ class Driver:
 
 async def restart_row(server: Server, watch: float) -> Row:
     """Time from start to the first /healthz answer, then the worst stall in `watch` seconds."""
-    row = Row(f"restart: first /healthz, worst stall in {watch:.0f} s")
+    row = Row(f"restart: first /healthz, worst stall in {watch:.0f} s", "restart")
     server.stop()
     started = time.perf_counter()
     server.start(timeout=600)
@@ -384,7 +403,8 @@ class Bench:
         bulk_load(path, library)
         log(f"   {size:,} assets, {len(library.versions):,} versions, {len(library.tags):,} tags loaded "
             f"in {time.perf_counter() - started:.1f} s")
-        if self.args.blobs:
+        blobs = size in self.args.blob_sizes
+        if blobs:
             started = time.perf_counter()
             write_blobs(data_dir, library)
             log(f"   {len(library.blobs):,} blob files written in {time.perf_counter() - started:.1f} s")
@@ -393,7 +413,7 @@ class Bench:
         async with aiohttp.ClientSession() as session:
             driver = Driver(session, base, library, self.args.requests, random.Random(size + 1))
             rows = await driver.run(Stalls(session, base))
-        if self.args.blobs:
+        if blobs:
             rows.append(await restart_row(server, self.args.watch))
         server.stop()
         return rows
@@ -401,10 +421,17 @@ class Bench:
     async def main(self) -> None:
         log(f"load average before: {os.getloadavg()}  (cores: {os.cpu_count()})")
         results: dict[int, list[Row]] = {}
+        errors: dict[int, str] = {}
         try:
             for size in self.args.sizes:
-                log(f"== {size:,} assets")
-                results[size] = await self.one_size(size)
+                log(f"== {size:,} assets" + (" (with blob files)" if size in self.args.blob_sizes else " (no blob files)"))
+                try:
+                    results[size] = await self.one_size(size)
+                except Exception as exc:  # the other sizes still run; the size is reported as failed
+                    errors[size] = f"{type(exc).__name__}: {exc}"
+                    log(f"   FAILED: {errors[size]}")
+                    stop_servers(self.servers)
+                    continue
                 for row in results[size]:
                     log(f"   {row.name:55} p50 {percentile(row.times, 0.5) * 1000:8.1f} ms  p99 "
                         f"{percentile(row.times, 0.99) * 1000:8.1f} ms  worst /healthz {row.stall * 1000:7.1f} ms {row.note}")
@@ -412,35 +439,50 @@ class Bench:
             stop_servers(self.servers)
             remove_temp_dir(self.root, self.args.keep)
         log(f"load average after: {os.getloadavg()}")
+        self.failed = bool(errors)
+        write_json(self.args.json, {"args": vars(self.args), "errors": errors,
+                                    "sizes": {str(size): [row.record() for row in rows] for size, rows in results.items()}})
         if not check_load(self.args.allow_load):  # latencies beside heavy outside load mean nothing
             self.failed = True
             return
-        self.table(results)
+        if results:
+            self.table(results)
 
     def table(self, results: dict[int, list[Row]]) -> None:
         sizes = list(results)
         log("\n| p50 (p99) ms; worst /healthz ms | " + " | ".join(f"{s:,} assets" for s in sizes) + " |")
         log("|---|" + "---|" * len(sizes))
-        for index, row in enumerate(results[sizes[0]]):
+        names: dict[str, str] = {}  # by key, in order; the restart row only where a size had blob files
+        for rows in results.values():
+            names.update((row.key, names.get(row.key, row.name)) for row in rows)
+        for key, name in names.items():
             cells = []
             for size in sizes:
-                r = results[size][index]
-                cells.append(f"{percentile(r.times, 0.5) * 1000:.1f} ({percentile(r.times, 0.99) * 1000:.1f}); {r.stall * 1000:.0f}")
-            name = "restart: ms to first /healthz; worst stall" if row.name.startswith("restart") else row.name
+                r = next((row for row in results[size] if row.key == key), None)
+                cells.append("-" if r is None else
+                             f"{percentile(r.times, 0.5) * 1000:.1f} ({percentile(r.times, 0.99) * 1000:.1f}); {r.stall * 1000:.0f}")
+            name = "restart: ms to first /healthz; worst stall" if key == "restart" else name
             log(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=None, help="comma-separated asset counts (default 10000,100000,1000000; quick: 10000)")
     parser.add_argument("--quick", action="store_true", help="10k assets, 10 requests per kind, 5 s restart watch")
     parser.add_argument("--requests", type=int, default=None, help="sequential requests per kind (default 50; quick 10)")
     parser.add_argument("--watch", type=float, default=None, help="seconds of /healthz polling after a restart (default 30)")
     parser.add_argument("--no-blobs", dest="blobs", action="store_false", help="no blob files (and no restart row)")
+    parser.add_argument("--blob-sizes", default=None, metavar="N[,M...]",
+                        help="write blob files (and measure the restart) at these sizes only (default: every size; "
+                             "e.g. --sizes 10000,100000,1000000 --blob-sizes 1000000)")
+    parser.add_argument("--json", help="also write the raw results (per size, per row: p50/p99/worst /healthz ms) to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     add_load_option(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000,1000000")).split(",")]
+    args.blob_sizes = [] if not args.blobs else args.sizes if args.blob_sizes is None else [int(s) for s in args.blob_sizes.split(",")]
+    if not set(args.blob_sizes) <= set(args.sizes):
+        parser.error("--blob-sizes: each must be one of --sizes")
     args.requests = args.requests or (10 if args.quick else 50)
     args.watch = args.watch if args.watch is not None else (5.0 if args.quick else 30.0)
     interrupt_on_sigterm()
