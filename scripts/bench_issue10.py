@@ -131,7 +131,7 @@ def core_upload(d: dict[str, Any]) -> tuple[str, bool]:
     limit_median = max(median(r["cp_seconds"]), median(r["md5_seconds"]))
     up_best, up_median = min(r["upload_seconds"]), median(r["upload_seconds"])
     ratio = limit_best / up_best
-    return (f"{ratio:.2f}x best of {len(r['upload_seconds'])} ({size_mb / up_best:.0f} MB/s; cp + sync "
+    return (f"{ratio:.2f}x best of {len(r['upload_seconds'])} ({d['args']['size_mib']} MiB at {size_mb / up_best:.0f} MB/s; cp + sync "
             f"{size_mb / min(r['cp_seconds']):.0f} MB/s, MD5 {size_mb / min(r['md5_seconds']):.0f} MB/s); median "
             f"{limit_median / up_median:.2f}x ({size_mb / up_median:.0f} MB/s)", ratio >= 0.8)
 
@@ -319,9 +319,10 @@ class Plan:
 
 def libsize_estimate(sizes: list[int], blob_sizes: list[int], requests: int) -> float:
     """Per size: rows generated, loaded and served ~200 s per 1M assets (load alone ~105 s), ~30 s
-    of requests at 50 per row; with blob files ~450 s per 1M (401-483 s measured at 1M) and the
+    of requests at 50 per row; with blob files ~450 s per 1M to write them (401-483 s measured at
+    1M), ~200 s per 1M to remove them at the end (a guess: 20k took ~60 s on a busy disk) and the
     restart's 30 s watch."""
-    return sum(25 + size * 2e-4 + 30 * requests / 50 + (size * 4.5e-4 + 35 if size in blob_sizes else 0) for size in sizes)
+    return sum(25 + size * 2e-4 + 30 * requests / 50 + (size * 6.5e-4 + 35 if size in blob_sizes else 0) for size in sizes)
 
 
 def plans(args: argparse.Namespace, json_dir: Path) -> list[Plan]:
