@@ -266,6 +266,8 @@ class Report:
     def markdown(self) -> str:
         m = self.machine
         lines = [
+            f"### Issue 10's table in one run ({m.get('start', '?')} – {m.get('end', '?')} UTC)",
+            "",
             f"Measured {m.get('start', '?')} – {m.get('end', '?')} UTC at `{m.get('commit', '?')}` by "
             f"`{m.get('command', 'scripts/bench_issue10.py')}`.",
             "",

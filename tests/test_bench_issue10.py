@@ -80,6 +80,7 @@ def test_every_verdict_and_the_exit_status() -> None:
     assert restart[1].value == "1.40 s; 80 ms"
     assert rep.exit_status() == 2
     text = rep.markdown()
+    assert text.startswith("### Issue 10's table in one run (2026-11-27 08:00 – 2026-11-27 08:35 UTC)\n")
     assert "| S3 upload with backup vs a plain SDK upload | no results (FileNotFoundError) | >= 0.9x | FAILED |" in text
     assert "| 10,000 assets | 100,000 assets | 1,000,000 assets |" in text
     assert "5.0 (10.0); 10: **met**" in text and "25.0 (50.0); 10: **missed**" in text
