@@ -142,3 +142,14 @@ def test_a_component_that_crashes_is_failed(tmp_path: Path) -> None:
     assert outcome.returncode == 1 and outcome.data is None and outcome.crashed
     rep = report(core=outcome)
     assert first(rep)[b10.FIRST_TABLE[0][0]].status == b10.FAILED and rep.exit_status() == 2
+
+
+def test_write_json_records_the_load(tmp_path: Path) -> None:
+    """The components' --json carries the load record bench_issue10 judges by."""
+    import benchlib
+
+    benchlib.write_json(str(tmp_path / "out.json"), {"results": [1]})
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["results"] == [1]
+    assert set(data["load"]) >= {"outside_cores", "worst_outside_cores", "limit_cores", "heavy", "seconds"}
+    benchlib.write_json(None, {"results": [2]})  # no --json: nothing written, no error
