@@ -32,11 +32,11 @@ from versionstore.http.shutdown import STOP_MARGIN
 PROMPT = 3.0
 
 
-def stop_timed(server: ServerProcess, limit: float = 40.0) -> tuple[float, int | None]:
-    """SIGTERM the server's process group: (seconds to exit, exit status); SIGKILL past `limit`."""
+def stop_timed(server: ServerProcess, limit: float = 40.0, sig: int = signal.SIGTERM) -> tuple[float, int | None]:
+    """Signal the server's process group: (seconds to exit, exit status); SIGKILL past `limit`."""
     assert server.proc is not None
     proc, started = server.proc, time.monotonic()
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     try:
         code: int | None = proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -80,16 +80,17 @@ def refused(port: int) -> bool:
     return False
 
 
-def test_sigterm_after_an_unauthenticated_flood_exits_at_once(fresh_server: ServerProcess) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_after_an_unauthenticated_flood_exits_at_once(fresh_server: ServerProcess, sig: int) -> None:
     async def flood() -> list[int]:
         url = f"{fresh_server.base_url}/v1_1/{CLOUD}/image/upload"
         async with aiohttp.ClientSession() as session:
             return await asyncio.gather(*(send(session, url) for _ in range(6)))
 
     assert set(asyncio.run(flood())) <= {0, 400, 429}
-    elapsed, code = stop_timed(fresh_server)
+    elapsed, code = stop_timed(fresh_server, sig=sig)
     assert code == 0, fresh_server.log_tail()
-    assert elapsed < PROMPT, f"exit took {elapsed:.1f} s after SIGTERM, nothing was in flight"
+    assert elapsed < PROMPT, f"exit took {elapsed:.1f} s after the signal, nothing was in flight"
 
 
 @pytest.mark.parametrize("workers", [1, 2])
