@@ -127,7 +127,7 @@ async def slow_body(blocks: int | None, delay: float) -> AsyncIterator[bytes]:
 
 
 def test_sigterm_mid_upload_finishes_what_fits_the_grace_and_publishes_nothing_half(tmp_path: Path) -> None:
-    grace = 4.0
+    grace = 6.0  # the finishing upload needs about 2 s more after the signal: room for a loaded machine
     env = {"VERSIONSTORE_SHUTDOWN_GRACE": str(grace), "VERSIONSTORE_POLL_INTERVAL": "0.05"}
     with running_server(tmp_path, env) as server:
         configure_sdk(server.base_url)
@@ -138,7 +138,7 @@ def test_sigterm_mid_upload_finishes_what_fits_the_grace_and_publishes_nothing_h
                 base = server.base_url
                 cut_new = stream_upload(session, base, slow_body(None, 0.05), public_id="stop/cut-new")
                 cut_existing = stream_upload(session, base, slow_body(None, 0.05), public_id="stop/existing")
-                finishing = stream_upload(session, base, slow_body(12, 0.2), public_id="stop/finished")
+                finishing = stream_upload(session, base, slow_body(10, 0.2), public_id="stop/finished")
                 tasks = [asyncio.ensure_future(c) for c in (cut_new, cut_existing, finishing)]
                 while len(spooled_parts(server.data_dir)) < 3:
                     assert not any(t.done() for t in tasks), [t.result() for t in tasks if t.done()]
@@ -153,14 +153,14 @@ def test_sigterm_mid_upload_finishes_what_fits_the_grace_and_publishes_nothing_h
         cut_new, cut_existing, finished = asyncio.run(uploads())
         assert isinstance(cut_new, (aiohttp.ClientError, asyncio.TimeoutError)), cut_new
         assert isinstance(cut_existing, (aiohttp.ClientError, asyncio.TimeoutError)), cut_existing
-        assert isinstance(finished, dict) and finished["bytes"] == 12 * 256 * 1024, finished
+        assert isinstance(finished, dict) and finished["bytes"] == 10 * 256 * 1024, finished
         assert not spooled_parts(server.data_dir), "a cut upload's spool file is removed by the stop"
 
         result = cli("verify", "--quiet", data_dir=server.data_dir, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
         server.start()
         configure_sdk(server.base_url)
-        assert cloudinary.api.resource("stop/finished", resource_type="raw")["bytes"] == 12 * 256 * 1024
+        assert cloudinary.api.resource("stop/finished", resource_type="raw")["bytes"] == 10 * 256 * 1024
         with pytest.raises(cloudinary.exceptions.NotFound):
             cloudinary.api.resource("stop/cut-new", resource_type="raw")
         history = cloudinary.api.resource("stop/existing", resource_type="raw", versions=True)["versions"]

@@ -102,7 +102,8 @@ async def stop_serving(runner: web.AppRunner, in_flight: InFlight, grace: float)
     for site in list(runner.sites):
         await site.stop()
     if server is not None:
-        await asyncio.sleep(0)  # requests accepted just before have reached their handler
+        for _ in range(2):  # a request read just before: its handler task is made, then runs its first step
+            await asyncio.sleep(0)
         busy = in_flight.stop()
         for connection in server.connections:
             if connection not in busy:  # idle keep-alive, half-sent headers, lingering reads
