@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from versionstore.config import Config
 from versionstore.http.app import create_app
@@ -173,9 +173,32 @@ async def client(aiohttp_client: Any, config: Config, sqlite_template: Path) -> 
         config.data_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sqlite_template, config.db_path)
     app = create_app(config)
-    test_client: TestClient = await aiohttp_client(app)
+    server = TestServer(app)
+    # A request still running at teardown is cut after this, not after aiohttp's 60 s (twice).
+    await server.start_server(shutdown_timeout=TEARDOWN_REQUEST_WAIT)
+    test_client: TestClient = await aiohttp_client(server)
     await app[META].create_cloud(CLOUD, API_KEY, API_SECRET, auto_backup=True)
     yield test_client
+    await close_within(test_client, TEARDOWN_LIMIT)
+
+
+#: Seconds a request left running by a test gets at teardown before it is cancelled.
+TEARDOWN_REQUEST_WAIT = 2.0
+#: Seconds the app may take to close after a test; past it the test fails naming what waits.
+TEARDOWN_LIMIT = 60.0
+
+
+async def close_within(test_client: TestClient, limit: float) -> None:
+    """Close the app (its cleanup: background loops, jobs, the database) or fail loudly with
+    the tasks still pending: a teardown awaiting what never completes must not hang the suite."""
+    try:
+        async with asyncio.timeout(limit):
+            await test_client.close()
+    except TimeoutError:
+        this = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not this and not task.done()]
+        described = "\n".join(f"  {task.get_name()}: {task.get_coro()!r} at {task.get_stack(limit=1)}" for task in pending)
+        raise AssertionError(f"the app did not close within {limit:g} s after the test; pending tasks:\n{described}") from None
 
 
 class Api:

@@ -133,6 +133,9 @@ class Config:
     #: Days a prepared archive export stays downloadable before it is removed, unless its
     #: request asked for another `keep_days` (docs/snapshots.md, "Removal").
     archive_keep_days: int = 7
+    #: Seconds the requests in flight get to finish after SIGTERM/SIGINT before they are cut;
+    #: the process exits at most a few seconds later (docs/operations.md, "Stopping").
+    shutdown_grace: float = 20.0
 
     @classmethod
     def from_env(cls, data_dir: Path, **overrides: object) -> "Config":
@@ -165,6 +168,7 @@ class Config:
             "lease_seconds": _env_float("VERSIONSTORE_LEASE_SECONDS", cls.lease_seconds),
             "journal_sweep_interval": _env_float("VERSIONSTORE_JOURNAL_SWEEP_INTERVAL", cls.journal_sweep_interval),
             "archive_keep_days": _env_int("VERSIONSTORE_ARCHIVE_KEEP_DAYS", cls.archive_keep_days),
+            "shutdown_grace": _env_float("VERSIONSTORE_SHUTDOWN_GRACE", cls.shutdown_grace),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data_dir=data_dir, **values)  # type: ignore[arg-type]
@@ -185,6 +189,8 @@ class Config:
 
         if self.log_format not in FORMATS:
             raise ConfigError(f"log format {self.log_format!r}: use one of {', '.join(FORMATS)} (VERSIONSTORE_LOG_FORMAT)")
+        if not 0 <= self.shutdown_grace <= 3600:
+            raise ConfigError(f"shutdown grace {self.shutdown_grace}: use 0 to 3600 seconds (VERSIONSTORE_SHUTDOWN_GRACE)")
 
         for role, url in (("primary store", self.primary_url), ("backup store", self.backup_url)):
             try:

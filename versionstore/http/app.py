@@ -35,6 +35,7 @@ from versionstore.http.keys import (
     CONFIG,
     EGRESS,
     FETCHER,
+    IN_FLIGHT,
     JOBS,
     META,
     RATE_LIMIT,
@@ -51,6 +52,7 @@ from versionstore.http.keys import (
 from versionstore.http.notify import Notifier, alert_sender
 from versionstore.http.ratelimit import AdminRateLimit
 from versionstore.http.resource_rows import RenderedRows
+from versionstore.http.shutdown import InFlight
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import Handler, JobRunner
 from versionstore.models import Job
@@ -85,10 +87,13 @@ os.register_at_fork(after_in_child=_new_id_prefix)
 async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every failure leaves as `{"error": {"message": ...}}` with a status both SDKs accept.
     Also the request's id (`X-Request-Id`, in every log line) and its metrics: one middleware,
-    one coroutine, because each layer costs the read path (docs/performance.md)."""
+    one coroutine, because each layer costs the read path (docs/performance.md). And the
+    requests in flight, which a stop waits for (http/shutdown.py)."""
     started = time.perf_counter()
     request_id = logs.accepted_id(request.headers.get("X-Request-Id"), _new_request_id)
     logs.REQUEST_ID.set(request_id)
+    if (task := asyncio.current_task()) is not None:  # aiohttp's task for this request, through its answer's last byte
+        request.app[IN_FLIGHT].add(task, request.protocol)
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -109,7 +114,7 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
         response = error_response(status, exc.reason)
     except Exception as exc:
         response = _unexpected(request, exc)
-    except BaseException:  # cancelled: the client went away before the answer (nginx's 499)
+    except BaseException:  # cancelled: the client went away before the answer (nginx's 499), or a stop cut it
         metrics.observe(request, _route(request), 499, None, time.perf_counter() - started)
         raise
     if not response.prepared:
@@ -287,6 +292,7 @@ def create_app(config: Config) -> web.Application:
     app[UNAUTH_BUDGET] = UnauthBudget(config.unauth_budget_bytes, config.max_body_bytes)
     app[RATE_LIMIT] = AdminRateLimit(config.admin_rate_limit)
     app[SCRAPE] = metrics.ScrapeTimeCollector(lambda: app[META])
+    app[IN_FLIGHT] = InFlight()
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/v1_1/{tail:.*}", dispatch)
     app.router.add_route("GET", "/healthz", _healthz)

@@ -16,6 +16,7 @@ from versionstore.http import metrics
 from versionstore.http.budget import UnauthBudget
 from versionstore.http.ratelimit import AdminRateLimit
 from versionstore.http.resource_rows import RenderedRows
+from versionstore.http.shutdown import InFlight
 from versionstore.http.versions_cache import VersionsJsonCache
 from versionstore.jobs import JobRunner
 from versionstore.repository import MetadataRepository
@@ -41,6 +42,8 @@ RATE_LIMIT = web.AppKey("rate_limit", AdminRateLimit)
 SCRAPE = web.AppKey("scrape", metrics.ScrapeTimeCollector)
 #: Failed snapshots, retention runs and drills raise the alarm here (versionstore/alerts.py).
 ALERTS = web.AppKey("alerts", Alerts)
+#: The requests whose handler runs: what a stop waits for, up to its grace (http/shutdown.py).
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 #: Request key: the canonical path of the route `routes.dispatch` matched (metrics, logs).
 ROUTE = web.RequestKey("route", str)
 #: Request key: the metadata's `commit_epoch()` as `routes.dispatch` read it, once per request;

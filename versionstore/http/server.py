@@ -30,12 +30,10 @@ from aiohttp import web
 from versionstore import bootstrap, heap
 from versionstore.config import Config, StartupError
 from versionstore.http.app import create_app
-from versionstore.http.keys import META
+from versionstore.http.keys import IN_FLIGHT, META
 from versionstore.http.metrics import prepare_multiprocess
+from versionstore.http.shutdown import CANCEL_WAIT, STOP_MARGIN, Watchdog, stop_serving
 from versionstore.repository import MetadataRepository
-
-#: Seconds in-flight requests get to finish after SIGTERM/SIGINT (aiohttp's run_app default).
-SHUTDOWN_TIMEOUT = 60.0
 
 T = TypeVar("T")
 
@@ -83,17 +81,25 @@ async def serve(
     sock: socket.socket | None = None,
     listening: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT. `ready(meta, base_url)` runs once requests are accepted;
+    """Serve until SIGTERM or SIGINT, then stop within `config.shutdown_grace` plus a few
+    seconds (http/shutdown.py). `ready(meta, base_url)` runs once requests are accepted;
     a worker of `serve_workers` gets the parent's `sock` and says `listening()` instead."""
     config.check()
     sock = sock or bind(config.host, config.port)
     stop = asyncio.Event()
+    watchdog = Watchdog(config.shutdown_grace)
+
+    def on_signal() -> None:
+        watchdog.arm()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
+    app = create_app(config)
     runner = web.AppRunner(
-        create_app(config), access_log=logging.getLogger("aiohttp.access") if access_log else None,
-        keepalive_timeout=75.0, shutdown_timeout=SHUTDOWN_TIMEOUT,
+        app, access_log=logging.getLogger("aiohttp.access") if access_log else None,
+        keepalive_timeout=75.0, shutdown_timeout=CANCEL_WAIT,
     )
     try:
         try:
@@ -112,7 +118,7 @@ async def serve(
                 raise StartupError(f"cannot start: {one_line(exc)}") from None
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await stop_serving(runner, app[IN_FLIGHT], config.shutdown_grace)
         heap.unsettle()
         sock.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,6 +188,7 @@ class _Supervisor:
         self.access_log = access_log
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
         self.stopping = False
+        self.waiting = False  # blocked in os.wait(): a stop signal interrupts it (_Stopping)
 
     def start(self, workers: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -229,17 +236,24 @@ class _Supervisor:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stopping = True
+        self.sock.close()  # with the workers' copies closed too, new connections are refused
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+        if self.waiting:
+            raise _Stopping
 
     def supervise(self) -> None:
+        """Until a stop signal: restart the workers that die. The stop itself, bounded, is `stop()`."""
         log = logging.getLogger("versionstore")
-        while self.children:
+        while self.children and not self.stopping:
             try:
+                self.waiting = True
                 pid, status = os.wait()
-            except ChildProcessError:
+            except (ChildProcessError, _Stopping):
                 break
+            finally:
+                self.waiting = False
             slot, started = self.children.pop(pid, (None, 0.0))
             if slot is None or self.stopping:
                 continue
@@ -250,9 +264,10 @@ class _Supervisor:
                 self._spawn(slot, None)
 
     def stop(self) -> None:
-        """Stop the workers still running and reap them (an error or a signal in the parent)."""
+        """Stop the workers still running and reap them (an error or a signal in the parent);
+        one still there after its own stop's bound (grace + margin, and a second) is killed."""
         self._on_signal(signal.SIGTERM, None)
-        deadline = time.monotonic() + SHUTDOWN_TIMEOUT + 5
+        deadline = time.monotonic() + self.config.shutdown_grace + STOP_MARGIN + 1
         while self.children and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -264,6 +279,10 @@ class _Supervisor:
                 time.sleep(0.05)
         for pid in self.children:
             os.kill(pid, signal.SIGKILL)
+
+
+class _Stopping(Exception):
+    """Raised by the supervisor's signal handler to end its wait for a worker's exit."""
 
 
 def _describe(status: int) -> str:
