@@ -7,6 +7,7 @@ module; they become BlobNotFound, TransientStoreError or PermanentStoreError.
 """
 
 import asyncio
+import base64
 import contextlib
 import os
 import threading
@@ -15,13 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from google.api_core.exceptions import GoogleAPIError, NotFound, PreconditionFailed, ServerError, TooManyRequests
+import google_crc32c
+from google.api_core.exceptions import GoogleAPIError, NotFound, PreconditionFailed, ServerError, TooManyRequests, from_http_response
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import GoogleAuthError, TransportError
 from google.cloud import storage  # type: ignore[import-untyped]  # the package ships no py.typed
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse  # type: ignore[import-untyped]
 
 from versionstore.blobstore import BlobInfo, BlobNotFound, BlobStoreError, PermanentStoreError, StoreURL, TransientStoreError, put_each
+from versionstore.blobstore.file_range import FileRange, pieces
 
 T = TypeVar("T")
 
@@ -44,7 +47,7 @@ class GCSBlobStore:
         project: str | None = None,
         credentials_file: str | None = None,
         chunk_size: int = 32 * MIB,
-        resumable_threshold: int = 32 * MIB,
+        resumable_threshold: int = 8 * MIB,  # smaller bodies go in one request, held in memory by the library
         workers: int = 8,
     ) -> None:
         if chunk_size <= 0 or chunk_size % (256 * 1024):
@@ -133,18 +136,51 @@ class GCSBlobStore:
         blob = self._bucket().blob(name)
         with open(source, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            resumable = size >= self._threshold
-            if resumable:
-                blob.chunk_size = self._chunk_size
             try:
-                # With chunk_size set the library sends a resumable upload chunk by chunk (one chunk
-                # in memory at a time); without it, one request. The known size lets the server
-                # finish on the last chunk instead of the library probing for the end (measured
-                # 1.45 s vs 2.11 s for 128 MiB on fake-gcs-server).
-                blob.upload_from_file(handle, size=size, if_generation_match=0, timeout=TIMEOUT, retry=None)
+                if size >= self._threshold:
+                    self._put_resumable(blob, handle.fileno(), size)
+                else:  # one request; the library holds the body (below the threshold) in memory
+                    blob.upload_from_file(handle, size=size, if_generation_match=0, timeout=TIMEOUT, retry=None)
             except PreconditionFailed:
                 return False
         return True
+
+    def _put_resumable(self, blob: Any, fd: int, size: int) -> None:
+        """A resumable upload sent chunk_size bytes per request, each chunk streamed from the file
+        (`FileRange`): the library's own sender reads every chunk into memory whole, and the
+        allocator kept those blocks (+105 MiB RSS for a 128 MiB upload). The known size lets the
+        server finish on the last chunk; its CRC32C goes with the last chunk, and the stored
+        object's CRC32C is checked too (an emulator may not check the header)."""
+        crc = 0
+        for piece in pieces(fd, 0, size):
+            crc = google_crc32c.extend(crc, bytes(piece))  # the C extension takes bytes only
+        expected = base64.b64encode(crc.to_bytes(4, "big")).decode()
+        url = blob.create_resumable_upload_session(size=size, if_generation_match=0, checksum=None, timeout=TIMEOUT, retry=None)
+        http = self._bucket().client._http  # the client's authorized requests session
+        offset = 0
+        while True:
+            length = min(self._chunk_size, size - offset)
+            headers = {"Content-Range": f"bytes {offset}-{offset + length - 1}/{size}" if length else f"bytes */{size}"}
+            if offset + length == size:
+                headers["X-Goog-Hash"] = f"crc32c={expected}"
+            response = http.put(url, data=FileRange(fd, offset, length), headers=headers, timeout=TIMEOUT)
+            if response.status_code in (200, 201):
+                self._check_stored(blob, response.json(), expected)
+                return
+            if response.status_code != 308:  # "resume incomplete": the server wants the next chunk
+                raise from_http_response(response)  # type: ignore[no-untyped-call]  # 412 is PreconditionFailed: the object already exists
+            persisted = response.headers.get("Range", "")  # "bytes=0-N": what the server kept so far
+            done = int(persisted.rsplit("-", 1)[1]) + 1 if persisted else 0
+            if done <= offset:
+                raise TransientStoreError(f"{self.name}: resumable upload of {blob.name!r} made no progress at byte {offset}")
+            offset = done
+
+    def _check_stored(self, blob: Any, resource: dict[str, Any], expected: str) -> None:
+        stored = resource.get("crc32c")
+        if stored and stored != expected:
+            with contextlib.suppress(NotFound):  # exactly the generation written here, never a racing writer's
+                blob.bucket.delete_blob(blob.name, generation=resource.get("generation"), timeout=TIMEOUT, retry=None)
+            raise TransientStoreError(f"{self.name}: {blob.name!r} was stored with CRC32C {stored}, not {expected}: removed")
 
     async def stat(self, key: str) -> BlobInfo | None:
         blob = await self._run(self._get_blob, self._prefix + key)
