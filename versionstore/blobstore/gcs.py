@@ -29,6 +29,7 @@ from versionstore.blobstore.file_range import FileRange, pieces
 T = TypeVar("T")
 
 MIB = 1 << 20
+MAX_SIMPLE = 32 * MIB  # the largest resumable_threshold: one-request uploads hold their body in memory
 PIECE = MIB  # bytes per read of a download: one in flight, one being sent on
 TIMEOUT = (10, 60)  # (connect, read) seconds per HTTP request; the library's default is a flat 60
 OPTIONS = frozenset({"endpoint_url", "anonymous", "project", "credentials_file", "chunk_size", "resumable_threshold", "workers"})
@@ -54,6 +55,9 @@ class GCSBlobStore:
             raise ValueError(f"GCS chunk_size must be a positive multiple of 256 KiB, not {chunk_size}")
         if workers < 1 or resumable_threshold < 0:
             raise ValueError("GCS workers must be >= 1 and resumable_threshold >= 0")
+        if resumable_threshold > MAX_SIMPLE:  # a tenant may set it: it must not buy whole bodies in memory
+            raise ValueError(f"GCS resumable_threshold must be at most {MAX_SIMPLE} (smaller bodies are held in memory), "
+                             f"not {resumable_threshold}")
         if anonymous and credentials_file:
             raise ValueError("GCS options anonymous and credentials_file exclude each other")
         self.name = f"gs://{bucket}/{prefix}".rstrip("/")
