@@ -118,7 +118,8 @@ async def test_storage_emulator_host_needs_no_options(gcs_server, request, tmp_p
 
 @pytest.mark.parametrize(
     ("query", "message"),
-    [("endpoint=http://x", "endpoint"), ("chunk_size=1000", "chunk_size"), ("anonymous=yes", "anonymous"), ("workers=many", "many")],
+    [("endpoint=http://x", "endpoint"), ("chunk_size=1000", "chunk_size"), ("anonymous=yes", "anonymous"), ("workers=many", "many"),
+     ("resumable_threshold=33554433", "resumable_threshold")],  # one-request uploads hold their body in memory
 )
 def test_bad_url_options_are_refused(query, message):
     with pytest.raises(ValueError, match=message):

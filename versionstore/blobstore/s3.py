@@ -23,6 +23,7 @@ from aiobotocore.session import AioSession  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, FlexibleChecksumError, HTTPClientError, IncompleteReadError  # type: ignore[import-untyped]
 
 from versionstore.blobstore import BlobInfo, BlobNotFound, BlobStoreError, PermanentStoreError, StoreURL, TransientStoreError, put_each
+from versionstore.blobstore.file_range import FileRange, pieces
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -68,12 +69,12 @@ def _option_int(options: dict[str, str], name: str, default: int, minimum: int) 
     return value
 
 
-def _read_part(source: Path, offset: int, length: int) -> tuple[bytes, str]:
-    """One part's bytes and their base64 CRC32, computed off the event loop."""
-    with open(source, "rb") as handle:
-        handle.seek(offset)
-        data = handle.read(length)
-    return data, base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+def _part_crc(fd: int, offset: int, length: int) -> str:
+    """Base64 CRC32 of one part, read from the file in small pieces (run off the event loop)."""
+    crc = 0
+    for piece in pieces(fd, offset, length):
+        crc = zlib.crc32(piece, crc)
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
 class S3BlobStore:
@@ -84,7 +85,7 @@ class S3BlobStore:
             raise ValueError(f"Unknown S3 store option(s): {', '.join(unknown)} (known: {', '.join(sorted(OPTIONS))})")
         self.bucket, self.prefix = bucket, prefix
         self.name = f"s3://{bucket}/{prefix}".rstrip("/")
-        self.part_size = _option_int(options, "part_size", 16 * MiB, 1)  # x part_concurrency = memory bound
+        self.part_size = _option_int(options, "part_size", 16 * MiB, 1)  # streamed from the file: not a memory cost
         self.multipart_threshold = _option_int(options, "multipart_threshold", 64 * MiB, 1)
         self.part_concurrency = _option_int(options, "part_concurrency", 4, 1)
         self.object_lock_days = _option_int(options, "object_lock_days", 0, 1) if "object_lock_days" in options else 0
@@ -181,26 +182,31 @@ class S3BlobStore:
         return max(self.part_size, -(-size // MAX_PARTS))
 
     async def _put_multipart(self, client: "S3Client", full_key: str, source: Path, size: int) -> None:
-        """Workers take part numbers in turn, so at most part_concurrency parts are in memory."""
+        """Workers take part numbers in turn, so at most part_concurrency parts are in flight,
+        each streamed from the file (`FileRange`): memory per upload does not grow with part_size."""
         part_size = self.part_size_for(size)
         numbers = iter(range(1, -(-size // part_size) + 1))
         parts: list[CompletedPartTypeDef] = []
         upload = await client.create_multipart_upload(Bucket=self.bucket, Key=full_key, ChecksumAlgorithm="CRC32", **self._lock_args())
         upload_id = upload["UploadId"]
 
-        async def worker() -> None:
+        async def worker(fd: int) -> None:
             for number in numbers:
-                data, crc = await asyncio.to_thread(_read_part, source, (number - 1) * part_size, part_size)
+                offset = (number - 1) * part_size
+                length = min(part_size, size - offset)
+                crc = await asyncio.to_thread(_part_crc, fd, offset, length)
                 response = await client.upload_part(
-                    Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=number, Body=data, ChecksumCRC32=crc
+                    Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=number, Body=FileRange(fd, offset, length),
+                    ChecksumCRC32=crc,
                 )
                 parts.append({"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": crc})
 
         try:
             try:
-                async with asyncio.TaskGroup() as group:
-                    for _ in range(self.part_concurrency):
-                        group.create_task(worker())
+                with open(source, "rb") as file:
+                    async with asyncio.TaskGroup() as group:
+                        for _ in range(self.part_concurrency):
+                            group.create_task(worker(file.fileno()))
             except ExceptionGroup as failed:
                 raise failed.exceptions[0] from None
             parts.sort(key=lambda part: part["PartNumber"])
