@@ -230,12 +230,16 @@ class GCSBlobStore:
         if blob.generation and "generation=" not in link:  # GCS's media links name it; an emulator's may not
             link += f"{'&' if '?' in link else '?'}generation={blob.generation}"
         response = client._http.get(link, headers=headers, stream=True, timeout=TIMEOUT)
-        if response.status_code in (200, 206):
+        # 200 is the whole object: right only for a range that starts at 0 (a server that
+        # ignored the Range header would otherwise have its first bytes taken for `start`'s).
+        if response.status_code == 206 or (response.status_code == 200 and start == 0):
             response.raw.decode_content = False
             return response
         response.close()
         if response.status_code == 404:
             raise BlobNotFound(key)  # deleted while being read
+        if response.status_code == 200:
+            raise TransientStoreError(f"{self.name}: the server ignored the range of {key!r} (bytes {start}-{stop - 1})")
         raise from_http_response(response)  # type: ignore[no-untyped-call]
 
     async def delete(self, key: str) -> None:
