@@ -33,8 +33,12 @@ class Commits:
 
     def __init__(self, meta: Any, events: list[str] | None = None) -> None:
         self.count = 0
-        opened: Callable[[], AbstractAsyncContextManager[Any]] = meta.transaction
+        for name in ("transaction", "point_transaction"):
+            setattr(meta, name, self._counted(getattr(meta, name), events))
 
+    def _counted(
+        self, opened: Callable[[], AbstractAsyncContextManager[Any]], events: list[str] | None
+    ) -> Callable[[], AbstractAsyncContextManager[Any]]:
         @asynccontextmanager
         async def counted() -> AsyncIterator[Any]:
             self.count += 1
@@ -43,7 +47,7 @@ class Commits:
             if events is not None:
                 events.append("commit")
 
-        meta.transaction = counted
+        return counted
 
 
 async def test_an_overwrite_commits_three_times(api: Api, client: TestClient, config: Config) -> None:

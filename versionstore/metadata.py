@@ -96,6 +96,9 @@ _PENDING_SELECT = "SELECT cloud, digest, bytes, queued_at, attempts, next_attemp
 REVISIONS = "revisions"
 #: Rows per multi-row INSERT: 7,000 parameters, below SQLite's and PostgreSQL's 32,766/32,767.
 _ROWS_PER_INSERT = 1000
+#: Journal rows up to which `begin_writes_many` runs as a point transaction (one upload's are
+#: at most four; a batched import's many run on the writer thread).
+_POINT_ROWS = 16
 
 
 def target_generation(cloud: str) -> str:
@@ -292,6 +295,8 @@ class MetadataStore:
         self._all = gateway.all
         self._scan = gateway.scan
         self.transaction = gateway.transaction
+        #: For a few indexed statements (an upload's commits): two thread hops on SQLite.
+        self.point_transaction = gateway.point_transaction
         #: Migration numbers applied when this store was opened.
         self.applied_migrations = gateway.applied
         #: Environments by name, found (a 1-tuple of the Cloud) or not (of None): the name comes
@@ -463,7 +468,7 @@ class MetadataStore:
         """The transaction of save_versions; with `claim` (cloud, digest, owner, lease_until),
         also take that digest's deletion claim in it. Whether the claim was taken."""
         try:
-            async with self.transaction() as db:
+            async with (self.point_transaction() if len(items) == 1 else self.transaction()) as db:
                 await self._finish_writes(db, done_writes)
                 for asset, version, pending in items:
                     await self._append_version(db, asset, version, pending)
@@ -1290,7 +1295,7 @@ class MetadataStore:
         rows = [(cloud, digest, role, target, owner, now, lease_until) for digest in digests for role, target in roles]
         rows += [(cloud, digest, "release", None, owner, now, lease_until) for digest in releasing]
         new_ids: list[int] = []
-        async with self.transaction() as db:
+        async with (self.point_transaction() if len(rows) <= _POINT_ROWS else self.transaction()) as db:
             # A few statements of many rows, not one per row (each is a hop to SQLite's writer
             # thread). Ids are handed out in the order of the VALUES rows, whatever order
             # RETURNING lists them in, so the sorted ids are the rows' ids in order.
@@ -2114,7 +2119,7 @@ class MetadataStore:
 
     async def end_deletion(self, cloud: str, digest: str, owner: str, release_ids: Sequence[int], *, expire: bool) -> None:
         """release_deletion and end_writes(release_ids, expire=...) in one transaction."""
-        async with self.transaction() as db:
+        async with self.point_transaction() as db:
             await db.execute("DELETE FROM blob_deletions WHERE cloud = ? AND digest = ? AND owner = ?", (cloud, digest, owner))
             await self._end_writes(db, release_ids, expire)
 
