@@ -7,6 +7,7 @@ with the release row in one more commit: 3 commits per overwrite (there were 5).
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -180,3 +181,34 @@ async def test_an_upload_makes_its_bytes_and_links_durable_before_its_version_co
     for _, _, target in links:
         directory = os.path.dirname(target)
         assert directory in synced and events.index(f"fsync {directory}") < version_commit
+
+
+async def test_a_point_transaction_rolls_back_whole_and_leaves_the_connection_usable(client: TestClient) -> None:
+    """A point transaction (statements inline, BEGIN and COMMIT on the commit thread) that fails
+    or is cancelled writes nothing, and the next one commits (both backends)."""
+    meta = client.app[META]
+    insert = "INSERT INTO generations (name, value) VALUES (?, 1)"
+    with pytest.raises(RuntimeError):
+        async with meta.point_transaction() as db:
+            await db.execute(insert, ("point-a",))
+            raise RuntimeError("refused")
+    with pytest.raises(sqlite3.IntegrityError):  # the gateway's IntegrityError, on both backends
+        async with meta.point_transaction() as db:
+            await db.execute(insert, ("point-b",))
+            await db.execute(insert, ("point-b",))
+
+    async def held() -> None:
+        async with meta.point_transaction() as db:
+            await db.execute(insert, ("point-c",))
+            await asyncio.sleep(10)
+
+    task = asyncio.ensure_future(held())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with meta.point_transaction() as db:
+        await db.execute(insert, ("point-d",))
+        assert (await (await db.execute("SELECT value FROM generations WHERE name = ?", ("point-d",))).fetchone())[0] == 1
+    names = await meta._all("SELECT name FROM generations WHERE name LIKE 'point-%'")
+    assert names == [("point-d",)]
