@@ -7,7 +7,8 @@ overwrites them one after the other with new random bytes (a signed upload as th
 sends it, `overwrite=1`, `backup=1`), the trees taking turns in every round. Per tree it prints
 the p50/p99 latency of an overwrite, the process's CPU per overwrite and, with `--strace`
 (strace attached to the server during one more pass), the fsync and fdatasync calls per
-overwrite: load-robust figures, unlike the latency on a shared machine.
+overwrite: load-robust figures, unlike the latency on a shared machine. CPU figures are
+medians of the passes' per-overwrite means (process, and its event-loop thread).
 
     .venv/bin/python scripts/bench_overwrite.py --strace
     git archive <start> | tar -x -C /tmp/start && \
@@ -30,7 +31,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_small_uploads import CLOUD, Tree, signed_body  # noqa: E402
+from bench_small_uploads import CLOUD, Tree, loop_cpu, signed_body  # noqa: E402
 from benchlib import log, median, process_cpu, remove_temp_dir, stop_servers  # noqa: E402
 
 
@@ -51,14 +52,14 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def one_pass(tree: Tree, ids: list[str], size: int) -> tuple[list[float], float]:
-    """Overwrite every id once: (latencies s, process CPU s per overwrite)."""
+def one_pass(tree: Tree, ids: list[str], size: int) -> tuple[list[float], float, float]:
+    """Overwrite every id once: (latencies s, process CPU s and event-loop CPU s per overwrite)."""
     proc = psutil.Process(tree.server.pid)
     conn = http.client.HTTPConnection("127.0.0.1", tree.server.port, timeout=60)
     try:
-        cpu0 = process_cpu(proc)
+        cpu0, loop0 = process_cpu(proc), loop_cpu(tree.server.pid)
         times = [overwrite(tree, conn, public_id, size) for public_id in ids]
-        return times, (process_cpu(proc) - cpu0) / len(ids)
+        return times, (process_cpu(proc) - cpu0) / len(ids), (loop_cpu(tree.server.pid) - loop0) / len(ids)
     finally:
         conn.close()
 
@@ -98,22 +99,23 @@ def main() -> int:
     named = [("this", here)] + ([("against", Path(args.against).resolve())] if args.against else [])
     trees = [Tree(name, tree, root, sys.executable) for name, tree in named]
     ids = [f"ow/{i}" for i in range(args.assets)]
-    results: dict[str, tuple[list[float], list[float]]] = {tree.name: ([], []) for tree in trees}
+    results: dict[str, tuple[list[float], list[float], list[float]]] = {tree.name: ([], [], []) for tree in trees}
     try:
         for tree in trees:
             tree.server.start()
             one_pass(tree, ids, args.size)  # the assets exist from here on; warms the process up
         for run in range(args.runs):
             for tree in trees if run % 2 == 0 else trees[::-1]:
-                times, cpu = one_pass(tree, ids, args.size)
+                times, cpu, loop = one_pass(tree, ids, args.size)
                 results[tree.name][0].extend(times)
                 results[tree.name][1].append(cpu)
+                results[tree.name][2].append(loop)
         log(f"{args.assets} overwrites with backup per pass, {args.runs} interleaved passes, {args.size} bytes, "
             f"load average {os.getloadavg()[0]:.2f}")
         for tree in trees:
-            times, cpus = results[tree.name]
+            times, cpus, loops = results[tree.name]
             line = (f"{tree.name:8} p50 {percentile(times, 0.5) * 1000:6.1f} ms  p99 {percentile(times, 0.99) * 1000:6.1f} ms  "
-                    f"CPU per overwrite {median(cpus) * 1000:5.2f} ms")
+                    f"CPU per overwrite {median(cpus) * 1000:5.2f} ms (loop {median(loops) * 1000:5.2f} ms)")
             if args.strace:
                 counts = traced_pass(tree, ids, args.size, root)
                 line += "  per overwrite: " + ", ".join(f"{name} {n:.2f}" for name, n in sorted(counts.items()))
