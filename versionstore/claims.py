@@ -207,6 +207,19 @@ class Claims:
         finally:
             await asyncio.shield(self.meta.release_deletion(cloud, digest, self.owner))
 
+    @asynccontextmanager
+    async def deleting_claimed(self, cloud: str, digest: str, role: str, release_ids: Sequence[int]) -> AsyncIterator[bool]:
+        """`deleting` under a claim a metadata commit already took (an overwrite's version
+        commit, MetadataRepository.save_version_claiming), inside `released(release_ids)`: the
+        claim and the release rows end in one commit (removed; the rows expired, for orphan
+        collection, when the body raises)."""
+        try:
+            yield not await self.meta.digest_in_use(cloud, digest, time.time(), role)
+        except BaseException:
+            await asyncio.shield(self.meta.end_deletion(cloud, digest, self.owner, release_ids, expire=True))
+            raise
+        await self.meta.end_deletion(cloud, digest, self.owner, release_ids, expire=False)
+
     async def collect_expired(self, remove: Callable[[str, str, str, str | None], Awaitable[None]], *, batch: int = 256) -> int:
         """Orphan collection from the journal: for each write whose lease passed (a crash, or a
         write that ended without a commit naming it), delete its blob unless something uses it.

@@ -13,12 +13,18 @@ SQLite (the embedded default):
   more than the query under load (measured in docs/performance.md). WAL readers never wait.
 - Scans keep a worker-thread connection.
 - One writer at a time (BEGIN IMMEDIATE), in this process and across processes.
+- `point_transaction()`: a write transaction of a few indexed statements (an upload's journal
+  rows, its version commit): BEGIN IMMEDIATE (which may wait for another process's writer)
+  and COMMIT (which waits for fsync) run on a thread of their own, the statements in between
+  on the event loop, like the point reads: two thread hops per transaction instead of one per
+  statement and fetch (docs/performance.md, "Overwrites"). PostgreSQL: `transaction()`.
 """
 
 import asyncio
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -79,6 +85,9 @@ class Gateway(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
 
+    def point_transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """`transaction()` for a few indexed statements (nothing whose cost grows with the library)."""
+
     async def lock(self, db: Transaction, key: str) -> None:
         """Inside a transaction: hold `key` until it ends (a read-then-decide unit of work)."""
 
@@ -97,13 +106,68 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
+def _point_connection(path: Path) -> sqlite3.Connection:
+    """The connection of `point_transaction`: used by one thread at a time (under the write
+    lock), the loop's or the commit thread's."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    for pragma in ("busy_timeout = 10000", "foreign_keys = ON", "synchronous = FULL"):
+        conn.execute(f"PRAGMA {pragma}")
+    return conn
+
+
+class _Done:
+    """A statement run already: its row count and rows (the Cursor protocol)."""
+
+    __slots__ = ("rowcount", "_rows")
+
+    def __init__(self, rowcount: int, rows: list[Any]) -> None:
+        self.rowcount = rowcount
+        self._rows = rows
+
+    async def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    async def fetchall(self) -> list[Any]:
+        return self._rows
+
+
+class _InlineTransaction:
+    """What `point_transaction` yields: each statement runs at once, in the calling thread."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> _Done:
+        cursor = self._conn.execute(sql, args)
+        rows = cursor.fetchall()
+        return _Done(cursor.rowcount, rows)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> _Done:
+        return _Done(self._conn.executemany(sql, rows).rowcount, [])
+
+
+def _translated(exc: BaseException) -> BaseException:
+    """sqlite3's IntegrityError as the gateway's (with the table of a unique violation)."""
+    if isinstance(exc, sqlite3.IntegrityError) and not isinstance(exc, IntegrityError):
+        match = _UNIQUE_TABLE.search(str(exc))
+        return IntegrityError(str(exc), match.group(1) if match else None)
+    return exc
+
+
 class SqliteGateway:
-    def __init__(self, writer: aiosqlite.Connection, scanner: aiosqlite.Connection, reader: sqlite3.Connection, applied: list[int]) -> None:
+    def __init__(
+        self, writer: aiosqlite.Connection, scanner: aiosqlite.Connection, reader: sqlite3.Connection, applied: list[int],
+        point: sqlite3.Connection | None = None,
+    ) -> None:
         self._writer = writer
         self._scanner = scanner
         self._reader = reader
         self._write_lock = asyncio.Lock()
         self.applied = applied
+        self._point = point
+        # One thread: a BEGIN or COMMIT whose caller was cancelled still runs before the next
+        # transaction's BEGIN on this connection, and none queues behind blob work.
+        self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
 
     @classmethod
     async def open(cls, path: Path) -> "SqliteGateway":
@@ -137,10 +201,14 @@ class SqliteGateway:
         scanner = await _connect(path)
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("PRAGMA busy_timeout = 10000")
-        return cls(writer, scanner, reader, applied)
+        return cls(writer, scanner, reader, applied, _point_connection(path))
 
     async def close(self) -> None:
         self._reader.close()
+        async with self._write_lock:
+            self._commit_thread.shutdown(wait=True)
+            if self._point is not None:
+                self._point.close()
         await self._scanner.close()
         await self._writer.close()
 
@@ -153,11 +221,31 @@ class SqliteGateway:
                 yield self._writer
             except BaseException as exc:
                 await self._writer.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.IntegrityError) and not isinstance(exc, IntegrityError):
-                    match = _UNIQUE_TABLE.search(str(exc))
-                    raise IntegrityError(str(exc), match.group(1) if match else None) from exc
+                if (translated := _translated(exc)) is not exc:
+                    raise translated from exc
                 raise
             await self._writer.execute("COMMIT")
+
+    @asynccontextmanager
+    async def point_transaction(self) -> AsyncIterator[Transaction]:
+        """`transaction()` in two thread hops (BEGIN, COMMIT); the statements run inline."""
+        if self._point is None:
+            async with self.transaction() as db:
+                yield db
+            return
+        point = self._point
+        loop = asyncio.get_running_loop()
+        async with self._write_lock:
+            try:
+                await loop.run_in_executor(self._commit_thread, point.execute, "BEGIN IMMEDIATE")
+                yield _InlineTransaction(point)
+                await loop.run_in_executor(self._commit_thread, point.execute, "COMMIT")
+            except BaseException as exc:
+                # After the BEGIN or COMMIT still queued on the thread, if either was interrupted.
+                await asyncio.shield(loop.run_in_executor(self._commit_thread, _roll_back, point))
+                if (translated := _translated(exc)) is not exc:
+                    raise translated from exc
+                raise
 
     async def lock(self, db: Transaction, key: str) -> None:
         """Nothing to do: BEGIN IMMEDIATE already serialises every writer."""
@@ -175,3 +263,8 @@ class SqliteGateway:
 
     async def scan(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         return list(await self._scanner.execute_fetchall(sql, args))
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")

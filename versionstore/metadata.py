@@ -96,6 +96,9 @@ _PENDING_SELECT = "SELECT cloud, digest, bytes, queued_at, attempts, next_attemp
 REVISIONS = "revisions"
 #: Rows per multi-row INSERT: 7,000 parameters, below SQLite's and PostgreSQL's 32,766/32,767.
 _ROWS_PER_INSERT = 1000
+#: Journal rows up to which `begin_writes_many` runs as a point transaction (one upload's are
+#: at most four; a batched import's many run on the writer thread).
+_POINT_ROWS = 16
 
 
 def target_generation(cloud: str) -> str:
@@ -292,6 +295,8 @@ class MetadataStore:
         self._all = gateway.all
         self._scan = gateway.scan
         self.transaction = gateway.transaction
+        #: For a few indexed statements (an upload's commits): two thread hops on SQLite.
+        self.point_transaction = gateway.point_transaction
         #: Migration numbers applied when this store was opened.
         self.applied_migrations = gateway.applied
         #: Environments by name, found (a 1-tuple of the Cloud) or not (of None): the name comes
@@ -453,16 +458,25 @@ class MetadataStore:
     ) -> list[Asset]:
         """`save_version` of several (asset, version, pending) in one transaction (a batched
         import: one commit, one fsync): all of them, or AssetChanged and none."""
+        await self._save_versions(items, done_writes, None)
+        return [asset for asset, _, _ in items]
+
+    async def _save_versions(
+        self, items: Sequence[tuple[Asset, Version, bool]], done_writes: Sequence[int],
+        claim: tuple[str, str, str, float] | None,
+    ) -> bool:
+        """The transaction of save_versions; with `claim` (cloud, digest, owner, lease_until),
+        also take that digest's deletion claim in it. Whether the claim was taken."""
         try:
-            async with self.transaction() as db:
+            async with (self.point_transaction() if len(items) == 1 else self.transaction()) as db:
                 await self._finish_writes(db, done_writes)
                 for asset, version, pending in items:
                     await self._append_version(db, asset, version, pending)
+                return claim is not None and await self._claim_deletion(db, *claim)
         except sqlite3.IntegrityError as exc:
             if not _name_taken(exc):
                 raise
             raise AssetChanged(items[0][0].asset_id) from None
-        return [asset for asset, _, _ in items]
 
     async def _append_version(self, db: Transaction, asset: Asset, version: Version, pending: bool) -> None:
         values = _asset_row(asset)
@@ -1281,7 +1295,7 @@ class MetadataStore:
         rows = [(cloud, digest, role, target, owner, now, lease_until) for digest in digests for role, target in roles]
         rows += [(cloud, digest, "release", None, owner, now, lease_until) for digest in releasing]
         new_ids: list[int] = []
-        async with self.transaction() as db:
+        async with (self.point_transaction() if len(rows) <= _POINT_ROWS else self.transaction()) as db:
             # A few statements of many rows, not one per row (each is a hop to SQLite's writer
             # thread). Ids are handed out in the order of the VALUES rows, whatever order
             # RETURNING lists them in, so the sorted ids are the rows' ids in order.
@@ -1302,12 +1316,18 @@ class MetadataStore:
         whether anything references their blobs."""
         if not ids:
             return
-        marks = ", ".join("?" * len(ids))
         async with self.transaction() as db:
-            if expire:
-                await db.execute(f"UPDATE inflight_writes SET lease_until = 0 WHERE id IN ({marks})", tuple(ids))
-            else:
-                await db.execute(f"DELETE FROM inflight_writes WHERE id IN ({marks})", tuple(ids))
+            await self._end_writes(db, ids, expire)
+
+    @staticmethod
+    async def _end_writes(db: Transaction, ids: Sequence[int], expire: bool) -> None:
+        if not ids:
+            return
+        marks = ", ".join("?" * len(ids))
+        if expire:
+            await db.execute(f"UPDATE inflight_writes SET lease_until = 0 WHERE id IN ({marks})", tuple(ids))
+        else:
+            await db.execute(f"DELETE FROM inflight_writes WHERE id IN ({marks})", tuple(ids))
 
     async def deletion_claimed(self, cloud: str, digest: str, now: float) -> bool:
         """Is a live deletion of this digest in progress (a writer must wait for it)?"""
@@ -1322,13 +1342,17 @@ class MetadataStore:
     async def claim_deletion(self, cloud: str, digest: str, owner: str, lease_until: float) -> bool:
         """Claim the right to delete a digest's blobs: False while another live claim holds it."""
         async with self.transaction() as db:
-            cursor = await db.execute(
-                "INSERT INTO blob_deletions (cloud, digest, owner, lease_until) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (cloud, digest) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until "
-                "WHERE blob_deletions.lease_until <= ?",
-                (cloud, digest, owner, lease_until, time.time()),
-            )
-            return cursor.rowcount == 1
+            return await self._claim_deletion(db, cloud, digest, owner, lease_until)
+
+    @staticmethod
+    async def _claim_deletion(db: Transaction, cloud: str, digest: str, owner: str, lease_until: float) -> bool:
+        cursor = await db.execute(
+            "INSERT INTO blob_deletions (cloud, digest, owner, lease_until) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (cloud, digest) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until "
+            "WHERE blob_deletions.lease_until <= ?",
+            (cloud, digest, owner, lease_until, time.time()),
+        )
+        return cursor.rowcount == 1
 
     async def release_deletion(self, cloud: str, digest: str, owner: str) -> None:
         async with self.transaction() as db:
@@ -2075,6 +2099,29 @@ class MetadataStore:
             (job_id, after, limit),
         )
         return [row[0] for row in rows]
+
+    # --- an overwrite's commits (docs/design.md, "Write order") ------------------------------
+    # Each commit is an fsync of the WAL (synchronous=FULL): an overwrite takes the deletion
+    # claim on the original it replaces in its version commit, and ends that claim together
+    # with the release rows in one more commit, instead of a commit for each.
+
+    async def save_version_claiming(
+        self, asset: Asset, version: Version, *, pending: bool = False, done_writes: Sequence[int] = (),
+        replaced: str, owner: str, lease_until: float,
+    ) -> tuple[Asset, bool]:
+        """`save_version`, and in the same transaction the deletion claim (claim_deletion) on
+        `replaced`, the digest whose original the new version supersedes: the claim is committed
+        before the caller reads whether anything still uses that digest, as `Claims.deleting`
+        does. Returns the asset and whether the claim was taken (False while another live claim
+        holds the digest: the caller then claims it the usual way)."""
+        claimed = await self._save_versions([(asset, version, pending)], done_writes, (asset.cloud, replaced, owner, lease_until))
+        return asset, claimed
+
+    async def end_deletion(self, cloud: str, digest: str, owner: str, release_ids: Sequence[int], *, expire: bool) -> None:
+        """release_deletion and end_writes(release_ids, expire=...) in one transaction."""
+        async with self.point_transaction() as db:
+            await db.execute("DELETE FROM blob_deletions WHERE cloud = ? AND digest = ? AND owner = ?", (cloud, digest, owner))
+            await self._end_writes(db, release_ids, expire)
 
 
 _ARCHIVE_FILE_SELECT = (

@@ -30,7 +30,7 @@ import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -298,6 +298,10 @@ class PgGateway:
                 # notification is not heard here): a needless move only drops cached values.
                 if tx.wrote and committing:
                     self._commits += 1
+
+    def point_transaction(self) -> AbstractAsyncContextManager[PgTransaction]:
+        """A transaction like any other: each statement is a round trip either way."""
+        return self.transaction()
 
     async def lock(self, db: Transaction, key: str) -> None:
         await db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(key.encode()),))

@@ -168,10 +168,11 @@ class VersionService:
         def new_version(existing: Asset | None) -> tuple[Asset, Version]:
             return _new_rows(request, spooled, existing, resource_type, public_id, fmt, backed_up)
 
-        async def commit(done_writes: list[int], pending: bool = False) -> tuple[Asset, Version, Asset | None]:
+        async def commit(done_writes: list[int], pending: bool = False) -> tuple[Asset, Version, Asset | None, bool]:
             """Build the rows from a fresh read, taken while no tags update of this asset runs
             here, and compare-and-set them; a row another process changed meanwhile is read
-            again. The blobs are already written."""
+            again. The blobs are already written. The commit also claims the replaced original
+            for its release (the last value: whether it did)."""
             current = existing
             for _attempt in range(WRITE_ATTEMPTS):
                 async with self._field_updates.hold((cloud.name, current.asset_id if current else name)):
@@ -181,8 +182,14 @@ class VersionService:
                     await self._check_keeps_history(request, current)  # again, on the row as it is now
                     asset, version = new_version(current)
                     try:
-                        saved = await self.meta.save_version(asset, version, pending=pending, done_writes=done_writes)
-                        return saved, version, current
+                        if current is None or current.digest == spooled.digest:
+                            saved = await self.meta.save_version(asset, version, pending=pending, done_writes=done_writes)
+                            return saved, version, current, False
+                        saved, claimed = await self.meta.save_version_claiming(
+                            asset, version, pending=pending, done_writes=done_writes, replaced=current.digest,
+                            owner=self.claims.owner, lease_until=self.claims.lease_until(),
+                        )
+                        return saved, version, current, claimed
                     except AssetChanged:
                         continue
             raise Conflict(f"Resource {public_id} kept changing during the upload; retry")
@@ -197,50 +204,57 @@ class VersionService:
 
     async def _write_and_commit(
         self, cloud: Cloud, spooled: Spooled, roles: list[tuple[str, str | None]], backed_up: bool, public_id: str,
-        commit: Callable[..., Awaitable[tuple[Asset, Version, Asset | None]]], replacing: list[str],
+        commit: Callable[..., Awaitable[tuple[Asset, Version, Asset | None, bool]]], replacing: list[str],
     ) -> UploadResult:
         """Blobs first (journaled), then the metadata commit, then the superseded original."""
+        # The spool file's fsync runs beside the journal's commit and while a remote bucket
+        # receives the revision; local links wait for it (spool.make_durable).
+        durable = asyncio.ensure_future(make_durable(spooled))
         try:
             async with self.claims.writing(cloud.name, spooled.digest, roles, releasing=replacing) as ticket:
                 # Blobs first, metadata second: a crash in between leaves only a journal row,
-                # from which orphan collection finds the blob. The spool file's fsync runs while
-                # a remote bucket receives the revision; local links wait for it (spool.make_durable).
-                durable = asyncio.ensure_future(make_durable(spooled))
-                try:
-                    if backed_up:
-                        try:
-                            # A task group, not gather: if one write fails the other is cancelled
-                            # instead of reading a spool file that is about to be removed.
-                            async with asyncio.TaskGroup() as group:
-                                group.create_task(self._put_original(cloud.name, spooled, durable))
-                                revision = group.create_task(self._put_revision(cloud.name, spooled.digest, spooled.path, durable))
-                        except ExceptionGroup as failed:
-                            raise failed.exceptions[0] from None
-                        pending = not revision.result()
-                        if pending:
-                            # Nothing is dropped: the bytes wait in the primary store until the
-                            # drainer writes them to the target (docs/buckets.md).
-                            await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
-                        await durable
-                        asset, version, replaced = await commit(ticket.commit_ids(), pending)
-                        if pending:
-                            self.pending_added.set()
-                    else:
-                        await self._put_original(cloud.name, spooled, durable)
-                        asset, version, replaced = await commit(ticket.commit_ids())
-                    ticket.committed = True
-                finally:
-                    if not durable.done():
-                        durable.cancel()
+                # from which orphan collection finds the blob.
+                if backed_up:
+                    try:
+                        # A task group, not gather: if one write fails the other is cancelled
+                        # instead of reading a spool file that is about to be removed.
+                        async with asyncio.TaskGroup() as group:
+                            group.create_task(self._put_original(cloud.name, spooled, durable))
+                            revision = group.create_task(self._put_revision(cloud.name, spooled.digest, spooled.path, durable))
+                    except ExceptionGroup as failed:
+                        raise failed.exceptions[0] from None
+                    pending = not revision.result()
+                    if pending:
+                        # Nothing is dropped: the bytes wait in the primary store until the
+                        # drainer writes them to the target (docs/buckets.md).
+                        await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
+                    await durable
+                    asset, version, replaced, claimed = await commit(ticket.commit_ids(), pending)
+                    if pending:
+                        self.pending_added.set()
+                else:
+                    await self._put_original(cloud.name, spooled, durable)
+                    asset, version, replaced, claimed = await commit(ticket.commit_ids())
+                ticket.committed = True
         except _Superseded as superseded:
             # Another process created the asset while these bytes were written, and this upload
             # must not overwrite it: its journal rows expired, orphan collection takes its blobs.
             return await self._existing(superseded.asset)
         except WriteExpired:
             raise Conflict(f"The upload of {public_id} stalled past its lease; retry") from None
-        async with self.claims.released(ticket.release_ids):
-            if replaced is not None and replaced.digest != spooled.digest:
-                await self._release_primary(cloud.name, replaced.digest)
+        finally:
+            if not durable.done():
+                durable.cancel()
+        if claimed:
+            assert replaced is not None
+            # The version commit took the deletion claim: one more commit ends it and the release rows.
+            async with self.claims.deleting_claimed(cloud.name, replaced.digest, ORIGINAL, ticket.release_ids) as free:
+                if free:
+                    await self.primary.delete(layout.original_key(cloud.name, replaced.digest))
+        else:
+            async with self.claims.released(ticket.release_ids):
+                if replaced is not None and replaced.digest != spooled.digest:
+                    await self._release_primary(cloud.name, replaced.digest)
         return UploadResult(asset, version, overwritten=replaced is not None and replaced.live)
 
     async def _check_keeps_history(self, request: UploadRequest, current: Asset | None) -> None:

@@ -261,8 +261,9 @@ async def _read_small(
                 continue
             if body.filename is None and data.startswith(b"data:"):
                 data = _data_uri_bytes(data)
-            # fsynced in the same worker call once authenticated; before that, left to the consumer
-            body.spooled = await spool_bytes(data, not lease.open)
+            # Not fsynced here: the upload starts the fsync beside its journal commit (two
+            # syncs of different files at once instead of one after the other; docs/design.md).
+            body.spooled = await spool_bytes(data, False)
     except BaseException:
         if body.spooled is not None:  # e.g. a second file part: the first one's file goes
             body.spooled.path.unlink(missing_ok=True)
