@@ -5,6 +5,7 @@ every kind: tags, context (Admin and Search API forms), metadata, deleted with b
 unicode public_ids, a detached history (rename with overwrite), a re-upload (created_at
 differs from uploaded_at), `fields`; on both backends."""
 
+import json
 from typing import Any
 
 import orjson
@@ -100,5 +101,6 @@ async def test_pages_are_byte_for_byte_what_the_old_renderer_made(api: Api, clie
         assert body.startswith(_old_page(meta, rows, True, None, None)[:-1] + b","), expression  # then total_count, time
         if expression:
             assert [item["public_id"] for item in orjson.loads(body)["resources"]] == ["n/b", "f3/gone"]
-    listed = orjson.loads((await _pages(api, "resources/image/upload", {"max_results": "500"}))[0])["resources"]
+    listed = json.loads((await _pages(api, "resources/image/upload", {"max_results": "500"}))[0])["resources"]
     assert {item["public_id"] for item in listed} >= {UNICODE, "f1/tagged", "f1/f2/ctx", "f1/meta", "n/b"}
+    assert [item["metadata"] for item in listed if item["public_id"] == "f1/meta"] == [{"f": "set", "n": "12"}]
