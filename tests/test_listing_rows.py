@@ -7,7 +7,6 @@ or through another app on the same database (a second `serve` process), on both 
 import json
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -121,12 +120,12 @@ async def test_the_budget_drops_the_least_recently_used_and_refuses_huge_rows() 
     rows = RenderedRows(max_bytes=8000)
     made: list[tuple[Any, ...]] = []
 
-    def make(row: tuple[Any, ...]) -> bytes:
+    def make(row: tuple[Any, ...]) -> dict[str, Any]:
         made.append(row)
-        return orjson.dumps({"n": row[0], "s": row[1]})
+        return {"n": row[0], "s": row[1]}
 
     async def render(*keys: int) -> list[Any]:
-        page = orjson.loads(orjson.dumps(await rows.render([(k, "x" * 100) for k in keys], None, make)))
+        page = await rows.render([(k, "x" * 100) for k in keys], None, make)
         return [item["n"] for item in page]
 
     assert await render(1, 2, 3) == [1, 2, 3]
@@ -137,5 +136,8 @@ async def test_the_budget_drops_the_least_recently_used_and_refuses_huge_rows() 
     made.clear()
     assert await render(39, 1) == [39, 1]
     assert made == [(1, "x" * 100)]
+    made.clear()
+    assert [item["s"] for item in await rows.render([(39, "changed")], None, make)] == ["changed"]
+    assert made == [(39, "changed")]  # the same id, a different row: rendered afresh
     await rows.render([(99, "y" * 4000)], None, make)  # over a quarter of the budget: not kept
-    assert all(key[1][0] != 99 for key in rows._entries)
+    assert all(key[1] != 99 for key in rows._entries)

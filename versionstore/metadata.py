@@ -23,6 +23,7 @@ from versionstore.drill_records import SCRATCH_MARK, AlertState, DrillScheduleRo
 from versionstore.epoch_cache import EpochCache
 from versionstore.gateway import Gateway, IntegrityError, SqliteGateway, Transaction, migrations
 from versionstore.models import (
+    ASSET_ROW_COLUMNS,
     Asset,
     AssetRow,
     BackupHealth,
@@ -43,7 +44,7 @@ from versionstore.snapshot_records import PointInTimeRow, ScheduleRow, Snapshot,
 _migrations = migrations  # the numbered blocks of schema.sql (tests build old databases from them)
 
 #: Selected in this order; `detached_from` stands for the model's `detached` flag (see _asset).
-_ASSET_COLUMNS = [*(f.name for f in fields(Asset) if f.name != "detached"), "detached_from"]
+_ASSET_COLUMNS = list(ASSET_ROW_COLUMNS)
 _VERSION_COLUMNS = [f.name for f in fields(Version)]
 
 

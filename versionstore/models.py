@@ -1,6 +1,6 @@
 """Plain records passed between the metadata store, the domain and the HTTP renderers."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -224,5 +224,9 @@ class Downloadable:
 #: One asset's row as the metadata store read it (plain values: str, int, float, None), for
 #: callers that reuse what they derived from a row while the row is unchanged (equal rows
 #: decode to equal assets: versionstore/http/resource_rows.py). Decode with
-#: `MetadataRepository.asset_of_row`.
+#: `MetadataRepository.asset_of_row`; render a listing item straight from it with
+#: `render.resource_of_row` (one pass, no Asset: a 500-item page's first walk).
 AssetRow = tuple[Any, ...]
+#: The columns of an AssetRow, in order: Asset's fields in field order, with `detached_from`
+#: (the name a detached history had, else NULL) last in place of the model's `detached` flag.
+ASSET_ROW_COLUMNS = (*(f.name for f in fields(Asset) if f.name != "detached"), "detached_from")

@@ -114,16 +114,17 @@ async def page(
     request: web.Request, cloud: Cloud, params: Params, query: queries.AssetQuery, *, flat_context: bool = False
 ) -> dict[str, Any]:
     """One page of `query` from the position in `next_cursor`, with `fields`; `next_cursor`
-    (the last row's sort keys) when more may follow. Each row's JSON is reused from earlier
-    pages while the row reads the same (versionstore/http/resource_rows.py)."""
+    (the last row's sort keys) when more may follow. Each row's item is reused from earlier
+    pages while the row reads the same (versionstore/http/resource_rows.py); the caller
+    encodes the page in one render.dumps."""
     query = query.page(query.limit, queries.decode_keyset(query, params.get("next_cursor")))
     meta = request.app[META]
     found = await meta.find_asset_rows(cloud.name, query.page(query.limit + 1, query.after))
     fields = render.parse_fields(params.get("fields"))
     shown = found[: query.limit]
 
-    def rendered(row: AssetRow) -> bytes:
-        return render.dumps(render.select(render.resource(meta.asset_of_row(row), flat_context=flat_context), fields))
+    def rendered(row: AssetRow) -> dict[str, Any]:
+        return render.select(render.resource_of_row(row, flat_context), fields)
 
     body: dict[str, Any] = {"resources": await request.app[RENDERED_ROWS].render(shown, (flat_context, fields), rendered)}
     if len(found) > query.limit:

@@ -286,7 +286,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[EGRESS] = EgressPolicy(config.fetch_allow)
     app[VERSIONS_CACHE] = VersionsJsonCache()
-    app[RENDERED_ROWS] = RenderedRows()
+    app[RENDERED_ROWS] = RenderedRows(weigh=render.row_weight)
     app[RESOURCE_BODIES] = EpochCache[tuple[object, ...], bytes](16 << 20, len)  # bounded by bytes held
     app[VERIFIED_BLOBS] = EpochCache[tuple[str, str], bytes](16 << 20, len)
     app[UNAUTH_BUDGET] = UnauthBudget(config.unauth_budget_bytes, config.max_body_bytes)

@@ -2,10 +2,10 @@
 
 A listing or search page renders each row it read into a resource's JSON. That JSON is a
 function of the row alone (and of the page's rendering options: flat context, `fields`), so
-it is kept under the row itself: a later page that reads the same row, from any process's
-point of view, gets the same bytes back without decoding or rendering it again, and a row
-that changed in any column (a tag, a context entry, a new version, a delete or restore, the
-generation every write bumps) is a different key and is rendered afresh. Nothing here
+it is kept with the row it came from: a later page that reads an equal row, from any
+process's point of view, gets the same bytes back without decoding or rendering it again,
+and a row that changed in any column (a tag, a context entry, a new version, a delete or
+restore, the generation every write bumps) does not equal the one kept and is rendered afresh. Nothing here
 depends on the commit epoch or on time: the page's own statement is what decides, so a
 change made by another process shows in the very next page on both backends.
 
@@ -16,63 +16,70 @@ and stores run on the event loop; a long run of misses is rendered in a worker t
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-
-import orjson
+from typing import Any
 
 from versionstore.models import AssetRow
 
 #: Misses rendered on the event loop; more are rendered in a worker thread.
 RENDER_ON_LOOP = 50
-#: What an entry adds beyond twice its JSON (the row's values are about as long as their
-#: JSON; the tuple and its objects are the rest). An estimate: summing the row's values cost
-#: more than a tenth of a page's rendering.
-_ENTRY_OVERHEAD = 1000
 
 
-def _weight(rendered: bytes) -> int:
-    return _ENTRY_OVERHEAD + 2 * len(rendered)
+def text_weight(row: AssetRow) -> int:
+    """Bytes an entry holds, estimated from its row's text (the item mostly holds the row's
+    own string objects): any row's; the app passes render.row_weight, cheaper on asset rows."""
+    return 1500 + 3 * sum([len(value) for value in row if type(value) is str])
 
 
 class RenderedRows:
-    def __init__(self, max_bytes: int = 32 << 20) -> None:
-        self.max_bytes = max_bytes
-        self._used = 0
-        self._entries: OrderedDict[tuple[Hashable, AssetRow], tuple[bytes, int]] = OrderedDict()
+    """Kept per rendering options, by the row's first column (an asset row's pk); an entry
+    holds the whole row it was rendered from and counts only while the page's row equals it.
+    Keyed by the whole row, a miss hashed every value of it twice (look-up, store): on a
+    page of 500 rows not seen before that bookkeeping cost as much as a third of rendering.
 
-    async def render(
-        self, rows: Sequence[AssetRow], options: Hashable, make: Callable[[AssetRow], bytes]
-    ) -> list[orjson.Fragment]:
-        """Each row's JSON (`make(row)`, rendered with `options`), from what earlier pages
-        rendered where the row is unchanged, as fragments to embed in the page's JSON."""
-        found: list[bytes | None] = []
+    Items are kept as the renderer's objects (dicts), not as JSON: the page is then one
+    orjson call over all of them, where an orjson call per item cost several times more."""
+
+    def __init__(self, max_bytes: int = 32 << 20, weigh: Callable[[AssetRow], int] = text_weight) -> None:
+        self.max_bytes = max_bytes
+        self._weigh = weigh
+        self._used = 0
+        self._entries: OrderedDict[tuple[Hashable, Hashable], tuple[AssetRow, Any, int]] = OrderedDict()
+
+    async def render(self, rows: Sequence[AssetRow], options: Hashable, make: Callable[[AssetRow], Any]) -> list[Any]:
+        """Each row's item (`make(row)`, rendered with `options`), from what earlier pages
+        rendered where the row is unchanged. Items are shared: never modify one."""
+        entries = self._entries
+        found: list[Any] = []
+        missing: list[AssetRow] = []
         for row in rows:
-            hit = self._entries.get((options, row))
-            if hit is not None:
-                self._entries.move_to_end((options, row))
-            found.append(None if hit is None else hit[0])
-        missing = [row for row, body in zip(rows, found, strict=True) if body is None]
+            key = (options, row[0])
+            hit = entries.get(key)
+            if hit is not None and hit[0] == row:
+                entries.move_to_end(key)
+                found.append(hit[1])
+            else:
+                found.append(None)
+                missing.append(row)
+        if not missing:
+            return found
         if len(missing) > RENDER_ON_LOOP:
             made = await asyncio.to_thread(lambda: [make(row) for row in missing])
         else:
             made = [make(row) for row in missing]
+        for row, item in zip(missing, made, strict=True):
+            self._store((options, row[0]), row, item)
         fresh = iter(made)
-        out: list[orjson.Fragment] = []
-        for row, body in zip(rows, found, strict=True):
-            if body is None:
-                body = next(fresh)
-                self._store((options, row), body)
-            out.append(orjson.Fragment(body))
-        return out
+        return [next(fresh) if item is None else item for item in found]
 
-    def _store(self, key: tuple[Hashable, AssetRow], body: bytes) -> None:
-        weight = _weight(body)
+    def _store(self, key: tuple[Hashable, Hashable], row: AssetRow, item: Any) -> None:
+        weight = self._weigh(row)
         if weight > self.max_bytes // 4:
             return  # one huge row must not evict everything else
         old = self._entries.pop(key, None)
         if old is not None:
-            self._used -= old[1]
-        self._entries[key] = (body, weight)
+            self._used -= old[2]
+        self._entries[key] = (row, item, weight)
         self._used += weight
         while self._used > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
+            _, (_, _, evicted) = self._entries.popitem(last=False)
             self._used -= evicted
