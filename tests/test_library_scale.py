@@ -265,3 +265,34 @@ async def test_a_tag_search_sees_each_write_of_the_asset_status(api: Api, client
     assert await found("status=deleted AND tags=x") == ([], 0)
     await api.admin("POST", "resources/image/upload/w/b", data={"tags": "z"})
     assert await found("tags=x") == ([], 0) and await found("tags=z") == (["w/b"], 1)
+
+
+async def test_the_tag_index_status_migration_marks_the_tags_of_deleted_assets(tmp_path: Path) -> None:
+    """A database from before schema migration 19: tag rows of a reserved (deleted) asset get
+    `live` 0, the others 1, so a tag search stops counting the deleted one."""
+    blocks = metadata._migrations()
+    ours = next(n for n, block in enumerate(blocks) if "ADD COLUMN live" in block)
+    path = tmp_path / "metadata.sqlite3"
+    db = sqlite3.connect(path)
+    for block in blocks[:ours]:
+        db.executescript(block)
+    db.execute(f"PRAGMA user_version = {ours}")
+    db.execute("DELETE FROM label_backfill")
+    db.execute("INSERT INTO clouds (name, api_key, api_secret, created_at) VALUES ('demo', 'k', 's', 0)")
+    for pk, status in ((1, "live"), (2, "deleted")):
+        db.execute(
+            "INSERT INTO assets (pk, cloud, asset_id, resource_type, type, public_id, status, digest, format, bytes, "
+            "version, version_id, tags, created_at, uploaded_at) "
+            "VALUES (?, 'demo', ?, 'image', 'upload', ?, ?, 'd', 'png', 1, 1, ?, '[\"x\"]', 0, 0)",
+            (pk, f"a{pk}", f"m/{pk}", status, f"v{pk}"),
+        )
+        db.execute("INSERT INTO asset_tags (cloud, tag, asset_pk, created_at) VALUES ('demo', 'x', ?, 0)", (pk,))
+    db.commit()
+    db.close()
+    store = await metadata.MetadataStore.open(path)
+    try:
+        assert await tag_rows_out_of_step(store) == set()
+        assert await store.count_assets("demo", queries.search_query("tags=x", None, 10), 100) == 1
+        assert await store.count_assets("demo", queries.search_query("tags=x AND status=deleted", None, 10), 100) == 1
+    finally:
+        await store.close()
