@@ -103,6 +103,7 @@ class Library:
     tags: list[dict[str, Any]] = field(default_factory=list)
     context: list[dict[str, Any]] = field(default_factory=list)
     blobs: list[tuple[str, bytes, bool]] = field(default_factory=list)  # (digest, bytes, live original)
+    tag_status: bool = True  # asset_tags has `live` (schema migration 19; False: code from before)
 
     def generate(self, first_pk: int, first_version_pk: int, rng: random.Random) -> None:
         start = time.time() - YEAR
@@ -137,7 +138,8 @@ class Library:
                 "uploaded_at": current["created_at"], "deleted_at": current["created_at"] + 1 if deleted else None,
                 "generation": count - 1 + int(deleted), "detached_from": None, "md5": current["md5"],
             })
-            self.tags.extend({"cloud": self.cloud, "tag": t, "asset_pk": pk, "created_at": created} for t in tags)
+            status = {"live": int(not deleted)} if self.tag_status else {}
+            self.tags.extend({"cloud": self.cloud, "tag": t, "asset_pk": pk, "created_at": created, **status} for t in tags)
             self.context.extend({"cloud": self.cloud, "key": k, "value": v, "asset_pk": pk} for k, v in context.items())
 
 
@@ -400,7 +402,7 @@ class Bench:
         first_pk = db.execute("SELECT MAX(pk) FROM assets").fetchone()[0] + 1
         first_version = db.execute("SELECT MAX(pk) FROM versions").fetchone()[0] + 1
         started = time.perf_counter()
-        library = Library(size, CLOUD)
+        library = Library(size, CLOUD, tag_status="live" in [row[1] for row in db.execute("PRAGMA table_info(asset_tags)")])
         library.generate(first_pk, first_version, random.Random(size))
         check_shapes(db, library)
         db.close()

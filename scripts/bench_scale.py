@@ -430,8 +430,8 @@ GENERATE = [
     ORDER BY g, v
     """,
     """
-    INSERT INTO asset_tags (cloud, tag, asset_pk, created_at)
-    SELECT 'scale', t, g, 1668384000 + 31536000.0 * g / {n}
+    INSERT INTO asset_tags (cloud, tag, asset_pk, created_at, live)
+    SELECT 'scale', t, g, 1668384000 + 31536000.0 * g / {n}, CASE WHEN g % 20 = 7 THEN 0 ELSE 1 END
     FROM generate_series(1::bigint, {n}) AS g
     CROSS JOIN LATERAL (VALUES (CASE WHEN g % 3 >= 1 THEN 'tag' || (g * 7919) % 1000 END),
                                (CASE WHEN g % 3 = 2 THEN 'tag' || (g * 7919 + 104729) % 1000 END),
@@ -708,8 +708,11 @@ async def check_library(meta: Any, conn: asyncpg.Connection) -> None:
     versions = await meta.versions(g)
     assert asset is not None and asset.live and len(versions) == 3 and versions[-1].version_id == asset.version_id, (asset, versions)
     assert asset.tags and asset.context == {"k": f"v{g}"} and asset.digest == versions[-1].digest, asset
-    side = await conn.fetch("SELECT tag, created_at FROM asset_tags WHERE asset_pk = $1 ORDER BY tag", g)
-    assert [(r[0], r[1]) for r in side] == [(t, asset.created_at) for t in sorted(asset.tags)], "asset_tags out of step"
+    side = await conn.fetch("SELECT tag, created_at, live FROM asset_tags WHERE asset_pk = $1 ORDER BY tag", g)
+    assert [(r[0], r[1], r[2]) for r in side] == [(t, asset.created_at, 1) for t in sorted(asset.tags)], "asset_tags out of step"
+    gone = await conn.fetchval("SELECT COUNT(*) FROM asset_tags t JOIN assets a ON a.pk = t.asset_pk "
+                               "WHERE t.asset_pk < 20000 AND t.live <> CASE WHEN a.status = 'live' THEN 1 ELSE 0 END")
+    assert gone == 0, "asset_tags.live out of step with the asset status"
     deleted = await meta.find_assets("scale", queries.search_query("status=deleted", None, 5).page(5, None))
     assert len(deleted) == 5 and all(not a.live and a.deleted_at for a in deleted)
     found = await meta.downloadable("scale", asset.asset_id, asset.version_id)

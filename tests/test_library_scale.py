@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import Api
+from tests.test_metadata_contract import tag_rows_out_of_step
 from versionstore import metadata, queries
+from versionstore.http.keys import META
 from versionstore.ids import new_hex_id
 from versionstore.models import Asset, Version
 from versionstore.queries import Filter
@@ -229,5 +231,68 @@ async def test_rows_from_before_the_side_tables_are_backfilled(tmp_path: Path) -
                                                                       by_public_id=False))
         assert [a.public_id for a in found] == ["b/4"]
         assert (await store._one("SELECT COUNT(*) FROM label_backfill"))[0] == 0
+    finally:
+        await store.close()
+
+
+async def test_a_tag_search_sees_each_write_of_the_asset_status(api: Api, client: Any) -> None:
+    """The tag index's `live` (schema migration 19) after each kind of write the service makes
+    (upload, re-upload, tags, destroy, restore, rename with overwrite, irreversible deletion):
+    what `tags=x` and `status=deleted AND tags=x` find and count follows the asset rows."""
+    meta = client.app[META]
+
+    async def found(expression: str) -> tuple[list[str], int]:
+        body = await api.admin("POST", "resources/search", json={"expression": expression})
+        assert not await tag_rows_out_of_step(meta)
+        return sorted(r["public_id"] for r in body["resources"]), body["total_count"]
+
+    await api.upload(b"1", public_id="w/a", tags="x")
+    await api.upload(b"2", public_id="w/b", tags="y")
+    await api.upload(b"2b", public_id="w/b", overwrite="true", tags="y")
+    assert await found("tags=x") == (["w/a"], 1)
+    await api.signed("image/tags", tag="x", public_ids=["w/b"], command="add")
+    assert await found("tags=x") == (["w/a", "w/b"], 2)
+    await api.admin("DELETE", "resources/image/upload", json={"public_ids": ["w/a"]})
+    assert await found("tags=x") == (["w/b"], 1) and await found("status=deleted AND tags=x") == (["w/a"], 1)
+    await api.admin("POST", "resources/image/upload/restore", json={"public_ids": ["w/a"]})
+    assert await found("tags=x") == (["w/a", "w/b"], 2) and await found("status=deleted AND tags=x") == ([], 0)
+    await api.signed("image/rename", from_public_id="w/a", to_public_id="w/b", overwrite="1")  # w/b's history detached
+    assert await found("tags=x") == (["w/b"], 1) and await found("status=deleted AND tags=x") == (["w/b"], 1)
+    detached = await api.admin("POST", "resources/search", json={"expression": "status=deleted AND tags=x"})
+    gone = detached["resources"][0]
+    versions = await api.admin("GET", f"resources/{gone['asset_id']}", params={"versions": "true"})
+    await api.admin("DELETE", f"resources/backup/{gone['asset_id']}", json={"version_ids": [v["version_id"] for v in versions["versions"]]})
+    assert await found("status=deleted AND tags=x") == ([], 0)
+    await api.admin("POST", "resources/image/upload/w/b", data={"tags": "z"})
+    assert await found("tags=x") == ([], 0) and await found("tags=z") == (["w/b"], 1)
+
+
+async def test_the_tag_index_status_migration_marks_the_tags_of_deleted_assets(tmp_path: Path) -> None:
+    """A database from before schema migration 19: tag rows of a reserved (deleted) asset get
+    `live` 0, the others 1, so a tag search stops counting the deleted one."""
+    blocks = metadata._migrations()
+    ours = next(n for n, block in enumerate(blocks) if "ADD COLUMN live" in block)
+    path = tmp_path / "metadata.sqlite3"
+    db = sqlite3.connect(path)
+    for block in blocks[:ours]:
+        db.executescript(block)
+    db.execute(f"PRAGMA user_version = {ours}")
+    db.execute("DELETE FROM label_backfill")
+    db.execute("INSERT INTO clouds (name, api_key, api_secret, created_at) VALUES ('demo', 'k', 's', 0)")
+    for pk, status in ((1, "live"), (2, "deleted")):
+        db.execute(
+            "INSERT INTO assets (pk, cloud, asset_id, resource_type, type, public_id, status, digest, format, bytes, "
+            "version, version_id, tags, created_at, uploaded_at) "
+            "VALUES (?, 'demo', ?, 'image', 'upload', ?, ?, 'd', 'png', 1, 1, ?, '[\"x\"]', 0, 0)",
+            (pk, f"a{pk}", f"m/{pk}", status, f"v{pk}"),
+        )
+        db.execute("INSERT INTO asset_tags (cloud, tag, asset_pk, created_at) VALUES ('demo', 'x', ?, 0)", (pk,))
+    db.commit()
+    db.close()
+    store = await metadata.MetadataStore.open(path)
+    try:
+        assert await tag_rows_out_of_step(store) == set()
+        assert await store.count_assets("demo", queries.search_query("tags=x", None, 10), 100) == 1
+        assert await store.count_assets("demo", queries.search_query("tags=x AND status=deleted", None, 10), 100) == 1
     finally:
         await store.close()

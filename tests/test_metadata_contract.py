@@ -6,8 +6,11 @@ calls, the same answers. Two stores opened on one database stand in for two proc
 
 import asyncio
 import inspect
+import json
+import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import pytest
 
 from versionstore import queries
 from versionstore.gateway import IntegrityError, migrations
-from versionstore.metadata import AssetChanged, MetadataStore, WriteExpired
+from versionstore.metadata import AssetChanged, MetadataStore, WriteExpired, count_sql
 from versionstore.models import Asset, BackupHealth, Job, SessionState, UploadPart, UploadSession, Version
 from versionstore.repository import MetadataRepository
 
@@ -353,3 +356,81 @@ async def test_journal_ids_name_their_rows_and_expired_ones_refuse_the_commit(re
         async with repo.transaction() as db:
             await MetadataStore._finish_writes(db, [*ids[1], *expired])
     assert len(await repo._all("SELECT id FROM inflight_writes")) == 6  # rolled back: nothing removed
+
+
+# --- the tag index's status (schema migration 19) ---------------------------------------------
+
+
+async def tag_rows_out_of_step(repo: MetadataStore) -> set[tuple[Any, ...]]:
+    """The difference between asset_tags and what the asset rows say it holds: a row per tag
+    of each asset, with its environment, creation time and `live` as its status. Empty after
+    every write, whatever the write."""
+    assets = await repo._all("SELECT pk, cloud, tags, status, created_at FROM assets", ())
+    wanted = {(pk, cloud, tag, int(status == "live"), created) for pk, cloud, tags, status, created in assets for tag in json.loads(tags)}
+    held = {tuple(r) for r in await repo._all("SELECT asset_pk, cloud, tag, live, created_at FROM asset_tags", ())}
+    return wanted ^ held
+
+
+async def test_the_tag_index_follows_the_asset_status_through_every_write(repo: MetadataStore) -> None:
+    tagged = await repo.save_version(*asset("g/a", tags=["x", "y"]))  # new
+    assert await tag_rows_out_of_step(repo) == set()
+    again, v2 = next_version(tagged, 2)
+    tagged = await repo.save_version(replace(again, tags=["x"]), v2)  # a new version
+    tagged = await repo.update_fields(tagged, tags=["x", "z"])  # tags only
+    batch = [(asset(f"g/b{i}", tags=["x"])[0], asset(f"g/b{i}")[1], False) for i in range(3)]
+    await repo.save_versions(batch)  # a batched import
+    assert await tag_rows_out_of_step(repo) == set()
+    assert await repo.delete_asset(tagged, time.time()) is True  # kept as a reservation: not live
+    assert await tag_rows_out_of_step(repo) == set()
+    reserved = await repo.get_asset(CLOUD, "image", "upload", "g/a")
+    assert reserved is not None and reserved.status == "deleted"
+    restored, v3 = next_version(reserved, 3)
+    restored = await repo.save_version(replace(restored, tags=reserved.tags), v3)  # a restore: live again
+    assert await tag_rows_out_of_step(repo) == set()
+    holder = await repo.save_version(*asset("g/holder", tags=["x"]))
+    mover = await repo.get_asset(CLOUD, "image", "upload", "g/b0")
+    assert mover is not None
+    await repo.rename_asset(mover, "upload", "g/holder", replacing=holder, now=time.time())  # detaches the holder
+    assert await tag_rows_out_of_step(repo) == set()
+    detached = await repo.get_asset_by_id(CLOUD, holder.asset_id)
+    assert detached is not None and detached.status == "deleted"
+    assert await repo.delete_versions(detached.pk or 0, [v.version_id for v in await repo.versions(detached.pk or 0)])
+    assert await repo.get_asset_by_id(CLOUD, holder.asset_id) is None  # irreversible: the row and its tags go
+    unsaved, v4 = asset("g/c", tags=["x"])
+    forgotten = await repo.save_version(unsaved, replace(v4, backed_up=False))
+    assert await repo.delete_asset(forgotten, time.time()) is False  # nothing backed up: the row goes
+    assert await tag_rows_out_of_step(repo) == set()
+
+    def search(expression: str) -> queries.AssetQuery:
+        return queries.search_query(expression, None, 50)
+
+    live, deleted = search("tags=x"), search("tags=x AND status=deleted")
+    assert sorted(a.public_id for a in await repo.find_assets(CLOUD, live)) == ["g/a", "g/b1", "g/b2", "g/holder"]
+    assert await repo.count_assets(CLOUD, live, 100) == 4
+    await repo.delete_asset(restored, time.time())
+    assert await repo.count_assets(CLOUD, live, 100) == 3 and await repo.count_assets(CLOUD, deleted, 100) == 1
+    assert [a.public_id for a in await repo.find_assets(CLOUD, deleted)] == ["g/a"]
+    assert await tag_rows_out_of_step(repo) == set()
+
+
+async def test_backfilled_tag_rows_carry_the_asset_status(repo: MetadataStore) -> None:
+    """Rows written by the backfill of assets from before the side tables (schema migration 9)."""
+    kept = await repo.save_version(*asset("h/a", tags=["x"]))
+    await repo.save_version(*asset("h/b", tags=["x"]))
+    await repo.delete_asset(kept, time.time())
+    async with repo.transaction() as db:
+        await db.execute("DELETE FROM asset_tags", ())
+        await db.execute("INSERT INTO label_backfill (after_pk) VALUES (0)", ())
+    await repo.backfill_labels(batch=1)
+    assert await tag_rows_out_of_step(repo) == set()
+    assert await repo.count_assets(CLOUD, queries.search_query("tags=x", None, 50), 100) == 1
+
+
+async def test_a_tag_search_counts_from_the_tag_index_alone(repo: MetadataStore, repo_url: str) -> None:
+    """The bounded count of `tags=x` (live or deleted) reads no asset row per match: its plan
+    names the tag index only, on both backends (docs/design.md, "Tag index")."""
+    for expression in ("tags=x", "tags=x AND status=deleted", "tags=x AND created_at>1"):
+        sql, args = count_sql(CLOUD, queries.search_query(expression, None, 50), queries.COUNT_CEILING + 1)
+        explain = "EXPLAIN " if repo_url.startswith("postgresql") else "EXPLAIN QUERY PLAN "
+        plan = " ".join(str(value) for row in await repo._all(explain + sql, tuple(args)) for value in row)
+        assert "asset_tags" in plan and not re.search(r"\bassets\b|\bassets_\w+|\bSEARCH a\b", plan), (expression, plan)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, astuple, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from versionstore import queries
 from versionstore.archive_records import CONTENT_DELETED, ArchiveFile, MemberGone
@@ -576,6 +576,7 @@ class MetadataStore:
             (now, *names, asset.pk, asset.generation, asset.pk),
         )
         if cursor.rowcount:
+            await db.execute("UPDATE asset_tags SET live = 0 WHERE asset_pk = ?", (asset.pk,))  # the tag index's status
             return True
         cursor = await db.execute(
             f"DELETE FROM assets WHERE pk = ? AND generation = ? AND NOT {_HAS_REVISION}", (asset.pk, asset.generation, asset.pk)
@@ -1197,7 +1198,7 @@ class MetadataStore:
             f"UNION ALL SELECT (SELECT MIN(tag) FROM asset_tags WHERE cloud = ? AND tag > walk.tag {bound}) "
             "FROM walk WHERE walk.tag IS NOT NULL) "
             "SELECT tag FROM walk WHERE tag IS NOT NULL AND EXISTS (SELECT 1 FROM asset_tags t CROSS JOIN assets a "
-            "WHERE t.cloud = ? AND t.tag = walk.tag AND a.pk = t.asset_pk AND a.resource_type = ? AND a.status = 'live') "
+            "WHERE t.cloud = ? AND t.tag = walk.tag AND t.live = 1 AND a.pk = t.asset_pk AND a.resource_type = ?) "
             "LIMIT ?",
             (cloud, start, *([end] if end else []), cloud, *([end] if end else []), cloud, resource_type, limit),
         )
@@ -1208,10 +1209,13 @@ class MetadataStore:
         batches that each commit with their position (an interrupted start resumes)."""
         while (row := await self._one("SELECT after_pk FROM label_backfill")) is not None:
             rows = await self._scan(
-                "SELECT pk, cloud, created_at, tags, context FROM assets WHERE pk > ? ORDER BY pk LIMIT ?", (row[0], batch)
+                "SELECT pk, cloud, created_at, tags, context, status FROM assets WHERE pk > ? ORDER BY pk LIMIT ?", (row[0], batch)
             )
             async with self.transaction() as db:
-                await _insert_labels(db, [(pk, cloud, at, json.loads(tags), json.loads(context)) for pk, cloud, at, tags, context in rows])
+                await _insert_labels(db, [
+                    _Labels(pk, cloud, at, json.loads(tags), json.loads(context), status == "live")
+                    for pk, cloud, at, tags, context, status in rows
+                ])
                 if rows:
                     await db.execute("UPDATE label_backfill SET after_pk = ?", (rows[-1][0],))
                 else:
@@ -2190,7 +2194,9 @@ def select_sql(cloud: str, query: AssetQuery) -> tuple[str, list[Any]]:
 
 
 def count_sql(cloud: str, query: AssetQuery, ceiling: int) -> tuple[str, list[Any]]:
-    """The statement counting `query`'s matches up to `ceiling`."""
+    """The statement counting `query`'s matches up to `ceiling`. When the tag index answers
+    every filter (schema migration 19), the count walks that index alone: no asset row is
+    read per match, so its cost is the ceiling's, whatever the library."""
     source, where, args = _compile(cloud, query, keyset=False)
     return f"SELECT COUNT(*) FROM (SELECT 1 FROM {source} WHERE {where} LIMIT ?) matches", [*args, ceiling]
 
@@ -2213,19 +2219,26 @@ def _sort_column(query: AssetQuery, key: SortKey) -> str:
 
 
 def _compile(cloud: str, query: AssetQuery, *, keyset: bool) -> tuple[str, str, list[Any]]:
-    """(FROM, WHERE, arguments) of a query; values are always bound, never spliced."""
+    """(FROM, WHERE, arguments) of a query; values are always bound, never spliced. With a
+    driving tag, the filters the tag row answers are checked there (in the index walked); a
+    count whose filters all are never joins the asset rows."""
     driving = _driving_tag(query)
     source = "assets a"
     clauses, args = ["a.cloud = ?"], [cloud]
+    on_tag_row: dict[Filter, tuple[str, list[Any]]] = {}
     if driving is not None:
-        source = "asset_tags t CROSS JOIN assets a"
-        clauses = ["t.cloud = ?", "t.tag = ?", "a.pk = t.asset_pk", *clauses]
-        args = [cloud, driving.value, *args]
+        on_tag_row = {item: found for item in query.filters if (found := _tag_row_filter(item)) is not None}
+        if not keyset and all(item is driving or item in on_tag_row for item in query.filters):
+            source, clauses, args = "asset_tags t", ["t.cloud = ?", "t.tag = ?"], [cloud, driving.value]
+        else:
+            source = "asset_tags t CROSS JOIN assets a"
+            clauses = ["t.cloud = ?", "t.tag = ?", "a.pk = t.asset_pk", *clauses]
+            args = [cloud, driving.value, *args]
     live_only = Filter("status", "=", "live") in query.filters
     for item in query.filters:
         if item is driving:
             continue
-        sql, values = _filter_sql(cloud, item)
+        sql, values = on_tag_row.get(item) or _filter_sql(cloud, item)
         if live_only and item.field == "public_id" and item.op in ("=", "in"):
             # A live asset is never detached: its public_id column is its name, and the
             # unique (cloud, resource_type, type, public_id) index finds it.
@@ -2239,6 +2252,16 @@ def _compile(cloud: str, query: AssetQuery, *, keyset: bool) -> tuple[str, str, 
         clauses.append(sql)
         args.extend(values)
     return source, " AND ".join(clauses), args
+
+
+def _tag_row_filter(item: Filter) -> tuple[str, list[Any]] | None:
+    """A filter as a condition on the tag side row, when that row holds its field: `live`
+    mirrors the asset's status (schema migration 19), `created_at` never changes."""
+    if item.field == "status" and item.op == "=" and item.value in ("live", "deleted"):
+        return "t.live = ?", [int(item.value == "live")]
+    if item.field == "created_at" and item.op in _COMPARE:
+        return f"t.created_at {_COMPARE[item.op]} ?", [item.value]
+    return None
 
 
 def _narrowed_elsewhere(query: AssetQuery) -> bool:
@@ -2288,19 +2311,32 @@ async def _write_labels(db: Transaction, asset: Asset, *, fresh: bool = False) -
     if not fresh:
         await db.execute("DELETE FROM asset_tags WHERE asset_pk = ?", (asset.pk,))
         await db.execute("DELETE FROM asset_context WHERE asset_pk = ?", (asset.pk,))
-    await _insert_labels(db, [(asset.pk or 0, asset.cloud, asset.created_at, asset.tags, asset.context)])
+    await _insert_labels(db, [_Labels(asset.pk or 0, asset.cloud, asset.created_at, asset.tags, asset.context, asset.live)])
 
 
-async def _insert_labels(db: Transaction, assets: Sequence[tuple[int, str, float, list[str], dict[str, Any]]]) -> None:
-    """The side rows of (pk, cloud, created_at, tags, context) of assets, in two statements."""
-    tags = [(cloud, str(tag), pk, created_at) for pk, cloud, created_at, names, _ in assets for tag in names]
+class _Labels(NamedTuple):
+    """What an asset's side rows are made of: its row id, environment, creation time (the
+    tag index's order), tags, context entries, and whether it is live (the tag index's status)."""
+
+    pk: int
+    cloud: str
+    created_at: float
+    tags: list[str]
+    context: dict[str, Any]
+    live: bool
+
+
+async def _insert_labels(db: Transaction, assets: Sequence[_Labels]) -> None:
+    """The side rows of assets, in two statements."""
+    tags = [(a.cloud, str(tag), a.pk, a.created_at, int(a.live)) for a in assets for tag in a.tags]
     context = [
-        (cloud, str(key), value if isinstance(value, str) else json.dumps(value), pk)
-        for pk, cloud, _, _, entries in assets for key, value in entries.items()
+        (a.cloud, str(key), value if isinstance(value, str) else json.dumps(value), a.pk)
+        for a in assets for key, value in a.context.items()
     ]
     if tags:
         await db.executemany(
-            "INSERT INTO asset_tags (cloud, tag, asset_pk, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (cloud, tag, asset_pk) DO NOTHING",
+            "INSERT INTO asset_tags (cloud, tag, asset_pk, created_at, live) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (cloud, tag, asset_pk) DO NOTHING",
             tags,
         )
     if context:

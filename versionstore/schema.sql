@@ -511,3 +511,16 @@ CREATE TABLE archive_members (
 CREATE INDEX archive_members_version ON archive_members (version_id);
 CREATE INDEX archive_members_digest ON archive_members (cloud, digest);
 ALTER TABLE archive_files ADD COLUMN removed_reason TEXT;
+
+-- migration 19
+-- The tag index knows whether its asset is live (docs/design.md, "Tag index"): a search
+-- `tags=x` pages and counts by walking asset_tags alone, never reading an asset row per match
+-- to learn its status (rows of deleted assets are kept: a delete with backup leaves a
+-- reservation that `status=deleted` still finds by tag). `live` is written with the asset row,
+-- in the same transaction, by every write of either (metadata.py). Rows from before: live
+-- unless their asset is deleted.
+ALTER TABLE asset_tags ADD COLUMN live INTEGER NOT NULL DEFAULT 1 CHECK (live IN (0, 1));
+UPDATE asset_tags SET live = 0 WHERE asset_pk IN (SELECT pk FROM assets WHERE status = 'deleted');
+DROP INDEX asset_tags_created;
+CREATE INDEX asset_tags_created ON asset_tags (cloud, tag, live, created_at, asset_pk);
+CREATE INDEX asset_tags_live ON asset_tags (cloud, tag, live, asset_pk);
