@@ -106,6 +106,21 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
+async def _enter_wal(db: aiosqlite.Connection, *, within: float = 10.0) -> None:
+    """`PRAGMA journal_mode = WAL`, retried while another process opening the same new file
+    holds it: SQLite can answer "database is locked" at once there, without waiting out the
+    busy timeout (seen with several processes starting on an empty data dir)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
 def _point_connection(path: Path) -> sqlite3.Connection:
     """The connection of `point_transaction`: used by one thread at a time (under the write
     lock), the loop's or the commit thread's."""
@@ -176,7 +191,7 @@ class SqliteGateway:
         writer = await _connect(path)
         applied = []
         try:
-            await writer.execute("PRAGMA journal_mode = WAL")
+            await _enter_wal(writer)
             (seen,) = await (await writer.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
             for number, block in enumerate(migrations(), start=1):
                 if number <= seen:
