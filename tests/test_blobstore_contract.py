@@ -223,3 +223,34 @@ async def test_local_store_on_another_filesystem_copies_then_links(tmp_path, sou
         assert [p.name for p in root.iterdir()] == ["k"]  # no temp file left behind
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["put_file", "put_files"])
+async def test_local_blob_found_already_there_is_made_durable_before_put_returns(tmp_path, source, monkeypatch, many):
+    """A blob another writer linked a moment ago (in another process: here a second store over
+    the same root) may not be durable yet: that writer's directory fsync runs after its link.
+    A put that finds it there must fsync its directory (and the directories above, once per
+    process) itself before the caller commits a version that names it."""
+    from versionstore.blobstore import local
+
+    root = tmp_path / "store"
+    other = open_store(f"file://{root}")
+    await other.put_file("x/aa/bb/k", source)  # stands for a link whose fsyncs have not run yet
+    synced: list[Path] = []
+
+    def recording(path: Path | str) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    real = local.fsync_path
+    monkeypatch.setattr(local, "fsync_path", recording)
+    store = open_store(f"file://{root}")  # this process: has made none of these durable itself
+    if many:
+        assert await store.put_files([("x/aa/bb/k", source)]) == [False]
+    else:
+        assert await store.put_file("x/aa/bb/k", source) is False
+    for directory in (root, root / "x", root / "x" / "aa", root / "x" / "aa" / "bb"):
+        assert directory in synced, f"{directory} was not fsynced"
+    synced.clear()
+    assert await store.put_file("x/aa/bb/k", source) is False  # directories known durable: only the link's
+    assert synced == [root / "x" / "aa" / "bb"]

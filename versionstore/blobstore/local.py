@@ -19,6 +19,8 @@ from versionstore.durable import fsync_path
 CHUNK = 1 << 20
 #: Local paths `local_path` keeps (dropped all at once when full).
 _LOCAL_PATHS = 4096
+#: Directories `_durable_dirs` remembers as durable (the default layout has 256 + 65,536 fan-out directories).
+_DURABLE_DIRS = 100_000
 
 
 class LocalBlobStore:
@@ -29,6 +31,7 @@ class LocalBlobStore:
         self._root_str = str(self.root)
         self._root_prefix = self._root_str + os.sep
         self._local_paths: dict[str, str] = {}  # key -> _safe(key): a download asks for the same few again and again
+        self._durable: set[Path] = {self.root}  # directories whose own entries this process has made durable
 
     def _safe(self, key: str) -> str:
         # Lexical normalisation on strings: keys with ".." or an absolute path cannot leave
@@ -47,7 +50,7 @@ class LocalBlobStore:
 
     def _put_file(self, target: Path, source: Path) -> bool:
         linked = self._link(target, source)
-        if linked:
+        if linked is not False:  # ours, or someone's that may not be durable yet (see _link)
             fsync_path(target.parent)
         return linked is not None
 
@@ -58,16 +61,21 @@ class LocalBlobStore:
         """Every link first, then each directory they went into fsynced once: on a journaling
         file system the first fsync commits every new entry, and the others find theirs done."""
         linked = [self._link(target, source) for target, source in items]
-        for directory in dict.fromkeys(target.parent for (target, _), done in zip(items, linked, strict=True) if done):
+        for directory in dict.fromkeys(target.parent for (target, _), done in zip(items, linked, strict=True) if done is not False):
             fsync_path(directory)
         return [done is not None for done in linked]
 
     def _link(self, target: Path, source: Path) -> bool | None:
         """Publish `source` at `target` create-only: True when linked (its directory entry still
-        to be fsynced), False when copied (made durable already), None when already there."""
+        to be fsynced), False when copied (made durable already), None when already there.
+
+        "Already there" may be another writer's link made a moment ago whose directory fsync
+        has not run yet: a caller about to commit metadata that points at the blob must not
+        count on that writer, so the directory is fsynced for None as for True (a directory
+        with nothing new to write back costs a fraction of a millisecond)."""
+        self._durable_dirs(target.parent)
         if target.exists():
             return None
-        _make_dirs(target.parent)
         try:
             # link() is atomic and create-only: a racing writer of the same digest gets
             # EEXIST instead of replacing bytes someone may be reading.
@@ -163,17 +171,24 @@ class LocalBlobStore:
     async def close(self) -> None:
         pass
 
-
-
-def _make_dirs(directory: Path) -> None:
-    """`directory` and its missing parents, each new one's entry made durable (its parent
-    fsynced) before anything is linked into it: a link's directory fsync keeps the link through
-    a crash only if the directory's own entry survives too, which POSIX does not promise for a
-    directory created without one (a fan-out directory `ab/` or `ab/cd/` of a first digest)."""
-    missing = []
-    while not directory.is_dir():
-        missing.append(directory)
-        directory = directory.parent
-    for new in reversed(missing):
-        new.mkdir(exist_ok=True)  # a racing writer may have made it: its entry is fsynced all the same
-        fsync_path(new.parent)
+    def _durable_dirs(self, directory: Path) -> None:
+        """`directory` and its parents up to the root exist, each one's entry made durable (its
+        parent fsynced) before anything is linked into it: a link's directory fsync keeps the
+        link through a crash only if the directory's own entry survives too, which POSIX does
+        not promise for a directory created without one (a fan-out directory `ab/` or `ab/cd/`
+        of a first digest). A directory found already there may be another writer's (another
+        process's) that is not durable yet, so it is treated like a new one, once per process:
+        the directories known durable are kept (the fan-out bounds them; dropped all at once
+        past _DURABLE_DIRS)."""
+        if directory in self._durable:
+            return
+        chain = []
+        while directory not in self._durable and directory != directory.parent:
+            chain.append(directory)
+            directory = directory.parent
+        if len(self._durable) + len(chain) > _DURABLE_DIRS:
+            self._durable = {self.root}
+        for new in reversed(chain):
+            new.mkdir(exist_ok=True)  # a racing writer may have made it: its entry is fsynced all the same
+            fsync_path(new.parent)
+            self._durable.add(new)
