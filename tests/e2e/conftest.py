@@ -106,7 +106,12 @@ class ServerProcess:
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, env=env,
                 )
-            if self._wait_ready():
+            try:
+                ready = self._wait_ready()
+            except BaseException:  # interrupted (Ctrl-C, a test timeout): no server left behind
+                self._terminate()
+                raise
+            if ready:
                 return
             last_error = self.log_tail()
             self._terminate()
