@@ -210,12 +210,23 @@ class _Supervisor:
             raise StartupError("stopped during start-up")
 
     def _spawn(self, slot: int, ready_fd: int | None) -> None:
-        pid = os.fork()
+        # Stop signals are held across the fork: a worker must never run the supervisor's
+        # handler (it would signal its siblings from its copy of `children`), and the
+        # supervisor's handler must find every worker it has forked in `children`.
+        stops = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                for sig in stops:
+                    signal.signal(sig, signal.SIG_DFL)
+            else:
+                self.children[pid] = (slot, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         if pid == 0:  # the worker
             code = 0
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
 
                 def listening() -> None:
                     if ready_fd is not None:
@@ -232,7 +243,6 @@ class _Supervisor:
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.children[pid] = (slot, time.monotonic())
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stopping = True
