@@ -1,8 +1,9 @@
 """`GET /metrics`: Prometheus text format, and what the request middleware records per request.
 
 Counters and histograms live in `versionstore/telemetry.py` (updated as the service works),
-except the HTTP request series, which are counted here (see "per request" below); the queue depth, job progress and verify outcomes are read from the metadata store at scrape
-time, so they are right whichever process changed them. Who may scrape: see `allowed()` and
+except the HTTP request series, which are counted here (see "per request" below); the queue
+depth, job progress and verify outcomes are read from the metadata store at scrape time, so
+they are right whichever process changed them. Who may scrape: see `allowed()` and
 docs/threat-model.md.
 
 Several processes (`serve --workers N`): call `prepare_multiprocess(dir)` once in the parent,
