@@ -3,8 +3,10 @@ commit epoch of PostgreSQL, which other processes' commits move through LISTEN/N
 
 import asyncio
 import functools
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -330,3 +332,35 @@ async def test_a_listener_that_died_silently_is_found_by_its_probe_and_replaced(
     finally:
         await listener.close()
         await relay.close()
+
+
+# --- SQLite: the epoch is read once per event-loop iteration ----------------------------------
+
+
+async def test_sqlite_epoch_is_shared_within_a_loop_iteration_and_moves_after_it(tmp_path: Path) -> None:
+    """The requests one select() delivered share one `PRAGMA data_version` read; another
+    connection's commit shows from the next iteration on, this gateway's own at once."""
+    from versionstore.gateway import SqliteGateway
+
+    path = tmp_path / "epoch.sqlite3"
+    gate = await SqliteGateway.open(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        read = gate.commit_epoch()
+        other.execute(_INSERT, ("other", "key-other", "s", 0, 0.0))  # another process's commit
+        assert gate.commit_epoch() == read  # the same iteration: the requests it serves arrived before the commit
+        await asyncio.sleep(0)
+        moved = gate.commit_epoch()
+        assert moved != read
+        await asyncio.sleep(0)
+        assert gate.commit_epoch() == moved  # nothing committed since
+        async with gate.transaction() as db:
+            await _insert(db, "own")
+        assert gate.commit_epoch() != moved  # its own commit: at once
+        async with gate.point_transaction() as db:
+            seen = gate.commit_epoch()
+            await _insert(db, "own-point")
+        assert gate.commit_epoch() != seen
+    finally:
+        other.close()
+        await gate.close()

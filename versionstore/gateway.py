@@ -183,6 +183,7 @@ class SqliteGateway:
         # One thread: a BEGIN or COMMIT whose caller was cancelled still runs before the next
         # transaction's BEGIN on this connection, and none queues behind blob work.
         self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
+        self._epoch: object | None = None  # commit_epoch() of this event-loop iteration
 
     @classmethod
     async def open(cls, path: Path) -> "SqliteGateway":
@@ -240,6 +241,7 @@ class SqliteGateway:
                     raise translated from exc
                 raise
             await self._writer.execute("COMMIT")
+            self._epoch = None
 
     @asynccontextmanager
     async def point_transaction(self) -> AsyncIterator[Transaction]:
@@ -255,6 +257,7 @@ class SqliteGateway:
                 await loop.run_in_executor(self._commit_thread, point.execute, "BEGIN IMMEDIATE")
                 yield _InlineTransaction(point)
                 await loop.run_in_executor(self._commit_thread, point.execute, "COMMIT")
+                self._epoch = None
             except BaseException as exc:
                 # After the BEGIN or COMMIT still queued on the thread, if either was interrupted.
                 await asyncio.shield(loop.run_in_executor(self._commit_thread, _roll_back, point))
@@ -267,8 +270,25 @@ class SqliteGateway:
 
     def commit_epoch(self) -> object:
         """`PRAGMA data_version` changes whenever another connection (our writer, the CLI)
-        commits, and costs less than the row look-up a cache saves."""
-        return self._reader.execute("PRAGMA data_version").fetchone()[0]
+        commits, and costs less than the row look-up a cache saves.
+
+        On the event loop it is read once per loop iteration (forgotten by a callback queued
+        when it is read, which runs before anything the next select() delivers) and at once
+        again after this gateway's own COMMIT. Every request that shares the value arrived
+        before it was read, so a commit it does not show is one that request raced with; a
+        request that follows a response it caused is read in a later iteration. The read's
+        cost was a statement and four system calls per request (docs/performance.md)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a thread without a loop (the CLI, a worker): read it now
+            return self._reader.execute("PRAGMA data_version").fetchone()[0]
+        if self._epoch is None:
+            self._epoch = self._reader.execute("PRAGMA data_version").fetchone()[0]
+            loop.call_soon(self._forget_epoch)
+        return self._epoch
+
+    def _forget_epoch(self) -> None:
+        self._epoch = None
 
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return self._reader.execute(sql, args).fetchone()

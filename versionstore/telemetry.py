@@ -13,9 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, values
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, values
 
-#: Request latency buckets (seconds): the read path's targets are in milliseconds.
+#: Request latency buckets (seconds): the read path's targets are in milliseconds. The HTTP
+#: request series themselves are versionstore/http/metrics.py's (counted per request there).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -23,10 +24,6 @@ MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 @dataclass(frozen=True)
 class Metrics:
     registry: CollectorRegistry
-    requests: Counter  # route, method, status
-    latency: Histogram  # route, method
-    received_bytes: Counter  # route: request bodies (uploads are the `.../upload` route)
-    sent_bytes: Counter  # route: response bodies (downloads are the `download_backup` route)
     store_operations: Counter  # store, operation, outcome
     store_errors: Counter  # store, operation, final
     revisions_written: Counter  # store
@@ -52,13 +49,6 @@ def _build() -> Metrics:
     registry = CollectorRegistry(auto_describe=True)
     return Metrics(
         registry=registry,
-        requests=Counter("versionstore_http_requests", "HTTP requests answered, by route, method and status",
-                         ("route", "method", "status"), registry=registry),
-        latency=Histogram("versionstore_http_request_duration_seconds", "Time from the request's headers to the end of its "
-                          "response, by route and method", ("route", "method"), buckets=LATENCY_BUCKETS, registry=registry),
-        received_bytes=Counter("versionstore_http_received_bytes", "Request body bytes read, by route", ("route",),
-                               registry=registry),
-        sent_bytes=Counter("versionstore_http_sent_bytes", "Response body bytes sent, by route", ("route",), registry=registry),
         store_operations=Counter("versionstore_store_operations", "Blob store operations, by store, operation and outcome "
                                  "(ok, written, existing, error)", ("store", "operation", "outcome"), registry=registry),
         store_errors=Counter("versionstore_store_errors", "Failed blob store attempts, by store and operation; final=true when "

@@ -1,8 +1,9 @@
 """`GET /metrics`: Prometheus text format, and what the request middleware records per request.
 
-Counters and histograms live in `versionstore/telemetry.py` (updated as the service works);
-the queue depth, job progress and verify outcomes are read from the metadata store at scrape
-time, so they are right whichever process changed them. Who may scrape: see `allowed()` and
+Counters and histograms live in `versionstore/telemetry.py` (updated as the service works),
+except the HTTP request series, which are counted here (see "per request" below); the queue
+depth, job progress and verify outcomes are read from the metadata store at scrape time, so
+they are right whichever process changed them. Who may scrape: see `allowed()` and
 docs/threat-model.md.
 
 Several processes (`serve --workers N`): call `prepare_multiprocess(dir)` once in the parent,
@@ -14,15 +15,18 @@ import asyncio
 import hmac
 import ipaddress
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from itertools import accumulate
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from versionstore import telemetry
 from versionstore.errors import ApiError
@@ -46,42 +50,135 @@ def prepare_multiprocess(directory: Path) -> None:
     telemetry.use_multiprocess(directory)
 
 
-class _RequestSeries:
-    """The labelled children one kind of request updates, looked up once: `labels()` takes a
-    lock and builds a tuple per call, a visible share of a small request's cost."""
+# --- per request ----------------------------------------------------------------------------
+# The HTTP series (requests, latency, bytes received and sent) are counted on every request,
+# so their cost is the read path's: prometheus-client's `inc()`/`observe()` (a lock and several
+# calls each, four per request) were ~5-9 % of a small request's CPU (docs/performance.md). One
+# process (`serve`): plain numbers the event loop adds to, turned into metric families at scrape
+# time (the scrape runs on the same loop: it sees every answered request). Several processes
+# (`serve --workers N`): prometheus-client's file-backed values, written at once, because a
+# scrape of any worker must see the others' requests.
 
-    def __init__(self, route: str, method: str, status: int) -> None:
-        counters = telemetry.metrics()
-        self.requests = counters.requests.labels(route, method, str(status))
-        self.latency = counters.latency.labels(route, method)
-        self.received = counters.received_bytes.labels(route)
-        self.sent = counters.sent_bytes.labels(route)
+REQUESTS = ("versionstore_http_requests", "HTTP requests answered, by route, method and status")
+LATENCY = ("versionstore_http_request_duration_seconds", "Time from the request's headers to the end of its response, "
+           "by route and method")
+RECEIVED = ("versionstore_http_received_bytes", "Request body bytes read, by route")
+SENT = ("versionstore_http_sent_bytes", "Response body bytes sent, by route")
+_BOUNDS = telemetry.LATENCY_BUCKETS
+_LE = [*map(floatToGoString, _BOUNDS), "+Inf"]
 
 
-#: (route, method, status) -> children; bounded like the labels (routes x methods x statuses).
-_series: dict[tuple[str, str, int], _RequestSeries] = {}
-_series_of: telemetry.Metrics | None = None
+class _Counts:
+    """One (route, method, status)'s answered requests: `buckets[i]` counts latencies of at
+    most `_BOUNDS[i]` seconds and above the bound before it (the last: above every bound)."""
+
+    __slots__ = ("count", "seconds", "buckets", "received", "sent")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(_BOUNDS) + 1)
+        self.received = 0
+        self.sent = 0
+
+
+class RequestCounts(Collector):
+    """The HTTP series of one process, kept as `_Counts` and collected at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, int], _Counts] = {}
+
+    def record(self, key: tuple[str, str, int], elapsed: float, received: int, sent: int) -> None:
+        counts = self.counts.get(key)
+        if counts is None:
+            counts = self.counts[key] = _Counts()
+        counts.count += 1
+        counts.seconds += elapsed
+        counts.buckets[bisect_left(_BOUNDS, elapsed)] += 1  # `le`: a latency equal to a bound is in its bucket
+        counts.received += received
+        counts.sent += sent
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(*REQUESTS, labels=("route", "method", "status"))
+        latency: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        received: dict[str, int] = {}
+        sent: dict[str, int] = {}
+        for (route, method, status), counts in self.counts.items():
+            requests.add_metric((route, method, str(status)), counts.count)
+            buckets, seconds = latency.setdefault((route, method), ([0] * len(counts.buckets), [0.0]))
+            for i, n in enumerate(counts.buckets):
+                buckets[i] += n
+            seconds[0] += counts.seconds
+            received[route] = received.get(route, 0) + counts.received
+            sent[route] = sent.get(route, 0) + counts.sent
+        durations = HistogramMetricFamily(*LATENCY, labels=("route", "method"))
+        for labels, (buckets, seconds) in latency.items():
+            durations.add_metric(labels, list(zip(_LE, accumulate(buckets), strict=True)), seconds[0])
+        families: list[Metric] = [requests, durations]
+        for (name, documentation), totals in ((RECEIVED, received), (SENT, sent)):
+            family = CounterMetricFamily(name, documentation, labels=("route",))
+            for route, total in totals.items():
+                family.add_metric((route,), total)
+            families.append(family)
+        return iter(families)
+
+
+class _FileBackedSeries:
+    """Several processes: one (route, method, status)'s labelled children, looked up once
+    (`labels()` takes a lock and builds a tuple per call)."""
+
+    def __init__(self, metrics: "_FileBacked", route: str, method: str, status: int) -> None:
+        self.requests = metrics.requests.labels(route, method, str(status))
+        self.latency = metrics.latency.labels(route, method)
+        self.received = metrics.received.labels(route)
+        self.sent = metrics.sent.labels(route)
+
+
+class _FileBacked:
+    """The HTTP series as prometheus-client metrics (file-backed in multi-process mode)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(*REQUESTS, ("route", "method", "status"), registry=registry)
+        self.latency = Histogram(*LATENCY, ("route", "method"), buckets=_BOUNDS, registry=registry)
+        self.received = Counter(*RECEIVED, ("route",), registry=registry)
+        self.sent = Counter(*SENT, ("route",), registry=registry)
+        self.series: dict[tuple[str, str, int], _FileBackedSeries] = {}
+
+    def record(self, key: tuple[str, str, int], elapsed: float, received: int, sent: int) -> None:
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _FileBackedSeries(self, *key)
+        series.requests.inc()
+        series.latency.observe(elapsed)
+        if received:
+            series.received.inc(received)
+        if sent:
+            series.sent.inc(sent)
+
+
+#: The HTTP series of the current telemetry.metrics() (remade with them, multi-process).
+_sink: tuple[telemetry.Metrics, RequestCounts | _FileBacked] | None = None
+
+
+def _request_sink() -> RequestCounts | _FileBacked:
+    global _sink
+    current = telemetry.metrics()
+    if _sink is None or _sink[0] is not current:
+        if telemetry.multiprocess_dir() is not None:
+            sink: RequestCounts | _FileBacked = _FileBacked(current.registry)
+        else:
+            sink = RequestCounts()
+            current.registry.register(sink)
+        _sink = (current, sink)
+    return _sink[1]
 
 
 def observe(request: web.Request, route: str, status: int, response: web.StreamResponse | None, elapsed: float) -> None:
     """Record one answered request (called by the middleware, for every request)."""
-    global _series_of
-    if _series_of is not telemetry.metrics():  # first use, or the metrics were remade (multi-process)
-        _series.clear()
-        _series_of = telemetry.metrics()
+    sink = _sink[1] if _sink is not None and _sink[0] is telemetry.metrics() else _request_sink()
     method = request.method if request.method in _METHODS else "OTHER"
-    key = (route, method, status)
-    series = _series.get(key)
-    if series is None:
-        series = _series[key] = _RequestSeries(route, method, status)
-    series.requests.inc()
-    series.latency.observe(elapsed)
     received = request.content.total_bytes if request.body_exists else 0
-    if received:
-        series.received.inc(received)
-    sent = _body_length(response)
-    if sent:
-        series.sent.inc(sent)
+    sink.record((route, method, status), elapsed, received, _body_length(response))
 
 
 def _body_length(response: web.StreamResponse | None) -> int:
