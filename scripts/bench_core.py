@@ -442,6 +442,10 @@ class Bench:
                  f"of the spool's {record['life_s']:.2f}s ({lane['busy_of_span']:.0%} of its own span, {lane['jobs']} jobs)"
                  for name, lane in sorted(lanes.items())]
         log("   timeline: " + "; ".join(parts))
+        for name in ("md5", "write", "loop_wait"):
+            if lanes.get(name, {}).get("slices"):
+                log(f"   {name:>9} busy per tenth of the spool's life: "
+                    + " ".join(f"{share:4.0%}" for share in lanes[name].get("slices", [])))
 
     def _split_threads(self, proc: psutil.Process, before: dict[int, tuple[float, float]]) -> None:
         """The upload's CPU by thread: the event loop (the main thread) and the worker threads."""

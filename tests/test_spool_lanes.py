@@ -21,7 +21,7 @@ import pytest
 
 from versionstore import spool as spool_module
 from versionstore.spool import IN_FLIGHT, SpoolFile
-from versionstore.spool_lanes import TIMELINE_ENV, Lane
+from versionstore.spool_lanes import SLICES, TIMELINE_ENV, Lane
 
 MiB = 1 << 20
 
@@ -153,3 +153,5 @@ async def test_the_timeline_records_each_lane(tmp_path: Path, monkeypatch: pytes
     assert summary["lanes"]["write"]["jobs"] == summary["lanes"]["md5"]["jobs"] == 6
     assert {"sync", "close"} <= set(summary["lanes"])
     assert 0 < summary["lanes"]["md5"]["busy_of_life"] <= 1
+    slices = summary["lanes"]["md5"]["slices"]
+    assert len(slices) == SLICES and all(0 <= share <= 1.01 for share in slices) and any(slices)

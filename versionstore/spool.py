@@ -3,24 +3,26 @@
 Two digests per upload: BLAKE3 is the content address (blob names, dedup, verification) and
 MD5 is Cloudinary's `etag`, which clients compare with a local MD5. The chunks received are
 collected as they are (no copy), or lent as whole blocks by a caller that received them into
-its own buffers (`write_block`, http/body_tap.py), and handed off once per ~4 MiB block to two worker threads:
-one hashes with BLAKE3 and writes, the other hashes with MD5 (all three release the GIL).
-Both run beside the receipt of the next blocks; each worker takes the blocks in order (a
-block's job starts once the block before is done in that lane), with up to `IN_FLIGHT` blocks
-handed over, so the bytes reach each hasher and the file in order and neither worker idles
-while the other finishes. An upload then costs about the slowest of receiving, MD5, and
-BLAKE3 + write, not their sum: on two cores MD5, the serial hash, sets the pace. Memory per
-upload is bounded by `IN_FLIGHT + 1` blocks.
+its own buffers (`write_block`, http/body_tap.py), and queued once per ~4 MiB block on two
+lanes (spool_lanes.py): one hashes with BLAKE3 and writes, the other hashes with MD5 (all
+three release the GIL). Each lane drains its queue in order on one worker thread, beside the
+receipt of the next blocks and without waiting for the other lane; only the memory bound,
+`IN_FLIGHT` blocks handed over, holds the receipt back. An upload then costs about the slowest
+of receiving, MD5, and BLAKE3 + write, not their sum: on two cores MD5, the serial hash, sets
+the pace. Memory per upload is bounded by `IN_FLIGHT + 1` blocks.
 
 The written bytes are also flushed to the device while the upload is still arriving (an
 `fdatasync` on a third thread per `SYNC_EVERY` bytes, never waited for by the receipt): the
 durable `fsync` before any store links the file then finds almost nothing left to flush. On
 this project's virtual disks one fsync at the end waited about 2 s per GiB with every CPU idle,
-a third of the upload's wall time (docs/performance.md, "The final fsync").
+a third of the upload's wall time (docs/performance.md, "The final fsync"). Each flushed range
+is then dropped from the page cache, which cuts the write lane's CPU (docs/performance.md,
+"The deep pipeline").
 """
 
 import asyncio
 import collections
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -40,8 +42,8 @@ from versionstore.errors import TooLarge
 from versionstore.spool_lanes import Lane, Timeline
 
 BLOCK = 1 << 20
-#: Bytes collected before a hand-off to the worker threads: two thread jobs per block, so
-#: larger blocks mean fewer hand-offs; IN_FLIGHT blocks in flight bound the memory of an upload.
+#: Bytes collected before a hand-off to the lanes (one completion per lane per block, so larger
+#: blocks mean fewer hand-offs); IN_FLIGHT blocks in flight bound the memory of an upload.
 HANDOFF = 4 << 20
 #: Blocks handed to the lanes and not yet done in both. Four: each lane takes the next block
 #: the moment it finishes one, so MD5 (the serial hash, the upload's pace on two cores) keeps
@@ -130,6 +132,10 @@ class SpoolFile:
         self._in_flight: collections.deque[tuple[asyncio.Future[None], asyncio.Future[None] | None]] = collections.deque()
         self._syncing: asyncio.Future[None] | None = None
         self._unsynced = 0
+        # Bytes the write lane has written (it alone adds to it), and the start of the range
+        # whose pages no flush has dropped from the page cache yet.
+        self._written = 0
+        self._dropped = 0
         # A background flush's failure, raised by `finish`: Linux reports a writeback error to
         # one fsync per open file only, so the final fsync would not see it again.
         self._sync_error: OSError | None = None
@@ -203,6 +209,7 @@ class SpoolFile:
                 view = memoryview(chunk)
                 while view:
                     view = view[self._handle.write(view) :]
+                self._written += len(chunk)
         finally:
             self._leave()
 
@@ -211,12 +218,20 @@ class SpoolFile:
             self.hashes.update_md5_all(chunks)
 
     def _datasync(self, _: list[bytes | memoryview]) -> None:
-        """Flush what was written so far; a failure is kept for `finish` to raise."""
+        """Flush what was written so far, then drop those pages from the page cache (they are
+        clean now, and nothing reads them during the upload): a write into a page cache that
+        does not grow cost the write lane a third of the CPU per GiB (docs/performance.md,
+        "The deep pipeline"). A failure is kept for `finish` to raise."""
         if not self._enter():
             return
         started, cpu = time.monotonic(), time.thread_time()
         try:
+            upto = self._written  # written before the flush starts: clean once it returns
             os.fdatasync(self._handle.fileno())
+            if upto > self._dropped:
+                with contextlib.suppress(OSError):  # only advice: the bytes are safe either way
+                    os.posix_fadvise(self._handle.fileno(), self._dropped, upto - self._dropped, os.POSIX_FADV_DONTNEED)
+                self._dropped = upto
         except OSError as error:
             self._sync_error = error
         finally:

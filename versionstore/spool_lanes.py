@@ -24,6 +24,8 @@ from typing import Any
 
 #: A file to append one JSON line per spool file to: the lanes' busy intervals and the loop's waits.
 TIMELINE_ENV = "VERSIONSTORE_SPOOL_TIMELINE"
+#: Equal slices of a spool file's life the timeline gives each lane's busy share for.
+SLICES = 10
 
 Chunks = list[bytes | memoryview]
 Job = tuple[Callable[[Chunks], None], Chunks, asyncio.Future[None]]
@@ -59,13 +61,26 @@ class Timeline:
                            "busy_of_life": round(busy / life, 3),
                            "busy_of_span": round(busy / span, 3),
                            "first_s": round(spans[0][0] - self.started, 4) if spans else None,
-                           "last_s": round(spans[-1][1] - self.started, 4) if spans else None}
+                           "last_s": round(spans[-1][1] - self.started, 4) if spans else None,
+                           "slices": _slices(spans, self.started, life)}
         return {"bytes": size, "life_s": round(life, 4), "lanes": lanes}
 
     def write(self, size: int) -> None:
         line = json.dumps(self.summary(size, time.monotonic()))
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
+
+
+def _slices(spans: list[tuple[float, float]], started: float, life: float, count: int = SLICES) -> list[float]:
+    """The busy share of each of `count` equal slices of the spool's life: where a lane idles."""
+    width = life / count
+    busy = [0.0] * count
+    for start, end in spans:
+        start, end = start - started, end - started
+        for index in range(max(0, int(start / width)), min(count, int(end / width) + 1)):
+            low, high = index * width, (index + 1) * width
+            busy[index] += max(0.0, min(end, high) - max(start, low))
+    return [round(share / width, 2) for share in busy]
 
 
 class Lane:
