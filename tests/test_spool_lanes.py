@@ -14,12 +14,14 @@ import json
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
 import pytest
 
 from versionstore import spool as spool_module
+from versionstore import spool_lanes
 from versionstore.spool import IN_FLIGHT, SpoolFile
 from versionstore.spool_lanes import SLICES, TIMELINE_ENV, Lane
 
@@ -155,3 +157,24 @@ async def test_the_timeline_records_each_lane(tmp_path: Path, monkeypatch: pytes
     assert 0 < summary["lanes"]["md5"]["busy_of_life"] <= 1
     slices = summary["lanes"]["md5"]["slices"]
     assert len(slices) == SLICES and all(0 <= share <= 1.01 for share in slices) and any(slices)
+
+
+async def test_lanes_share_their_threads_a_run_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lane gives its thread up after RUN jobs in a row: with one thread for all lanes, a second
+    lane's jobs run before the first lane's long queue is done, not after it."""
+    monkeypatch.setattr(spool_lanes, "RUN", 2)
+    one = ThreadPoolExecutor(max_workers=1)
+    monkeypatch.setattr(spool_lanes, "_THREADS", one)
+    order: list[str] = []
+
+    def job(chunks: list[bytes | memoryview]) -> None:
+        order.append(bytes(chunks[0]).decode())
+
+    first, second = Lane("a", None), Lane("b", None)
+    futures = [first.submit(job, [f"a{i}".encode()]) for i in range(6)]
+    futures += [second.submit(job, [f"b{i}".encode()]) for i in range(2)]
+    await asyncio.gather(*futures)
+    one.shutdown()
+    assert order.index("b1") < order.index("a5")
+    assert [name for name in order if name[0] == "a"] == [f"a{i}" for i in range(6)]
+    assert not first._running and not second._running

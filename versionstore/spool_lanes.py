@@ -7,6 +7,12 @@ block. Lanes are independent: the MD5 lane never waits for the write lane, only 
 memory bound (blocks in flight) holds either back. A failed job fails every later job of its
 lane without running it: the bytes must reach each hasher and the file in order.
 
+Lanes run on a pool of their own, not the event loop's default executor: a lane of a long
+upload holds its thread for as long as it has blocks, and must not keep the service's other
+thread work (database commits, file operations) waiting. A lane also gives its thread up after
+`RUN` blocks in a row (it queues itself again behind the other lanes waiting), so many
+concurrent uploads share the pool instead of the first ones holding it.
+
 `Timeline` records when each lane was busy and when the event loop waited for a lane, behind
 the `VERSIONSTORE_SPOOL_TIMELINE` environment variable (a file that gets one JSON line per
 spool file): `scripts/bench_core.py --timeline` reads it to show where an upload idles.
@@ -20,12 +26,17 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 #: A file to append one JSON line per spool file to: the lanes' busy intervals and the loop's waits.
 TIMELINE_ENV = "VERSIONSTORE_SPOOL_TIMELINE"
 #: Equal slices of a spool file's life the timeline gives each lane's busy share for.
 SLICES = 10
+#: Blocks a lane runs in a row before it gives its thread up to the other lanes waiting.
+RUN = 16
+#: Threads of all lanes together: two lanes and a flush per upload, for this many concurrent uploads.
+_THREADS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="spool-lane")
 
 Chunks = list[bytes | memoryview]
 Job = tuple[Callable[[Chunks], None], Chunks, asyncio.Future[None]]
@@ -103,11 +114,11 @@ class Lane:
             self._jobs.append((work, chunks, future))
             start, self._running = not self._running, True
         if start:  # no thread drains the lane: start one (it stops when the lane is empty)
-            loop.run_in_executor(None, self._drain, loop)
+            _THREADS.submit(self._drain, loop)
         return future
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
+        for _ in range(RUN):
             with self._lock:
                 if not self._jobs:
                     self._running = False
@@ -123,6 +134,7 @@ class Lane:
                     self._timeline.record(self.name, started, time.monotonic(), time.thread_time() - cpu)
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for this job any more
                 loop.call_soon_threadsafe(_settle, future, self._failure)
+        _THREADS.submit(self._drain, loop)  # RUN blocks done: behind the other lanes waiting for a thread
 
 
 def _settle(future: asyncio.Future[None], failure: BaseException | None) -> None:
