@@ -219,9 +219,9 @@ class SpoolFile:
 
     def _datasync(self, _: list[bytes | memoryview]) -> None:
         """Flush what was written so far, then drop those pages from the page cache (they are
-        clean now, and nothing reads them during the upload): a write into a page cache that
-        does not grow cost the write lane a third of the CPU per GiB (docs/performance.md,
-        "The deep pipeline"). A failure is kept for `finish` to raise."""
+        clean now, and nothing reads them during the upload): writing into a page cache that
+        keeps every page cost the write lane 0.3-0.4 s more CPU per GiB in the upload benchmark
+        (docs/performance.md, "The deep pipeline"). A failure is kept for `finish` to raise."""
         if not self._enter():
             return
         started, cpu = time.monotonic(), time.thread_time()

@@ -35,7 +35,7 @@ TIMELINE_ENV = "VERSIONSTORE_SPOOL_TIMELINE"
 SLICES = 10
 #: Blocks a lane runs in a row before it gives its thread up to the other lanes waiting.
 RUN = 16
-#: Threads of all lanes together: two lanes and a flush per upload, for this many concurrent uploads.
+#: Threads of all lanes together: two lanes per upload, so 16 uploads run at full pace at once.
 _THREADS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="spool-lane")
 
 Chunks = list[bytes | memoryview]
@@ -61,8 +61,8 @@ class Timeline:
         self.cpu[lane] += cpu
 
     def summary(self, size: int, finished: float) -> dict[str, Any]:
-        """Per lane: busy seconds and the busy share of the spool's life and of the span from its
-        first to its last job; the loop's waits; the tail (after the last lane job)."""
+        """Per lane (and the loop's waits): jobs, busy and CPU seconds, the busy share of the
+        spool's life, of the span from its first to its last job, and of each tenth of the life."""
         life = max(finished - self.started, 1e-9)
         lanes: dict[str, Any] = {}
         for lane, spans in self.intervals.items():
