@@ -242,6 +242,8 @@ class Results:
     # The bare aiohttp sinks (same curl body): wall and server CPU seconds per run, by sink.
     sink_seconds: dict[str, list[float]] = field(default_factory=dict)
     sink_cpu: dict[str, list[float]] = field(default_factory=dict)
+    # --timeline: the spool's record of each upload (versionstore/spool_lanes.py): lanes' busy shares.
+    timelines: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Bench:
@@ -263,6 +265,7 @@ class Bench:
         self.services: dict[int, Server] = {}
         self.bares: dict[int, Server] = {}
         self.lag_file = self.root / "loop-lag.jsonl"
+        self.timeline_file = self.root / "spool-timeline.jsonl"
         self.lua = self.work / "report.lua"
         self.lua.write_text(WRK_LUA)
 
@@ -309,7 +312,10 @@ class Bench:
             argv += ["--workers", str(workers)]
         if self.args.loop_lag:  # the same command under the event-loop lag probe (scripts/loop_lag.py)
             argv[1:3] = [str(Path(__file__).resolve().parent / "loop_lag.py"), str(self.lag_file), "versionstore"]
-        return Server(name, argv, port, log_path)
+        server = Server(name, argv, port, log_path)
+        if self.args.timeline:  # the spool writes one JSON line per spool file (versionstore/spool_lanes.py)
+            server.env = {"VERSIONSTORE_SPOOL_TIMELINE": str(self.timeline_file)}
+        return server
 
     def lag_signal(self, server: Server) -> list[int]:
         """--loop-lag: ask the service's event loops (its workers' with --workers) to write what
@@ -418,7 +424,28 @@ class Bench:
         self.results.others_share.append(max(0.0, others) / (elapsed * (os.cpu_count() or 1)))
         if result.get("bytes") != self.args.size_mib * MiB or not result.get("backup"):
             raise RuntimeError(f"unexpected upload result: {json.dumps(result)[:500]}")
+        if self.args.timeline:
+            self.read_timeline(elapsed)
         return elapsed, sampler.growth, sampler.baseline, cpu
+
+    def read_timeline(self, elapsed: float) -> None:
+        """--timeline: the spool's record of the upload just made (the last line of the file)."""
+        lines = self.timeline_file.read_text().splitlines() if self.timeline_file.exists() else []
+        if not lines:
+            log("   (no spool timeline: the service predates --timeline)")
+            return
+        record = json.loads(lines[-1])
+        record["upload_s"] = elapsed
+        self.results.timelines.append(record)
+        lanes = record["lanes"]
+        parts = [f"{name} busy {lane['busy_s']:.2f}s (CPU {lane.get('cpu_s', 0.0):.2f}s) = {lane['busy_of_life']:.0%} "
+                 f"of the spool's {record['life_s']:.2f}s ({lane['busy_of_span']:.0%} of its own span, {lane['jobs']} jobs)"
+                 for name, lane in sorted(lanes.items())]
+        log("   timeline: " + "; ".join(parts))
+        for name in ("md5", "write", "loop_wait"):
+            if lanes.get(name, {}).get("slices"):
+                log(f"   {name:>9} busy per tenth of the spool's life: "
+                    + " ".join(f"{share:4.0%}" for share in lanes[name].get("slices", [])))
 
     def _split_threads(self, proc: psutil.Process, before: dict[int, tuple[float, float]]) -> None:
         """The upload's CPU by thread: the event loop (the main thread) and the worker threads."""
@@ -717,12 +744,30 @@ class Bench:
         log(f"   per thread: event loop {median(r.loop_user) / gib:.2f} s user + {median(r.loop_system) / gib:.2f} s system "
             f"per GiB, worker threads {median(r.workers_cpu) / gib:.2f} s per GiB (MD5, BLAKE3, writes)")
         self.report_sinks(up_best)
+        self.report_timelines()
         loads = ", ".join(f"{x:.1f}" for x in r.load_avg)
         shares = ", ".join(f"{x:.0%}" for x in r.others_share)
         log(f"   load      : 1-min load average {loads} before each upload; other processes used {shares} of the "
             f"{os.cpu_count()} CPUs during them" + (f" (> {TARGETS['others_share_max']:.0%}: the wall-clock ratio is "
                                                     "not judged; re-run on a quiet machine)" if busy else ""))
         return met and cpu_met and not busy
+
+    def report_timelines(self) -> None:
+        """--timeline: per lane, the median share of the spool file's life it was busy, and its CPU
+        per GiB; idle time in the MD5 lane is what keeps the upload from MD5's pace."""
+        records = self.results.timelines
+        if not records:
+            return
+        gib = self.args.size_mib / 1024
+        lanes = sorted({name for record in records for name in record["lanes"]})
+        parts = []
+        for name in lanes:
+            found = [record["lanes"][name] for record in records if name in record["lanes"]]
+            parts.append(f"{name} {median([lane['busy_of_life'] for lane in found]):.0%} busy "
+                         f"({median([lane.get('cpu_s', 0.0) for lane in found]) / gib:.2f} CPU-s/GiB)")
+        life = median([record["life_s"] for record in records])
+        log(f"   lanes     : of the spool file's life (median {life:.2f} s): " + ", ".join(parts)
+            + "; loop_wait = the event loop waiting for a lane (the memory bound), close = the final fsync")
 
     def report_sinks(self, upload_best: float) -> None:
         """The ceiling: the same curl upload into bare aiohttp handlers (no spool, no BLAKE3)."""
@@ -788,6 +833,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run the service under scripts/loop_lag.py and print, per measured run, how late a 1 ms "
                              "timer ran in its event loop and which callbacks held the loop over 1 ms (the probe costs "
                              "the service a few percent: not for the judged figures)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="row 1: the service records each spool file's lanes (MD5, BLAKE3 + write, flushes) and the "
+                             "event loop's waits for them (VERSIONSTORE_SPOOL_TIMELINE); printed per upload")
     parser.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second (default 500)")
     parser.add_argument("--profile-top", type=int, default=25, help="functions listed per profile (default 25)")
     add_load_option(parser)

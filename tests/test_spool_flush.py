@@ -1,6 +1,7 @@
 """The spool file flushes to the device while an upload arrives (SpoolFile's background
-`fdatasync`), and what that must never change: the bytes, the digests, a failure reported,
-and a discarded file removed even while a flush is in flight.
+`fdatasync`, then the flushed pages dropped from the page cache), and what that must never
+change: the bytes, the digests, a failure reported, and a discarded file removed even while a
+flush is in flight.
 
 os.fdatasync is wrapped here only to count calls, to hold one open, or to fail with EIO:
 a device error cannot be produced on demand on this machine."""
@@ -112,3 +113,50 @@ async def until(condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("timed out")
+
+
+async def test_flushed_pages_are_dropped_in_order_and_only_once_written(tmp_path: Path, flush_every_mib: None,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """After each background flush the flushed range is dropped from the page cache: ranges that
+    follow each other from 0, never past what was written when the flush started."""
+    real_sync, real_advise = os.fdatasync, os.posix_fadvise
+    written_at_sync: list[int] = []
+    drops: list[tuple[int, int, int]] = []
+    spool = SpoolFile(tmp_path, limit=64 * MiB)
+
+    def syncing(fd: int) -> None:
+        written_at_sync.append(os.fstat(fd).st_size)
+        real_sync(fd)
+
+    def advising(fd: int, offset: int, length: int, advice: int) -> None:
+        drops.append((offset, length, advice))
+        real_advise(fd, offset, length, advice)
+
+    wrap_fdatasync(monkeypatch, syncing)
+    monkeypatch.setattr(os, "posix_fadvise", advising)
+    data = blocks(12)
+    for block in data:
+        await spool.write_block(memoryview(bytearray(block)))
+    spooled = await spool.finish()
+    assert spooled.path.read_bytes() == b"".join(data)
+    assert drops and all(advice == os.POSIX_FADV_DONTNEED for _, _, advice in drops)
+    end = 0
+    for offset, length, _ in drops:
+        assert offset == end and length > 0
+        end = offset + length
+    assert end <= max(written_at_sync)
+
+
+async def test_a_failed_page_drop_does_not_fail_the_upload(tmp_path: Path, flush_every_mib: None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def refusing(fd: int, offset: int, length: int, advice: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refusing)
+    data = blocks(6)
+    spool = SpoolFile(tmp_path, limit=64 * MiB)
+    for block in data:
+        await spool.write_block(memoryview(bytearray(block)))
+    spooled = await spool.finish()
+    assert spooled.path.read_bytes() == b"".join(data)
+    assert spooled.md5 == hashlib.md5(b"".join(data)).hexdigest()

@@ -3,24 +3,26 @@
 Two digests per upload: BLAKE3 is the content address (blob names, dedup, verification) and
 MD5 is Cloudinary's `etag`, which clients compare with a local MD5. The chunks received are
 collected as they are (no copy), or lent as whole blocks by a caller that received them into
-its own buffers (`write_block`, http/body_tap.py), and handed off once per ~4 MiB block to two worker threads:
-one hashes with BLAKE3 and writes, the other hashes with MD5 (all three release the GIL).
-Both run beside the receipt of the next blocks; each worker takes the blocks in order (a
-block's job starts once the block before is done in that lane), with up to `IN_FLIGHT` blocks
-handed over, so the bytes reach each hasher and the file in order and neither worker idles
-while the other finishes. An upload then costs about the slowest of receiving, MD5, and
-BLAKE3 + write, not their sum: on two cores MD5, the serial hash, sets the pace. Memory per
-upload is bounded by `IN_FLIGHT + 1` blocks.
+its own buffers (`write_block`, http/body_tap.py), and queued once per ~4 MiB block on two
+lanes (spool_lanes.py): one hashes with BLAKE3 and writes, the other hashes with MD5 (all
+three release the GIL). Each lane drains its queue in order on one worker thread, beside the
+receipt of the next blocks and without waiting for the other lane; only the memory bound,
+`IN_FLIGHT` blocks handed over, holds the receipt back. An upload then costs about the slowest
+of receiving, MD5, and BLAKE3 + write, not their sum: on two cores MD5, the serial hash, sets
+the pace. Memory per upload is bounded by `IN_FLIGHT + 1` blocks.
 
 The written bytes are also flushed to the device while the upload is still arriving (an
 `fdatasync` on a third thread per `SYNC_EVERY` bytes, never waited for by the receipt): the
 durable `fsync` before any store links the file then finds almost nothing left to flush. On
 this project's virtual disks one fsync at the end waited about 2 s per GiB with every CPU idle,
-a third of the upload's wall time (docs/performance.md, "The final fsync").
+a third of the upload's wall time (docs/performance.md, "The final fsync"). Each flushed range
+is then dropped from the page cache, which cuts the write lane's CPU (docs/performance.md,
+"The deep pipeline").
 """
 
 import asyncio
 import collections
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -37,15 +39,17 @@ import blake3
 
 from versionstore.durable import fsync_path
 from versionstore.errors import TooLarge
+from versionstore.spool_lanes import Lane, Timeline
 
 BLOCK = 1 << 20
-#: Bytes collected before a hand-off to the worker threads: two thread jobs per block, so
-#: larger blocks mean fewer hand-offs; IN_FLIGHT blocks in flight bound the memory of an upload.
+#: Bytes collected before a hand-off to the lanes (one completion per lane per block, so larger
+#: blocks mean fewer hand-offs); IN_FLIGHT blocks in flight bound the memory of an upload.
 HANDOFF = 4 << 20
-#: Blocks handed to the workers at once. Two: a worker that finishes a block finds the next one
-#: waiting instead of idling until the other worker is also done (the lock-step of one block in
-#: flight left 0.2-0.4 of the 2 CPUs idle during a large upload). Memory: IN_FLIGHT + 1 blocks.
-IN_FLIGHT = 2
+#: Blocks handed to the lanes and not yet done in both. Four: each lane takes the next block
+#: the moment it finishes one, so MD5 (the serial hash, the upload's pace on two cores) keeps
+#: going while the write lane stalls on the page cache or the disk, for up to three blocks.
+#: Memory: IN_FLIGHT + 1 blocks (20 MiB for a tapped upload).
+IN_FLIGHT = 4
 HEAD = 64
 #: Bytes written between two background `fdatasync`s: small enough that the final fsync finds
 #: little left, large enough that the flushes cost nothing measurable beside the receipt.
@@ -119,12 +123,19 @@ class SpoolFile:
         self.head = b""
         self.hashes = Hashes()
         self.with_md5 = md5
-        # Blocks handed to the workers and not yet done: (BLAKE3 + write, MD5 or None) per block,
-        # oldest first. Each worker takes the blocks in order (a block's job starts when the
-        # block before is done in that lane), so neither waits for the other between blocks.
+        self._timeline = Timeline.from_env()
+        # Two lanes (spool_lanes.py), each taking the blocks in order on a thread of its own
+        # while there are any: BLAKE3 + write, and MD5 (None when off). Neither waits for the
+        # other; `_in_flight` holds each block's two completions, oldest first, and bounds memory.
+        self._write_lane = Lane("write", self._timeline)
+        self._md5_lane = Lane("md5", self._timeline) if md5 else None
         self._in_flight: collections.deque[tuple[asyncio.Future[None], asyncio.Future[None] | None]] = collections.deque()
         self._syncing: asyncio.Future[None] | None = None
         self._unsynced = 0
+        # Bytes the write lane has written (it alone adds to it), and the start of the range
+        # whose pages no flush has dropped from the page cache yet.
+        self._written = 0
+        self._dropped = 0
         # A background flush's failure, raised by `finish`: Linux reports a writeback error to
         # one fsync per open file only, so the final fsync would not see it again.
         self._sync_error: OSError | None = None
@@ -165,19 +176,26 @@ class SpoolFile:
         chunks, self._pending, self._pending_size = self._pending, [], 0
         if chunks:
             while len(self._in_flight) >= IN_FLIGHT:  # bounded memory; a lent block is free again
-                await _both(self._in_flight.popleft())
-            last = self._in_flight[-1] if self._in_flight else (None, None)
-            md5 = _after(last[1], self.hashes.update_md5_all, chunks) if self.with_md5 else None
-            self._in_flight.append((_after(last[0], self._write_chunks, chunks), md5))
+                await self._oldest_done()
+            md5 = self._md5_lane.submit(self._md5_chunks, chunks) if self._md5_lane is not None else None
+            self._in_flight.append((self._write_lane.submit(self._write_chunks, chunks), md5))
             self._unsynced += sum(len(chunk) for chunk in chunks)
             if self._unsynced >= SYNC_EVERY and (self._syncing is None or self._syncing.done()):
                 # Flushes what earlier blocks wrote; the receipt never waits for it.
                 self._unsynced = 0
                 self._syncing = _started(self._datasync, [])
 
+    async def _oldest_done(self) -> None:
+        started = time.monotonic()
+        try:
+            await _both(self._in_flight.popleft())
+        finally:
+            if self._timeline is not None:
+                self._timeline.record("loop_wait", started, time.monotonic())
+
     async def _in_flight_done(self) -> None:
         while self._in_flight:
-            await _both(self._in_flight.popleft())
+            await self._oldest_done()
         if self._syncing is not None:
             syncing, self._syncing = self._syncing, None
             await syncing
@@ -191,19 +209,35 @@ class SpoolFile:
                 view = memoryview(chunk)
                 while view:
                     view = view[self._handle.write(view) :]
+                self._written += len(chunk)
         finally:
             self._leave()
 
+    def _md5_chunks(self, chunks: list[bytes | memoryview]) -> None:
+        if not self._discarded:  # a discarded upload's MD5 is never read
+            self.hashes.update_md5_all(chunks)
+
     def _datasync(self, _: list[bytes | memoryview]) -> None:
-        """Flush what was written so far; a failure is kept for `finish` to raise."""
+        """Flush what was written so far, then drop those pages from the page cache (they are
+        clean now, and nothing reads them during the upload): writing into a page cache that
+        keeps every page cost the write lane 0.3-0.4 s more CPU per GiB in the upload benchmark
+        (docs/performance.md, "The deep pipeline"). A failure is kept for `finish` to raise."""
         if not self._enter():
             return
+        started, cpu = time.monotonic(), time.thread_time()
         try:
+            upto = self._written  # written before the flush starts: clean once it returns
             os.fdatasync(self._handle.fileno())
+            if upto > self._dropped:
+                with contextlib.suppress(OSError):  # only advice: the bytes are safe either way
+                    os.posix_fadvise(self._handle.fileno(), self._dropped, upto - self._dropped, os.POSIX_FADV_DONTNEED)
+                self._dropped = upto
         except OSError as error:
             self._sync_error = error
         finally:
             self._leave()
+            if self._timeline is not None:
+                self._timeline.record("sync", started, time.monotonic(), time.thread_time() - cpu)
 
     def _enter(self) -> bool:
         """A worker starts using the file, unless it was discarded."""
@@ -226,7 +260,11 @@ class SpoolFile:
         await self._in_flight_done()
         if self._sync_error is not None:
             raise self._sync_error
+        started = time.monotonic()
         await asyncio.to_thread(self._close, sync)
+        if self._timeline is not None:
+            self._timeline.record("close", started, time.monotonic())
+            self._timeline.write(self.size)
         md5 = self.hashes.md5 if self.with_md5 else None
         return Spooled(self.path, self.size, self.hashes.blake3, self.head, synced=sync, md5=md5, lock=self._lock)
 
@@ -293,23 +331,6 @@ def _spool_now(directory: Path, data: bytes, sync: bool) -> Spooled:
         raise
     md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
     return Spooled(path, len(data), blake3.blake3(data).hexdigest(), data[:HEAD], synced=sync, md5=md5, lock=lock)
-
-
-def _after(
-    before: asyncio.Future[None] | None, work: Callable[[list[bytes | memoryview]], None], chunks: list[bytes | memoryview]
-) -> asyncio.Future[None]:
-    """`work(chunks)` on a worker thread once `before` (the same lane's previous block) is done;
-    if `before` failed, `work` never runs and this fails the same way (the bytes must stay in order)."""
-    if before is None or (before.done() and not before.cancelled() and before.exception() is None):
-        return _started(work, chunks)
-
-    async def chained() -> None:
-        await before
-        await asyncio.to_thread(work, chunks)
-
-    future = asyncio.ensure_future(chained())
-    future.add_done_callback(lambda done: done.cancelled() or done.exception())
-    return future
 
 
 async def _both(block: tuple[asyncio.Future[None], asyncio.Future[None] | None]) -> None:
