@@ -268,7 +268,9 @@ class SourceRun:
         """Look the asset up; upload unless its backed-up current version has these bytes.
 
         `digest` None: not hashed yet. A file is hashed before uploading only when the server has
-        an asset to compare it with; a new one is hashed as it uploads (one read of the file).
+        an asset to compare it with. A new one is not hashed by the client at all (the disk is read
+        once, by sendfile): the server hashes what it receives and its digest is recorded; with
+        --verify the client hashes it as it uploads and compares.
         After a transient upload error the lookup runs again before the retry: the lost answer may
         belong to an upload that landed, and uploading it twice would add a duplicate version.
         """
@@ -296,7 +298,9 @@ class SourceRun:
                 advanced[0] += n
                 bar.update(n)
 
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= BLOCK else 1) if digest is None else None
+            # A new file is not hashed here: the server hashes what it receives, and FileBody aborts
+            # the request if the file changes under it. --verify also hashes it on the way, to compare.
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= BLOCK else 1) if digest is None and self.args.verify else None
             try:
                 result = await self.api.upload(item, path, filename, sent, hasher)
             except TRANSIENT as exc:
@@ -307,7 +311,7 @@ class SourceRun:
                     raise RequestFailed(f"upload: gave up after {self.api.retries} retries: {Api.describe(exc)}") from exc
                 await self.api.pause(attempt, exc)
                 continue
-            digest = hasher.hexdigest() if hasher is not None else digest
+            digest = hasher.hexdigest() if hasher is not None else digest or str(result.get("blake3") or "") or None
             if digest is None or result.get("blake3") != digest:
                 raise RequestFailed("the file changed while it was being uploaded; run again")
             if not result.get("backup"):
