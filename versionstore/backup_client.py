@@ -50,6 +50,9 @@ OUTCOMES = ("uploaded", "skipped_unchanged", "skipped_already_backed_up", "backu
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 READ_ERRORS = (OSError, ValueError, csv.Error)  # an unreadable manifest or directory
 LISTING_MAX = 100  # public_ids per listing request (the server's limit)
+#: Uploads in flight. Most of a small file's upload is the server waiting on its fsyncs (spool,
+#: links, commit), not CPU, so 4 left the CPUs of a 2-core machine a third idle (docs/performance.md).
+CONCURRENCY = 8
 
 
 class Report:
@@ -409,7 +412,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     mode.add_argument("--server", action="store_true", help="start the server's initial-backup job and follow it")
     mode.add_argument("--source", metavar="DIR", type=Path, help="upload every file under DIR (public_id = relative path)")
     mode.add_argument("--manifest", metavar="FILE", type=Path, help="upload the assets a JSON-lines or .csv manifest names")
-    parser.add_argument("--concurrency", type=int, default=4, help="concurrent requests (default 4)")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help=f"concurrent requests (default {CONCURRENCY})")
     parser.add_argument("--state-file", type=Path, help=f"resume state (default {STATE_FILE} next to the manifest, or in the cwd)")
     parser.add_argument("--report-json", type=Path, metavar="FILE", help="also write the final report as JSON")
     parser.add_argument("--retries", type=int, default=5, help="retries per request on transient errors (default 5)")

@@ -318,6 +318,7 @@ class FileBody(aiohttp.payload.Payload):
         self.sent, self.hasher = sent, hasher
         self._ahead: concurrent.futures.Future[None] | None = None
         self._buffer: bytearray | None = None
+        self.finished: float | None = None  # when the last byte was handed to the socket
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self.handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
@@ -367,6 +368,7 @@ class FileBody(aiohttp.payload.Payload):
         if _identity(os.fstat(self.handle.fileno())) != self.opened:
             raise FileChanged("the file changed while it was being uploaded; run again")
         await writer.write(self.tail)
+        self.finished = time.monotonic()
 
     async def write_with_length(self, writer: "aiohttp.abc.AbstractStreamWriter", content_length: int | None) -> None:
         await self.write(writer)
@@ -431,11 +433,31 @@ def remote_outcome(resource: dict[str, Any] | None, digest: str) -> tuple[str | 
     return None, None
 
 
+TIMELINE_VARIABLE = "VERSIONSTORE_INITIAL_BACKUP_TIMELINE"
+
+
+class Timeline:
+    """With $VERSIONSTORE_INITIAL_BACKUP_TIMELINE naming a file, one JSON line per upload attempt:
+    `bytes`, and in seconds since the run started `start`, `sent` (the body's last byte handed to
+    the socket) and `end` (the answer read). scripts/bench_initial_backup.py reads it to show how
+    many uploads were in flight and how long each waited for the server after sending."""
+
+    def __init__(self, path: str | None) -> None:
+        self.handle = open(path, "a", buffering=1, encoding="utf-8") if path else None
+        self.origin = time.monotonic()
+
+    def note(self, size: int, start: float, sent: float | None, end: float) -> None:
+        if self.handle is not None:
+            times = {name: None if t is None else round(t - self.origin, 6) for name, t in (("start", start), ("sent", sent), ("end", end))}
+            self.handle.write(json.dumps({"bytes": size, **times}) + "\n")
+
+
 class Api:
     """Basic-auth calls to one environment; `retrying` wraps one call in backoff with jitter."""
 
     def __init__(self, target: Target, session: aiohttp.ClientSession, retries: int, on_retry: Callable[[], None]) -> None:
         self.target, self.session, self.retries, self.on_retry = target, session, retries, on_retry
+        self.timeline = Timeline(os.environ.get(TIMELINE_VARIABLE))
         credentials = base64.b64encode(f"{target.api_key}:{target.api_secret}".encode()).decode()
         self.auth = {"Authorization": f"Basic {credentials}"}  # aiohttp.BasicAuth is deprecated
 
@@ -494,8 +516,12 @@ class Api:
         """Multipart upload whose file part streams from disk (`FileBody`: never the whole file in
         memory), hashed on the way into `hasher` when one is given."""
         fields = (("public_id", item.public_id), ("type", item.type), ("backup", "true"), ("overwrite", "true"))
+        start = time.monotonic()
         with FileBody(fields, path, filename, sent, hasher) as body:
-            return await self.call("POST", [item.resource_type, "upload"], data=body)
+            try:
+                return await self.call("POST", [item.resource_type, "upload"], data=body)
+            finally:
+                self.timeline.note(body.length, start, body.finished, time.monotonic())
 
     async def download(self, url: str, directory: str | None) -> tuple[str, int, str]:
         """Stream a URL to a temp file, hashing as it goes: (path, size, digest). No Basic auth is sent."""
