@@ -2,6 +2,7 @@
 length instead of chunked encoding, bytes sent with sendfile while a thread reads and hashes
 one block ahead, and a file that changes under the upload never stores anything."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import API_KEY, API_SECRET, CLOUD
 from versionstore.backup_client import Report, SourceRun, build_parser
-from versionstore.backup_io import BLOCK, TRANSIENT, Api, FileBody, Item, StateFile, Target, walk_directory
+from versionstore.backup_io import BLOCK, TIMELINE_VARIABLE, TRANSIENT, Api, FileBody, Item, StateFile, Target, walk_directory
 
 
 async def _api(client: TestClient, trace: aiohttp.TraceConfig | None = None) -> tuple[Api, aiohttp.ClientSession]:
@@ -152,3 +153,18 @@ async def test_a_first_run_lists_new_assets_and_looks_up_only_those_the_server_h
     listings = [path for method, path in requests if method == "GET" and path.startswith(base) and path.count("/") == 5]
     assert lookups == [f"{base}image/upload/e"]  # only the asset the listing returned
     assert sorted(listings) == [f"{base}image/upload", f"{base}raw/upload", f"{base}video/upload"]
+
+
+async def test_the_timeline_has_a_line_per_upload_when_asked_for(client: TestClient, tmp_path: Path, monkeypatch: Any) -> None:
+    timeline = tmp_path / "timeline.jsonl"
+    monkeypatch.setenv(TIMELINE_VARIABLE, str(timeline))
+    path = tmp_path / "one.bin"
+    path.write_bytes(os.urandom(BLOCK + 1))
+    api, session = await _api(client)
+    try:
+        await api.upload(Item("one", "raw", "upload", str(path)), str(path), path.name, lambda n: None)
+    finally:
+        await session.close()
+    (line,) = timeline.read_text().splitlines()
+    entry = json.loads(line)
+    assert entry["bytes"] == BLOCK + 1 and 0 <= entry["start"] <= entry["sent"] <= entry["end"], entry
