@@ -36,9 +36,12 @@ Read the ratios with what each tool does to the bytes:
   the primary store into the backup store (docs/design.md: bytes are written once), so it
   reads and writes no file contents: its time is metadata (one SQLite transaction with
   `synchronous=FULL` per asset, a link, a chmod and a directory fsync);
-- script source mode reads and BLAKE3-hashes each file, looks the asset up, and uploads every
-  byte over HTTP: the server spools, BLAKE3-hashes and fsyncs each file, links it into the
-  primary and backup stores (a directory fsync each) and commits its metadata;
+- script source mode lists the assets by public_id, and uploads every byte of a new file over
+  HTTP with sendfile (the client hashes a file only when the server has the asset; the
+  server's digest of a new one is recorded): the server spools, MD5- and BLAKE3-hashes and
+  fsyncs each file, links it into the primary and backup stores (a directory fsync each) and
+  commits its metadata. Its timeline (uploads in flight, sending vs waiting for the answer)
+  is printed under its runs;
 - restic reads, chunks (content-defined), SHA-256-hashes, compresses (repository v2 default
   `--compression auto`) and encrypts everything, and writes pack files, fsyncing each pack
   file and its directory, not each source file;
@@ -128,8 +131,9 @@ READING = (
     "  backup store (docs/design.md: bytes are written once). No byte is read or copied; per asset it costs a link, a chmod,",
     "  a directory fsync and one SQLite commit (synchronous=FULL). With a backup target on another filesystem or in a bucket",
     "  it would copy every byte.",
-    "- script --source: reads and BLAKE3-hashes each file, looks the asset up, uploads every byte over HTTP; the server spools,",
-    "  hashes and fsyncs each file, links it into the primary and backup stores (a directory fsync each) and commits.",
+    "- script --source: lists the assets, sends every byte of a new file over HTTP with sendfile (hashed by the client only",
+    "  when the server has the asset); the server spools, hashes and fsyncs each file, links it into the primary and backup",
+    "  stores (a directory fsync each) and commits.",
     "- restic: reads, chunks, SHA-256-hashes, compresses (default: auto) and encrypts every byte; fsyncs each pack file and its",
     "  directory, not each source file.",
     "- cp -r: copies the bytes, no fsync per file; one sync(1) at the end is included in its time.",
@@ -153,6 +157,34 @@ def drop_caches() -> str | None:
     except OSError as exc:
         return f"{type(exc).__name__}: {exc.strerror or exc}"
     return None
+
+
+def upload_timeline(path: Path) -> dict[str, Any] | None:
+    """The batch client's uploads (its VERSIONSTORE_INITIAL_BACKUP_TIMELINE file): how many were
+    in flight for what share of the time, and per size band how long sending took and how long the
+    answer took after the last byte (the server finishing: hashing, fsyncs, links, commit)."""
+    try:
+        uploads = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if not uploads:
+        return None
+    events = sorted([(u["start"], 1) for u in uploads] + [(u["end"], -1) for u in uploads])
+    shares: dict[int, float] = {}
+    level, last = 0, events[0][0]
+    for moment, step in events:
+        shares[level] = shares.get(level, 0.0) + moment - last
+        level, last = level + step, moment
+    span = max(last - events[0][0], 1e-9)
+    bands: dict[str, dict[str, Any]] = {}
+    for band, small in (("< 2 MiB", True), (">= 2 MiB", False)):
+        group = [u for u in uploads if (u["bytes"] < 2 * MiB) == small and u.get("sent") is not None]
+        if group:
+            bands[band] = {"uploads": len(group),
+                           "send_ms": round(1000 * sum(u["sent"] - u["start"] for u in group) / len(group), 1),
+                           "answer_wait_ms": round(1000 * sum(u["end"] - u["sent"] for u in group) / len(group), 1)}
+    in_flight = ", ".join(f"{k}: {v / span:.0%}" for k, v in sorted(shares.items()) if v / span >= 0.005)
+    return {"uploads": len(uploads), "span_s": round(span, 3), "in_flight": in_flight, "bands": bands}
 
 
 def fmt_bytes(n: float) -> str:
@@ -191,6 +223,7 @@ class Results:
     setup: dict[str, float] = field(default_factory=dict)
     runs: dict[str, dict[str, Measurement]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    timelines: dict[str, dict[str, Any]] = field(default_factory=dict)  # the batch client's uploads, per run
     cold_cache: str | None = None  # None when dropping caches works, else why not
 
     def add(self, tool: str, run: str, m: Measurement) -> None:
@@ -476,8 +509,10 @@ class Bench:
         server = self.script_server
         assert server is not None
         report = self.root / f"initial-backup-{run}.json"
+        timeline = self.root / f"initial-backup-{run}.timeline.jsonl"
         env = dict(os.environ, CLOUDINARY_URL=f"cloudinary://{API_KEY}:{API_SECRET}@{CLOUD}"
-                                              f"?upload_prefix=http://127.0.0.1:{server.port}")
+                                              f"?upload_prefix=http://127.0.0.1:{server.port}",
+                   VERSIONSTORE_INITIAL_BACKUP_TIMELINE=str(timeline))
         cpu0, scpu0 = children_cpu(), server.cpu()
         start = self.start()
         out = subprocess.run([*self.client_argv(), "--report-json", str(report)], env=env, capture_output=True,
@@ -489,6 +524,11 @@ class Bench:
         m = start.measurement(tool_cpu=cpu, server_cpu=scpu, note=self.summarise_report(report))
         self.results.add("script", run, m)
         self.report_run("script", run, m)
+        if (lanes := upload_timeline(timeline)) is not None:
+            self.results.timelines[run] = lanes
+            log(f"    uploads in flight (share of the time from the first upload to the last answer): {lanes['in_flight']}; "
+                + "; ".join(f"{band}: {b['uploads']} uploads, sending {b['send_ms']} ms, then waiting "
+                            f"{b['answer_wait_ms']} ms for the answer (means)" for band, b in lanes["bands"].items()))
 
     @staticmethod
     def summarise_report(path: Path) -> str:
@@ -508,6 +548,7 @@ class Bench:
     def report_run(self, tool: str, run: str, m: Measurement) -> None:
         mbs = self.results.library_bytes / 1e6 / m.seconds
         cpu = " ".join(f"{k} CPU {v:.1f}s" for k, v in (("tool", m.tool_cpu), ("server", m.server_cpu)) if v is not None)
+        cpu += f" ({((m.tool_cpu or 0) + (m.server_cpu or 0)) / ((os.cpu_count() or 1) * m.seconds):.0%} of the CPUs)"
         log(f"  {TOOL_NAMES[tool]:<16} {RUN_NAMES[run]:<10} {m.seconds:8.2f}s {mbs:9.1f} MB/s  {cpu}  "
             f"{'cold' if m.cold else 'warm'} cache, others {_pct(m.others)} of the CPUs, load {m.load:.1f}  {m.note}")
 
@@ -524,7 +565,7 @@ class Bench:
         write_json(self.args.json, {
             "args": vars(self.args), "library_bytes": r.library_bytes, "library_files": r.library_files,
             "changed_files": r.changed_files, "changed_bytes": r.changed_bytes, "setup": r.setup,
-            "cold_cache": r.cold_cache, "skipped": r.skipped,
+            "cold_cache": r.cold_cache, "skipped": r.skipped, "client_timelines": r.timelines,
             "runs": {t: {k: vars(m) for k, m in runs.items()} for t, runs in r.runs.items()}})
         if not check_load(self.args.allow_load):  # ratios beside heavy outside load mean nothing
             return False

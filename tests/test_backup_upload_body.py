@@ -2,7 +2,9 @@
 length instead of chunked encoding, bytes sent with sendfile while a thread reads and hashes
 one block ahead, and a file that changes under the upload never stores anything."""
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import API_KEY, API_SECRET, CLOUD
 from versionstore.backup_client import Report, SourceRun, build_parser
-from versionstore.backup_io import BLOCK, TRANSIENT, Api, Item, StateFile, Target, walk_directory
+from versionstore.backup_io import BLOCK, TIMELINE_VARIABLE, TRANSIENT, Api, FileBody, Item, StateFile, Target, walk_directory
 
 
 async def _api(client: TestClient, trace: aiohttp.TraceConfig | None = None) -> tuple[Api, aiohttp.ClientSession]:
@@ -66,6 +68,61 @@ async def test_a_file_that_shrinks_during_the_upload_stores_nothing(client: Test
 
 
 
+async def test_a_file_rewritten_in_place_during_the_upload_stores_nothing(client: TestClient, tmp_path: Path) -> None:
+    """Same size, other bytes: the upload would carry a torn file (old first block, new rest).
+    The request is abandoned before its closing boundary, with or without a client-side hash."""
+    path = tmp_path / "rewritten.bin"
+    api, session = await _api(client)
+    item = Item("rewritten", "raw", "upload", str(path))
+
+    def rewrite(n: int) -> None:  # after the first block went out, the rest of the file gets new bytes
+        with open(path, "r+b") as handle:
+            handle.seek(BLOCK)
+            handle.write(os.urandom(2 * BLOCK))
+
+    try:
+        for hasher in (None, blake3.blake3()):
+            path.write_bytes(os.urandom(3 * BLOCK))
+            os.utime(path, ns=(10**18, 10**18))  # an old mtime: the rewrite must not land in the same clock tick
+            with pytest.raises(TRANSIENT):
+                await api.upload(item, str(path), path.name, rewrite, hasher)
+            assert await api.lookup(item) is None
+    finally:
+        await session.close()
+
+
+async def test_a_new_file_is_sent_without_copying_it_and_recorded_with_the_servers_digest(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """No client-side hash of a new file: its pages are faulted in for sendfile, never read into
+    a buffer; the state file records the digest the server computed of what it received."""
+    data = os.urandom(2 * BLOCK + 4321)
+    path = tmp_path / "new.bin"
+    path.write_bytes(data)
+    api, session = await _api(client)
+    body = FileBody((("public_id", "new.bin"), ("backup", "true")), str(path), path.name, lambda n: None)
+    try:
+        with body:
+            async with session.post(f"{api.target.base}/raw/upload", data=body, headers=api.auth) as response:
+                assert response.status == 200, await response.text()
+                assert (await response.json())["blake3"] == blake3.blake3(data).hexdigest()
+        if sys.platform == "linux":
+            assert body._buffer is None  # paged in (MADV_POPULATE_READ), not read
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "fresh.bin").write_bytes(data)
+        args = build_parser().parse_args(["--source", str(src), "--no-progress"])
+        report = Report("source", api.target.base)
+        state = StateFile(tmp_path / "state.jsonl", api.target.base)
+        await SourceRun(args, api, state, report).run(lambda: walk_directory(src))
+    finally:
+        await session.close()
+    assert report.counts["uploaded"] == 1 and report.counts["failed"] == 0, report.failures
+    (remembered,) = state.load().values()
+    assert remembered.digest == blake3.blake3(data).hexdigest() and remembered.outcome == "uploaded"
+
+
+
 async def test_a_first_run_lists_new_assets_and_looks_up_only_those_the_server_has(client: TestClient, tmp_path: Path) -> None:
     src = tmp_path / "src"
     for name in ("a.png", "b/c.txt", "b/d.mp4", "e.jpg"):
@@ -96,3 +153,18 @@ async def test_a_first_run_lists_new_assets_and_looks_up_only_those_the_server_h
     listings = [path for method, path in requests if method == "GET" and path.startswith(base) and path.count("/") == 5]
     assert lookups == [f"{base}image/upload/e"]  # only the asset the listing returned
     assert sorted(listings) == [f"{base}image/upload", f"{base}raw/upload", f"{base}video/upload"]
+
+
+async def test_the_timeline_has_a_line_per_upload_when_asked_for(client: TestClient, tmp_path: Path, monkeypatch: Any) -> None:
+    timeline = tmp_path / "timeline.jsonl"
+    monkeypatch.setenv(TIMELINE_VARIABLE, str(timeline))
+    path = tmp_path / "one.bin"
+    path.write_bytes(os.urandom(BLOCK + 1))
+    api, session = await _api(client)
+    try:
+        await api.upload(Item("one", "raw", "upload", str(path)), str(path), path.name, lambda n: None)
+    finally:
+        await session.close()
+    (line,) = timeline.read_text().splitlines()
+    entry = json.loads(line)
+    assert entry["bytes"] == BLOCK + 1 and 0 <= entry["start"] <= entry["sent"] <= entry["end"], entry

@@ -21,11 +21,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import aiohttp
 import blake3
-from tqdm import tqdm
 
 from versionstore.backup_io import (
     BACKED_UP,
@@ -50,6 +49,9 @@ OUTCOMES = ("uploaded", "skipped_unchanged", "skipped_already_backed_up", "backu
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 READ_ERRORS = (OSError, ValueError, csv.Error)  # an unreadable manifest or directory
 LISTING_MAX = 100  # public_ids per listing request (the server's limit)
+#: Uploads in flight. Most of a small file's upload is the server waiting on its fsyncs (spool,
+#: links, commit), not CPU, so 4 left the CPUs of a 2-core machine a third idle (docs/performance.md).
+CONCURRENCY = 8
 
 
 class Report:
@@ -118,28 +120,57 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+class QuietBar:
+    """A bar that is not drawn (no terminal): it only counts, so tqdm is never imported."""
+
+    def __init__(self, total: float | None) -> None:
+        self.total, self.n = total, 0
+
+    def update(self, n: float = 1) -> None:
+        self.n += int(n)
+
+    def close(self) -> None:
+        pass
+
+
+def write_line(text: str, file: TextIO) -> None:
+    """Print a line; through tqdm when bars are drawn (it was imported only then), so they are kept."""
+    drawing = sys.modules.get("tqdm")
+    if drawing is None:
+        print(text, file=file, flush=True)
+    else:
+        drawing.tqdm.write(text, file=file)
+
+
 class Bars:
-    """Two tqdm bars (assets, bytes) with rate and ETA; disabled when not on a terminal."""
+    """Two tqdm bars (assets, bytes) with rate and ETA; counters only when not on a terminal
+    (tqdm's import is ~0.1 s of an unchanged re-run's ~0.5 s, so it is imported only to draw)."""
 
     def __init__(self, enabled: bool, assets: int | None, size: int | None) -> None:
+        self.assets: Any
+        self.bytes: Any
+        if not enabled:
+            self.assets, self.bytes = QuietBar(assets), QuietBar(size)
+            return
+        from tqdm import tqdm
+
         try:
-            width = os.get_terminal_size(sys.stderr.fileno()).columns if enabled else 0
+            width = os.get_terminal_size(sys.stderr.fileno()).columns
         except OSError:
             width = 0
         # Follow resizes; a terminal that reports no width (some `docker exec -t`) gets 100 columns.
         ncols, dynamic = (None, True) if width else (100, False)
-        self.assets: tqdm[Any] = tqdm(
-            total=assets, desc="assets", unit=" assets", position=0, disable=not enabled, file=sys.stderr, ncols=ncols,
-            dynamic_ncols=dynamic,
+        self.assets = tqdm(
+            total=assets, desc="assets", unit=" assets", position=0, file=sys.stderr, ncols=ncols, dynamic_ncols=dynamic,
         )
-        self.bytes: tqdm[Any] = tqdm(
-            total=size, desc="bytes ", unit="B", unit_scale=True, unit_divisor=1024, position=1, disable=not enabled,
-            file=sys.stderr, ncols=ncols, dynamic_ncols=dynamic,
+        self.bytes = tqdm(
+            total=size, desc="bytes ", unit="B", unit_scale=True, unit_divisor=1024, position=1, file=sys.stderr,
+            ncols=ncols, dynamic_ncols=dynamic,
         )
 
     @staticmethod
     def note(text: str) -> None:
-        tqdm.write(text, file=sys.stderr)
+        write_line(text, sys.stderr)
 
     def close(self) -> None:
         self.bytes.close()
@@ -268,7 +299,9 @@ class SourceRun:
         """Look the asset up; upload unless its backed-up current version has these bytes.
 
         `digest` None: not hashed yet. A file is hashed before uploading only when the server has
-        an asset to compare it with; a new one is hashed as it uploads (one read of the file).
+        an asset to compare it with. A new one is not hashed by the client at all (the disk is read
+        once, by sendfile): the server hashes what it receives and its digest is recorded; with
+        --verify the client hashes it as it uploads and compares.
         After a transient upload error the lookup runs again before the retry: the lost answer may
         belong to an upload that landed, and uploading it twice would add a duplicate version.
         """
@@ -289,14 +322,16 @@ class SourceRun:
                 break
             if self.args.dry_run:
                 self._count("would_upload")
-                tqdm.write(f"would upload\t{item.key}\t{item.source}\t{size}", file=sys.stdout)
+                write_line(f"would upload\t{item.key}\t{item.source}\t{size}", sys.stdout)
                 return
 
             def sent(n: int) -> None:
                 advanced[0] += n
                 bar.update(n)
 
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= BLOCK else 1) if digest is None else None
+            # A new file is not hashed here: the server hashes what it receives, and FileBody aborts
+            # the request if the file changes under it. --verify also hashes it on the way, to compare.
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= BLOCK else 1) if digest is None and self.args.verify else None
             try:
                 result = await self.api.upload(item, path, filename, sent, hasher)
             except TRANSIENT as exc:
@@ -307,7 +342,7 @@ class SourceRun:
                     raise RequestFailed(f"upload: gave up after {self.api.retries} retries: {Api.describe(exc)}") from exc
                 await self.api.pause(attempt, exc)
                 continue
-            digest = hasher.hexdigest() if hasher is not None else digest
+            digest = hasher.hexdigest() if hasher is not None else digest or str(result.get("blake3") or "") or None
             if digest is None or result.get("blake3") != digest:
                 raise RequestFailed("the file changed while it was being uploaded; run again")
             if not result.get("backup"):
@@ -405,7 +440,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     mode.add_argument("--server", action="store_true", help="start the server's initial-backup job and follow it")
     mode.add_argument("--source", metavar="DIR", type=Path, help="upload every file under DIR (public_id = relative path)")
     mode.add_argument("--manifest", metavar="FILE", type=Path, help="upload the assets a JSON-lines or .csv manifest names")
-    parser.add_argument("--concurrency", type=int, default=4, help="concurrent requests (default 4)")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help=f"concurrent requests (default {CONCURRENCY})")
     parser.add_argument("--state-file", type=Path, help=f"resume state (default {STATE_FILE} next to the manifest, or in the cwd)")
     parser.add_argument("--report-json", type=Path, metavar="FILE", help="also write the final report as JSON")
     parser.add_argument("--retries", type=int, default=5, help="retries per request on transient errors (default 5)")

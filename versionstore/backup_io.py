@@ -13,9 +13,11 @@ import concurrent.futures
 import contextlib
 import csv
 import json
+import mmap
 import os
 import random
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -289,18 +291,23 @@ class FileBody(aiohttp.payload.Payload):
     request carries a Content-Length instead of chunked encoding.
 
     The file's bytes go to the socket with `sendfile` (no copy through Python). A worker thread
-    runs one block ahead of the socket: it reads the block (posix_fadvise asks the kernel to
-    read the next one meanwhile) and hashes it when `hasher` is given, so the socket sends from
-    the page cache and the event loop never waits on the disk. The hash covers exactly the bytes
-    sent: both read the same file descriptor at the same offsets, and if the file changes in
-    between, the server's digest differs and the asset fails with "run again".
+    runs one block ahead of the socket and brings the block into the page cache (posix_fadvise
+    asks the kernel to read the next one meanwhile), so the socket sends from memory and the
+    event loop never waits on the disk. With a `hasher`, the thread reads the block and hashes
+    it (both read the same file descriptor at the same offsets); without one, it only faults the
+    pages in (`MADV_POPULATE_READ` on a read-only mapping: no copy into the process).
+
+    Either way, the file's size, mtime and ctime are compared before the closing boundary is
+    sent: a file that changed under the upload aborts the request, so the server stores nothing
+    torn (the asset is retried).
     """
 
     def __init__(self, fields: Iterable[tuple[str, str]], path: str, filename: str, sent: Callable[[int], None],
                  hasher: "blake3.blake3 | None" = None) -> None:
         self.boundary = os.urandom(16).hex()
         self.handle = open(path, "rb")
-        self.length = os.fstat(self.handle.fileno()).st_size
+        info = os.fstat(self.handle.fileno())
+        self.length, self.opened = info.st_size, _identity(info)
         head = b"".join(self._part(content_disposition_header("form-data", name=name), b"text/plain; charset=utf-8")
                         + value.encode() + b"\r\n" for name, value in fields)
         self.head = head + self._part(content_disposition_header("form-data", name="file", filename=filename),
@@ -310,6 +317,8 @@ class FileBody(aiohttp.payload.Payload):
         self._size = len(self.head) + self.length + len(self.tail)
         self.sent, self.hasher = sent, hasher
         self._ahead: concurrent.futures.Future[None] | None = None
+        self._buffer: bytearray | None = None
+        self.finished: float | None = None  # when the last byte was handed to the socket
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self.handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
@@ -317,20 +326,24 @@ class FileBody(aiohttp.payload.Payload):
         return (b"--" + self.boundary.encode() + b"\r\nContent-Disposition: " + disposition.encode()
                 + b"\r\nContent-Type: " + content_type + b"\r\n\r\n")
 
-    def _read_ahead(self, offset: int, buffer: bytearray) -> None:
-        """Bring [offset, offset + len(buffer)) into the page cache (hashing it on the way) and
-        ask the kernel to start reading the block after it."""
+    def _read_ahead(self, offset: int, count: int) -> None:
+        """Bring [offset, offset + count) into the page cache (read and hashed when there is a
+        hasher, else only paged in) and ask the kernel to start reading the block after it."""
         fd = self.handle.fileno()
         with contextlib.suppress(OSError, AttributeError):
-            os.posix_fadvise(fd, offset + len(buffer), len(buffer), os.POSIX_FADV_WILLNEED)
-        view, done = memoryview(buffer), 0
-        while done < len(buffer):
+            os.posix_fadvise(fd, offset + count, count, os.POSIX_FADV_WILLNEED)
+        if self.hasher is None and _page_in(fd, offset, count):
+            return
+        if self._buffer is None:  # one per upload: a block is read only after the one before it was
+            self._buffer = bytearray(min(BLOCK, self.length))
+        view, done = memoryview(self._buffer)[:count], 0
+        while done < count:
             n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:
                 raise FileChanged("the file shrank while it was being uploaded; run again")
             done += n
         if self.hasher is not None:
-            self.hasher.update(buffer)
+            self.hasher.update(view)
 
     async def write(self, writer: "aiohttp.abc.AbstractStreamWriter") -> None:
         await writer.write(self.head)
@@ -338,24 +351,24 @@ class FileBody(aiohttp.payload.Payload):
         transport = writer.transport
         assert transport is not None
         loop = asyncio.get_running_loop()
-        buffer = bytearray(min(BLOCK, self.length))
         offset = 0
         if self.length:
-            self._ahead = _READERS.submit(self._read_ahead, 0, buffer)
+            self._ahead = _READERS.submit(self._read_ahead, 0, min(BLOCK, self.length))
         while self._ahead is not None:
             await asyncio.wrap_future(self._ahead)
             count = min(BLOCK, self.length - offset)
             following = offset + count
             self._ahead = None
-            if following < self.length:  # the next block is read and hashed while this one is sent
-                remaining = self.length - following
-                spare = buffer if remaining >= BLOCK else bytearray(remaining)
-                self._ahead = _READERS.submit(self._read_ahead, following, spare)
+            if following < self.length:  # the next block is brought in while this one is sent
+                self._ahead = _READERS.submit(self._read_ahead, following, min(BLOCK, self.length - following))
             if await loop.sendfile(transport, self.handle, offset, count) != count:
                 raise FileChanged("the file shrank while it was being uploaded; run again")
             self.sent(count)
             offset = following
+        if _identity(os.fstat(self.handle.fileno())) != self.opened:
+            raise FileChanged("the file changed while it was being uploaded; run again")
         await writer.write(self.tail)
+        self.finished = time.monotonic()
 
     async def write_with_length(self, writer: "aiohttp.abc.AbstractStreamWriter", content_length: int | None) -> None:
         await self.write(writer)
@@ -373,7 +386,31 @@ class FileBody(aiohttp.payload.Payload):
 
 
 class FileChanged(OSError):
-    """The file changed size under the upload: the request is abandoned, the asset retried."""
+    """The file changed under the upload: the request is abandoned, the asset retried."""
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file's bytes are rewritten (ctime too, so a reset mtime does not hide it)."""
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+#: madvise(MADV_POPULATE_READ) (Linux 5.14): fault a mapping's pages in, reading them from disk, without copying.
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform == "linux" else None
+
+
+def _page_in(fd: int, offset: int, length: int) -> bool:
+    """Read [offset, offset + length) of the file into the page cache without copying it into the
+    process; False when this kernel cannot (the caller reads it instead). `offset` is a multiple
+    of BLOCK, so of the page size. A range past the end of a file that shrank also answers False,
+    and the caller's read reports the shrink."""
+    if _POPULATE_READ is None or length == 0:
+        return False
+    try:
+        with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=offset) as mapped:
+            mapped.madvise(_POPULATE_READ)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _segment(value: str) -> str:
@@ -396,11 +433,31 @@ def remote_outcome(resource: dict[str, Any] | None, digest: str) -> tuple[str | 
     return None, None
 
 
+TIMELINE_VARIABLE = "VERSIONSTORE_INITIAL_BACKUP_TIMELINE"
+
+
+class Timeline:
+    """With $VERSIONSTORE_INITIAL_BACKUP_TIMELINE naming a file, one JSON line per upload attempt:
+    `bytes`, and in seconds since the run started `start`, `sent` (the body's last byte handed to
+    the socket) and `end` (the answer read). scripts/bench_initial_backup.py reads it to show how
+    many uploads were in flight and how long each waited for the server after sending."""
+
+    def __init__(self, path: str | None) -> None:
+        self.handle = open(path, "a", buffering=1, encoding="utf-8") if path else None
+        self.origin = time.monotonic()
+
+    def note(self, size: int, start: float, sent: float | None, end: float) -> None:
+        if self.handle is not None:
+            times = {name: None if t is None else round(t - self.origin, 6) for name, t in (("start", start), ("sent", sent), ("end", end))}
+            self.handle.write(json.dumps({"bytes": size, **times}) + "\n")
+
+
 class Api:
     """Basic-auth calls to one environment; `retrying` wraps one call in backoff with jitter."""
 
     def __init__(self, target: Target, session: aiohttp.ClientSession, retries: int, on_retry: Callable[[], None]) -> None:
         self.target, self.session, self.retries, self.on_retry = target, session, retries, on_retry
+        self.timeline = Timeline(os.environ.get(TIMELINE_VARIABLE))
         credentials = base64.b64encode(f"{target.api_key}:{target.api_secret}".encode()).decode()
         self.auth = {"Authorization": f"Basic {credentials}"}  # aiohttp.BasicAuth is deprecated
 
@@ -459,8 +516,12 @@ class Api:
         """Multipart upload whose file part streams from disk (`FileBody`: never the whole file in
         memory), hashed on the way into `hasher` when one is given."""
         fields = (("public_id", item.public_id), ("type", item.type), ("backup", "true"), ("overwrite", "true"))
+        start = time.monotonic()
         with FileBody(fields, path, filename, sent, hasher) as body:
-            return await self.call("POST", [item.resource_type, "upload"], data=body)
+            try:
+                return await self.call("POST", [item.resource_type, "upload"], data=body)
+            finally:
+                self.timeline.note(body.length, start, body.finished, time.monotonic())
 
     async def download(self, url: str, directory: str | None) -> tuple[str, int, str]:
         """Stream a URL to a temp file, hashing as it goes: (path, size, digest). No Basic auth is sent."""
