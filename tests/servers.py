@@ -7,6 +7,7 @@ outage tests stop and start them).
 A server that cannot start fails the test: bucket tests never skip.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -25,6 +26,9 @@ from pathlib import Path
 
 READY_TIMEOUT = 30.0
 POLL_INTERVAL = 0.02
+#: Template copies made ahead of the tests that take them: two in flight at once finish about
+#: 1.5x sooner than one after the other, so quick PostgreSQL tests wait less for their database.
+DATABASES_AHEAD = 2
 
 
 def free_port() -> int:
@@ -205,8 +209,8 @@ class PostgresServer:
         self.port = 0
         self._run_as: list[str] = []
         self._databases = itertools.count(1)
-        self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="postgres-admin")
-        self._next: concurrent.futures.Future[str] | None = None
+        self._background = concurrent.futures.ThreadPoolExecutor(DATABASES_AHEAD, thread_name_prefix="postgres-admin")
+        self._ahead: collections.deque[concurrent.futures.Future[str]] = collections.deque()
         if os.geteuid() == 0:  # initdb and postgres refuse to run as root
             owner = "postgres" if _user_exists("postgres") else "nobody"
             self._run_as = ["setpriv", f"--reuid={owner}", f"--regid={owner}", "--init-groups"]
@@ -248,12 +252,16 @@ class PostgresServer:
 
     def new_database(self, *, migrated: bool = True) -> str:
         """A fresh database (a copy of the migrated template unless `migrated` is False); its name.
-        Copies of the template are made one ahead, in the background, while a test runs (a copy
-        takes about half a second: FILE_COPY, cheaper than WAL-logging the template's pages)."""
+        Copies of the template are made DATABASES_AHEAD ahead, in the background, while tests
+        run (a copy takes 0.15-0.3 s: FILE_COPY, cheaper than WAL-logging the template's pages;
+        a test that takes less would otherwise wait for the one copy in flight)."""
         if not migrated:
             return self._create("")
-        ready, self._next = self._next, self._background.submit(self._create, f" TEMPLATE {self.template} STRATEGY FILE_COPY")
-        return ready.result() if ready is not None else self._create(f" TEMPLATE {self.template} STRATEGY FILE_COPY")
+        copy = f" TEMPLATE {self.template} STRATEGY FILE_COPY"
+        ready = self._ahead.popleft() if self._ahead else None
+        while len(self._ahead) < DATABASES_AHEAD:
+            self._ahead.append(self._background.submit(self._create, copy))
+        return ready.result() if ready is not None else self._create(copy)
 
     def _create(self, options: str) -> str:
         name = f"vs_test_{os.getpid()}_{next(self._databases)}"

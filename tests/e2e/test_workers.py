@@ -224,8 +224,6 @@ def test_workers_share_one_port_and_one_history(workers: ServerProcess) -> None:
 def test_a_job_whose_worker_is_killed_finishes_in_another(workers: ServerProcess, deployment: Deployment) -> None:
     """A verify job read-throttled to take seconds; its worker is SIGKILLed mid-job; another
     worker takes it over once the lease has passed and completes it."""
-    for i in range(8):
-        cloudinary.uploader.upload(secrets.token_bytes(150_000), public_id=f"job/{i}.bin", resource_type="raw")
     job_id = start_slow_verify(deployment)
     first_owner = wait_for(lambda: job_holder(deployment, job_id), 20, "a worker to claim the job")
     victim = int(first_owner.split(":")[1])
@@ -235,13 +233,20 @@ def test_a_job_whose_worker_is_killed_finishes_in_another(workers: ServerProcess
     assert_taken_over_and_completed(deployment, job_id, first_owner, time.monotonic())
 
 
+#: The slow verify job's revisions: 600 KB read at 0.25 MB/s take 2.4 s, long past the kill
+#: half a second after the claim is seen, and short enough not to be most of the test's time.
+JOB_REVISIONS, JOB_REVISION_BYTES, JOB_RATE_MB_S = 8, 75_000, 0.25
+
+
 def start_slow_verify(deployment: Deployment) -> str:
-    """A verify job of the environment, read-throttled to take seconds, queued as an operator
-    would through the database (any process's runner takes it)."""
+    """Uploads JOB_REVISIONS revisions, then queues a verify job of the environment, read-throttled
+    to take seconds, as an operator would through the database (any process's runner takes it)."""
+    for i in range(JOB_REVISIONS):
+        cloudinary.uploader.upload(secrets.token_bytes(JOB_REVISION_BYTES), public_id=f"job/{i}.bin", resource_type="raw")
     job_id = secrets.token_hex(16)
     deployment.rows(
         "INSERT INTO jobs (id, cloud, kind, status, params, created_at) "
-        f"VALUES ('{job_id}', '{CLOUD}', 'verify', 'pending', '{json.dumps({'rate_mb_s': 0.25})}', {time.time()})"
+        f"VALUES ('{job_id}', '{CLOUD}', 'verify', 'pending', '{json.dumps({'rate_mb_s': JOB_RATE_MB_S})}', {time.time()})"
     )
     return job_id
 
@@ -268,7 +273,7 @@ def assert_taken_over_and_completed(deployment: Deployment, job_id: str, first_o
 
     assert wait_for(finished, 60, "the job to finish") == "completed"
     progress = json.loads(deployment.rows(f"SELECT progress FROM jobs WHERE id = '{job_id}'")[0][0])
-    assert progress["revisions"] == 8 and progress["problems"] == 0
+    assert progress["revisions"] == JOB_REVISIONS and progress["problems"] == 0
 
 
 @pytest.fixture
@@ -336,8 +341,6 @@ def test_three_processes_one_killed_mid_job_and_one_mid_upload(three: list[Serve
     the lease. A process SIGKILLed while it receives an upload: the others serve an intact
     history (the cut-off upload's blobs are the write journal's to collect), and so does the
     process once started again."""
-    for i in range(8):
-        cloudinary.uploader.upload(secrets.token_bytes(150_000), public_id=f"job/{i}.bin", resource_type="raw")
     job_id = start_slow_verify(deployment)
     first_owner = wait_for(lambda: job_holder(deployment, job_id), 20, "a process to claim the job")
     holder = next(server for server in three if server.pid == int(first_owner.split(":")[1]))
