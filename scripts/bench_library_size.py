@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -243,17 +244,56 @@ class Row:
     times: list[float] = field(default_factory=list)
     stall: float = 0.0
     note: str = ""
+    #: With --gc-probe: the service's collections over the threshold while the row ran, as
+    #: (generation, ms); None without the probe.
+    collections: list[tuple[int, float]] | None = None
 
     def record(self) -> dict[str, Any]:
-        """The row in --json: p50/p99 and the worst /healthz in milliseconds, and every time."""
-        return {"key": self.key, "name": self.name, "p50_ms": percentile(self.times, 0.5) * 1000,
-                "p99_ms": percentile(self.times, 0.99) * 1000, "stall_ms": self.stall * 1000, "note": self.note,
-                "times_ms": [t * 1000 for t in self.times]}
+        """The row in --json: p50/p99 and the worst /healthz in milliseconds, and every time;
+        with --gc-probe the slow collections (worst, its generation, how many)."""
+        record = {"key": self.key, "name": self.name, "p50_ms": percentile(self.times, 0.5) * 1000,
+                  "p99_ms": percentile(self.times, 0.99) * 1000, "stall_ms": self.stall * 1000, "note": self.note,
+                  "times_ms": [t * 1000 for t in self.times]}
+        if self.collections is not None:
+            worst = max(self.collections, key=lambda c: c[1], default=None)
+            record.update(gc_slow=len(self.collections), gc_worst_ms=worst[1] if worst else 0.0,
+                          gc_worst_generation=worst[0] if worst else None)
+        return record
+
+    def gc_text(self) -> str:
+        if self.collections is None:
+            return ""
+        if not self.collections:
+            return "  gc: none slow"
+        generation, ms = max(self.collections, key=lambda c: c[1])
+        return f"  gc: {len(self.collections)} slow, worst {ms:.1f} ms (generation {generation})"
+
+
+class GcLog:
+    """The service's slow collections (VERSIONSTORE_GC_LOG_MS, versionstore/gclog.py), read
+    from its log: `mark()` before a row, `since(mark)` after it. The service logs each one
+    just after it ends, from its event loop, so one at a row's very end may count for the next."""
+
+    LINE = re.compile(rb"gc: generation (\d) collection took ([\d.]+) ms")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def mark(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    async def since(self, mark: int) -> list[tuple[int, float]]:
+        await asyncio.sleep(0.1)  # let the service log a collection that ended with the last response
+        with open(self.path, "rb") as log_file:
+            log_file.seek(mark)
+            return [(int(m[1]), float(m[2])) for m in self.LINE.finditer(log_file.read())]
 
 
 class Driver:
-    def __init__(self, session: aiohttp.ClientSession, base: str, library: Library, requests: int, rng: random.Random) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base: str, library: Library, requests: int, rng: random.Random,
+                 gc_log: GcLog | None = None) -> None:
         self.session, self.base, self.library, self.requests, self.rng = session, base, library, requests, rng
+        self.gc_log = gc_log
         self.live = [a for a in library.assets if a["status"] == "live"]
         self.rng.shuffle(self.live)
         self.elapsed = 0.0  # the last call's latency
@@ -308,10 +348,16 @@ class Driver:
         ]
         for key, name, make in kinds:
             row = Row(name, key)
+            mark = self.gc_log.mark() if self.gc_log else 0
             with stalls:
                 await self.timed(row, make, stalls)
+            if self.gc_log:
+                row.collections = await self.gc_log.since(mark)
             rows.append(row)
+        mark = self.gc_log.mark() if self.gc_log else 0
         rows.append(await self.deep_listing(stalls))
+        if self.gc_log:
+            rows[-1].collections = await self.gc_log.since(mark)
         return rows
 
     async def deep_listing(self, stalls: Stalls) -> Row:
@@ -366,8 +412,10 @@ class Bench:
 
     def server(self, data_dir: Path) -> Server:
         port = free_port()
+        gc_probe = {} if self.args.gc_probe is None else {"VERSIONSTORE_GC_LOG_MS": f"{self.args.gc_probe:g}"}
         server = Server("versionstore", [self.python, "-m", "versionstore", "serve", "--data-dir", str(data_dir),
-                                         "--host", "127.0.0.1", "--port", str(port)], port, self.root / "service.log")
+                                         "--host", "127.0.0.1", "--port", str(port)], port, self.root / "service.log",
+                        env=gc_probe or None)
         self.servers.append(server)
         return server
 
@@ -417,7 +465,8 @@ class Bench:
         server.start(timeout=600)
         base = f"http://127.0.0.1:{server.port}"
         async with aiohttp.ClientSession() as session:
-            driver = Driver(session, base, library, self.args.requests, random.Random(size + 1))
+            gc_log = GcLog(self.root / "service.log") if self.args.gc_probe is not None else None
+            driver = Driver(session, base, library, self.args.requests, random.Random(size + 1), gc_log)
             rows = await driver.run(Stalls(session, base))
         if blobs:
             rows.append(await restart_row(server, self.args.watch))
@@ -440,7 +489,8 @@ class Bench:
                     continue
                 for row in results[size]:
                     log(f"   {row.name:55} p50 {percentile(row.times, 0.5) * 1000:8.1f} ms  p99 "
-                        f"{percentile(row.times, 0.99) * 1000:8.1f} ms  worst /healthz {row.stall * 1000:7.1f} ms {row.note}")
+                        f"{percentile(row.times, 0.99) * 1000:8.1f} ms  worst /healthz {row.stall * 1000:7.1f} ms {row.note}"
+                        f"{row.gc_text()}")
         finally:
             stop_servers(self.servers)
             remove_temp_dir(self.root, self.args.keep)
@@ -483,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                              "e.g. --sizes 10000,100000,1000000 --blob-sizes 1000000)")
     parser.add_argument("--json", help="also write the raw results (per size, per row: p50/p99/worst /healthz ms) to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--gc-probe", type=float, nargs="?", const=20.0, default=None, metavar="MS",
+                        help="run the service with VERSIONSTORE_GC_LOG_MS=MS (default 20) and report, per row, its "
+                             "collections over MS: how many, the worst and its generation (docs/operations.md)")
     add_load_option(parser)
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000,1000000")).split(",")]

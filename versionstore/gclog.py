@@ -10,7 +10,9 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from versionstore.config import ConfigError
@@ -22,12 +24,17 @@ log = logging.getLogger("versionstore.gc")
 
 @dataclass
 class SlowCollections:
-    """A `gc.callbacks` entry: times each collection and logs those over `threshold_ms` with
-    the generation, the duration, what it freed and how many tracked objects survive in the
-    generation it moved them to (for a full collection, visited = survivors + collected)."""
+    """A `gc.callbacks` entry: times each collection and reports those over `threshold_ms`
+    with the generation, the duration, what it freed and how many tracked objects are in the
+    generation the survivors went to (for a full collection: about what it visited).
+
+    The report is handed to `defer` (the event loop's call_soon_threadsafe): a callback runs
+    in the middle of whatever allocation started the collection, where walking the heap
+    (gc.get_objects) can meet a tuple still being built and break it."""
 
     threshold_ms: float
-    worst_ms: dict[int, float] = field(default_factory=dict)  # per generation, logged or not
+    defer: Callable[[Callable[[], None]], object]
+    worst_ms: dict[int, float] = field(default_factory=dict)  # per generation, reported or not
     slow: int = 0
     _started: float = 0.0
 
@@ -39,13 +46,16 @@ class SlowCollections:
         generation = int(info["generation"])
         if took > self.worst_ms.get(generation, 0.0):
             self.worst_ms[generation] = took
-        if took < self.threshold_ms:
-            return
-        self.slow += 1
-        into = min(generation + 1, 2)
-        log.warning("gc: generation %d collection took %.1f ms; collected %d, uncollectable %d; "
-                    "%d tracked objects now in generation %d", generation, took, info["collected"],
-                    info["uncollectable"], len(gc.get_objects(into)), into)
+        if took >= self.threshold_ms:
+            self.slow += 1
+            self.defer(partial(_report, generation, took, int(info["collected"]), int(info["uncollectable"])))
+
+
+def _report(generation: int, took: float, collected: int, uncollectable: int) -> None:
+    into = min(generation + 1, 2)
+    log.warning("gc: generation %d collection took %.1f ms; collected %d, uncollectable %d; "
+                "%d tracked objects now in generation %d", generation, took, collected, uncollectable,
+                len(gc.get_objects(into)), into)
 
 
 def threshold_from_env() -> float | None:
@@ -62,11 +72,12 @@ def threshold_from_env() -> float | None:
     return threshold
 
 
-def install(threshold_ms: float | None) -> SlowCollections | None:
-    """Start logging collections slower than `threshold_ms` (None: do nothing)."""
+def install(threshold_ms: float | None, defer: Callable[[Callable[[], None]], object]) -> SlowCollections | None:
+    """Start logging collections slower than `threshold_ms` (None: do nothing); `defer`
+    runs each report soon, outside the collection (loop.call_soon_threadsafe)."""
     if threshold_ms is None:
         return None
-    probe = SlowCollections(threshold_ms)
+    probe = SlowCollections(threshold_ms, defer)
     gc.callbacks.append(probe)
     log.info("gc: logging collections over %g ms (%s)", threshold_ms, GC_LOG_VARIABLE)
     return probe

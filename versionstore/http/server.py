@@ -109,7 +109,7 @@ async def serve(
         except Exception as exc:
             raise StartupError(f"cannot start: {one_line(exc)}") from None
         heap.settle()  # the app has started: what is allocated now stays for the process's life
-        slow_collections = gclog.install(gc_log_ms)  # VERSIONSTORE_GC_LOG_MS (docs/operations.md)
+        slow_collections = gclog.install(gc_log_ms, loop.call_soon_threadsafe)  # VERSIONSTORE_GC_LOG_MS (docs/operations.md)
         await web.SockSite(runner, sock).start()
         base_url = _base_url(config, sock)
         if listening is not None:
