@@ -42,19 +42,18 @@ def dumps(body: object) -> bytes:
 def encode_items(items: list[dict[str, Any]]) -> list[bytes]:
     """Each item's JSON, as `dumps(item)` would make it, from one orjson call over the list:
     an orjson call per item cost 3-10x more than one per page (page500). The list's JSON is
-    split where one item ends and the next begins, `},{"<first key>":` (a quote inside a
-    string is always escaped, so only structure matches); when that does not cut it into
-    exactly one piece per item (items with another first key, that pattern nested in
-    metadata, or what orjson refuses), each item is encoded on its own."""
+    split where the next item begins, `,{"<first key>":` (a quote inside a string is always
+    escaped, so only structure matches); when that does not cut it into exactly one piece
+    per item (items with another first key, that pattern nested in metadata, or what orjson
+    refuses), each item is encoded on its own."""
     if len(items) > 1 and items[0]:
         head = b"{" + orjson.dumps(next(iter(items[0]))) + b":"
         try:
-            pieces = orjson.dumps(items)[1:-1].split(b"}," + head)
+            first, *rest = orjson.dumps(items)[1:-1].split(b"," + head)
         except TypeError:
-            pieces = []
-        if len(pieces) == len(items):
-            last = len(pieces) - 1
-            return [(b"" if n == 0 else head) + piece + (b"" if n == last else b"}") for n, piece in enumerate(pieces)]
+            rest = []
+        if len(rest) == len(items) - 1:
+            return [first, *[head + piece for piece in rest]]
     return [dumps(item) for item in items]
 
 
