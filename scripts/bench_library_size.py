@@ -23,6 +23,7 @@ How the library is made (fast, and faithful):
 
     .venv/bin/python scripts/bench_library_size.py --quick                       # 10k, few requests
     .venv/bin/python scripts/bench_library_size.py --sizes 10000,100000,1000000  # the table
+    .venv/bin/python scripts/bench_library_size.py --sizes 100000 --no-blobs --gc-probe  # + slow collections
 
 Everything runs on 127.0.0.1 on free ports in a temporary directory, removed on exit (`--keep`
 keeps it). The machine's load is printed before and after: on a shared machine the figures
