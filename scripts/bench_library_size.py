@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import hashlib
 import json
 import os
@@ -214,11 +215,22 @@ def write_blobs(data_dir: Path, library: Library) -> None:
 
 
 class Stalls:
-    """Polls /healthz back to back; the worst latency since the last reset is a stall."""
+    """Polls /healthz back to back; the worst latency since the last reset is a stall.
+
+    This process's own garbage collections delay the poller as much as the service's would:
+    `own_gc` is the worst of them since the reset (the script freezes the generated library
+    once it is loaded, so they stay short; docs/performance.md, "This round: GC")."""
 
     def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
-        self.session, self.base, self.worst = session, base, 0.0
+        self.session, self.base, self.worst, self.own_gc = session, base, 0.0, 0.0
         self.task: asyncio.Task[None] | None = None
+        self._gc_started = 0.0
+
+    def _own_gc(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.own_gc = max(self.own_gc, time.perf_counter() - self._gc_started)
 
     async def _run(self) -> None:
         while True:
@@ -229,13 +241,15 @@ class Stalls:
             await asyncio.sleep(0.005)
 
     def __enter__(self) -> Stalls:
-        self.worst = 0.0
+        self.worst = self.own_gc = 0.0
+        gc.callbacks.append(self._own_gc)
         self.task = asyncio.get_running_loop().create_task(self._run())
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self.task is not None
         self.task.cancel()
+        gc.callbacks.remove(self._own_gc)
 
 
 @dataclass
@@ -244,6 +258,7 @@ class Row:
     key: str  # stable across sizes and runs (the name may hold a folder): the --json rows' id
     times: list[float] = field(default_factory=list)
     stall: float = 0.0
+    own_gc: float = 0.0  # this script's worst garbage collection while the row ran (Stalls)
     note: str = ""
     #: With --gc-probe: the service's collections over the threshold while the row ran, as
     #: (generation, ms); None without the probe.
@@ -253,7 +268,8 @@ class Row:
         """The row in --json: p50/p99 and the worst /healthz in milliseconds, and every time;
         with --gc-probe the slow collections (worst, its generation, how many)."""
         record = {"key": self.key, "name": self.name, "p50_ms": percentile(self.times, 0.5) * 1000,
-                  "p99_ms": percentile(self.times, 0.99) * 1000, "stall_ms": self.stall * 1000, "note": self.note,
+                  "p99_ms": percentile(self.times, 0.99) * 1000, "stall_ms": self.stall * 1000,
+                  "client_gc_ms": self.own_gc * 1000, "note": self.note,
                   "times_ms": [t * 1000 for t in self.times]}
         if self.collections is not None:
             worst = max(self.collections, key=lambda c: c[1], default=None)
@@ -315,7 +331,7 @@ class Driver:
         for i in range(self.requests):
             await make(i)
             row.times.append(self.elapsed)
-        row.stall = stalls.worst
+        row.stall, row.own_gc = stalls.worst, stalls.own_gc
 
     async def run(self, stalls: Stalls) -> list[Row]:
         rows: list[Row] = []
@@ -375,7 +391,7 @@ class Driver:
                 cursor = body.get("next_cursor")
                 if not cursor:
                     break
-            row.stall = stalls.worst
+            row.stall, row.own_gc = stalls.worst, stalls.own_gc
         # The deep half of the pages actually fetched (a small library has fewer than `pages`).
         row.times = times[len(times) // 2:]
         row.note = f"pages {len(times) // 2 + 1}-{len(times)}"
@@ -393,7 +409,7 @@ async def restart_row(server: Server, watch: float) -> Row:
         stalls = Stalls(session, f"http://127.0.0.1:{server.port}")
         with stalls:
             await asyncio.sleep(watch)
-        row.stall = stalls.worst
+        row.stall, row.own_gc = stalls.worst, stalls.own_gc
     return row
 
 
@@ -458,6 +474,8 @@ class Bench:
         bulk_load(path, library)
         log(f"   {size:,} assets, {len(library.versions):,} versions, {len(library.tags):,} tags loaded "
             f"in {time.perf_counter() - started:.1f} s")
+        gc.collect()
+        gc.freeze()  # the library's millions of dicts: out of this process's collections (Stalls.own_gc)
         blobs = size in self.args.blob_sizes
         if blobs:
             started = time.perf_counter()
@@ -472,6 +490,7 @@ class Bench:
         if blobs:
             rows.append(await restart_row(server, self.args.watch))
         server.stop()
+        gc.unfreeze()
         return rows
 
     async def main(self) -> None:
@@ -490,7 +509,8 @@ class Bench:
                     continue
                 for row in results[size]:
                     log(f"   {row.name:55} p50 {percentile(row.times, 0.5) * 1000:8.1f} ms  p99 "
-                        f"{percentile(row.times, 0.99) * 1000:8.1f} ms  worst /healthz {row.stall * 1000:7.1f} ms {row.note}"
+                        f"{percentile(row.times, 0.99) * 1000:8.1f} ms  worst /healthz {row.stall * 1000:7.1f} ms "
+                        f"(client gc {row.own_gc * 1000:.0f} ms) {row.note}"
                         f"{row.gc_text()}")
         finally:
             stop_servers(self.servers)
