@@ -486,6 +486,7 @@ class Bench:
         async with aiohttp.ClientSession() as session:
             gc_log = GcLog(self.root / "service.log") if self.args.gc_probe is not None else None
             driver = Driver(session, base, library, self.args.requests, random.Random(size + 1), gc_log)
+            gc.freeze()  # and the driver's lists of those rows
             rows = await driver.run(Stalls(session, base))
         if blobs:
             rows.append(await restart_row(server, self.args.watch))
