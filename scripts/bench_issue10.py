@@ -341,7 +341,7 @@ def plans(args: argparse.Namespace, json_dir: Path) -> list[Plan]:
                    60 if args.quick else 300),
         "libsize": Plan("libsize", [*script("bench_library_size.py"), "--sizes", ",".join(map(str, args.sizes)),
                                     *(["--blob-sizes", ",".join(map(str, args.blob_sizes))] if args.blob_sizes else ["--no-blobs"]),
-                                    *(["--quick"] if args.quick else [])],
+                                    *(["--quick"] if args.quick else []), "--gc-probe"],  # slow collections per row
                         libsize_estimate(args.sizes, args.blob_sizes, 10 if args.quick else 50)),
     }
     chosen = [out[name] for name in COMPONENTS if name in args.only]

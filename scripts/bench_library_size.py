@@ -23,6 +23,7 @@ How the library is made (fast, and faithful):
 
     .venv/bin/python scripts/bench_library_size.py --quick                       # 10k, few requests
     .venv/bin/python scripts/bench_library_size.py --sizes 10000,100000,1000000  # the issue's table
+    .venv/bin/python scripts/bench_library_size.py --sizes 100000 --no-blobs --gc-probe  # + slow collections
 
 Everything runs on 127.0.0.1 on free ports in a temporary directory, removed on exit (`--keep`
 keeps it). The machine's load is printed before and after: on a shared machine the figures
@@ -34,10 +35,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import hashlib
 import json
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -212,11 +215,22 @@ def write_blobs(data_dir: Path, library: Library) -> None:
 
 
 class Stalls:
-    """Polls /healthz back to back; the worst latency since the last reset is a stall."""
+    """Polls /healthz back to back; the worst latency since the last reset is a stall.
+
+    This process's own garbage collections delay the poller as much as the service's would:
+    `own_gc` is the worst of them since the reset (the script freezes the generated library
+    once it is loaded, so they stay short; docs/performance.md, "This round: GC")."""
 
     def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
-        self.session, self.base, self.worst = session, base, 0.0
+        self.session, self.base, self.worst, self.own_gc = session, base, 0.0, 0.0
         self.task: asyncio.Task[None] | None = None
+        self._gc_started = 0.0
+
+    def _own_gc(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.own_gc = max(self.own_gc, time.perf_counter() - self._gc_started)
 
     async def _run(self) -> None:
         while True:
@@ -227,13 +241,15 @@ class Stalls:
             await asyncio.sleep(0.005)
 
     def __enter__(self) -> Stalls:
-        self.worst = 0.0
+        self.worst = self.own_gc = 0.0
+        gc.callbacks.append(self._own_gc)
         self.task = asyncio.get_running_loop().create_task(self._run())
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self.task is not None
         self.task.cancel()
+        gc.callbacks.remove(self._own_gc)
 
 
 @dataclass
@@ -242,18 +258,59 @@ class Row:
     key: str  # stable across sizes and runs (the name may hold a folder): the --json rows' id
     times: list[float] = field(default_factory=list)
     stall: float = 0.0
+    own_gc: float = 0.0  # this script's worst garbage collection while the row ran (Stalls)
     note: str = ""
+    #: With --gc-probe: the service's collections over the threshold while the row ran, as
+    #: (generation, ms); None without the probe.
+    collections: list[tuple[int, float]] | None = None
 
     def record(self) -> dict[str, Any]:
-        """The row in --json: p50/p99 and the worst /healthz in milliseconds, and every time."""
-        return {"key": self.key, "name": self.name, "p50_ms": percentile(self.times, 0.5) * 1000,
-                "p99_ms": percentile(self.times, 0.99) * 1000, "stall_ms": self.stall * 1000, "note": self.note,
-                "times_ms": [t * 1000 for t in self.times]}
+        """The row in --json: p50/p99 and the worst /healthz in milliseconds, and every time;
+        with --gc-probe the slow collections (worst, its generation, how many)."""
+        record = {"key": self.key, "name": self.name, "p50_ms": percentile(self.times, 0.5) * 1000,
+                  "p99_ms": percentile(self.times, 0.99) * 1000, "stall_ms": self.stall * 1000,
+                  "client_gc_ms": self.own_gc * 1000, "note": self.note,
+                  "times_ms": [t * 1000 for t in self.times]}
+        if self.collections is not None:
+            worst = max(self.collections, key=lambda c: c[1], default=None)
+            record.update(gc_slow=len(self.collections), gc_worst_ms=worst[1] if worst else 0.0,
+                          gc_worst_generation=worst[0] if worst else None)
+        return record
+
+    def gc_text(self) -> str:
+        if self.collections is None:
+            return ""
+        if not self.collections:
+            return "  gc: none slow"
+        generation, ms = max(self.collections, key=lambda c: c[1])
+        return f"  gc: {len(self.collections)} slow, worst {ms:.1f} ms (generation {generation})"
+
+
+class GcLog:
+    """The service's slow collections (VERSIONSTORE_GC_LOG_MS, versionstore/gclog.py), read
+    from its log: `mark()` before a row, `since(mark)` after it. The service logs each one
+    just after it ends, from its event loop, so one at a row's very end may count for the next."""
+
+    LINE = re.compile(rb"gc: generation (\d) collection took ([\d.]+) ms")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def mark(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    async def since(self, mark: int) -> list[tuple[int, float]]:
+        await asyncio.sleep(0.1)  # let the service log a collection that ended with the last response
+        with open(self.path, "rb") as log_file:
+            log_file.seek(mark)
+            return [(int(m[1]), float(m[2])) for m in self.LINE.finditer(log_file.read())]
 
 
 class Driver:
-    def __init__(self, session: aiohttp.ClientSession, base: str, library: Library, requests: int, rng: random.Random) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base: str, library: Library, requests: int, rng: random.Random,
+                 gc_log: GcLog | None = None) -> None:
         self.session, self.base, self.library, self.requests, self.rng = session, base, library, requests, rng
+        self.gc_log = gc_log
         self.live = [a for a in library.assets if a["status"] == "live"]
         self.rng.shuffle(self.live)
         self.elapsed = 0.0  # the last call's latency
@@ -274,7 +331,7 @@ class Driver:
         for i in range(self.requests):
             await make(i)
             row.times.append(self.elapsed)
-        row.stall = stalls.worst
+        row.stall, row.own_gc = stalls.worst, stalls.own_gc
 
     async def run(self, stalls: Stalls) -> list[Row]:
         rows: list[Row] = []
@@ -308,10 +365,16 @@ class Driver:
         ]
         for key, name, make in kinds:
             row = Row(name, key)
+            mark = self.gc_log.mark() if self.gc_log else 0
             with stalls:
                 await self.timed(row, make, stalls)
+            if self.gc_log:
+                row.collections = await self.gc_log.since(mark)
             rows.append(row)
+        mark = self.gc_log.mark() if self.gc_log else 0
         rows.append(await self.deep_listing(stalls))
+        if self.gc_log:
+            rows[-1].collections = await self.gc_log.since(mark)
         return rows
 
     async def deep_listing(self, stalls: Stalls) -> Row:
@@ -328,7 +391,7 @@ class Driver:
                 cursor = body.get("next_cursor")
                 if not cursor:
                     break
-            row.stall = stalls.worst
+            row.stall, row.own_gc = stalls.worst, stalls.own_gc
         # The deep half of the pages actually fetched (a small library has fewer than `pages`).
         row.times = times[len(times) // 2:]
         row.note = f"pages {len(times) // 2 + 1}-{len(times)}"
@@ -346,7 +409,7 @@ async def restart_row(server: Server, watch: float) -> Row:
         stalls = Stalls(session, f"http://127.0.0.1:{server.port}")
         with stalls:
             await asyncio.sleep(watch)
-        row.stall = stalls.worst
+        row.stall, row.own_gc = stalls.worst, stalls.own_gc
     return row
 
 
@@ -366,8 +429,10 @@ class Bench:
 
     def server(self, data_dir: Path) -> Server:
         port = free_port()
+        gc_probe = {} if self.args.gc_probe is None else {"VERSIONSTORE_GC_LOG_MS": f"{self.args.gc_probe:g}"}
         server = Server("versionstore", [self.python, "-m", "versionstore", "serve", "--data-dir", str(data_dir),
-                                         "--host", "127.0.0.1", "--port", str(port)], port, self.root / "service.log")
+                                         "--host", "127.0.0.1", "--port", str(port)], port, self.root / "service.log",
+                        env=gc_probe or None)
         self.servers.append(server)
         return server
 
@@ -409,6 +474,8 @@ class Bench:
         bulk_load(path, library)
         log(f"   {size:,} assets, {len(library.versions):,} versions, {len(library.tags):,} tags loaded "
             f"in {time.perf_counter() - started:.1f} s")
+        gc.collect()
+        gc.freeze()  # the library's millions of dicts: out of this process's collections (Stalls.own_gc)
         blobs = size in self.args.blob_sizes
         if blobs:
             started = time.perf_counter()
@@ -417,11 +484,14 @@ class Bench:
         server.start(timeout=600)
         base = f"http://127.0.0.1:{server.port}"
         async with aiohttp.ClientSession() as session:
-            driver = Driver(session, base, library, self.args.requests, random.Random(size + 1))
+            gc_log = GcLog(self.root / "service.log") if self.args.gc_probe is not None else None
+            driver = Driver(session, base, library, self.args.requests, random.Random(size + 1), gc_log)
+            gc.freeze()  # and the driver's lists of those rows
             rows = await driver.run(Stalls(session, base))
         if blobs:
             rows.append(await restart_row(server, self.args.watch))
         server.stop()
+        gc.unfreeze()
         return rows
 
     async def main(self) -> None:
@@ -440,7 +510,9 @@ class Bench:
                     continue
                 for row in results[size]:
                     log(f"   {row.name:55} p50 {percentile(row.times, 0.5) * 1000:8.1f} ms  p99 "
-                        f"{percentile(row.times, 0.99) * 1000:8.1f} ms  worst /healthz {row.stall * 1000:7.1f} ms {row.note}")
+                        f"{percentile(row.times, 0.99) * 1000:8.1f} ms  worst /healthz {row.stall * 1000:7.1f} ms "
+                        f"(client gc {row.own_gc * 1000:.0f} ms) {row.note}"
+                        f"{row.gc_text()}")
         finally:
             stop_servers(self.servers)
             remove_temp_dir(self.root, self.args.keep)
@@ -483,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
                              "e.g. --sizes 10000,100000,1000000 --blob-sizes 1000000)")
     parser.add_argument("--json", help="also write the raw results (per size, per row: p50/p99/worst /healthz ms) to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--gc-probe", type=float, nargs="?", const=20.0, default=None, metavar="MS",
+                        help="run the service with VERSIONSTORE_GC_LOG_MS=MS (default 20) and report, per row, its "
+                             "collections over MS: how many, the worst and its generation (docs/operations.md)")
     add_load_option(parser)
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000,1000000")).split(",")]

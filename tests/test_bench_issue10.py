@@ -122,7 +122,7 @@ def test_component_commands(tmp_path: Path) -> None:
     quick = b10.plans(b10.parse_args(["--quick", "--allow-load"]), tmp_path)
     argv = {plan.name: plan.argv[1:] for plan in quick}
     assert [Path(a).name if i == 0 else a for i, a in enumerate(argv["libsize"])] == [
-        "bench_library_size.py", "--sizes", "10000", "--blob-sizes", "10000", "--quick", "--allow-load",
+        "bench_library_size.py", "--sizes", "10000", "--blob-sizes", "10000", "--quick", "--gc-probe", "--allow-load",
         "--json", str(tmp_path / "libsize.json")]
     assert argv["initial"][1:3] == ["--scale", "0.01"] and argv["s3"][1:4] == ["--backend", "s3", "--quick"]
     full = b10.plans(b10.parse_args(["--only", "libsize,initial"]), tmp_path)

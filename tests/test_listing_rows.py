@@ -5,6 +5,7 @@ tag, context or metadata change, a new version, a delete and a restore, made thr
 or through another app on the same database (a second `serve` process), on both backends."""
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -120,13 +121,13 @@ async def test_the_budget_drops_the_least_recently_used_and_refuses_huge_rows() 
     rows = RenderedRows(max_bytes=8000)
     made: list[tuple[Any, ...]] = []
 
-    def make(row: tuple[Any, ...]) -> dict[str, Any]:
-        made.append(row)
-        return {"n": row[0], "s": row[1]}
+    def make(page: Sequence[tuple[Any, ...]]) -> list[bytes]:
+        made.extend(page)
+        return [json.dumps({"n": row[0], "s": row[1]}).encode() for row in page]
 
     async def render(*keys: int) -> list[Any]:
         page = await rows.render([(k, "x" * 100) for k in keys], None, make)
-        return [item["n"] for item in page]
+        return [json.loads(item)["n"] for item in page]
 
     assert await render(1, 2, 3) == [1, 2, 3]
     assert await render(1, 2, 3) == [1, 2, 3]
@@ -137,7 +138,7 @@ async def test_the_budget_drops_the_least_recently_used_and_refuses_huge_rows() 
     assert await render(39, 1) == [39, 1]
     assert made == [(1, "x" * 100)]
     made.clear()
-    assert [item["s"] for item in await rows.render([(39, "changed")], None, make)] == ["changed"]
+    assert [json.loads(item)["s"] for item in await rows.render([(39, "changed")], None, make)] == ["changed"]
     assert made == [(39, "changed")]  # the same id, a different row: rendered afresh
     await rows.render([(99, "y" * 4000)], None, make)  # over a quarter of the budget: not kept
     assert all(key[1] != 99 for key in rows._entries)

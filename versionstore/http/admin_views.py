@@ -1,7 +1,7 @@
 """Admin API handlers (Basic auth) and the signed `download_backup`. Thin by design."""
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache, partial
 from typing import Any
 from urllib.parse import quote
@@ -123,10 +123,12 @@ async def page(
     fields = render.parse_fields(params.get("fields"))
     shown = found[: query.limit]
 
-    def rendered(row: AssetRow) -> dict[str, Any]:
-        return render.select(render.resource_of_row(row, flat_context), fields)
+    def rendered(rows: Sequence[AssetRow]) -> list[bytes]:
+        return render.encode_items([render.select(render.resource_of_row(row, flat_context), fields) for row in rows])
 
-    body: dict[str, Any] = {"resources": await request.app[RENDERED_ROWS].render(shown, (flat_context, fields), rendered)}
+    options = (flat_context, *sorted(fields or ()))  # strings only: the cache's keys stay untracked by gc
+    items = await request.app[RENDERED_ROWS].render(shown, options, rendered)
+    body: dict[str, Any] = {"resources": render.json_array(items)}
     if len(found) > query.limit:
         body["next_cursor"] = queries.encode_keyset(query, queries.sort_values(query, meta.asset_of_row(shown[-1])))
     return body

@@ -39,6 +39,29 @@ def dumps(body: object) -> bytes:
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def encode_items(items: list[dict[str, Any]]) -> list[bytes]:
+    """Each item's JSON, as `dumps(item)` would make it, from one orjson call over the list:
+    an orjson call per item cost 3-10x more than one per page (page500). The list's JSON is
+    split where the next item begins, `,{"<first key>":` (a quote inside a string is always
+    escaped, so only structure matches); when that does not cut it into exactly one piece
+    per item (items with another first key, that pattern nested in metadata, or what orjson
+    refuses), each item is encoded on its own."""
+    if len(items) > 1 and items[0]:
+        head = b"{" + orjson.dumps(next(iter(items[0]))) + b":"
+        try:
+            first, *rest = orjson.dumps(items)[1:-1].split(b"," + head)
+        except TypeError:
+            rest = []
+        if len(rest) == len(items) - 1:
+            return [first, *[head + piece for piece in rest]]
+    return [dumps(item) for item in items]
+
+
+def json_array(items: list[bytes]) -> orjson.Fragment:
+    """Encoded items as one JSON array, for a body `dumps` encodes (orjson copies it as is)."""
+    return orjson.Fragment(b"[" + b",".join(items) + b"]")
+
+
 def _filename(asset: Asset) -> str:
     return asset.public_id.rsplit("/", 1)[-1]
 

@@ -11,12 +11,17 @@ change made by another process shows in the very next page on both backends.
 
 Bounded by the bytes held (rows and their JSON); the least recently used go first. Look-ups
 and stores run on the event loop; a long run of misses is rendered in a worker thread.
+
+What is kept is invisible to the garbage collector: an entry is a tuple of the row (a tuple of
+strings and numbers), the item's encoded JSON (bytes) and an int, which CPython stops tracking
+at the first collection that sees it. Kept as dicts (and their tag lists), 20,000 entries were
+~65,000 tracked objects that every full collection walked, holding the GIL for 100-200 ms in
+the middle of a listing walk (docs/performance.md, "GC").
 """
 
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
 
 from versionstore.models import AssetRow
 
@@ -36,20 +41,23 @@ class RenderedRows:
     Keyed by the whole row, a miss hashed every value of it twice (look-up, store): on a
     page of 500 rows not seen before that bookkeeping cost as much as a third of rendering.
 
-    Items are kept as the renderer's objects (dicts), not as JSON: the page is then one
-    orjson call over all of them, where an orjson call per item cost several times more."""
+    `options` should be a tuple of strings, numbers and None (then the keys are untracked too).
+    Items are kept as each item's JSON bytes; `make` renders the misses of a page together
+    (render.encode_items: one orjson call for all of them, then split)."""
 
     def __init__(self, max_bytes: int = 32 << 20, weigh: Callable[[AssetRow], int] = text_weight) -> None:
         self.max_bytes = max_bytes
         self._weigh = weigh
         self._used = 0
-        self._entries: OrderedDict[tuple[Hashable, Hashable], tuple[AssetRow, Any, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple[Hashable, Hashable], tuple[AssetRow, bytes, int]] = OrderedDict()
 
-    async def render(self, rows: Sequence[AssetRow], options: Hashable, make: Callable[[AssetRow], Any]) -> list[Any]:
-        """Each row's item (`make(row)`, rendered with `options`), from what earlier pages
-        rendered where the row is unchanged. Items are shared: never modify one."""
+    async def render(
+        self, rows: Sequence[AssetRow], options: Hashable, make: Callable[[Sequence[AssetRow]], list[bytes]]
+    ) -> list[bytes]:
+        """Each row's item as JSON (`make(rows)` renders a list of rows with `options`), from
+        what earlier pages rendered where the row is unchanged."""
         entries = self._entries
-        found: list[Any] = []
+        found: list[bytes | None] = []
         missing: list[AssetRow] = []
         for row in rows:
             key = (options, row[0])
@@ -60,18 +68,16 @@ class RenderedRows:
             else:
                 found.append(None)
                 missing.append(row)
-        if not missing:
-            return found
         if len(missing) > RENDER_ON_LOOP:
-            made = await asyncio.to_thread(lambda: [make(row) for row in missing])
+            made = await asyncio.to_thread(make, missing)
         else:
-            made = [make(row) for row in missing]
+            made = make(missing) if missing else []
         for row, item in zip(missing, made, strict=True):
             self._store((options, row[0]), row, item)
         fresh = iter(made)
         return [next(fresh) if item is None else item for item in found]
 
-    def _store(self, key: tuple[Hashable, Hashable], row: AssetRow, item: Any) -> None:
+    def _store(self, key: tuple[Hashable, Hashable], row: AssetRow, item: bytes) -> None:
         weight = self._weigh(row)
         if weight > self.max_bytes // 4:
             return  # one huge row must not evict everything else

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from versionstore import bootstrap, heap
+from versionstore import bootstrap, gclog, heap
 from versionstore.config import Config, StartupError
 from versionstore.http.app import create_app
 from versionstore.http.keys import IN_FLIGHT, META
@@ -85,6 +85,7 @@ async def serve(
     seconds (http/shutdown.py). `ready(meta, base_url)` runs once requests are accepted;
     a worker of `serve_workers` gets the parent's `sock` and says `listening()` instead."""
     config.check()
+    gc_log_ms = gclog.threshold_from_env()
     sock = sock or bind(config.host, config.port)
     stop = asyncio.Event()
     watchdog = Watchdog(config.shutdown_grace)
@@ -101,12 +102,14 @@ async def serve(
         app, access_log=logging.getLogger("aiohttp.access") if access_log else None,
         keepalive_timeout=75.0, shutdown_timeout=CANCEL_WAIT,
     )
+    slow_collections: gclog.SlowCollections | None = None
     try:
         try:
             await runner.setup()
         except Exception as exc:
             raise StartupError(f"cannot start: {one_line(exc)}") from None
         heap.settle()  # the app has started: what is allocated now stays for the process's life
+        slow_collections = gclog.install(gc_log_ms, loop.call_soon_threadsafe)  # VERSIONSTORE_GC_LOG_MS (docs/operations.md)
         await web.SockSite(runner, sock).start()
         base_url = _base_url(config, sock)
         if listening is not None:
@@ -119,6 +122,7 @@ async def serve(
         await stop.wait()
     finally:
         await stop_serving(runner, app[IN_FLIGHT], config.shutdown_grace)
+        gclog.uninstall(slow_collections)
         heap.unsettle()
         sock.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
