@@ -65,6 +65,8 @@ ITEM = {"asset_id": "a1", "public_id": "p/1", "version": 3, "tags": ["x", "y"], 
     [ITEM, {**ITEM, "public_id": 'quote " },{"asset_id": inside'}, {**ITEM, "tags": []}],
     [ITEM, {**ITEM, "metadata": {"list": [{"x": 1}, {"asset_id": "nested"}]}}, ITEM],  # the boundary nested
     [ITEM, {"public_id": "another first key"}, ITEM],
+    # another first key AND a nested boundary: the count of pieces matches, the cuts do not
+    [ITEM, {"public_id": "p/2", "metadata": {"list": [{"x": 1}, {"asset_id": "nested"}]}}, ITEM],
     [ITEM, {**ITEM, "metadata": {"big": 1 << 70}}, ITEM],  # orjson refuses; json encodes it
     [{**ITEM, "public_id": f"p/{n}"} for n in range(600)],
 ])

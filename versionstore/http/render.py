@@ -44,10 +44,14 @@ def encode_items(items: list[dict[str, Any]]) -> list[bytes]:
     an orjson call per item cost 3-10x more than one per page (page500). The list's JSON is
     split where the next item begins, `,{"<first key>":` (a quote inside a string is always
     escaped, so only structure matches); when that does not cut it into exactly one piece
-    per item (items with another first key, that pattern nested in metadata, or what orjson
-    refuses), each item is encoded on its own."""
+    per item (that pattern nested in metadata, or what orjson refuses), each item is encoded
+    on its own. The split is sound only when every item begins with the same key: then each
+    boundary matches once, and any nested match makes one piece too many."""
     if len(items) > 1 and items[0]:
-        head = b"{" + orjson.dumps(next(iter(items[0]))) + b":"
+        key = next(iter(items[0]))
+        if any(not item or next(iter(item)) != key for item in items):
+            return [dumps(item) for item in items]
+        head = b"{" + orjson.dumps(key) + b":"
         try:
             first, *rest = orjson.dumps(items)[1:-1].split(b"," + head)
         except TypeError:
