@@ -334,7 +334,7 @@ def plans(args: argparse.Namespace, json_dir: Path) -> list[Plan]:
         return [python, str(HERE / name)]
 
     out = {
-        "core": Plan("core", [*script("bench_core.py"), *(["--quick"] if args.quick else [])], 90 if args.quick else 240),
+        "core": Plan("core", [*script("bench_core.py"), "--timeline", *(["--quick"] if args.quick else [])], 90 if args.quick else 240),
         "initial": Plan("initial", [*script("bench_initial_backup.py"), "--scale", "0.01" if args.quick else "0.2"],
                         60 if args.quick else 300),
         "s3": Plan("s3", [*script("bench_buckets.py"), "--backend", "s3", *(["--quick"] if args.quick else [])],
