@@ -735,7 +735,7 @@ class Bench:
             log(f"   {name:<12}{best:7.2f} s {size_mb / best:5.0f} MB/s{mid:7.2f} s {size_mb / mid:5.0f} MB/s")
         stretch = "met" if ratio_best >= TARGETS["upload_ratio_stretch"] else "not met"
         verdict = "NOT JUDGED (other load, below)" if busy else "MET" if met else "MISSED"
-        log(f"   ratio     : {ratio_best:.2f}x of the limit (best of {a.runs} vs best of {a.runs}; medians "
+        log(f"   ratio     : {ratio_best:.3f}x of the limit (best of {a.runs} vs best of {a.runs}; medians "
             f"{ratio_median:.2f}x)   target >= {TARGETS['upload_ratio']}x: {verdict} "
             f"(stretch {TARGETS['upload_ratio_stretch']}x {stretch})")
         log(f"   server CPU: {cpu_per_gib:.2f} s/GiB, of which MD5 {md5_cpu_per_gib:.2f} s/GiB (measured above): "

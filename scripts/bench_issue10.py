@@ -131,7 +131,7 @@ def core_upload(d: dict[str, Any]) -> tuple[str, bool]:
     limit_median = max(median(r["cp_seconds"]), median(r["md5_seconds"]))
     up_best, up_median = min(r["upload_seconds"]), median(r["upload_seconds"])
     ratio = limit_best / up_best
-    return (f"{ratio:.2f}x best of {len(r['upload_seconds'])} ({d['args']['size_mib']} MiB at {size_mb / up_best:.0f} MB/s; cp + sync "
+    return (f"{ratio:.3f}x best of {len(r['upload_seconds'])} ({d['args']['size_mib']} MiB at {size_mb / up_best:.0f} MB/s; cp + sync "
             f"{size_mb / min(r['cp_seconds']):.0f} MB/s, MD5 {size_mb / min(r['md5_seconds']):.0f} MB/s); median "
             f"{limit_median / up_median:.2f}x ({size_mb / up_median:.0f} MB/s)", ratio >= 0.8)
 

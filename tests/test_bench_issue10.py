@@ -65,7 +65,7 @@ def test_every_verdict_and_the_exit_status() -> None:
                  libsize=b10.Outcome("libsize", 1, 900.0, libsize()))
     rows = first(rep)
     upload, cpu, rss, versions, download, batch, s3 = rows.values()
-    assert upload.status == b10.MET and upload.value.startswith("0.83x best of 3 (1024 MiB at ")
+    assert upload.status == b10.MET and upload.value.startswith("0.833x best of 3 (1024 MiB at ")
     assert cpu.status == b10.MISSED and cpu.value.startswith("2.00 s/GiB beyond MD5") and "MD5 alone 2.00 s/GiB" in cpu.value
     assert rss.status == b10.MET
     assert versions.status == b10.MET and versions.value.startswith("0.40x, p99 15.0 ms")
