@@ -177,21 +177,27 @@ async def test_local_blobs_are_read_only_and_keys_cannot_escape(tmp_path, source
         await store.put_file("../escape", source)
 
 
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths the local store fsyncs (by path), in order; the real fsyncs still run."""
+    from versionstore.blobstore import local
+
+    paths: list[Path] = []
+    real = local.fsync_path
+
+    def recording(path: Path | str) -> None:
+        paths.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(local, "fsync_path", recording)
+    return paths
+
+
 @pytest.mark.parametrize("many", [False, True], ids=["put_file", "put_files"])
-async def test_local_fan_out_directories_are_made_durable_before_a_link(tmp_path, source, monkeypatch, many):
+async def test_local_fan_out_directories_are_made_durable_before_a_link(tmp_path, source, synced, many):
     """A blob under new fan-out directories (`aa/bb/`): every new directory's entry is fsynced in
     its parent, not only the link's own directory (which would not survive a crash if the
     directory holding it did not). The real fsyncs run; the paths they were given are recorded."""
-    from versionstore.blobstore import local
-
-    synced: list[Path] = []
-
-    def recording(path: Path | str) -> None:
-        synced.append(Path(path))
-        real(path)
-
-    real = local.fsync_path
-    monkeypatch.setattr(local, "fsync_path", recording)
     root = tmp_path / "store"
     store = open_store(f"file://{root}")
     if many:
@@ -226,24 +232,15 @@ async def test_local_store_on_another_filesystem_copies_then_links(tmp_path, sou
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["put_file", "put_files"])
-async def test_local_blob_found_already_there_is_made_durable_before_put_returns(tmp_path, source, monkeypatch, many):
+async def test_local_blob_found_already_there_is_made_durable_before_put_returns(tmp_path, source, synced, many):
     """A blob another writer linked a moment ago (in another process: here a second store over
     the same root) may not be durable yet: that writer's directory fsync runs after its link.
     A put that finds it there must fsync its directory (and the directories above, once per
     process) itself before the caller commits a version that names it."""
-    from versionstore.blobstore import local
-
     root = tmp_path / "store"
     other = open_store(f"file://{root}")
     await other.put_file("x/aa/bb/k", source)  # stands for a link whose fsyncs have not run yet
-    synced: list[Path] = []
-
-    def recording(path: Path | str) -> None:
-        synced.append(Path(path))
-        real(path)
-
-    real = local.fsync_path
-    monkeypatch.setattr(local, "fsync_path", recording)
+    synced.clear()
     store = open_store(f"file://{root}")  # this process: has made none of these durable itself
     if many:
         assert await store.put_files([("x/aa/bb/k", source)]) == [False]

@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
 import pytest
 
+from tests.test_spool_flush import until
 from versionstore import spool as spool_module
 from versionstore import spool_lanes
 from versionstore.spool import IN_FLIGHT, SpoolFile
@@ -50,14 +50,6 @@ def count_md5(spool: SpoolFile) -> list[int]:
 
     spool.hashes.update_md5_all = counting  # type: ignore[method-assign]
     return calls
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("timed out")
 
 
 async def test_the_md5_lane_runs_ahead_of_a_stalled_write_lane_within_the_memory_bound(tmp_path: Path) -> None:
