@@ -38,6 +38,8 @@ TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "ConditionalRequestConflict", "
 TRANSIENT_TYPES = (HTTPClientError, ConnectionError, IncompleteReadError, FlexibleChecksumError, aiohttp.ClientError, OSError)
 # Everything a call may raise that is the provider's doing (OSError covers asyncio.TimeoutError).
 PROVIDER_ERRORS = (ClientError, BotoCoreError, aiohttp.ClientError, OSError)
+#: Tries of a staged put's abort (StagedPut.abort).
+ABORT_ATTEMPTS = 3
 
 
 def _status(exc: BaseException) -> tuple[int, str]:
@@ -484,17 +486,28 @@ class StagedPut:
             raise
 
     async def abort(self) -> None:
-        """Give up: nothing at the digest key, and the staging upload or object removed. Idempotent."""
+        """Give up: nothing at the digest key, and the staging upload or object removed. Idempotent.
+
+        Parts in flight are waited for, not cancelled: a cancelled request may still be
+        running at the server (or leave half a body on a pooled connection that the next
+        request, the abort, then follows), and S3 says an upload aborted while parts are
+        arriving may need aborting again. The abort is retried a few times for the same
+        reason; what still fails is left to `collect_staging` and the lifecycle rule."""
         self.closed = True
         self.buffer = bytearray()
-        for task in self.tasks:
-            task.cancel()
         if pending := [task for task in self.tasks if not task.done()]:
             await asyncio.wait(pending)
-        with suppress(*PROVIDER_ERRORS):
-            if self.upload_id is not None:
-                await self.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.staging_key, UploadId=self.upload_id)
-                self.upload_id = None
-            if self.staged_object:
-                await self.client.delete_object(Bucket=self.store.bucket, Key=self.staging_key)
-                self.staged_object = False
+        for attempt in range(ABORT_ATTEMPTS):
+            try:
+                if self.upload_id is not None:
+                    await self.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.staging_key, UploadId=self.upload_id)
+                    self.upload_id = None
+                if self.staged_object:
+                    await self.client.delete_object(Bucket=self.store.bucket, Key=self.staging_key)
+                    self.staged_object = False
+                return
+            except PROVIDER_ERRORS as exc:
+                if _status(exc)[1] == "NoSuchUpload":
+                    self.upload_id = None  # gone already: only the staged object may be left
+                elif attempt + 1 < ABORT_ATTEMPTS:
+                    await asyncio.sleep(0.05 * (attempt + 1))
