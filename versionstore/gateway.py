@@ -14,10 +14,13 @@ SQLite (the embedded default):
 - Scans keep a worker-thread connection.
 - One writer at a time (BEGIN IMMEDIATE), in this process and across processes.
 - `point_transaction()`: a write transaction of a few indexed statements (an upload's journal
-  rows, its version commit): BEGIN IMMEDIATE (which may wait for another process's writer)
-  and COMMIT (which waits for fsync) run on a thread of their own, the statements in between
-  on the event loop, like the point reads: two thread hops per transaction instead of one per
-  statement and fetch (docs/performance.md, "Overwrites"). PostgreSQL: `transaction()`.
+  rows, its version commit), its statements inline on the event loop like the point reads.
+  Group commit: one that ends while others queue for the lock leaves the SQLite transaction
+  open for them (each body in a savepoint), and the last of the batch sends the one COMMIT
+  (which waits for fsync) to a thread of its own; every body returns after that COMMIT, so an
+  acknowledged write is durable and concurrent uploads share a fsync. BEGIN IMMEDIATE runs
+  inline unless another process holds the write lock (then on that thread, which waits).
+  docs/design.md, "Metadata schema". PostgreSQL: `transaction()`.
 """
 
 import asyncio
@@ -33,6 +36,12 @@ from typing import Any, Protocol
 import aiosqlite
 
 from versionstore.dialect import statements
+
+#: How long a connection waits for another's write lock (another process's writer) before "locked".
+BUSY_TIMEOUT_MS = 10_000
+#: Point transactions committed together at most (group commit, module doc): bounds how long the
+#: first body of a batch waits for its COMMIT, and how long another process waits for the lock.
+GROUP_COMMIT_MAX = 32
 
 
 def migrations() -> list[str]:
@@ -100,7 +109,7 @@ class Gateway(Protocol):
 
 async def _connect(path: Path) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, isolation_level=None)
-    await db.execute("PRAGMA busy_timeout = 10000")
+    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     await db.execute("PRAGMA foreign_keys = ON")
     await db.execute("PRAGMA synchronous = FULL")
     return db
@@ -125,7 +134,7 @@ def _point_connection(path: Path) -> sqlite3.Connection:
     """The connection of `point_transaction`: used by one thread at a time (under the write
     lock), the loop's or the commit thread's."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in ("busy_timeout = 10000", "foreign_keys = ON", "synchronous = FULL"):
+    for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "foreign_keys = ON", "synchronous = FULL"):
         conn.execute(f"PRAGMA {pragma}")
     return conn
 
@@ -184,6 +193,12 @@ class SqliteGateway:
         # transaction's BEGIN on this connection, and none queues behind blob work.
         self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
         self._epoch: object | None = None  # commit_epoch() of this event-loop iteration
+        # Group commit of point transactions (module doc).
+        self._batch_open = False  # a BEGIN IMMEDIATE of the point connection not yet ended
+        self._batch: list[asyncio.Future[None]] = []  # its bodies, waiting for its COMMIT
+        self._point_waiters = 0  # point transactions waiting for the write lock
+        self._flusher: asyncio.Future[None] | None = None
+        self._thread_job: asyncio.Future[Any] | None = None  # the commit thread's last job
 
     @classmethod
     async def open(cls, path: Path) -> "SqliteGateway":
@@ -216,12 +231,14 @@ class SqliteGateway:
             raise
         scanner = await _connect(path)
         reader = sqlite3.connect(path, isolation_level=None)
-        reader.execute("PRAGMA busy_timeout = 10000")
+        reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         return cls(writer, scanner, reader, applied, _point_connection(path))
 
     async def close(self) -> None:
         self._reader.close()
         async with self._write_lock:
+            if self._point is not None:
+                await self._commit_batch(self._point)
             self._commit_thread.shutdown(wait=True)
             if self._point is not None:
                 self._point.close()
@@ -232,6 +249,8 @@ class SqliteGateway:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """One serialised write transaction; rolled back on any exception."""
         async with self._write_lock:
+            if self._point is not None:  # an open batch of the point connection holds SQLite's write lock
+                await self._commit_batch(self._point)
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield self._writer
@@ -245,25 +264,130 @@ class SqliteGateway:
 
     @asynccontextmanager
     async def point_transaction(self) -> AsyncIterator[Transaction]:
-        """`transaction()` in two thread hops (BEGIN, COMMIT); the statements run inline."""
+        """`transaction()` of a few indexed statements, group-committed (module doc): the body
+        runs inline in a savepoint of the open batch and returns once a COMMIT that covers it
+        has been fsynced. A body that fails is rolled back to its savepoint; the batch goes on."""
         if self._point is None:
             async with self.transaction() as db:
                 yield db
             return
         point = self._point
-        loop = asyncio.get_running_loop()
-        async with self._write_lock:
+        self._point_waiters += 1
+        try:
+            await self._write_lock.acquire()
+        finally:
+            self._point_waiters -= 1
+            self._flush_if_abandoned()
+        committed: asyncio.Future[None] | None = None
+        try:
+            await self._begin_batch(point)
+            point.execute("SAVEPOINT point")
             try:
-                await loop.run_in_executor(self._commit_thread, point.execute, "BEGIN IMMEDIATE")
                 yield _InlineTransaction(point)
-                await loop.run_in_executor(self._commit_thread, point.execute, "COMMIT")
-                self._epoch = None
             except BaseException as exc:
-                # After the BEGIN or COMMIT still queued on the thread, if either was interrupted.
-                await asyncio.shield(loop.run_in_executor(self._commit_thread, _roll_back, point))
+                self._undo_body(point)
                 if (translated := _translated(exc)) is not exc:
                     raise translated from exc
                 raise
+            point.execute("RELEASE point")
+            committed = asyncio.get_running_loop().create_future()
+            committed.add_done_callback(_retrieved)
+            self._batch.append(committed)
+        finally:
+            try:
+                if not (self._point_waiters and len(self._batch) < GROUP_COMMIT_MAX):
+                    await self._commit_batch(point)
+                # else the next point transaction runs in this batch; it or a later one commits it
+            finally:
+                self._write_lock.release()
+        await committed
+
+    async def _begin_batch(self, point: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE unless a batch is open: inline when SQLite's write lock is free (the
+        usual case with one process), else on the commit thread, which waits for another
+        process's writer up to the busy timeout."""
+        if self._batch_open:
+            return
+        await self._quiesce()
+        point.execute("PRAGMA busy_timeout = 0")
+        try:
+            point.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+            point.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            try:
+                await asyncio.shield(self._on_commit_thread(point.execute, "BEGIN IMMEDIATE"))
+            except asyncio.CancelledError:  # the BEGIN still runs: end it after
+                self._on_commit_thread(_roll_back, point)
+                raise
+        finally:
+            point.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._batch_open = True
+
+    def _undo_body(self, point: sqlite3.Connection) -> None:
+        """After a body failed: its writes are rolled back, the batch's kept. An error after
+        which SQLite rolled the whole transaction back (a full disk, an I/O error) fails the batch."""
+        if point.in_transaction:
+            point.execute("ROLLBACK TO point")
+            point.execute("RELEASE point")
+        elif self._batch_open:
+            self._batch_open = False
+            _settle(self._take_batch(), sqlite3.OperationalError("the transaction of this write was rolled back"))
+
+    async def _commit_batch(self, point: sqlite3.Connection) -> None:
+        """End the open batch: COMMIT on the commit thread (it waits for fsync), then settle every
+        body in it. The commit runs in a task of its own, so a committer cancelled meanwhile does
+        not leave the other bodies waiting; an empty batch is rolled back (no fsync)."""
+        if not self._batch_open:
+            return
+        self._batch_open = False
+        batch = self._take_batch()
+        if not batch:
+            point.execute("ROLLBACK")
+            return
+        # Queued before any await, so the next BEGIN (after _quiesce) follows it on the connection.
+        job = self._on_commit_thread(_commit_or_roll_back, point)
+        await asyncio.shield(asyncio.ensure_future(self._settle_when_done(job, batch)))
+
+    async def _settle_when_done(self, job: "asyncio.Future[None]", batch: list["asyncio.Future[None]"]) -> None:
+        try:
+            await job
+        except BaseException as exc:
+            _settle(batch, exc)
+            raise
+        self._epoch = None
+        _settle(batch, None)
+
+    def _take_batch(self) -> list["asyncio.Future[None]"]:
+        batch, self._batch = self._batch, []
+        return batch
+
+    async def _quiesce(self) -> None:
+        """Wait until the commit thread is done with the point connection (a COMMIT or ROLLBACK
+        whose caller was cancelled) before the loop's thread uses it again."""
+        job = self._thread_job
+        if job is not None and not job.done():
+            await asyncio.wait([job])
+
+    def _flush_if_abandoned(self) -> None:
+        """A batch left open for a waiter that was then cancelled: commit it from a task of its
+        own, so no body waits for a COMMIT nobody would run."""
+        if self._batch_open and not self._point_waiters and not self._write_lock.locked() and self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            async with self._write_lock:
+                if self._point is not None:
+                    await self._commit_batch(self._point)
+        finally:
+            self._flusher = None
+
+    def _on_commit_thread(self, call: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
+        job = asyncio.get_running_loop().run_in_executor(self._commit_thread, call, *args)
+        self._thread_job = job
+        return job
 
     async def lock(self, db: Transaction, key: str) -> None:
         """Nothing to do: BEGIN IMMEDIATE already serialises every writer."""
@@ -298,6 +422,35 @@ class SqliteGateway:
 
     async def scan(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         return list(await self._scanner.execute_fetchall(sql, args))
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _retrieved(future: "asyncio.Future[None]") -> None:
+    """A body whose caller was cancelled while it waited for its batch's COMMIT: the COMMIT's
+    error, if any, is not "never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(batch: list["asyncio.Future[None]"], error: BaseException | None) -> None:
+    for future in batch:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+def _commit_or_roll_back(conn: sqlite3.Connection) -> None:
+    """One job on the commit thread: a failed COMMIT leaves the connection outside a transaction."""
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        _roll_back(conn)
+        raise
 
 
 def _roll_back(conn: sqlite3.Connection) -> None:
