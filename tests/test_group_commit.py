@@ -2,7 +2,7 @@
 queue for the write lock run in one SQLite transaction, each in a savepoint, and all return after
 the one COMMIT (one fsync) that covers them. A body that fails leaves the others' writes; no
 body waits for a COMMIT nobody runs (a cancelled waiter, a `transaction()` of the other
-connection, close); BEGIN waits for another process's writer off the event loop."""
+connection, close). (BEGIN waiting for another process's writer: tests/test_write_commits.py.)"""
 
 import asyncio
 import sqlite3
@@ -138,23 +138,6 @@ async def test_a_transaction_of_the_other_connection_commits_an_open_batch_first
     second.cancel()  # the batch stays open while `transaction()` is next in the lock's queue
     await asyncio.wait_for(asyncio.gather(first, third), 5)
     assert await _names(gate) == {"g-first", "g-other"}
-
-
-async def test_begin_waits_for_another_process_writer_off_the_event_loop(gate: SqliteGateway, tmp_path: Path) -> None:
-    other = sqlite3.connect(tmp_path / "group.sqlite3", isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        write = _point(gate, "g-after-other")
-        ticks = 0
-        for _ in range(20):  # the loop keeps running while the BEGIN waits
-            await asyncio.sleep(0.01)
-            ticks += 1
-        assert not write.done() and ticks == 20
-        other.execute("COMMIT")
-        await asyncio.wait_for(write, 5)
-    finally:
-        other.close()
-    assert await _names(gate) == {"g-after-other"}
 
 
 async def test_a_failed_commit_fails_every_body_of_the_batch(gate: SqliteGateway, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ SQLite (the embedded default):
 import asyncio
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -132,9 +133,12 @@ async def _enter_wal(db: aiosqlite.Connection, *, within: float = 10.0) -> None:
 
 def _point_connection(path: Path) -> sqlite3.Connection:
     """The connection of `point_transaction`: used by one thread at a time (under the write
-    lock), the loop's or the commit thread's."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in (f"busy_timeout = {BUSY_TIMEOUT_MS}", "foreign_keys = ON", "synchronous = FULL"):
+    lock), the loop's or the commit thread's. Busy timeout 0: a BEGIN IMMEDIATE on the loop
+    must never sleep in SQLite's busy handler (`_begin_waiting` waits on the commit thread).
+    Holding the write lock, nothing else on it waits for a lock in WAL mode (the statements,
+    COMMIT and its passive checkpoint)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+    for pragma in ("busy_timeout = 0", "foreign_keys = ON", "synchronous = FULL"):
         conn.execute(f"PRAGMA {pragma}")
     return conn
 
@@ -309,20 +313,16 @@ class SqliteGateway:
         if self._batch_open:
             return
         await self._quiesce()
-        point.execute("PRAGMA busy_timeout = 0")
         try:
             point.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise
-            point.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             try:
-                await asyncio.shield(self._on_commit_thread(point.execute, "BEGIN IMMEDIATE"))
+                await asyncio.shield(self._on_commit_thread(_begin_waiting, point))
             except asyncio.CancelledError:  # the BEGIN still runs: end it after
                 self._on_commit_thread(_roll_back, point)
                 raise
-        finally:
-            point.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._batch_open = True
 
     def _undo_body(self, point: sqlite3.Connection) -> None:
@@ -425,7 +425,22 @@ class SqliteGateway:
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
-    return "locked" in str(exc) or "busy" in str(exc)
+    """SQLITE_BUSY (or one of its extended codes): another connection holds the lock."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _begin_waiting(conn: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE retried while another process's writer holds the lock, up to the busy
+    timeout of the other connections; on the commit thread."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.002)
 
 
 def _retrieved(future: "asyncio.Future[None]") -> None:
