@@ -212,3 +212,37 @@ async def test_a_point_transaction_rolls_back_whole_and_leaves_the_connection_us
         assert (await (await db.execute("SELECT value FROM generations WHERE name = ?", ("point-d",))).fetchone())[0] == 1
     names = await meta._all("SELECT name FROM generations WHERE name LIKE 'point-%'")
     assert names == [("point-d",)]
+
+
+async def test_a_point_transaction_waits_off_the_loop_for_another_processs_writer(client: TestClient, config: Config) -> None:
+    """BEGIN IMMEDIATE runs on the event loop only when the write lock is free: while another
+    process's writer holds it, the point transaction waits on the commit thread (the loop keeps
+    answering) and commits once the lock is released, instead of failing as locked."""
+    if config.metadata_url is not None:
+        pytest.skip("SQLite's write lock")
+    meta = client.app[META]
+    other = sqlite3.connect(config.db_path, isolation_level=None)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def point() -> None:
+        async with meta.point_transaction() as db:
+            await db.execute("INSERT INTO generations (name, value) VALUES (?, 1)", ("waited",))
+
+    running = asyncio.ensure_future(ticker())
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        task = asyncio.ensure_future(point())
+        await asyncio.sleep(0.3)
+        assert not task.done() and ticks >= 10  # waiting, and not on the loop
+        other.execute("COMMIT")
+        await asyncio.wait_for(task, 5)
+    finally:
+        running.cancel()
+        other.close()
+    assert await meta._all("SELECT name FROM generations WHERE name = 'waited'") == [("waited",)]

@@ -14,15 +14,19 @@ SQLite (the embedded default):
 - Scans keep a worker-thread connection.
 - One writer at a time (BEGIN IMMEDIATE), in this process and across processes.
 - `point_transaction()`: a write transaction of a few indexed statements (an upload's journal
-  rows, its version commit): BEGIN IMMEDIATE (which may wait for another process's writer)
-  and COMMIT (which waits for fsync) run on a thread of their own, the statements in between
-  on the event loop, like the point reads: two thread hops per transaction instead of one per
-  statement and fetch (docs/performance.md, "Overwrites"). PostgreSQL: `transaction()`.
+  rows, its version commit): COMMIT (which waits for fsync) runs on a thread of its own, the
+  statements before it on the event loop, like the point reads. BEGIN IMMEDIATE is tried on
+  the loop without waiting (the point connection's busy timeout is 0: taking a free write
+  lock is a few microseconds of shared-memory and lock calls); only when another process's
+  writer holds the lock is it retried on the commit thread, waiting as the busy timeout would.
+  One thread hop per transaction instead of one per statement and fetch (docs/performance.md,
+  "Overwrites", "Per-upload CPU"). PostgreSQL: `transaction()`.
 """
 
 import asyncio
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -121,13 +125,40 @@ async def _enter_wal(db: aiosqlite.Connection, *, within: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
+#: Seconds a BEGIN IMMEDIATE waits for another process's writer (the other connections' busy timeout).
+BUSY_WAIT = 10.0
+_BUSY_STEP = 0.002
+
+
 def _point_connection(path: Path) -> sqlite3.Connection:
     """The connection of `point_transaction`: used by one thread at a time (under the write
-    lock), the loop's or the commit thread's."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in ("busy_timeout = 10000", "foreign_keys = ON", "synchronous = FULL"):
+    lock), the loop's or the commit thread's. Busy timeout 0: a BEGIN IMMEDIATE on the loop
+    must never sleep in SQLite's busy handler (`_begin_waiting` waits on the commit thread).
+    Holding the write lock, nothing else on it waits for a lock in WAL mode (the statements,
+    COMMIT and its passive checkpoint)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+    for pragma in ("busy_timeout = 0", "foreign_keys = ON", "synchronous = FULL"):
         conn.execute(f"PRAGMA {pragma}")
     return conn
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY (or one of its extended codes): another connection holds the lock."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _begin_waiting(conn: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE retried while another writer holds the lock, up to BUSY_WAIT seconds
+    (what the busy timeout does on the other connections); on the commit thread."""
+    deadline = time.monotonic() + BUSY_WAIT
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(_BUSY_STEP)
 
 
 class _Done:
@@ -245,7 +276,8 @@ class SqliteGateway:
 
     @asynccontextmanager
     async def point_transaction(self) -> AsyncIterator[Transaction]:
-        """`transaction()` in two thread hops (BEGIN, COMMIT); the statements run inline."""
+        """`transaction()` with its statements inline and COMMIT on the commit thread; BEGIN
+        inline too unless another process's writer holds the lock (then on the thread)."""
         if self._point is None:
             async with self.transaction() as db:
                 yield db
@@ -254,7 +286,12 @@ class SqliteGateway:
         loop = asyncio.get_running_loop()
         async with self._write_lock:
             try:
-                await loop.run_in_executor(self._commit_thread, point.execute, "BEGIN IMMEDIATE")
+                try:
+                    point.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if not _busy(exc):
+                        raise
+                    await loop.run_in_executor(self._commit_thread, _begin_waiting, point)
                 yield _InlineTransaction(point)
                 await loop.run_in_executor(self._commit_thread, point.execute, "COMMIT")
                 self._epoch = None
