@@ -150,9 +150,10 @@ async def test_an_overwrite_waits_for_a_deletion_claim_held_elsewhere_before_rel
 async def test_an_upload_makes_its_bytes_and_links_durable_before_its_version_commit(
     api: Api, client: TestClient, config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The spool file's fsync now runs beside the journal commit instead of before it: it still
-    comes before any store links the file, and every link's directory is fsynced before the
-    version commit. The real calls run; what they were given is recorded, in order."""
+    """The spool file's fsync runs after the journal commit, in the worker call that links the
+    file (it ran beside the journal commit before): it still comes before any store links the
+    file, and every link's directory is fsynced before the version commit. The real calls run;
+    what they were given is recorded, in order."""
     await api.upload(b"durable first", public_id="w/e")
     events: list[str] = []
     real_fsync, real_link = os.fsync, os.link
@@ -246,3 +247,39 @@ async def test_a_point_transaction_waits_off_the_loop_for_another_processs_write
         running.cancel()
         other.close()
     assert await meta._all("SELECT name FROM generations WHERE name = 'waited'") == [("waited",)]
+
+
+class Hops:
+    """Counts the event loop's hand-offs to worker threads (`run_in_executor`, which
+    `asyncio.to_thread` and the SQLite commit thread go through): each costs the loop a future,
+    a queue put, a thread wake-up and a self-pipe wake-up back (docs/performance.md)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        loop = asyncio.get_running_loop()
+        real = loop.run_in_executor
+
+        def counted(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+            self.count += 1
+            return real(executor, func, *args)
+
+        monkeypatch.setattr(loop, "run_in_executor", counted)
+
+
+async def test_a_small_upload_hands_work_to_threads_four_times(
+    api: Api, client: TestClient, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small upload with its revision to a local target: the spool file (created, written,
+    hashed), the journal's COMMIT, the publication (the spool file's fsync and both links with
+    their directories' fsyncs) and the version's COMMIT: four hops on SQLite (the BEGINs run on
+    the loop when the write lock is free), none for the commits on PostgreSQL. There were eight:
+    a hop for each BEGIN, for the fsync and for each store's link. An overwrite adds its
+    release: one more commit and the replaced original's unlink."""
+    await api.upload(b"warm the caches", public_id="w/warm")  # the target's marker check, the client's resolver
+    hops = Hops(monkeypatch)
+    await api.upload(b"a new asset", public_id="w/hops")
+    sqlite = config.metadata_url is None
+    assert hops.count == (4 if sqlite else 2)
+    hops.count = 0
+    await api.upload(b"its second version", public_id="w/hops")
+    assert hops.count == (6 if sqlite else 3)

@@ -48,6 +48,10 @@ class LocalBlobStore:
     async def put_file(self, key: str, source: Path) -> bool:
         return await asyncio.to_thread(self._put_file, self._path(key), source)
 
+    def put_file_now(self, key: str, source: Path) -> bool:
+        """`put_file` in the calling thread (a worker's: see `publish`)."""
+        return self._put_file(self._path(key), source)
+
     def _put_file(self, target: Path, source: Path) -> bool:
         linked = self._link(target, source)
         if linked is not False:  # ours, or someone's that may not be durable yet (see _link)
@@ -192,3 +196,13 @@ class LocalBlobStore:
             new.mkdir(exist_ok=True)  # a racing writer may have made it: its entry is fsynced all the same
             fsync_path(new.parent)
             self._durable.add(new)
+
+
+def publish(source: Path, sync: bool, puts: Sequence[tuple[LocalBlobStore, str]]) -> list[bool]:
+    """`source` fsynced (with `sync`), then linked at each (store, key) as `put_file` does
+    (create-only, read-only, its directory fsynced): in one worker-thread call, one hop for an
+    upload's whole publication instead of one for the fsync and one per store. The fsync comes
+    first, so no name ever points at bytes a crash could lose (docs/design.md, "Write order")."""
+    if sync:
+        fsync_path(source)
+    return [store.put_file_now(key, source) for store, key in puts]
