@@ -283,3 +283,22 @@ async def test_a_small_upload_hands_work_to_threads_four_times(
     hops.count = 0
     await api.upload(b"its second version", public_id="w/hops")
     assert hops.count == (6 if sqlite else 3)
+
+
+async def test_an_upload_removes_its_spool_file_once(api: Api, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service consumes the spool file (it removes it whatever happens); the handler removes
+    it only when it never reached the service (a refused upload): one unlink, not two."""
+    removed: list[Path] = []
+    real = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path.parent == config.spool_dir:
+            removed.append(path)
+        real(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    await api.upload(b"spooled once", public_id="w/once")
+    assert len(removed) == 1
+    removed.clear()
+    await api.upload(b"refused", public_id="w/../bad", expect=400)
+    assert len(removed) == 1 and not removed[0].exists()
