@@ -300,7 +300,7 @@ class MetadataStore:
         self._all = gateway.all
         self._scan = gateway.scan
         self.transaction = gateway.transaction
-        #: For a few indexed statements (an upload's commits): two thread hops on SQLite.
+        #: For a few indexed statements (an upload's commits): one thread hop (the COMMIT) on SQLite.
         self.point_transaction = gateway.point_transaction
         #: Migration numbers applied when this store was opened.
         self.applied_migrations = gateway.applied
