@@ -212,6 +212,36 @@ async def test_local_fan_out_directories_are_made_durable_before_a_link(tmp_path
     assert synced == [root / "x" / "aa" / "bb"]
 
 
+def test_local_publish_syncs_the_source_and_every_new_directory_before_any_link(tmp_path, source, monkeypatch):
+    """`publish` (an upload's fsync and links into two local stores in one worker call) keeps
+    `put_file`'s rules in its own order: the source fsynced before any link, each new fan-out
+    directory's entry fsynced in its parent before anything is linked into it, each link's
+    directory fsynced after the link; the files linked read-only."""
+    from versionstore.blobstore import local
+
+    events: list[tuple[str, Path]] = []
+    real_link = os.link
+
+    def link(src, dst, *args, **kwargs):
+        real_link(src, dst, *args, **kwargs)
+        events.append(("link", Path(dst)))
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(local, "fsync_path", lambda path, real=local.fsync_path: (events.append(("fsync", Path(path))), real(path))[1])
+    first, second = open_store(str(tmp_path / "one")), open_store(str(tmp_path / "two"))
+    assert local.publish(source, True, [(first, "c/aa/bb/k"), (second, "c/aa/bb/k")]) == [True, True]
+    fsyncs = [path for kind, path in events if kind == "fsync"]
+    links = [(i, path) for i, (kind, path) in enumerate(events) if kind == "link"]
+    assert fsyncs[0] == source and events.index(("fsync", source)) < links[0][0]
+    for index, target in links:
+        for new in (target.parent, target.parent.parent, target.parent.parent.parent):  # bb/, aa/, c/: all new
+            assert ("fsync", new.parent) in events[:index], f"{new}'s entry was not durable before the link"
+        assert ("fsync", target.parent) in events[index:]
+        assert not os.stat(target).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    assert local.publish(source, False, [(first, "c/aa/bb/k")]) == [False]  # already there: its directory fsynced again
+    assert events[-1] == ("fsync", links[0][1].parent)
+
+
 def test_unknown_store_urls_are_refused():
     with pytest.raises(ValueError):
         open_store("ftp://nowhere")

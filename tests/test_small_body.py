@@ -19,6 +19,7 @@ from urllib3 import encode_multipart_formdata
 from tests.conftest import API_KEY, API_SECRET, CLOUD, sign
 from versionstore import telemetry
 from versionstore.config import Config
+from versionstore.http import small_body
 from versionstore.http.app import create_app
 from versionstore.http.keys import CONFIG, META
 
@@ -170,3 +171,41 @@ async def test_chunked_bodies(apps: tuple[TestClient, TestClient], size: int, pa
         answers.append((response.status, same_result(await response.json())))
     assert answers[0] == answers[1] and answers[0][0] == 200 and answers[0][1]["etag"] == hashlib.md5(data).hexdigest()
     assert readers()["small"] == before["small"] + (reader == "small")
+
+
+def _file_blocks() -> list[bytes]:
+    """File part header blocks: every printable ASCII character at the start, middle and end of
+    a filename, and hostile or unusual shapes the plain-filename shortcut must not change."""
+    prefix = b'Content-Disposition: form-data; name="file"; filename="'
+    blocks = []
+    for byte in range(0x20, 0x7F):
+        c = bytes([byte])
+        for filename in (c + b"ab", b"a" + c + b"b", b"ab" + c, c):
+            blocks += [prefix + filename + b'"', prefix + filename + b'"\r\nContent-Type: image/png; charset=latin-1']
+    blocks += [
+        prefix + b"x" * 255 + b'"', prefix + b"x" * 256 + b'"', prefix + b'"', prefix + b"\xc3\xa9.jpg" + b'"',
+        prefix + b'a.jpg"; filename*=UTF-8\'\'b.jpg', prefix + b'a.jpg" ', prefix + b'a.jpg";', prefix + b"a.jpg",
+        prefix + b'a\\"b.jpg"', prefix + b'/etc/passwd"', prefix + b'..\\..\\x"', prefix + b'a.jpg"\r\nX-Other: 1',
+        prefix + b'a.jpg"\r\nContent-Disposition: form-data; name="tags"', prefix + b'a.jpg"\r\nContent-Type: multipart/mixed',
+        prefix.lower() + b'a.jpg"', prefix.replace(b'"file"', b'"_charset_"') + b'a.jpg"', prefix + b'a\rb"', prefix + b'a\nb"',
+        prefix + b'a.jpg"\r\n', prefix + b'a%22b.jpg"', prefix + b'a%2Fb.jpg"',
+    ]
+    return blocks
+
+
+@pytest.mark.filterwarnings("ignore::aiohttp.multipart.BadContentDispositionHeader")
+@pytest.mark.parametrize("block", _file_blocks())
+def test_a_file_parts_header_block_reads_as_aiohttps_parser_reads_it(block: bytes) -> None:
+    """The per-upload filename is cut out of the file part's block so the rest is a cache hit;
+    the answer must be aiohttp's own parse of the whole block (None: left to the streaming reader)."""
+    assert small_body._part_head(block) == small_body._parsed_head.__wrapped__(block)
+
+
+def test_file_parts_with_new_filenames_hit_the_header_cache() -> None:
+    """Every upload's filename differs: its header block must not be a new parse each time."""
+    block = b'Content-Disposition: form-data; name="file"; filename="%s"\r\nContent-Type: application/octet-stream'
+    small_body._part_head(block % b"warm.bin")
+    misses = small_body._parsed_head.cache_info().misses
+    heads = [small_body._part_head(block % f"IMG {n:04d} (copy)+%41.jpg".encode()) for n in range(50)]
+    assert small_body._parsed_head.cache_info().misses == misses
+    assert [head.filename if head else None for head in heads] == [f"IMG {n:04d} (copy)+%41.jpg" for n in range(50)]

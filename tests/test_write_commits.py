@@ -150,9 +150,10 @@ async def test_an_overwrite_waits_for_a_deletion_claim_held_elsewhere_before_rel
 async def test_an_upload_makes_its_bytes_and_links_durable_before_its_version_commit(
     api: Api, client: TestClient, config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The spool file's fsync now runs beside the journal commit instead of before it: it still
-    comes before any store links the file, and every link's directory is fsynced before the
-    version commit. The real calls run; what they were given is recorded, in order."""
+    """The spool file's fsync runs after the journal commit, in the worker call that links the
+    file (it ran beside the journal commit before): it still comes before any store links the
+    file, and every link's directory is fsynced before the version commit. The real calls run;
+    what they were given is recorded, in order."""
     await api.upload(b"durable first", public_id="w/e")
     events: list[str] = []
     real_fsync, real_link = os.fsync, os.link
@@ -212,3 +213,92 @@ async def test_a_point_transaction_rolls_back_whole_and_leaves_the_connection_us
         assert (await (await db.execute("SELECT value FROM generations WHERE name = ?", ("point-d",))).fetchone())[0] == 1
     names = await meta._all("SELECT name FROM generations WHERE name LIKE 'point-%'")
     assert names == [("point-d",)]
+
+
+async def test_a_point_transaction_waits_off_the_loop_for_another_processs_writer(client: TestClient, config: Config) -> None:
+    """BEGIN IMMEDIATE runs on the event loop only when the write lock is free: while another
+    process's writer holds it, the point transaction waits on the commit thread (the loop keeps
+    answering) and commits once the lock is released, instead of failing as locked."""
+    if config.metadata_url is not None:
+        pytest.skip("SQLite's write lock")
+    meta = client.app[META]
+    other = sqlite3.connect(config.db_path, isolation_level=None)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def point() -> None:
+        async with meta.point_transaction() as db:
+            await db.execute("INSERT INTO generations (name, value) VALUES (?, 1)", ("waited",))
+
+    running = asyncio.ensure_future(ticker())
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        task = asyncio.ensure_future(point())
+        await asyncio.sleep(0.3)
+        assert not task.done() and ticks >= 10  # waiting, and not on the loop
+        other.execute("COMMIT")
+        await asyncio.wait_for(task, 5)
+    finally:
+        running.cancel()
+        other.close()
+    assert await meta._all("SELECT name FROM generations WHERE name = 'waited'") == [("waited",)]
+
+
+class Hops:
+    """Counts the event loop's hand-offs to worker threads (`run_in_executor`, which
+    `asyncio.to_thread` and the SQLite commit thread go through): each costs the loop a future,
+    a queue put, a thread wake-up and a self-pipe wake-up back (docs/performance.md)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        loop = asyncio.get_running_loop()
+        real = loop.run_in_executor
+
+        def counted(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+            self.count += 1
+            return real(executor, func, *args)
+
+        monkeypatch.setattr(loop, "run_in_executor", counted)
+
+
+async def test_a_small_upload_hands_work_to_threads_four_times(
+    api: Api, client: TestClient, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small upload with its revision to a local target: the spool file (created, written,
+    hashed), the journal's COMMIT, the publication (the spool file's fsync and both links with
+    their directories' fsyncs) and the version's COMMIT: four hops on SQLite (the BEGINs run on
+    the loop when the write lock is free), none for the commits on PostgreSQL. There were eight:
+    a hop for each BEGIN, for the fsync and for each store's link. An overwrite adds its
+    release: one more commit and the replaced original's unlink."""
+    await api.upload(b"warm the caches", public_id="w/warm")  # the target's marker check, the client's resolver
+    hops = Hops(monkeypatch)
+    await api.upload(b"a new asset", public_id="w/hops")
+    sqlite = config.metadata_url is None
+    assert hops.count == (4 if sqlite else 2)
+    hops.count = 0
+    await api.upload(b"its second version", public_id="w/hops")
+    assert hops.count == (6 if sqlite else 3)
+
+
+async def test_an_upload_removes_its_spool_file_once(api: Api, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service consumes the spool file (it removes it whatever happens); the handler removes
+    it only when it never reached the service (a refused upload): one unlink, not two."""
+    removed: list[Path] = []
+    real = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path.parent == config.spool_dir:
+            removed.append(path)
+        real(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    await api.upload(b"spooled once", public_id="w/once")
+    assert len(removed) == 1
+    removed.clear()
+    await api.upload(b"refused", public_id="w/../bad", expect=400)
+    assert len(removed) == 1 and not removed[0].exists()

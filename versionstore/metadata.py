@@ -195,9 +195,13 @@ def _version(row: Sequence[Any]) -> Version:
     return Version(*values)
 
 
+#: The Asset fields `_asset_row` copies as they are (names computed once: `fields()` per upload showed in profiles).
+_ASSET_ROW_FIELDS = [f.name for f in fields(Asset) if f.name not in ("detached", "generation")]
+
+
 def _asset_row(asset: Asset) -> dict[str, Any]:
     """Column values of a whole row, without its generation (writes set that themselves)."""
-    values = {f.name: getattr(asset, f.name) for f in fields(Asset) if f.name not in ("detached", "generation")}
+    values = {name: getattr(asset, name) for name in _ASSET_ROW_FIELDS}
     values["tags"] = json.dumps(asset.tags)
     values["context"] = json.dumps(asset.context)
     values["metadata"] = json.dumps(asset.metadata)
@@ -296,7 +300,7 @@ class MetadataStore:
         self._all = gateway.all
         self._scan = gateway.scan
         self.transaction = gateway.transaction
-        #: For a few indexed statements (an upload's commits): two thread hops on SQLite.
+        #: For a few indexed statements (an upload's commits): one thread hop (the COMMIT) on SQLite.
         self.point_transaction = gateway.point_transaction
         #: Migration numbers applied when this store was opened.
         self.applied_migrations = gateway.applied
@@ -507,7 +511,8 @@ class MetadataStore:
             if not cursor.rowcount:
                 raise AssetChanged(asset.asset_id)
             asset.generation += 1
-        await db.execute(_VERSION_INSERT, (asset.cloud, asset.pk, *astuple(version)))
+        # A Version holds scalars only: its values as they are (astuple's deep copy showed in profiles).
+        await db.execute(_VERSION_INSERT, (asset.cloud, asset.pk, *(getattr(version, name) for name in _VERSION_COLUMNS)))
         await _write_labels(db, asset, fresh=new)
 
     async def update_fields(

@@ -21,6 +21,7 @@ from typing import Any
 
 from versionstore import layout, media, verify
 from versionstore.blobstore import BlobNotFound, BlobStore, BlobStoreError
+from versionstore.blobstore.resilient import local_of, publish_locally
 from versionstore.claims import ORIGINAL, PENDING, REVISION, Claims, WriteTicket
 from versionstore.epoch_cache import EpochCache
 from versionstore.errors import AppendOnlyRefused, BadRequest, Conflict, NotFound, Unavailable
@@ -207,14 +208,19 @@ class VersionService:
         commit: Callable[..., Awaitable[tuple[Asset, Version, Asset | None, bool]]], replacing: list[str],
     ) -> UploadResult:
         """Blobs first (journaled), then the metadata commit, then the superseded original."""
-        # The spool file's fsync runs beside the journal's commit and while a remote bucket
-        # receives the revision; local links wait for it (spool.make_durable).
-        durable = asyncio.ensure_future(make_durable(spooled))
+        # A local primary store: the spool file's fsync and every local link are one worker
+        # call after the journal commit (`_publish_locally`). Otherwise the fsync runs beside
+        # the journal's commit and while a remote bucket receives the revision; local links
+        # wait for it (spool.make_durable).
+        local = local_of(self.primary) is not None
+        durable = None if local else asyncio.ensure_future(make_durable(spooled))
         try:
             async with self.claims.writing(cloud.name, spooled.digest, roles, releasing=replacing) as ticket:
                 # Blobs first, metadata second: a crash in between leaves only a journal row,
                 # from which orphan collection finds the blob.
-                if backed_up:
+                if durable is None:
+                    pending = await self._publish_locally(cloud.name, spooled, backed_up)
+                elif backed_up:
                     try:
                         # A task group, not gather: if one write fails the other is cancelled
                         # instead of reading a spool file that is about to be removed.
@@ -229,12 +235,12 @@ class VersionService:
                         # drainer writes them to the target (docs/buckets.md).
                         await self.primary.put_file(layout.pending_key(cloud.name, spooled.digest), spooled.path)
                     await durable
-                    asset, version, replaced, claimed = await commit(ticket.commit_ids(), pending)
-                    if pending:
-                        self.pending_added.set()
                 else:
                     await self._put_original(cloud.name, spooled, durable)
-                    asset, version, replaced, claimed = await commit(ticket.commit_ids())
+                    pending = False
+                asset, version, replaced, claimed = await commit(ticket.commit_ids(), pending)
+                if pending:
+                    self.pending_added.set()
                 ticket.committed = True
         except _Superseded as superseded:
             # Another process created the asset while these bytes were written, and this upload
@@ -243,7 +249,7 @@ class VersionService:
         except WriteExpired:
             raise Conflict(f"The upload of {public_id} stalled past its lease; retry") from None
         finally:
-            if not durable.done():
+            if durable is not None and not durable.done():
                 durable.cancel()
         if claimed:
             assert replaced is not None
@@ -279,27 +285,69 @@ class VersionService:
         await durable
         await self.primary.put_file(layout.original_key(cloud_name, spooled.digest), spooled.path)
 
+    async def _publish_locally(self, cloud_name: str, spooled: Spooled, backed_up: bool) -> bool:
+        """The original and, `backed_up`, the revision into a local primary store: the spool
+        file's fsync and the links into every local store in one worker call (blobstore/local.py's
+        `publish`); a remote target receives the revision beside it. True when the revision
+        must wait as pending (its copy is then linked into `pending/`)."""
+        primary = local_of(self.primary)
+        assert primary is not None
+        store = await self._revision_store(cloud_name) if backed_up else None
+        target = local_of(store) if store is not None else None
+        puts = [(primary, layout.original_key(cloud_name, spooled.digest))]
+        if target is not None:
+            puts.append((target, layout.revision_key(cloud_name, spooled.digest)))
+        linking = publish_locally(spooled.path, not spooled.synced, puts)
+        if store is None or target is not None:
+            await linking
+            if target is not None:
+                await self._revision_written(cloud_name)
+            written = target is not None
+        else:
+            try:
+                async with asyncio.TaskGroup() as group:  # a bucket reads the page cache: no need to wait for the fsync
+                    group.create_task(linking)
+                    revision = group.create_task(self._put_revision_in(store, cloud_name, spooled.digest, spooled.path))
+            except ExceptionGroup as failed:
+                raise failed.exceptions[0] from None
+            written = revision.result()
+        if backed_up and not written:
+            await self.primary.put_file(layout.pending_key(cloud_name, spooled.digest), spooled.path)
+        return backed_up and not written
+
     async def _put_revision(self, cloud_name: str, digest: str, path: Path, durable: Awaitable[None] | None = None) -> bool:
-        """Write a revision to the environment's current target; False when it must wait.
-        A local target links the file, so it waits for `durable` first; a bucket need not."""
+        """Write a revision to the environment's current target; False when it must wait."""
+        store = await self._revision_store(cloud_name)
+        return store is not None and await self._put_revision_in(store, cloud_name, digest, path, durable)
+
+    async def _revision_store(self, cloud_name: str) -> BlobStore | None:
+        """The environment's current target store, or None when a revision must wait."""
         cloud = await self.meta.get_cloud(cloud_name)  # fresh: a migration may have switched it
         if cloud is None:
-            return False
-        store = await self.targets.for_upload(cloud)
-        if store is None:
-            return False
-        key = layout.revision_key(cloud.name, digest)
+            return None
+        return await self.targets.for_upload(cloud)
+
+    async def _put_revision_in(
+        self, store: BlobStore, cloud_name: str, digest: str, path: Path, durable: Awaitable[None] | None = None
+    ) -> bool:
+        """A revision into `store`; False when it must wait. A local target links the file, so
+        it waits for `durable` first; a bucket need not."""
+        key = layout.revision_key(cloud_name, digest)
         if durable is not None and store.local_path(key) is not None:
             await durable
         try:
             await store.put_file(key, path)
         except BlobStoreError as exc:
-            await self.targets.record_failure(cloud.name, FAILING, f"{type(exc).__name__}: {exc}")
+            await self.targets.record_failure(cloud_name, FAILING, f"{type(exc).__name__}: {exc}")
             return False
-        if await self.targets.record_success(cloud.name):
-            await self.meta.retry_pending_now(cloud.name)
-            self.pending_added.set()
+        await self._revision_written(cloud_name)
         return True
+
+    async def _revision_written(self, cloud_name: str) -> None:
+        """A revision reached its target: a target that was failing is back, so its pending queue is retried now."""
+        if await self.targets.record_success(cloud_name):
+            await self.meta.retry_pending_now(cloud_name)
+            self.pending_added.set()
 
     @staticmethod
     def _next_version_number(existing: Asset | None, now: float) -> int:

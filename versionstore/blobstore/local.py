@@ -180,15 +180,47 @@ class LocalBlobStore:
         process's) that is not durable yet, so it is treated like a new one, once per process:
         the directories known durable are kept (the fan-out bounds them; dropped all at once
         past _DURABLE_DIRS)."""
-        if directory in self._durable:
-            return
+        self._made_durable(self._new_dirs(directory))
+
+    def _new_dirs(self, directory: Path) -> Sequence[Path]:
+        """`directory` and its parents not known durable, made (outermost first) but not yet
+        fsynced in their parents: `_made_durable` does that, before anything is linked into them."""
         chain = []
         while directory not in self._durable and directory != directory.parent:
             chain.append(directory)
             directory = directory.parent
+        chain.reverse()
+        for new in chain:
+            new.mkdir(exist_ok=True)  # a racing writer may have made it: its entry is fsynced all the same
+        return chain
+
+    def _made_durable(self, chain: Sequence[Path]) -> None:
+        """Each directory's entry fsynced in its parent, then remembered as durable."""
         if len(self._durable) + len(chain) > _DURABLE_DIRS:
             self._durable = {self.root}
-        for new in reversed(chain):
-            new.mkdir(exist_ok=True)  # a racing writer may have made it: its entry is fsynced all the same
+        for new in chain:
             fsync_path(new.parent)
             self._durable.add(new)
+
+
+def publish(source: Path, sync: bool, puts: Sequence[tuple[LocalBlobStore, str]]) -> list[bool]:
+    """`source` fsynced (with `sync`), then linked at each (store, key) as `put_file` does
+    (create-only, read-only, its directory fsynced): in one worker-thread call, one hop for an
+    upload's whole publication instead of one for the fsync and one per store. The source's
+    fsync precedes every link, so no name ever points at bytes a crash could lose, and every
+    new directory's entry is durable before anything is linked into it (docs/design.md,
+    "Write order")."""
+    targets = [(store, store._path(key)) for store, key in puts]
+    # The syncs are those of `put_file` for each store, in an order that lets one journal
+    # commit serve several on a journaling file system: every new fan-out directory made, then
+    # the source's fsync, then the new directories' parents, every link, and last each link's
+    # directory (as `_put_files`). Each one still runs (POSIX promises nothing across files).
+    chains = [(store, store._new_dirs(target.parent)) for store, target in targets]
+    if sync:
+        fsync_path(source)
+    for store, chain in chains:
+        store._made_durable(chain)
+    linked = [store._link(target, source) for store, target in targets]
+    for directory in dict.fromkeys(target.parent for (_, target), done in zip(targets, linked, strict=True) if done is not False):
+        fsync_path(directory)
+    return [done is not None for done in linked]

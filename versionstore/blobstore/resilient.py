@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from versionstore import layout
 from versionstore.blobstore import BlobInfo, BlobNotFound, BlobStore, BlobStoreError, TransientStoreError
+from versionstore.blobstore.local import LocalBlobStore, publish
 from versionstore.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,15 @@ class ResilientStore:
         except BlobStoreError as exc:
             self._count("put", "error", exc)
             raise
+        self.count_put(key, written)
+        return written
+
+    def count_put(self, key: str, written: bool) -> None:
+        """The metrics of one put that succeeded (`publish_locally`'s puts count here too)."""
         self._count("put", "written" if written else "existing")
         if layout.is_revision_key(key):
             counters = metrics()
             (counters.revisions_written if written else counters.dedup_hits).labels(self.name).inc()
-        return written
 
     async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[bool]:
         """Retried whole, like `put_file` (create-only: what landed before a retry is "already there")."""
@@ -180,6 +185,30 @@ class ResilientStore:
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+def local_of(store: BlobStore) -> "ResilientStore | None":
+    """The store when it is a local disk behind the retry wrapper (`publish_locally` can link
+    into it from one worker thread), else None."""
+    return store if isinstance(store, ResilientStore) and isinstance(store.inner, LocalBlobStore) else None
+
+
+async def publish_locally(source: Path, sync: bool, puts: Sequence[tuple["ResilientStore", str]]) -> list[bool]:
+    """`put_file` of one source into local stores (`local_of`) in one worker-thread call,
+    after its fsync when `sync` (blobstore/local.py's `publish`). Not retried: a local link
+    fails for good or not at all, and a timeout could not stop the thread anyway. Counted in
+    the metrics as each store's `put_file` counts."""
+    links = [(store.inner, key) for store, key in puts if isinstance(store.inner, LocalBlobStore)]
+    assert len(links) == len(puts), "publish_locally takes local stores only"
+    try:
+        written = await asyncio.to_thread(publish, source, sync, links)
+    except Exception as exc:
+        for store, _ in puts:
+            store._count("put", "error", exc)
+        raise
+    for (store, key), done in zip(puts, written, strict=True):
+        store.count_put(key, done)
+    return written
 
 
 def resilient(store: BlobStore, policy: ResiliencePolicy | None = None) -> BlobStore:

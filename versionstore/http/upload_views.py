@@ -47,9 +47,9 @@ async def upload(request: web.Request, cloud: Cloud, match: dict[str, str]) -> w
     try:
         check_upload_auth(request, body.params, cloud)
         spooled = await _file_bytes(request, body)
-        return await _finish_upload(request, cloud, match["rt"], body.params, spooled, body.filename)
+        return await _finish_upload(request, cloud, match["rt"], body, spooled)
     finally:
-        if body.spooled is not None:
+        if body.spooled is not None:  # not handed to the service
             body.spooled.path.unlink(missing_ok=True)
 
 
@@ -190,11 +190,10 @@ async def _upload_request(
     )
 
 
-async def _finish_upload(
-    request: web.Request, cloud: Cloud, rt: str, params: Params, spooled: Spooled, filename: str | None
-) -> web.Response:
-    filename = _filename(params, filename)
-    upload_request = await _upload_request(request, cloud, rt, params, _public_id(params, filename), filename)
+async def _finish_upload(request: web.Request, cloud: Cloud, rt: str, body: UploadBody, spooled: Spooled) -> web.Response:
+    filename = _filename(body.params, body.filename)
+    upload_request = await _upload_request(request, cloud, rt, body.params, _public_id(body.params, filename), filename)
+    body.spooled = None  # the service consumes the spool file: it removes it whatever happens (one unlink, not two)
     return _upload_response(cloud, await request.app[SERVICE].upload(upload_request, spooled))
 
 
