@@ -215,6 +215,7 @@ class SqliteGateway:
         # transaction's BEGIN on this connection, and none queues behind blob work.
         self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
         self._epoch: object | None = None  # commit_epoch() of this event-loop iteration
+        self._queued: asyncio.Future[Any] | None = None  # the commit thread's last job
 
     @classmethod
     async def open(cls, path: Path) -> "SqliteGateway":
@@ -283,24 +284,36 @@ class SqliteGateway:
                 yield db
             return
         point = self._point
-        loop = asyncio.get_running_loop()
         async with self._write_lock:
             try:
-                try:
-                    point.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as exc:
-                    if not _busy(exc):
-                        raise
-                    await loop.run_in_executor(self._commit_thread, _begin_waiting, point)
+                await self._begin(point)
                 yield _InlineTransaction(point)
-                await loop.run_in_executor(self._commit_thread, point.execute, "COMMIT")
+                await self._on_commit_thread(point.execute, "COMMIT")
                 self._epoch = None
             except BaseException as exc:
                 # After the BEGIN or COMMIT still queued on the thread, if either was interrupted.
-                await asyncio.shield(loop.run_in_executor(self._commit_thread, _roll_back, point))
+                await asyncio.shield(self._on_commit_thread(_roll_back, point))
                 if (translated := _translated(exc)) is not exc:
                     raise translated from exc
                 raise
+
+    async def _begin(self, point: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE on the loop when the commit thread is idle and the write lock free;
+        else on the commit thread, behind what is still queued there (a COMMIT or ROLLBACK whose
+        caller was cancelled), waiting for another process's writer."""
+        if self._queued is None or self._queued.done():
+            try:
+                point.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+        await self._on_commit_thread(_begin_waiting, point)
+
+    def _on_commit_thread(self, call: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
+        """Run `call` on the commit thread; remembered until done, so no BEGIN runs inline meanwhile."""
+        self._queued = asyncio.get_running_loop().run_in_executor(self._commit_thread, call, *args)
+        return self._queued
 
     async def lock(self, db: Transaction, key: str) -> None:
         """Nothing to do: BEGIN IMMEDIATE already serialises every writer."""
