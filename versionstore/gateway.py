@@ -18,7 +18,8 @@ SQLite (the embedded default):
   statements before it on the event loop, like the point reads. BEGIN IMMEDIATE is tried on
   the loop without waiting (the point connection's busy timeout is 0: taking a free write
   lock is a few microseconds of shared-memory and lock calls); only when another process's
-  writer holds the lock is it retried on the commit thread, waiting as the busy timeout would.
+  writer holds the lock (or the commit thread still has a cancelled transaction's COMMIT or
+  ROLLBACK queued) does it run on the commit thread, waiting as the busy timeout would.
   One thread hop per transaction instead of one per statement and fetch (docs/performance.md,
   "Overwrites", "Per-upload CPU"). PostgreSQL: `transaction()`.
 """
