@@ -302,3 +302,20 @@ async def test_an_upload_removes_its_spool_file_once(api: Api, config: Config, m
     removed.clear()
     await api.upload(b"refused", public_id="w/../bad", expect=400)
     assert len(removed) == 1 and not removed[0].exists()
+
+
+async def test_a_begin_waits_behind_what_is_still_queued_on_the_commit_thread(client: TestClient, config: Config) -> None:
+    """A COMMIT or ROLLBACK whose caller was cancelled may still be queued on the commit thread
+    when the next point transaction starts: its BEGIN must run after it on that thread, not
+    inline on the loop beside it (one connection, one transaction at a time)."""
+    if config.metadata_url is not None:
+        pytest.skip("SQLite's commit thread")
+    meta = client.app[META]
+    gateway = meta._gate
+    order: list[str] = []
+    queued = gateway._on_commit_thread(lambda: (time.sleep(0.3), order.append("queued job")))
+    async with meta.point_transaction() as db:
+        order.append("transaction")
+        await db.execute("INSERT INTO generations (name, value) VALUES (?, 1)", ("behind",))
+    await queued
+    assert order == ["queued job", "transaction"]

@@ -294,15 +294,19 @@ class VersionService:
         assert primary is not None
         store = await self._revision_store(cloud_name) if backed_up else None
         target = local_of(store) if store is not None else None
+        revision_key = layout.revision_key(cloud_name, spooled.digest)
         puts = [(primary, layout.original_key(cloud_name, spooled.digest))]
         if target is not None:
-            puts.append((target, layout.revision_key(cloud_name, spooled.digest)))
+            puts.append((target, revision_key))
         linking = publish_locally(spooled.path, not spooled.synced, puts)
         if store is None or target is not None:
             await linking
             if target is not None:
                 await self._revision_written(cloud_name)
             written = target is not None
+        elif store.local_path(revision_key) is not None:
+            await linking  # a local store of another kind: it links the file, so after the fsync
+            written = await self._put_revision_in(store, cloud_name, spooled.digest, spooled.path)
         else:
             try:
                 async with asyncio.TaskGroup() as group:  # a bucket reads the page cache: no need to wait for the fsync

@@ -202,7 +202,7 @@ async def publish_locally(source: Path, sync: bool, puts: Sequence[tuple["Resili
     assert len(links) == len(puts), "publish_locally takes local stores only"
     try:
         written = await asyncio.to_thread(publish, source, sync, links)
-    except Exception as exc:
+    except BlobStoreError as exc:  # counted as `put_file` counts it
         for store, _ in puts:
             store._count("put", "error", exc)
         raise

@@ -261,8 +261,8 @@ async def _read_small(
                 continue
             if body.filename is None and data.startswith(b"data:"):
                 data = _data_uri_bytes(data)
-            # Not fsynced here: the upload starts the fsync beside its journal commit (two
-            # syncs of different files at once instead of one after the other; docs/design.md).
+            # Not fsynced here: the upload fsyncs it in the worker call that links it (a local
+            # primary store), else beside its journal commit (docs/design.md, "Write order").
             body.spooled = await spool_bytes(data, False)
     except BaseException:
         if body.spooled is not None:  # e.g. a second file part: the first one's file goes
@@ -332,7 +332,7 @@ async def _read_streaming(
                     chunks = charged(chunks, lease)
                 async for data in chunks:
                     await spool.write(data)
-            body.spooled = await spool.finish(sync=False)  # VersionService.upload overlaps the fsync
+            body.spooled = await spool.finish(sync=False)  # VersionService.upload fsyncs it with its links
     except BaseException:
         if spool is not None:
             spool.discard()
