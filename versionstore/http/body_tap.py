@@ -17,11 +17,13 @@ drains it after the error response as it does for any unread body.
 """
 
 import asyncio
+import functools
 import warnings
 
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestHandler
 
+from versionstore.block_pool import BlockPool
 from versionstore.errors import BadRequest
 from versionstore.spool import IN_FLIGHT, SpoolFile
 
@@ -30,6 +32,9 @@ BLOCK = 4 << 20
 #: Bodies with less left than this after the part headers take aiohttp's path (no new connection
 #: per upload, no 8 MiB of blocks for a small file).
 TAP_MIN = 16 << 20
+#: Free blocks kept for the next uploads (block_pool.py): two full uploads' worth. Blocks in use
+#: are bounded per upload (IN_FLIGHT + 1), not by the pool.
+POOL = BlockPool(2 * (IN_FLIGHT + 1) * BLOCK)
 _PASS = 64 * 1024  # bytes per read once the file part has ended (only the end of the body is left)
 TAPPED: web.RequestKey[bool] = web.RequestKey("body_tapped", bool)
 
@@ -138,24 +143,31 @@ class BodyTap(asyncio.BufferedProtocol):
         """Blocks in turn: while the spool's workers hash and write the last ones, the next fills.
         A block is filled again only once the workers are done with it (`SpoolFile.write_block`)."""
         size = max(BLOCK, 4 * len(delimiter))  # a block always has room beyond a delimiter prefix carried over
-        blocks = tuple(bytearray(size) for _ in range(IN_FLIGHT + 1))
-        turn, start = 0, len(held)
-        blocks[0][:start] = held
-        while True:
-            block = blocks[turn]
-            filled = await self._fill(block, start)
-            end = block.find(delimiter, 0, filled)
-            if end >= 0:
-                await spool.write_block(memoryview(block)[:end])
-                self._pass_on(content, bytes(block[end:filled]))
-                return
-            if not self.remaining:
-                raise BadRequest("Malformed multipart body: the body ended inside the file part")
-            keep = delimiter_prefix(block, delimiter, filled)
-            await spool.write_block(memoryview(block)[: filled - keep])  # the other block is free after this
-            turn = (turn + 1) % len(blocks)
-            blocks[turn][:keep] = block[filled - keep : filled]
-            start = keep
+        # Taken from the pool as the body needs them (a body that fits one block takes one), and
+        # given back once no worker can read them any more, whatever happens to the upload.
+        blocks = [POOL.take(size)]
+        try:
+            turn, start = 0, len(held)
+            blocks[0][:start] = held
+            while True:
+                block = blocks[turn]
+                filled = await self._fill(block, start)
+                end = block.find(delimiter, 0, filled)
+                if end >= 0:
+                    await spool.write_block(memoryview(block)[:end])
+                    self._pass_on(content, bytes(block[end:filled]))
+                    return
+                if not self.remaining:
+                    raise BadRequest("Malformed multipart body: the body ended inside the file part")
+                keep = delimiter_prefix(block, delimiter, filled)
+                await spool.write_block(memoryview(block)[: filled - keep])  # the next block is free after this
+                turn = (turn + 1) % (IN_FLIGHT + 1)
+                if turn == len(blocks):
+                    blocks.append(POOL.take(size))
+                blocks[turn][:keep] = block[filled - keep : filled]
+                start = keep
+        finally:
+            spool.when_workers_done(functools.partial(POOL.give, blocks))
 
     async def _fill(self, block: bytearray, start: int) -> int:
         """Receive into `block[start:]` until it is full or the body has ended."""
