@@ -109,13 +109,14 @@ def file_start(body: bytes) -> int:
 
 
 async def assert_nothing_stored(client: TestClient, config: Config) -> None:
+    await assert_stored(client, config, 0)
+
+
+async def assert_stored(client: TestClient, config: Config, count: int) -> None:
+    """`count` resources, and no spool file left (a worker may still finish its block: milliseconds)."""
     listing = await client.get(f"/v1_1/{CLOUD}/resources/raw", headers=BASIC_HEADERS)
-    assert (await listing.json())["resources"] == []
-    for _ in range(100):  # a worker may still finish its block (milliseconds)
-        if not list((config.data_dir / "spool").glob("*.part")):
-            break
-        await asyncio.sleep(0.05)
-    assert not list((config.data_dir / "spool").glob("*.part"))
+    assert len((await listing.json())["resources"]) == count
+    await until(lambda: not list((config.data_dir / "spool").glob("*.part")))
 
 
 async def test_tapped_upload_keeps_its_bytes_wherever_blocks_and_reads_end(client: TestClient, small_blocks: None) -> None:
@@ -258,10 +259,5 @@ async def test_blocks_of_a_failed_upload_come_back_only_once_its_worker_lets_go(
     finally:
         release.set()
     await until(lambda: pool.pooled_bytes == pool.allocated * SMALL_BLOCK)
-    await assert_nothing_stored_but(client, config, 1)
+    await assert_stored(client, config, 1)
 
-
-async def assert_nothing_stored_but(client: TestClient, config: Config, count: int) -> None:
-    listing = await client.get(f"/v1_1/{CLOUD}/resources/raw", headers=BASIC_HEADERS)
-    assert len((await listing.json())["resources"]) == count
-    await until(lambda: not list((config.data_dir / "spool").glob("*.part")))

@@ -4,8 +4,10 @@ aiohttp's HTTP parser turns every socket read into a new bytes object and copies
 another one per read; for an upload that is most of the event loop's CPU (docs/performance.md,
 "Upload path"). For the rest of a body with a Content-Length (no chunked transfer coding, no
 content coding), `BodyTap` takes the connection over as an `asyncio.BufferedProtocol`: the
-kernel copies the bytes into one of `IN_FLIGHT + 1` blocks, the spool hashes and writes the
-others on its worker threads while one fills, and the delimiter is searched in place. At the delimiter
+kernel copies the bytes into one of at most `IN_FLIGHT + 1` blocks, the spool hashes and writes
+the others on its worker threads while one fills, and the delimiter is searched in place. The
+blocks come from a pool reused across uploads (`POOL`, versionstore/block_pool.py): a fresh
+set was 20 MiB zero-filled and page-faulted on the event loop per upload. At the delimiter
 the rest of the body (the parts after the file, the closing boundary) goes to aiohttp's request
 stream as it arrives, where the multipart reader reads it as before.
 
@@ -27,7 +29,8 @@ from versionstore.block_pool import BlockPool
 from versionstore.errors import BadRequest
 from versionstore.spool import IN_FLIGHT, SpoolFile
 
-#: One block; IN_FLIGHT + 1 are in use per tapped upload (one filling, the others with the spool's workers).
+#: One block; at most IN_FLIGHT + 1 are in use per tapped upload (one filling, the others with the
+#: spool's workers), only as many as the body fills.
 BLOCK = 4 << 20
 #: Bodies with less left than this after the part headers take aiohttp's path (no new connection
 #: per upload, no 8 MiB of blocks for a small file).
