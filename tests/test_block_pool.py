@@ -5,6 +5,7 @@ still held its block."""
 
 import asyncio
 import contextlib
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -14,24 +15,26 @@ from tests.test_spool_lanes import held_blake3
 from versionstore.block_pool import BlockPool
 from versionstore.spool import SpoolFile
 
+PAGE = mmap.PAGESIZE
+
 
 def test_a_given_block_is_taken_again_and_new_ones_only_when_none_is_free() -> None:
     pool = BlockPool(limit=1 << 20)
     first = pool.take(1000)
     assert pool.allocated == 1 and len(first) == 1000
     pool.give([first])
-    assert pool.pooled_bytes == 1000
+    assert pool.pooled_bytes == PAGE and pool.free_blocks == 1  # a block holds whole pages
     assert pool.take(1000) is first and pool.pooled_bytes == 0
     other = pool.take(500)  # another size is another block
     assert other is not first and pool.allocated == 2
 
 
 def test_the_pool_keeps_at_most_its_limit() -> None:
-    pool = BlockPool(limit=3000)
-    blocks = [pool.take(1000) for _ in range(5)]
+    pool = BlockPool(limit=3 * PAGE)
+    blocks = [pool.take(PAGE) for _ in range(5)]
     pool.give(blocks)
-    assert pool.pooled_bytes == 3000
-    taken = [pool.take(1000) for _ in range(5)]
+    assert pool.pooled_bytes == 3 * PAGE and pool.free_blocks == 3
+    taken = [pool.take(PAGE) for _ in range(5)]
     assert pool.allocated == 7  # three came back, two were freed and made again
     assert len({id(block) for block in taken}) == 5
 

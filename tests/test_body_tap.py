@@ -214,7 +214,7 @@ async def test_the_next_uploads_reuse_the_blocks_of_the_first(client: TestClient
         status, headers, reply = await raw_post(client, body, [file_start(body) + 2, file_start(body) + 60])
         assert status == 200 and headers.get("connection") == "close", reply
         assert hashlib.md5(data).hexdigest().encode() in reply
-        await until(lambda: pool.pooled_bytes == pool.allocated * SMALL_BLOCK)  # all given back
+        await until(lambda: pool.free_blocks == pool.allocated)  # all given back
     assert pool.allocated == IN_FLIGHT + 1
 
 
@@ -222,7 +222,7 @@ async def test_a_small_tapped_body_takes_only_the_blocks_it_fills(client: TestCl
     body = body_with_file(os.urandom(150))
     status, _, reply = await raw_post(client, body, [file_start(body) + 2, file_start(body) + 60])
     assert status == 200, reply
-    await until(lambda: pool.pooled_bytes == pool.allocated * SMALL_BLOCK)
+    await until(lambda: pool.free_blocks == pool.allocated)
     assert pool.allocated == 2
 
 
@@ -249,15 +249,15 @@ async def test_blocks_of_a_failed_upload_come_back_only_once_its_worker_lets_go(
         assert status in (0, 400) and started.is_set()
         failed = pool.allocated
         await asyncio.sleep(0.2)
-        assert pool.pooled_bytes == 0  # the held worker may still read any block given to its spool
+        assert pool.free_blocks == 0  # the held worker may still read any block given to its spool
         data = os.urandom(3000)
         other = body_with_file(data)
         status, _, reply = await raw_post(client, other, [file_start(other) + 2, file_start(other) + 60])
         assert status == 200 and hashlib.md5(data).hexdigest().encode() in reply, reply
-        await until(lambda: pool.pooled_bytes == (IN_FLIGHT + 1) * SMALL_BLOCK)
+        await until(lambda: pool.free_blocks == IN_FLIGHT + 1)
         assert pool.allocated == failed + IN_FLIGHT + 1  # none of the failed upload's blocks
     finally:
         release.set()
-    await until(lambda: pool.pooled_bytes == pool.allocated * SMALL_BLOCK)
+    await until(lambda: pool.free_blocks == pool.allocated)
     await assert_stored(client, config, 1)
 

@@ -20,6 +20,7 @@ drains it after the error response as it does for any unread body.
 
 import asyncio
 import functools
+import mmap
 import warnings
 
 from aiohttp import StreamReader, hdrs, web
@@ -81,7 +82,7 @@ def _unread(content: StreamReader, data: bytes) -> None:
         content.unread_data(data)
 
 
-def delimiter_prefix(chunk: bytes | bytearray, delimiter: bytes, end: int | None = None) -> int:
+def delimiter_prefix(chunk: bytes | bytearray | mmap.mmap, delimiter: bytes, end: int | None = None) -> int:
     """Length of the end of `chunk[:end]` that is a proper prefix of `delimiter` (0 if none). The
     delimiter holds its only CR at the start, so only the last CR can begin one: one look,
     however many CRs a hostile body puts there."""
@@ -158,7 +159,7 @@ class BodyTap(asyncio.BufferedProtocol):
                 end = block.find(delimiter, 0, filled)
                 if end >= 0:
                     await spool.write_block(memoryview(block)[:end])
-                    self._pass_on(content, bytes(block[end:filled]))
+                    self._pass_on(content, block[end:filled])
                     return
                 if not self.remaining:
                     raise BadRequest("Malformed multipart body: the body ended inside the file part")
@@ -172,7 +173,7 @@ class BodyTap(asyncio.BufferedProtocol):
         finally:
             spool.when_workers_done(functools.partial(POOL.give, blocks))
 
-    async def _fill(self, block: bytearray, start: int) -> int:
+    async def _fill(self, block: mmap.mmap, start: int) -> int:
         """Receive into `block[start:]` until it is full or the body has ended."""
         while self._spilled and start + len(self._spilled[0]) <= len(block):
             data = self._spilled.pop(0)
