@@ -60,11 +60,6 @@ class BlockPool:
         with self._lock:
             return sum(len(free) for free in self._free.values())
 
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._bytes = 0
-
 
 def _pages(size: int) -> int:
     return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE

@@ -34,7 +34,8 @@ from versionstore.spool import IN_FLIGHT, SpoolFile
 #: spool's workers), only as many as the body fills.
 BLOCK = 4 << 20
 #: Bodies with less left than this after the part headers take aiohttp's path (no new connection
-#: per upload, no 8 MiB of blocks for a small file).
+#: per upload). Tapping from 1, 2 or 4 MiB measured no cheaper (docs/performance.md, "The tap's
+#: block pool and TAP_MIN"): aiohttp's path costs little per byte beside the cost per upload.
 TAP_MIN = 16 << 20
 #: Free blocks kept for the next uploads (block_pool.py): two full uploads' worth. Blocks in use
 #: are bounded per upload (IN_FLIGHT + 1), not by the pool.
