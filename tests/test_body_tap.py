@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -18,9 +19,12 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import BASIC_HEADERS, CLOUD
 from tests.server_reads import until_server_read
+from tests.test_spool_flush import until
 from tests.test_upload_stream import BOUNDARY, DELIMITER, TRICKY, body_with_file
+from versionstore.block_pool import BlockPool
 from versionstore.config import Config
 from versionstore.http import body_tap
+from versionstore.spool import IN_FLIGHT, Hashes
 
 #: The thresholds the service runs with (read at import: tests.tap_everywhere patches them per test).
 TAP_MIN, BLOCK = body_tap.TAP_MIN, body_tap.BLOCK
@@ -45,6 +49,14 @@ def tap_all(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def small_blocks(tap_all: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(body_tap, "BLOCK", SMALL_BLOCK)
     yield
+
+
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> BlockPool:
+    """An empty pool of the service's bound, so a test sees every block its uploads take."""
+    fresh = BlockPool(body_tap.POOL.limit)
+    monkeypatch.setattr(body_tap, "POOL", fresh)
+    return fresh
 
 
 async def raw_post(
@@ -97,13 +109,14 @@ def file_start(body: bytes) -> int:
 
 
 async def assert_nothing_stored(client: TestClient, config: Config) -> None:
+    await assert_stored(client, config, 0)
+
+
+async def assert_stored(client: TestClient, config: Config, count: int) -> None:
+    """`count` resources, and no spool file left (a worker may still finish its block: milliseconds)."""
     listing = await client.get(f"/v1_1/{CLOUD}/resources/raw", headers=BASIC_HEADERS)
-    assert (await listing.json())["resources"] == []
-    for _ in range(100):  # a worker may still finish its block (milliseconds)
-        if not list((config.data_dir / "spool").glob("*.part")):
-            break
-        await asyncio.sleep(0.05)
-    assert not list((config.data_dir / "spool").glob("*.part"))
+    assert len((await listing.json())["resources"]) == count
+    await until(lambda: not list((config.data_dir / "spool").glob("*.part")))
 
 
 async def test_tapped_upload_keeps_its_bytes_wherever_blocks_and_reads_end(client: TestClient, small_blocks: None) -> None:
@@ -192,3 +205,59 @@ async def test_small_upload_keeps_the_connection(client: TestClient, monkeypatch
     body = body_with_file(b"small")
     status, headers, _ = await raw_post(client, body, [])
     assert status == 200 and headers.get("connection") != "close", headers
+
+
+async def test_the_next_uploads_reuse_the_blocks_of_the_first(client: TestClient, small_blocks: None, pool: BlockPool) -> None:
+    data = os.urandom(3000)  # 31 blocks: every block of the rotation is used
+    body = body_with_file(data)
+    for _ in range(3):
+        status, headers, reply = await raw_post(client, body, [file_start(body) + 2, file_start(body) + 60])
+        assert status == 200 and headers.get("connection") == "close", reply
+        assert hashlib.md5(data).hexdigest().encode() in reply
+        await until(lambda: pool.free_blocks == pool.allocated)  # all given back
+    assert pool.allocated == IN_FLIGHT + 1
+
+
+async def test_a_small_tapped_body_takes_only_the_blocks_it_fills(client: TestClient, small_blocks: None, pool: BlockPool) -> None:
+    body = body_with_file(os.urandom(150))
+    status, _, reply = await raw_post(client, body, [file_start(body) + 2, file_start(body) + 60])
+    assert status == 200, reply
+    await until(lambda: pool.free_blocks == pool.allocated)
+    assert pool.allocated == 2
+
+
+async def test_blocks_of_a_failed_upload_come_back_only_once_its_worker_lets_go(
+    client: TestClient, config: Config, small_blocks: None, pool: BlockPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write lane holds the first block of an upload that then fails (the client stops
+    mid-body): none of its blocks is reused while the worker may read one, a concurrent upload
+    gets blocks of its own, and all come back once the worker is done."""
+    started, release = threading.Event(), threading.Event()
+    real = Hashes.update_blake3
+
+    def held(self: Hashes, data: bytes | memoryview) -> None:
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+        real(self, data)
+
+    monkeypatch.setattr(Hashes, "update_blake3", held)
+    try:
+        body = body_with_file(os.urandom(5000))
+        cut = file_start(body) + 250  # under IN_FLIGHT blocks: the tap is receiving when the body stops
+        status, _, _ = await raw_post(client, body[:cut], [file_start(body) + 2, file_start(body) + 60], length=len(body), half_close=True)
+        assert status in (0, 400) and started.is_set()
+        failed = pool.allocated
+        await asyncio.sleep(0.2)
+        assert pool.free_blocks == 0  # the held worker may still read any block given to its spool
+        data = os.urandom(3000)
+        other = body_with_file(data)
+        status, _, reply = await raw_post(client, other, [file_start(other) + 2, file_start(other) + 60])
+        assert status == 200 and hashlib.md5(data).hexdigest().encode() in reply, reply
+        await until(lambda: pool.free_blocks == IN_FLIGHT + 1)
+        assert pool.allocated == failed + IN_FLIGHT + 1  # none of the failed upload's blocks
+    finally:
+        release.set()
+    await until(lambda: pool.free_blocks == pool.allocated)
+    await assert_stored(client, config, 1)
+

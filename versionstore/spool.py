@@ -166,6 +166,24 @@ class SpoolFile:
         self._pending.append(block)
         await self._flush()
 
+    def when_workers_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the event loop once no worker can touch a block handed over so
+        far, whatever happened to the upload (done, failed, cancelled, discarded): a marker job
+        queued behind them on each lane, which runs (or, after a failure, is skipped) only once
+        the lane is past every earlier job. Not the blocks' own futures: cancelling a waiter
+        cancels its future while the worker may still read the block."""
+        lanes = [lane for lane in (self._write_lane, self._md5_lane) if lane is not None]
+        left = len(lanes)
+
+        def passed(_: asyncio.Future[None]) -> None:
+            nonlocal left
+            left -= 1
+            if not left:
+                callback()
+
+        for lane in lanes:
+            lane.submit(_marker, []).add_done_callback(passed)
+
     def _count(self, data: bytes | memoryview) -> None:
         self.size += len(data)
         _check_size(self.size, self.limit)
@@ -388,3 +406,7 @@ def remove_stale_parts(directory: Path) -> int:
         except FileNotFoundError:
             continue
     return removed
+
+
+def _marker(_: list[bytes | memoryview]) -> None:
+    """A lane job doing nothing: it runs once the lane is past every earlier job (when_workers_done)."""

@@ -4,8 +4,10 @@ aiohttp's HTTP parser turns every socket read into a new bytes object and copies
 another one per read; for an upload that is most of the event loop's CPU (docs/performance.md,
 "Upload path"). For the rest of a body with a Content-Length (no chunked transfer coding, no
 content coding), `BodyTap` takes the connection over as an `asyncio.BufferedProtocol`: the
-kernel copies the bytes into one of `IN_FLIGHT + 1` blocks, the spool hashes and writes the
-others on its worker threads while one fills, and the delimiter is searched in place. At the delimiter
+kernel copies the bytes into one of at most `IN_FLIGHT + 1` blocks, the spool hashes and writes
+the others on its worker threads while one fills, and the delimiter is searched in place. The
+blocks come from a pool reused across uploads (`POOL`, versionstore/block_pool.py): a fresh
+set was 20 MiB zero-filled and page-faulted on the event loop per upload. At the delimiter
 the rest of the body (the parts after the file, the closing boundary) goes to aiohttp's request
 stream as it arrives, where the multipart reader reads it as before.
 
@@ -17,19 +19,27 @@ drains it after the error response as it does for any unread body.
 """
 
 import asyncio
+import functools
+import mmap
 import warnings
 
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestHandler
 
+from versionstore.block_pool import BlockPool
 from versionstore.errors import BadRequest
 from versionstore.spool import IN_FLIGHT, SpoolFile
 
-#: One block; IN_FLIGHT + 1 are in use per tapped upload (one filling, the others with the spool's workers).
+#: One block; at most IN_FLIGHT + 1 are in use per tapped upload (one filling, the others with the
+#: spool's workers), only as many as the body fills.
 BLOCK = 4 << 20
 #: Bodies with less left than this after the part headers take aiohttp's path (no new connection
-#: per upload, no 8 MiB of blocks for a small file).
+#: per upload). Tapping from 1, 2 or 4 MiB measured no cheaper (docs/performance.md, "The tap's
+#: block pool and TAP_MIN"): aiohttp's path costs little per byte beside the cost per upload.
 TAP_MIN = 16 << 20
+#: Free blocks kept for the next uploads (block_pool.py): two full uploads' worth. Blocks in use
+#: are bounded per upload (IN_FLIGHT + 1), not by the pool.
+POOL = BlockPool(2 * (IN_FLIGHT + 1) * BLOCK)
 _PASS = 64 * 1024  # bytes per read once the file part has ended (only the end of the body is left)
 TAPPED: web.RequestKey[bool] = web.RequestKey("body_tapped", bool)
 
@@ -73,7 +83,7 @@ def _unread(content: StreamReader, data: bytes) -> None:
         content.unread_data(data)
 
 
-def delimiter_prefix(chunk: bytes | bytearray, delimiter: bytes, end: int | None = None) -> int:
+def delimiter_prefix(chunk: bytes | bytearray | mmap.mmap, delimiter: bytes, end: int | None = None) -> int:
     """Length of the end of `chunk[:end]` that is a proper prefix of `delimiter` (0 if none). The
     delimiter holds its only CR at the start, so only the last CR can begin one: one look,
     however many CRs a hostile body puts there."""
@@ -138,26 +148,33 @@ class BodyTap(asyncio.BufferedProtocol):
         """Blocks in turn: while the spool's workers hash and write the last ones, the next fills.
         A block is filled again only once the workers are done with it (`SpoolFile.write_block`)."""
         size = max(BLOCK, 4 * len(delimiter))  # a block always has room beyond a delimiter prefix carried over
-        blocks = tuple(bytearray(size) for _ in range(IN_FLIGHT + 1))
-        turn, start = 0, len(held)
-        blocks[0][:start] = held
-        while True:
-            block = blocks[turn]
-            filled = await self._fill(block, start)
-            end = block.find(delimiter, 0, filled)
-            if end >= 0:
-                await spool.write_block(memoryview(block)[:end])
-                self._pass_on(content, bytes(block[end:filled]))
-                return
-            if not self.remaining:
-                raise BadRequest("Malformed multipart body: the body ended inside the file part")
-            keep = delimiter_prefix(block, delimiter, filled)
-            await spool.write_block(memoryview(block)[: filled - keep])  # the other block is free after this
-            turn = (turn + 1) % len(blocks)
-            blocks[turn][:keep] = block[filled - keep : filled]
-            start = keep
+        # Taken from the pool as the body needs them (a body that fits one block takes one), and
+        # given back once no worker can read them any more, whatever happens to the upload.
+        blocks = [POOL.take(size)]
+        try:
+            turn, start = 0, len(held)
+            blocks[0][:start] = held
+            while True:
+                block = blocks[turn]
+                filled = await self._fill(block, start)
+                end = block.find(delimiter, 0, filled)
+                if end >= 0:
+                    await spool.write_block(memoryview(block)[:end])
+                    self._pass_on(content, block[end:filled])
+                    return
+                if not self.remaining:
+                    raise BadRequest("Malformed multipart body: the body ended inside the file part")
+                keep = delimiter_prefix(block, delimiter, filled)
+                await spool.write_block(memoryview(block)[: filled - keep])  # the next block is free after this
+                turn = (turn + 1) % (IN_FLIGHT + 1)
+                if turn == len(blocks):
+                    blocks.append(POOL.take(size))
+                blocks[turn][:keep] = block[filled - keep : filled]
+                start = keep
+        finally:
+            spool.when_workers_done(functools.partial(POOL.give, blocks))
 
-    async def _fill(self, block: bytearray, start: int) -> int:
+    async def _fill(self, block: mmap.mmap, start: int) -> int:
         """Receive into `block[start:]` until it is full or the body has ended."""
         while self._spilled and start + len(self._spilled[0]) <= len(block):
             data = self._spilled.pop(0)
