@@ -65,6 +65,16 @@ async def _queued(gate: SqliteGateway, waiters: int) -> None:
     raise AssertionError(f"{waiters} point transactions never queued")
 
 
+async def _one_holding_one_queued(gate: SqliteGateway) -> tuple["asyncio.Task[None]", "asyncio.Task[None]", asyncio.Event]:
+    """"g-first" holding the lock (its body waits for the event returned), "g-second" queued behind it."""
+    hold = asyncio.Event()
+    first = _point(gate, "g-first", hold)
+    await asyncio.sleep(0.05)
+    second = _point(gate, "g-second")
+    await _queued(gate, 1)
+    return first, second, hold
+
+
 async def test_queued_point_transactions_share_one_commit_and_a_failed_body_leaves_the_rest(
     gate: SqliteGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,11 +112,7 @@ async def test_a_batch_holds_at_most_group_commit_max_bodies(gate: SqliteGateway
 async def test_a_body_whose_next_waiter_is_cancelled_is_still_committed(gate: SqliteGateway) -> None:
     """The first body leaves the batch open for the one queued behind it, which is cancelled
     before it runs: the batch is committed by a task of its own, not left waiting."""
-    hold = asyncio.Event()
-    first = _point(gate, "g-first", hold)
-    await asyncio.sleep(0.05)
-    second = _point(gate, "g-second")
-    await _queued(gate, 1)
+    first, second, hold = await _one_holding_one_queued(gate)
     hold.set()
     await asyncio.sleep(0)  # the first body ends, sees the second waiting, leaves the batch open
     assert gate._batch_open and not first.done()
@@ -121,11 +127,7 @@ async def test_a_body_whose_next_waiter_is_cancelled_is_still_committed(gate: Sq
 async def test_a_transaction_of_the_other_connection_commits_an_open_batch_first(gate: SqliteGateway) -> None:
     """`transaction()` writes through aiosqlite's connection: the point connection's open batch
     holds SQLite's write lock, so it is committed before that BEGIN (else a 10 s busy wait)."""
-    hold = asyncio.Event()
-    first = _point(gate, "g-first", hold)
-    await asyncio.sleep(0.05)
-    second = _point(gate, "g-second")
-    await _queued(gate, 1)
+    first, second, hold = await _one_holding_one_queued(gate)
 
     async def other() -> None:
         async with gate.transaction() as db:
@@ -146,11 +148,7 @@ async def test_a_failed_commit_fails_every_body_of_the_batch(gate: SqliteGateway
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(gateway, "_commit_or_roll_back", refused)
-    hold = asyncio.Event()
-    first = _point(gate, "g-first", hold)
-    await asyncio.sleep(0.05)
-    second = _point(gate, "g-second")
-    await _queued(gate, 1)
+    first, second, hold = await _one_holding_one_queued(gate)
     hold.set()
     results = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 5)
     assert all(isinstance(r, sqlite3.OperationalError) for r in results)
@@ -164,11 +162,7 @@ async def test_a_failed_commit_fails_every_body_of_the_batch(gate: SqliteGateway
 async def test_closing_commits_an_open_batch(tmp_path: Path) -> None:
     path = tmp_path / "close.sqlite3"
     gate = await SqliteGateway.open(path)
-    hold = asyncio.Event()
-    first = _point(gate, "g-first", hold)
-    await asyncio.sleep(0.05)
-    second = _point(gate, "g-second")
-    await _queued(gate, 1)
+    first, second, hold = await _one_holding_one_queued(gate)
     hold.set()
     await asyncio.sleep(0)
     second.cancel()
