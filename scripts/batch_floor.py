@@ -20,7 +20,8 @@ pipeline that does per file only what the wire protocol and durability demand.
 
 Printed: one JSON line, `wall_s` from the listing of LIB to the last answer (interpreter and
 server start-up excluded), `client_cpu_s` and `server_cpu_s` (user + system) over the same
-window, and the same CPU with start-up (`*_cpu_total_s`). Exit status 1 when any upload failed.
+window, of the latter the server's event-loop thread (`server_loop_cpu_s`; the rest is the upload
+workers), and the CPU with start-up (`*_cpu_total_s`). Exit status 1 when any upload failed.
 
     .venv/bin/python scripts/batch_floor.py --source LIB [--concurrency N] [--data-dir D]
 
@@ -213,6 +214,7 @@ class Floor:
     server_cpu_s: float
     client_cpu_total_s: float
     server_cpu_total_s: float
+    server_loop_cpu_s: float = 0.0  # of server_cpu_s, the event loop's thread (the rest: the upload workers)
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
@@ -220,7 +222,8 @@ class Floor:
         return {"files": self.files, "bytes": self.bytes, "concurrency": self.concurrency,
                 "wall_s": round(self.wall_s, 4), "client_cpu_s": round(self.client_cpu_s, 3),
                 "server_cpu_s": round(self.server_cpu_s, 3), "client_cpu_total_s": round(self.client_cpu_total_s, 3),
-                "server_cpu_total_s": round(self.server_cpu_total_s, 3), "failures": len(self.failures)}
+                "server_cpu_total_s": round(self.server_cpu_total_s, 3),
+                "server_loop_cpu_s": round(self.server_loop_cpu_s, 3), "failures": len(self.failures)}
 
 
 def library(source: Path) -> list[tuple[str, Path, int]]:
@@ -266,9 +269,10 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _cpu(pid: int) -> float:
-    """User + system CPU seconds of another process so far (/proc: clock ticks, 10 ms here)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def _cpu(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of another process (or one of its threads) so far (/proc: clock ticks, 10 ms here)."""
+    where = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    fields = Path(where).read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -287,13 +291,14 @@ def run(source: Path, concurrency: int = CONCURRENCY, data_dir: Path | None = No
         if not line:
             raise RuntimeError(f"the floor's server exited before listening (rc={server.wait()})")
         url = f"http://127.0.0.1:{json.loads(line)['port']}/"
-        client0, server0, wall0 = _own_cpu(), _cpu(server.pid), time.perf_counter()
+        client0, server0, loop0, wall0 = _own_cpu(), _cpu(server.pid), _cpu(server.pid, server.pid), time.perf_counter()
         files = library(source)
         floor = Floor(len(files), sum(size for _, _, size in files), concurrency, 0.0, 0.0, 0.0, 0.0, 0.0)
         asyncio.run(send_all(url, files, concurrency, floor))
         floor.wall_s = time.perf_counter() - wall0
         client1, server1 = _own_cpu(), _cpu(server.pid)
         floor.client_cpu_s, floor.server_cpu_s = client1 - client0, server1 - server0
+        floor.server_loop_cpu_s = _cpu(server.pid, server.pid) - loop0
         floor.client_cpu_total_s, floor.server_cpu_total_s = client1, server1
         return floor
     finally:

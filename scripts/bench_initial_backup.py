@@ -566,7 +566,8 @@ class Bench:
             raise RuntimeError(f"batch_floor.py sent {floor['files']} files, {floor['bytes']} bytes: not the library")
         whole = start.measurement(tool_cpu=floor["client_cpu_total_s"], server_cpu=floor["server_cpu_total_s"])
         m = replace(whole, seconds=floor["wall_s"], tool_cpu=floor["client_cpu_s"], server_cpu=floor["server_cpu_s"],
-                    note=f"{floor['concurrency']} in flight; start-up excluded ({whole.seconds:.2f}s with it)")
+                    note=f"{floor['concurrency']} in flight; server CPU {floor['server_loop_cpu_s']:.1f}s on its event loop, the rest "
+                         f"in upload workers; start-up excluded ({whole.seconds:.2f}s with it)")
         self.results.add("floor", "first", m)
         self.report_run("floor", "first", m)
         shutil.rmtree(self.floor_data)

@@ -55,7 +55,7 @@ def test_the_command_prints_one_json_line(tmp_path: Path) -> None:
     assert len(lines) == 1
     summary = json.loads(lines[0])
     assert set(summary) == {"files", "bytes", "concurrency", "wall_s", "client_cpu_s", "server_cpu_s", "client_cpu_total_s",
-                            "server_cpu_total_s", "failures"}
+                            "server_cpu_total_s", "server_loop_cpu_s", "failures"}
     assert summary["files"] == 4 and summary["bytes"] == sum(len(b) for b in files.values()) and summary["failures"] == 0
     from versionstore.backup_client import CONCURRENCY
 
