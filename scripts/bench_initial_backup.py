@@ -15,6 +15,10 @@ bytes, about 10 GiB: 70 % images of 50 KiB-2 MiB, 25 % large images of 2-20 MiB,
    `GET operations/initial_backup/<id>` says `completed`.
 4. Script source mode: `versionstore initial-backup --source LIB` (the batch client) against a
    second server with automatic backup on and an empty environment (fresh data dir).
+5. The floor (first run only; --skip-floor skips it): `scripts/batch_floor.py --source LIB`, a
+   minimal pipeline doing per file only what any Cloudinary-compatible backup must (below), at
+   the batch client's concurrency. "script vs floor" is the script's first-run time over the
+   floor's: how much of the script's time is its own, and so could be removed.
 
 Then the re-runs: every tool again with nothing changed, then 5 % of the files (about 5 % of
 the bytes) get new random bytes (same sizes) and every tool runs again (restic and the script
@@ -45,7 +49,13 @@ Read the ratios with what each tool does to the bytes:
 - restic reads, chunks (content-defined), SHA-256-hashes, compresses (repository v2 default
   `--compression auto`) and encrypts everything, and writes pack files, fsyncing each pack
   file and its directory, not each source file;
-- `cp -r` copies the bytes and one `sync` flushes them at the end (no per-file fsync).
+- `cp -r` copies the bytes and one `sync` flushes them at the end (no per-file fsync);
+- the floor sends every byte over HTTP with sendfile, as multipart/form-data like the script;
+  its bare aiohttp server streams the part through one worker thread per upload that MD5-
+  (the etag) and BLAKE3-hashes and writes it, then fdatasyncs the file, renames it to its
+  BLAKE3 name and fsyncs the directory. No metadata, no second store, no lookups: what is left
+  is receiving, hashing and durably naming the bytes. Its wall time runs from listing LIB to
+  the last answer (no interpreter or server start-up; the script's includes its start-up).
 
     .venv/bin/python scripts/bench_initial_backup.py                 # full: 2,000 files, ~10 GiB
     .venv/bin/python scripts/bench_initial_backup.py --scale 0.05    # 100 files, ~0.5 GiB
@@ -55,7 +65,7 @@ Read the ratios with what each tool does to the bytes:
 Requires curl; restic for its column (`apt-get update && apt-get install -y restic`; without
 it, or with --skip-restic, that column and its targets are skipped). Everything lives in one
 temp dir (library, copy, restic repository, both data dirs), on the disk of --tmp-dir, and is
-removed on exit unless --keep. Needs about 4.5x the library size free on that disk.
+removed on exit unless --keep. Needs about 5.5x the library size free on that disk (4.5x with --skip-floor).
 """
 
 from __future__ import annotations
@@ -73,7 +83,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +147,16 @@ READING = (
     "- restic: reads, chunks, SHA-256-hashes, compresses (default: auto) and encrypts every byte; fsyncs each pack file and its",
     "  directory, not each source file.",
     "- cp -r: copies the bytes, no fsync per file; one sync(1) at the end is included in its time.",
+    "- floor (scripts/batch_floor.py): sends every byte over HTTP with sendfile like the script; a bare aiohttp server, one",
+    "  worker thread per upload, MD5- and BLAKE3-hashes and writes it, fdatasyncs the file, renames it to its BLAKE3 name and",
+    "  fsyncs the directory. No metadata, second store or lookups: the least a compatible backup does. Its time excludes",
+    "  start-up; script vs floor = the script's time / the floor's (above 1.00x: the script's own, removable share).",
 )
 
-TOOLS = ("cp", "restic", "job", "script")
-TOOL_NAMES = {"cp": "cp -r + sync", "restic": "restic backup", "job": "server job", "script": "script --source"}
+TOOLS = ("cp", "restic", "job", "script", "floor")
+TOOL_NAMES = {"cp": "cp -r + sync", "restic": "restic backup", "job": "server job", "script": "script --source",
+              "floor": "floor"}
+FLOOR = Path(__file__).resolve().parent / "batch_floor.py"
 RUNS = ("first", "unchanged", "changed")
 RUN_NAMES = {"first": "first", "unchanged": "unchanged", "changed": "5% changed"}
 
@@ -265,6 +281,7 @@ class Bench:
         self.job_data = self.root / "data-job"
         self.script_server: Server | None = None
         self.script_data = self.root / "data-script"
+        self.floor_data = self.root / "data-floor"
         self.restic_repo = self.root / "restic-repo"
         self.state_file = self.root / "initial-backup-state.jsonl"
         self.restic_env = dict(os.environ, RESTIC_PASSWORD=RESTIC_PASSWORD, RESTIC_CACHE_DIR=str(self.root / "restic-cache"))
@@ -530,6 +547,32 @@ class Bench:
                 + "; ".join(f"{band}: {b['uploads']} uploads, sending {b['send_ms']} ms, then waiting "
                             f"{b['answer_wait_ms']} ms for the answer (means)" for band, b in lanes["bands"].items()))
 
+    # -- the floor --
+
+    def run_floor(self) -> None:
+        """scripts/batch_floor.py on the library, cold cache, at the script's concurrency. Its wall and
+        CPU cover listing LIB to the last answer; the run's `others` share is judged over the whole
+        process (start-ups included, with their CPU counted as the floor's own)."""
+        argv = [self.python, str(FLOOR), "--source", str(self.lib), "--data-dir", str(self.floor_data)]
+        if self.args.client_concurrency:
+            argv += ["--concurrency", str(self.args.client_concurrency)]
+        start = self.start()
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        (self.root / "floor.log").write_text(out.stdout + out.stderr)
+        if out.returncode != 0:
+            raise RuntimeError(f"batch_floor.py failed (rc={out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        floor: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        if floor["files"] != len(self.files) or floor["bytes"] != self.results.library_bytes:
+            raise RuntimeError(f"batch_floor.py sent {floor['files']} files, {floor['bytes']} bytes: not the library")
+        whole = start.measurement(tool_cpu=floor["client_cpu_total_s"], server_cpu=floor["server_cpu_total_s"])
+        m = replace(whole, seconds=floor["wall_s"], tool_cpu=floor["client_cpu_s"], server_cpu=floor["server_cpu_s"],
+                    note=f"{floor['concurrency']} in flight; server CPU {floor['server_loop_cpu_s']:.1f}s on its event loop, the rest "
+                         f"in upload workers; start-up excluded ({whole.seconds:.2f}s with it)")
+        self.results.add("floor", "first", m)
+        self.report_run("floor", "first", m)
+        shutil.rmtree(self.floor_data)
+        os.sync()
+
     @staticmethod
     def summarise_report(path: Path) -> str:
         """The client's own counts, whatever their names: the numeric top-level fields."""
@@ -559,6 +602,10 @@ class Bench:
             return None
         return base.seconds / ours.seconds  # throughput ratio (same bytes)
 
+    def script_vs_floor(self) -> float | None:
+        """The script's first-run time over the floor's (2.00 = twice the least a compatible backup takes)."""
+        return self.ratio("floor", "first", "script", "first")  # the script's seconds over the floor's
+
     def report(self) -> bool:
         r = self.results
         ok = True
@@ -566,6 +613,7 @@ class Bench:
             "args": vars(self.args), "library_bytes": r.library_bytes, "library_files": r.library_files,
             "changed_files": r.changed_files, "changed_bytes": r.changed_bytes, "setup": r.setup,
             "cold_cache": r.cold_cache, "skipped": r.skipped, "client_timelines": r.timelines,
+            "script_vs_floor": self.script_vs_floor(),
             "runs": {t: {k: vars(m) for k, m in runs.items()} for t, runs in r.runs.items()}})
         if not check_load(self.args.allow_load):  # ratios beside heavy outside load mean nothing
             return False
@@ -595,6 +643,11 @@ class Bench:
                     f"{_x(vs_restic):>11}{_x(vs_cp):>8}{_s(m.tool_cpu):>10}{_s(m.server_cpu):>12}{_pct(m.others):>8}   {m.note}")
         log("(others: share of the machine's CPU capacity used during the run by anything but the measured tool and server: "
             "other processes, kernel writeback, steal)")
+        if (vs_floor := self.script_vs_floor()) is not None:
+            script, floor = r.runs["script"]["first"], r.runs["floor"]["first"]
+            log(f"script vs floor (first run, time over time): {vs_floor:.2f}x ({script.seconds:.2f}s against {floor.seconds:.2f}s; "
+                f"CPU: client {_s(script.tool_cpu)} against {_s(floor.tool_cpu)}, server {_s(script.server_cpu)} against "
+                f"{_s(floor.server_cpu)})")
         # Sub-second runs are left out: CPU accounting ticks make their share too coarse to mean much.
         busy = [(t, run, m.others) for t, runs in r.runs.items() for run, m in runs.items()
                 if (m.others or 0) > NOISY and m.seconds >= 1.0]
@@ -656,7 +709,7 @@ class Bench:
         return {"versionstore": f"at {commit}{' (with local changes)' if dirty.stdout.strip() else ''}", "restic": restic}
 
     def check_space(self) -> None:
-        need = int(self.results.library_bytes * 4.5) + 2 * GiB
+        need = int(self.results.library_bytes * (4.5 if self.args.skip_floor else 5.5)) + 2 * GiB
         free = shutil.disk_usage(self.root).free
         log(f"temp dir {self.root}: {fmt_bytes(free)} free on its filesystem (device {os.stat(self.root).st_dev:#x}; "
             f"the repo is on {os.stat(Path(__file__).resolve().parent).st_dev:#x}); this run needs about {fmt_bytes(need)}")
@@ -677,6 +730,8 @@ class Bench:
         if (why := self.client_available()) is not None:
             r.skipped["script"] = why
             log(f"note: {why}; that column is skipped")
+        if a.skip_floor:
+            r.skipped["floor"] = "--skip-floor"
         self.versions = self.tool_versions()
         self.make_library()
 
@@ -690,6 +745,8 @@ class Bench:
         if "script" not in r.skipped:
             self.start_script_server()
             self.run_script("first")
+        if "floor" not in r.skipped:
+            self.run_floor()
 
         log("[2] re-runs, nothing changed")
         if "restic" not in r.skipped:
@@ -730,6 +787,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--files", type=int, help="number of files (overrides --scale; sizes follow the same mix)")
     parser.add_argument("--seed", type=int, default=20261125, help="seed of the sizes, the bytes and the changed files")
     parser.add_argument("--skip-restic", action="store_true", help="skip the restic column")
+    parser.add_argument("--skip-floor", action="store_true",
+                        help="skip the floor column (scripts/batch_floor.py: the least any compatible backup does)")
     parser.add_argument("--server-workers", type=int, default=1,
                         help="`serve --workers N` for the servers (default 1; their CPU is summed over the processes)")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache before timed runs")
