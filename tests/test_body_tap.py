@@ -21,10 +21,11 @@ from tests.conftest import BASIC_HEADERS, CLOUD
 from tests.server_reads import until_server_read
 from tests.test_spool_flush import until
 from tests.test_upload_stream import BOUNDARY, DELIMITER, TRICKY, body_with_file
+from versionstore import spool as spool_module
 from versionstore.block_pool import BlockPool
 from versionstore.config import Config
 from versionstore.http import body_tap
-from versionstore.spool import IN_FLIGHT, Hashes
+from versionstore.spool import IN_FLIGHT, PAGE, Hashes
 
 #: The thresholds the service runs with (read at import: tests.tap_everywhere patches them per test).
 TAP_MIN, BLOCK = body_tap.TAP_MIN, body_tap.BLOCK
@@ -261,3 +262,30 @@ async def test_blocks_of_a_failed_upload_come_back_only_once_its_worker_lets_go(
     await until(lambda: pool.free_blocks == pool.allocated)
     await assert_stored(client, config, 1)
 
+
+
+@pytest.mark.parametrize("size", [PAGE - 3, 2 * PAGE + 60, 3 * (2 * PAGE + 97) - 40, 6 * (2 * PAGE + 97) + 5, 50_000])
+async def test_blocks_cut_at_page_boundaries_keep_the_bytes(
+    client: TestClient, config: Config, tap_all: None, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Blocks of a few pages (not a whole number of them), direct writes from one page on: every
+    block but the last is cut at a page boundary and the rest carried into the next one, with a
+    delimiter prefix at any offset; the stored bytes and the etag are the body's."""
+    monkeypatch.setattr(body_tap, "BLOCK", 2 * PAGE + 97)
+    monkeypatch.setattr(spool_module, "DIRECT_MIN", PAGE)
+    real, direct = spool_module.SpoolFile._write_direct, []
+
+    def counting(spool: spool_module.SpoolFile, view: memoryview, offset: int) -> int:
+        direct.append(offset)
+        return real(spool, view, offset)
+
+    monkeypatch.setattr(spool_module.SpoolFile, "_write_direct", counting)
+    data = os.urandom(size)
+    body = body_with_file(data)
+    status, headers, reply = await raw_post(client, body, [file_start(body) + 1, file_start(body) + 100])
+    assert status == 200 and headers.get("connection") == "close", reply  # it was tapped
+    assert json.loads(reply)["etag"] == hashlib.md5(data).hexdigest()
+    assert json.loads(reply)["bytes"] == size
+    stored = [path for path in config.data_dir.rglob("*") if path.is_file() and path.stat().st_size == size and "spool" not in path.parts]
+    assert stored and all(path.read_bytes() == data for path in stored)
+    assert len(direct) >= size // (2 * PAGE) and all(offset % PAGE == 0 for offset in direct)  # a write per block

@@ -28,15 +28,16 @@ from aiohttp.web_protocol import RequestHandler
 
 from versionstore.block_pool import BlockPool
 from versionstore.errors import BadRequest
-from versionstore.spool import IN_FLIGHT, SpoolFile
+from versionstore.spool import IN_FLIGHT, PAGE, SpoolFile
 
 #: One block; at most IN_FLIGHT + 1 are in use per tapped upload (one filling, the others with the
 #: spool's workers), only as many as the body fills.
 BLOCK = 4 << 20
 #: Bodies with less left than this after the part headers take aiohttp's path (no new connection
-#: per upload). Tapping from 1, 2 or 4 MiB measured no cheaper (docs/performance.md, "The tap's
-#: block pool and TAP_MIN"): aiohttp's path costs little per byte beside the cost per upload.
-TAP_MIN = 16 << 20
+#: per upload). Since the spool writes the tap's blocks past the page cache, tapping from 2 MiB
+#: (not 16) costs the server less CPU per byte than aiohttp's path (docs/performance.md, "Direct
+#: writes"); below it the cost per upload dominates, and a kept connection is worth more.
+TAP_MIN = 2 << 20
 #: Free blocks kept for the next uploads (block_pool.py): two full uploads' worth. Blocks in use
 #: are bounded per upload (IN_FLIGHT + 1), not by the pool.
 POOL = BlockPool(2 * (IN_FLIGHT + 1) * BLOCK)
@@ -111,9 +112,11 @@ async def spool_tapped(request: web.Request, delimiter: bytes, spool: SpoolFile)
     request[TAPPED] = True
     tap = BodyTap(handler, left)  # before any await: from here on every byte of the body reaches the tap
     try:
-        keep = delimiter_prefix(held, delimiter)
-        await spool.write(held[: len(held) - keep])
-        await tap.spool(content, delimiter, spool, held[len(held) - keep :])
+        if len(held) > BLOCK // 2:  # rare (the parser holds far less): the first block needs room
+            keep = delimiter_prefix(held, delimiter)
+            await spool.write(held[: len(held) - keep])
+            held = held[len(held) - keep :]
+        await tap.spool(content, delimiter, spool, held)  # the file's first byte starts the first block
     except BaseException:
         tap.abandon(content)
         raise
@@ -165,12 +168,17 @@ class BodyTap(asyncio.BufferedProtocol):
                 if not self.remaining:
                     raise BadRequest("Malformed multipart body: the body ended inside the file part")
                 keep = delimiter_prefix(block, delimiter, filled)
-                await spool.write_block(memoryview(block)[: filled - keep])  # the next block is free after this
+                # Whole pages where the block allows it, so that every block's bytes start on a
+                # page boundary of the file as of memory and the spool writes them past the page
+                # cache (spool.py, `_write_direct`); the rest (under a page, plus a possible
+                # delimiter prefix) starts the next block.
+                cut = (filled - keep) - (filled - keep) % PAGE or filled - keep
+                await spool.write_block(memoryview(block)[:cut])  # the next block is free after this
                 turn = (turn + 1) % (IN_FLIGHT + 1)
                 if turn == len(blocks):
                     blocks.append(POOL.take(size))
-                blocks[turn][:keep] = block[filled - keep : filled]
-                start = keep
+                blocks[turn][: filled - cut] = block[cut:filled]
+                start = filled - cut
         finally:
             spool.when_workers_done(functools.partial(POOL.give, blocks))
 
