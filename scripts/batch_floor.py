@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""The batch client's floor: the least any Cloudinary-compatible backup of a library must do.
+"""The batch client's floor: a plain Cloudinary-compatible backup pipeline to measure against.
 
 Issue 10 wants `versionstore initial-backup --source LIB` to beat restic by 2x; where it does
-not, the report must say how much of the time is ours (removable) and how much no compatible
-backup on this machine can avoid. This script measures that floor in the same run: a minimal
-pipeline that does per file only what the wire protocol and durability demand.
+not, the report must say where the time goes. This script runs, in the same run, a plain
+pipeline that does per file only what the wire protocol and durability demand, so the batch
+client's time can be set beside it. It is not a lower bound: it reads bodies through aiohttp's
+multipart reader and writes through the page cache, where versionstore's server taps large
+bodies and writes them with O_DIRECT (docs/performance.md, "The floor" and "Direct writes").
 
 - Server (a separate process, started here; 127.0.0.1, a free port): a bare aiohttp app with one
   POST route. It streams the multipart body with aiohttp's `MultipartReader` (4 MiB reads) and

@@ -18,6 +18,12 @@ this project's virtual disks one fsync at the end waited about 2 s per GiB with 
 a third of the upload's wall time (docs/performance.md, "The final fsync"). Each flushed range
 is then dropped from the page cache, which cuts the write lane's CPU (docs/performance.md,
 "The deep pipeline").
+
+Whole pages of page-aligned blocks at page-aligned offsets (the tap's blocks, cut that way by
+http/body_tap.py) skip the page cache altogether: the write lane writes them with `O_DIRECT`,
+which costs a fraction of the system CPU of a buffered write and leaves no dirty page to write
+back or drop (docs/performance.md, "Direct writes"). Nothing about durability changes: the
+final fsync still precedes every link and every commit that names the file.
 """
 
 import asyncio
