@@ -309,7 +309,7 @@ class VersionService:
             written = await self._put_revision_in(store, cloud_name, spooled.digest, spooled.path)
         else:
             try:
-                async with asyncio.TaskGroup() as group:  # a bucket reads the page cache: no need to wait for the fsync
+                async with asyncio.TaskGroup() as group:  # a bucket only reads the file: no need to wait for its fsync
                     group.create_task(linking)
                     revision = group.create_task(self._put_revision_in(store, cloud_name, spooled.digest, spooled.path))
             except ExceptionGroup as failed:

@@ -118,7 +118,7 @@ class Spooled:
 async def make_durable(spooled: Spooled) -> None:
     """fsync a spool file finished without it. Must complete before the file is linked into a
     local store (a name must never point at bytes a crash could lose) and before any metadata
-    names it; a copy to a remote bucket reads the page cache and need not wait for it."""
+    names it; a copy to a remote bucket only reads the file and need not wait for it."""
     if not spooled.synced:
         await asyncio.to_thread(fsync_path, spooled.path)
 
