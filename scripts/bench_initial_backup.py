@@ -7,7 +7,7 @@ bytes, about 10 GiB: 70 % images of 50 KiB-2 MiB, 25 % large images of 2-20 MiB,
 
 1. `cp -r LIB COPY && sync`: a plain copy on the same disk, flushed (first run only).
 2. `restic backup LIB` to a local repository made by `restic init` in the temp dir (restic's
-   defaults; one run per phase on the same repository, like a user would).
+   defaults; each first run into a new repository, the re-runs on the last one, like a user would).
 3. The server job: the library is first loaded into a versionstore environment with automatic
    backup off (concurrent `curl -F ... -F backup=false` uploads: setup, reported, not timed);
    then automatic backup is turned on (`versionstore cloud set demo --auto-backup on`, applied
@@ -31,7 +31,10 @@ that was not possible.
 Throughput is always library bytes / wall time (MB = 10^6 bytes), also for the re-runs, so
 the re-run rows read as "how fast a whole library is checked". Ratios compare throughputs:
 "vs restic" is against restic's run of the same kind, "vs cp" against cp's (first) run.
-Each run is measured once (a full run moves tens of GiB). The "others" column is the share
+The first runs of `cp -r`, restic and the script are repeated (--first-runs, default 3, each
+from an empty repository / environment, the tools interleaved so drift lands on all of them) and
+their medians are compared: restic's first run alone varied by 15 % between runs on one quiet
+machine. The server job, the floor and the re-runs run once. The "others" column is the share
 of the machine's CPU capacity used during the run by anything but the measured tool and
 server (other processes, kernel writeback, steal); on a shared VM, --quiet-wait waits before
 each timed run for the machine to go idle, and the summary warns about runs that were not.
@@ -79,6 +82,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -238,13 +242,27 @@ class Results:
     changed_files: int = 0
     changed_bytes: int = 0
     setup: dict[str, float] = field(default_factory=dict)
-    runs: dict[str, dict[str, Measurement]] = field(default_factory=dict)
+    runs: dict[str, dict[str, Measurement]] = field(default_factory=dict)  # the median of each run's samples
+    samples: dict[str, dict[str, list[Measurement]]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     timelines: dict[str, dict[str, Any]] = field(default_factory=dict)  # the batch client's uploads, per run
     cold_cache: str | None = None  # None when dropping caches works, else why not
 
     def add(self, tool: str, run: str, m: Measurement) -> None:
-        self.runs.setdefault(tool, {})[run] = m
+        """One more sample of (tool, run); the run's figure is the median sample (the lower of the
+        two middle ones for an even count: a measured run, not an average of two)."""
+        samples = self.samples.setdefault(tool, {}).setdefault(run, [])
+        samples.append(m)
+        middle = statistics.median_low(x.seconds for x in samples)
+        self.runs.setdefault(tool, {})[run] = next(x for x in samples if x.seconds == middle)
+
+    def spread(self, tool: str, run: str) -> str:
+        """'median of 3 (5.91-6.40 s)', or '' for a run measured once."""
+        samples = self.samples.get(tool, {}).get(run, [])
+        if len(samples) < 2:
+            return ""
+        seconds = sorted(x.seconds for x in samples)
+        return f"median of {len(samples)} ({seconds[0]:.2f}-{seconds[-1]:.2f} s)"
 
 
 @dataclass
@@ -422,6 +440,10 @@ class Bench:
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     def init_restic(self) -> None:
+        """An empty repository (an earlier first run's, and its cache, removed first)."""
+        shutil.rmtree(self.restic_repo, ignore_errors=True)
+        shutil.rmtree(self.root / "restic-cache", ignore_errors=True)
+        os.sync()
         out = self.restic("init")
         if out.returncode != 0:
             raise RuntimeError(f"restic init failed: {out.stdout}\n{out.stderr}")
@@ -520,6 +542,13 @@ class Bench:
         return None
 
     def start_script_server(self) -> None:
+        """A server on an empty data dir (an earlier first run's server, data and state file removed)."""
+        if self.script_server is not None:
+            self.script_server.stop()
+            self.servers.remove(self.script_server)
+            shutil.rmtree(self.script_data, ignore_errors=True)
+            self.state_file.unlink(missing_ok=True)
+            os.sync()
         self.script_server = self.start_server("server-script", self.script_data, auto_backup=True)
         log(f"  server for the script column: {self.script_data} (automatic backup on, empty environment)")
 
@@ -528,6 +557,7 @@ class Bench:
         assert server is not None
         report = self.root / f"initial-backup-{run}.json"
         timeline = self.root / f"initial-backup-{run}.timeline.jsonl"
+        timeline.unlink(missing_ok=True)  # the client appends: an earlier first run's lines must not count
         env = dict(os.environ, CLOUDINARY_URL=f"cloudinary://{API_KEY}:{API_SECRET}@{CLOUD}"
                                               f"?upload_prefix=http://127.0.0.1:{server.port}",
                    VERSIONSTORE_INITIAL_BACKUP_TIMELINE=str(timeline))
@@ -615,7 +645,8 @@ class Bench:
             "changed_files": r.changed_files, "changed_bytes": r.changed_bytes, "setup": r.setup,
             "cold_cache": r.cold_cache, "skipped": r.skipped, "client_timelines": r.timelines,
             "script_vs_floor": self.script_vs_floor(),
-            "runs": {t: {k: vars(m) for k, m in runs.items()} for t, runs in r.runs.items()}})
+            "runs": {t: {k: vars(m) for k, m in runs.items()} for t, runs in r.runs.items()},
+            "samples": {t: {k: [vars(m) for m in ms] for k, ms in runs.items()} for t, runs in r.samples.items()}})
         if not check_load(self.args.allow_load):  # ratios beside heavy outside load mean nothing
             return False
         unchecked = 0
@@ -641,7 +672,8 @@ class Bench:
                 vs_restic = self.ratio(tool, run, "restic", run)
                 vs_cp = self.ratio(tool, run, "cp", "first")
                 log(f"{TOOL_NAMES[tool]:<17}{RUN_NAMES[run]:<12}{m.seconds:9.2f}{r.library_bytes / 1e6 / m.seconds:10.1f}"
-                    f"{_x(vs_restic):>11}{_x(vs_cp):>8}{_s(m.tool_cpu):>10}{_s(m.server_cpu):>12}{_pct(m.others):>8}   {m.note}")
+                    f"{_x(vs_restic):>11}{_x(vs_cp):>8}{_s(m.tool_cpu):>10}{_s(m.server_cpu):>12}{_pct(m.others):>8}   "
+                    + "; ".join(x for x in (r.spread(tool, run), m.note) if x))
         log("(others: share of the machine's CPU capacity used during the run by anything but the measured tool and server: "
             "other processes, kernel writeback, steal)")
         if (vs_floor := self.script_vs_floor()) is not None:
@@ -736,16 +768,17 @@ class Bench:
         self.versions = self.tool_versions()
         self.make_library()
 
-        log("[1] first runs")
-        self.run_cp()
-        if "restic" not in r.skipped:
-            self.init_restic()
-            self.run_restic("first")
+        for turn in range(a.first_runs):
+            log(f"[1] first runs ({turn + 1} of {a.first_runs})" if a.first_runs > 1 else "[1] first runs")
+            self.run_cp()
+            if "restic" not in r.skipped:
+                self.init_restic()
+                self.run_restic("first")
+            if "script" not in r.skipped:
+                self.start_script_server()
+                self.run_script("first")
         self.start_job_server()
         self.run_job("first", expect_processed=len(self.files))
-        if "script" not in r.skipped:
-            self.start_script_server()
-            self.run_script("first")
         if "floor" not in r.skipped:
             self.run_floor()
 
@@ -788,6 +821,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--files", type=int, help="number of files (overrides --scale; sizes follow the same mix)")
     parser.add_argument("--seed", type=int, default=20261125, help="seed of the sizes, the bytes and the changed files")
     parser.add_argument("--skip-restic", action="store_true", help="skip the restic column")
+    parser.add_argument("--first-runs", type=int, default=3,
+                        help="first runs of cp -r, restic and the script, compared by their medians (default 3)")
     parser.add_argument("--skip-floor", action="store_true",
                         help="skip the floor column (scripts/batch_floor.py: the least any compatible backup does)")
     parser.add_argument("--server-workers", type=int, default=1,
@@ -807,6 +842,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (library, repos, data dirs, logs)")
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args(argv)
+    if args.first_runs < 1:
+        parser.error("--first-runs must be at least 1")
     if args.files is None:
         args.files = max(20, round(DEFAULT_FILES * args.scale))
     return args

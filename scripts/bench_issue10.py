@@ -169,7 +169,10 @@ def initial_first(d: dict[str, Any]) -> tuple[str, bool]:
     ours, restic = runs["script"]["first"]["seconds"], runs["restic"]["first"]["seconds"]
     cp = runs.get("cp", {}).get("first", {}).get("seconds")
     stretch = "" if cp is None else f", {cp / ours:.2f}x `cp -r` ({mb / cp:.0f} MB/s; stretch 0.9x)"
-    return f"{restic / ours:.2f}x ({mb / ours:.0f} MB/s; restic {mb / restic:.0f} MB/s{stretch})", restic / ours >= 2.0
+    count = len(d.get("samples", {}).get("script", {}).get("first", [])) or 1  # medians of that many first runs
+    medians = f"; medians of {count} first runs" if count > 1 else ""
+    return (f"{restic / ours:.2f}x ({mb / ours:.0f} MB/s; restic {mb / restic:.0f} MB/s{stretch}{medians})",
+            restic / ours >= 2.0)
 
 
 def s3_upload(d: dict[str, Any]) -> tuple[str, bool]:
