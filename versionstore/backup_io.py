@@ -17,6 +17,7 @@ import mmap
 import os
 import random
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -73,6 +74,9 @@ class Item:
     source: str  # absolute path or URL, as reported and recorded
     is_url: bool = False
     error: str | None = None
+    #: (size, mtime_ns) from the directory walk's own stat: an unchanged file is skipped on it
+    #: without another stat (None for manifest items, which are stat'ed when processed).
+    listed: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:
@@ -89,11 +93,18 @@ def walk_directory(root: Path, folder: str = "", exclude: Iterable[Path] = ()) -
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            if name.startswith(".") or path in excluded or not os.path.isfile(path):
+            if name.startswith(".") or path in excluded:
+                continue
+            try:
+                info = os.stat(path)  # what os.path.isfile asks (symlinks followed), kept for the unchanged check
+            except OSError:
+                continue
+            if not stat.S_ISREG(info.st_mode):
                 continue
             relative = Path(path).relative_to(root).as_posix()
             resource_type = resource_type_for(relative)
-            yield Item(prefix + public_id_for(relative, resource_type), resource_type, "upload", path)
+            yield Item(prefix + public_id_for(relative, resource_type), resource_type, "upload", path,
+                       listed=(info.st_size, info.st_mtime_ns))
 
 
 def read_manifest(manifest: Path) -> Iterator[Item]:
@@ -149,7 +160,7 @@ def refuse_duplicates(items: Iterable[Item]) -> Iterator[Item]:
         first = seen.setdefault(item.key, item.source)
         if first != item.source and item.error is None:
             item = Item(item.public_id, item.resource_type, item.type, item.source, item.is_url,
-                        f"public_id {item.public_id!r} is also used for {first}")
+                        f"public_id {item.public_id!r} is also used for {first}", item.listed)
         yield item
 
 
