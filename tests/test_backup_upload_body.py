@@ -1,7 +1,9 @@
 """The batch client's upload body (`backup_io.FileBody`) against the real app over HTTP: exact
-length instead of chunked encoding, bytes sent with sendfile while a thread reads and hashes
-one block ahead, and a file that changes under the upload never stores anything."""
+length instead of chunked encoding, bytes read with O_DIRECT into pooled buffers (or, where a
+file system has no O_DIRECT, sent with sendfile) while a thread reads and hashes one block
+ahead, and a file that changes under the upload never stores anything."""
 
+import errno
 import json
 import os
 import sys
@@ -14,8 +16,27 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import API_KEY, API_SECRET, CLOUD
+from versionstore import backup_io
 from versionstore.backup_client import Report, SourceRun, build_parser
 from versionstore.backup_io import BLOCK, TIMELINE_VARIABLE, TRANSIENT, Api, FileBody, Item, StateFile, Target, walk_directory
+
+
+@pytest.fixture(params=["direct", "sendfile"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a file is read: O_DIRECT into pooled buffers (where the file system allows it,
+    as the test's temp dir does on Linux), and sendfile, what a file system without O_DIRECT gets."""
+    if request.param == "sendfile":
+        monkeypatch.setattr(backup_io, "_direct_reads", lambda fd: False)
+    return str(request.param)
+
+
+def _direct_possible(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)))
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL, exc
+        return False
+    return hasattr(os, "O_DIRECT")
 
 
 async def _api(client: TestClient, trace: aiohttp.TraceConfig | None = None) -> tuple[Api, aiohttp.ClientSession]:
@@ -24,8 +45,10 @@ async def _api(client: TestClient, trace: aiohttp.TraceConfig | None = None) -> 
     return Api(Target(CLOUD, API_KEY, API_SECRET, prefix), session, retries=0, on_retry=lambda: None), session
 
 
-@pytest.mark.parametrize("size", [1, BLOCK, 2 * BLOCK + 12345])
-async def test_upload_states_its_length_and_the_server_hashes_the_same_bytes(client: TestClient, tmp_path: Path, size: int) -> None:
+@pytest.mark.parametrize("size", [1, 4095, 4097, BLOCK, 2 * BLOCK + 12345])
+async def test_upload_states_its_length_and_the_server_hashes_the_same_bytes(
+    client: TestClient, tmp_path: Path, size: int, read_path: str
+) -> None:
     data = os.urandom(size)
     path = tmp_path / 'the "odd" näme.bin'
     path.write_bytes(data)
@@ -50,7 +73,7 @@ async def test_upload_states_its_length_and_the_server_hashes_the_same_bytes(cli
     assert "Transfer-Encoding" not in request and int(request["Content-Length"]) > size
 
 
-async def test_a_file_that_shrinks_during_the_upload_stores_nothing(client: TestClient, tmp_path: Path) -> None:
+async def test_a_file_that_shrinks_during_the_upload_stores_nothing(client: TestClient, tmp_path: Path, read_path: str) -> None:
     path = tmp_path / "shrinks.bin"
     path.write_bytes(os.urandom(3 * BLOCK))
     api, session = await _api(client)
@@ -68,7 +91,7 @@ async def test_a_file_that_shrinks_during_the_upload_stores_nothing(client: Test
 
 
 
-async def test_a_file_rewritten_in_place_during_the_upload_stores_nothing(client: TestClient, tmp_path: Path) -> None:
+async def test_a_file_rewritten_in_place_during_the_upload_stores_nothing(client: TestClient, tmp_path: Path, read_path: str) -> None:
     """Same size, other bytes: the upload would carry a torn file (old first block, new rest).
     The request is abandoned before its closing boundary, with or without a client-side hash."""
     path = tmp_path / "rewritten.bin"
@@ -91,22 +114,28 @@ async def test_a_file_rewritten_in_place_during_the_upload_stores_nothing(client
         await session.close()
 
 
-async def test_a_new_file_is_sent_without_copying_it_and_recorded_with_the_servers_digest(
-    client: TestClient, tmp_path: Path
+async def test_a_new_file_is_sent_without_a_client_hash_and_recorded_with_the_servers_digest(
+    client: TestClient, tmp_path: Path, read_path: str
 ) -> None:
-    """No client-side hash of a new file: its pages are faulted in for sendfile, never read into
-    a buffer; the state file records the digest the server computed of what it received."""
+    """No client-side hash of a new file. Read with O_DIRECT into the pool's buffers, which the
+    next uploads reuse; else its pages are faulted in for sendfile, never read into a buffer.
+    The state file records the digest the server computed of what it received."""
     data = os.urandom(2 * BLOCK + 4321)
     path = tmp_path / "new.bin"
     path.write_bytes(data)
     api, session = await _api(client)
-    body = FileBody((("public_id", "new.bin"), ("backup", "true")), str(path), path.name, lambda n: None)
+    allocated = backup_io._BLOCKS.allocated
     try:
-        with body:
-            async with session.post(f"{api.target.base}/raw/upload", data=body, headers=api.auth) as response:
-                assert response.status == 200, await response.text()
-                assert (await response.json())["blake3"] == blake3.blake3(data).hexdigest()
-        if sys.platform == "linux":
+        for _ in range(3):  # one after the other: the same two buffers each time
+            body = FileBody((("public_id", "new.bin"), ("backup", "true")), str(path), path.name, lambda n: None)
+            with body:
+                async with session.post(f"{api.target.base}/raw/upload", data=body, headers=api.auth) as response:
+                    assert response.status == 200, await response.text()
+                    assert (await response.json())["blake3"] == blake3.blake3(data).hexdigest()
+        direct = read_path == "direct" and _direct_possible(path)
+        assert body.direct is direct
+        assert backup_io._BLOCKS.allocated - allocated <= (2 if direct else 0)
+        if sys.platform == "linux" and not direct:
             assert body._buffer is None  # paged in (MADV_POPULATE_READ), not read
         src = tmp_path / "src"
         src.mkdir()

@@ -12,6 +12,8 @@ import base64
 import concurrent.futures
 import contextlib
 import csv
+import errno
+import fcntl
 import json
 import mmap
 import os
@@ -33,6 +35,8 @@ import aiohttp.payload
 import blake3
 import yarl
 from aiohttp.helpers import content_disposition_header
+
+from versionstore.block_pool import BlockPool
 
 RESOURCE_TYPES = ("image", "video", "raw")
 IMAGE_EXTENSIONS = frozenset({"ai", "arw", "avif", "bmp", "cr2", "djvu", "dng", "eps", "gif", "heic", "heif", "ico", "jp2", "jpe",
@@ -234,8 +238,16 @@ class StateFile:
 
 T = TypeVar("T")
 CHUNK = 1 << 20
-BLOCK = 8 << 20  # read (and hashed) ahead of the socket, per upload in flight
+BLOCK = 4 << 20  # read (and hashed) ahead of the socket, per upload in flight
 _READERS = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="initial-backup-read")
+#: The read buffers of the direct path (`FileBody`), reused across uploads: two per upload in
+#: flight, kept for up to 16 uploads in flight (more are freed when given back).
+_BLOCKS = BlockPool(2 * 16 * BLOCK)
+_PAGE = mmap.PAGESIZE
+_SLICE = 1 << 20  # bytes per write to the transport: what the socket does not take at once is copied (asyncio)
+#: Python 3.12's asyncio keeps a memoryview it could not send whole instead of copying its rest:
+#: a read buffer must then not be handed over, or the next block's read would change bytes still queued.
+_WRITES_COPY = sys.version_info < (3, 12)
 BACKOFF_BASE, BACKOFF_MAX, RETRY_AFTER_MAX = 0.5, 30.0, 60.0
 URL_FORMAT = "cloudinary://api_key:api_secret@cloud_name?upload_prefix=http://host:port"
 
@@ -301,12 +313,18 @@ class FileBody(aiohttp.payload.Payload):
     """A whole multipart/form-data body (the fields, then the file) with its exact length, so the
     request carries a Content-Length instead of chunked encoding.
 
-    The file's bytes go to the socket with `sendfile` (no copy through Python). A worker thread
-    runs one block ahead of the socket and brings the block into the page cache (posix_fadvise
-    asks the kernel to read the next one meanwhile), so the socket sends from memory and the
-    event loop never waits on the disk. With a `hasher`, the thread reads the block and hashes
-    it (both read the same file descriptor at the same offsets); without one, it only faults the
-    pages in (`MADV_POPULATE_READ` on a read-only mapping: no copy into the process).
+    A worker thread reads the file one block ahead of the socket, so the event loop never waits
+    on the disk; with a `hasher` it also hashes the block.
+
+    Where the file system allows it, the file is read with O_DIRECT into two page-aligned
+    buffers taken from a pool that every upload reuses, and written to the socket from them.
+    The library is read once and never again by this run, so passing it through the page cache
+    only costs: every page of it is fresh memory the CPU touches first in the kernel's copy to
+    the server (on this project's VMs three times the CPU of a copy from memory already in use,
+    docs/performance.md, "The batch client reads past the page cache"), and it evicts what
+    the machine's other programs had cached. Elsewhere (tmpfs, some network file systems) the
+    bytes go to the socket with `sendfile` from the page cache, which the thread fills ahead
+    (`MADV_POPULATE_READ` on a read-only mapping, or a read when it hashes).
 
     Either way, the file's size, mtime and ctime are compared before the closing boundary is
     sent: a file that changed under the upload aborts the request, so the server stores nothing
@@ -330,8 +348,10 @@ class FileBody(aiohttp.payload.Payload):
         self._ahead: concurrent.futures.Future[None] | None = None
         self._buffer: bytearray | None = None
         self.finished: float | None = None  # when the last byte was handed to the socket
-        with contextlib.suppress(OSError, AttributeError):
-            os.posix_fadvise(self.handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self.direct = _direct_reads(self.handle.fileno())
+        if not self.direct:
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(self.handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def _part(self, disposition: str, content_type: bytes) -> bytes:
         return (b"--" + self.boundary.encode() + b"\r\nContent-Disposition: " + disposition.encode()
@@ -356,9 +376,65 @@ class FileBody(aiohttp.payload.Payload):
         if self.hasher is not None:
             self.hasher.update(view)
 
+    def _read_block(self, offset: int, count: int, block: mmap.mmap) -> None:
+        """Read [offset, offset + count) into `block` (and hash it): with O_DIRECT in whole pages,
+        the last block's too (a read past the end stops at it). A read O_DIRECT refuses (EINVAL)
+        turns it off for the rest of the file."""
+        fd, view, done = self.handle.fileno(), memoryview(block), 0
+        while done < count:
+            end = min(len(block), -(-count // _PAGE) * _PAGE) if self.direct else count
+            try:
+                n = os.preadv(fd, [view[done:end]], offset + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                self.direct = False
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                continue
+            if n == 0:
+                raise FileChanged("the file shrank while it was being uploaded; run again")
+            done += n
+        if self.hasher is not None:
+            self.hasher.update(view[:count])
+
     async def write(self, writer: "aiohttp.abc.AbstractStreamWriter") -> None:
         await writer.write(self.head)
         await writer.drain()
+        if self.direct:
+            await self._write_read(writer)
+        else:
+            await self._write_sendfile(writer)
+        if _identity(os.fstat(self.handle.fileno())) != self.opened:
+            raise FileChanged("the file changed while it was being uploaded; run again")
+        await writer.write(self.tail)
+        self.finished = time.monotonic()
+
+    async def _write_read(self, writer: "aiohttp.abc.AbstractStreamWriter") -> None:
+        """The file from two pooled buffers in turn: one is written to the socket while the
+        thread reads the next block into the other."""
+        blocks = [_BLOCKS.take(BLOCK) for _ in range(min(2, -(-self.length // BLOCK)))]
+        offset, turn = 0, 0
+        try:
+            if self.length:
+                self._ahead = _READERS.submit(self._read_block, 0, min(BLOCK, self.length), blocks[0])
+            while self._ahead is not None:
+                await asyncio.wrap_future(self._ahead)
+                count, block = min(BLOCK, self.length - offset), blocks[turn]
+                following, turn = offset + count, (turn + 1) % len(blocks)
+                self._ahead = None
+                if following < self.length:  # into the other buffer, written last time: the transport copied what it kept
+                    self._ahead = _READERS.submit(self._read_block, following, min(BLOCK, self.length - following), blocks[turn])
+                view = memoryview(block)[:count]
+                for start in range(0, count, _SLICE):
+                    piece = view[start : start + _SLICE]
+                    await writer.write(piece if _WRITES_COPY else bytes(piece))
+                self.sent(count)
+                offset = following
+        finally:
+            if self._ahead is None or self._ahead.done():  # else the thread still reads into one: left to the GC
+                _BLOCKS.give(blocks)
+
+    async def _write_sendfile(self, writer: "aiohttp.abc.AbstractStreamWriter") -> None:
         transport = writer.transport
         assert transport is not None
         loop = asyncio.get_running_loop()
@@ -376,10 +452,6 @@ class FileBody(aiohttp.payload.Payload):
                 raise FileChanged("the file shrank while it was being uploaded; run again")
             self.sent(count)
             offset = following
-        if _identity(os.fstat(self.handle.fileno())) != self.opened:
-            raise FileChanged("the file changed while it was being uploaded; run again")
-        await writer.write(self.tail)
-        self.finished = time.monotonic()
 
     async def write_with_length(self, writer: "aiohttp.abc.AbstractStreamWriter", content_length: int | None) -> None:
         await self.write(writer)
@@ -398,6 +470,17 @@ class FileBody(aiohttp.payload.Payload):
 
 class FileChanged(OSError):
     """The file changed under the upload: the request is abandoned, the asset retried."""
+
+
+def _direct_reads(fd: int) -> bool:
+    """Turn O_DIRECT on for `fd`; False where the file system (or the platform) has none."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError:
+        return False
+    return True
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int]:
