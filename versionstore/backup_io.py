@@ -283,6 +283,13 @@ class Target:
         target = cls(target.cloud, target.api_key, target.api_secret, (target.prefix or "https://api.cloudinary.com").rstrip("/"))
         if not target.prefix.startswith(("http://", "https://")) or not target.api_key or not target.api_secret:
             raise ValueError(f"CLOUDINARY_URL needs an api_key, an api_secret and an http(s) upload_prefix: {URL_FORMAT}")
+        try:
+            where = urlsplit(target.prefix)
+            where.port  # noqa: B018  # raises ValueError for a port that is not a number in range
+        except ValueError as exc:
+            raise ValueError(f"the upload_prefix {target.prefix!r} is not a valid URL ({exc}): {URL_FORMAT}") from None
+        if not where.hostname:
+            raise ValueError(f"the upload_prefix {target.prefix!r} names no host: {URL_FORMAT}")
         return target
 
 

@@ -292,6 +292,12 @@ def test_missing_or_bad_configuration_exits_2(tmp_path: Path) -> None:
     env["CLOUDINARY_URL"] = "cloudinary://key@demo"
     bad = subprocess.run([sys.executable, str(SCRIPT), "--server"], env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "api_secret" in bad.stderr
+    # A quote pasted along with the printed URL, a port out of range, no host: a clear line, no traceback.
+    for prefix in ("http://127.0.0.1:8765'", "http://127.0.0.1:99999", "http://:8765"):
+        env["CLOUDINARY_URL"] = f"cloudinary://key:secret@demo?upload_prefix={prefix}"
+        bad = subprocess.run([sys.executable, str(SCRIPT), "--source", str(tmp_path)], env=env, capture_output=True, text=True,
+                             timeout=30)
+        assert bad.returncode == 2 and "upload_prefix" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 @pytest.fixture
