@@ -374,16 +374,9 @@ class FileBody(aiohttp.payload.Payload):
             return
         if self._buffer is None:  # one per upload: a block is read only after the one before it was
             self._buffer = bytearray(min(BLOCK, self.length))
-        view, done = memoryview(self._buffer)[:count], 0
-        while done < count:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise FileChanged("the file shrank while it was being uploaded; run again")
-            done += n
-        if self.hasher is not None:
-            self.hasher.update(view)
+        self._read_block(offset, count, self._buffer)
 
-    def _read_block(self, offset: int, count: int, block: mmap.mmap) -> None:
+    def _read_block(self, offset: int, count: int, block: mmap.mmap | bytearray) -> None:
         """Read [offset, offset + count) into `block` (and hash it): with O_DIRECT in whole pages,
         the last block's too (a read past the end stops at it). A read O_DIRECT refuses (EINVAL)
         turns it off for the rest of the file."""
@@ -405,60 +398,52 @@ class FileBody(aiohttp.payload.Payload):
             self.hasher.update(view[:count])
 
     async def write(self, writer: "aiohttp.abc.AbstractStreamWriter") -> None:
+        """Head, file, tail; the file block by block, the next block read by a thread while this
+        one goes to the socket: from two pooled buffers in turn (O_DIRECT), else with sendfile."""
         await writer.write(self.head)
         await writer.drain()
-        if self.direct:
-            await self._write_read(writer)
-        else:
-            await self._write_sendfile(writer)
-        if _identity(os.fstat(self.handle.fileno())) != self.opened:
-            raise FileChanged("the file changed while it was being uploaded; run again")
-        await writer.write(self.tail)
-        self.finished = time.monotonic()
-
-    async def _write_read(self, writer: "aiohttp.abc.AbstractStreamWriter") -> None:
-        """The file from two pooled buffers in turn: one is written to the socket while the
-        thread reads the next block into the other."""
-        blocks = [_BLOCKS.take(BLOCK) for _ in range(min(2, -(-self.length // BLOCK)))]
+        blocks = [_BLOCKS.take(BLOCK) for _ in range(min(2, -(-self.length // BLOCK)))] if self.direct else []
         offset, turn = 0, 0
         try:
             if self.length:
-                self._ahead = _READERS.submit(self._read_block, 0, min(BLOCK, self.length), blocks[0])
+                self._ahead = self._read_next(0, blocks[0] if blocks else None)
             while self._ahead is not None:
                 await asyncio.wrap_future(self._ahead)
-                count, block = min(BLOCK, self.length - offset), blocks[turn]
-                following, turn = offset + count, (turn + 1) % len(blocks)
+                count = min(BLOCK, self.length - offset)
+                following, block = offset + count, blocks[turn] if blocks else None
+                turn = (turn + 1) % len(blocks) if blocks else 0
                 self._ahead = None
                 if following < self.length:  # into the other buffer, written last time: the transport copied what it kept
-                    self._ahead = _READERS.submit(self._read_block, following, min(BLOCK, self.length - following), blocks[turn])
-                view = memoryview(block)[:count]
-                for start in range(0, count, _SLICE):
-                    piece = view[start : start + _SLICE]
-                    await writer.write(piece if _WRITES_COPY else bytes(piece))
+                    self._ahead = self._read_next(following, blocks[turn] if blocks else None)
+                await self._send(writer, offset, count, block)
                 self.sent(count)
                 offset = following
         finally:
             if self._ahead is None or self._ahead.done():  # else the thread still reads into one: left to the GC
                 _BLOCKS.give(blocks)
+        if _identity(os.fstat(self.handle.fileno())) != self.opened:
+            raise FileChanged("the file changed while it was being uploaded; run again")
+        await writer.write(self.tail)
+        self.finished = time.monotonic()
 
-    async def _write_sendfile(self, writer: "aiohttp.abc.AbstractStreamWriter") -> None:
+    def _read_next(self, offset: int, block: mmap.mmap | None) -> "concurrent.futures.Future[None]":
+        count = min(BLOCK, self.length - offset)
+        if block is not None:
+            return _READERS.submit(self._read_block, offset, count, block)
+        return _READERS.submit(self._read_ahead, offset, count)
+
+    async def _send(self, writer: "aiohttp.abc.AbstractStreamWriter", offset: int, count: int, block: mmap.mmap | None) -> None:
+        """[offset, offset + count) of the file: from `block` where it was read into one, else by sendfile."""
+        if block is not None:
+            view = memoryview(block)[:count]
+            for start in range(0, count, _SLICE):
+                piece = view[start : start + _SLICE]
+                await writer.write(piece if _WRITES_COPY else bytes(piece))
+            return
         transport = writer.transport
         assert transport is not None
-        loop = asyncio.get_running_loop()
-        offset = 0
-        if self.length:
-            self._ahead = _READERS.submit(self._read_ahead, 0, min(BLOCK, self.length))
-        while self._ahead is not None:
-            await asyncio.wrap_future(self._ahead)
-            count = min(BLOCK, self.length - offset)
-            following = offset + count
-            self._ahead = None
-            if following < self.length:  # the next block is brought in while this one is sent
-                self._ahead = _READERS.submit(self._read_ahead, following, min(BLOCK, self.length - following))
-            if await loop.sendfile(transport, self.handle, offset, count) != count:
-                raise FileChanged("the file shrank while it was being uploaded; run again")
-            self.sent(count)
-            offset = following
+        if await asyncio.get_running_loop().sendfile(transport, self.handle, offset, count) != count:
+            raise FileChanged("the file shrank while it was being uploaded; run again")
 
     async def write_with_length(self, writer: "aiohttp.abc.AbstractStreamWriter", content_length: int | None) -> None:
         await self.write(writer)
