@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-import aiohttp
 import blake3
 
 from versionstore.backup_io import (
@@ -50,8 +49,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 READ_ERRORS = (OSError, ValueError, csv.Error)  # an unreadable manifest or directory
 LISTING_MAX = 100  # public_ids per listing request (the server's limit)
 #: Uploads in flight. Most of a small file's upload is the server waiting on its fsyncs (spool,
-#: links, commit), not CPU, so 4 left the CPUs of a 2-core machine a third idle (docs/performance.md).
-CONCURRENCY = 8
+#: links, commit), not CPU: photos went ~12 % faster with 16 in flight than with 8. Large files
+#: are another matter: their bytes, read by the client and written by the server, keep the disk
+#: busy, and more than 8 of them at once only made each slower. So at most half of the uploads
+#: in flight are files of LARGE bytes or more (docs/performance.md, "The batch client on http.client").
+CONCURRENCY = 16
+LARGE = 2 << 20
 
 
 class Report:
@@ -186,6 +189,7 @@ class SourceRun:
         self.bars: Bars | None = None
         self.fatal: str | None = None
         self.absent: set[str] = set()  # keys of assets the server had no live asset for when listed
+        self.large = asyncio.Semaphore(max(1, args.concurrency // 2))  # uploads of LARGE bytes or more (CONCURRENCY)
 
     async def run(self, items: Callable[[], Iterator[Item]]) -> None:
         count = size = None  # totals only for bars that are drawn: the counting pass is a second walk
@@ -346,7 +350,8 @@ class SourceRun:
             # the request if the file changes under it. --verify also hashes it on the way, to compare.
             hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= BLOCK else 1) if digest is None and self.args.verify else None
             try:
-                result = await self.api.upload(item, path, filename, sent, hasher)
+                async with self.large if size >= LARGE else contextlib.nullcontext():
+                    result = await self.api.upload(item, path, filename, sent, hasher)
             except TRANSIENT as exc:
                 bar.update(-advanced[0])
                 advanced[0] = 0
@@ -395,7 +400,7 @@ async def follow_server_job(args: argparse.Namespace, api: Api, report: Report) 
     """Start (or join the open) server job, follow it with the bars until it ends."""
     payload = {"notification_url": args.notification_url} if args.notification_url else {}
     try:
-        job_id = str((await api.retrying("start", lambda: api.call("POST", ("operations", "initial_backup"), json=payload)))["id"])
+        job_id = str((await api.retrying("start", lambda: api.call("POST", ("operations", "initial_backup"), json_body=payload)))["id"])
     except RequestFailed as exc:
         if exc.status != 409:
             print(f"error: cannot start the initial backup: {exc.message}", file=sys.stderr)
@@ -453,7 +458,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     mode.add_argument("--server", action="store_true", help="start the server's initial-backup job and follow it")
     mode.add_argument("--source", metavar="DIR", type=Path, help="upload every file under DIR (public_id = relative path)")
     mode.add_argument("--manifest", metavar="FILE", type=Path, help="upload the assets a JSON-lines or .csv manifest names")
-    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help=f"concurrent requests (default {CONCURRENCY})")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                        help=f"uploads in flight, at most half of them files of 2 MiB or more (default {CONCURRENCY})")
     parser.add_argument("--state-file", type=Path, help=f"resume state (default {STATE_FILE} next to the manifest, or in the cwd)")
     parser.add_argument("--report-json", type=Path, metavar="FILE", help="also write the final report as JSON")
     parser.add_argument("--retries", type=int, default=5, help="retries per request on transient errors (default 5)")
@@ -468,9 +474,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace, target: Target, report: Report) -> int:
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        api = Api(target, session, args.retries, report.note_retry)
+    # One exchange thread per worker, plus the producer's listing calls.
+    api = Api(target, args.retries, report.note_retry, workers=args.concurrency + 1)
+    try:
         try:
             await api.retrying("ping", api.ping)
         except RequestFailed as exc:
@@ -496,6 +502,8 @@ async def _run(args: argparse.Namespace, target: Target, report: Report) -> int:
             print(f"error: cannot read the {'manifest' if args.manifest else 'source'}: {run.fatal}", file=sys.stderr)
             return EXIT_USAGE
         return EXIT_FAILED if report.counts["failed"] else EXIT_OK
+    finally:
+        api.close()
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

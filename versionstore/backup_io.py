@@ -14,28 +14,26 @@ import contextlib
 import csv
 import errno
 import fcntl
+import http.client
 import json
 import mmap
 import os
 import random
 import re
+import socket
 import stat
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
-import aiohttp
-import aiohttp.abc
-import aiohttp.payload
 import blake3
-import yarl
-from aiohttp.helpers import content_disposition_header
 
+from versionstore.backup_http import READ_TIMEOUT, Answer, Endpoint, ExchangeError, Ticket
 from versionstore.block_pool import BlockPool
 
 RESOURCE_TYPES = ("image", "video", "raw")
@@ -244,10 +242,6 @@ _READERS = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="initial
 #: flight, kept for up to 16 uploads in flight (more are freed when given back).
 _BLOCKS = BlockPool(2 * 16 * BLOCK)
 _PAGE = mmap.PAGESIZE
-_SLICE = 1 << 20  # bytes per write to the transport: what the socket does not take at once is copied (asyncio)
-#: Python 3.12's asyncio keeps a memoryview it could not send whole instead of copying its rest:
-#: a read buffer must then not be handed over, or the next block's read would change bytes still queued.
-_WRITES_COPY = sys.version_info < (3, 12)
 BACKOFF_BASE, BACKOFF_MAX, RETRY_AFTER_MAX = 0.5, 30.0, 60.0
 URL_FORMAT = "cloudinary://api_key:api_secret@cloud_name?upload_prefix=http://host:port"
 
@@ -313,15 +307,18 @@ class Transient(Exception):
         self.retry_after = retry_after
 
 
-TRANSIENT = (Transient, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+#: Worth another try: the server said so, or the exchange failed on the way (a lost connection,
+#: a timeout, a file that changed while it was sent).
+TRANSIENT = (Transient, ExchangeError)
 
 
-class FileBody(aiohttp.payload.Payload):
+class FileBody:
     """A whole multipart/form-data body (the fields, then the file) with its exact length, so the
-    request carries a Content-Length instead of chunked encoding.
+    request carries a Content-Length instead of chunked encoding. Sent by an exchange's thread
+    (versionstore/backup_http.py): `head` with the request's headers, the rest by `send`.
 
-    A worker thread reads the file one block ahead of the socket, so the event loop never waits
-    on the disk; with a `hasher` it also hashes the block.
+    A second thread reads the file one block ahead of the socket, so the sending thread never
+    waits on the disk for the next block; with a `hasher` it also hashes the block.
 
     Where the file system allows it, the file is read with O_DIRECT into two page-aligned
     buffers taken from a pool that every upload reuses, and written to the socket from them.
@@ -335,7 +332,7 @@ class FileBody(aiohttp.payload.Payload):
 
     Either way, the file's size, mtime and ctime are compared before the closing boundary is
     sent: a file that changed under the upload aborts the request, so the server stores nothing
-    torn (the asset is retried).
+    torn (the asset is retried). `sent(n)` is called after each block went out, before the next.
     """
 
     def __init__(self, fields: Iterable[tuple[str, str]], path: str, filename: str, sent: Callable[[int], None],
@@ -343,14 +340,13 @@ class FileBody(aiohttp.payload.Payload):
         self.boundary = os.urandom(16).hex()
         self.handle = open(path, "rb")
         info = os.fstat(self.handle.fileno())
-        self.length, self.opened = info.st_size, _identity(info)
-        head = b"".join(self._part(content_disposition_header("form-data", name=name), b"text/plain; charset=utf-8")
-                        + value.encode() + b"\r\n" for name, value in fields)
-        self.head = head + self._part(content_disposition_header("form-data", name="file", filename=filename),
-                                      b"application/octet-stream")
+        self.size, self.opened = info.st_size, _identity(info)
+        head = b"".join(self._part(_disposition(name), b"text/plain; charset=utf-8") + value.encode() + b"\r\n"
+                        for name, value in fields)
+        self.head = head + self._part(_disposition("file", filename), b"application/octet-stream")
         self.tail = b"\r\n--" + self.boundary.encode() + b"--\r\n"
-        super().__init__(None, content_type=f"multipart/form-data; boundary={self.boundary}")
-        self._size = len(self.head) + self.length + len(self.tail)
+        self.content_type = f"multipart/form-data; boundary={self.boundary}"
+        self.length = len(self.head) + self.size + len(self.tail)
         self.sent, self.hasher = sent, hasher
         self._ahead: concurrent.futures.Future[None] | None = None
         self._buffer: bytearray | None = None
@@ -373,7 +369,7 @@ class FileBody(aiohttp.payload.Payload):
         if self.hasher is None and _page_in(fd, offset, count):
             return
         if self._buffer is None:  # one per upload: a block is read only after the one before it was
-            self._buffer = bytearray(min(BLOCK, self.length))
+            self._buffer = bytearray(min(BLOCK, self.size))
         self._read_block(offset, count, self._buffer)
 
     def _read_block(self, offset: int, count: int, block: mmap.mmap | bytearray) -> None:
@@ -397,25 +393,24 @@ class FileBody(aiohttp.payload.Payload):
         if self.hasher is not None:
             self.hasher.update(view[:count])
 
-    async def write(self, writer: "aiohttp.abc.AbstractStreamWriter") -> None:
-        """Head, file, tail; the file block by block, the next block read by a thread while this
-        one goes to the socket: from two pooled buffers in turn (O_DIRECT), else with sendfile."""
-        await writer.write(self.head)
-        await writer.drain()
-        blocks = [_BLOCKS.take(BLOCK) for _ in range(min(2, -(-self.length // BLOCK)))] if self.direct else []
+    def send(self, sock: socket.socket) -> None:
+        """The file, then the tail (the head went out with the headers): block by block, the next
+        block read by another thread while this one goes to the socket, from two pooled buffers
+        in turn (O_DIRECT), else with sendfile."""
+        blocks = [_BLOCKS.take(BLOCK) for _ in range(min(2, -(-self.size // BLOCK)))] if self.direct else []
         offset, turn = 0, 0
         try:
-            if self.length:
+            if self.size:
                 self._ahead = self._read_next(0, blocks[0] if blocks else None)
             while self._ahead is not None:
-                await asyncio.wrap_future(self._ahead)
-                count = min(BLOCK, self.length - offset)
+                self._ahead.result()
+                count = min(BLOCK, self.size - offset)
                 following, block = offset + count, blocks[turn] if blocks else None
                 turn = (turn + 1) % len(blocks) if blocks else 0
                 self._ahead = None
-                if following < self.length:  # into the other buffer, written last time: the transport copied what it kept
+                if following < self.size:  # into the other buffer: `sendall` is done with it
                     self._ahead = self._read_next(following, blocks[turn] if blocks else None)
-                await self._send(writer, offset, count, block)
+                self._send(sock, offset, count, block)
                 self.sent(count)
                 offset = following
         finally:
@@ -423,41 +418,41 @@ class FileBody(aiohttp.payload.Payload):
                 _BLOCKS.give(blocks)
         if _identity(os.fstat(self.handle.fileno())) != self.opened:
             raise FileChanged("the file changed while it was being uploaded; run again")
-        await writer.write(self.tail)
+        sock.sendall(self.tail)
         self.finished = time.monotonic()
 
     def _read_next(self, offset: int, block: mmap.mmap | None) -> "concurrent.futures.Future[None]":
-        count = min(BLOCK, self.length - offset)
+        count = min(BLOCK, self.size - offset)
         if block is not None:
             return _READERS.submit(self._read_block, offset, count, block)
         return _READERS.submit(self._read_ahead, offset, count)
 
-    async def _send(self, writer: "aiohttp.abc.AbstractStreamWriter", offset: int, count: int, block: mmap.mmap | None) -> None:
+    def _send(self, sock: socket.socket, offset: int, count: int, block: mmap.mmap | None) -> None:
         """[offset, offset + count) of the file: from `block` where it was read into one, else by sendfile."""
         if block is not None:
-            view = memoryview(block)[:count]
-            for start in range(0, count, _SLICE):
-                piece = view[start : start + _SLICE]
-                await writer.write(piece if _WRITES_COPY else bytes(piece))
-            return
-        transport = writer.transport
-        assert transport is not None
-        if await asyncio.get_running_loop().sendfile(transport, self.handle, offset, count) != count:
+            sock.sendall(memoryview(block)[:count])
+        elif sock.sendfile(self.handle, offset, count) != count:
             raise FileChanged("the file shrank while it was being uploaded; run again")
-
-    async def write_with_length(self, writer: "aiohttp.abc.AbstractStreamWriter", content_length: int | None) -> None:
-        await self.write(writer)
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        raise TypeError("a file upload body is not text")
 
     def __enter__(self) -> "FileBody":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._ahead is not None:  # a cancelled or failed send: the reader still uses the file (one block at most)
+        if self._ahead is not None:  # a failed send: the reader still uses the file (one block at most)
             concurrent.futures.wait([self._ahead])
         self.handle.close()
+
+
+def _disposition(name: str, filename: str | None = None) -> str:
+    """A part's Content-Disposition, the file name as a quoted string in UTF-8 (`"` and `\\`
+    escaped, CR and LF percent-encoded as browsers do, so a name cannot end the header line).
+    Before 0.6 the name went percent-encoded (aiohttp's client), which the server kept as the
+    asset's `original_filename`: `my photo` became `my%20photo`."""
+    value = f'form-data; name="{name}"'
+    if filename is None:
+        return value
+    quoted = filename.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "%0D").replace("\n", "%0A")
+    return f'{value}; filename="{quoted}"'
 
 
 class FileChanged(OSError):
@@ -539,13 +534,18 @@ class Timeline:
 
 
 class Api:
-    """Basic-auth calls to one environment; `retrying` wraps one call in backoff with jitter."""
+    """Basic-auth calls to one environment; `retrying` wraps one call in backoff with jitter.
+    Each exchange runs on one of `workers` threads (versionstore/backup_http.py); `close` when done."""
 
-    def __init__(self, target: Target, session: aiohttp.ClientSession, retries: int, on_retry: Callable[[], None]) -> None:
-        self.target, self.session, self.retries, self.on_retry = target, session, retries, on_retry
+    def __init__(self, target: Target, retries: int, on_retry: Callable[[], None], workers: int) -> None:
+        self.target, self.retries, self.on_retry = target, retries, on_retry
+        self.endpoint = Endpoint(target.base, workers)
         self.timeline = Timeline(os.environ.get(TIMELINE_VARIABLE))
         credentials = base64.b64encode(f"{target.api_key}:{target.api_secret}".encode()).decode()
-        self.auth = {"Authorization": f"Basic {credentials}"}  # aiohttp.BasicAuth is deprecated
+        self.auth = {"Authorization": f"Basic {credentials}"}
+
+    def close(self) -> None:
+        self.endpoint.close()
 
     @staticmethod
     def describe(exc: BaseException) -> str:
@@ -568,21 +568,32 @@ class Api:
                     raise RequestFailed(f"{what}: gave up after {self.retries} retries: {self.describe(exc)}") from exc
                 await self.pause(attempt, exc)
 
-    async def call(self, method: str, segments: Iterable[str], **kwargs: Any) -> dict[str, Any]:
-        url = yarl.URL(self.target.base + "/" + "/".join(map(_segment, segments)), encoded=True)
-        async with self.session.request(method, url, headers=self.auth, **kwargs) as response:
-            try:
-                body = await response.json(content_type=None)
-            except ValueError:
-                body = None
-            if response.status == 200 and isinstance(body, dict) and "error" not in body:
-                return body
-            error = body.get("error") if isinstance(body, dict) else None
-            message = str(error.get("message")) if isinstance(error, dict) else f"HTTP {response.status} {response.reason}"
-            if response.status >= 500 or response.status in (420, 429):
-                retry_after = response.headers.get("Retry-After", "")
-                raise Transient(f"HTTP {response.status}: {message}", float(retry_after) if retry_after.isdigit() else None)
-            raise RequestFailed(message, response.status)
+    async def _on_thread(self, work: Callable[[Ticket], T]) -> T:
+        """`work(ticket)` on an exchange thread. Cancelled (Ctrl-C), the exchange is aborted and
+        waited for, so no thread is left sending a file that is about to be closed."""
+        ticket = Ticket()
+        done = asyncio.get_running_loop().run_in_executor(self.endpoint.executor, work, ticket)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            ticket.abort()
+            await asyncio.wait([done])
+            raise
+
+    async def call(self, method: str, segments: Iterable[str], params: Sequence[tuple[str, str]] | Mapping[str, str] = (),
+                   json_body: Any = None, body: "FileBody | None" = None) -> dict[str, Any]:
+        target = "/" + "/".join(map(_segment, segments))
+        if params:
+            target += "?" + urlencode(params, quote_via=quote)
+        headers = dict(self.auth)
+        payload: bytes | FileBody | None = body
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
+            payload = json.dumps(json_body).encode()
+        elif method == "POST" and body is None:
+            payload = b""
+        answer = await self._on_thread(lambda ticket: self.endpoint.exchange(method, target, headers, payload, ticket))
+        return _result(answer)
 
     async def ping(self) -> dict[str, Any]:
         return await self.call("GET", ["ping"])
@@ -603,41 +614,86 @@ class Api:
         memory), hashed on the way into `hasher` when one is given."""
         fields = (("public_id", item.public_id), ("type", item.type), ("backup", "true"), ("overwrite", "true"))
         start = time.monotonic()
-        with FileBody(fields, path, filename, sent, hasher) as body:
+        with FileBody(fields, path, filename, _on_loop(asyncio.get_running_loop(), sent), hasher) as body:
             try:
-                return await self.call("POST", [item.resource_type, "upload"], data=body)
+                return await self.call("POST", [item.resource_type, "upload"], body=body)
             finally:
-                self.timeline.note(body.length, start, body.finished, time.monotonic())
+                self.timeline.note(body.size, start, body.finished, time.monotonic())
 
     async def download(self, url: str, directory: str | None) -> tuple[str, int, str]:
         """Stream a URL to a temp file, hashing as it goes: (path, size, digest). No Basic auth is sent."""
-        handle = tempfile.NamedTemporaryFile(prefix="initial-backup-", dir=directory, delete=False)
-        hasher, size, pending = blake3.blake3(), 0, bytearray()
-
-        def write(data: bytes) -> None:
-            hasher.update(data)
-            handle.write(data)
-
-        try:
-            async with self.session.get(url, headers={"Accept-Encoding": "identity"}) as response:
-                if response.status != 200:
-                    message = f"download failed: HTTP {response.status} {response.reason}"
-                    raise Transient(message) if response.status >= 500 or response.status == 429 else RequestFailed(message)
-                async for chunk in response.content.iter_chunked(CHUNK):
-                    size += len(chunk)
-                    pending += chunk
-                    if len(pending) >= CHUNK:
-                        await asyncio.to_thread(write, bytes(pending))
-                        pending.clear()
-            await asyncio.to_thread(write, bytes(pending))
-            await asyncio.to_thread(handle.close)
-            return handle.name, size, hasher.hexdigest()
-        except BaseException:
-            handle.close()
-            os.unlink(handle.name)
-            raise
+        return await self._on_thread(lambda ticket: _download(url, directory))
 
     async def open_job_id(self) -> str | None:
         """The open initial-backup job, when a 409's message did not name it."""
         listing = await self.retrying("list jobs", lambda: self.call("GET", ["operations", "initial_backup"], params={"max_results": "50"}))
         return next((str(j["id"]) for j in listing.get("initial_backups") or [] if j.get("status") in ("pending", "active")), None)
+
+
+def _result(answer: Answer) -> dict[str, Any]:
+    """A 200's JSON object; else RequestFailed, or Transient for 5xx, 420 and 429."""
+    try:
+        body = json.loads(answer.body)
+    except ValueError:
+        body = None
+    if answer.status == 200 and isinstance(body, dict) and "error" not in body:
+        return body
+    error = body.get("error") if isinstance(body, dict) else None
+    message = str(error.get("message")) if isinstance(error, dict) else f"HTTP {answer.status} {answer.reason}"
+    if answer.status >= 500 or answer.status in (420, 429):
+        retry_after = answer.headers.get("Retry-After", "")
+        raise Transient(f"HTTP {answer.status}: {message}", float(retry_after) if retry_after.isdigit() else None)
+    raise RequestFailed(message, answer.status)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, call: Callable[[int], None]) -> Callable[[int], None]:
+    """`call`, made callable from an exchange thread: it runs on `loop` (the progress bars live
+    there) and returns when it has, so a block's `sent` runs before the next block goes out."""
+
+    def run(n: int) -> None:
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def step() -> None:
+            try:
+                call(n)
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        loop.call_soon_threadsafe(step)
+        done.result()
+
+    return run
+
+
+def _download(url: str, directory: str | None) -> tuple[str, int, str]:
+    """`Api.download` on an exchange thread: redirects followed, no proxy from the environment
+    (as before 0.6), 5xx and 429 transient. urllib is imported here: only manifests with URLs need it."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "identity", "User-Agent": "versionstore-initial-backup"})
+    handle = tempfile.NamedTemporaryFile(prefix="initial-backup-", dir=directory, delete=False)
+    hasher, size = blake3.blake3(), 0
+    try:
+        try:
+            with opener.open(request, timeout=READ_TIMEOUT) as response:
+                if response.status != 200:
+                    raise RequestFailed(f"download failed: HTTP {response.status} {response.reason}")
+                while chunk := response.read(CHUNK):
+                    size += len(chunk)
+                    hasher.update(chunk)
+                    handle.write(chunk)
+        except urllib.error.HTTPError as exc:
+            message = f"download failed: HTTP {exc.code} {exc.reason}"
+            raise Transient(message) if exc.code >= 500 or exc.code == 429 else RequestFailed(message) from None
+        except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+            raise ExchangeError(f"download failed: {getattr(exc, 'reason', None) or exc}") from exc
+        handle.close()
+        return handle.name, size, hasher.hexdigest()
+    except BaseException:
+        handle.close()
+        os.unlink(handle.name)
+        raise
