@@ -174,3 +174,14 @@ async def test_closing_commits_an_open_batch(tmp_path: Path) -> None:
         assert check.execute("SELECT name FROM generations WHERE name LIKE 'g-%'").fetchall() == [("g-first",)]
     finally:
         check.close()
+
+
+async def test_point_transactions_keep_their_statement_journal_in_memory(gate: SqliteGateway) -> None:
+    """A statement in a savepoint needs a statement journal: with SQLite's default temp store that
+    was a file created and unlinked in /var/tmp, on the event loop, once per upload (strace)."""
+    assert gate._point is not None and gate._point.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+    for name in ("g-1", "g-2"):
+        await _point(gate, name)
+    async with gate.point_transaction() as db:
+        await db.execute("UPDATE generations SET value = value + 1 WHERE name LIKE 'g-%'")  # several rows
+    assert await _names(gate) == {"g-1", "g-2"}

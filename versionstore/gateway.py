@@ -136,9 +136,11 @@ def _point_connection(path: Path) -> sqlite3.Connection:
     lock), the loop's or the commit thread's. Busy timeout 0: a BEGIN IMMEDIATE on the loop
     must never sleep in SQLite's busy handler (`_begin_waiting` waits on the commit thread).
     Holding the write lock, nothing else on it waits for a lock in WAL mode (the statements,
-    COMMIT and its passive checkpoint)."""
+    COMMIT and its passive checkpoint). Temp storage in memory: a statement in a savepoint
+    needs a statement journal, which SQLite otherwise creates (and unlinks) as a file in
+    /var/tmp, on the event loop, once per upload; its few indexed rows fit in memory."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
-    for pragma in ("busy_timeout = 0", "foreign_keys = ON", "synchronous = FULL"):
+    for pragma in ("busy_timeout = 0", "foreign_keys = ON", "synchronous = FULL", "temp_store = MEMORY"):
         conn.execute(f"PRAGMA {pragma}")
     return conn
 
