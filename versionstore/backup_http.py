@@ -66,6 +66,10 @@ class Ticket:
                 raise ExchangeError("aborted")
             self._sock = sock
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
     def detach(self) -> None:
         with self._lock:
             self._sock = None

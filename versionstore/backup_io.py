@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import blake3
 
-from versionstore.backup_http import READ_TIMEOUT, Answer, Endpoint, ExchangeError, Ticket
+from versionstore.backup_http import READ_TIMEOUT, USER_AGENT, Answer, Endpoint, ExchangeError, Ticket
 from versionstore.block_pool import BlockPool
 
 RESOURCE_TYPES = ("image", "video", "raw")
@@ -622,7 +622,7 @@ class Api:
 
     async def download(self, url: str, directory: str | None) -> tuple[str, int, str]:
         """Stream a URL to a temp file, hashing as it goes: (path, size, digest). No Basic auth is sent."""
-        return await self._on_thread(lambda ticket: _download(url, directory))
+        return await self._on_thread(lambda ticket: _download(url, directory, ticket))
 
     async def open_job_id(self) -> str | None:
         """The open initial-backup job, when a 409's message did not name it."""
@@ -667,14 +667,15 @@ def _on_loop(loop: asyncio.AbstractEventLoop, call: Callable[[int], None]) -> Ca
     return run
 
 
-def _download(url: str, directory: str | None) -> tuple[str, int, str]:
+def _download(url: str, directory: str | None, ticket: Ticket) -> tuple[str, int, str]:
     """`Api.download` on an exchange thread: redirects followed, no proxy from the environment
-    (as before 0.6), 5xx and 429 transient. urllib is imported here: only manifests with URLs need it."""
+    (as before 0.6), 5xx and 429 transient; an aborted download stops at its next chunk.
+    urllib is imported here: only manifests with URLs need it."""
     import urllib.error
     import urllib.request
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url, headers={"Accept-Encoding": "identity", "User-Agent": "versionstore-initial-backup"})
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "identity", "User-Agent": USER_AGENT})
     handle = tempfile.NamedTemporaryFile(prefix="initial-backup-", dir=directory, delete=False)
     hasher, size = blake3.blake3(), 0
     try:
@@ -683,6 +684,8 @@ def _download(url: str, directory: str | None) -> tuple[str, int, str]:
                 if response.status != 200:
                     raise RequestFailed(f"download failed: HTTP {response.status} {response.reason}")
                 while chunk := response.read(CHUNK):
+                    if ticket.aborted:
+                        raise ExchangeError("download aborted")
                     size += len(chunk)
                     hasher.update(chunk)
                     handle.write(chunk)
