@@ -459,7 +459,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     mode.add_argument("--source", metavar="DIR", type=Path, help="upload every file under DIR (public_id = relative path)")
     mode.add_argument("--manifest", metavar="FILE", type=Path, help="upload the assets a JSON-lines or .csv manifest names")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
-                        help=f"uploads in flight, at most half of them files of 2 MiB or more (default {CONCURRENCY})")
+                        help=f"uploads in flight, at most half of them files of {LARGE >> 20} MiB or more (default {CONCURRENCY})")
     parser.add_argument("--state-file", type=Path, help=f"resume state (default {STATE_FILE} next to the manifest, or in the cwd)")
     parser.add_argument("--report-json", type=Path, metavar="FILE", help="also write the final report as JSON")
     parser.add_argument("--retries", type=int, default=5, help="retries per request on transient errors (default 5)")

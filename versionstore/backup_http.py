@@ -99,6 +99,10 @@ class Endpoint:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._context: Any = None
+        if self.https:  # made once, before any thread connects; ssl is imported only for https targets
+            import ssl
+
+            self._context = ssl.create_default_context()
 
     def exchange(self, method: str, target: str, headers: dict[str, str], body: "bytes | Body | None", ticket: Ticket) -> Answer:
         """Send one request (`target`: the path under the base, with its query) and read the
@@ -143,10 +147,6 @@ class Endpoint:
             if self._idle:
                 return self._idle.pop()
         if self.https:
-            if self._context is None:
-                import ssl  # only for https targets: the default context loads the CA store
-
-                self._context = ssl.create_default_context()
             connection: http.client.HTTPConnection = http.client.HTTPSConnection(
                 self.host, self.port, timeout=CONNECT_TIMEOUT, context=self._context)
         else:
