@@ -23,7 +23,7 @@ How the library is made (fast, and faithful):
 
     .venv/bin/python scripts/bench_library_size.py --quick                       # 10k, few requests
     .venv/bin/python scripts/bench_library_size.py --sizes 10000,100000,1000000  # the issue's table
-    .venv/bin/python scripts/bench_library_size.py --sizes 100000 --no-blobs --gc-probe  # + slow collections
+    .venv/bin/python scripts/bench_library_size.py --sizes 100000 --no-blobs --gc-probe  # + slow collections, loop stalls
 
 Everything runs on 127.0.0.1 on free ports in a temporary directory, removed on exit (`--keep`
 keeps it). The machine's load is printed before and after: on a shared machine the figures
@@ -72,6 +72,8 @@ API_KEY = "benchkey"
 API_SECRET = "benchsecret"
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()}
 FOLDER_SIZE = 100
+#: With --gc-probe the service also runs its stall log (VERSIONSTORE_STALL_LOG_MS) at the issue's limit.
+STALL_LOG_MS = 50.0
 TAGS = 1000
 YEAR = 365 * 86400.0
 
@@ -273,10 +275,14 @@ class Row:
     #: With --gc-probe: the service's collections over the threshold while the row ran, as
     #: (generation, ms); None without the probe.
     collections: list[tuple[int, float]] | None = None
+    #: With --gc-probe: the service's event-loop stalls over STALL_LOG_MS while the row ran, as
+    #: (ms, the innermost frames the stall log caught); None without the probe.
+    loop_stalls: list[tuple[float, str]] | None = None
 
     def record(self) -> dict[str, Any]:
         """The row in --json: p50/p99 and the worst /healthz in milliseconds, and every time;
-        with --gc-probe the slow collections (worst, its generation, how many)."""
+        with --gc-probe the slow collections (worst, its generation, how many) and the loop stalls
+        the service logged (how many, the worst, its innermost frame)."""
         record = {"key": self.key, "name": self.name, "p50_ms": percentile(self.times, 0.5) * 1000,
                   "p99_ms": percentile(self.times, 0.99) * 1000, "stall_ms": self.stall * 1000,
                   "client_gc_ms": self.own_gc * 1000, "note": self.note,
@@ -285,15 +291,25 @@ class Row:
             worst = max(self.collections, key=lambda c: c[1], default=None)
             record.update(gc_slow=len(self.collections), gc_worst_ms=worst[1] if worst else 0.0,
                           gc_worst_generation=worst[0] if worst else None)
+        if self.loop_stalls is not None:
+            slowest = max(self.loop_stalls, default=None)
+            record.update(loop_stalls=len(self.loop_stalls), loop_stall_worst_ms=slowest[0] if slowest else 0.0,
+                          loop_stall_worst_in=slowest[1] if slowest else None)
         return record
 
     def gc_text(self) -> str:
         if self.collections is None:
             return ""
         if not self.collections:
-            return "  gc: none slow"
+            return "  gc: none slow" + self.stall_text()
         generation, ms = max(self.collections, key=lambda c: c[1])
-        return f"  gc: {len(self.collections)} slow, worst {ms:.1f} ms (generation {generation})"
+        return f"  gc: {len(self.collections)} slow, worst {ms:.1f} ms (generation {generation})" + self.stall_text()
+
+    def stall_text(self) -> str:
+        if not self.loop_stalls:
+            return ""
+        ms, where = max(self.loop_stalls)
+        return f"; stall log: {len(self.loop_stalls)} over {STALL_LOG_MS:g} ms, worst {ms:.1f} ms in {where}"
 
 
 class GcLog:
@@ -302,6 +318,8 @@ class GcLog:
     just after it ends, from its event loop, so one at a row's very end may count for the next."""
 
     LINE = re.compile(rb"gc: generation (\d) collection took ([\d.]+) ms")
+    #: The stall log's line (versionstore/stall_log.py) and the stack logged under it.
+    STALL = re.compile(rb"stall: the event loop was blocked for ([\d.]+) ms(.*?)(?=\n\d{4}-\d\d-\d\d |\Z)", re.S)
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -309,11 +327,23 @@ class GcLog:
     def mark(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
 
-    async def since(self, mark: int) -> list[tuple[int, float]]:
-        await asyncio.sleep(0.1)  # let the service log a collection that ended with the last response
+    async def since(self, mark: int) -> tuple[list[tuple[int, float]], list[tuple[float, str]]]:
+        """The slow collections, as (generation, ms), and the loop stalls, as (ms, where)."""
+        await asyncio.sleep(0.1)  # let the service log a collection or stall that ended with the last response
         with open(self.path, "rb") as log_file:
             log_file.seek(mark)
-            return [(int(m[1]), float(m[2])) for m in self.LINE.finditer(log_file.read())]
+            text = log_file.read()
+        return ([(int(m[1]), float(m[2])) for m in self.LINE.finditer(text)],
+                [(float(m[1]), _innermost(m[2])) for m in self.STALL.finditer(text)])
+
+
+def _innermost(stack: bytes) -> str:
+    """The stall log's innermost frame, as `file:line function`; what the log said without a stack."""
+    frames = re.findall(rb'File "([^"]+)", line (\d+), in (\S+)', stack)
+    if not frames:
+        return "(no stack: the GIL was held)"
+    path, line, function = frames[-1]
+    return f"{path.decode().rsplit('/', 2)[-1]}:{line.decode()} {function.decode()}"
 
 
 class Driver:
@@ -379,12 +409,12 @@ class Driver:
             with stalls:
                 await self.timed(row, make, stalls)
             if self.gc_log:
-                row.collections = await self.gc_log.since(mark)
+                row.collections, row.loop_stalls = await self.gc_log.since(mark)
             rows.append(row)
         mark = self.gc_log.mark() if self.gc_log else 0
         rows.append(await self.deep_listing(stalls))
         if self.gc_log:
-            rows[-1].collections = await self.gc_log.since(mark)
+            rows[-1].collections, rows[-1].loop_stalls = await self.gc_log.since(mark)
         return rows
 
     async def deep_listing(self, stalls: Stalls) -> Row:
@@ -439,7 +469,8 @@ class Bench:
 
     def server(self, data_dir: Path) -> Server:
         port = free_port()
-        gc_probe = {} if self.args.gc_probe is None else {"VERSIONSTORE_GC_LOG_MS": f"{self.args.gc_probe:g}"}
+        gc_probe = {} if self.args.gc_probe is None else {
+            "VERSIONSTORE_GC_LOG_MS": f"{self.args.gc_probe:g}", "VERSIONSTORE_STALL_LOG_MS": f"{STALL_LOG_MS:g}"}
         server = Server("versionstore", [self.python, "-m", "versionstore", "serve", "--data-dir", str(data_dir),
                                          "--host", "127.0.0.1", "--port", str(port)], port, self.root / "service.log",
                         env=gc_probe or None)
@@ -568,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--gc-probe", type=float, nargs="?", const=20.0, default=None, metavar="MS",
                         help="run the service with VERSIONSTORE_GC_LOG_MS=MS (default 20) and report, per row, its "
-                             "collections over MS: how many, the worst and its generation (docs/operations.md)")
+                             "collections over MS: how many, the worst and its generation (docs/operations.md); "
+                             f"also its event-loop stalls over {STALL_LOG_MS:g} ms with where the loop was (VERSIONSTORE_STALL_LOG_MS)")
     add_load_option(parser)
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000,1000000")).split(",")]

@@ -184,6 +184,7 @@ def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
         ({"VERSIONSTORE_PRIMARY_STORE": "ftp://host/x"}, 2, "primary store: Unsupported blob store 'ftp://host/x'"),
         ({"VERSIONSTORE_MAX_UPLOAD_BYTES": "lots"}, 2, "VERSIONSTORE_MAX_UPLOAD_BYTES='lots' is not an integer"),
         ({"VERSIONSTORE_GC_LOG_MS": "often"}, 2, "VERSIONSTORE_GC_LOG_MS='often' is not a number of milliseconds"),
+        ({"VERSIONSTORE_STALL_LOG_MS": "0.5"}, 2, "VERSIONSTORE_STALL_LOG_MS='0.5' must be at least 1"),
     ],
 )
 def test_a_start_up_failure_exits_with_one_line(tmp_path, env, code, message):

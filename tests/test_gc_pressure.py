@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import Api
 from tests.servers import free_port, wait_http_ready
-from versionstore import gclog
+from versionstore import gclog, stall_log
 from versionstore.config import ConfigError
 from versionstore.http import render
 from versionstore.http.keys import RENDERED_ROWS
@@ -102,13 +102,14 @@ def test_slow_collections_are_logged_only_when_asked(caplog: pytest.LogCaptureFi
 
 def test_serve_logs_slow_collections_when_asked(tmp_path: Path) -> None:
     """`serve` with VERSIONSTORE_GC_LOG_MS=0 logs every collection after start-up, and the
-    worst per generation when it stops."""
+    worst per generation when it stops; with VERSIONSTORE_STALL_LOG_MS it watches the loop too."""
     port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "versionstore", "serve", "--data-dir", str(tmp_path / "d"), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, gclog.GC_LOG_VARIABLE: "0"}, cwd=tmp_path,
+            stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+            env={**os.environ, gclog.GC_LOG_VARIABLE: "0", stall_log.STALL_LOG_VARIABLE: "50"},
         )
     try:
         assert wait_http_ready(proc, f"http://127.0.0.1:{port}/healthz"), log_path.read_text()
@@ -118,3 +119,5 @@ def test_serve_logs_slow_collections_when_asked(tmp_path: Path) -> None:
     text = log_path.read_text()
     assert "gc: logging collections over 0 ms (VERSIONSTORE_GC_LOG_MS)" in text, text
     assert "collection(s) over 0 ms; worst: " in text, text
+    assert "stall: logging event-loop stalls over 50 ms (VERSIONSTORE_STALL_LOG_MS)" in text, text
+    assert "event-loop stall(s) over 50 ms; worst " in text, text

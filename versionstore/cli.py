@@ -26,7 +26,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from versionstore import bootstrap, gclog, ids, logs, migration, protection_cli
+from versionstore import bootstrap, gclog, ids, logs, migration, protection_cli, stall_log
 from versionstore.config import DATA_DIR_VARIABLE, METADATA_URL_VARIABLE, Config, ConfigError, StartupError, data_dir_from
 from versionstore.errors import ApiError
 from versionstore.metadata import sqlite_path
@@ -131,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be at least 1")
     config.check()
     gclog.threshold_from_env()  # a bad VERSIONSTORE_GC_LOG_MS stops here, before any worker starts
+    stall_log.threshold_from_env()  # and a bad VERSIONSTORE_STALL_LOG_MS
     logs.configure(config.log_format)
     if config.metrics_dir is not None and config.workers == 1:  # serve_workers prepares its own
         from versionstore.http.metrics import prepare_multiprocess

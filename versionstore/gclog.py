@@ -8,6 +8,7 @@ of a probe put on PYTHONPATH. Off, it costs nothing: no callback is installed.
 
 import gc
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -60,15 +61,22 @@ def _report(generation: int, took: float, collected: int, uncollectable: int) ->
 
 def threshold_from_env() -> float | None:
     """`VERSIONSTORE_GC_LOG_MS` in milliseconds; None when unset or empty (off)."""
-    value = os.environ.get(GC_LOG_VARIABLE, "").strip()
+    return milliseconds_from_env(GC_LOG_VARIABLE)
+
+
+def milliseconds_from_env(variable: str, minimum: float = 0.0) -> float | None:
+    """A probe's threshold from the environment, in milliseconds; None when unset or empty."""
+    value = os.environ.get(variable, "").strip()
     if not value:
         return None
     try:
         threshold = float(value)
     except ValueError:
-        raise ConfigError(f"{GC_LOG_VARIABLE}={value!r} is not a number of milliseconds") from None
-    if threshold < 0:
-        raise ConfigError(f"{GC_LOG_VARIABLE}={value!r} must not be negative")
+        threshold = math.nan
+    if not math.isfinite(threshold):
+        raise ConfigError(f"{variable}={value!r} is not a number of milliseconds")
+    if threshold < minimum:
+        raise ConfigError(f"{variable}={value!r} must be at least {minimum:g}" if minimum else f"{variable}={value!r} must not be negative")
     return threshold
 
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from versionstore import bootstrap, gclog, heap
+from versionstore import bootstrap, gclog, heap, stall_log
 from versionstore.config import Config, StartupError
 from versionstore.http.app import create_app
 from versionstore.http.keys import IN_FLIGHT, META
@@ -86,6 +86,7 @@ async def serve(
     a worker of `serve_workers` gets the parent's `sock` and says `listening()` instead."""
     config.check()
     gc_log_ms = gclog.threshold_from_env()
+    stall_log_ms = stall_log.threshold_from_env()
     sock = sock or bind(config.host, config.port)
     stop = asyncio.Event()
     watchdog = Watchdog(config.shutdown_grace)
@@ -103,6 +104,7 @@ async def serve(
         keepalive_timeout=75.0, shutdown_timeout=CANCEL_WAIT,
     )
     slow_collections: gclog.SlowCollections | None = None
+    stalls: stall_log.StallWatch | None = None
     try:
         try:
             await runner.setup()
@@ -110,6 +112,7 @@ async def serve(
             raise StartupError(f"cannot start: {one_line(exc)}") from None
         heap.settle()  # the app has started: what is allocated now stays for the process's life
         slow_collections = gclog.install(gc_log_ms, loop.call_soon_threadsafe)  # VERSIONSTORE_GC_LOG_MS (docs/operations.md)
+        stalls = stall_log.install(stall_log_ms, loop)  # VERSIONSTORE_STALL_LOG_MS (docs/operations.md)
         await web.SockSite(runner, sock).start()
         base_url = _base_url(config, sock)
         if listening is not None:
@@ -123,6 +126,7 @@ async def serve(
     finally:
         await stop_serving(runner, app[IN_FLIGHT], config.shutdown_grace)
         gclog.uninstall(slow_collections)
+        stall_log.uninstall(stalls)
         heap.unsettle()
         sock.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
