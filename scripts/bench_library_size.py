@@ -341,7 +341,7 @@ def _innermost(stack: bytes) -> str:
     """The stall log's innermost frame, as `file:line function`; what the log said without a stack."""
     frames = re.findall(rb'File "([^"]+)", line (\d+), in (\S+)', stack)
     if not frames:
-        return "(no stack: the GIL was held)"
+        return "(no stack: the watcher could not run; the GIL was held or no CPU was free)"
     path, line, function = frames[-1]
     return f"{path.decode().rsplit('/', 2)[-1]}:{line.decode()} {function.decode()}"
 
@@ -438,10 +438,12 @@ class Driver:
         return row
 
 
-async def restart_row(server: Server, watch: float) -> Row:
-    """Time from start to the first /healthz answer, then the worst stall in `watch` seconds."""
+async def restart_row(server: Server, watch: float, gc_log: GcLog | None = None) -> Row:
+    """Time from start to the first /healthz answer, then the worst stall in `watch` seconds
+    (with --gc-probe: and what the service logged of its collections and loop stalls)."""
     row = Row(f"restart: first /healthz, worst stall in {watch:.0f} s", "restart")
     server.stop()
+    mark = gc_log.mark() if gc_log else 0
     started = time.perf_counter()
     server.start(timeout=600)
     row.times.append(time.perf_counter() - started)
@@ -450,6 +452,8 @@ async def restart_row(server: Server, watch: float) -> Row:
         with stalls:
             await asyncio.sleep(watch)
         row.stall, row.own_gc = stalls.worst, stalls.own_gc
+    if gc_log:
+        row.collections, row.loop_stalls = await gc_log.since(mark)
     return row
 
 
@@ -531,7 +535,7 @@ class Bench:
             gc.freeze()  # and the driver's lists of those rows
             rows = await driver.run(Stalls(session, base))
         if blobs:
-            rows.append(await restart_row(server, self.args.watch))
+            rows.append(await restart_row(server, self.args.watch, gc_log))
         server.stop()
         gc.unfreeze()
         return rows

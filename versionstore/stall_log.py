@@ -5,9 +5,9 @@ nothing slow in the access log. asyncio's debug mode names slow callbacks but ti
 callback; this costs a timer on the loop and a thread that wakes four times per threshold.
 When the loop has not run its timer for longer than the threshold, the thread takes the loop
 thread's stack there and then; when the loop runs again it logs how long it was blocked, with
-that stack. A stall whose stack could not be taken (the loop thread held the GIL throughout,
-as a garbage collection does: `VERSIONSTORE_GC_LOG_MS`) is logged without one. Off, it costs
-nothing: no timer, no thread.
+that stack. A stall during which the watcher could not run (some thread held the GIL
+throughout, as a garbage collection does: `VERSIONSTORE_GC_LOG_MS`; or no CPU was free) is
+logged without one. Off, it costs nothing: no timer, no thread.
 """
 
 import asyncio
@@ -74,8 +74,9 @@ class StallWatch:
         self.stalls += 1
         self.worst_ms = max(self.worst_ms, blocked_ms)
         if seen is None:
-            log.warning("stall: the event loop was blocked for %.1f ms (its stack could not be taken: "
-                        "it held the GIL throughout, as a garbage collection does)", blocked_ms)
+            log.warning("stall: the event loop was blocked for %.1f ms (its stack could not be taken: the watcher "
+                        "thread did not run during it; a thread held the GIL, as a garbage collection does, "
+                        "or the CPUs were busy elsewhere)", blocked_ms)
         else:
             log.warning("stall: the event loop was blocked for %.1f ms; %.0f ms into it, it was running:\n%s",
                         blocked_ms, seen[0], seen[1])
