@@ -15,31 +15,32 @@ def hold_the_loop(seconds: float) -> None:
 
 
 async def test_a_stall_is_logged_with_the_loop_threads_stack(caplog: pytest.LogCaptureFixture) -> None:
+    # Thresholds well above the lateness a busy CI machine gives a timer, so only the held loop counts.
     with caplog.at_level(logging.INFO, logger="versionstore.stall"):
-        watch = stall_log.install(30.0, asyncio.get_running_loop())
+        watch = stall_log.install(100.0, asyncio.get_running_loop())
         assert watch is not None
         await asyncio.sleep(0.05)
-        hold_the_loop(0.2)
+        hold_the_loop(0.4)
         await asyncio.sleep(0.05)
         stall_log.uninstall(watch)
-    assert watch.stalls == 1 and watch.worst_ms >= 150, (watch.stalls, watch.worst_ms)
+    assert watch.stalls == 1 and watch.worst_ms >= 300, (watch.stalls, watch.worst_ms)
     lines = [record.getMessage() for record in caplog.records]
-    assert lines[0] == "stall: logging event-loop stalls over 30 ms (VERSIONSTORE_STALL_LOG_MS)"
+    assert lines[0] == "stall: logging event-loop stalls over 100 ms (VERSIONSTORE_STALL_LOG_MS)"
     stalls = [line for line in lines if line.startswith("stall: the event loop was blocked for ")]
     assert len(stalls) == 1 and "hold_the_loop" in stalls[0] and "time.sleep(seconds)" in stalls[0], lines
-    assert lines[-1].startswith("stall: 1 event-loop stall(s) over 30 ms; worst ")
+    assert lines[-1].startswith("stall: 1 event-loop stall(s) over 100 ms; worst ")
 
 
 async def test_a_busy_but_responsive_loop_logs_no_stall(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="versionstore.stall"):
-        watch = stall_log.install(50.0, asyncio.get_running_loop())
+        watch = stall_log.install(200.0, asyncio.get_running_loop())
         assert watch is not None
         for _ in range(20):  # short pieces of work between turns of the loop
             hold_the_loop(0.005)
             await asyncio.sleep(0.01)
         stall_log.uninstall(watch)
     assert watch.stalls == 0
-    assert [record.getMessage() for record in caplog.records] == ["stall: 0 event-loop stall(s) over 50 ms; worst 0.0 ms"]
+    assert [record.getMessage() for record in caplog.records] == ["stall: 0 event-loop stall(s) over 200 ms; worst 0.0 ms"]
 
 
 def test_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
