@@ -341,7 +341,8 @@ def _innermost(stack: bytes) -> str:
     """The stall log's innermost frame, as `file:line function`; what the log said without a stack."""
     frames = re.findall(rb'File "([^"]+)", line (\d+), in (\S+)', stack)
     if not frames:
-        return "(no stack: the watcher could not run; the GIL was held or no CPU was free)"
+        used = re.search(rb"CPU meanwhile: [^\n]*?(?=; \d+ ms into it|\n|$)", stack)
+        return f"(no stack: the watcher could not run; {used[0].decode() if used else 'the GIL was held or no CPU was free'})"
     path, line, function = frames[-1]
     return f"{path.decode().rsplit('/', 2)[-1]}:{line.decode()} {function.decode()}"
 

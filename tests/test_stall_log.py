@@ -2,6 +2,8 @@
 
 import asyncio
 import logging
+import sys
+import threading
 import time
 
 import pytest
@@ -28,7 +30,42 @@ async def test_a_stall_is_logged_with_the_loop_threads_stack(caplog: pytest.LogC
     assert lines[0] == "stall: logging event-loop stalls over 100 ms (VERSIONSTORE_STALL_LOG_MS)"
     stalls = [line for line in lines if line.startswith("stall: the event loop was blocked for ")]
     assert len(stalls) == 1 and "hold_the_loop" in stalls[0] and "time.sleep(seconds)" in stalls[0], lines
+    assert "; CPU meanwhile: this process " in stalls[0], stalls  # asleep: no thread is named busy
     assert lines[-1].startswith("stall: 1 event-loop stall(s) over 100 ms; worst ")
+
+
+def spin(seconds: float, spun: threading.Event, done: threading.Event) -> None:
+    """Pure Python for `seconds`, then stay alive (as a pool's thread does) until `done`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    spun.set()
+    done.wait(5)
+
+
+async def test_a_thread_holding_the_gil_is_named_by_its_cpu_time(caplog: pytest.LogCaptureFixture) -> None:
+    """Neither the loop nor the watcher runs while another thread keeps the GIL: no stack, but
+    the CPU line names the thread that spent the stall's time."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(2.0)  # the spinning thread keeps the GIL until it ends
+    try:
+        with caplog.at_level(logging.WARNING, logger="versionstore.stall"):
+            watch = stall_log.install(100.0, asyncio.get_running_loop())
+            assert watch is not None
+            await asyncio.sleep(0.05)
+            spun, done = threading.Event(), threading.Event()
+            spinner = threading.Thread(target=spin, args=(0.4, spun, done), name="gil-holder")
+            spinner.start()
+            await asyncio.to_thread(spun.wait, 5)
+            await asyncio.sleep(0.05)
+            stall_log.uninstall(watch)
+            done.set()
+            spinner.join()
+    finally:
+        sys.setswitchinterval(switch)
+    stalls = [record.getMessage() for record in caplog.records if "was blocked for" in record.getMessage()]
+    assert len(stalls) == 1 and "its stack could not be taken" in stalls[0], stalls
+    assert "; CPU meanwhile: this process " in stalls[0] and "(gil-holder " in stalls[0], stalls
 
 
 async def test_a_busy_but_responsive_loop_logs_no_stall(caplog: pytest.LogCaptureFixture) -> None:

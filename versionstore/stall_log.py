@@ -7,7 +7,10 @@ When the loop has not run its timer for longer than the threshold, the thread ta
 thread's stack there and then; when the loop runs again it logs how long it was blocked, with
 that stack. A stall during which the watcher could not run (some thread held the GIL
 throughout, as a garbage collection does: `VERSIONSTORE_GC_LOG_MS`; or no CPU was free) is
-logged without one. Off, it costs nothing: no timer, no thread.
+logged without one; for those the line also says where the CPU went meanwhile (each Python
+thread's CPU time, this process's, and how busy the machine's CPUs were), which tells the two
+apart: a worker thread with CPU time near the stall's length held the GIL; a process that used
+little while the machine was busy was not scheduled. Off, it costs nothing: no timer, no thread.
 """
 
 import asyncio
@@ -16,12 +19,15 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 from versionstore.gclog import milliseconds_from_env
 
 STALL_LOG_VARIABLE = "VERSIONSTORE_STALL_LOG_MS"
 #: Frames of the loop thread's stack logged, innermost last.
 STACK_LIMIT = 12
+#: Threads named in a stall's CPU line, the busiest first.
+BUSIEST_THREADS = 3
 
 log = logging.getLogger("versionstore.stall")
 
@@ -30,6 +36,60 @@ def threshold_from_env() -> float | None:
     """`VERSIONSTORE_STALL_LOG_MS` in milliseconds; None when unset or empty (off). At least
     1: every turn of the loop takes some time, and a lower threshold would log them all."""
     return milliseconds_from_env(STALL_LOG_VARIABLE, minimum=1.0)
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds used so far: per Python thread (ident: (name, seconds)), by the whole process
+    (native threads too), and by the machine (busy, total) from /proc/stat when it exists."""
+
+    threads: dict[int, tuple[str, float]]
+    process: float
+    machine: tuple[float, float] | None
+
+    @classmethod
+    def now(cls) -> "CpuTimes":
+        """A few syscalls per thread: cheap enough to take on every turn of the stall timer."""
+        threads = {}
+        for thread in threading.enumerate():
+            if thread.ident is None:
+                continue
+            try:
+                threads[thread.ident] = (thread.name, time.clock_gettime(time.pthread_getcpuclockid(thread.ident)))
+            except (OSError, AttributeError):  # exited meanwhile, or a platform without thread clocks
+                continue
+        return cls(threads, time.process_time(), _machine_cpu())
+
+    def since(self, before: "CpuTimes", wall: float, loop_thread: int) -> str:
+        """What each thread, the process and the machine used between `before` and this, `wall` seconds."""
+        used = []
+        for ident, (name, seconds) in self.threads.items():
+            earlier = before.threads.get(ident)
+            spent = seconds - (earlier[1] if earlier is not None else 0.0)
+            used.append((spent, "event loop" if ident == loop_thread else name))
+        used.sort(reverse=True)
+        process = self.process - before.process
+        # Native threads (BLAKE3's, say) and threads that ended meanwhile have no clock here.
+        rest = process - sum(spent for spent, _ in used)
+        named = [f"{name} {spent * 1000:.0f}" for spent, name in used[:BUSIEST_THREADS] if spent >= 0.0005]
+        named += [f"other threads {rest * 1000:.0f}"] if rest >= 0.0005 else []
+        text = f"CPU meanwhile: this process {process * 1000:.0f} ms"
+        text += f" ({', '.join(named)} ms)" if named else ""
+        if self.machine is not None and before.machine is not None and self.machine[1] > before.machine[1]:
+            busy = (self.machine[0] - before.machine[0]) / (self.machine[1] - before.machine[1])
+            text += f"; the machine's CPUs {busy:.0%} busy over {wall * 1000:.0f} ms"
+        return text
+
+
+def _machine_cpu() -> tuple[float, float] | None:
+    """(busy, total) ticks of all CPUs from /proc/stat's first line; None where there is none."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = sum(fields[3:5])  # idle and iowait: time no process used the CPU
+    return float(sum(fields[:8]) - idle), float(sum(fields[:8]))
 
 
 class StallWatch:
@@ -44,6 +104,7 @@ class StallWatch:
         self.worst_ms = 0.0
         self._loop_thread = threading.get_ident()
         self._beat = time.monotonic()
+        self._cpu: CpuTimes | None = None  # at the last beat
         self._seen: tuple[float, str] | None = None  # (ms into the stall, the loop thread's stack then)
         self._timer: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()
@@ -51,6 +112,7 @@ class StallWatch:
 
     def start(self) -> None:
         self._beat = time.monotonic()
+        self._cpu = CpuTimes.now()
         self._timer = self.loop.call_later(self.interval, self._tick)
         self._watcher.start()
         log.info("stall: logging event-loop stalls over %g ms (%s)", self.threshold_ms, STALL_LOG_VARIABLE)
@@ -67,19 +129,22 @@ class StallWatch:
         now = time.monotonic()
         blocked_ms = (now - self._beat - self.interval) * 1000  # how late this timer ran
         seen, self._seen = self._seen, None
-        self._beat = now
+        cpu, before = CpuTimes.now(), self._cpu
+        wall = now - self._beat
+        self._beat, self._cpu = now, cpu
         self._timer = self.loop.call_later(self.interval, self._tick)
         if blocked_ms <= self.threshold_ms:
             return  # a stack taken just as the loop got going again belongs to no stall
         self.stalls += 1
         self.worst_ms = max(self.worst_ms, blocked_ms)
+        used = cpu.since(before, wall, self._loop_thread) if before is not None else "CPU meanwhile: unknown"
         if seen is None:
             log.warning("stall: the event loop was blocked for %.1f ms (its stack could not be taken: the watcher "
                         "thread did not run during it; a thread held the GIL, as a garbage collection does, "
-                        "or the CPUs were busy elsewhere)", blocked_ms)
+                        "or the CPUs were busy elsewhere); %s", blocked_ms, used)
         else:
-            log.warning("stall: the event loop was blocked for %.1f ms; %.0f ms into it, it was running:\n%s",
-                        blocked_ms, seen[0], seen[1])
+            log.warning("stall: the event loop was blocked for %.1f ms; %s; %.0f ms into it, it was running:\n%s",
+                        blocked_ms, used, seen[0], seen[1])
 
     def _watch(self) -> None:
         while not self._stopped.wait(self.interval):
