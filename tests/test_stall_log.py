@@ -29,7 +29,8 @@ async def test_a_stall_is_logged_with_the_loop_threads_stack(caplog: pytest.LogC
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0] == "stall: logging event-loop stalls over 100 ms (VERSIONSTORE_STALL_LOG_MS)"
     stalls = [line for line in lines if line.startswith("stall: the event loop was blocked for ")]
-    assert len(stalls) == 1 and "hold_the_loop" in stalls[0] and "time.sleep(seconds)" in stalls[0], lines
+    sleeping = f'test_stall_log.py", line {hold_the_loop.__code__.co_firstlineno + 1}, in hold_the_loop'
+    assert len(stalls) == 1 and stalls[0].endswith(sleeping), lines  # innermost last, no source lines read
     assert "; CPU meanwhile: this process " in stalls[0], stalls  # asleep: no thread is named busy
     assert lines[-1].startswith("stall: 1 event-loop stall(s) over 100 ms; worst ")
 
@@ -44,8 +45,9 @@ def spin(seconds: float, spun: threading.Event, done: threading.Event) -> None:
 
 
 async def test_a_thread_holding_the_gil_is_named_by_its_cpu_time(caplog: pytest.LogCaptureFixture) -> None:
-    """Neither the loop nor the watcher runs while another thread keeps the GIL: no stack, but
-    the CPU line names the thread that spent the stall's time."""
+    """Neither the loop nor the watcher runs while another thread keeps the GIL. A stack taken
+    as the GIL comes free shows only where the loop waited for it: the CPU line names the
+    thread that spent the stall's time."""
     switch = sys.getswitchinterval()
     sys.setswitchinterval(2.0)  # the spinning thread keeps the GIL until it ends
     try:
@@ -64,8 +66,7 @@ async def test_a_thread_holding_the_gil_is_named_by_its_cpu_time(caplog: pytest.
     finally:
         sys.setswitchinterval(switch)
     stalls = [record.getMessage() for record in caplog.records if "was blocked for" in record.getMessage()]
-    assert len(stalls) == 1 and "its stack could not be taken" in stalls[0], stalls
-    assert "; CPU meanwhile: this process " in stalls[0] and "(gil-holder " in stalls[0], stalls
+    assert len(stalls) == 1 and "; CPU meanwhile: this process " in stalls[0] and "(gil-holder " in stalls[0], stalls
 
 
 async def test_a_busy_but_responsive_loop_logs_no_stall(caplog: pytest.LogCaptureFixture) -> None:

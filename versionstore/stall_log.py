@@ -18,8 +18,8 @@ import logging
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
+from types import FrameType
 
 from versionstore.gclog import milliseconds_from_env
 
@@ -152,8 +152,19 @@ class StallWatch:
             if late > self.threshold and self._seen is None:
                 frame = sys._current_frames().get(self._loop_thread)
                 if frame is not None:
-                    stack = "".join(traceback.format_stack(frame, limit=STACK_LIMIT)).rstrip()
-                    self._seen = (late * 1000, stack)
+                    self._seen = (late * 1000, _stack_text(frame))
+
+
+def _stack_text(frame: FrameType) -> str:
+    """The innermost STACK_LIMIT frames as traceback's `File ..., line N, in f` lines, innermost
+    last, without their source lines: reading those (linecache, cold source files) held the GIL
+    for tens of milliseconds in the watcher, which lengthened the very stall it described."""
+    frames: list[tuple[str, int, str]] = []
+    current: FrameType | None = frame
+    while current is not None and len(frames) < STACK_LIMIT:
+        frames.append((current.f_code.co_filename, current.f_lineno, current.f_code.co_name))
+        current = current.f_back
+    return "\n".join(f'  File "{path}", line {line}, in {name}' for path, line, name in reversed(frames))
 
 
 def install(threshold_ms: float | None, loop: asyncio.AbstractEventLoop) -> StallWatch | None:
