@@ -183,7 +183,7 @@ class Bench:
         return ok
 
     def profile(self, tree: Tree) -> None:
-        """py-spy on the event loop during concurrent 1 KiB uploads, for `--profile` seconds."""
+        """py-spy on the event loop during concurrent uploads of `--profile-size` KiB, for `--profile` seconds."""
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         out = self.root / f"profile-{tree.name}.txt"
         argv = [spy, "record", "-p", str(tree.server.pid), "-r", "500", "-d", str(self.args.profile), "--nonblocking",
@@ -193,12 +193,13 @@ class Bench:
         loop = count = 0.0
         deadline = time.monotonic() + self.args.profile
         while time.monotonic() < deadline:
-            used, _, _ = tree.run(KiB, self.args.count, self.args.concurrency)
+            used, _, _ = tree.run(self.args.profile_size * KiB, self.args.count, self.args.concurrency)
             loop, count = loop + used, count + self.args.count
         _, err = sampler.communicate(timeout=self.args.profile + 60)
         if sampler.returncode != 0 or not out.exists():
             raise RuntimeError(f"py-spy failed (rc={sampler.returncode}): {err.decode(errors='replace')[-2000:]}")
-        log(f"profile {tree.name}: {loop / count * 1e6:.0f} us of event-loop CPU per 1 KiB upload under py-spy; {out}")
+        log(f"profile {tree.name}: {loop / count * 1e6:.0f} us of event-loop CPU per {self.args.profile_size} KiB upload "
+            f"under py-spy; {out}")
         print_profile(fold_profile(out, within="_run_once"), loop / count * 1e6, self.args.profile_top)
 
     def report(self) -> None:
@@ -228,6 +229,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="one round of 100 uploads per phase")
     parser.add_argument("--profile", type=int, metavar="SECONDS", help="then py-spy each tree's loop this long (-d)")
+    parser.add_argument("--profile-size", type=int, default=1, metavar="KIB", help="upload size while profiling (default 1)")
     parser.add_argument("--profile-top", type=int, default=15, help="functions listed per profile (default 15)")
     parser.add_argument("--tmp-dir", help="where the data dirs go (default: the system's temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
