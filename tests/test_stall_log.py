@@ -2,6 +2,8 @@
 
 import asyncio
 import logging
+import os
+import re
 import sys
 import threading
 import time
@@ -67,6 +69,8 @@ async def test_a_thread_holding_the_gil_is_named_by_its_cpu_time(caplog: pytest.
         sys.setswitchinterval(switch)
     stalls = [record.getMessage() for record in caplog.records if "was blocked for" in record.getMessage()]
     assert len(stalls) == 1 and "; CPU meanwhile: this process " in stalls[0] and "(gil-holder " in stalls[0], stalls
+    if os.path.exists("/proc/stat"):  # the watcher's reading from before the stall, not one it finished after
+        assert re.search(r"; the machine's CPUs [1-9]\d*% busy over \d+ ms", stalls[0]), stalls
 
 
 async def test_a_busy_but_responsive_loop_logs_no_stall(caplog: pytest.LogCaptureFixture) -> None:

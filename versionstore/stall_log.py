@@ -7,10 +7,10 @@ When the loop has not run its timer for longer than the threshold, the thread ta
 thread's stack there and then; when the loop runs again it logs how long it was blocked, with
 that stack. A stall during which the watcher could not run (some thread held the GIL
 throughout, as a garbage collection does: `VERSIONSTORE_GC_LOG_MS`; or no CPU was free) is
-logged without one; for those the line also says where the CPU went meanwhile (each Python
-thread's CPU time, this process's, and how busy the machine's CPUs were), which tells the two
-apart: a worker thread with CPU time near the stall's length held the GIL; a process that used
-little while the machine was busy was not scheduled. Off, it costs nothing: no timer, no thread.
+logged without one. Every line also says where the CPU went meanwhile (each Python thread's
+CPU time, this process's, and how busy the machine's CPUs were), which tells the two apart: a
+worker thread with CPU time near the stall's length held the GIL; a process that used little
+while the machine was busy was not scheduled. Off, it costs nothing: no timer, no thread.
 """
 
 import asyncio
@@ -40,16 +40,16 @@ def threshold_from_env() -> float | None:
 
 @dataclass(frozen=True)
 class CpuTimes:
-    """CPU seconds used so far: per Python thread (ident: (name, seconds)), by the whole process
-    (native threads too), and by the machine (busy, total) from /proc/stat when it exists."""
+    """CPU seconds used so far: per Python thread (ident: (name, seconds)) and by the whole
+    process (native threads too)."""
 
     threads: dict[int, tuple[str, float]]
     process: float
-    machine: tuple[float, float] | None
 
     @classmethod
     def now(cls) -> "CpuTimes":
-        """A few syscalls per thread: cheap enough to take on every turn of the stall timer."""
+        """A system call per thread, none of which lets the GIL go: cheap enough to take on
+        every turn of the stall timer."""
         threads = {}
         for thread in threading.enumerate():
             if thread.ident is None:
@@ -58,10 +58,10 @@ class CpuTimes:
                 threads[thread.ident] = (thread.name, time.clock_gettime(time.pthread_getcpuclockid(thread.ident)))
             except (OSError, AttributeError):  # exited meanwhile, or a platform without thread clocks
                 continue
-        return cls(threads, time.process_time(), _machine_cpu())
+        return cls(threads, time.process_time())
 
-    def since(self, before: "CpuTimes", wall: float, loop_thread: int) -> str:
-        """What each thread, the process and the machine used between `before` and this, `wall` seconds."""
+    def since(self, before: "CpuTimes", loop_thread: int, machine: "MachineSpan | None") -> str:
+        """What each thread and the process used between `before` and this, and the machine over `machine`."""
         used = []
         for ident, (name, seconds) in self.threads.items():
             earlier = before.threads.get(ident)
@@ -75,10 +75,15 @@ class CpuTimes:
         named += [f"other threads {rest * 1000:.0f}"] if rest >= 0.0005 else []
         text = f"CPU meanwhile: this process {process * 1000:.0f} ms"
         text += f" ({', '.join(named)} ms)" if named else ""
-        if self.machine is not None and before.machine is not None and self.machine[1] > before.machine[1]:
-            busy = (self.machine[0] - before.machine[0]) / (self.machine[1] - before.machine[1])
-            text += f"; the machine's CPUs {busy:.0%} busy over {wall * 1000:.0f} ms"
+        if machine is not None:
+            text += f"; the machine's CPUs {machine.busy:.0%} busy over {machine.seconds * 1000:.0f} ms"
         return text
+
+
+@dataclass(frozen=True)
+class MachineSpan:
+    busy: float  # share of all CPUs' time
+    seconds: float
 
 
 def _machine_cpu() -> tuple[float, float] | None:
@@ -105,13 +110,20 @@ class StallWatch:
         self._loop_thread = threading.get_ident()
         self._beat = time.monotonic()
         self._cpu: CpuTimes | None = None  # at the last beat
+        # (monotonic, /proc/stat's busy and total ticks): the watcher's newest reading (a file
+        # read lets the GIL go, which the loop should not do on every turn of its timer), and
+        # the one that was newest at the last beat, from before any stall that follows it.
+        self._machine: tuple[float, tuple[float, float] | None] | None = None
+        self._machine_at_beat: tuple[float, tuple[float, float] | None] | None = None
         self._seen: tuple[float, str] | None = None  # (ms into the stall, the loop thread's stack then)
         self._timer: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
 
     def start(self) -> None:
+        machine = _machine_cpu()  # the watcher's readings follow; this one covers a stall before its first
         self._beat = time.monotonic()
+        self._machine = self._machine_at_beat = (self._beat, machine)
         self._cpu = CpuTimes.now()
         self._timer = self.loop.call_later(self.interval, self._tick)
         self._watcher.start()
@@ -129,15 +141,15 @@ class StallWatch:
         now = time.monotonic()
         blocked_ms = (now - self._beat - self.interval) * 1000  # how late this timer ran
         seen, self._seen = self._seen, None
-        cpu, before = CpuTimes.now(), self._cpu
-        wall = now - self._beat
-        self._beat, self._cpu = now, cpu
+        cpu, before, machine_before = CpuTimes.now(), self._cpu, self._machine_at_beat
+        self._beat, self._cpu, self._machine_at_beat = now, cpu, self._machine
         self._timer = self.loop.call_later(self.interval, self._tick)
         if blocked_ms <= self.threshold_ms:
             return  # a stack taken just as the loop got going again belongs to no stall
         self.stalls += 1
         self.worst_ms = max(self.worst_ms, blocked_ms)
-        used = cpu.since(before, wall, self._loop_thread) if before is not None else "CPU meanwhile: unknown"
+        machine = _machine_since(machine_before, now)
+        used = cpu.since(before, self._loop_thread, machine) if before is not None else "CPU meanwhile: unknown"
         if seen is None:
             log.warning("stall: the event loop was blocked for %.1f ms (its stack could not be taken: the watcher "
                         "thread did not run during it; a thread held the GIL, as a garbage collection does, "
@@ -148,6 +160,8 @@ class StallWatch:
 
     def _watch(self) -> None:
         while not self._stopped.wait(self.interval):
+            machine = _machine_cpu()  # the file read lets the GIL go: stamp the reading after it
+            self._machine = (time.monotonic(), machine)
             late = time.monotonic() - self._beat - self.interval
             if late > self.threshold and self._seen is None:
                 frame = sys._current_frames().get(self._loop_thread)
@@ -165,6 +179,15 @@ def _stack_text(frame: FrameType) -> str:
         frames.append((current.f_code.co_filename, current.f_lineno, current.f_code.co_name))
         current = current.f_back
     return "\n".join(f'  File "{path}", line {line}, in {name}' for path, line, name in reversed(frames))
+
+
+def _machine_since(reading: tuple[float, tuple[float, float] | None] | None, now: float) -> MachineSpan | None:
+    """The machine's busy share from `reading` (taken before the stall) to now."""
+    later = _machine_cpu()
+    if reading is None or reading[1] is None or later is None or later[1] <= reading[1][1]:
+        return None
+    taken, (busy, total) = reading[0], reading[1]
+    return MachineSpan((later[0] - busy) / (later[1] - total), now - taken)
 
 
 def install(threshold_ms: float | None, loop: asyncio.AbstractEventLoop) -> StallWatch | None:
