@@ -66,6 +66,8 @@ class CpuTimes:
         for ident, (name, seconds) in self.threads.items():
             earlier = before.threads.get(ident)
             spent = seconds - (earlier[1] if earlier is not None else 0.0)
+            if spent < 0:  # a new thread under an ended one's ident: all its time is since
+                spent = seconds
             used.append((spent, "event loop" if ident == loop_thread else name))
         used.sort(reverse=True)
         process = self.process - before.process
